@@ -1,0 +1,38 @@
+# Braid: the two commands are `make run` (install + start the server) and `make test` (install + test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.braid-installed
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+# Reinstalls when the dependencies or the wire contract change; the install step
+# (setup.py build hook) regenerates the braid.v1 protobuf/gRPC code from proto/.
+$(STAMP): pyproject.toml setup.py $(wildcard proto/braid/v1/*.proto)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/braid serve
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) bench/dense.py
+	$(PY) bench/bm25.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info proto/braid/v1/*_pb2*.py proto/braid/v1/*_pb2.pyi

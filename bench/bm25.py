@@ -1,0 +1,139 @@
+"""BM25 relevance through Braid's gRPC API against tantivy and bm25s used directly, in one run.
+
+    python bench/bm25.py [--collections cranfield,scifact,...] [--data ../shared/data]
+
+For each BEIR-layout collection: index title + " " + text as one text field through
+BulkUpsert, run every query through Search (BM25 only, depth 100), and score nDCG@10 and
+R@100 with ir-measures. The same text goes into tantivy directly (same defaults: default
+tokenizer, k1=1.2, b=0.75) and into bm25s (k1=1.2, b=0.75, English stop words). Prints a
+table with Braid's difference from each reference (target |delta| <= 0.01 vs tantivy or bm25s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ir_measures
+import tantivy
+from ir_measures import R, nDCG
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from braid.v1 import braid_pb2 as pb  # noqa: E402
+
+MEASURES = [nDCG @ 10, R @ 100]
+DEPTH = 100
+
+
+def load(directory: Path) -> tuple[dict[str, str], dict[str, str], list]:
+    corpus = {}
+    for line in (directory / "corpus.jsonl").open(encoding="utf-8"):
+        row = json.loads(line)
+        corpus[str(row["_id"])] = f"{row.get('title', '')} {row.get('text', '')}".strip()
+    queries = {}
+    for line in (directory / "queries.jsonl").open(encoding="utf-8"):
+        row = json.loads(line)
+        queries[str(row["_id"])] = row["text"]
+    qrels = list(ir_measures.read_trec_qrels(str(directory / "qrels" / "test.tsv")))
+    judged = {q.query_id for q in qrels}
+    return corpus, {k: v for k, v in queries.items() if k in judged}, qrels
+
+
+def score(run: dict[str, dict[str, float]], qrels: list) -> dict[str, float]:
+    result = ir_measures.calc_aggregate(MEASURES, qrels, run)
+    return {str(m): float(result[m]) for m in MEASURES}
+
+
+def run_braid(corpus: dict[str, str], queries: dict[str, str]) -> tuple[dict, float]:
+    from braid.service.client import BraidClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", tmp, "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        assert proc.stdout is not None
+        port = next(int(line.rsplit(":", 1)[1].split()[0]) for line in proc.stdout if "serving braid" in line)
+        try:
+            with BraidClient(f"127.0.0.1:{port}", timeout=600) as client:
+                client.create_collection("bench", pb.Schema(text_fields=[pb.TextField(name="body")]))
+                client.bulk_upsert("bench", ({"id": k, "text": {"body": v}} for k, v in corpus.items()))
+                run, started = {}, time.perf_counter()
+                for qid, text in queries.items():
+                    hits = client.search("bench", bm25=text, limit=DEPTH)
+                    run[qid] = {h.id: h.score for h in hits}
+                per_query_ms = (time.perf_counter() - started) / len(queries) * 1000
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return run, per_query_ms
+
+
+def run_tantivy(corpus: dict[str, str], queries: dict[str, str]) -> dict:
+    builder = tantivy.SchemaBuilder()
+    builder.add_text_field("body", stored=False)
+    builder.add_text_field("id", stored=True, tokenizer_name="raw")
+    index = tantivy.Index(builder.build())
+    writer = index.writer(64_000_000, 1)
+    for k, v in corpus.items():
+        writer.add_document(tantivy.Document(body=v, id=k))
+    writer.commit()
+    index.reload()
+    searcher = index.searcher()
+    run = {}
+    for qid, text in queries.items():
+        # Lower-cased so upper-case AND/OR/NOT in the query text are words, not operators.
+        query = index.parse_query_lenient(text.lower(), ["body"])[0]
+        run[qid] = {searcher.doc(addr)["id"][0]: score for score, addr in searcher.search(query, DEPTH).hits}
+    return run
+
+
+def run_bm25s(corpus: dict[str, str], queries: dict[str, str]) -> dict:
+    import bm25s
+
+    ids = list(corpus)
+    retriever = bm25s.BM25(k1=1.2, b=0.75)
+    retriever.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False),
+                    show_progress=False)
+    tokens = bm25s.tokenize(list(queries.values()), stopwords="en", show_progress=False)
+    docs, scores = retriever.retrieve(tokens, k=min(DEPTH, len(ids)), show_progress=False)
+    return {
+        qid: {ids[d]: float(s) for d, s in zip(docs[i], scores[i], strict=True) if s > 0}
+        for i, qid in enumerate(queries)
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--collections", default="cranfield")
+    args = parser.parse_args()
+    rows = []
+    for name in args.collections.split(","):
+        directory = Path(args.data) / name
+        if not (directory / "corpus.jsonl").exists():
+            print(f"skip {name}: {directory} not found")
+            continue
+        corpus, queries, qrels = load(directory)
+        braid_run, ms = run_braid(corpus, queries)
+        b, t, s = score(braid_run, qrels), score(run_tantivy(corpus, queries), qrels), score(
+            run_bm25s(corpus, queries), qrels)
+        rows.append((name, len(corpus), len(queries), b, t, s, ms))
+    print("| collection | docs | queries | braid nDCG@10 | tantivy nDCG@10 | bm25s nDCG@10 | braid-tantivy "
+          "| braid-bm25s | braid R@100 | tantivy R@100 | bm25s R@100 | braid ms/query |")
+    print("|" + "---|" * 12)
+    for name, docs, nq, b, t, s, ms in rows:
+        n, r = "nDCG@10", "R@100"
+        print(f"| {name} | {docs} | {nq} | {b[n]:.4f} | {t[n]:.4f} | {s[n]:.4f} | {b[n] - t[n]:+.4f} | "
+              f"{b[n] - s[n]:+.4f} | {b[r]:.4f} | {t[r]:.4f} | {s[r]:.4f} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

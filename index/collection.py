@@ -1,0 +1,282 @@
+"""A collection: a schema and N shards, with routing, search and fusion.
+
+Documents are routed to shard ``blake2b64(id) mod N``. A search runs every
+strand in every shard (in parallel when N > 1), merges each strand's
+candidates across shards into one ranked list of its depth, and only then
+fuses strands, so dense and sparse results do not depend on the shard count.
+BM25 scores use each shard's own term statistics (like Elasticsearch's default
+query-then-fetch); with one shard, the default, they are exact.
+
+Hits are keyed across shards as ``shard << 40 | label``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import fusion
+from .errors import InvalidArgument
+from .filters import Filter
+from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
+from .records import DocumentWrite, SparseValue
+from .schema import Schema
+from .shard import Shard
+from .validate import Limits, check_documents, check_plan
+
+SHARD_SHIFT = 40
+_LABEL_MASK = (1 << SHARD_SHIFT) - 1
+MIN_FUSION_DEPTH = 100
+
+
+def shard_of(doc_id: str, shards: int) -> int:
+    """Stable routing: the same id lands on the same shard on every machine and run."""
+    if shards == 1:
+        return 0
+    digest = hashlib.blake2b(doc_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % shards
+
+
+@dataclass
+class _Ranked:
+    """One strand's candidates: global keys, scores (best first) and client ids."""
+
+    keys: np.ndarray
+    scores: np.ndarray
+    ids: list[str]
+
+
+class Collection:
+    def __init__(
+        self, name: str, schema: Schema, shards: list[Shard], created_at: float, executor: Executor, limits: Limits
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.shards = shards
+        self.created_at = created_at
+        self._executor = executor
+        self.limits = limits
+
+    @classmethod
+    def open(
+        cls, directory: Path, name: str, schema: Schema, shard_count: int, created_at: float, executor: Executor,
+        limits: Limits,
+    ) -> Collection:
+        shards = [Shard.open(directory / f"shard-{i:03d}", schema, i) for i in range(shard_count)]
+        return cls(name, schema, shards, created_at, executor, limits)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def _map(self, fn, items: list) -> list:  # type: ignore[no-untyped-def]
+        """Run fn over items, in parallel on the pool when there is more than one."""
+        if len(items) == 1:
+            return [fn(items[0])]
+        return list(self._executor.map(fn, items))
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(self, docs: list[DocumentWrite]) -> int:
+        check_documents(docs, self.schema, self.shards[0].payload, self.limits)
+        groups = self._group(docs, lambda doc: doc.id)
+        return sum(self._map(lambda item: self.shards[item[0]].upsert(item[1]), list(groups.items())))
+
+    def delete_ids(self, ids: list[str]) -> int:
+        if len(ids) > self.limits.max_batch:
+            raise InvalidArgument.field("ids", f"{len(ids)} ids exceed the maximum of {self.limits.max_batch}")
+        groups = self._group(ids, lambda doc_id: doc_id)
+        return sum(self._map(lambda item: self.shards[item[0]].delete_ids(item[1]), list(groups.items())))
+
+    def delete_filter(self, flt: Filter) -> int:
+        self.shards[0].payload.validate_filter(flt)
+        return sum(self._map(lambda shard: shard.delete_filter(flt), self.shards))
+
+    def _group(self, items: list, key) -> dict[int, list]:  # type: ignore[no-untyped-def]
+        groups: dict[int, list] = {}
+        count = len(self.shards)
+        for item in items:
+            groups.setdefault(shard_of(key(item), count), []).append(item)
+        return groups
+
+    def flush(self) -> None:
+        self._map(lambda shard: shard.flush(), self.shards)
+
+    # ------------------------------------------------------------------- reads
+
+    def count(self, flt: Filter | None = None) -> int:
+        if flt is not None:
+            self.shards[0].payload.validate_filter(flt)
+        return sum(self._map(lambda shard: shard.count(flt), self.shards))
+
+    def get(self, ids: list[str], include_vectors: bool = False) -> list[dict]:
+        """Stored documents in request order; unknown ids are left out."""
+        if len(ids) > self.limits.max_batch:
+            raise InvalidArgument.field("ids", f"{len(ids)} ids exceed the maximum of {self.limits.max_batch}")
+        found: dict[str, dict] = {}
+        for number, group in self._group(ids, lambda doc_id: doc_id).items():
+            shard = self.shards[number]
+            with shard.read():
+                labels = {doc_id: shard.label_of(doc_id) for doc_id in group}
+                labels = {doc_id: label for doc_id, label in labels.items() if label is not None}
+                texts = shard.text.stored(list(labels.values())) if shard.text is not None else {}
+                for doc_id, label in labels.items():
+                    found[doc_id] = self._document(shard, doc_id, label, texts.get(label, {}), include_vectors)
+        return [found[doc_id] for doc_id in ids if doc_id in found]
+
+    @staticmethod
+    def _document(shard: Shard, doc_id: str, label: int, text: dict, include_vectors: bool) -> dict:
+        doc: dict = {"id": doc_id, "text": text, "payload": shard.payload.get(label), "dense": {}, "sparse": {}}
+        for name, index in shard.sparse.items():
+            stored = index.get(label)
+            if stored is not None:
+                ids, tokens = index.describe(stored[0])
+                doc["sparse"][name] = SparseValue(
+                    values=stored[1], indices=np.asarray(ids, np.uint32) if ids else None, tokens=tokens or None
+                )
+        if include_vectors:
+            for name, index in shard.dense.items():
+                if shard._has_vector[name][label]:
+                    doc["dense"][name] = index.vectors([label])[0]
+        return doc
+
+    # ------------------------------------------------------------------ search
+
+    def check(self, plan: SearchPlan, where: str = "") -> None:
+        check_plan(plan, self.schema, self.shards[0].payload, self.limits, where)
+
+    def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
+        self.check(plan, where)
+        window = plan.offset + plan.limit
+        single = len(plan.queries) == 1
+        depths = [sub.depth or (window if single else max(window, MIN_FUSION_DEPTH)) for sub in plan.queries]
+        per_shard = self._map(lambda shard: self._search_shard(shard, plan, depths), self.shards)
+        ranked = [
+            _merge([strands[i] for strands in per_shard], depths[i]) if len(per_shard) > 1 else per_shard[0][i]
+            for i in range(len(plan.queries))
+        ]
+        rule = plan.fusion or ("single" if single else "rrf")
+        fusion_keys, ids, shard_keys = _id_ordered_keys(ranked)
+        strands = [
+            fusion.Strand(keys, r.scores.astype(np.float64), sub.weight)
+            for keys, r, sub in zip(fusion_keys, ranked, plan.queries, strict=True)
+        ]
+        fused = fusion.fuse(strands, rule, k=plan.rrf_k, normalization=plan.normalization)
+        fused = fusion.apply_window(fused, plan.offset, plan.limit, plan.score_threshold)
+        result = SearchResult(ids=[ids[key] for key in fused.keys.tolist()], scores=fused.scores)
+        self._materialize(result, shard_keys[fused.keys].tolist(), plan)
+        if plan.explain:
+            result.strand_names = [_strand_name(sub) for sub in plan.queries]
+            result.ranks, result.raw = fused.ranks, fused.raw
+        return result
+
+    def _search_shard(self, shard: Shard, plan: SearchPlan, depths: list[int]) -> list[_Ranked]:
+        base = shard.number << SHARD_SHIFT
+        out = []
+        with shard.read():
+            filtered = plan.filter is not None and not plan.filter.is_empty()
+            mask, count = shard.allowed(plan.filter)
+            for sub, depth in zip(plan.queries, depths, strict=True):
+                labels, scores = self._run_strand(shard, sub, depth, mask, count, filtered)
+                out.append(_Ranked(labels + base, scores, shard.ids_of(labels)))
+        return out
+
+    @staticmethod
+    def _run_strand(
+        shard: Shard, sub: SubQuery, depth: int, mask: np.ndarray, count: int, filtered: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        query = sub.query
+        if isinstance(query, DenseQuery):
+            index = shard.dense[query.field]
+            ef = query.ef or index.spec.hnsw.ef_search
+            if filtered:
+                return index.search(query.vector[None, :], depth, ef, mask, count)[0]
+            return index.search(query.vector[None, :], depth, ef)[0]
+        if isinstance(query, Bm25Query):
+            assert shard.text is not None
+            parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts)
+            if parsed is None:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            return shard.text.search(parsed, depth, mask, count)
+        assert isinstance(query, SparseQuery)
+        index = shard.sparse[query.field]
+        vector = query.vector
+        keys = index.keys_for(
+            vector.indices.tolist() if vector.indices is not None else None, vector.tokens, intern=False
+        )
+        known = keys >= 0
+        return index.search(keys[known], vector.values[known], depth, mask)
+
+    def _materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
+        wants_payload = plan.include_payload or bool(plan.payload_fields)
+        if not (wants_payload or plan.text_fields) or not keys:
+            return
+        fields = None if plan.include_payload else plan.payload_fields
+        located = [(self.shards[key >> SHARD_SHIFT], key & _LABEL_MASK) for key in keys]
+        if wants_payload:
+            result.payloads = [shard.payload.get(label, fields) for shard, label in located]
+        if plan.text_fields:
+            texts: dict[tuple[int, int], dict[str, str]] = {}
+            for shard in {shard for shard, _ in located}:
+                labels = [label for s, label in located if s is shard]
+                assert shard.text is not None
+                for label, text in shard.text.stored(labels, plan.text_fields).items():
+                    texts[(shard.number, label)] = text
+            result.texts = [texts.get((shard.number, label), {}) for shard, label in located]
+
+    def search_dense_batch(self, field: str, vectors: np.ndarray, k: int, ef: int) -> list[SearchResult]:
+        """Many unfiltered single-strand dense queries in one batched index call per shard."""
+        parts = []
+        for shard in self.shards:
+            base = shard.number << SHARD_SHIFT
+            with shard.read():
+                index = shard.dense[field]
+                found = index.search(vectors, k, ef or index.spec.hnsw.ef_search)
+                parts.append([_Ranked(labels + base, scores, shard.ids_of(labels)) for labels, scores in found])
+        results = []
+        for i in range(len(vectors)):
+            ranked = _merge([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
+            results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
+        return results
+
+
+def _strand_name(sub: SubQuery) -> str:
+    if sub.name:
+        return sub.name
+    query = sub.query
+    if isinstance(query, Bm25Query):
+        return "bm25:" + ",".join(query.fields) if query.fields else "bm25"
+    kind = "dense" if isinstance(query, DenseQuery) else "sparse"
+    return f"{kind}:{query.field}"
+
+
+def _id_ordered_keys(ranked: list[_Ranked]) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    """Re-key every candidate by its client id's position in sorted order.
+
+    Fusion breaks exact ties (common in RRF) by key; keys derived from client ids keep
+    that order independent of which shard holds a document. Returns the per-strand fusion
+    keys, the id of each key, and each key's shard-local key (shard << 40 | label).
+    """
+    if len(ranked) == 1:  # one strand is already in its final order; no ties to break
+        only = ranked[0]
+        return [np.arange(len(only.ids), dtype=np.int64)], only.ids, only.keys
+    all_ids = [doc_id for r in ranked for doc_id in r.ids]
+    unique, inverse = np.unique(np.asarray(all_ids, dtype=object), return_inverse=True) if all_ids else (
+        np.empty(0, object), np.empty(0, np.int64))
+    shard_keys = np.empty(len(unique), np.int64)
+    shard_keys[inverse] = np.concatenate([r.keys for r in ranked])
+    bounds = np.cumsum([len(r.ids) for r in ranked])[:-1]
+    return [part.astype(np.int64) for part in np.split(inverse, bounds)], unique.tolist(), shard_keys
+
+
+def _merge(parts: list[_Ranked], depth: int) -> _Ranked:
+    """One strand's candidates from every shard, best first, cut to depth (ties by smaller key)."""
+    keys = np.concatenate([p.keys for p in parts])
+    scores = np.concatenate([p.scores for p in parts])
+    ids = [doc_id for p in parts for doc_id in p.ids]
+    order = np.lexsort((keys, -scores))[:depth]
+    return _Ranked(keys[order], scores[order], [ids[i] for i in order.tolist()])

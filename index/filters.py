@@ -1,0 +1,59 @@
+"""Payload filters: the plain tree that every strand uses to narrow candidates.
+
+A Filter holds three lists of conditions with Qdrant's semantics:
+``must`` (all hold), ``should`` (at least one holds, when the list is non-empty)
+and ``must_not`` (none holds). A condition is a keyword/int/bool equality
+(Match), membership (MatchAny), a numeric or datetime range (Range), field
+presence (Exists) or a nested Filter. A document without a value for a field
+fails Match, MatchAny and Range on that field (and so passes their must_not).
+
+Values are Python values of the field's payload type: str for keyword, int for
+int, float or int for float, bool for bool, int microseconds since the epoch
+for datetime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+Scalar = Union[str, int, float, bool]
+
+
+@dataclass(frozen=True)
+class Match:
+    field: str
+    value: Scalar
+
+
+@dataclass(frozen=True)
+class MatchAny:
+    field: str
+    values: tuple[Scalar, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    field: str
+    gt: float | int | None = None
+    gte: float | int | None = None
+    lt: float | int | None = None
+    lte: float | int | None = None
+
+
+@dataclass(frozen=True)
+class Exists:
+    field: str
+
+
+@dataclass(frozen=True)
+class Filter:
+    must: tuple[Condition, ...] = ()
+    should: tuple[Condition, ...] = ()
+    must_not: tuple[Condition, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not (self.must or self.should or self.must_not)
+
+
+Condition = Union[Match, MatchAny, Range, Exists, Filter]

@@ -1,0 +1,72 @@
+"""Search plans: the plain request types the service builds and the index executes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+import numpy as np
+
+from .filters import Filter
+from .records import SparseValue
+
+
+@dataclass
+class DenseQuery:
+    field: str
+    vector: np.ndarray  # float32, validated
+    ef: int = 0  # 0: the field's ef_search
+
+
+@dataclass
+class Bm25Query:
+    text: str
+    fields: list[str] = field(default_factory=list)  # empty: every text field
+    boosts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SparseQuery:
+    field: str
+    vector: SparseValue
+
+
+Strand = Union[DenseQuery, Bm25Query, SparseQuery]
+
+
+@dataclass
+class SubQuery:
+    query: Strand
+    name: str = ""
+    depth: int = 0  # 0: the plan's default depth
+    weight: float = 1.0
+
+
+@dataclass
+class SearchPlan:
+    queries: list[SubQuery]
+    filter: Filter | None = None
+    fusion: str = ""  # "", "rrf", "weighted"; "" picks single for one query, rrf otherwise
+    rrf_k: int = 60
+    normalization: str = "min_max"
+    limit: int = 10
+    offset: int = 0
+    score_threshold: float | None = None
+    payload_fields: list[str] | None = None  # None: no payload; [] with include_all: all
+    include_payload: bool = False
+    text_fields: list[str] = field(default_factory=list)
+    explain: bool = False
+
+
+@dataclass
+class SearchResult:
+    """Hits best first; per-hit lists are parallel to ``ids``."""
+
+    ids: list[str]
+    scores: np.ndarray
+    payloads: list[dict] | None = None
+    texts: list[dict[str, str]] | None = None
+    # explain: strand names, and (n_hits, n_strands) ranks (0 = absent) and raw scores (NaN = absent)
+    strand_names: list[str] | None = None
+    ranks: np.ndarray | None = None
+    raw: np.ndarray | None = None

@@ -1,0 +1,371 @@
+"""One shard: a write-ahead log, a manifest, and the in-memory indexes it recovers.
+
+Directory layout::
+
+    MANIFEST.json         {"format": 1, "braid_version", "generation", "wal_seq",
+                           "next_label", "dense_live": {field: count}}, replaced by atomic rename
+    wal/                  write-ahead log segments (index/wal.py)
+    segments/<gen>/       checkpoint of generation <gen>: ids.json (live label -> id),
+                          payload columns, <field>.hnsw, <field>.sparse.* files
+    text/                 tantivy index (its own commits; replay onto it is idempotent)
+
+Documents are stored as versions. Every upsert gives the document a fresh
+integer label; the previous version's label is marked dead in every strand at
+the same moment (under the write lock), so a search never sees two versions
+of one id. ``alive`` (a bool mask over labels) is the single source of truth
+for visibility that every strand consults.
+
+Write path (per operation): encode -> WAL append -> group fsync -> apply in
+sequence order under the write lock -> group tantivy commit -> acknowledge.
+Recovery: load the manifest's checkpoint, replay WAL records after its
+``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import records
+from .dense import DenseIndex
+from .errors import Unavailable
+from .filters import Filter
+from .locks import ReadWriteLock
+from .manifest import fsync_dir, read_json, write_json_atomic
+from .payload import PayloadStore
+from .records import DocumentWrite
+from .schema import Schema
+from .sparse import SparseIndex
+from .text import TextIndex
+from .wal import WriteAheadLog
+
+FORMAT_VERSION = 1
+_INITIAL_LABELS = 1024
+
+
+@dataclass
+class Candidates:
+    """One strand's ranked candidates inside one shard."""
+
+    labels: np.ndarray  # int64
+    scores: np.ndarray  # float32
+
+
+class Shard:
+    def __init__(self, directory: Path, schema: Schema, number: int) -> None:
+        from braid import __version__
+
+        self.directory = directory
+        self.schema = schema
+        self.number = number
+        self._version = __version__
+        self._lock = ReadWriteLock()
+        self._apply_cond = threading.Condition()
+        self._commit_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._failed: str | None = None
+        self._ids: dict[str, int] = {}
+        self._label_ids: dict[int, str] = {}
+        self._alive = np.zeros(_INITIAL_LABELS, dtype=bool)
+        self._has_vector = {f.name: np.zeros(_INITIAL_LABELS, dtype=bool) for f in schema.dense_fields}
+        self._next_label = 0
+        self._generation = 0
+        self.payload = PayloadStore(schema.payload_fields)
+        self.dense = {f.name: DenseIndex(f) for f in schema.dense_fields}
+        self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
+        self.text: TextIndex | None = None
+        self.wal: WriteAheadLog | None = None
+        self._applied_seq = 0
+        self._committed_seq = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(cls, directory: Path, schema: Schema, number: int) -> Shard:
+        """Open (or create) the shard and recover: checkpoint + WAL replay."""
+        directory.mkdir(parents=True, exist_ok=True)
+        shard = cls(directory, schema, number)
+        manifest = read_json(directory / "MANIFEST.json")
+        start_seq = 0
+        if manifest is not None:
+            shard._load_checkpoint(manifest)
+            start_seq = int(manifest["wal_seq"])
+        if schema.text_fields:
+            shard.text = TextIndex(directory / "text", schema.text_fields)
+        shard.wal = WriteAheadLog.open(directory / "wal", first_seq=start_seq + 1)
+        for seq, kind, payload in shard.wal.read_from(start_seq):
+            shard._apply(kind, payload)
+            shard._applied_seq = seq
+        shard._applied_seq = max(shard._applied_seq, start_seq)
+        if shard.text is not None:
+            shard.text.commit()
+        shard._committed_seq = shard._applied_seq
+        return shard
+
+    def _load_checkpoint(self, manifest: dict[str, Any]) -> None:
+        self._generation = int(manifest["generation"])
+        segment = self.directory / "segments" / str(self._generation)
+        self._next_label = int(manifest["next_label"])
+        self._grow(self._next_label)
+        live = json.loads((segment / "ids.json").read_text())
+        for label, doc_id in zip(live["labels"], live["ids"], strict=True):
+            self._ids[doc_id] = label
+            self._label_ids[label] = doc_id
+            self._alive[label] = True
+        for name, present in live.get("has_vector", {}).items():
+            self._has_vector[name][present] = True
+        self.payload = PayloadStore.load(segment, self.schema.payload_fields)
+        for spec in self.schema.dense_fields:
+            self.dense[spec.name] = DenseIndex.load(segment, spec, int(manifest["dense_live"].get(spec.name, 0)))
+        for spec in self.schema.sparse_fields:
+            self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
+
+    def close(self) -> None:
+        with self._lock.write():
+            if self.text is not None:
+                self.text.close()
+            if self.wal is not None:
+                self.wal.close()
+            self._failed = self._failed or "shard is closed"
+
+    # ------------------------------------------------------------------ writes
+
+    def upsert(self, docs: list[DocumentWrite]) -> int:
+        """Durably insert or replace documents (validated by the caller). Returns the count."""
+        latest = {doc.id: doc for doc in docs}  # a repeated id in one batch: the last one wins
+        batch = list(latest.values())
+        self._write(records.UPSERT, records.encode_upsert(batch))
+        return len(batch)
+
+    def delete_ids(self, ids: list[str]) -> int:
+        return self._write(records.DELETE_IDS, records.encode_delete_ids(ids))
+
+    def delete_filter(self, flt: Filter) -> int:
+        return self._write(records.DELETE_FILTER, records.encode_delete_filter(flt))
+
+    def _write(self, kind: int, payload: bytes) -> int:
+        if self._failed:
+            raise Unavailable(f"shard {self.number}: {self._failed}")
+        assert self.wal is not None
+        seq = self.wal.append(kind, payload)
+        try:
+            self.wal.sync(seq)
+        except OSError as err:
+            self._fail(f"write-ahead log fsync failed: {err}")
+            raise Unavailable(f"shard {self.number}: write-ahead log fsync failed: {err}") from err
+        with self._apply_cond:
+            while self._applied_seq != seq - 1 and not self._failed:
+                self._apply_cond.wait()
+            if self._failed:
+                raise Unavailable(f"shard {self.number}: {self._failed}")
+            try:
+                with self._lock.write():
+                    result = self._apply(kind, payload)
+                    self._applied_seq = seq
+            except Exception as err:
+                # The record is durable but could not be applied: memory no longer
+                # matches the log, so stop taking writes; a restart replays it.
+                self._fail(f"applying write {seq} failed: {err!r}")
+                raise
+            finally:
+                self._apply_cond.notify_all()
+        self._commit_text(seq)
+        return result
+
+    def _fail(self, reason: str) -> None:
+        with self._apply_cond:
+            self._failed = reason
+            self._apply_cond.notify_all()
+
+    def _commit_text(self, seq: int) -> None:
+        """Group commit of tantivy: one commit covers every write applied before it started."""
+        if self.text is None:
+            return
+        with self._commit_lock:
+            if self._committed_seq >= seq:
+                return
+            target = self._applied_seq
+            self.text.commit()
+            self._committed_seq = target
+
+    def _apply(self, kind: int, payload: bytes) -> int:
+        if kind == records.UPSERT:
+            return self._apply_upsert(records.decode_upsert(payload))
+        if kind == records.DELETE_IDS:
+            return self._remove_ids(records.decode_delete_ids(payload))
+        if kind == records.DELETE_FILTER:
+            flt = records.decode_delete_filter(payload)
+            mask = self._allowed(flt)
+            return self._remove_ids([self._label_ids[int(label)] for label in np.flatnonzero(mask)])
+        raise ValueError(f"unknown WAL record kind {kind}")
+
+    def _apply_upsert(self, docs: list[DocumentWrite]) -> int:
+        first = self._next_label
+        self._grow(first + len(docs))
+        dense_batches: dict[str, tuple[list[int], list[np.ndarray]]] = {name: ([], []) for name in self.dense}
+        for offset, doc in enumerate(docs):
+            label = first + offset
+            old = self._ids.get(doc.id)
+            if old is not None:
+                self._remove_label(old)
+            self._ids[doc.id] = label
+            self._label_ids[label] = doc.id
+            self._alive[label] = True
+            self.payload.set(label, doc.payload)
+            for name, vector in doc.dense.items():
+                dense_batches[name][0].append(label)
+                dense_batches[name][1].append(vector)
+                self._has_vector[name][label] = True
+            for name, value in doc.sparse.items():
+                index = self.sparse[name]
+                keys = index.keys_for(
+                    value.indices.tolist() if value.indices is not None else None, value.tokens, intern=True
+                )
+                index.add(label, keys, value.values)
+            if self.text is not None and doc.text:
+                self.text.add(label, doc.text)
+        self._next_label = first + len(docs)
+        for name, (labels, vectors) in dense_batches.items():
+            if labels:
+                self.dense[name].add(np.asarray(labels, np.int64), np.stack(vectors))
+        return len(docs)
+
+    def _remove_ids(self, ids: list[str]) -> int:
+        removed = 0
+        for doc_id in ids:
+            label = self._ids.pop(doc_id, None)
+            if label is not None:
+                self._remove_label(label)
+                removed += 1
+        return removed
+
+    def _remove_label(self, label: int) -> None:
+        self._alive[label] = False
+        self._label_ids.pop(label, None)
+        for name, present in self._has_vector.items():
+            if present[label]:
+                present[label] = False
+                self.dense[name].remove(label)
+        for index in self.sparse.values():
+            index.remove(label)
+        if self.text is not None:
+            self.text.remove(label)
+
+    def _grow(self, size: int) -> None:
+        capacity = len(self._alive)
+        if size <= capacity:
+            return
+        while capacity < size:
+            capacity *= 2
+        self._alive = _resized(self._alive, capacity)
+        self._has_vector = {name: _resized(mask, capacity) for name, mask in self._has_vector.items()}
+
+    # ----------------------------------------------------------------- queries
+
+    def read(self) -> Any:
+        """Context manager: hold the shard's read lock while searching."""
+        return self._lock.read()
+
+    @property
+    def live_count(self) -> int:
+        return len(self._ids)
+
+    def _allowed(self, flt: Filter | None) -> np.ndarray:
+        size = self._next_label
+        alive = self._alive[:size]
+        if flt is None or flt.is_empty():
+            return alive
+        return self.payload.evaluate(flt, size) & alive
+
+    def allowed(self, flt: Filter | None) -> tuple[np.ndarray, int]:
+        """Mask of live labels passing the filter, and how many there are (call under read())."""
+        mask = self._allowed(flt)
+        return mask, int(np.count_nonzero(mask)) if flt is not None and not flt.is_empty() else self.live_count
+
+    def ids_of(self, labels: np.ndarray) -> list[str]:
+        label_ids = self._label_ids
+        return [label_ids[label] for label in labels.tolist()]
+
+    def label_of(self, doc_id: str) -> int | None:
+        return self._ids.get(doc_id)
+
+    def count(self, flt: Filter | None) -> int:
+        with self._lock.read():
+            return self.allowed(flt)[1]
+
+    # -------------------------------------------------------------- checkpoint
+
+    def flush(self) -> None:
+        """Checkpoint: save every index into a new segment generation, publish it, trim the WAL."""
+        assert self.wal is not None
+        with self._flush_lock, self._lock.read():
+            wal_seq = self._applied_seq
+            generation = self._generation + 1
+            segments = self.directory / "segments"
+            staging = segments / f"{generation}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            live_labels = sorted(self._label_ids)
+            ids = {
+                "labels": live_labels,
+                "ids": [self._label_ids[label] for label in live_labels],
+                "has_vector": {
+                    name: np.flatnonzero(mask[: self._next_label]).tolist() for name, mask in self._has_vector.items()
+                },
+            }
+            (staging / "ids.json").write_text(json.dumps(ids, ensure_ascii=False))
+            self.payload.save(staging)
+            for index in self.dense.values():
+                index.save(staging)
+            for sparse in self.sparse.values():
+                sparse.save(staging)
+            for path in staging.iterdir():
+                _fsync_file(path)
+            final = segments / str(generation)
+            staging.rename(final)
+            fsync_dir(segments)
+            if self.text is not None:
+                with self._commit_lock:
+                    self.text.commit()
+                    self._committed_seq = max(self._committed_seq, wal_seq)
+            manifest = {
+                "format": FORMAT_VERSION,
+                "braid_version": self._version,
+                "generation": generation,
+                "wal_seq": wal_seq,
+                "next_label": self._next_label,
+                "dense_live": {name: index.live for name, index in self.dense.items()},
+            }
+            write_json_atomic(self.directory / "MANIFEST.json", manifest)
+            self._generation = generation
+            for old in segments.iterdir():
+                if old.name != str(generation):
+                    shutil.rmtree(old, ignore_errors=True)
+            self.wal.truncate_prefix(wal_seq)
+
+    def stats(self) -> dict[str, int]:
+        assert self.wal is not None
+        return {"documents": self.live_count, "labels": self._next_label, "wal_bytes": self.wal.size_bytes()}
+
+
+def _resized(array: np.ndarray, capacity: int) -> np.ndarray:
+    grown = np.zeros(capacity, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+def _fsync_file(path: Path) -> None:
+    import os
+
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+ApplyFn = Callable[[], int]

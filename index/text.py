@@ -1,0 +1,158 @@
+"""BM25 text index of one shard, backed by tantivy.
+
+Each tantivy document is one document version: the shard's integer label in
+``_label`` (i64, indexed and fast) plus every text field (indexed with the
+field's analyzer and stored). Adding a label first deletes any document with
+that label, so replaying the write-ahead log over an index that already holds
+some of the replayed writes is idempotent.
+
+tantivy makes writes searchable only at commit; the shard commits (group
+commit) before it acknowledges a write. Scores are tantivy's BM25
+(k1 = 1.2, b = 0.75), summed over fields and query terms; per-field boosts
+multiply a field's contribution.
+
+Filters arrive as a bool mask over labels. Few matching labels: the text
+query is intersected with a term-set query on ``_label`` (scored 0, so scores
+stay pure BM25). Many: the index is searched ever deeper and hits outside the
+mask are dropped until ``k`` remain or the matches run out; both plans return
+exactly tantivy's top k among the allowed documents.
+
+On disk: tantivy's own directory layout (meta.json, per-segment files).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import tantivy
+
+from .errors import InvalidArgument
+from .schema import TextFieldSpec
+
+LABEL = "_label"
+# Up to this many allowed labels, the filter is pushed into tantivy as a term set.
+TERM_SET_MAX = 4096
+WRITER_HEAP_BYTES = 32 * 1024 * 1024
+# tantivy's query grammar characters; user text is plain words, so they become spaces.
+_QUERY_SYNTAX = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/<>=\']')
+_OPERATORS = re.compile(r"\b(AND|OR|NOT|IN|TO)\b")
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(0, np.int64), np.empty(0, np.float32)
+
+
+class TextIndex:
+    """A tantivy index plus the writer and the current searcher."""
+
+    def __init__(self, directory: Path, fields: tuple[TextFieldSpec, ...]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        builder = tantivy.SchemaBuilder()
+        # i64, not u64: tantivy-py builds i64 terms from Python ints, so u64 label terms never match a delete.
+        builder.add_integer_field(LABEL, stored=False, indexed=True, fast=True)
+        for spec in fields:
+            builder.add_text_field(spec.name, stored=True, tokenizer_name=spec.analyzer.value)
+        self.schema = builder.build()
+        self.fields = fields
+        self.field_names = [f.name for f in fields]
+        self._index = tantivy.Index(self.schema, path=str(directory), reuse=True)
+        self._writer = self._index.writer(WRITER_HEAP_BYTES, 1)
+        self._writer_lock = threading.Lock()
+        self._searcher = self._index.searcher()
+
+    # ------------------------------------------------------------------ writes
+
+    def add(self, label: int, texts: dict[str, str]) -> None:
+        doc = tantivy.Document()
+        doc.add_integer(LABEL, label)
+        for name, value in texts.items():
+            doc.add_text(name, value)
+        with self._writer_lock:
+            self._writer.delete_documents_by_term(LABEL, label)
+            self._writer.add_document(doc)
+
+    def remove(self, label: int) -> None:
+        with self._writer_lock:
+            self._writer.delete_documents_by_term(LABEL, label)
+
+    def commit(self) -> None:
+        """Publish pending writes (durable in tantivy's files) and refresh the searcher."""
+        with self._writer_lock:
+            self._writer.commit()
+        self._index.reload()
+        self._searcher = self._index.searcher()
+
+    def close(self) -> None:
+        with self._writer_lock:
+            self._writer.commit()
+            self._writer.wait_merging_threads()
+
+    # ----------------------------------------------------------------- queries
+
+    def parse(self, text: str, fields: list[str], boosts: dict[str, float]) -> tantivy.Query | None:
+        """Turn plain query text into a tantivy query; None when no searchable words remain."""
+        clean = _OPERATORS.sub(lambda m: m.group(1).lower(), _QUERY_SYNTAX.sub(" ", text)).strip()
+        if not clean:
+            return None
+        try:
+            return self._index.parse_query(clean, fields, boosts or {})
+        except ValueError as err:
+            raise InvalidArgument.field("bm25.text", f"cannot parse query: {err}") from err
+
+    def search(
+        self, query: tantivy.Query, k: int, allowed: np.ndarray, allowed_count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (labels, BM25 scores) among labels set in ``allowed``, best first."""
+        searcher = self._searcher
+        if k <= 0 or allowed_count == 0:
+            return _empty()
+        if allowed_count <= TERM_SET_MAX:
+            labels = np.flatnonzero(allowed).tolist()
+            only_allowed = tantivy.Query.const_score_query(
+                tantivy.Query.term_set_query(self.schema, LABEL, labels), 0.0
+            )
+            query = tantivy.Query.boolean_query(
+                [(tantivy.Occur.Must, query), (tantivy.Occur.Must, only_allowed)]
+            )
+            depth = k
+        else:
+            selectivity = allowed_count / max(len(allowed), 1)
+            depth = math.ceil(k / selectivity * 1.2) + 8
+        while True:
+            result = searcher.search(query, depth, count=False)
+            hits = result.hits
+            if not hits:
+                return _empty()
+            scores = np.fromiter((h[0] for h in hits), np.float32, len(hits))
+            labels = np.asarray(searcher.fast_field_values(LABEL, [h[1] for h in hits]), np.int64)
+            inside = labels < len(allowed)
+            keep = inside & allowed[np.where(inside, labels, 0)]
+            if keep.sum() >= k or len(hits) < depth:
+                labels, scores = labels[keep][:k], scores[keep][:k]
+                order = np.lexsort((labels, -scores))  # ties by label: deterministic
+                return labels[order], scores[order]
+            depth *= 4
+
+    def stored(self, labels: list[int], fields: list[str] | None = None) -> dict[int, dict[str, str]]:
+        """Stored text of the given labels (fields limited to ``fields`` when given)."""
+        if not labels or not self.field_names:
+            return {}
+        searcher = self._searcher
+        query = tantivy.Query.term_set_query(self.schema, LABEL, labels)
+        hits = searcher.search(query, len(labels), count=False).hits
+        addresses = [h[1] for h in hits]
+        found = searcher.fast_field_values(LABEL, addresses)
+        wanted = set(fields) if fields is not None else None
+        out: dict[int, dict[str, str]] = {}
+        for label, address in zip(found, addresses, strict=True):
+            doc = searcher.doc(address).to_dict()
+            out[int(label)] = {
+                name: values[0]
+                for name, values in doc.items()
+                if name != LABEL and values and (wanted is None or name in wanted)
+            }
+        return out

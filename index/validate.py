@@ -1,0 +1,146 @@
+"""Validation of documents and search plans against a collection's schema.
+
+Everything a write or a search carries is checked here, before anything is
+written, so a rejected batch applies nothing. Messages name the field path
+(``documents[3].dense.emb``) and give the expected and received values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgument, ResourceExhausted
+from .payload import PayloadStore
+from .query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
+from .records import DocumentWrite, SparseValue
+from .schema import Schema
+
+MAX_ID_BYTES = 512
+MAX_TEXT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configured maxima that requests are held to."""
+
+    max_batch: int = 10_000
+    max_limit: int = 10_000
+    max_depth: int = 10_000
+    max_sparse_terms: int = 4_096
+
+
+def check_id(doc_id: str, where: str) -> None:
+    if not doc_id:
+        raise InvalidArgument.field(where, "id must not be empty")
+    if len(doc_id.encode()) > MAX_ID_BYTES:
+        raise InvalidArgument.field(where, f"id is longer than {MAX_ID_BYTES} bytes")
+
+
+def check_dense(vector: np.ndarray, dim: int, where: str) -> None:
+    if vector.ndim != 1 or len(vector) != dim:
+        raise InvalidArgument.dimension(where, dim, int(vector.size))
+    if not np.isfinite(vector).all():
+        raise InvalidArgument.field(where, "vector contains NaN or infinity")
+
+
+def check_sparse(value: SparseValue, where: str, max_terms: int) -> None:
+    terms = len(value.tokens) if value.tokens is not None else len(value.indices if value.indices is not None else ())
+    if value.tokens is not None and value.indices is not None and len(value.indices):
+        raise InvalidArgument.field(where, "set indices or tokens, not both")
+    if terms != len(value.values):
+        raise InvalidArgument.field(where, f"{terms} terms but {len(value.values)} values")
+    if terms > max_terms:
+        raise ResourceExhausted(f"{where}: {terms} terms exceed the maximum of {max_terms}")
+    if not np.isfinite(value.values).all():
+        raise InvalidArgument.field(where, "weights contain NaN or infinity")
+    keys = value.tokens if value.tokens is not None else value.indices.tolist()  # type: ignore[union-attr]
+    if len(set(keys)) != len(keys):
+        raise InvalidArgument.field(where, "a term appears twice")
+
+
+def check_documents(docs: list[DocumentWrite], schema: Schema, payload: PayloadStore, limits: Limits) -> None:
+    if len(docs) > limits.max_batch:
+        raise ResourceExhausted(f"documents: batch of {len(docs)} exceeds the maximum of {limits.max_batch}")
+    for i, doc in enumerate(docs):
+        where = f"documents[{i}]"
+        check_id(doc.id, f"{where}.id")
+        for name, value in doc.text.items():
+            if schema.text(name) is None:
+                raise _unknown(f"{where}.text.{name}", "text", [f.name for f in schema.text_fields])
+            if len(value.encode()) > MAX_TEXT_BYTES:
+                raise InvalidArgument.field(f"{where}.text.{name}", f"text is longer than {MAX_TEXT_BYTES} bytes")
+        for name, vector in doc.dense.items():
+            spec = schema.dense(name)
+            if spec is None:
+                raise _unknown(f"{where}.dense.{name}", "dense", [f.name for f in schema.dense_fields])
+            check_dense(vector, spec.dim, f"{where}.dense.{name}")
+        for name, value in doc.sparse.items():
+            if schema.sparse(name) is None:
+                raise _unknown(f"{where}.sparse.{name}", "sparse", [f.name for f in schema.sparse_fields])
+            check_sparse(value, f"{where}.sparse.{name}", limits.max_sparse_terms)
+        payload.validate(doc.payload, where=f"{where}.payload")
+
+
+def check_plan(plan: SearchPlan, schema: Schema, payload: PayloadStore, limits: Limits, where: str = "") -> None:
+    if not plan.queries:
+        raise InvalidArgument.field(f"{where}queries", "at least one sub-query is required")
+    if not 1 <= plan.limit <= limits.max_limit:
+        raise ResourceExhausted(f"{where}limit: {plan.limit} must be in 1..{limits.max_limit}")
+    if plan.offset + plan.limit > limits.max_depth:
+        raise ResourceExhausted(f"{where}offset: offset + limit exceeds the maximum of {limits.max_depth}")
+    if plan.score_threshold is not None and not math.isfinite(plan.score_threshold):
+        raise InvalidArgument.field(f"{where}score_threshold", "must be finite")
+    for i, sub in enumerate(plan.queries):
+        at = f"{where}queries[{i}]"
+        if not 0 <= sub.depth <= limits.max_depth:
+            raise ResourceExhausted(f"{at}.depth: {sub.depth} must be in 0..{limits.max_depth}")
+        if not math.isfinite(sub.weight) or sub.weight < 0:
+            raise InvalidArgument.field(f"{at}.weight", f"must be finite and >= 0, got {sub.weight}")
+        _check_strand(sub.query, schema, limits, at)
+    if plan.filter is not None:
+        payload.validate_filter(plan.filter, where=f"{where}filter")
+    for name in plan.payload_fields or ():
+        if schema.payload(name) is None:
+            raise _unknown(f"{where}payload_fields", "payload", [f.name for f in schema.payload_fields], name)
+    for name in plan.text_fields:
+        if schema.text(name) is None:
+            raise _unknown(f"{where}text_fields", "text", [f.name for f in schema.text_fields], name)
+
+
+def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> None:
+    if isinstance(query, DenseQuery):
+        spec = schema.dense(query.field)
+        if spec is None:
+            raise _unknown(f"{at}.dense.field", "dense", [f.name for f in schema.dense_fields], query.field)
+        check_dense(query.vector, spec.dim, f"{at}.dense.vector")
+        if query.ef > 4096:
+            raise ResourceExhausted(f"{at}.dense.ef: {query.ef} exceeds the maximum of 4096")
+    elif isinstance(query, Bm25Query):
+        if not schema.text_fields:
+            raise InvalidArgument.field(f"{at}.bm25", "the collection has no text fields")
+        if not query.text.strip():
+            raise InvalidArgument.field(f"{at}.bm25.text", "query text is empty")
+        for name in list(query.fields) + list(query.boosts):
+            if schema.text(name) is None:
+                raise _unknown(f"{at}.bm25.fields", "text", [f.name for f in schema.text_fields], name)
+        for name, boost in query.boosts.items():
+            if not math.isfinite(boost) or boost < 0:
+                raise InvalidArgument.field(f"{at}.bm25.boosts.{name}", f"must be finite and >= 0, got {boost}")
+    elif isinstance(query, SparseQuery):
+        if schema.sparse(query.field) is None:
+            raise _unknown(f"{at}.sparse.field", "sparse", [f.name for f in schema.sparse_fields], query.field)
+        check_sparse(query.vector, f"{at}.sparse.vector", limits.max_sparse_terms)
+        if len(query.vector.values) == 0:
+            raise InvalidArgument.field(f"{at}.sparse.vector", "query vector is empty")
+    else:
+        raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
+
+
+def _unknown(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:
+    shown = f"{name!r} " if name is not None else ""
+    return InvalidArgument.field(
+        where, f"unknown {kind} field {shown}(declared: {', '.join(declared) if declared else 'none'})"
+    )

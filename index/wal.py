@@ -1,0 +1,461 @@
+"""Per-shard write-ahead log: segment files, record framing, recovery, group commit.
+
+This module owns every byte under a shard's ``wal/`` directory. The directory
+holds segment files named ``{first_seq:020d}.wal``, where ``first_seq`` is the
+sequence number of the segment's first record; segments are contiguous (each
+starts one past the previous segment's last record). Nothing else lives there.
+
+Record layout, little-endian, packed, 17-byte header::
+
+    offset  size  field
+         0     4  u32 payload_len
+         4     4  u32 crc32(seq bytes + kind byte + payload)   (zlib.crc32)
+         8     8  u64 seq                                       (1, 2, 3, ... one per record)
+        16     1  u8  kind                                      (meaning owned by the caller)
+        17     n  payload bytes
+
+Durability contract: ``append`` hands the record to the OS (visible to readers
+and to any later fsync) but does not fsync; ``sync(seq)`` returns once every
+record up to ``seq`` is on stable storage. Concurrent ``sync`` calls share one
+fsync (group commit), and appends proceed while a sync is in its fsync.
+
+Recovery (``open``): a torn or CRC-failing record at the very end of the last
+segment is the normal result of a crash and is truncated away; a bad record
+anywhere else (followed by valid records, or in an older segment) is
+corruption and raises ``WalError`` naming the file and offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from .errors import DataLoss, InvalidArgument, Unavailable
+from .manifest import fsync_dir
+
+log = logging.getLogger("braid.wal")
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+HEADER = struct.Struct("<IIQB")
+HEADER_BYTES = HEADER.size  # 17
+_SEQ_KIND = struct.Struct("<QB")
+_SEQ = struct.Struct("<Q")
+_SEQ_OFFSET = 8  # where the seq field sits inside the header
+_MAX_PAYLOAD = 2**32 - 1
+_SEGMENT_NAME = re.compile(r"\d{20}\.wal")
+# How many sequence numbers past a bad record to look for a valid record before calling the damage a torn tail.
+_RESYNC_WINDOW = 1024
+
+_fsync_data = getattr(os, "fdatasync", os.fsync)  # data + size is all an append-only file needs
+
+Buffer = bytes | mmap.mmap
+
+
+class WalError(DataLoss):
+    """The write-ahead log is corrupt on disk, or an I/O failure left it unusable."""
+
+
+class _BadRecord(Exception):
+    """Internal: the bytes at an offset are not a complete, CRC-valid record."""
+
+
+class _Record(NamedTuple):
+    seq: int
+    kind: int
+    payload: bytes
+    end: int  # offset just past the record
+
+
+@dataclass
+class _Segment:
+    first_seq: int
+    path: Path
+    size: int
+
+
+# ---------------------------------------------------------------------- framing
+
+
+def _encode(seq: int, kind: int, payload: bytes) -> bytes:
+    seq_kind = _SEQ_KIND.pack(seq, kind)
+    crc = zlib.crc32(payload, zlib.crc32(seq_kind))
+    return HEADER.pack(len(payload), crc, seq, kind) + payload
+
+
+def _decode_at(buf: Buffer, off: int) -> _Record:
+    """The record starting at ``off``; raises _BadRecord when it is torn or fails its CRC."""
+    size = len(buf)
+    if off + HEADER_BYTES > size:
+        raise _BadRecord(f"torn header ({size - off} of {HEADER_BYTES} bytes)")
+    length, crc, seq, kind = HEADER.unpack_from(buf, off)
+    end = off + HEADER_BYTES + length
+    if end > size:
+        raise _BadRecord(f"torn payload (header promises {length} bytes, {size - off - HEADER_BYTES} present)")
+    payload = bytes(buf[off + HEADER_BYTES : end])
+    if zlib.crc32(payload, zlib.crc32(buf[off + _SEQ_OFFSET : off + HEADER_BYTES])) != crc:
+        raise _BadRecord("crc mismatch")
+    return _Record(seq, kind, payload, end)
+
+
+def _check_record(kind: int, payload: bytes) -> None:
+    if not 0 <= kind <= 255:
+        raise InvalidArgument.field("kind", f"must be in 0..255, got {kind}")
+    if len(payload) > _MAX_PAYLOAD:
+        raise InvalidArgument.field("payload", f"at most {_MAX_PAYLOAD} bytes, got {len(payload)}")
+
+
+# ------------------------------------------------------------------ file helpers
+
+
+def _segment_path(directory: Path, first_seq: int) -> Path:
+    return directory / f"{first_seq:020d}.wal"
+
+
+def _open_for_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
+@contextmanager
+def _mapped(path: Path, size: int) -> Iterator[Buffer]:
+    """The first ``size`` bytes of ``path``, read-only, without copying the file into memory."""
+    if size == 0:
+        yield b""  # mmap refuses empty mappings
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as view:
+        yield view
+
+
+def _truncate_durably(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- recovery
+
+
+def _find_following_record(buf: Buffer, bad_off: int, expected: int) -> int | None:
+    """Offset of a valid record with seq in (expected, expected + window] after ``bad_off``, if any.
+
+    Such a record means the damage is not a torn tail but corruption in the middle of the log.
+    Searching for the seq's bytes keeps this fast even when the tail is megabytes of garbage.
+    """
+    limit = min(_RESYNC_WINDOW, (len(buf) - bad_off) // HEADER_BYTES - 1)
+    for k in range(1, limit + 1):
+        pattern = _SEQ.pack(expected + k)
+        # Records expected .. expected+k-1 occupy at least HEADER_BYTES each before this one.
+        pos = buf.find(pattern, bad_off + HEADER_BYTES * k + _SEQ_OFFSET)
+        while pos != -1:
+            try:
+                if _decode_at(buf, pos - _SEQ_OFFSET).seq == expected + k:
+                    return pos - _SEQ_OFFSET
+            except _BadRecord:
+                pass
+            pos = buf.find(pattern, pos + 1)
+    return None
+
+
+def _scan_segment(path: Path, first_seq: int, is_last: bool) -> tuple[int, int]:
+    """Validate one segment; returns (valid size, next expected seq). Truncates a torn tail of the last segment."""
+    size = path.stat().st_size
+    off, seq = 0, first_seq
+    with _mapped(path, size) as buf:
+        while off < size:
+            try:
+                record = _decode_at(buf, off)
+            except _BadRecord as bad:
+                if not is_last:
+                    raise WalError(f"{path}: bad record at offset {off} in a sealed segment: {bad}") from None
+                follower = _find_following_record(buf, off, seq)
+                if follower is not None:
+                    raise WalError(
+                        f"{path}: bad record at offset {off} ({bad}) followed by a valid record at offset {follower}"
+                    ) from None
+                break
+            if record.seq != seq:
+                raise WalError(f"{path}: record at offset {off} has seq {record.seq}, expected {seq}")
+            off, seq = record.end, seq + 1
+    if off < size:
+        log.warning("%s: truncating torn tail at offset %d (%d bytes dropped)", path, off, size - off)
+        _truncate_durably(path, off)
+    return off, seq
+
+
+def _recover(directory: Path) -> tuple[list[_Segment], int]:
+    """Validate every segment in order; returns the segments and the last valid seq (0 when empty)."""
+    paths = sorted(p for p in directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name))
+    segments: list[_Segment] = []
+    next_seq: int | None = None
+    for i, path in enumerate(paths):
+        first = int(path.name[:20])
+        if first < 1:
+            raise WalError(f"{path}: segment name gives first seq {first}; sequence numbers start at 1")
+        if next_seq is not None and first != next_seq:
+            raise WalError(f"{path}: segment starts at seq {first} but the previous one ends at {next_seq - 1}")
+        size, next_seq = _scan_segment(path, first, is_last=i == len(paths) - 1)
+        segments.append(_Segment(first, path, size))
+    return segments, (next_seq - 1 if next_seq is not None else 0)
+
+
+def _drop_obsolete(directory: Path, segments: list[_Segment], last_seq: int, first_seq: int) -> list[_Segment]:
+    """Remove a log that ends before ``first_seq - 1``: the caller's checkpoint covers all of it."""
+    if not segments or last_seq >= first_seq - 1:
+        return segments
+    log.warning("%s: log ends at seq %d, before checkpoint seq %d; starting over", directory, last_seq, first_seq - 1)
+    for segment in segments:
+        segment.path.unlink()
+    fsync_dir(directory)
+    return []
+
+
+# --------------------------------------------------------------------- the log
+
+
+class WriteAheadLog:
+    """An append-only, segmented, CRC-checked log with group-committed fsync. Thread-safe."""
+
+    def __init__(self, directory: Path, segments: list[_Segment], last_seq: int, fd: int, segment_bytes: int) -> None:
+        """Use ``WriteAheadLog.open``; this assumes recovery already ran and ``fd`` is the last segment."""
+        self._dir = directory
+        self._segments = segments
+        self._segment_bytes = segment_bytes
+        self._fd = fd
+        self._last_seq = last_seq
+        self._synced_seq = last_seq  # open() fsynced the active segment; sealed ones were fsynced on roll
+        self._lock = threading.Lock()  # guards appends, the segment list and the fd
+        self._sync_lock = threading.Lock()  # one fsync in flight; waiters usually find their seq covered
+        self._closed = False
+        self._failure: str | None = None  # set when an I/O error left the log in an unknown state
+        self.fsync_count = 0  # fsyncs issued by sync() and close(); lets tests see group commit
+
+    @classmethod
+    def open(cls, directory: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES, *, first_seq: int = 1) -> WriteAheadLog:
+        """Open or create the log in ``directory``, validating and repairing it as described in the module doc.
+
+        ``first_seq`` is the first seq the caller has not checkpointed: an empty log starts numbering there,
+        and a log that ends before ``first_seq - 1`` is entirely covered by the checkpoint and is discarded.
+        """
+        if segment_bytes < HEADER_BYTES:
+            raise InvalidArgument.field("segment_bytes", f"must be at least {HEADER_BYTES}, got {segment_bytes}")
+        if first_seq < 1:
+            raise InvalidArgument.field("first_seq", f"must be at least 1, got {first_seq}")
+        directory = Path(directory)
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            fsync_dir(directory.parent)
+        segments, last_seq = _recover(directory)
+        segments = _drop_obsolete(directory, segments, last_seq, first_seq)
+        if not segments:
+            last_seq = max(last_seq, first_seq - 1)
+            segments = [_Segment(last_seq + 1, _segment_path(directory, last_seq + 1), 0)]
+        fd = _open_for_append(segments[-1].path)
+        try:
+            os.fsync(fd)  # records that survived a process crash may still be only in the page cache
+            fsync_dir(directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(directory, segments, last_seq, fd, segment_bytes)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the last appended record (0 when the log has never held one)."""
+        return self._last_seq
+
+    @property
+    def synced_seq(self) -> int:
+        """Every record with seq <= this is on stable storage."""
+        return self._synced_seq
+
+    def size_bytes(self) -> int:
+        """Total bytes of all segment files."""
+        with self._lock:
+            return sum(segment.size for segment in self._segments)
+
+    # ------------------------------------------------------------------- writes
+
+    def append(self, kind: int, payload: bytes) -> int:
+        """Write one record to the OS (no fsync) and return its seq."""
+        return self.append_many([(kind, payload)])
+
+    def append_many(self, records: list[tuple[int, bytes]]) -> int:
+        """Write several records with one write call (no fsync); returns the last seq."""
+        for kind, payload in records:
+            _check_record(kind, payload)
+        with self._lock:
+            self._check_usable()
+            if not records:
+                return self._last_seq
+            first = self._last_seq + 1
+            data = b"".join(_encode(first + i, kind, payload) for i, (kind, payload) in enumerate(records))
+            self._roll_if_needed(len(data))
+            self._write(data)
+            self._last_seq = first + len(records) - 1
+            return self._last_seq
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise Unavailable(f"write-ahead log {self._dir} is closed")
+        if self._failure is not None:
+            raise WalError(f"write-ahead log {self._dir} is unusable after an I/O failure: {self._failure}")
+
+    def _fail(self, what: str, exc: OSError) -> WalError:
+        """Poison the log: after a failed fsync the kernel may have dropped the dirty pages, so retrying lies."""
+        self._failure = f"{what}: {exc}"
+        return WalError(f"write-ahead log {self._dir}: {self._failure}")
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to the active segment, or leave it exactly as it was."""
+        active = self._segments[-1]
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, active.size)  # a partial record followed by later ones would be corruption
+            except OSError as undo:
+                raise self._fail(f"{active.path}: write failed and could not be undone", undo) from exc
+            raise Unavailable(f"{active.path}: write-ahead log append failed: {exc}") from exc
+        active.size += len(data)
+
+    def _roll_if_needed(self, incoming: int) -> None:
+        """Start a new segment when the incoming bytes would push a non-empty active one past segment_bytes."""
+        active = self._segments[-1]
+        if active.size == 0 or active.size + incoming <= self._segment_bytes:
+            return
+        segment = _Segment(self._last_seq + 1, _segment_path(self._dir, self._last_seq + 1), 0)
+        try:
+            _fsync_data(self._fd)  # a sealed segment is never fsynced again, so it must be complete now
+            fd = _open_for_append(segment.path)
+        except OSError as exc:
+            raise self._fail(f"{active.path}: sealing segment failed", exc) from exc
+        try:
+            fsync_dir(self._dir)
+        except OSError as exc:
+            os.close(fd)
+            raise self._fail(f"{segment.path}: fsync of the new segment's directory entry failed", exc) from exc
+        os.close(self._fd)  # sync() works on a dup, so closing here cannot pull the fd from under it
+        self._fd = fd
+        self._segments.append(segment)
+
+    # ---------------------------------------------------------------- durability
+
+    def sync(self, seq: int) -> None:
+        """Return once every record with seq <= ``seq`` is on stable storage, sharing fsyncs between callers."""
+        if seq <= self._synced_seq:
+            return
+        with self._sync_lock:
+            if seq <= self._synced_seq:
+                return  # the fsync we waited behind covered us
+            with self._lock:
+                self._check_usable()
+                if seq > self._last_seq:
+                    raise InvalidArgument.field("seq", f"{seq} has not been appended (last seq {self._last_seq})")
+                target = self._last_seq
+                fd = os.dup(self._fd)  # fsync outside the append lock, immune to a concurrent roll closing the fd
+            try:
+                _fsync_data(fd)
+            except OSError as exc:
+                with self._lock:
+                    raise self._fail("fsync failed", exc) from exc
+            finally:
+                os.close(fd)
+            self.fsync_count += 1
+            self._synced_seq = target
+
+    def close(self) -> None:
+        """Fsync and close. Idempotent; later appends and syncs raise Unavailable."""
+        with self._sync_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._failure is None:
+                    _fsync_data(self._fd)
+                    self.fsync_count += 1
+                    self._synced_seq = self._last_seq
+            except OSError as exc:
+                raise self._fail("fsync at close failed", exc) from exc
+            finally:
+                os.close(self._fd)
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------- reading
+
+    def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
+        """Yield (seq, kind, payload) for every record with seq > ``after_seq``, in order, across segments.
+
+        The set of records is fixed when this is called (later appends are not seen). Do not run
+        ``truncate_prefix`` while iterating. Raises WalError when records after ``after_seq`` were already removed.
+        """
+        if after_seq < 0:
+            raise InvalidArgument.field("after_seq", f"must be >= 0, got {after_seq}")
+        with self._lock:
+            segments = [_Segment(s.first_seq, s.path, s.size) for s in self._segments]
+            last_seq = self._last_seq
+        if segments[0].first_seq > after_seq + 1:
+            raise WalError(
+                f"{self._dir}: records {after_seq + 1}..{segments[0].first_seq - 1} were already truncated away"
+            )
+        return self._iter_records(segments, after_seq, last_seq)
+
+    @staticmethod
+    def _iter_records(segments: list[_Segment], after_seq: int, last_seq: int) -> Iterator[tuple[int, int, bytes]]:
+        for i, segment in enumerate(segments):
+            segment_last = segments[i + 1].first_seq - 1 if i + 1 < len(segments) else last_seq
+            if segment_last <= after_seq:
+                continue
+            yield from _read_segment(segment, after_seq)
+
+    # ----------------------------------------------------------------- trimming
+
+    def truncate_prefix(self, upto_seq: int) -> None:
+        """Delete sealed segments whose records all have seq <= ``upto_seq`` (never the active segment)."""
+        with self._lock:
+            keep_from = 0
+            while keep_from + 1 < len(self._segments) and self._segments[keep_from + 1].first_seq - 1 <= upto_seq:
+                keep_from += 1
+            doomed = self._segments[:keep_from]
+            del self._segments[:keep_from]
+        for segment in doomed:  # oldest first, so a crash part way leaves a contiguous log
+            segment.path.unlink(missing_ok=True)
+        if doomed:
+            fsync_dir(self._dir)
+
+
+def _read_segment(segment: _Segment, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
+    """Records of one segment (up to its recorded size) with seq > after_seq, re-verified against their CRC."""
+    off, seq = 0, segment.first_seq
+    with _mapped(segment.path, segment.size) as buf:
+        while off < segment.size:
+            try:
+                record = _decode_at(buf, off)
+            except _BadRecord as bad:
+                raise WalError(f"{segment.path}: bad record at offset {off}: {bad}") from None
+            if record.seq != seq:
+                raise WalError(f"{segment.path}: record at offset {off} has seq {record.seq}, expected {seq}")
+            if seq > after_seq:
+                yield record.seq, record.kind, record.payload
+            off, seq = record.end, seq + 1

@@ -1,0 +1,1 @@
+"""The gRPC service: request validation, conversion, error mapping, server and CLI."""

@@ -1,0 +1,188 @@
+"""The ``braid`` command line: run the server, manage collections, ingest and search from a shell.
+
+    braid serve [--data-dir DIR] [--host H] [--port P] [--workers N]
+    braid collection create NAME --schema schema.json [--shards N]
+    braid collection list | describe NAME | delete NAME
+    braid ingest NAME docs.jsonl [--batch 500]
+    braid search NAME --text "query" | --vector-file q.json [--field F] [--limit 10]
+
+Client commands talk to ``--address`` (BRAID_ADDRESS, default 127.0.0.1:50051).
+The schema file and the JSONL documents use the JSON shapes described in
+docs/cli.md (the protobuf JSON mapping of braid.v1 Schema and Document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers)
+    except ValueError as err:
+        print(f"braid serve: {err}", file=sys.stderr)
+        return 2
+
+    def ready(port: int) -> None:
+        print(f"braid: serving braid.v1.Braid on {config.host}:{port} (data: {config.data_dir})", flush=True)
+
+    serve(config, ready)
+    return 0
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import BraidClient
+
+    return BraidClient(args.address)
+
+
+def _collection(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from rich.console import Console
+    from rich.table import Table
+
+    from braid.v1 import braid_pb2 as pb
+
+    console = Console()
+    with _client(args) as client:
+        if args.action == "create":
+            schema = json_format.Parse(Path(args.schema).read_text(), pb.Schema())
+            info = client.create_collection(args.name, schema, shards=args.shards)
+            console.print(f"created collection [bold]{info.name}[/bold] with {info.shards} shard(s)")
+        elif args.action == "list":
+            table = Table("name", "documents", "shards", "text", "dense", "sparse", "payload")
+            for info in client.list_collections():
+                s = info.schema
+                table.add_row(
+                    info.name, str(info.documents), str(info.shards),
+                    ", ".join(f.name for f in s.text_fields),
+                    ", ".join(f"{f.name}({f.dim})" for f in s.dense_fields),
+                    ", ".join(f.name for f in s.sparse_fields),
+                    ", ".join(f.name for f in s.payload_fields),
+                )
+            console.print(table)
+        elif args.action == "describe":
+            info = client.get_collection(args.name)
+            console.print_json(json_format.MessageToJson(info))
+        elif args.action == "delete":
+            client.delete_collection(args.name)
+            console.print(f"deleted collection [bold]{args.name}[/bold]")
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from tqdm import tqdm
+
+    from braid.v1 import braid_pb2 as pb
+
+    path = Path(args.file)
+    total = sum(1 for _ in path.open(encoding="utf-8"))
+
+    def documents():  # type: ignore[no-untyped-def]
+        with path.open(encoding="utf-8") as fh, tqdm(total=total, unit="doc", desc=f"ingest {args.collection}") as bar:
+            for line in fh:
+                if line.strip():
+                    yield json_format.Parse(line, pb.Document())
+                    bar.update(1)
+
+    with _client(args) as client:
+        summary = client.bulk_upsert(args.collection, documents(), batch_size=args.batch)
+    print(f"upserted {summary.upserted} documents in {summary.batches} batches")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(args) as client:
+        if args.vector_file:
+            vector = json.loads(Path(args.vector_file).read_text())
+            hits = client.search(args.collection, dense=(args.field, vector), limit=args.limit,
+                                 include_payload=True)
+        else:
+            hits = client.search(args.collection, bm25=args.text, limit=args.limit, include_payload=True,
+                                 text_fields=[args.show] if args.show else None)
+    table = Table("#", "id", "score", "payload", *(["text"] if args.show else []))
+    for rank, hit in enumerate(hits, 1):
+        payload = ", ".join(f"{k}={v}" for k, v in hit.payload.items())
+        row = [str(rank), hit.id, f"{hit.score:.4f}", payload]
+        if args.show:
+            row.append(hit.text.get(args.show, "")[:80])
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braid", description="Braid hybrid search service")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--data-dir", help="data directory (BRAID_DATA_DIR, default ./braid-data)")
+    serve.add_argument("--host", help="listen address (BRAID_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port, 0 for any free port (BRAID_PORT, default 50051)")
+    serve.add_argument("--workers", type=int, help="gRPC worker threads (BRAID_WORKERS, default 16)")
+    serve.set_defaults(run=_serve)
+
+    address = argparse.ArgumentParser(add_help=False)
+    address.add_argument("--address", default=os.environ.get("BRAID_ADDRESS", DEFAULT_ADDRESS))
+
+    collection = commands.add_parser("collection", help="manage collections")
+    actions = collection.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=[address])
+    create.add_argument("name")
+    create.add_argument("--schema", required=True, help="JSON file with a braid.v1.Schema")
+    create.add_argument("--shards", type=int, default=1)
+    actions.add_parser("list", parents=[address])
+    for action in ("describe", "delete"):
+        actions.add_parser(action, parents=[address]).add_argument("name")
+    collection.set_defaults(run=_collection)
+
+    ingest = commands.add_parser("ingest", parents=[address], help="stream a JSONL file of documents")
+    ingest.add_argument("collection")
+    ingest.add_argument("file")
+    ingest.add_argument("--batch", type=int, default=500)
+    ingest.set_defaults(run=_ingest)
+
+    search = commands.add_parser("search", parents=[address], help="search and print a table")
+    search.add_argument("collection")
+    search.add_argument("--text", help="BM25 query text")
+    search.add_argument("--vector-file", help="JSON list of floats for a dense query")
+    search.add_argument("--field", default="", help="dense field of --vector-file")
+    search.add_argument("--limit", type=int, default=10)
+    search.add_argument("--show", help="text field to print beside each hit")
+    search.set_defaults(run=_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "search" and not (args.text or args.vector_file):
+        print("braid search: give --text or --vector-file", file=sys.stderr)
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except Exception as err:  # noqa: BLE001 - a CLI prints the error instead of a traceback
+        import grpc
+
+        if isinstance(err, grpc.RpcError):
+            print(f"braid: {err.code().name}: {err.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

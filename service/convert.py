@@ -1,0 +1,295 @@
+"""Conversions between braid.v1 protobuf messages and the index layer's plain types.
+
+The only module that reads request messages field by field (tests check that
+every request field is read somewhere here). Dense vectors decode straight into
+numpy, from the packed little-endian float32 form or from repeated floats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from braid.index.errors import InvalidArgument
+from braid.index.filters import Condition, Exists, Filter, Match, MatchAny, Range
+from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
+from braid.index.records import DocumentWrite, SparseValue
+from braid.index.schema import (
+    Analyzer,
+    DenseFieldSpec,
+    HnswParams,
+    Metric,
+    PayloadFieldSpec,
+    PayloadType,
+    Schema,
+    SparseFieldSpec,
+    TextFieldSpec,
+)
+from braid.v1 import braid_pb2 as pb
+
+_METRICS = {pb.METRIC_UNSPECIFIED: Metric.COSINE, pb.COSINE: Metric.COSINE, pb.DOT: Metric.DOT, pb.L2: Metric.L2}
+_METRICS_OUT = {Metric.COSINE: pb.COSINE, Metric.DOT: pb.DOT, Metric.L2: pb.L2}
+_PAYLOAD_TYPES = {
+    pb.KEYWORD: PayloadType.KEYWORD,
+    pb.INT: PayloadType.INT,
+    pb.FLOAT: PayloadType.FLOAT,
+    pb.BOOL: PayloadType.BOOL,
+    pb.DATETIME: PayloadType.DATETIME,
+}
+_PAYLOAD_TYPES_OUT = {v: k for k, v in _PAYLOAD_TYPES.items()}
+_NORMALIZATIONS = {
+    pb.NORMALIZATION_UNSPECIFIED: "min_max",
+    pb.MIN_MAX: "min_max",
+    pb.Z_SCORE: "z_score",
+    pb.DBSF: "dbsf",
+    pb.NONE: "none",
+}
+_DEFAULT_HNSW = HnswParams()
+
+# ------------------------------------------------------------------- schema
+
+
+def schema_from_proto(msg: pb.Schema) -> Schema:
+    text = []
+    for i, f in enumerate(msg.text_fields):
+        try:
+            analyzer = Analyzer(f.analyzer or "default")
+        except ValueError:
+            raise InvalidArgument.choice(
+                f"schema.text_fields[{i}].analyzer", f.analyzer, [a.value for a in Analyzer]
+            ) from None
+        text.append(TextFieldSpec(f.name, analyzer))
+    dense = []
+    for i, f in enumerate(msg.dense_fields):
+        if f.metric not in _METRICS:
+            raise InvalidArgument.field(f"schema.dense_fields[{i}].metric", f"unknown metric {f.metric}")
+        hnsw = HnswParams(
+            m=f.hnsw.m or _DEFAULT_HNSW.m,
+            ef_construction=f.hnsw.ef_construction or _DEFAULT_HNSW.ef_construction,
+            ef_search=f.hnsw.ef_search or _DEFAULT_HNSW.ef_search,
+        )
+        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw))
+    payload = []
+    for i, f in enumerate(msg.payload_fields):
+        if f.type not in _PAYLOAD_TYPES:
+            raise InvalidArgument.field(
+                f"schema.payload_fields[{i}].type", "must be one of KEYWORD, INT, FLOAT, BOOL, DATETIME"
+            )
+        payload.append(PayloadFieldSpec(f.name, _PAYLOAD_TYPES[f.type]))
+    return Schema(
+        text_fields=tuple(text),
+        dense_fields=tuple(dense),
+        sparse_fields=tuple(SparseFieldSpec(f.name) for f in msg.sparse_fields),
+        payload_fields=tuple(payload),
+    )
+
+
+def schema_to_proto(schema: Schema) -> pb.Schema:
+    return pb.Schema(
+        text_fields=[pb.TextField(name=f.name, analyzer=f.analyzer.value) for f in schema.text_fields],
+        dense_fields=[
+            pb.DenseVectorField(
+                name=f.name,
+                dim=f.dim,
+                metric=_METRICS_OUT[f.metric],
+                hnsw=pb.HnswParams(m=f.hnsw.m, ef_construction=f.hnsw.ef_construction, ef_search=f.hnsw.ef_search),
+            )
+            for f in schema.dense_fields
+        ],
+        sparse_fields=[pb.SparseVectorField(name=f.name) for f in schema.sparse_fields],
+        payload_fields=[pb.PayloadField(name=f.name, type=_PAYLOAD_TYPES_OUT[f.type]) for f in schema.payload_fields],
+    )
+
+
+def collection_to_proto(name: str, schema: Schema, shards: int, documents: int, created_at: float) -> pb.CollectionInfo:
+    created = Timestamp()
+    created.FromNanoseconds(int(created_at * 1e9))
+    return pb.CollectionInfo(
+        name=name, schema=schema_to_proto(schema), shards=shards, documents=documents, created_at=created
+    )
+
+
+# ---------------------------------------------------------------- documents
+
+
+def dense_from_proto(msg: pb.DenseVector, where: str) -> np.ndarray:
+    if msg.packed:
+        if msg.values:
+            raise InvalidArgument.field(where, "set values or packed, not both")
+        if len(msg.packed) % 4:
+            raise InvalidArgument.field(where, f"packed length {len(msg.packed)} is not a multiple of 4")
+        return np.frombuffer(msg.packed, dtype="<f4").astype(np.float32, copy=False)
+    return np.asarray(msg.values, dtype=np.float32)
+
+
+def sparse_from_proto(msg: pb.SparseVector, where: str) -> SparseValue:
+    if msg.indices and msg.tokens:
+        raise InvalidArgument.field(where, "set indices or tokens, not both")
+    values = np.asarray(msg.values, dtype=np.float32)
+    if msg.tokens:
+        return SparseValue(values=values, tokens=list(msg.tokens))
+    return SparseValue(values=values, indices=np.asarray(msg.indices, dtype=np.uint32))
+
+
+def value_from_proto(msg: pb.Value, where: str) -> object:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument.field(where, "value is not set")
+    if kind == "datetime":
+        return msg.datetime.ToMicroseconds()
+    return getattr(msg, kind)
+
+
+def value_to_proto(value: object, kind: PayloadType) -> pb.Value:
+    if kind is PayloadType.KEYWORD:
+        return pb.Value(keyword=value)  # type: ignore[arg-type]
+    if kind is PayloadType.INT:
+        return pb.Value(int=value)  # type: ignore[arg-type]
+    if kind is PayloadType.FLOAT:
+        return pb.Value(float=value)  # type: ignore[arg-type]
+    if kind is PayloadType.BOOL:
+        return pb.Value(bool=value)  # type: ignore[arg-type]
+    stamp = Timestamp()
+    stamp.FromMicroseconds(int(value))  # type: ignore[call-overload]
+    return pb.Value(datetime=stamp)
+
+
+def document_from_proto(msg: pb.Document, where: str) -> DocumentWrite:
+    return DocumentWrite(
+        id=msg.id,
+        text=dict(msg.text),
+        dense={name: dense_from_proto(v, f"{where}.dense.{name}") for name, v in msg.dense.items()},
+        sparse={name: sparse_from_proto(v, f"{where}.sparse.{name}") for name, v in msg.sparse.items()},
+        payload={name: value_from_proto(v, f"{where}.payload.{name}") for name, v in msg.payload.items()},
+    )
+
+
+def documents_from_proto(msgs: list[pb.Document]) -> list[DocumentWrite]:
+    return [document_from_proto(doc, f"documents[{i}]") for i, doc in enumerate(msgs)]
+
+
+def document_to_proto(doc: dict, types: dict[str, PayloadType]) -> pb.Document:
+    out = pb.Document(id=doc["id"], text=doc["text"])
+    for name, value in doc["payload"].items():
+        out.payload[name].CopyFrom(value_to_proto(value, types[name]))
+    for name, vector in doc["dense"].items():
+        out.dense[name].packed = np.asarray(vector, dtype="<f4").tobytes()
+    for name, sparse in doc["sparse"].items():
+        target = out.sparse[name]
+        target.values.extend(sparse.values.tolist())
+        if sparse.tokens:
+            target.tokens.extend(sparse.tokens)
+        else:
+            target.indices.extend(sparse.indices.tolist())
+    return out
+
+
+# ------------------------------------------------------------------ filters
+
+
+def filter_from_proto(msg: pb.Filter, where: str = "filter") -> Filter:
+    return Filter(
+        must=tuple(_condition(c, f"{where}.must[{i}]") for i, c in enumerate(msg.must)),
+        should=tuple(_condition(c, f"{where}.should[{i}]") for i, c in enumerate(msg.should)),
+        must_not=tuple(_condition(c, f"{where}.must_not[{i}]") for i, c in enumerate(msg.must_not)),
+    )
+
+
+def optional_filter(msg: pb.Filter, present: bool) -> Filter | None:
+    if not present:
+        return None
+    flt = filter_from_proto(msg)
+    return None if flt.is_empty() else flt
+
+
+def _condition(msg: pb.Condition, where: str) -> Condition:
+    kind = msg.WhichOneof("kind")
+    if kind == "match":
+        return Match(msg.match.field, value_from_proto(msg.match.value, f"{where}.match.value"))  # type: ignore[arg-type]
+    if kind == "any":
+        values = tuple(value_from_proto(v, f"{where}.any.values[{i}]") for i, v in enumerate(msg.any.values))
+        return MatchAny(msg.any.field, values)  # type: ignore[arg-type]
+    if kind == "range":
+        r = msg.range
+        bounds = {}
+        for bound in ("gt", "gte", "lt", "lte"):
+            if r.HasField(bound):
+                value = value_from_proto(getattr(r, bound), f"{where}.range.{bound}")
+                if isinstance(value, (str, bool)):
+                    raise InvalidArgument.field(f"{where}.range.{bound}", "range bounds must be int, float or datetime")
+                bounds[bound] = value
+        return Range(r.field, **bounds)  # type: ignore[arg-type]
+    if kind == "exists":
+        return Exists(msg.exists.field)
+    if kind == "filter":
+        return filter_from_proto(msg.filter, f"{where}.filter")
+    raise InvalidArgument.field(where, "condition is empty; set match, any, range, exists or filter")
+
+
+# ------------------------------------------------------------------- search
+
+
+def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
+    queries = []
+    for i, sub in enumerate(msg.queries):
+        at = f"{where}queries[{i}]"
+        kind = sub.WhichOneof("query")
+        if kind == "dense":
+            query: object = DenseQuery(sub.dense.field, dense_from_proto(sub.dense.vector, f"{at}.dense.vector"),
+                                       sub.dense.ef)
+        elif kind == "bm25":
+            query = Bm25Query(sub.bm25.text, list(sub.bm25.fields), dict(sub.bm25.boosts))
+        elif kind == "sparse":
+            query = SparseQuery(sub.sparse.field, sparse_from_proto(sub.sparse.vector, f"{at}.sparse.vector"))
+        else:
+            raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
+        weight = sub.weight if sub.weight != 0.0 else 1.0
+        if math.isnan(weight):
+            raise InvalidArgument.field(f"{at}.weight", "must not be NaN")
+        queries.append(SubQuery(query, sub.name, sub.depth, weight))  # type: ignore[arg-type]
+    fusion, rrf_k, normalization = "", 60, "min_max"
+    rule = msg.fusion.WhichOneof("rule") if msg.HasField("fusion") else None
+    if rule == "rrf":
+        fusion, rrf_k = "rrf", msg.fusion.rrf.k or 60
+    elif rule == "weighted":
+        fusion = "weighted"
+        if msg.fusion.weighted.normalization not in _NORMALIZATIONS:
+            raise InvalidArgument.field(f"{where}fusion.weighted.normalization", "unknown normalization")
+        normalization = _NORMALIZATIONS[msg.fusion.weighted.normalization]
+    return SearchPlan(
+        queries=queries,
+        filter=optional_filter(msg.filter, msg.HasField("filter")),
+        fusion=fusion,
+        rrf_k=rrf_k,
+        normalization=normalization,
+        limit=msg.limit or 10,
+        offset=msg.offset,
+        score_threshold=msg.score_threshold if msg.HasField("score_threshold") else None,
+        payload_fields=list(msg.payload_fields) or None,
+        include_payload=msg.include_payload,
+        text_fields=list(msg.text_fields),
+        explain=msg.explain,
+    )
+
+
+def result_to_proto(result: SearchResult, types: dict[str, PayloadType]) -> pb.SearchResponse:
+    if result.payloads is None and result.texts is None and result.ranks is None:
+        # Hot path: ids and scores only.
+        return pb.SearchResponse(
+            hits=[pb.Hit(id=i, score=s) for i, s in zip(result.ids, result.scores.tolist(), strict=True)]
+        )
+    hits = []
+    for n, (doc_id, score) in enumerate(zip(result.ids, result.scores.tolist(), strict=True)):
+        hit = pb.Hit(id=doc_id, score=score)
+        if result.payloads is not None:
+            for name, value in result.payloads[n].items():
+                hit.payload[name].CopyFrom(value_to_proto(value, types[name]))
+        if result.texts is not None:
+            hit.text.update(result.texts[n])
+        if result.ranks is not None and result.raw is not None and result.strand_names is not None:
+            for s, name in enumerate(result.strand_names):
+                hit.explain.add(query=name, rank=int(result.ranks[n, s]), score=float(result.raw[n, s]))
+        hits.append(hit)
+    return pb.SearchResponse(hits=hits)

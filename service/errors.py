@@ -1,0 +1,38 @@
+"""The single table that maps index-layer errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from braid.index import errors
+
+log = logging.getLogger("braid.service")
+
+STATUS_OF: dict[type[errors.BraidError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+
+
+def status_of(err: BaseException) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        code = STATUS_OF.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, err: BaseException) -> None:
+    """End the RPC with the status that matches err; unexpected errors are logged as INTERNAL."""
+    code = status_of(err)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=err)
+        context.abort(code, f"internal error: {type(err).__name__}: {err}")
+    context.abort(code, str(err))

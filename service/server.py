@@ -1,0 +1,249 @@
+"""The braid.v1.Braid gRPC servicer, and building (``create_server``) apart from running (``serve``).
+
+Each RPC validates and converts its request (service/convert.py), calls the
+catalog, and maps any index error to a status code through service/errors.py.
+The standard grpc.health.v1 service and server reflection are registered too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from braid.index.catalog import Catalog
+from braid.index.collection import Collection
+from braid.index.errors import BraidError, InvalidArgument
+from braid.index.query import DenseQuery
+from braid.v1 import braid_pb2 as pb
+from braid.v1 import braid_pb2_grpc
+
+from . import convert
+from .config import ServerConfig
+from .errors import abort
+
+log = logging.getLogger("braid.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Braid"].full_name
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn every exception of a servicer method into the matching gRPC status."""
+
+    @functools.wraps(method)
+    def wrapper(self: BraidServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except BraidError as err:
+            abort(context, err)
+        except Exception as err:  # noqa: BLE001 - anything else is an INTERNAL status, never a dead worker
+            if isinstance(err, grpc.RpcError) or context.code() is not None:
+                raise
+            abort(context, err)
+
+    return wrapper
+
+
+class BraidServicer(braid_pb2_grpc.BraidServicer):
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def _info(self, collection: Collection) -> pb.CollectionInfo:
+        return convert.collection_to_proto(
+            collection.name, collection.schema, len(collection.shards), collection.count(), collection.created_at
+        )
+
+    @staticmethod
+    def _types(collection: Collection) -> dict:
+        return {f.name: f.type for f in collection.schema.payload_fields}
+
+    # ------------------------------------------------------------- collections
+
+    @rpc
+    def CreateCollection(self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
+        schema = convert.schema_from_proto(request.schema)
+        return self._info(self.catalog.create(request.name, schema, request.shards or 1))
+
+    @rpc
+    def GetCollection(self, request: pb.GetCollectionRequest, context: grpc.ServicerContext) -> Any:
+        return self._info(self.catalog.get(request.name))
+
+    @rpc
+    def ListCollections(self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext) -> Any:
+        return pb.ListCollectionsResponse(collections=[self._info(c) for c in self.catalog.list()])
+
+    @rpc
+    def DeleteCollection(self, request: pb.DeleteCollectionRequest, context: grpc.ServicerContext) -> Any:
+        self.catalog.delete(request.name)
+        return pb.DeleteCollectionResponse()
+
+    # --------------------------------------------------------------- documents
+
+    @rpc
+    def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> Any:
+        collection = self.catalog.get(request.collection)
+        docs = convert.documents_from_proto(request.documents)
+        return pb.UpsertResponse(upserted=collection.upsert(docs))
+
+    @rpc
+    def BulkUpsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> Any:
+        upserted, batches = 0, 0
+        for batch in request_iterator:
+            try:
+                collection = self.catalog.get(batch.collection)
+                upserted += collection.upsert(convert.documents_from_proto(batch.documents))
+            except BraidError as err:
+                err.args = (f"batch {batches}: {err}; {batches} earlier batches ({upserted} documents) "
+                            "were acknowledged",)
+                raise
+            batches += 1
+        return pb.BulkUpsertResponse(upserted=upserted, batches=batches)
+
+    @rpc
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> Any:
+        collection = self.catalog.get(request.collection)
+        flt = convert.optional_filter(request.filter, request.HasField("filter"))
+        if request.ids and flt is not None:
+            raise InvalidArgument.field("ids", "set ids or filter, not both")
+        if flt is not None:
+            return pb.DeleteResponse(deleted=collection.delete_filter(flt))
+        if not request.ids:
+            raise InvalidArgument.field("ids", "give ids or a non-empty filter")
+        return pb.DeleteResponse(deleted=collection.delete_ids(list(request.ids)))
+
+    @rpc
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Any:
+        collection = self.catalog.get(request.collection)
+        docs = collection.get(list(request.ids), include_vectors=request.include_vectors)
+        types = self._types(collection)
+        return pb.GetResponse(documents=[convert.document_to_proto(doc, types) for doc in docs])
+
+    @rpc
+    def Count(self, request: pb.CountRequest, context: grpc.ServicerContext) -> Any:
+        collection = self.catalog.get(request.collection)
+        flt = convert.optional_filter(request.filter, request.HasField("filter"))
+        return pb.CountResponse(count=collection.count(flt))
+
+    @rpc
+    def Flush(self, request: pb.FlushRequest, context: grpc.ServicerContext) -> Any:
+        self.catalog.get(request.collection).flush()
+        return pb.FlushResponse()
+
+    # ------------------------------------------------------------------ search
+
+    @rpc
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> Any:
+        collection = self.catalog.get(request.collection)
+        result = collection.search(convert.plan_from_proto(request))
+        return convert.result_to_proto(result, self._types(collection))
+
+    @rpc
+    def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> Any:
+        searches = request.searches
+        if len(searches) > self.catalog.limits.max_batch:
+            raise InvalidArgument.field(
+                "searches", f"{len(searches)} searches exceed the maximum of {self.catalog.limits.max_batch}"
+            )
+        plans = [convert.plan_from_proto(s, f"searches[{i}].") for i, s in enumerate(searches)]
+        batched = self._batched_dense(searches, plans)
+        if batched is not None:
+            return pb.BatchSearchResponse(results=batched)
+        results = []
+        for i, (search, plan) in enumerate(zip(searches, plans, strict=True)):
+            collection = self.catalog.get(search.collection)
+            results.append(convert.result_to_proto(collection.search(plan, f"searches[{i}]."), self._types(collection)))
+        return pb.BatchSearchResponse(results=results)
+
+    def _batched_dense(self, searches: Any, plans: list) -> list[pb.SearchResponse] | None:
+        """One batched HNSW call when every search is the same plain dense query shape, else None."""
+        if not plans:
+            return []
+        first = plans[0]
+        if len(first.queries) != 1 or not isinstance(first.queries[0].query, DenseQuery):
+            return None
+        name = searches[0].collection
+        shape = (first.queries[0].query.field, first.queries[0].query.ef, first.limit)
+        for search, plan in zip(searches, plans, strict=True):
+            sub = plan.queries[0] if len(plan.queries) == 1 else None
+            if (
+                search.collection != name
+                or sub is None
+                or not isinstance(sub.query, DenseQuery)
+                or (sub.query.field, sub.query.ef, plan.limit) != shape
+                or sub.depth
+                or plan.filter is not None
+                or plan.offset
+                or plan.score_threshold is not None
+                or plan.payload_fields
+                or plan.include_payload
+                or plan.text_fields
+                or plan.explain
+            ):
+                return None
+        collection = self.catalog.get(name)
+        for i, plan in enumerate(plans):
+            collection.check(plan, f"searches[{i}].")
+        vectors = np.stack([plan.queries[0].query.vector for plan in plans])
+        results = collection.search_dense_batch(shape[0], vectors, shape[2], shape[1])
+        empty: dict = {}
+        return [convert.result_to_proto(result, empty) for result in results]
+
+
+def _add_health(server: grpc.Server) -> health.HealthServicer:
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
+def _add_reflection(server: grpc.Server) -> None:
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+
+
+def create_server(config: ServerConfig, catalog: Catalog | None = None) -> tuple[grpc.Server, int, Catalog]:
+    """Build (but do not start) the server; returns it, the bound port and the catalog."""
+    catalog = catalog or Catalog(config.data_dir, config.limits)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+    braid_pb2_grpc.add_BraidServicer_to_server(BraidServicer(catalog), server)
+    _add_health(server)
+    _add_reflection(server)
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        catalog.close()
+        raise OSError(f"cannot bind {config.address}")
+    return server, port, catalog
+
+
+def serve(config: ServerConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight RPCs and close every shard cleanly."""
+    server, port, catalog = create_server(config)
+    server.start()
+    log.info("braid serving on %s:%d, data in %s", config.host, port, config.data_dir)
+    if ready is not None:
+        ready(port)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    log.info("shutting down")
+    server.stop(grace=10).wait()
+    catalog.close()

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real Braid server on a free loopback port, in-process or as a child process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from braid.service.client import BraidClient
+from braid.service.config import ServerConfig
+from braid.service.server import create_server
+from braid.v1 import braid_pb2 as pb
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@dataclass
+class Running:
+    client: BraidClient
+    port: int
+    data_dir: Path
+
+    @property
+    def stub(self):  # type: ignore[no-untyped-def]
+        return self.client.stub
+
+
+def start_in_process(data_dir: Path, **config: object) -> tuple[grpc.Server, Running]:
+    server, port, catalog = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
+    server.start()
+    server.catalog = catalog  # type: ignore[attr-defined]
+    return server, Running(BraidClient(f"127.0.0.1:{port}"), port, data_dir)
+
+
+def stop_in_process(server: grpc.Server, running: Running) -> None:
+    running.client.close()
+    server.stop(grace=None).wait()
+    server.catalog.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def braid(tmp_path: Path) -> Iterator[Running]:
+    """A fresh in-process server with its own data directory."""
+    server, running = start_in_process(tmp_path / "data")
+    yield running
+    stop_in_process(server, running)
+
+
+class ChildServer:
+    """``braid serve`` in a child process, so tests can SIGKILL it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            found = re.search(r"serving braid\.v1\.Braid on [\d.]+:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                break
+        else:
+            raise RuntimeError(f"server exited with {self.proc.wait()} before serving")
+        self.client = BraidClient(f"127.0.0.1:{self.port}")
+
+    def kill(self) -> None:
+        self.client.close()
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def child_server(tmp_path: Path) -> Iterator[type[ChildServer]]:
+    started: list[ChildServer] = []
+
+    def factory(data_dir: Path | None = None) -> ChildServer:
+        server = ChildServer(data_dir or tmp_path / "data")
+        started.append(server)
+        return server
+
+    yield factory  # type: ignore[misc]
+    for server in started:
+        if server.proc.poll() is None:
+            server.kill()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def schema(dim: int = 8, metric: int = pb.COSINE, payload: dict[str, int] | None = None, text: bool = True,
+           sparse: bool = True, m: int = 16, ef_construction: int = 100, ef_search: int = 64) -> pb.Schema:
+    out = pb.Schema(
+        dense_fields=[pb.DenseVectorField(name="emb", dim=dim, metric=metric,
+                                          hnsw=pb.HnswParams(m=m, ef_construction=ef_construction,
+                                                             ef_search=ef_search))],
+        payload_fields=[pb.PayloadField(name=n, type=t) for n, t in (payload or {}).items()],
+    )
+    if text:
+        out.text_fields.add(name="title")
+        out.text_fields.add(name="body")
+    if sparse:
+        out.sparse_fields.add(name="splade")
+    return out
+
+
+def random_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def status_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def rpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
