@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,12 @@ def run_braid(corpus: dict[str, str], queries: dict[str, str]) -> tuple[dict, fl
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
             [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", tmp, "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         assert proc.stdout is not None
-        port = next(int(line.rsplit(":", 1)[1].split()[0]) for line in proc.stdout if "serving braid" in line)
+        port = next(int(m.group(1)) for line in proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line)))
         try:
             with BraidClient(f"127.0.0.1:{port}", timeout=600) as client:
                 client.create_collection("bench", pb.Schema(text_fields=[pb.TextField(name="body")]))
@@ -100,8 +103,7 @@ def run_bm25s(corpus: dict[str, str], queries: dict[str, str]) -> dict:
 
     ids = list(corpus)
     retriever = bm25s.BM25(k1=1.2, b=0.75)
-    retriever.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False),
-                    show_progress=False)
+    retriever.index(bm25s.tokenize([corpus[i] for i in ids], stopwords="en", show_progress=False), show_progress=False)
     tokens = bm25s.tokenize(list(queries.values()), stopwords="en", show_progress=False)
     docs, scores = retriever.retrieve(tokens, k=min(DEPTH, len(ids)), show_progress=False)
     return {
@@ -123,16 +125,23 @@ def main() -> None:
             continue
         corpus, queries, qrels = load(directory)
         braid_run, ms = run_braid(corpus, queries)
-        b, t, s = score(braid_run, qrels), score(run_tantivy(corpus, queries), qrels), score(
-            run_bm25s(corpus, queries), qrels)
+        b, t, s = (
+            score(braid_run, qrels),
+            score(run_tantivy(corpus, queries), qrels),
+            score(run_bm25s(corpus, queries), qrels),
+        )
         rows.append((name, len(corpus), len(queries), b, t, s, ms))
-    print("| collection | docs | queries | braid nDCG@10 | tantivy nDCG@10 | bm25s nDCG@10 | braid-tantivy "
-          "| braid-bm25s | braid R@100 | tantivy R@100 | bm25s R@100 | braid ms/query |")
+    print(
+        "| collection | docs | queries | braid nDCG@10 | tantivy nDCG@10 | bm25s nDCG@10 | braid-tantivy "
+        "| braid-bm25s | braid R@100 | tantivy R@100 | bm25s R@100 | braid ms/query |"
+    )
     print("|" + "---|" * 12)
     for name, docs, nq, b, t, s, ms in rows:
         n, r = "nDCG@10", "R@100"
-        print(f"| {name} | {docs} | {nq} | {b[n]:.4f} | {t[n]:.4f} | {s[n]:.4f} | {b[n] - t[n]:+.4f} | "
-              f"{b[n] - s[n]:+.4f} | {b[r]:.4f} | {t[r]:.4f} | {s[r]:.4f} | {ms:.2f} |")
+        print(
+            f"| {name} | {docs} | {nq} | {b[n]:.4f} | {t[n]:.4f} | {s[n]:.4f} | {b[n] - t[n]:+.4f} | "
+            f"{b[n] - s[n]:+.4f} | {b[r]:.4f} | {t[r]:.4f} | {s[r]:.4f} | {ms:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,7 +43,17 @@ def shared_vectors(n: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarr
     out = RESULTS / f"vectors-{n}x{dim}-q{queries}"
     if not (out / "gt.npy").exists():
         subprocess.run(
-            [sys.executable, str(SHARED_VECTORS), str(out), "--n", str(n), "--dim", str(dim), "--queries", str(queries)],
+            [
+                sys.executable,
+                str(SHARED_VECTORS),
+                str(out),
+                "--n",
+                str(n),
+                "--dim",
+                str(dim),
+                "--queries",
+                str(queries),
+            ],
             check=True,
         )
     return np.load(out / "base.npy"), np.load(out / "queries.npy"), np.load(out / "gt.npy")
@@ -87,12 +98,14 @@ def start_process(args: list[str], port_file: Path) -> tuple[subprocess.Popen, i
 def start_braid(data_dir: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
         if "serving braid.v1.Braid on" in line:
-            return proc, int(line.rsplit(":", 1)[1].split()[0])
+            return proc, int(re.search(r"on [\d.]+:(\d+)", line).group(1))  # type: ignore[union-attr]
     raise RuntimeError("braid did not start")
 
 
@@ -123,29 +136,45 @@ def main() -> None:
         tmp_path = Path(tmp)
         braid_proc, braid_port = start_braid(tmp_path / "data")
         client = BraidClient(f"127.0.0.1:{braid_port}", timeout=600)
-        schema = pb.Schema(dense_fields=[pb.DenseVectorField(
-            name="emb", dim=args.dim, metric=pb.COSINE, hnsw=pb.HnswParams(m=M, ef_construction=EF_CONSTRUCTION))])
+        schema = pb.Schema(
+            dense_fields=[
+                pb.DenseVectorField(
+                    name="emb", dim=args.dim, metric=pb.COSINE, hnsw=pb.HnswParams(m=M, ef_construction=EF_CONSTRUCTION)
+                )
+            ]
+        )
         client.create_collection("bench", schema)
         t = time.perf_counter()
         client.bulk_upsert("bench", ({"id": str(i), "dense": {"emb": base[i]}} for i in range(n)), batch_size=1000)
         braid_ingest = time.perf_counter() - t
 
-        request0 = pb.SearchRequest(collection="bench", limit=10,
-                                    queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector(
-                                        queries[0]), ef=64))])
+        request0 = pb.SearchRequest(
+            collection="bench",
+            limit=10,
+            queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector(queries[0]), ef=64))],
+        )
         response0 = client.stub.Search(request0)
         port_file = tmp_path / "echo.port"
         echo_proc, echo_port = start_process(
             [__file__, "--echo-server", str(port_file), response0.SerializeToString().hex()], port_file
         )
         echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
-        echo = echo_channel.unary_unary("/braid.v1.Braid/Search", request_serializer=pb.SearchRequest.SerializeToString,
-                                        response_deserializer=pb.SearchResponse.FromString)
+        echo = echo_channel.unary_unary(
+            "/braid.v1.Braid/Search",
+            request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=pb.SearchResponse.FromString,
+        )
         rows = []
         try:
             requests = {
-                ef: [pb.SearchRequest(collection="bench", limit=10, queries=[pb.SubQuery(
-                    dense=pb.DenseQuery(field="emb", vector=dense_vector(q), ef=ef))]) for q in queries]
+                ef: [
+                    pb.SearchRequest(
+                        collection="bench",
+                        limit=10,
+                        queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector(q), ef=ef))],
+                    )
+                    for q in queries
+                ]
                 for ef in efs
             }
             for _ in range(200):  # warm up both channels
@@ -165,26 +194,37 @@ def main() -> None:
                 api_qps = len(queries) / (time.perf_counter() - t)
                 ideal = 1 / (1 / raw_qps + 1 / echo_qps)
                 # batched: raw knn_query over `batch` rows vs BatchSearch of `batch` requests
-                raw_batches = [queries[i:i + args.batch] for i in range(0, len(queries), args.batch)]
+                raw_batches = [queries[i : i + args.batch] for i in range(0, len(queries), args.batch)]
                 t = time.perf_counter()
                 for block in raw_batches:
                     raw.knn_query(block, k=10)
                 raw_batch_qps = len(queries) / (time.perf_counter() - t)
-                api_batches = [pb.BatchSearchRequest(searches=requests[ef][i:i + args.batch])
-                               for i in range(0, len(queries), args.batch)]
+                api_batches = [
+                    pb.BatchSearchRequest(searches=requests[ef][i : i + args.batch])
+                    for i in range(0, len(queries), args.batch)
+                ]
                 t = time.perf_counter()
                 batch_found = []
                 for request in api_batches:
                     for result in client.stub.BatchSearch(request).results:
                         batch_found.append([int(h.id) for h in result.hits])
                 api_batch_qps = len(queries) / (time.perf_counter() - t)
-                rows.append({
-                    "ef": ef, "raw_recall": recall_at_10(raw_found, gt), "api_recall": recall_at_10(api_found, gt),
-                    "batch_recall": recall_at_10(batch_found, gt), "raw_qps": raw_qps, "echo_qps": echo_qps,
-                    "ideal_qps": ideal, "api_qps": api_qps, "api_vs_ideal": api_qps / ideal,
-                    "raw_batch_qps": raw_batch_qps, "api_batch_qps": api_batch_qps,
-                    "batch_vs_raw": api_batch_qps / raw_batch_qps,
-                })
+                rows.append(
+                    {
+                        "ef": ef,
+                        "raw_recall": recall_at_10(raw_found, gt),
+                        "api_recall": recall_at_10(api_found, gt),
+                        "batch_recall": recall_at_10(batch_found, gt),
+                        "raw_qps": raw_qps,
+                        "echo_qps": echo_qps,
+                        "ideal_qps": ideal,
+                        "api_qps": api_qps,
+                        "api_vs_ideal": api_qps / ideal,
+                        "raw_batch_qps": raw_batch_qps,
+                        "api_batch_qps": api_batch_qps,
+                        "batch_vs_raw": api_batch_qps / raw_batch_qps,
+                    }
+                )
         finally:
             echo_channel.close()
             client.close()
@@ -192,19 +232,28 @@ def main() -> None:
             braid_proc.terminate()
             braid_proc.wait(timeout=60)
 
-    print(f"build: raw hnswlib {raw_build:.1f} s; braid BulkUpsert ingest {braid_ingest:.1f} s "
-          f"({n / braid_ingest:,.0f} docs/s, WAL-durable, index built as it streams)")
-    header = ("| ef | recall@10 raw | recall@10 api | raw QPS | echo QPS | ideal QPS | api QPS | api/ideal "
-              f"| raw batched QPS | BatchSearch({args.batch}) QPS | batch/raw |")
+    print(
+        f"build: raw hnswlib {raw_build:.1f} s; braid BulkUpsert ingest {braid_ingest:.1f} s "
+        f"({n / braid_ingest:,.0f} docs/s, WAL-durable, index built as it streams)"
+    )
+    header = (
+        "| ef | recall@10 raw | recall@10 api | raw QPS | echo QPS | ideal QPS | api QPS | api/ideal "
+        f"| raw batched QPS | BatchSearch({args.batch}) QPS | batch/raw |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
-        print(f"| {r['ef']} | {r['raw_recall']:.3f} | {r['api_recall']:.3f} | {r['raw_qps']:,.0f} | "
-              f"{r['echo_qps']:,.0f} | {r['ideal_qps']:,.0f} | {r['api_qps']:,.0f} | {r['api_vs_ideal']:.2f} | "
-              f"{r['raw_batch_qps']:,.0f} | {r['api_batch_qps']:,.0f} | {r['batch_vs_raw']:.2f} |")
+        print(
+            f"| {r['ef']} | {r['raw_recall']:.3f} | {r['api_recall']:.3f} | {r['raw_qps']:,.0f} | "
+            f"{r['echo_qps']:,.0f} | {r['ideal_qps']:,.0f} | {r['api_qps']:,.0f} | {r['api_vs_ideal']:.2f} | "
+            f"{r['raw_batch_qps']:,.0f} | {r['api_batch_qps']:,.0f} | {r['batch_vs_raw']:.2f} |"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dense.json").write_text(json.dumps({"n": n, "dim": args.dim, "rows": rows,
-                                                    "raw_build_s": raw_build, "ingest_s": braid_ingest}, indent=1))
+    (RESULTS / "dense.json").write_text(
+        json.dumps(
+            {"n": n, "dim": args.dim, "rows": rows, "raw_build_s": raw_build, "ingest_s": braid_ingest}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

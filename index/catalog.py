@@ -45,8 +45,13 @@ class Catalog:
 
     def _open(self, path: Path, meta: dict) -> Collection:
         return Collection.open(
-            path, meta["name"], Schema.from_json(meta["schema"]), int(meta["shards"]), float(meta["created_at"]),
-            self._executor, self.limits,
+            path,
+            meta["name"],
+            Schema.from_json(meta["schema"]),
+            int(meta["shards"]),
+            float(meta["created_at"]),
+            self._executor,
+            self.limits,
         )
 
     def create(self, name: str, schema: Schema, shards: int = 1) -> Collection:

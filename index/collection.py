@@ -63,7 +63,13 @@ class Collection:
 
     @classmethod
     def open(
-        cls, directory: Path, name: str, schema: Schema, shard_count: int, created_at: float, executor: Executor,
+        cls,
+        directory: Path,
+        name: str,
+        schema: Schema,
+        shard_count: int,
+        created_at: float,
+        executor: Executor,
         limits: Limits,
     ) -> Collection:
         shards = [Shard.open(directory / f"shard-{i:03d}", schema, i) for i in range(shard_count)]
@@ -265,8 +271,11 @@ def _id_ordered_keys(ranked: list[_Ranked]) -> tuple[list[np.ndarray], list[str]
         only = ranked[0]
         return [np.arange(len(only.ids), dtype=np.int64)], only.ids, only.keys
     all_ids = [doc_id for r in ranked for doc_id in r.ids]
-    unique, inverse = np.unique(np.asarray(all_ids, dtype=object), return_inverse=True) if all_ids else (
-        np.empty(0, object), np.empty(0, np.int64))
+    unique, inverse = (
+        np.unique(np.asarray(all_ids, dtype=object), return_inverse=True)
+        if all_ids
+        else (np.empty(0, object), np.empty(0, np.int64))
+    )
     shard_keys = np.empty(len(unique), np.int64)
     shard_keys[inverse] = np.concatenate([r.keys for r in ranked])
     bounds = np.cumsum([len(r.ids) for r in ranked])[:-1]

@@ -14,10 +14,9 @@ for datetime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 
 
 @dataclass(frozen=True)
@@ -56,4 +55,4 @@ class Filter:
         return not (self.must or self.should or self.must_not)
 
 
-Condition = Union[Match, MatchAny, Range, Exists, Filter]
+Condition = Match | MatchAny | Range | Exists | Filter

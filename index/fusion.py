@@ -37,10 +37,10 @@ the shard count (strands are merged across shards before fusion) changes a score
 Explain: ``Fused.ranks[h, i]`` is hit h's rank in strand i (0 = absent) and ``Fused.raw[h, i]`` its raw score there
 (NaN = absent); columns follow the order of the strands given.
 
-Everything is vectorized over candidates: one concatenation, one stable argsort of the keys (the union of keys and
-each candidate's row in it, as np.unique with return_inverse), scatters into (n_hits, n_strands) matrices, per-strand
-statistics with ufunc.reduceat, a bincount (or row sum) and one lexsort. Python loops run over strands, never over
-candidates.
+Everything is vectorized over candidates: one concatenation, one argsort of the keys (the union of keys and each
+candidate's row in it, as np.unique with return_inverse does), scatters into (n_hits, n_strands) matrices, per-strand
+statistics with ufunc.reduceat, a bincount (or, for 3+ strands, a sorting network over the rows and a column sum) and
+one lexsort (two argsorts past _LEXSORT_MAX hits). Python loops run over strands, never over candidates.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def _finish(u: _Union, terms: np.ndarray) -> Fused:
 
 
 # Compare-exchange pairs of sorting networks (Knuth, TAOCP 5.3.4) for 3 and 4 values; np.sort does wider rows.
-_NETWORKS = {3: ((0, 1), (1, 2)), 4: ((0, 1), (2, 3), (0, 2), (1, 3))}
+_NETWORKS = {3: ((0, 1), (1, 2), (0, 1)), 4: ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2))}
 
 
 def _sorted_columns(matrix: np.ndarray) -> list[np.ndarray]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
@@ -31,7 +30,7 @@ class SparseQuery:
     vector: SparseValue
 
 
-Strand = Union[DenseQuery, Bm25Query, SparseQuery]
+Strand = DenseQuery | Bm25Query | SparseQuery
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .errors import InvalidArgument
@@ -20,13 +20,13 @@ FIELD_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_DIM = 65536
 
 
-class Metric(str, Enum):
+class Metric(StrEnum):
     COSINE = "cosine"
     DOT = "dot"
     L2 = "l2"
 
 
-class PayloadType(str, Enum):
+class PayloadType(StrEnum):
     KEYWORD = "keyword"
     INT = "int"
     FLOAT = "float"
@@ -34,7 +34,7 @@ class PayloadType(str, Enum):
     DATETIME = "datetime"  # int microseconds since the Unix epoch, UTC
 
 
-class Analyzer(str, Enum):
+class Analyzer(StrEnum):
     DEFAULT = "default"  # split on non-alphanumerics, lowercase, drop tokens over 40 bytes
     EN_STEM = "en_stem"  # default + English Snowball stemming
     RAW = "raw"  # the whole value is one token (ids, codes)
@@ -92,9 +92,7 @@ class Schema:
         for where, specs in groups:
             for spec in specs:
                 if not FIELD_PATTERN.match(spec.name):
-                    raise InvalidArgument.field(
-                        f"{where}.name", f"{spec.name!r} must match {FIELD_PATTERN.pattern}"
-                    )
+                    raise InvalidArgument.field(f"{where}.name", f"{spec.name!r} must match {FIELD_PATTERN.pattern}")
                 if spec.name in seen:
                     raise InvalidArgument.field(f"{where}.name", f"duplicate field name {spec.name!r}")
                 seen.add(spec.name)
@@ -109,9 +107,7 @@ class Schema:
                     f"{where}.hnsw.ef_construction", f"must be in 1..4096, got {spec.hnsw.ef_construction}"
                 )
             if not 1 <= spec.hnsw.ef_search <= 4096:
-                raise InvalidArgument.field(
-                    f"{where}.hnsw.ef_search", f"must be in 1..4096, got {spec.hnsw.ef_search}"
-                )
+                raise InvalidArgument.field(f"{where}.hnsw.ef_search", f"must be in 1..4096, got {spec.hnsw.ef_search}")
         if not (self.text_fields or self.dense_fields or self.sparse_fields):
             raise InvalidArgument.field("schema", "needs at least one text, dense or sparse field")
 

@@ -24,10 +24,9 @@ Recovery: load the manifest's checkpoint, replay WAL records after its
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from . import records
 from .dense import DenseIndex
-from .errors import Unavailable
+from .errors import BraidError, Unavailable
 from .filters import Filter
 from .locks import ReadWriteLock
 from .manifest import fsync_dir, read_json, write_json_atomic
@@ -48,14 +47,6 @@ from .wal import WriteAheadLog
 
 FORMAT_VERSION = 1
 _INITIAL_LABELS = 1024
-
-
-@dataclass
-class Candidates:
-    """One strand's ranked candidates inside one shard."""
-
-    labels: np.ndarray  # int64
-    scores: np.ndarray  # float32
 
 
 class Shard:
@@ -157,7 +148,9 @@ class Shard:
         seq = self.wal.append(kind, payload)
         try:
             self.wal.sync(seq)
-        except OSError as err:
+        except (OSError, BraidError) as err:
+            # The log refuses further writes after a failed fsync (the kernel may have
+            # dropped the pages); the shard stops too, and a restart recovers from disk.
             self._fail(f"write-ahead log fsync failed: {err}")
             raise Unavailable(f"shard {self.number}: write-ahead log fsync failed: {err}") from err
         with self._apply_cond:
@@ -362,10 +355,6 @@ def _resized(array: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def _fsync_file(path: Path) -> None:
-    import os
-
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
-
-ApplyFn = Callable[[], int]

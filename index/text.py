@@ -115,9 +115,7 @@ class TextIndex:
             only_allowed = tantivy.Query.const_score_query(
                 tantivy.Query.term_set_query(self.schema, LABEL, labels), 0.0
             )
-            query = tantivy.Query.boolean_query(
-                [(tantivy.Occur.Must, query), (tantivy.Occur.Must, only_allowed)]
-            )
+            query = tantivy.Query.boolean_query([(tantivy.Occur.Must, query), (tantivy.Occur.Must, only_allowed)])
             depth = k
         else:
             selectivity = allowed_count / max(len(allowed), 1)

@@ -65,7 +65,9 @@ def _collection(args: argparse.Namespace) -> int:
             for info in client.list_collections():
                 s = info.schema
                 table.add_row(
-                    info.name, str(info.documents), str(info.shards),
+                    info.name,
+                    str(info.documents),
+                    str(info.shards),
                     ", ".join(f.name for f in s.text_fields),
                     ", ".join(f"{f.name}({f.dim})" for f in s.dense_fields),
                     ", ".join(f.name for f in s.sparse_fields),
@@ -110,11 +112,15 @@ def _search(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.vector_file:
             vector = json.loads(Path(args.vector_file).read_text())
-            hits = client.search(args.collection, dense=(args.field, vector), limit=args.limit,
-                                 include_payload=True)
+            hits = client.search(args.collection, dense=(args.field, vector), limit=args.limit, include_payload=True)
         else:
-            hits = client.search(args.collection, bm25=args.text, limit=args.limit, include_payload=True,
-                                 text_fields=[args.show] if args.show else None)
+            hits = client.search(
+                args.collection,
+                bm25=args.text,
+                limit=args.limit,
+                include_payload=True,
+                text_fields=[args.show] if args.show else None,
+            )
     table = Table("#", "id", "score", "payload", *(["text"] if args.show else []))
     for rank, hit in enumerate(hits, 1):
         payload = ", ".join(f"{k}={v}" for k, v in hit.payload.items())
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except Exception as err:  # noqa: BLE001 - a CLI prints the error instead of a traceback
+    except Exception as err:
         import grpc
 
         if isinstance(err, grpc.RpcError):

@@ -161,7 +161,10 @@ class BraidClient:
     ) -> list[pb.Hit]:
         """One search with up to one strand of each kind; build a SearchRequest for more control."""
         request = pb.SearchRequest(
-            collection=collection, limit=limit, include_payload=include_payload, explain=explain,
+            collection=collection,
+            limit=limit,
+            include_payload=include_payload,
+            explain=explain,
             text_fields=text_fields or [],
         )
         if dense is not None:

@@ -237,8 +237,9 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         at = f"{where}queries[{i}]"
         kind = sub.WhichOneof("query")
         if kind == "dense":
-            query: object = DenseQuery(sub.dense.field, dense_from_proto(sub.dense.vector, f"{at}.dense.vector"),
-                                       sub.dense.ef)
+            query: object = DenseQuery(
+                sub.dense.field, dense_from_proto(sub.dense.vector, f"{at}.dense.vector"), sub.dense.ef
+            )
         elif kind == "bm25":
             query = Bm25Query(sub.bm25.text, list(sub.bm25.fields), dict(sub.bm25.boosts))
         elif kind == "sparse":

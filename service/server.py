@@ -44,7 +44,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, request, context)
         except BraidError as err:
             abort(context, err)
-        except Exception as err:  # noqa: BLE001 - anything else is an INTERNAL status, never a dead worker
+        except Exception as err:
             if isinstance(err, grpc.RpcError) or context.code() is not None:
                 raise
             abort(context, err)
@@ -101,8 +101,9 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
                 collection = self.catalog.get(batch.collection)
                 upserted += collection.upsert(convert.documents_from_proto(batch.documents))
             except BraidError as err:
-                err.args = (f"batch {batches}: {err}; {batches} earlier batches ({upserted} documents) "
-                            "were acknowledged",)
+                err.args = (
+                    f"batch {batches}: {err}; {batches} earlier batches ({upserted} documents) were acknowledged",
+                )
                 raise
             batches += 1
         return pb.BulkUpsertResponse(upserted=upserted, batches=batches)

@@ -107,12 +107,25 @@ def child_server(tmp_path: Path) -> Iterator[type[ChildServer]]:
 # ------------------------------------------------------------------ helpers
 
 
-def schema(dim: int = 8, metric: int = pb.COSINE, payload: dict[str, int] | None = None, text: bool = True,
-           sparse: bool = True, m: int = 16, ef_construction: int = 100, ef_search: int = 64) -> pb.Schema:
+def schema(
+    dim: int = 8,
+    metric: int = pb.COSINE,
+    payload: dict[str, int] | None = None,
+    text: bool = True,
+    sparse: bool = True,
+    m: int = 16,
+    ef_construction: int = 100,
+    ef_search: int = 64,
+) -> pb.Schema:
     out = pb.Schema(
-        dense_fields=[pb.DenseVectorField(name="emb", dim=dim, metric=metric,
-                                          hnsw=pb.HnswParams(m=m, ef_construction=ef_construction,
-                                                             ef_search=ef_search))],
+        dense_fields=[
+            pb.DenseVectorField(
+                name="emb",
+                dim=dim,
+                metric=metric,
+                hnsw=pb.HnswParams(m=m, ef_construction=ef_construction, ef_search=ef_search),
+            )
+        ],
         payload_fields=[pb.PayloadField(name=n, type=t) for n, t in (payload or {}).items()],
     )
     if text:

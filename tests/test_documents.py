@@ -125,8 +125,9 @@ def test_delete_is_visible_in_every_strand(docs):
 def test_count_with_filter(docs):
     c = docs.client
     c.upsert("docs", [doc(i, lang=["en", "de", "fr"][i % 3], year=2000 + i) for i in range(30)])
-    lang = pb.Filter(must=[pb.Condition(any=pb.MatchAny(field="lang", values=[pb.Value(keyword="en"),
-                                                                               pb.Value(keyword="fr")]))])
+    lang = pb.Filter(
+        must=[pb.Condition(any=pb.MatchAny(field="lang", values=[pb.Value(keyword="en"), pb.Value(keyword="fr")]))]
+    )
     assert c.count("docs", lang) == 20
     no_year = pb.Filter(must_not=[pb.Condition(exists=pb.Exists(field="year"))])
     assert c.count("docs", no_year) == 0
@@ -144,25 +145,52 @@ def upsert_error(braid, *documents: pb.Document) -> grpc.RpcError:  # type: igno
     [
         (pb.Document(id=""), grpc.StatusCode.INVALID_ARGUMENT, "documents[1].id"),
         (pb.Document(id="x" * 600), grpc.StatusCode.INVALID_ARGUMENT, "documents[1].id"),
-        (pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, 2, 3])}), grpc.StatusCode.INVALID_ARGUMENT,
-         "expected dim 4, got 3"),
-        (pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, float("nan"), 3, 4])}),
-         grpc.StatusCode.INVALID_ARGUMENT, "documents[1].dense.emb"),
-        (pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, float("inf"), 3, 4])}),
-         grpc.StatusCode.INVALID_ARGUMENT, "NaN or infinity"),
-        (pb.Document(id="a", dense={"emb": pb.DenseVector(packed=b"\x00" * 7)}), grpc.StatusCode.INVALID_ARGUMENT,
-         "multiple of 4"),
-        (pb.Document(id="a", dense={"other": pb.DenseVector(values=[1, 2, 3, 4])}), grpc.StatusCode.INVALID_ARGUMENT,
-         "documents[1].dense.other"),
+        (
+            pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, 2, 3])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "expected dim 4, got 3",
+        ),
+        (
+            pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, float("nan"), 3, 4])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].dense.emb",
+        ),
+        (
+            pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, float("inf"), 3, 4])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or infinity",
+        ),
+        (
+            pb.Document(id="a", dense={"emb": pb.DenseVector(packed=b"\x00" * 7)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "multiple of 4",
+        ),
+        (
+            pb.Document(id="a", dense={"other": pb.DenseVector(values=[1, 2, 3, 4])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].dense.other",
+        ),
         (pb.Document(id="a", text={"nope": "x"}), grpc.StatusCode.INVALID_ARGUMENT, "documents[1].text.nope"),
-        (pb.Document(id="a", sparse={"splade": pb.SparseVector(indices=[1, 2], values=[1.0])}),
-         grpc.StatusCode.INVALID_ARGUMENT, "documents[1].sparse.splade"),
-        (pb.Document(id="a", payload={"year": pb.Value(keyword="1999")}), grpc.StatusCode.INVALID_ARGUMENT,
-         "documents[1].payload.year"),
-        (pb.Document(id="a", payload={"unknown": pb.Value(int=1)}), grpc.StatusCode.INVALID_ARGUMENT,
-         "documents[1].payload.unknown"),
-        (pb.Document(id="a", payload={"lang": pb.Value()}), grpc.StatusCode.INVALID_ARGUMENT,
-         "documents[1].payload.lang"),
+        (
+            pb.Document(id="a", sparse={"splade": pb.SparseVector(indices=[1, 2], values=[1.0])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].sparse.splade",
+        ),
+        (
+            pb.Document(id="a", payload={"year": pb.Value(keyword="1999")}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].payload.year",
+        ),
+        (
+            pb.Document(id="a", payload={"unknown": pb.Value(int=1)}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].payload.unknown",
+        ),
+        (
+            pb.Document(id="a", payload={"lang": pb.Value()}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].payload.lang",
+        ),
     ],
 )
 def test_bad_upsert_applies_nothing(docs, document, code, needle):
@@ -253,7 +281,9 @@ def test_bulk_upsert_streams_batches(docs):
 def test_bulk_upsert_bad_batch_reports_what_was_acknowledged(docs):
     def batches():  # type: ignore[no-untyped-def]
         yield pb.UpsertRequest(collection="docs", documents=[pb.Document(id="a"), pb.Document(id="b")])
-        yield pb.UpsertRequest(collection="docs", documents=[pb.Document(id="c", payload={"year": pb.Value(bool=True)})])
+        yield pb.UpsertRequest(
+            collection="docs", documents=[pb.Document(id="c", payload={"year": pb.Value(bool=True)})]
+        )
 
     err = rpc_error(lambda: docs.stub.BulkUpsert(batches()))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -92,9 +92,7 @@ def test_sigkill_during_bulk_upsert_and_flush(child_server, tmp_path):
             batches = [list(range(next_id + b * batch_size, next_id + (b + 1) * batch_size)) for b in range(per_stream)]
             next_id += batch_size * per_stream
             streams.append(batches)
-            requests = (
-                pb.UpsertRequest(collection="docs", documents=[_pb_doc(i) for i in batch]) for batch in batches
-            )
+            requests = (pb.UpsertRequest(collection="docs", documents=[_pb_doc(i) for i in batch]) for batch in batches)
             try:
                 server.client.stub.BulkUpsert(requests)
             except grpc.RpcError:

@@ -100,7 +100,7 @@ def test_bm25_boosts_fields_and_syntax_characters(braid):
         ],
     )
     title_heavy = pb.SubQuery(bm25=pb.Bm25Query(text="apple", boosts={"title": 5.0}))
-    assert [h.id for h in search(braid, queries=[title_heavy])][0] == "t"
+    assert next(h.id for h in search(braid, queries=[title_heavy])) == "t"
     body_only = pb.SubQuery(bm25=pb.Bm25Query(text="apple", fields=["body"]))
     assert [h.id for h in search(braid, queries=[body_only])] == ["b"]
     # Query-language characters are plain text, never a parse error.
@@ -284,13 +284,21 @@ def test_batch_search_equals_single_searches(braid):
     vectors = random_vectors(n, dim, seed=8)
     braid.client.create_collection("docs", schema(dim=dim, payload={"k": pb.INT}), shards=2)
     braid.client.upsert(
-        "docs", [{"id": str(i), "dense": {"emb": vectors[i]}, "text": {"body": f"w{i % 7}"}, "payload": {"k": i % 3}}
-                 for i in range(n)]
+        "docs",
+        [
+            {"id": str(i), "dense": {"emb": vectors[i]}, "text": {"body": f"w{i % 7}"}, "payload": {"k": i % 3}}
+            for i in range(n)
+        ],
     )
     plain = [pb.SearchRequest(collection="docs", queries=[dense_query(v)], limit=5) for v in vectors[:20]]
-    mixed = [*plain[:3], pb.SearchRequest(collection="docs", queries=[bm25_query("w3"), dense_query(vectors[0])],
-                                          filter=pb.Filter(must=[pb.Condition(match=pb.Match(
-                                              field="k", value=pb.Value(int=1)))]))]
+    mixed = [
+        *plain[:3],
+        pb.SearchRequest(
+            collection="docs",
+            queries=[bm25_query("w3"), dense_query(vectors[0])],
+            filter=pb.Filter(must=[pb.Condition(match=pb.Match(field="k", value=pb.Value(int=1)))]),
+        ),
+    ]
     for requests in (plain, mixed):
         batch = braid.stub.BatchSearch(pb.BatchSearchRequest(searches=requests)).results
         singles = [braid.stub.Search(r) for r in requests]
@@ -298,7 +306,7 @@ def test_batch_search_equals_single_searches(braid):
             [(h.id, round(h.score, 5)) for h in r.hits] for r in singles
         ]
     assert plain[0].queries[0].dense.field == "emb"
-    assert [h.id for h in braid.stub.BatchSearch(pb.BatchSearchRequest(searches=plain)).results[0].hits][0] == "0"
+    assert next(h.id for h in braid.stub.BatchSearch(pb.BatchSearchRequest(searches=plain)).results[0].hits) == "0"
 
 
 def test_results_do_not_depend_on_the_shard_count(braid):
@@ -306,9 +314,15 @@ def test_results_do_not_depend_on_the_shard_count(braid):
     vectors = random_vectors(n, dim, seed=9)
     rng = np.random.default_rng(10)
     docs = [
-        {"id": f"x{i}", "dense": {"emb": vectors[i]},
-         "sparse": {"splade": {int(t): float(w) for t, w in zip(rng.choice(40, 4, replace=False), rng.random(4),
-                                                                strict=True)}}}
+        {
+            "id": f"x{i}",
+            "dense": {"emb": vectors[i]},
+            "sparse": {
+                "splade": {
+                    int(t): float(w) for t, w in zip(rng.choice(40, 4, replace=False), rng.random(4), strict=True)
+                }
+            },
+        }
         for i in range(n)
     ]
     for name, shards in (("one", 1), ("four", 4)):
@@ -337,36 +351,46 @@ def test_results_do_not_depend_on_the_shard_count(braid):
         ({"queries": [bm25_query("x")], "limit": 1_000_000}, grpc.StatusCode.RESOURCE_EXHAUSTED, "limit"),
         ({"queries": [bm25_query("x", depth=1_000_000)]}, grpc.StatusCode.RESOURCE_EXHAUSTED, "depth"),
         ({"queries": [bm25_query("x", weight=-1.0)]}, grpc.StatusCode.INVALID_ARGUMENT, "queries[0].weight"),
-        ({"queries": [pb.SubQuery(bm25=pb.Bm25Query(text="x", fields=["zz"]))]}, grpc.StatusCode.INVALID_ARGUMENT,
-         "zz"),
+        (
+            {"queries": [pb.SubQuery(bm25=pb.Bm25Query(text="x", fields=["zz"]))]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "zz",
+        ),
         ({"queries": [bm25_query("x")], "payload_fields": ["zz"]}, grpc.StatusCode.INVALID_ARGUMENT, "zz"),
         (
-            {"queries": [bm25_query("x")],
-             "filter": pb.Filter(must=[pb.Condition(match=pb.Match(field="zz", value=pb.Value(int=1)))])},
+            {
+                "queries": [bm25_query("x")],
+                "filter": pb.Filter(must=[pb.Condition(match=pb.Match(field="zz", value=pb.Value(int=1)))]),
+            },
             grpc.StatusCode.INVALID_ARGUMENT,
             "filter.must[0]",
         ),
         (
-            {"queries": [bm25_query("x")],
-             "filter": pb.Filter(should=[pb.Condition(match=pb.Match(field="lang", value=pb.Value(int=1)))])},
+            {
+                "queries": [bm25_query("x")],
+                "filter": pb.Filter(should=[pb.Condition(match=pb.Match(field="lang", value=pb.Value(int=1)))]),
+            },
             grpc.StatusCode.INVALID_ARGUMENT,
             "lang",
         ),
         (
-            {"queries": [bm25_query("x")],
-             "filter": pb.Filter(must=[pb.Condition(range=pb.Range(field="n"))])},
+            {"queries": [bm25_query("x")], "filter": pb.Filter(must=[pb.Condition(range=pb.Range(field="n"))])},
             grpc.StatusCode.INVALID_ARGUMENT,
             "n",
         ),
         (
-            {"queries": [bm25_query("x")],
-             "filter": pb.Filter(must=[pb.Condition(range=pb.Range(field="n", gt=pb.Value(keyword="a")))])},
+            {
+                "queries": [bm25_query("x")],
+                "filter": pb.Filter(must=[pb.Condition(range=pb.Range(field="n", gt=pb.Value(keyword="a")))]),
+            },
             grpc.StatusCode.INVALID_ARGUMENT,
             "range.gt",
         ),
         (
-            {"queries": [bm25_query("x"), dense_query([1.0, 0.0])],
-             "fusion": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=99))},
+            {
+                "queries": [bm25_query("x"), dense_query([1.0, 0.0])],
+                "fusion": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=99)),
+            },
             grpc.StatusCode.INVALID_ARGUMENT,
             "normalization",
         ),

@@ -60,9 +60,12 @@ def test_cli_manages_ingests_and_searches(child_server, tmp_path):
 
     def braid(*args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "braid.service.cli", *args, "--address", address] if args[0] != "collection"
+            [sys.executable, "-m", "braid.service.cli", *args, "--address", address]
+            if args[0] != "collection"
             else [sys.executable, "-m", "braid.service.cli", *args[:2], "--address", address, *args[2:]],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -75,7 +78,9 @@ def test_cli_manages_ingests_and_searches(child_server, tmp_path):
     assert "d3" in out and "tea" in out
     failed = subprocess.run(
         [sys.executable, "-m", "braid.service.cli", "collection", "describe", "--address", address, "nope"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
     server.stop()
