@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from . import fusion
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ResourceExhausted
 from .filters import Filter
 from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
 from .shard import Shard
-from .validate import Limits, check_documents, check_plan
+from .validate import MAX_EF, Limits, check_documents, check_id, check_plan, unknown_field
 
 SHARD_SHIFT = 40
 _LABEL_MASK = (1 << SHARD_SHIFT) - 1
@@ -93,10 +93,15 @@ class Collection:
         return sum(self._map(lambda item: self.shards[item[0]].upsert(item[1]), list(groups.items())))
 
     def delete_ids(self, ids: list[str]) -> int:
-        if len(ids) > self.limits.max_batch:
-            raise InvalidArgument.field("ids", f"{len(ids)} ids exceed the maximum of {self.limits.max_batch}")
+        self._check_ids(ids)
         groups = self._group(ids, lambda doc_id: doc_id)
         return sum(self._map(lambda item: self.shards[item[0]].delete_ids(item[1]), list(groups.items())))
+
+    def _check_ids(self, ids: list[str]) -> None:
+        if len(ids) > self.limits.max_batch:
+            raise ResourceExhausted(f"ids: {len(ids)} ids exceed the maximum of {self.limits.max_batch}")
+        for i, doc_id in enumerate(ids):
+            check_id(doc_id, f"ids[{i}]")
 
     def delete_filter(self, flt: Filter) -> int:
         self.shards[0].payload.validate_filter(flt)
@@ -121,8 +126,7 @@ class Collection:
 
     def get(self, ids: list[str], include_vectors: bool = False) -> list[dict]:
         """Stored documents in request order; unknown ids are left out."""
-        if len(ids) > self.limits.max_batch:
-            raise InvalidArgument.field("ids", f"{len(ids)} ids exceed the maximum of {self.limits.max_batch}")
+        self._check_ids(ids)
         found: dict[str, dict] = {}
         for number, group in self._group(ids, lambda doc_id: doc_id).items():
             shard = self.shards[number]
@@ -146,7 +150,7 @@ class Collection:
                 )
         if include_vectors:
             for name, index in shard.dense.items():
-                if shard._has_vector[name][label]:
+                if shard.has_vector(name, label):
                     doc["dense"][name] = index.vectors([label])[0]
         return doc
 
@@ -166,6 +170,8 @@ class Collection:
             for i in range(len(plan.queries))
         ]
         rule = plan.fusion or ("single" if single else "rrf")
+        if rule == "single" and single and not plan.explain:
+            return self._single_strand(ranked[0], plan)
         fusion_keys, ids, shard_keys = _id_ordered_keys(ranked)
         strands = [
             fusion.Strand(keys, r.scores.astype(np.float64), sub.weight)
@@ -178,6 +184,17 @@ class Collection:
         if plan.explain:
             result.strand_names = [_strand_name(sub) for sub in plan.queries]
             result.ranks, result.raw = fused.ranks, fused.raw
+        return result
+
+    def _single_strand(self, ranked: _Ranked, plan: SearchPlan) -> SearchResult:
+        """One strand needs no fusion: it is already ranked, so only the window is applied."""
+        end = len(ranked.scores)
+        if plan.score_threshold is not None:
+            # scores are non-increasing: keep those >= threshold
+            end = int(np.searchsorted(-ranked.scores, -np.float32(plan.score_threshold), side="right"))
+        window = slice(plan.offset, min(end, plan.offset + plan.limit))
+        result = SearchResult(ids=ranked.ids[window], scores=ranked.scores[window].astype(np.float64))
+        self._materialize(result, ranked.keys[window].tolist(), plan)
         return result
 
     def _search_shard(self, shard: Shard, plan: SearchPlan, depths: list[int]) -> list[_Ranked]:
@@ -207,7 +224,7 @@ class Collection:
             parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts)
             if parsed is None:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
-            return shard.text.search(parsed, depth, mask, count)
+            return shard.text.search(parsed, depth, mask, count, filtered)
         assert isinstance(query, SparseQuery)
         index = shard.sparse[query.field]
         vector = query.vector
@@ -234,8 +251,28 @@ class Collection:
                     texts[(shard.number, label)] = text
             result.texts = [texts.get((shard.number, label), {}) for shard, label in located]
 
+    def check_dense(self, field: str, vectors: np.ndarray, limit: int, ef: int, where: str = "") -> None:
+        """The checks check_plan makes, for plain dense queries (one vector per row)."""
+        spec = self.schema.dense(field)
+        if spec is None:
+            raise unknown_field(
+                f"{where}queries[0].dense.field", "dense", [f.name for f in self.schema.dense_fields], field
+            )
+        if vectors.ndim != 2 or vectors.shape[1] != spec.dim:
+            raise InvalidArgument.dimension(f"{where}queries[0].dense.vector", spec.dim, int(vectors.shape[-1]))
+        if not np.isfinite(vectors).all():
+            raise InvalidArgument.field(f"{where}queries[0].dense.vector", "vector contains NaN or infinity")
+        if not 1 <= limit <= self.limits.max_limit:
+            raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{self.limits.max_limit}")
+        if ef > MAX_EF:
+            raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
+
     def search_dense_batch(self, field: str, vectors: np.ndarray, k: int, ef: int) -> list[SearchResult]:
-        """Many unfiltered single-strand dense queries in one batched index call per shard."""
+        """Plain dense queries (no filter, no fusion): one batched index call per shard.
+
+        Gives the same hits as ``search`` with a single dense sub-query; the caller
+        validates with ``check_dense`` first.
+        """
         parts = []
         for shard in self.shards:
             base = shard.number << SHARD_SHIFT

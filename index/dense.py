@@ -59,8 +59,9 @@ class DenseIndex:
         # global state that concurrent queries would race on.
         index.set_ef(1)
         self._index = index
-        # Live (not deleted) vectors; hnswlib does not expose its deleted count,
-        # so the shard records this number in its manifest.
+        # Which labels hold a live vector here; hnswlib exposes neither its deleted
+        # labels nor their count, and the exact-scan fallback needs the live ones.
+        self._present = np.zeros(_INITIAL_CAPACITY, dtype=bool)
         self.live = 0
 
     # ------------------------------------------------------------------ writes
@@ -75,11 +76,28 @@ class DenseIndex:
         # Big batches (bulk ingest) build on every core; hnswlib releases the GIL meanwhile.
         threads = -1 if len(labels) >= 256 else 1
         self._index.add_items(vectors, labels, num_threads=threads, replace_deleted=True)
+        top = int(labels.max()) + 1
+        if top > len(self._present):
+            grown = np.zeros(max(top, 2 * len(self._present)), dtype=bool)
+            grown[: len(self._present)] = self._present
+            self._present = grown
+        self._present[labels] = True
         self.live += len(labels)
 
-    def remove(self, label: int) -> None:
+    def remove(self, label: int) -> bool:
+        """Delete the label's vector; False when it has none here."""
+        if label >= len(self._present) or not self._present[label]:
+            return False
         self._index.mark_deleted(int(label))
+        self._present[label] = False
         self.live -= 1
+        return True
+
+    def has(self, label: int) -> bool:
+        return label < len(self._present) and bool(self._present[label])
+
+    def present_labels(self) -> np.ndarray:
+        return np.flatnonzero(self._present)
 
     # ----------------------------------------------------------------- queries
 
@@ -103,8 +121,13 @@ class DenseIndex:
             return [empty for _ in range(len(queries))]
         if allowed is None:
             want = min(max(k, ef), self.live)
-            # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
-            labels, distances = self._index.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
+            try:
+                # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
+                labels, distances = self._index.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
+            except RuntimeError:
+                # hnswlib raises when the graph walk finds fewer than `want` live
+                # neighbours (k near the live count, many deletions): scan exactly.
+                return self.exact(queries, k, self.present_labels())
             return [self._top(labels[i], distances[i], k) for i in range(len(queries))]
         count = int(allowed.sum()) if allowed_count is None else allowed_count
         if count == 0:
@@ -169,14 +192,18 @@ class DenseIndex:
             os.fsync(fh.fileno())
 
     @classmethod
-    def load(cls, directory: Path, spec: DenseFieldSpec, live: int) -> DenseIndex:
+    def load(cls, directory: Path, spec: DenseFieldSpec, present: list[int]) -> DenseIndex:
+        """Load the saved index; ``present`` lists the labels holding a live vector."""
         path = directory / f"{spec.name}.hnsw"
         if not path.exists():
             return cls(spec)
         index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
         index.load_index(str(path), allow_replace_deleted=True)
         dense = cls(spec, index)
-        dense.live = live
+        labels = np.asarray(present, dtype=np.int64)
+        dense._present = np.zeros(max(_INITIAL_CAPACITY, int(labels.max()) + 1 if len(labels) else 0), dtype=bool)
+        dense._present[labels] = True
+        dense.live = len(labels)
         return dense
 
 

@@ -2,10 +2,11 @@
 
 Directory layout::
 
-    MANIFEST.json         {"format": 1, "braid_version", "generation", "wal_seq",
-                           "next_label", "dense_live": {field: count}}, replaced by atomic rename
+    MANIFEST.json         {"format": 1, "braid_version", "generation", "wal_seq", "next_label"},
+                          replaced by atomic rename
     wal/                  write-ahead log segments (index/wal.py)
-    segments/<gen>/       checkpoint of generation <gen>: ids.json (live label -> id),
+    segments/<gen>/       checkpoint of generation <gen>: ids.json (live labels, their ids, and
+                          per dense field the labels holding a vector),
                           payload columns, <field>.hnsw, <field>.sparse.* files
     text/                 tantivy index (its own commits; replay onto it is idempotent)
 
@@ -15,8 +16,11 @@ the same moment (under the write lock), so a search never sees two versions
 of one id. ``alive`` (a bool mask over labels) is the single source of truth
 for visibility that every strand consults.
 
-Write path (per operation): encode -> WAL append -> group fsync -> apply in
-sequence order under the write lock -> group tantivy commit -> acknowledge.
+Write path (per operation), each step in sequence order across concurrent writers:
+encode -> WAL append -> group fsync -> prepare (hand out labels, stage new versions
+in tantivy, still invisible) -> group tantivy commit -> apply under the write lock
+(the new versions become alive and the old ones dead in every strand at once; old
+versions leave tantivy at a later commit) -> acknowledge.
 Recovery: load the manifest's checkpoint, replay WAL records after its
 ``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy.
 """
@@ -27,6 +31,8 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,7 @@ import numpy as np
 
 from . import records
 from .dense import DenseIndex
-from .errors import BraidError, Unavailable
+from .errors import BraidError, DataLoss, Unavailable
 from .filters import Filter
 from .locks import ReadWriteLock
 from .manifest import fsync_dir, read_json, write_json_atomic
@@ -65,14 +71,15 @@ class Shard:
         self._ids: dict[str, int] = {}
         self._label_ids: dict[int, str] = {}
         self._alive = np.zeros(_INITIAL_LABELS, dtype=bool)
-        self._has_vector = {f.name: np.zeros(_INITIAL_LABELS, dtype=bool) for f in schema.dense_fields}
-        self._next_label = 0
+        self._next_label = 0  # next label to hand out (advanced when a write is prepared)
+        self._size = 0  # labels covered by applied writes: the range searches look at
         self._generation = 0
         self.payload = PayloadStore(schema.payload_fields)
         self.dense = {f.name: DenseIndex(f) for f in schema.dense_fields}
         self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
         self.text: TextIndex | None = None
         self.wal: WriteAheadLog | None = None
+        self._prepared_seq = 0
         self._applied_seq = 0
         self._committed_seq = 0
 
@@ -92,9 +99,12 @@ class Shard:
             shard.text = TextIndex(directory / "text", schema.text_fields)
         shard.wal = WriteAheadLog.open(directory / "wal", first_seq=start_seq + 1)
         for seq, kind, payload in shard.wal.read_from(start_seq):
-            shard._apply(kind, payload)
+            op = _decode(kind, payload)
+            shard._prepare(op)
+            shard._apply(op)
             shard._applied_seq = seq
         shard._applied_seq = max(shard._applied_seq, start_seq)
+        shard._prepared_seq = shard._applied_seq
         if shard.text is not None:
             shard.text.commit()
         shard._committed_seq = shard._applied_seq
@@ -103,18 +113,16 @@ class Shard:
     def _load_checkpoint(self, manifest: dict[str, Any]) -> None:
         self._generation = int(manifest["generation"])
         segment = self.directory / "segments" / str(self._generation)
-        self._next_label = int(manifest["next_label"])
-        self._grow(self._next_label)
+        self._next_label = self._size = int(manifest["next_label"])
+        self._grow(self._size)
         live = json.loads((segment / "ids.json").read_text())
         for label, doc_id in zip(live["labels"], live["ids"], strict=True):
             self._ids[doc_id] = label
             self._label_ids[label] = doc_id
             self._alive[label] = True
-        for name, present in live.get("has_vector", {}).items():
-            self._has_vector[name][present] = True
         self.payload = PayloadStore.load(segment, self.schema.payload_fields)
         for spec in self.schema.dense_fields:
-            self.dense[spec.name] = DenseIndex.load(segment, spec, int(manifest["dense_live"].get(spec.name, 0)))
+            self.dense[spec.name] = DenseIndex.load(segment, spec, live.get("has_vector", {}).get(spec.name, []))
         for spec in self.schema.sparse_fields:
             self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
 
@@ -142,9 +150,11 @@ class Shard:
         return self._write(records.DELETE_FILTER, records.encode_delete_filter(flt))
 
     def _write(self, kind: int, payload: bytes) -> int:
+        """Log, then prepare, commit and apply in sequence order; see the module docstring."""
         if self._failed:
             raise Unavailable(f"shard {self.number}: {self._failed}")
         assert self.wal is not None
+        op = _decode(kind, payload)
         seq = self.wal.append(kind, payload)
         try:
             self.wal.sync(seq)
@@ -153,24 +163,32 @@ class Shard:
             # dropped the pages); the shard stops too, and a restart recovers from disk.
             self._fail(f"write-ahead log fsync failed: {err}")
             raise Unavailable(f"shard {self.number}: write-ahead log fsync failed: {err}") from err
+        self._in_order(seq, "_prepared_seq", lambda: self._prepare(op))
+        self._commit_text(seq)
+        return self._in_order(seq, "_applied_seq", lambda: self._apply_locked(op))
+
+    def _in_order(self, seq: int, counter: str, step: Callable[[], int | None]) -> int:
+        """Run one write's step after the same step of every earlier write, then advance the counter."""
         with self._apply_cond:
-            while self._applied_seq != seq - 1 and not self._failed:
+            while getattr(self, counter) != seq - 1 and not self._failed:
                 self._apply_cond.wait()
             if self._failed:
                 raise Unavailable(f"shard {self.number}: {self._failed}")
             try:
-                with self._lock.write():
-                    result = self._apply(kind, payload)
-                    self._applied_seq = seq
+                result = step()
+                setattr(self, counter, seq)
             except Exception as err:
                 # The record is durable but could not be applied: memory no longer
                 # matches the log, so stop taking writes; a restart replays it.
-                self._fail(f"applying write {seq} failed: {err!r}")
+                self._failed = f"write {seq} failed in {counter.strip('_')}: {err!r}"
                 raise
             finally:
                 self._apply_cond.notify_all()
-        self._commit_text(seq)
-        return result
+        return result or 0
+
+    def _apply_locked(self, op: _Op) -> int:
+        with self._lock.write():
+            return self._apply(op)
 
     def _fail(self, reason: str) -> None:
         with self._apply_cond:
@@ -178,29 +196,42 @@ class Shard:
             self._apply_cond.notify_all()
 
     def _commit_text(self, seq: int) -> None:
-        """Group commit of tantivy: one commit covers every write applied before it started."""
+        """Group commit of tantivy: one commit covers every write prepared before it started."""
         if self.text is None:
             return
         with self._commit_lock:
             if self._committed_seq >= seq:
                 return
-            target = self._applied_seq
+            target = self._prepared_seq
             self.text.commit()
             self._committed_seq = target
 
-    def _apply(self, kind: int, payload: bytes) -> int:
-        if kind == records.UPSERT:
-            return self._apply_upsert(records.decode_upsert(payload))
-        if kind == records.DELETE_IDS:
-            return self._remove_ids(records.decode_delete_ids(payload))
-        if kind == records.DELETE_FILTER:
-            flt = records.decode_delete_filter(payload)
-            mask = self._allowed(flt)
-            return self._remove_ids([self._label_ids[int(label)] for label in np.flatnonzero(mask)])
-        raise ValueError(f"unknown WAL record kind {kind}")
+    def _prepare(self, op: _Op) -> None:
+        """Hand out labels and stage new versions in tantivy; nothing becomes visible yet.
 
-    def _apply_upsert(self, docs: list[DocumentWrite]) -> int:
-        first = self._next_label
+        The new labels are not alive until ``_apply``, so searches skip them even after
+        the tantivy commit; old versions leave tantivy only after apply hides them, so a
+        document being replaced never drops out of BM25 results.
+        """
+        if op.kind != records.UPSERT:
+            return
+        op.first_label = self._next_label
+        self._next_label += len(op.docs)
+        if self.text is not None:
+            for offset, doc in enumerate(op.docs):
+                if doc.text:
+                    self.text.add(op.first_label + offset, doc.text)
+
+    def _apply(self, op: _Op) -> int:
+        """Make a prepared write visible to every strand at once (caller holds the write lock)."""
+        if op.kind == records.UPSERT:
+            return self._apply_upsert(op.docs, op.first_label)
+        if op.kind == records.DELETE_IDS:
+            return self._remove_ids(op.ids)
+        mask = self._allowed(op.filter)
+        return self._remove_ids([self._label_ids[int(label)] for label in np.flatnonzero(mask)])
+
+    def _apply_upsert(self, docs: list[DocumentWrite], first: int) -> int:
         self._grow(first + len(docs))
         dense_batches: dict[str, tuple[list[int], list[np.ndarray]]] = {name: ([], []) for name in self.dense}
         for offset, doc in enumerate(docs):
@@ -215,16 +246,13 @@ class Shard:
             for name, vector in doc.dense.items():
                 dense_batches[name][0].append(label)
                 dense_batches[name][1].append(vector)
-                self._has_vector[name][label] = True
             for name, value in doc.sparse.items():
                 index = self.sparse[name]
                 keys = index.keys_for(
                     value.indices.tolist() if value.indices is not None else None, value.tokens, intern=True
                 )
                 index.add(label, keys, value.values)
-            if self.text is not None and doc.text:
-                self.text.add(label, doc.text)
-        self._next_label = first + len(docs)
+        self._size = first + len(docs)
         for name, (labels, vectors) in dense_batches.items():
             if labels:
                 self.dense[name].add(np.asarray(labels, np.int64), np.stack(vectors))
@@ -242,10 +270,8 @@ class Shard:
     def _remove_label(self, label: int) -> None:
         self._alive[label] = False
         self._label_ids.pop(label, None)
-        for name, present in self._has_vector.items():
-            if present[label]:
-                present[label] = False
-                self.dense[name].remove(label)
+        for index in self.dense.values():
+            index.remove(label)
         for index in self.sparse.values():
             index.remove(label)
         if self.text is not None:
@@ -258,7 +284,6 @@ class Shard:
         while capacity < size:
             capacity *= 2
         self._alive = _resized(self._alive, capacity)
-        self._has_vector = {name: _resized(mask, capacity) for name, mask in self._has_vector.items()}
 
     # ----------------------------------------------------------------- queries
 
@@ -271,7 +296,7 @@ class Shard:
         return len(self._ids)
 
     def _allowed(self, flt: Filter | None) -> np.ndarray:
-        size = self._next_label
+        size = self._size
         alive = self._alive[:size]
         if flt is None or flt.is_empty():
             return alive
@@ -285,6 +310,9 @@ class Shard:
     def ids_of(self, labels: np.ndarray) -> list[str]:
         label_ids = self._label_ids
         return [label_ids[label] for label in labels.tolist()]
+
+    def has_vector(self, field: str, label: int) -> bool:
+        return self.dense[field].has(label)
 
     def label_of(self, doc_id: str) -> int | None:
         return self._ids.get(doc_id)
@@ -309,9 +337,7 @@ class Shard:
             ids = {
                 "labels": live_labels,
                 "ids": [self._label_ids[label] for label in live_labels],
-                "has_vector": {
-                    name: np.flatnonzero(mask[: self._next_label]).tolist() for name, mask in self._has_vector.items()
-                },
+                "has_vector": {name: index.present_labels().tolist() for name, index in self.dense.items()},
             }
             (staging / "ids.json").write_text(json.dumps(ids, ensure_ascii=False))
             self.payload.save(staging)
@@ -333,8 +359,8 @@ class Shard:
                 "braid_version": self._version,
                 "generation": generation,
                 "wal_seq": wal_seq,
-                "next_label": self._next_label,
-                "dense_live": {name: index.live for name, index in self.dense.items()},
+                # the label counter as of wal_seq: replay hands later writes the same labels
+                "next_label": self._size,
             }
             write_json_atomic(self.directory / "MANIFEST.json", manifest)
             self._generation = generation
@@ -345,7 +371,28 @@ class Shard:
 
     def stats(self) -> dict[str, int]:
         assert self.wal is not None
-        return {"documents": self.live_count, "labels": self._next_label, "wal_bytes": self.wal.size_bytes()}
+        return {"documents": self.live_count, "labels": self._size, "wal_bytes": self.wal.size_bytes()}
+
+
+@dataclass
+class _Op:
+    """A decoded write; ``first_label`` is handed out when it is prepared."""
+
+    kind: int
+    docs: list[DocumentWrite] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    filter: Filter | None = None
+    first_label: int = -1
+
+
+def _decode(kind: int, payload: bytes) -> _Op:
+    if kind == records.UPSERT:
+        return _Op(kind, docs=records.decode_upsert(payload))
+    if kind == records.DELETE_IDS:
+        return _Op(kind, ids=records.decode_delete_ids(payload))
+    if kind == records.DELETE_FILTER:
+        return _Op(kind, filter=records.decode_delete_filter(payload))
+    raise DataLoss(f"unknown write-ahead log record kind {kind}")
 
 
 def _resized(array: np.ndarray, capacity: int) -> np.ndarray:
@@ -357,4 +404,3 @@ def _resized(array: np.ndarray, capacity: int) -> np.ndarray:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-

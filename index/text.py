@@ -104,13 +104,19 @@ class TextIndex:
             raise InvalidArgument.field("bm25.text", f"cannot parse query: {err}") from err
 
     def search(
-        self, query: tantivy.Query, k: int, allowed: np.ndarray, allowed_count: int
+        self, query: tantivy.Query, k: int, allowed: np.ndarray, allowed_count: int, filtered: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (labels, BM25 scores) among labels set in ``allowed``, best first."""
+        """Top-k (labels, BM25 scores) among labels set in ``allowed``, best first.
+
+        Unfiltered, ``allowed`` only hides versions replaced since the last commit, so
+        the search starts at depth k and deepens only if some hits were hidden.
+        """
         searcher = self._searcher
         if k <= 0 or allowed_count == 0:
             return _empty()
-        if allowed_count <= TERM_SET_MAX:
+        if not filtered:
+            depth = k
+        elif allowed_count <= TERM_SET_MAX:
             labels = np.flatnonzero(allowed).tolist()
             only_allowed = tantivy.Query.const_score_query(
                 tantivy.Query.term_set_query(self.schema, LABEL, labels), 0.0

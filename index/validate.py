@@ -20,6 +20,7 @@ from .schema import Schema
 
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 1 << 20
+MAX_EF = 4096
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,17 @@ def check_documents(docs: list[DocumentWrite], schema: Schema, payload: PayloadS
         check_id(doc.id, f"{where}.id")
         for name, value in doc.text.items():
             if schema.text(name) is None:
-                raise _unknown(f"{where}.text.{name}", "text", [f.name for f in schema.text_fields])
+                raise unknown_field(f"{where}.text.{name}", "text", [f.name for f in schema.text_fields])
             if len(value.encode()) > MAX_TEXT_BYTES:
                 raise InvalidArgument.field(f"{where}.text.{name}", f"text is longer than {MAX_TEXT_BYTES} bytes")
         for name, vector in doc.dense.items():
             spec = schema.dense(name)
             if spec is None:
-                raise _unknown(f"{where}.dense.{name}", "dense", [f.name for f in schema.dense_fields])
+                raise unknown_field(f"{where}.dense.{name}", "dense", [f.name for f in schema.dense_fields])
             check_dense(vector, spec.dim, f"{where}.dense.{name}")
         for name, value in doc.sparse.items():
             if schema.sparse(name) is None:
-                raise _unknown(f"{where}.sparse.{name}", "sparse", [f.name for f in schema.sparse_fields])
+                raise unknown_field(f"{where}.sparse.{name}", "sparse", [f.name for f in schema.sparse_fields])
             check_sparse(value, f"{where}.sparse.{name}", limits.max_sparse_terms)
         payload.validate(doc.payload, where=f"{where}.payload")
 
@@ -104,20 +105,20 @@ def check_plan(plan: SearchPlan, schema: Schema, payload: PayloadStore, limits: 
         payload.validate_filter(plan.filter, where=f"{where}filter")
     for name in plan.payload_fields or ():
         if schema.payload(name) is None:
-            raise _unknown(f"{where}payload_fields", "payload", [f.name for f in schema.payload_fields], name)
+            raise unknown_field(f"{where}payload_fields", "payload", [f.name for f in schema.payload_fields], name)
     for name in plan.text_fields:
         if schema.text(name) is None:
-            raise _unknown(f"{where}text_fields", "text", [f.name for f in schema.text_fields], name)
+            raise unknown_field(f"{where}text_fields", "text", [f.name for f in schema.text_fields], name)
 
 
 def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> None:
     if isinstance(query, DenseQuery):
         spec = schema.dense(query.field)
         if spec is None:
-            raise _unknown(f"{at}.dense.field", "dense", [f.name for f in schema.dense_fields], query.field)
+            raise unknown_field(f"{at}.dense.field", "dense", [f.name for f in schema.dense_fields], query.field)
         check_dense(query.vector, spec.dim, f"{at}.dense.vector")
-        if query.ef > 4096:
-            raise ResourceExhausted(f"{at}.dense.ef: {query.ef} exceeds the maximum of 4096")
+        if query.ef > MAX_EF:
+            raise ResourceExhausted(f"{at}.dense.ef: {query.ef} exceeds the maximum of {MAX_EF}")
     elif isinstance(query, Bm25Query):
         if not schema.text_fields:
             raise InvalidArgument.field(f"{at}.bm25", "the collection has no text fields")
@@ -125,13 +126,13 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
             raise InvalidArgument.field(f"{at}.bm25.text", "query text is empty")
         for name in list(query.fields) + list(query.boosts):
             if schema.text(name) is None:
-                raise _unknown(f"{at}.bm25.fields", "text", [f.name for f in schema.text_fields], name)
+                raise unknown_field(f"{at}.bm25.fields", "text", [f.name for f in schema.text_fields], name)
         for name, boost in query.boosts.items():
             if not math.isfinite(boost) or boost < 0:
                 raise InvalidArgument.field(f"{at}.bm25.boosts.{name}", f"must be finite and >= 0, got {boost}")
     elif isinstance(query, SparseQuery):
         if schema.sparse(query.field) is None:
-            raise _unknown(f"{at}.sparse.field", "sparse", [f.name for f in schema.sparse_fields], query.field)
+            raise unknown_field(f"{at}.sparse.field", "sparse", [f.name for f in schema.sparse_fields], query.field)
         check_sparse(query.vector, f"{at}.sparse.vector", limits.max_sparse_terms)
         if len(query.vector.values) == 0:
             raise InvalidArgument.field(f"{at}.sparse.vector", "query vector is empty")
@@ -139,7 +140,7 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
         raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
 
 
-def _unknown(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:
+def unknown_field(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:
     shown = f"{name!r} " if name is not None else ""
     return InvalidArgument.field(
         where, f"unknown {kind} field {shown}(declared: {', '.join(declared) if declared else 'none'})"

@@ -289,3 +289,24 @@ def test_bulk_upsert_bad_batch_reports_what_was_acknowledged(docs):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "batch 1" in err.details() and "2 documents" in err.details()
     assert docs.client.count("docs") == 2
+
+
+def test_bad_get_requests(tmp_path):
+    from .conftest import start_in_process, stop_in_process
+
+    server, running = start_in_process(tmp_path / "d", max_batch=3)
+    try:
+        running.client.create_collection("docs", schema(dim=4))
+        stub = running.stub
+        err = rpc_error(lambda: stub.Get(pb.GetRequest(collection="docs", ids=["a", ""])))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ids[1]" in err.details()
+        err = rpc_error(lambda: stub.Get(pb.GetRequest(collection="docs", ids=["a", "b", "c", "d"])))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "ids" in err.details()
+        err = rpc_error(lambda: stub.Delete(pb.DeleteRequest(collection="docs", ids=["a", "b", "c", "d"])))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        search = pb.SearchRequest(collection="docs", queries=[pb.SubQuery(bm25=pb.Bm25Query(text="x"))])
+        err = rpc_error(lambda: stub.BatchSearch(pb.BatchSearchRequest(searches=[search] * 4)))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "searches" in err.details()
+        assert stub.Get(pb.GetRequest(collection="docs")).documents == []
+    finally:
+        stop_in_process(server, running)

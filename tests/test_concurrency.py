@@ -1,0 +1,72 @@
+"""Searches run in parallel with each other and with writes, and never see two versions of a document."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+
+from braid.v1 import braid_pb2 as pb
+
+from .conftest import schema
+
+IDS = 200
+
+
+def version_doc(i: int, version: int) -> dict:
+    rng = np.random.default_rng(version * IDS + i)
+    return {
+        "id": f"d{i}",
+        "text": {"body": f"common v{version}"},
+        "dense": {"emb": rng.standard_normal(8).astype(np.float32)},
+        "sparse": {"splade": {"common": float(rng.random()) + 0.1}},
+        "payload": {"v": version},
+    }
+
+
+def test_parallel_searches_during_replacing_writes(braid):
+    braid.client.create_collection("docs", schema(dim=8, payload={"v": pb.INT}), shards=2)
+    braid.client.upsert("docs", [version_doc(i, 0) for i in range(IDS)])
+    stop = threading.Event()
+    problems: list[str] = []
+    searches = Counter()
+
+    def writer() -> None:
+        version = 1
+        while not stop.is_set():
+            batch = [version_doc(i, version) for i in range(0, IDS, 3)]
+            braid.client.upsert("docs", batch)
+            version += 1
+
+    def reader(kind: str) -> None:
+        rng = np.random.default_rng(len(kind))
+        while not stop.is_set():
+            if kind == "dense":
+                hits = braid.client.search("docs", dense=("emb", rng.standard_normal(8)), limit=IDS)
+            elif kind == "bm25":
+                hits = braid.client.search("docs", bm25="common", limit=IDS)
+            else:
+                hits = braid.client.search("docs", sparse=("splade", {"common": 1.0}), limit=IDS)
+            ids = [h.id for h in hits]
+            if len(ids) != len(set(ids)):
+                problems.append(f"{kind}: duplicate ids {Counter(ids).most_common(1)}")
+            if len(ids) != IDS:
+                problems.append(f"{kind}: {len(ids)} hits, expected {IDS}")
+            count = braid.client.count("docs")
+            if count != IDS:
+                problems.append(f"count {count}")
+            searches[kind] += 1
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(kind,)) for kind in ("dense", "bm25", "sparse", "dense")
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not problems, problems[:5]
+    assert min(searches.values()) >= 5, searches
