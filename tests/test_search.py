@@ -407,3 +407,21 @@ def test_bad_search_requests(braid, request_kw, code, needle):
         )
     )
     assert batch_err.code() == code
+
+
+def test_plain_dense_path_equals_the_general_path(braid):
+    n, dim = 1000, 8
+    vectors = random_vectors(n, dim, seed=12)
+    braid.client.create_collection("docs", schema(dim=dim, text=False, sparse=False), shards=3)
+    braid.client.upsert("docs", [{"id": str(i), "dense": {"emb": vectors[i]}} for i in range(n)])
+    braid.client.delete("docs", ids=[str(i) for i in range(0, n, 10)])
+    for q in random_vectors(10, dim, seed=13):
+        plain = search(braid, queries=[dense_query(q)], limit=15)
+        # A threshold below every cosine score sends the same query through plan building and fusion.
+        general = search(braid, queries=[dense_query(q)], limit=15, score_threshold=-2.0)
+        assert [(h.id, h.score) for h in plain] == [(h.id, h.score) for h in general]
+        assert len(plain) == 15 and all(int(h.id) % 10 for h in plain)
+    err = rpc_error(lambda: search(braid, queries=[dense_query([1.0] * (dim + 1))]))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected dim 8, got 9" in err.details()
+    err = rpc_error(lambda: search(braid, queries=[dense_query([1.0] * dim)], limit=100_000))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
