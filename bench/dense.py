@@ -7,6 +7,8 @@ For every ef it prints recall@10 and single-client QPS of
   raw      hnswlib in this process (same M / ef_construction / ef), one query per call,
   echo     a bare grpcio service (separate process) that receives the same SearchRequest bytes
            and returns the same SearchResponse bytes Braid would, doing no work,
+  bare     that service decoding each request and running raw hnswlib on it: the floor
+           for any Python gRPC server around hnswlib,
   braid    Search through the API (server in a separate process),
 and ideal = 1 / (1/raw + 1/echo): what a server that adds nothing to hnswlib and gRPC could do.
 Then BatchSearch of 100 queries against raw hnswlib's batched knn_query.
@@ -39,8 +41,12 @@ from braid.service.client import BraidClient, dense_vector  # noqa: E402
 from braid.v1 import braid_pb2 as pb  # noqa: E402
 
 
+def vectors_dir(n: int, dim: int, queries: int) -> Path:
+    return RESULTS / f"vectors-{n}x{dim}-q{queries}"
+
+
 def shared_vectors(n: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out = RESULTS / f"vectors-{n}x{dim}-q{queries}"
+    out = vectors_dir(n, dim, queries)
     if not (out / "gt.npy").exists():
         subprocess.run(
             [
@@ -66,11 +72,27 @@ def recall_at_10(found: list[list[int]], gt: np.ndarray) -> float:
 # -------------------------------------------------------------------- echo
 
 
-def echo_server_main(port_file: str, response_hex: str) -> None:
-    """A bare gRPC service answering every Search with fixed response bytes."""
+def echo_server_main(port_file: str, response_hex: str, base_path: str = "") -> None:
+    """A bare gRPC service answering every Search with fixed response bytes.
+
+    With ``base_path`` it is the "bare" reference instead: it decodes each request and
+    runs raw hnswlib on it (same M / ef_construction, ef from the request): what any
+    Python gRPC server around hnswlib must do, and nothing more.
+    """
     response = bytes.fromhex(response_hex)
+    index = None
+    if base_path:
+        base = np.load(base_path)
+        index = hnswlib.Index(space="cosine", dim=base.shape[1])
+        index.init_index(max_elements=len(base), M=M, ef_construction=EF_CONSTRUCTION)
+        index.add_items(base, np.arange(len(base)))
 
     def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if index is not None:
+            message = pb.SearchRequest.FromString(request)
+            dense = message.queries[0].dense
+            index.set_ef(dense.ef)  # one client at a time, so the global ef is safe here
+            index.knn_query(np.frombuffer(dense.vector.packed, "<f4"), k=message.limit, num_threads=1)
         return response
 
     handler = grpc.method_handlers_generic_handler(
@@ -87,7 +109,7 @@ def echo_server_main(port_file: str, response_hex: str) -> None:
 
 def start_process(args: list[str], port_file: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    for _ in range(12_000):  # up to 10 minutes: the bare reference builds its index first
         if port_file.exists() and port_file.read_text().strip():
             return proc, int(port_file.read_text())
         time.sleep(0.05)
@@ -122,6 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     efs = [int(x) for x in args.efs.split(",")]
     base, queries, gt = shared_vectors(args.n, args.dim, args.queries)
+    base_path = vectors_dir(args.n, args.dim, args.queries) / "base.npy"
     n = len(base)
     print(f"shared set: {n} x {args.dim}, {len(queries)} queries; M={M} ef_construction={EF_CONSTRUCTION}")
 
@@ -154,15 +177,21 @@ def main() -> None:
             queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector(queries[0]), ef=64))],
         )
         response0 = client.stub.Search(request0)
-        port_file = tmp_path / "echo.port"
+        response_hex = response0.SerializeToString().hex()
         echo_proc, echo_port = start_process(
-            [__file__, "--echo-server", str(port_file), response0.SerializeToString().hex()], port_file
+            [__file__, "--echo-server", str(tmp_path / "echo"), response_hex], tmp_path / "echo"
         )
-        echo_channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}")
-        echo = echo_channel.unary_unary(
-            "/braid.v1.Braid/Search",
-            request_serializer=pb.SearchRequest.SerializeToString,
-            response_deserializer=pb.SearchResponse.FromString,
+        bare_proc, bare_port = start_process(
+            [__file__, "--echo-server", str(tmp_path / "bare"), response_hex, str(base_path)], tmp_path / "bare"
+        )
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for port in (echo_port, bare_port)]
+        echo, bare = (
+            channel.unary_unary(
+                "/braid.v1.Braid/Search",
+                request_serializer=pb.SearchRequest.SerializeToString,
+                response_deserializer=pb.SearchResponse.FromString,
+            )
+            for channel in channels
         )
         rows = []
         try:
@@ -177,58 +206,60 @@ def main() -> None:
                 ]
                 for ef in efs
             }
-            for _ in range(200):  # warm up both channels
-                echo(requests[efs[0]][0])
-                client.stub.Search(requests[efs[0]][0])
-            t = time.perf_counter()
-            for r in requests[efs[0]]:
-                echo(r)
-            echo_qps = len(queries) / (time.perf_counter() - t)
+            for _ in range(200):  # warm up every channel
+                for call in (echo, bare, client.stub.Search):
+                    call(requests[efs[0]][0])
+
+            def qps(call, items) -> tuple[float, list]:  # type: ignore[no-untyped-def]
+                started = time.perf_counter()
+                out = [call(item) for item in items]
+                return len(items) / (time.perf_counter() - started), out
+
             for ef in efs:
                 raw.set_ef(ef)
-                t = time.perf_counter()
-                raw_found = [raw.knn_query(q, k=10)[0][0].tolist() for q in queries]
-                raw_qps = len(queries) / (time.perf_counter() - t)
-                t = time.perf_counter()
-                api_found = [[int(h.id) for h in client.stub.Search(r).hits] for r in requests[ef]]
-                api_qps = len(queries) / (time.perf_counter() - t)
+                raw_qps, raw_out = qps(lambda q: raw.knn_query(q, k=10)[0][0].tolist(), list(queries))
+                echo_qps, _ = qps(echo, requests[ef])
+                bare_qps, _ = qps(bare, requests[ef])
+                api_qps, api_out = qps(client.stub.Search, requests[ef])
                 ideal = 1 / (1 / raw_qps + 1 / echo_qps)
-                # batched: raw knn_query over `batch` rows vs BatchSearch of `batch` requests
-                raw_batches = [queries[i : i + args.batch] for i in range(0, len(queries), args.batch)]
-                t = time.perf_counter()
-                for block in raw_batches:
-                    raw.knn_query(block, k=10)
-                raw_batch_qps = len(queries) / (time.perf_counter() - t)
-                api_batches = [
-                    pb.BatchSearchRequest(searches=requests[ef][i : i + args.batch])
-                    for i in range(0, len(queries), args.batch)
-                ]
-                t = time.perf_counter()
-                batch_found = []
-                for request in api_batches:
-                    for result in client.stub.BatchSearch(request).results:
-                        batch_found.append([int(h.id) for h in result.hits])
-                api_batch_qps = len(queries) / (time.perf_counter() - t)
+                raw_batch_qps, _ = qps(
+                    lambda block: raw.knn_query(block, k=10),
+                    [queries[i : i + args.batch] for i in range(0, len(queries), args.batch)],
+                )
+                raw_batch_qps *= args.batch
+                api_batch_qps, batch_out = qps(
+                    client.stub.BatchSearch,
+                    [
+                        pb.BatchSearchRequest(searches=requests[ef][i : i + args.batch])
+                        for i in range(0, len(queries), args.batch)
+                    ],
+                )
+                api_batch_qps *= args.batch
+                batch_found = [[int(h.id) for h in r.hits] for response in batch_out for r in response.results]
                 rows.append(
                     {
                         "ef": ef,
-                        "raw_recall": recall_at_10(raw_found, gt),
-                        "api_recall": recall_at_10(api_found, gt),
+                        "raw_recall": recall_at_10(raw_out, gt),
+                        "api_recall": recall_at_10([[int(h.id) for h in r.hits] for r in api_out], gt),
                         "batch_recall": recall_at_10(batch_found, gt),
                         "raw_qps": raw_qps,
                         "echo_qps": echo_qps,
                         "ideal_qps": ideal,
+                        "bare_qps": bare_qps,
                         "api_qps": api_qps,
                         "api_vs_ideal": api_qps / ideal,
+                        "api_vs_bare": api_qps / bare_qps,
                         "raw_batch_qps": raw_batch_qps,
                         "api_batch_qps": api_batch_qps,
                         "batch_vs_raw": api_batch_qps / raw_batch_qps,
                     }
                 )
         finally:
-            echo_channel.close()
+            for channel in channels:
+                channel.close()
             client.close()
             echo_proc.kill()
+            bare_proc.kill()
             braid_proc.terminate()
             braid_proc.wait(timeout=60)
 
@@ -237,15 +268,16 @@ def main() -> None:
         f"({n / braid_ingest:,.0f} docs/s, WAL-durable, index built as it streams)"
     )
     header = (
-        "| ef | recall@10 raw | recall@10 api | raw QPS | echo QPS | ideal QPS | api QPS | api/ideal "
-        f"| raw batched QPS | BatchSearch({args.batch}) QPS | batch/raw |"
+        "| ef | recall@10 raw | recall@10 api | raw QPS | echo QPS | ideal QPS | bare gRPC+hnswlib QPS | api QPS "
+        f"| api/ideal | api/bare | raw batched QPS | BatchSearch({args.batch}) QPS | batch/raw |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in rows:
         print(
             f"| {r['ef']} | {r['raw_recall']:.3f} | {r['api_recall']:.3f} | {r['raw_qps']:,.0f} | "
-            f"{r['echo_qps']:,.0f} | {r['ideal_qps']:,.0f} | {r['api_qps']:,.0f} | {r['api_vs_ideal']:.2f} | "
+            f"{r['echo_qps']:,.0f} | {r['ideal_qps']:,.0f} | {r['bare_qps']:,.0f} | {r['api_qps']:,.0f} | "
+            f"{r['api_vs_ideal']:.2f} | {r['api_vs_bare']:.2f} | "
             f"{r['raw_batch_qps']:,.0f} | {r['api_batch_qps']:,.0f} | {r['batch_vs_raw']:.2f} |"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -258,6 +290,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--echo-server":
-        echo_server_main(sys.argv[2], sys.argv[3])
+        echo_server_main(*sys.argv[2:])
     else:
         main()
