@@ -28,6 +28,7 @@ Recovery: load the manifest's checkpoint, replay WAL records after its
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -51,12 +52,19 @@ from .sparse import SparseIndex
 from .text import TextIndex
 from .wal import WriteAheadLog
 
+log = logging.getLogger("braid.shard")
+
 FORMAT_VERSION = 1
 _INITIAL_LABELS = 1024
+# A shard checkpoints by itself (in the background) once its log grows past this,
+# so restarts replay a bounded tail even if clients never call Flush.
+AUTO_CHECKPOINT_BYTES = 256 * 1024 * 1024
 
 
 class Shard:
-    def __init__(self, directory: Path, schema: Schema, number: int) -> None:
+    def __init__(
+        self, directory: Path, schema: Schema, number: int, auto_checkpoint_bytes: int = AUTO_CHECKPOINT_BYTES
+    ) -> None:
         from braid import __version__
 
         self.directory = directory
@@ -68,6 +76,9 @@ class Shard:
         self._commit_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failed: str | None = None
+        self._auto_checkpoint_bytes = auto_checkpoint_bytes
+        self._checkpointing = threading.Event()
+        self._logged_bytes = 0  # appended since the last checkpoint began
         self._ids: dict[str, int] = {}
         self._label_ids: dict[int, str] = {}
         self._alive = np.zeros(_INITIAL_LABELS, dtype=bool)
@@ -86,10 +97,12 @@ class Shard:
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
-    def open(cls, directory: Path, schema: Schema, number: int) -> Shard:
+    def open(
+        cls, directory: Path, schema: Schema, number: int, auto_checkpoint_bytes: int = AUTO_CHECKPOINT_BYTES
+    ) -> Shard:
         """Open (or create) the shard and recover: checkpoint + WAL replay."""
         directory.mkdir(parents=True, exist_ok=True)
-        shard = cls(directory, schema, number)
+        shard = cls(directory, schema, number, auto_checkpoint_bytes)
         manifest = read_json(directory / "MANIFEST.json")
         start_seq = 0
         if manifest is not None:
@@ -127,7 +140,7 @@ class Shard:
             self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
 
     def close(self) -> None:
-        with self._lock.write():
+        with self._flush_lock, self._lock.write():
             if self.text is not None:
                 self.text.close()
             if self.wal is not None:
@@ -156,6 +169,7 @@ class Shard:
         assert self.wal is not None
         op = _decode(kind, payload)
         seq = self.wal.append(kind, payload)
+        self._logged_bytes += len(payload)
         try:
             self.wal.sync(seq)
         except (OSError, BraidError) as err:
@@ -165,7 +179,27 @@ class Shard:
             raise Unavailable(f"shard {self.number}: write-ahead log fsync failed: {err}") from err
         self._in_order(seq, "_prepared_seq", lambda: self._prepare(op))
         self._commit_text(seq)
-        return self._in_order(seq, "_applied_seq", lambda: self._apply_locked(op))
+        result = self._in_order(seq, "_applied_seq", lambda: self._apply_locked(op))
+        self._maybe_checkpoint()
+        return result
+
+    def _maybe_checkpoint(self) -> None:
+        # Bytes logged since the last checkpoint, not the log's size: the active WAL
+        # segment is never deleted, so the size alone never falls below the threshold.
+        if self._checkpointing.is_set() or self._logged_bytes < self._auto_checkpoint_bytes:
+            return
+        self._checkpointing.set()
+
+        def run() -> None:
+            try:
+                if not self._failed:
+                    self.flush()
+            except Exception:  # a failed background checkpoint leaves the log intact
+                log.exception("shard %d: background checkpoint failed", self.number)
+            finally:
+                self._checkpointing.clear()
+
+        threading.Thread(target=run, name=f"braid-checkpoint-{self.number}", daemon=True).start()
 
     def _in_order(self, seq: int, counter: str, step: Callable[[], int | None]) -> int:
         """Run one write's step after the same step of every earlier write, then advance the counter."""
@@ -327,7 +361,10 @@ class Shard:
         """Checkpoint: save every index into a new segment generation, publish it, trim the WAL."""
         assert self.wal is not None
         with self._flush_lock, self._lock.read():
+            if self._failed:
+                raise Unavailable(f"shard {self.number}: {self._failed}")
             wal_seq = self._applied_seq
+            self._logged_bytes = 0
             generation = self._generation + 1
             segments = self.directory / "segments"
             staging = segments / f"{generation}.tmp"
