@@ -42,7 +42,13 @@ def load(directory: Path) -> tuple[dict[str, str], dict[str, str], list]:
     for line in (directory / "queries.jsonl").open(encoding="utf-8"):
         row = json.loads(line)
         queries[str(row["_id"])] = row["text"]
-    qrels = list(ir_measures.read_trec_qrels(str(directory / "qrels" / "test.tsv")))
+    # BEIR qrels: a header line, then query-id <tab> corpus-id <tab> score
+    qrels = []
+    with (directory / "qrels" / "test.tsv").open(encoding="utf-8") as fh:
+        next(fh)
+        for line in fh:
+            qid, doc_id, grade = line.rstrip("\n").split("\t")
+            qrels.append(ir_measures.Qrel(qid, doc_id, int(grade)))
     judged = {q.query_id for q in qrels}
     return corpus, {k: v for k, v in queries.items() if k in judged}, qrels
 
@@ -92,8 +98,13 @@ def run_tantivy(corpus: dict[str, str], queries: dict[str, str]) -> dict:
     searcher = index.searcher()
     run = {}
     for qid, text in queries.items():
-        # Lower-cased so upper-case AND/OR/NOT in the query text are words, not operators.
-        query = index.parse_query_lenient(text.lower(), ["body"])[0]
+        # Plain words: punctuation to spaces and lower case, so query-language characters and
+        # upper-case AND/OR/NOT are text, not syntax (the default tokenizer lower-cases anyway).
+        words = re.sub(r"[\W_]+", " ", text).lower().strip()
+        if not words:
+            run[qid] = {}
+            continue
+        query = index.parse_query(words, ["body"])
         run[qid] = {searcher.doc(addr)["id"][0]: score for score, addr in searcher.search(query, DEPTH).hits}
     return run
 

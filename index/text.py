@@ -37,8 +37,9 @@ LABEL = "_label"
 # Up to this many allowed labels, the filter is pushed into tantivy as a term set.
 TERM_SET_MAX = 4096
 WRITER_HEAP_BYTES = 32 * 1024 * 1024
-# tantivy's query grammar characters; user text is plain words, so they become spaces.
-_QUERY_SYNTAX = re.compile(r'[+\-&|!(){}\[\]^"~*?:\\/<>=\']')
+# A BM25 query is a bag of words: every non-word character becomes a space. That keeps
+# tantivy's query syntax out, and stops its parser from turning "u.s." into a phrase query.
+_QUERY_SYNTAX = re.compile(r"[\W_]+")
 _OPERATORS = re.compile(r"\b(AND|OR|NOT|IN|TO)\b")
 
 
