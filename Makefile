@@ -11,7 +11,7 @@ install: $(STAMP)
 # Reinstalls when the dependencies or the wire contract change; the install step
 # (setup.py build hook) regenerates the braid.v1 protobuf/gRPC code from proto/.
 $(STAMP): pyproject.toml setup.py $(wildcard proto/braid/v1/*.proto)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(PYTHON) -m pip install --quiet --user virtualenv && $(PYTHON) -m virtualenv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
