@@ -39,9 +39,7 @@ def test_every_request_field_is_read_by_the_service():
     for method in pb.DESCRIPTOR.services_by_name["Braid"].methods:
         fields |= _request_fields(method.input_type, seen)
     unread = sorted(
-        f"{message}.{name}"
-        for message, name in fields
-        if not re.search(rf"\.{name}\b|\"{name}\"|\b{name}=", source)
+        f"{message}.{name}" for message, name in fields if not re.search(rf"\.{name}\b|\"{name}\"|\b{name}=", source)
     )
     assert not unread, f"request fields the service never reads: {unread}"
     assert len(fields) > 60
