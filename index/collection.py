@@ -217,7 +217,7 @@ class Collection:
             index = shard.dense[query.field]
             ef = query.ef or index.spec.hnsw.ef_search
             if filtered:
-                return index.search(query.vector[None, :], depth, ef, mask, count)[0]
+                return index.search(query.vector[None, :], depth, ef, mask)[0]
             return index.search(query.vector[None, :], depth, ef)[0]
         if isinstance(query, Bm25Query):
             assert shard.text is not None

@@ -102,12 +102,7 @@ class DenseIndex:
     # ----------------------------------------------------------------- queries
 
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        ef: int,
-        allowed: np.ndarray | None = None,
-        allowed_count: int | None = None,
+        self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None = None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """k nearest live vectors of each query row, as (labels int64, scores float32) best first.
 
@@ -116,8 +111,8 @@ class DenseIndex:
         or a small share of the live vectors, and otherwise walks HNSW with a
         filter callback and a beam raised by the inverse selectivity.
         """
+        empty = (np.empty(0, np.int64), np.empty(0, np.float32))
         if self.live <= 0 or k <= 0:
-            empty = (np.empty(0, np.int64), np.empty(0, np.float32))
             return [empty for _ in range(len(queries))]
         if allowed is None:
             want = min(max(k, ef), self.live)
@@ -129,9 +124,11 @@ class DenseIndex:
                 # neighbours (k near the live count, many deletions): scan exactly.
                 return self.exact(queries, k, self.present_labels())
             return [self._top(labels[i], distances[i], k) for i in range(len(queries))]
-        count = int(allowed.sum()) if allowed_count is None else allowed_count
+        # Only documents that have a vector in this field can match.
+        size = min(len(allowed), len(self._present))
+        allowed = allowed[:size] & self._present[:size]
+        count = int(np.count_nonzero(allowed))
         if count == 0:
-            empty = (np.empty(0, np.int64), np.empty(0, np.float32))
             return [empty for _ in range(len(queries))]
         if count <= EXACT_SCAN_MAX or count < EXACT_SCAN_SELECTIVITY * self.live:
             return self.exact(queries, k, np.flatnonzero(allowed))

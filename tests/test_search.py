@@ -425,3 +425,22 @@ def test_plain_dense_path_equals_the_general_path(braid):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected dim 8, got 9" in err.details()
     err = rpc_error(lambda: search(braid, queries=[dense_query([1.0] * dim)], limit=100_000))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_filtered_dense_skips_documents_without_that_vector(braid):
+    braid.client.create_collection("docs", schema(dim=4, payload={"k": pb.INT}, sparse=False))
+    rng = np.random.default_rng(14)
+    docs = []
+    for i in range(9000):  # a third carry no vector: 6,000 vectors
+        doc = {"id": str(i), "payload": {"k": i % 10}, "text": {"body": "word"}}
+        if i % 3:
+            doc["dense"] = {"emb": rng.standard_normal(4).astype(np.float32)}
+        docs.append(doc)
+    braid.client.bulk_upsert("docs", docs, batch_size=3000)
+    # k = 0 keeps 900 documents (exact scan); every k keeps all 9,000 (filtered HNSW walk)
+    for keep in ([0], list(range(10))):
+        flt = pb.Filter(must=[pb.Condition(any=pb.MatchAny(field="k", values=[pb.Value(int=v) for v in keep]))])
+        hits = search(braid, queries=[dense_query([1.0, 0.0, 0.0, 0.0])], filter=flt, limit=50)
+        assert len(hits) == 50
+        assert all(int(h.id) % 3 for h in hits)
+        assert all(int(h.id) % 10 in keep for h in hits)
