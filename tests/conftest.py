@@ -79,7 +79,8 @@ class ChildServer:
         self.client = BraidClient(f"127.0.0.1:{self.port}")
 
     def kill(self) -> None:
-        self.client.close()
+        """SIGKILL the server. The client stays open (threads may still be calling it);
+        the fixture closes it at teardown."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
@@ -102,6 +103,7 @@ def child_server(tmp_path: Path) -> Iterator[type[ChildServer]]:
     for server in started:
         if server.proc.poll() is None:
             server.kill()
+        server.client.close()
 
 
 # ------------------------------------------------------------------ helpers
