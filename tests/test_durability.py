@@ -12,7 +12,7 @@ import numpy as np
 from braid.index.collection import shard_of
 from braid.v1 import braid_pb2 as pb
 
-from .conftest import random_vectors, schema, start_in_process, stop_in_process
+from .conftest import schema, start_in_process, stop_in_process
 
 DIM = 8
 PAYLOAD = {"n": pb.INT, "tag": pb.KEYWORD}
@@ -176,11 +176,6 @@ def _pb_doc(i: int) -> pb.Document:
     from braid.service.client import document
 
     return document(make_doc(i))
-
-
-def test_vectors_for_assert_helper_are_stable():
-    assert np.array_equal(make_doc(5)["dense"]["emb"], make_doc(5)["dense"]["emb"])
-    assert random_vectors(2, 2).shape == (2, 2)
 
 
 def test_shard_checkpoints_by_itself_when_the_log_grows(tmp_path):

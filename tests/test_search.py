@@ -444,3 +444,35 @@ def test_filtered_dense_skips_documents_without_that_vector(braid):
         assert len(hits) == 50
         assert all(int(h.id) % 3 for h in hits)
         assert all(int(h.id) % 10 in keep for h in hits)
+
+
+def test_text_field_analyzers(braid):
+    braid.client.create_collection(
+        "docs",
+        pb.Schema(
+            text_fields=[
+                pb.TextField(name="plain"),
+                pb.TextField(name="stemmed", analyzer="en_stem"),
+                pb.TextField(name="code", analyzer="raw"),
+                pb.TextField(name="spaced", analyzer="whitespace"),
+            ]
+        ),
+    )
+    braid.client.upsert(
+        "docs",
+        [
+            {
+                "id": "a",
+                "text": {"plain": "running dogs", "stemmed": "running dogs", "code": "AB-12", "spaced": "Hello-World"},
+            }
+        ],
+    )
+
+    def ids(text: str, field: str) -> list[str]:
+        return [h.id for h in search(braid, queries=[pb.SubQuery(bm25=pb.Bm25Query(text=text, fields=[field]))])]
+
+    assert ids("runs dog", "stemmed") == ["a"]  # stemming: runs/running -> run, dog/dogs -> dog
+    assert ids("runs dog", "plain") == []
+    assert ids("running", "plain") == ["a"]
+    assert ids("AB", "code") == []  # raw: only the whole value is a token
+    assert ids("Hello", "spaced") == []  # whitespace: "Hello-World" is one token
