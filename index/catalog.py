@@ -66,6 +66,12 @@ class Catalog:
             staging.mkdir()
             meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
             write_json_atomic(staging / "collection.json", meta)
+            try:
+                # Open in staging first: a collection that cannot open is never published.
+                self._open(staging, meta).close()
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             final = self.root / name
             staging.rename(final)
             fsync_dir(self.root)

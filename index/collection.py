@@ -146,7 +146,7 @@ class Collection:
             if stored is not None:
                 ids, tokens = index.describe(stored[0])
                 doc["sparse"][name] = SparseValue(
-                    values=stored[1], indices=np.asarray(ids, np.uint32) if ids else None, tokens=tokens or None
+                    values=stored[1], indices=None if tokens else np.asarray(ids, np.uint32), tokens=tokens or None
                 )
         if include_vectors:
             for name, index in shard.dense.items():

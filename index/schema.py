@@ -16,7 +16,8 @@ from typing import Any
 from .errors import InvalidArgument
 
 NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
-FIELD_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Names may not start with "_": that prefix is reserved for internal fields (tantivy's _label).
+FIELD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 MAX_DIM = 65536
 
 

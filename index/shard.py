@@ -211,7 +211,7 @@ class Shard:
             try:
                 result = step()
                 setattr(self, counter, seq)
-            except Exception as err:
+            except BaseException as err:  # incl. tantivy's PanicException, so later writers never wait forever
                 # The record is durable but could not be applied: memory no longer
                 # matches the log, so stop taking writes; a restart replays it.
                 self._failed = f"write {seq} failed in {counter.strip('_')}: {err!r}"

@@ -138,7 +138,10 @@ def value_from_proto(msg: pb.Value, where: str) -> object:
     if kind is None:
         raise InvalidArgument.field(where, "value is not set")
     if kind == "datetime":
-        return msg.datetime.ToMicroseconds()
+        try:
+            return msg.datetime.ToMicroseconds()
+        except ValueError as err:  # outside 0001-01-01..9999-12-31, or bad nanos
+            raise InvalidArgument.field(where, f"invalid timestamp: {err}") from None
     return getattr(msg, kind)
 
 

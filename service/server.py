@@ -43,7 +43,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, request, context)
         except BraidError as err:
             abort(context, err)
-        except Exception as err:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # tantivy's PanicException is a BaseException: answer INTERNAL, never hang
             if isinstance(err, grpc.RpcError) or context.code() is not None:
                 raise
             abort(context, err)

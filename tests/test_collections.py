@@ -113,3 +113,11 @@ def test_collections_survive_restart(tmp_path):
         assert [(c.name, c.shards) for c in infos] == [("keep", 3)]
     finally:
         stop_in_process(server, running)
+
+
+def test_reserved_field_names_are_rejected_and_nothing_is_left_behind(braid):
+    bad = pb.Schema(text_fields=[pb.TextField(name="_label")])
+    err = rpc_error(lambda: braid.client.create_collection("lab", bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "_label" in err.details()
+    braid.client.create_collection("lab", schema())  # the name is still free
+    assert [c.name for c in braid.client.list_collections()] == ["lab"]

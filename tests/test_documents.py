@@ -310,3 +310,18 @@ def test_bad_get_requests(tmp_path):
         assert stub.Get(pb.GetRequest(collection="docs")).documents == []
     finally:
         stop_in_process(server, running)
+
+
+def test_empty_sparse_vector_round_trips(docs):
+    docs.stub.Upsert(
+        pb.UpsertRequest(collection="docs", documents=[pb.Document(id="z", sparse={"splade": pb.SparseVector()})])
+    )
+    got = docs.client.get("docs", ["z"])[0]
+    assert list(got.sparse["splade"].values) == []
+
+
+def test_out_of_range_timestamp_is_invalid_argument(docs):
+    bad = pb.Value()
+    bad.datetime.seconds = 10**12
+    err = upsert_error(docs, pb.Document(id="a", payload={"at": bad}))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "documents[0].payload.at" in err.details()
