@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from . import fusion
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import ResourceExhausted
 from .filters import Filter
 from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
 from .shard import Shard
-from .validate import MAX_EF, Limits, check_documents, check_id, check_plan, unknown_field
+from .validate import MAX_EF, Limits, check_dense, check_documents, check_id, check_plan, unknown_field
 
 SHARD_SHIFT = 40
 _LABEL_MASK = (1 << SHARD_SHIFT) - 1
@@ -251,17 +251,14 @@ class Collection:
                     texts[(shard.number, label)] = text
             result.texts = [texts.get((shard.number, label), {}) for shard, label in located]
 
-    def check_dense(self, field: str, vectors: np.ndarray, limit: int, ef: int, where: str = "") -> None:
-        """The checks check_plan makes, for plain dense queries (one vector per row)."""
+    def check_dense(self, field: str, vector: np.ndarray, limit: int, ef: int, where: str = "") -> None:
+        """The checks check_plan makes, for one plain dense query."""
         spec = self.schema.dense(field)
         if spec is None:
             raise unknown_field(
                 f"{where}queries[0].dense.field", "dense", [f.name for f in self.schema.dense_fields], field
             )
-        if vectors.ndim != 2 or vectors.shape[1] != spec.dim:
-            raise InvalidArgument.dimension(f"{where}queries[0].dense.vector", spec.dim, int(vectors.shape[-1]))
-        if not np.isfinite(vectors).all():
-            raise InvalidArgument.field(f"{where}queries[0].dense.vector", "vector contains NaN or infinity")
+        check_dense(vector, spec.dim, f"{where}queries[0].dense.vector")
         if not 1 <= limit <= self.limits.max_limit:
             raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{self.limits.max_limit}")
         if ef > MAX_EF:

@@ -406,10 +406,6 @@ class Shard:
                     shutil.rmtree(old, ignore_errors=True)
             self.wal.truncate_prefix(wal_seq)
 
-    def stats(self) -> dict[str, int]:
-        assert self.wal is not None
-        return {"documents": self.live_count, "labels": self._size, "wal_bytes": self.wal.size_bytes()}
-
 
 @dataclass
 class _Op:

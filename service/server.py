@@ -147,10 +147,10 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         if _plain_dense(request):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
-            vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")[None, :]
+            vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
             limit = request.limit or 10
             collection.check_dense(dense.field, vector, limit, dense.ef)
-            result = collection.search_dense_batch(dense.field, vector, limit, dense.ef)[0]
+            result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef)[0]
             return convert.result_to_proto(result, _NO_TYPES)
         result = collection.search(convert.plan_from_proto(request))
         return convert.result_to_proto(result, self._types(collection))
@@ -192,7 +192,7 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
             for i, s in enumerate(searches)
         ]
         for i, row in enumerate(rows):
-            collection.check_dense(shape[1], row[None, :], shape[3] or 10, shape[2], f"searches[{i}].")
+            collection.check_dense(shape[1], row, shape[3] or 10, shape[2], f"searches[{i}].")
         results = collection.search_dense_batch(shape[1], np.stack(rows), shape[3] or 10, shape[2])
         return [convert.result_to_proto(result, _NO_TYPES) for result in results]
 
