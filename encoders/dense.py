@@ -1,0 +1,68 @@
+"""Dense text encoder: tokenize, run the ONNX graph, pool, normalize.
+
+    mean pooling:  v = sum_t(mask_t * h_t) / max(sum_t mask_t, 1e-9)
+    cls pooling:   v = h_0
+    normalize:     v / max(||v||_2, 1e-12)
+
+(the formulas of sentence-transformers' Pooling and Normalize modules). Texts are
+sorted by length and cut into batches of ``batch_size`` so short texts are not
+padded to the longest one of a large request; results come back in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import ModelManifest
+from .tokenize import ModelInputs, TextTokenizer
+
+
+def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    """[batch, seq, dim] hidden states (or an already pooled [batch, dim]) -> [batch, dim] float32."""
+    if hidden.ndim == 2:
+        vectors = hidden
+    elif pooling == "cls":
+        vectors = hidden[:, 0]
+    else:
+        mask = attention_mask.astype(np.float32)
+        vectors = np.einsum("bsd,bs->bd", hidden, mask) / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if normalize:
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
+def length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Positions of ``texts`` grouped into batches of similar length (less padding per batch)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class DenseEncoder:
+    def __init__(
+        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
+    ) -> None:
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.dim = manifest.dim
+        self._input_names = tuple(i.name for i in session.get_inputs())
+
+    def run(self, inputs: ModelInputs) -> np.ndarray:
+        (hidden,) = self.session.run([self.manifest.output], inputs.feed(self._input_names))
+        return pool(hidden, inputs.attention_mask, self.manifest.pooling, self.manifest.normalize)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 [len(texts), dim], row i the embedding of texts[i]."""
+        out = np.empty((len(texts), self.dim), np.float32)
+        if len(texts) <= self.batch_size:
+            if texts:
+                out[:] = self.run(self.tokenizer.encode(list(texts)))
+            return out
+        for positions in length_batches(texts, self.batch_size):
+            out[positions] = self.run(self.tokenizer.encode([texts[i] for i in positions]))
+        return out
