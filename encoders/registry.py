@@ -135,7 +135,8 @@ class ModelStore:
             if not np.all(np.isfinite(batched)):
                 raise InvalidModel(f"model {name!r} ({precision}): non-finite output")
             agreement = float(_cosines(batched, single).min())
-            if agreement < 0.9999:
+            # int8 scales activations per call, so its rows depend slightly on their batch companions.
+            if agreement < (0.9999 if precision == "fp32" else 0.95):
                 raise InvalidModel(
                     f"model {name!r} ({precision}): batched and single encodings differ ({agreement:.6f})"
                 )

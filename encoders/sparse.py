@@ -52,7 +52,7 @@ class SpladeEncoder:
         self.batch_size = batch_size
         self.vocab_size = manifest.dim
         self._input_names = tuple(i.name for i in session.get_inputs())
-        self._special = np.asarray(sorted(i for i in tokenizer.special_ids if i < self.vocab_size), np.int64)
+        self.special_ids = np.asarray(sorted(i for i in tokenizer.special_ids if i < self.vocab_size), np.int64)
 
     def weights(self, texts: list[str]) -> np.ndarray:
         """float32 [len(texts), vocab] SPLADE weights of one batch."""
@@ -76,5 +76,5 @@ class SpladeEncoder:
         for positions in length_batches(texts, self.batch_size):
             weights = self.weights([texts[i] for i in positions])
             for row, position in enumerate(positions):
-                out[position] = top_terms(weights[row], top_k, self._special)
+                out[position] = top_terms(weights[row], top_k, self.special_ids)
         return out

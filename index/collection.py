@@ -154,6 +154,23 @@ class Collection:
                     doc["dense"][name] = index.vectors([label])[0]
         return doc
 
+    def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
+        """BM25 IDF of each term id in a sparse field over all live documents that have the field.
+
+        idf = ln(1 + (N - df + 0.5) / (df + 0.5)); 0 for terms no document has, so
+        inference-free queries drop them.
+        """
+        keys = np.asarray(term_ids, np.int64)
+        df = np.zeros(len(keys), np.int64)
+        documents = 0
+        for shard in self.shards:
+            with shard.read():
+                index = shard.sparse[field]
+                df += index.document_frequency(keys, shard.allowed(None)[0])
+                documents += len(index)
+        idf = np.log1p((documents - df + 0.5) / (df + 0.5))
+        return np.where(df > 0, idf, 0.0).astype(np.float32)
+
     # ------------------------------------------------------------------ search
 
     def check(self, plan: SearchPlan, where: str = "") -> None:

@@ -13,8 +13,9 @@ from .records import SparseValue
 @dataclass
 class DenseQuery:
     field: str
-    vector: np.ndarray  # float32, validated
+    vector: np.ndarray | None  # float32, validated; None until the service encodes ``text``
     ef: int = 0  # 0: the field's ef_search
+    text: str = ""  # for fields with an encoder: the service fills ``vector`` from it
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Bm25Query:
 @dataclass
 class SparseQuery:
     field: str
-    vector: SparseValue
+    vector: SparseValue | None  # None until the service encodes ``text``
+    text: str = ""  # for fields with an encoder: the service fills ``vector`` from it
 
 
 Strand = DenseQuery | Bm25Query | SparseQuery

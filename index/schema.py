@@ -19,6 +19,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
 # Names may not start with "_": that prefix is reserved for internal fields (tantivy's _label).
 FIELD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 MAX_DIM = 65536
+MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MAX_SPARSE_TOP_K = 4096
 
 
 class Metric(StrEnum):
@@ -55,17 +57,52 @@ class HnswParams:
     ef_search: int = 64
 
 
+class Precision(StrEnum):
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
+class SparseQueryMode(StrEnum):
+    MODEL = "model"  # queries run the sparse model too
+    IDF = "idf"  # inference-free: query terms weighted by the collection's IDF
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A model that fills a vector field from text fields (run by the service, not the index)."""
+
+    model: str
+    source_fields: tuple[str, ...]
+    precision: Precision = Precision.FP32
+    query_mode: SparseQueryMode = SparseQueryMode.MODEL
+    top_k: int = 256
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> EncoderSpec | None:
+        if data is None:
+            return None
+        return cls(
+            model=data["model"],
+            source_fields=tuple(data["source_fields"]),
+            precision=Precision(data.get("precision", "fp32")),
+            query_mode=SparseQueryMode(data.get("query_mode", "model")),
+            top_k=int(data.get("top_k", 256)),
+        )
+
+
 @dataclass(frozen=True)
 class DenseFieldSpec:
     name: str
     dim: int
     metric: Metric = Metric.COSINE
     hnsw: HnswParams = field(default_factory=HnswParams)
+    encoder: EncoderSpec | None = None
 
 
 @dataclass(frozen=True)
 class SparseFieldSpec:
     name: str
+    encoder: EncoderSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +146,30 @@ class Schema:
                 )
             if not 1 <= spec.hnsw.ef_search <= 4096:
                 raise InvalidArgument.field(f"{where}.hnsw.ef_search", f"must be in 1..4096, got {spec.hnsw.ef_search}")
+        for where, specs in (("schema.dense_fields", self.dense_fields), ("schema.sparse_fields", self.sparse_fields)):
+            for spec in specs:
+                if spec.encoder is not None:
+                    self._validate_encoder(
+                        spec.encoder, f"{where}[{spec.name}].encoder", sparse=where.endswith("sparse_fields")
+                    )
         if not (self.text_fields or self.dense_fields or self.sparse_fields):
             raise InvalidArgument.field("schema", "needs at least one text, dense or sparse field")
+
+    def _validate_encoder(self, encoder: EncoderSpec, where: str, sparse: bool) -> None:
+        if not MODEL_PATTERN.match(encoder.model):
+            raise InvalidArgument.field(f"{where}.model", f"{encoder.model!r} must match {MODEL_PATTERN.pattern}")
+        if not encoder.source_fields:
+            raise InvalidArgument.field(f"{where}.source_fields", "name at least one text field to encode")
+        for name in encoder.source_fields:
+            if self.text(name) is None:
+                declared = ", ".join(f.name for f in self.text_fields) or "none"
+                raise InvalidArgument.field(
+                    f"{where}.source_fields", f"{name!r} is not a text field (declared: {declared})"
+                )
+        if not sparse and encoder.query_mode is not SparseQueryMode.MODEL:
+            raise InvalidArgument.field(f"{where}.query_mode", "only sparse fields have a query mode")
+        if not 1 <= encoder.top_k <= MAX_SPARSE_TOP_K:
+            raise InvalidArgument.field(f"{where}.top_k", f"must be in 1..{MAX_SPARSE_TOP_K}, got {encoder.top_k}")
 
     def text(self, name: str) -> TextFieldSpec | None:
         return next((f for f in self.text_fields if f.name == name), None)
@@ -134,10 +193,19 @@ class Schema:
                 TextFieldSpec(f["name"], Analyzer(f.get("analyzer", "default"))) for f in data.get("text_fields", ())
             ),
             dense_fields=tuple(
-                DenseFieldSpec(f["name"], int(f["dim"]), Metric(f["metric"]), HnswParams(**f["hnsw"]))
+                DenseFieldSpec(
+                    f["name"],
+                    int(f["dim"]),
+                    Metric(f["metric"]),
+                    HnswParams(**f["hnsw"]),
+                    EncoderSpec.from_json(f.get("encoder")),
+                )
                 for f in data.get("dense_fields", ())
             ),
-            sparse_fields=tuple(SparseFieldSpec(f["name"]) for f in data.get("sparse_fields", ())),
+            sparse_fields=tuple(
+                SparseFieldSpec(f["name"], EncoderSpec.from_json(f.get("encoder")))
+                for f in data.get("sparse_fields", ())
+            ),
             payload_fields=tuple(
                 PayloadFieldSpec(f["name"], PayloadType(f["type"])) for f in data.get("payload_fields", ())
             ),

@@ -144,6 +144,19 @@ class SparseIndex:
         top = top[order]
         return unique[top], scores[top]
 
+    def document_frequency(self, keys: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """int64 per key: how many labels set in ``allowed`` have a posting for it."""
+        counts = np.zeros(len(keys), np.int64)
+        with self._fold_lock:
+            for i, key in enumerate(keys.tolist()):
+                postings = self._postings.get(key)
+                if postings is None:
+                    continue
+                labels, _ = postings.arrays()
+                labels = labels[labels < len(allowed)]
+                counts[i] = np.count_nonzero(allowed[labels])
+        return counts
+
     # ------------------------------------------------------------- persistence
 
     def save(self, directory: Path) -> None:

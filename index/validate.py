@@ -116,6 +116,8 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
         spec = schema.dense(query.field)
         if spec is None:
             raise unknown_field(f"{at}.dense.field", "dense", [f.name for f in schema.dense_fields], query.field)
+        if query.vector is None:
+            raise InvalidArgument.field(f"{at}.dense", "set vector or text")
         check_dense(query.vector, spec.dim, f"{at}.dense.vector")
         if query.ef > MAX_EF:
             raise ResourceExhausted(f"{at}.dense.ef: {query.ef} exceeds the maximum of {MAX_EF}")
@@ -133,8 +135,10 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
     elif isinstance(query, SparseQuery):
         if schema.sparse(query.field) is None:
             raise unknown_field(f"{at}.sparse.field", "sparse", [f.name for f in schema.sparse_fields], query.field)
+        if query.vector is None:
+            raise InvalidArgument.field(f"{at}.sparse", "set vector or text")
         check_sparse(query.vector, f"{at}.sparse.vector", limits.max_sparse_terms)
-        if len(query.vector.values) == 0:
+        if len(query.vector.values) == 0 and not query.text:  # text with no known terms just matches nothing
             raise InvalidArgument.field(f"{at}.sparse.vector", "query vector is empty")
     else:
         raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")

@@ -4,8 +4,12 @@
     braid collection create NAME --schema schema.json [--shards N]
     braid collection list | describe NAME | delete NAME
     braid ingest NAME docs.jsonl [--batch 500]
-    braid search NAME --text "query" | --vector-file q.json [--field F] [--limit 10]
+    braid search NAME --text "query" [--dense-field F] | --vector-file q.json --field F [--limit 10]
+    braid models list | export NAME [--force] [--no-int8] | verify NAME
+    braid models register DIR --name NAME --kind dense|sparse [--pooling mean|cls] [--hf-checkpoint]
 
+``models`` commands work on the models directory (``--models-dir``, BRAID_MODELS_DIR,
+default <data-dir>/models, the one ``braid serve`` reads).
 Client commands talk to ``--address`` (BRAID_ADDRESS, default 127.0.0.1:50051).
 The schema file and the JSONL documents use the JSON shapes described in
 docs/cli.md (the protobuf JSON mapping of braid.v1 Schema and Document).
@@ -29,7 +33,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers)
+        config = load_config(
+            data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers, models_dir=args.models_dir
+        )
     except ValueError as err:
         print(f"braid serve: {err}", file=sys.stderr)
         return 2
@@ -117,6 +123,7 @@ def _search(args: argparse.Namespace) -> int:
             hits = client.search(
                 args.collection,
                 bm25=args.text,
+                dense=(args.dense_field, args.text) if args.dense_field else None,
                 limit=args.limit,
                 include_payload=True,
                 text_fields=[args.show] if args.show else None,
@@ -132,6 +139,61 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from braid.encoders import export
+    from braid.encoders.errors import EncoderError
+    from braid.encoders.registry import ModelStore
+
+    from .config import load_config
+
+    models_dir = load_config(data_dir=args.data_dir, models_dir=args.models_dir).models_path
+    console = Console()
+    try:
+        if args.action == "list":
+            table = Table("model", "kind", "exported", "precisions", "dim", "description")
+            for status in ModelStore(models_dir).list():
+                table.add_row(
+                    status.name,
+                    status.kind,
+                    "yes" if status.exported else f"no: braid models export {status.name}",
+                    ",".join(status.precisions),
+                    str(status.dim or ""),
+                    status.description,
+                )
+            console.print(f"models directory: {models_dir}")
+            console.print(table)
+        elif args.action == "export":
+            manifest = export.export_builtin(args.name, models_dir, quantize=not args.no_int8, force=args.force)
+            console.print(
+                f"{manifest.name}: {manifest.kind}, dim {manifest.dim}, {', '.join(manifest.files)} in {models_dir}"
+            )
+        elif args.action == "verify":
+            for line in ModelStore(models_dir).verify(args.name):
+                console.print(f"ok  {line}")
+        elif args.action == "register":
+            route = export.export_checkpoint if args.hf_checkpoint else export.register_onnx
+            manifest = route(
+                Path(args.dir),
+                models_dir,
+                args.name,
+                kind=args.kind,
+                pooling=args.pooling,
+                normalize=not args.no_normalize,
+                max_length=args.max_length,
+                quantize=args.int8,
+            )
+            console.print(
+                f"registered {manifest.name}: {manifest.kind}, dim {manifest.dim}, output {manifest.output!r}"
+            )
+    except EncoderError as err:
+        print(f"braid models {args.action}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braid", description="Braid hybrid search service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (BRAID_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port, 0 for any free port (BRAID_PORT, default 50051)")
     serve.add_argument("--workers", type=int, help="gRPC worker threads (BRAID_WORKERS, default 16)")
+    serve.add_argument("--models-dir", help="ONNX models (BRAID_MODELS_DIR, default <data-dir>/models)")
     serve.set_defaults(run=_serve)
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data-dir", help="data directory whose models/ is used (BRAID_DATA_DIR)")
+    where.add_argument("--models-dir", help="models directory (BRAID_MODELS_DIR, default <data-dir>/models)")
+    models = commands.add_parser("models", help="list, export, verify and register encoder models")
+    model_actions = models.add_subparsers(dest="action", required=True)
+    model_actions.add_parser("list", parents=[where])
+    export_model = model_actions.add_parser("export", parents=[where], help="export a built-in model to ONNX")
+    export_model.add_argument("name")
+    export_model.add_argument("--force", action="store_true", help="export again even if present")
+    export_model.add_argument("--no-int8", action="store_true", help="skip the int8 quantized variant")
+    model_actions.add_parser("verify", parents=[where], help="check hashes and run the model").add_argument("name")
+    register = model_actions.add_parser(
+        "register", parents=[where], help="add your own BERT-family ONNX directory (or HF checkpoint)"
+    )
+    register.add_argument(
+        "dir", help="model.onnx + tokenizer.json, or with --hf-checkpoint config.json + model.safetensors"
+    )
+    register.add_argument("--name", required=True)
+    register.add_argument("--kind", choices=["dense", "sparse"], required=True)
+    register.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    register.add_argument("--no-normalize", action="store_true")
+    register.add_argument("--max-length", type=int, default=512)
+    register.add_argument("--int8", action="store_true", help="also write an int8 quantized variant")
+    register.add_argument("--hf-checkpoint", action="store_true", help="DIR is a Hugging Face BERT checkpoint")
+    models.set_defaults(run=_models)
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=os.environ.get("BRAID_ADDRESS", DEFAULT_ADDRESS))
@@ -166,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", parents=[address], help="search and print a table")
     search.add_argument("collection")
     search.add_argument("--text", help="BM25 query text")
+    search.add_argument("--dense-field", help="also search this encoder-backed dense field with --text (hybrid)")
     search.add_argument("--vector-file", help="JSON list of floats for a dense query")
     search.add_argument("--field", default="", help="dense field of --vector-file")
     search.add_argument("--limit", type=int, default=10)

@@ -159,7 +159,10 @@ class BraidClient:
         text_fields: list[str] | None = None,
         explain: bool = False,
     ) -> list[pb.Hit]:
-        """One search with up to one strand of each kind; build a SearchRequest for more control."""
+        """One search with up to one strand of each kind; build a SearchRequest for more control.
+
+        ``dense`` and ``sparse`` are (field, vector) or, for fields with an encoder, (field, "query text").
+        """
         request = pb.SearchRequest(
             collection=collection,
             limit=limit,
@@ -168,11 +171,19 @@ class BraidClient:
             text_fields=text_fields or [],
         )
         if dense is not None:
-            request.queries.add(dense=pb.DenseQuery(field=dense[0], vector=dense_vector(dense[1])))
+            field, query = dense
+            if isinstance(query, str):  # text for a field with an encoder
+                request.queries.add(dense=pb.DenseQuery(field=field, text=query))
+            else:
+                request.queries.add(dense=pb.DenseQuery(field=field, vector=dense_vector(query)))
         if bm25 is not None:
             request.queries.add(bm25=pb.Bm25Query(text=bm25))
         if sparse is not None:
-            request.queries.add(sparse=pb.SparseQuery(field=sparse[0], vector=sparse_vector(sparse[1])))
+            field, query = sparse
+            if isinstance(query, str):
+                request.queries.add(sparse=pb.SparseQuery(field=field, text=query))
+            else:
+                request.queries.add(sparse=pb.SparseQuery(field=field, vector=sparse_vector(query)))
         if filter is not None:
             request.filter.CopyFrom(filter)
         if fusion is not None:

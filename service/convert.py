@@ -19,12 +19,15 @@ from braid.index.records import DocumentWrite, SparseValue
 from braid.index.schema import (
     Analyzer,
     DenseFieldSpec,
+    EncoderSpec,
     HnswParams,
     Metric,
     PayloadFieldSpec,
     PayloadType,
+    Precision,
     Schema,
     SparseFieldSpec,
+    SparseQueryMode,
     TextFieldSpec,
 )
 from braid.v1 import braid_pb2 as pb
@@ -70,7 +73,8 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
             ef_construction=f.hnsw.ef_construction or _DEFAULT_HNSW.ef_construction,
             ef_search=f.hnsw.ef_search or _DEFAULT_HNSW.ef_search,
         )
-        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw))
+        encoder = encoder_from_proto(f.encoder, f"schema.dense_fields[{i}].encoder") if f.HasField("encoder") else None
+        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw, encoder))
     payload = []
     for i, f in enumerate(msg.payload_fields):
         if f.type not in _PAYLOAD_TYPES:
@@ -81,8 +85,40 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
     return Schema(
         text_fields=tuple(text),
         dense_fields=tuple(dense),
-        sparse_fields=tuple(SparseFieldSpec(f.name) for f in msg.sparse_fields),
+        sparse_fields=tuple(
+            SparseFieldSpec(
+                f.name,
+                encoder_from_proto(f.encoder, f"schema.sparse_fields[{i}].encoder") if f.HasField("encoder") else None,
+            )
+            for i, f in enumerate(msg.sparse_fields)
+        ),
         payload_fields=tuple(payload),
+    )
+
+
+def encoder_from_proto(msg: pb.Encoder, where: str) -> EncoderSpec:
+    try:
+        precision = Precision(msg.precision or "fp32")
+    except ValueError:
+        raise InvalidArgument.choice(f"{where}.precision", msg.precision, [p.value for p in Precision]) from None
+    try:
+        query_mode = SparseQueryMode(msg.query_mode or "model")
+    except ValueError:
+        raise InvalidArgument.choice(
+            f"{where}.query_mode", msg.query_mode, [m.value for m in SparseQueryMode]
+        ) from None
+    return EncoderSpec(msg.model, tuple(msg.source_fields), precision, query_mode, msg.top_k or 256)
+
+
+def encoder_to_proto(spec: EncoderSpec | None) -> pb.Encoder | None:
+    if spec is None:
+        return None
+    return pb.Encoder(
+        model=spec.model,
+        source_fields=list(spec.source_fields),
+        precision=spec.precision.value,
+        query_mode=spec.query_mode.value,
+        top_k=spec.top_k,
     )
 
 
@@ -95,10 +131,13 @@ def schema_to_proto(schema: Schema) -> pb.Schema:
                 dim=f.dim,
                 metric=_METRICS_OUT[f.metric],
                 hnsw=pb.HnswParams(m=f.hnsw.m, ef_construction=f.hnsw.ef_construction, ef_search=f.hnsw.ef_search),
+                encoder=encoder_to_proto(f.encoder),
             )
             for f in schema.dense_fields
         ],
-        sparse_fields=[pb.SparseVectorField(name=f.name) for f in schema.sparse_fields],
+        sparse_fields=[
+            pb.SparseVectorField(name=f.name, encoder=encoder_to_proto(f.encoder)) for f in schema.sparse_fields
+        ],
         payload_fields=[pb.PayloadField(name=f.name, type=_PAYLOAD_TYPES_OUT[f.type]) for f in schema.payload_fields],
     )
 
@@ -240,13 +279,19 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         at = f"{where}queries[{i}]"
         kind = sub.WhichOneof("query")
         if kind == "dense":
-            query: object = DenseQuery(
-                sub.dense.field, dense_from_proto(sub.dense.vector, f"{at}.dense.vector"), sub.dense.ef
-            )
+            dense = sub.dense
+            vector = None
+            if _vector_or_text(dense.HasField("vector"), dense.text, f"{at}.dense"):
+                vector = dense_from_proto(dense.vector, f"{at}.dense.vector")
+            query: object = DenseQuery(dense.field, vector, dense.ef, dense.text)
         elif kind == "bm25":
             query = Bm25Query(sub.bm25.text, list(sub.bm25.fields), dict(sub.bm25.boosts))
         elif kind == "sparse":
-            query = SparseQuery(sub.sparse.field, sparse_from_proto(sub.sparse.vector, f"{at}.sparse.vector"))
+            sparse = sub.sparse
+            sparse_vector = None
+            if _vector_or_text(sparse.HasField("vector"), sparse.text, f"{at}.sparse"):
+                sparse_vector = sparse_from_proto(sparse.vector, f"{at}.sparse.vector")
+            query = SparseQuery(sparse.field, sparse_vector, sparse.text)
         else:
             raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
         weight = sub.weight if sub.weight != 0.0 else 1.0
@@ -276,6 +321,13 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         text_fields=list(msg.text_fields),
         explain=msg.explain,
     )
+
+
+def _vector_or_text(has_vector: bool, text: str, where: str) -> bool:
+    """True when the sub-query carries a vector; text alone is encoded later by the service."""
+    if has_vector and text:
+        raise InvalidArgument.field(where, "set vector or text, not both")
+    return has_vector or not text
 
 
 def result_to_proto(result: SearchResult, types: dict[str, PayloadType]) -> pb.SearchResponse:

@@ -1,4 +1,4 @@
-"""The single table that maps index-layer errors to gRPC status codes."""
+"""The single table that maps index-layer and encoder errors to gRPC status codes."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import logging
 
 import grpc
 
+from braid.encoders import errors as encoder_errors
 from braid.index import errors
 
 log = logging.getLogger("braid.service")
 
-STATUS_OF: dict[type[errors.BraidError], grpc.StatusCode] = {
+STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -18,7 +19,13 @@ STATUS_OF: dict[type[errors.BraidError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    encoder_errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
+    encoder_errors.ModelNotExported: grpc.StatusCode.FAILED_PRECONDITION,
+    encoder_errors.InvalidModel: grpc.StatusCode.FAILED_PRECONDITION,
+    encoder_errors.TextTooLong: grpc.StatusCode.INVALID_ARGUMENT,
 }
+# Errors raised on purpose (anything else is INTERNAL and logged).
+EXPECTED_ERRORS = (errors.BraidError, encoder_errors.EncoderError)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:

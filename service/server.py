@@ -22,13 +22,14 @@ from grpc_reflection.v1alpha import reflection
 
 from braid.index.catalog import Catalog
 from braid.index.collection import Collection
-from braid.index.errors import BraidError, InvalidArgument, ResourceExhausted
+from braid.index.errors import InvalidArgument, ResourceExhausted
 from braid.v1 import braid_pb2 as pb
 from braid.v1 import braid_pb2_grpc
 
 from . import convert
 from .config import ServerConfig
-from .errors import abort
+from .encoding import Encoding
+from .errors import EXPECTED_ERRORS, abort
 
 log = logging.getLogger("braid.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Braid"].full_name
@@ -41,7 +42,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: BraidServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except BraidError as err:
+        except EXPECTED_ERRORS as err:
             abort(context, err)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -54,8 +55,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class BraidServicer(braid_pb2_grpc.BraidServicer):
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, encoding: Encoding) -> None:
         self.catalog = catalog
+        self.encoding = encoding
 
     def _info(self, collection: Collection) -> pb.CollectionInfo:
         return convert.collection_to_proto(
@@ -70,7 +72,7 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
 
     @rpc
     def CreateCollection(self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
-        schema = convert.schema_from_proto(request.schema)
+        schema = self.encoding.resolve_schema(convert.schema_from_proto(request.schema))
         return self._info(self.catalog.create(request.name, schema, request.shards or 1))
 
     @rpc
@@ -90,18 +92,21 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
 
     @rpc
     def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> Any:
+        return pb.UpsertResponse(upserted=self._upsert(request))
+
+    def _upsert(self, request: pb.UpsertRequest) -> int:
         collection = self.catalog.get(request.collection)
         docs = convert.documents_from_proto(request.documents)
-        return pb.UpsertResponse(upserted=collection.upsert(docs))
+        self.encoding.fill_documents(collection.schema, docs)
+        return collection.upsert(docs)
 
     @rpc
     def BulkUpsert(self, request_iterator: Iterator[pb.UpsertRequest], context: grpc.ServicerContext) -> Any:
         upserted, batches = 0, 0
         for batch in request_iterator:
             try:
-                collection = self.catalog.get(batch.collection)
-                upserted += collection.upsert(convert.documents_from_proto(batch.documents))
-            except BraidError as err:
+                upserted += self._upsert(batch)
+            except EXPECTED_ERRORS as err:
                 err.args = (
                     f"batch {batches}: {err}; {batches} earlier batches ({upserted} documents) were acknowledged",
                 )
@@ -147,13 +152,17 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         if _plain_dense(request):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
-            vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
+            if dense.text and not dense.HasField("vector"):
+                vector = self.encoding.dense_texts(collection, dense.field, [dense.text], "queries[0].dense")[0]
+            else:
+                vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
             limit = request.limit or 10
             collection.check_dense(dense.field, vector, limit, dense.ef)
             result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef)[0]
             return convert.result_to_proto(result, _NO_TYPES)
-        result = collection.search(convert.plan_from_proto(request))
-        return convert.result_to_proto(result, self._types(collection))
+        plan = convert.plan_from_proto(request)
+        self.encoding.fill_plans([(collection, plan, "")])
+        return convert.result_to_proto(collection.search(plan), self._types(collection))
 
     @rpc
     def BatchSearch(self, request: pb.BatchSearchRequest, context: grpc.ServicerContext) -> Any:
@@ -165,11 +174,20 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         batched = self._batched_dense(searches)
         if batched is not None:
             return pb.BatchSearchResponse(results=batched)
-        results = []
+        jobs = []
         for i, search in enumerate(searches):
-            collection = self.catalog.get(search.collection)
-            plan = convert.plan_from_proto(search, f"searches[{i}].")
-            results.append(convert.result_to_proto(collection.search(plan, f"searches[{i}]."), self._types(collection)))
+            jobs.append(
+                (
+                    self.catalog.get(search.collection),
+                    convert.plan_from_proto(search, f"searches[{i}]."),
+                    f"searches[{i}].",
+                )
+            )
+        self.encoding.fill_plans(jobs)  # every text sub-query of the batch is encoded together
+        results = [
+            convert.result_to_proto(collection.search(plan, where), self._types(collection))
+            for collection, plan, where in jobs
+        ]
         return pb.BatchSearchResponse(results=results)
 
     def _batched_dense(self, searches: Any) -> list[pb.SearchResponse] | None:
@@ -187,10 +205,16 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
             if (search.collection, dense.field, dense.ef, search.limit) != shape:
                 return None
         collection = self.catalog.get(first.collection)
-        rows = [
-            convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
-            for i, s in enumerate(searches)
-        ]
+        texts = [s.queries[0].dense.text for s in searches]
+        if all(texts) and not any(s.queries[0].dense.HasField("vector") for s in searches):
+            rows = list(self.encoding.dense_texts(collection, shape[1], texts, "searches[*].queries[0].dense"))
+        elif any(texts):
+            return None  # a mix of text and vectors takes the general path
+        else:
+            rows = [
+                convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
+                for i, s in enumerate(searches)
+            ]
         for i, row in enumerate(rows):
             collection.check_dense(shape[1], row, shape[3] or 10, shape[2], f"searches[{i}].")
         results = collection.search_dense_batch(shape[1], np.stack(rows), shape[3] or 10, shape[2])
@@ -230,28 +254,35 @@ def _add_reflection(server: grpc.Server) -> None:
     reflection.enable_server_reflection(names, server)
 
 
-def create_server(config: ServerConfig, catalog: Catalog | None = None) -> tuple[grpc.Server, int, Catalog]:
-    """Build (but do not start) the server; returns it, the bound port and the catalog."""
+def create_server(config: ServerConfig, catalog: Catalog | None = None) -> tuple[grpc.Server, int, Catalog, Encoding]:
+    """Build (but do not start) the server; returns it, the bound port, the catalog and the encoders.
+
+    After ``server.stop`` the caller closes the encoders, then the catalog.
+    """
     catalog = catalog or Catalog(config.data_dir, config.limits)
+    encoding = Encoding(
+        config.models_path, config.encoder_threads or None, config.encoder_max_batch, config.encoder_max_wait_ms / 1000
+    )
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
-    braid_pb2_grpc.add_BraidServicer_to_server(BraidServicer(catalog), server)
+    braid_pb2_grpc.add_BraidServicer_to_server(BraidServicer(catalog, encoding), server)
     _add_health(server)
     _add_reflection(server)
     port = server.add_insecure_port(config.address)
     if port == 0:
+        encoding.close()
         catalog.close()
         raise OSError(f"cannot bind {config.address}")
-    return server, port, catalog
+    return server, port, catalog, encoding
 
 
 def serve(config: ServerConfig, ready: Callable[[int], None] | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight RPCs and close every shard cleanly."""
-    server, port, catalog = create_server(config)
+    server, port, catalog, encoding = create_server(config)
     server.start()
     log.info("braid serving on %s:%d, data in %s", config.host, port, config.data_dir)
     if ready is not None:
@@ -266,4 +297,5 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None) -> N
     stopping.wait()
     log.info("shutting down")
     server.stop(grace=10).wait()
+    encoding.close()
     catalog.close()

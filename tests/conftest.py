@@ -35,15 +35,16 @@ class Running:
 
 
 def start_in_process(data_dir: Path, **config: object) -> tuple[grpc.Server, Running]:
-    server, port, catalog = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
+    server, port, catalog, encoding = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
     server.start()
-    server.catalog = catalog  # type: ignore[attr-defined]
+    server.catalog, server.encoding = catalog, encoding  # type: ignore[attr-defined]
     return server, Running(BraidClient(f"127.0.0.1:{port}"), port, data_dir)
 
 
 def stop_in_process(server: grpc.Server, running: Running) -> None:
     running.client.close()
     server.stop(grace=None).wait()
+    server.encoding.close()  # type: ignore[attr-defined]
     server.catalog.close()  # type: ignore[attr-defined]
 
 
