@@ -152,7 +152,9 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         if _plain_dense(request):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
-            if dense.text and not dense.HasField("vector"):
+            if dense.text:
+                if dense.HasField("vector"):
+                    raise InvalidArgument.field("queries[0].dense", "set vector or text, not both")
                 vector = self.encoding.dense_texts(collection, dense.field, [dense.text], "queries[0].dense")[0]
             else:
                 vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")

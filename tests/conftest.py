@@ -153,3 +153,14 @@ def rpc_error(call) -> grpc.RpcError:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in models exported to ONNX once per test session (fp32 + int8), as `braid models export` does."""
+    from braid.encoders.export import BUILTIN_MODELS, export_builtin
+
+    directory = tmp_path_factory.mktemp("models")
+    for name in BUILTIN_MODELS:
+        export_builtin(name, directory)
+    return directory
