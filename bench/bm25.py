@@ -12,76 +12,33 @@ table with Braid's difference from each reference (target |delta| <= 0.01 vs tan
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import ir_measures
 import tantivy
-from ir_measures import R, nDCG
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from braid.v1 import braid_pb2 as pb  # noqa: E402
+from ir_data import DATA, braid_server, load, score
 
-MEASURES = [nDCG @ 10, R @ 100]
+from braid.v1 import braid_pb2 as pb
+
 DEPTH = 100
-
-
-def load(directory: Path) -> tuple[dict[str, str], dict[str, str], list]:
-    corpus = {}
-    for line in (directory / "corpus.jsonl").open(encoding="utf-8"):
-        row = json.loads(line)
-        corpus[str(row["_id"])] = f"{row.get('title', '')} {row.get('text', '')}".strip()
-    queries = {}
-    for line in (directory / "queries.jsonl").open(encoding="utf-8"):
-        row = json.loads(line)
-        queries[str(row["_id"])] = row["text"]
-    # BEIR qrels: a header line, then query-id <tab> corpus-id <tab> score
-    qrels = []
-    with (directory / "qrels" / "test.tsv").open(encoding="utf-8") as fh:
-        next(fh)
-        for line in fh:
-            qid, doc_id, grade = line.rstrip("\n").split("\t")
-            qrels.append(ir_measures.Qrel(qid, doc_id, int(grade)))
-    judged = {q.query_id for q in qrels}
-    return corpus, {k: v for k, v in queries.items() if k in judged}, qrels
-
-
-def score(run: dict[str, dict[str, float]], qrels: list) -> dict[str, float]:
-    result = ir_measures.calc_aggregate(MEASURES, qrels, run)
-    return {str(m): float(result[m]) for m in MEASURES}
 
 
 def run_braid(corpus: dict[str, str], queries: dict[str, str]) -> tuple[dict, float]:
     from braid.service.client import BraidClient
 
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", tmp, "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert proc.stdout is not None
-        port = next(int(m.group(1)) for line in proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line)))
-        try:
-            with BraidClient(f"127.0.0.1:{port}", timeout=600) as client:
-                client.create_collection("bench", pb.Schema(text_fields=[pb.TextField(name="body")]))
-                client.bulk_upsert("bench", ({"id": k, "text": {"body": v}} for k, v in corpus.items()))
-                run, started = {}, time.perf_counter()
-                for qid, text in queries.items():
-                    hits = client.search("bench", bm25=text, limit=DEPTH)
-                    run[qid] = {h.id: h.score for h in hits}
-                per_query_ms = (time.perf_counter() - started) / len(queries) * 1000
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with braid_server() as port, BraidClient(f"127.0.0.1:{port}", timeout=600) as client:
+        client.create_collection("bench", pb.Schema(text_fields=[pb.TextField(name="body")]))
+        client.bulk_upsert("bench", ({"id": k, "text": {"body": v}} for k, v in corpus.items()))
+        run, started = {}, time.perf_counter()
+        for qid, text in queries.items():
+            hits = client.search("bench", bm25=text, limit=DEPTH)
+            run[qid] = {h.id: h.score for h in hits}
+        per_query_ms = (time.perf_counter() - started) / len(queries) * 1000
     return run, per_query_ms
 
 
@@ -125,7 +82,7 @@ def run_bm25s(corpus: dict[str, str], queries: dict[str, str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--collections", default="cranfield")
     args = parser.parse_args()
     rows = []

@@ -260,13 +260,30 @@ class Collection:
         if wants_payload:
             result.payloads = [shard.payload.get(label, fields) for shard, label in located]
         if plan.text_fields:
-            texts: dict[tuple[int, int], dict[str, str]] = {}
-            for shard in {shard for shard, _ in located}:
+            result.texts = self._stored_texts(located, result.ids, plan.text_fields)
+
+    @staticmethod
+    def _stored_texts(located: list[tuple[Shard, int]], ids: list[str], fields: list[str]) -> list[dict[str, str]]:
+        """Stored text of each hit. A hit whose document was replaced after ranking (its label's
+        text is gone from tantivy) gets the text of the document's current version."""
+        texts: dict[tuple[int, int], dict[str, str]] = {}
+        for shard in {shard for shard, _ in located}:
+            assert shard.text is not None
+            with shard.read():
                 labels = [label for s, label in located if s is shard]
-                assert shard.text is not None
-                for label, text in shard.text.stored(labels, plan.text_fields).items():
-                    texts[(shard.number, label)] = text
-            result.texts = [texts.get((shard.number, label), {}) for shard, label in located]
+                found = shard.text.stored(labels, fields)
+                for label in labels:
+                    texts[(shard.number, label)] = found.get(label, {})
+                replaced = {
+                    label: current
+                    for (s, label), doc_id in zip(located, ids, strict=True)
+                    if s is shard and label not in found and (current := shard.label_of(doc_id)) not in (None, label)
+                }
+                if replaced:
+                    current_texts = shard.text.stored(list(replaced.values()), fields)
+                    for label, current in replaced.items():
+                        texts[(shard.number, label)] = current_texts.get(current, {})
+        return [texts[(shard.number, label)] for shard, label in located]
 
     def check_dense(self, field: str, vector: np.ndarray, limit: int, ef: int, where: str = "") -> None:
         """The checks check_plan makes, for one plain dense query."""

@@ -20,6 +20,9 @@ from .schema import Schema
 
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 1 << 20
+# |value| bound for vector components and sparse weights: 1e15**2 * 65536 dims stays far below
+# float32's 3.4e38, so no dot product or L2 distance can overflow to inf/NaN.
+MAX_VECTOR_VALUE = 1e15
 MAX_EF = 4096
 
 
@@ -45,6 +48,10 @@ def check_dense(vector: np.ndarray, dim: int, where: str) -> None:
         raise InvalidArgument.dimension(where, dim, int(vector.size))
     if not np.isfinite(vector).all():
         raise InvalidArgument.field(where, "vector contains NaN or infinity")
+    if len(vector) and float(np.abs(vector).max()) > MAX_VECTOR_VALUE:
+        raise InvalidArgument.field(
+            where, f"vector values must be within +-{MAX_VECTOR_VALUE:g} (scores would overflow)"
+        )
 
 
 def check_sparse(value: SparseValue, where: str, max_terms: int) -> None:
@@ -57,6 +64,8 @@ def check_sparse(value: SparseValue, where: str, max_terms: int) -> None:
         raise ResourceExhausted(f"{where}: {terms} terms exceed the maximum of {max_terms}")
     if not np.isfinite(value.values).all():
         raise InvalidArgument.field(where, "weights contain NaN or infinity")
+    if len(value.values) and float(np.abs(value.values).max()) > MAX_VECTOR_VALUE:
+        raise InvalidArgument.field(where, f"weights must be within +-{MAX_VECTOR_VALUE:g} (scores would overflow)")
     keys = value.tokens if value.tokens is not None else value.indices.tolist()  # type: ignore[union-attr]
     if len(set(keys)) != len(keys):
         raise InvalidArgument.field(where, "a term appears twice")

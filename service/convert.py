@@ -258,9 +258,18 @@ def _condition(msg: pb.Condition, where: str) -> Condition:
         bounds = {}
         for bound in ("gt", "gte", "lt", "lte"):
             if r.HasField(bound):
-                value = value_from_proto(getattr(r, bound), f"{where}.range.{bound}")
+                msg_bound = getattr(r, bound)
+                value = value_from_proto(msg_bound, f"{where}.range.{bound}")
                 if isinstance(value, (str, bool)):
                     raise InvalidArgument.field(f"{where}.range.{bound}", "range bounds must be int, float or datetime")
+                if (
+                    bound in ("gte", "lt")
+                    and msg_bound.WhichOneof("kind") == "datetime"
+                    and msg_bound.datetime.nanos % 1000
+                ):
+                    # Stored datetimes are whole microseconds: "at or after 10.5 us" means ">= 11 us",
+                    # "before 10.5 us" means "< 11 us" (gt and lte are right when truncated).
+                    value += 1
                 bounds[bound] = value
         return Range(r.field, **bounds)  # type: ignore[arg-type]
     if kind == "exists":

@@ -7,6 +7,7 @@ import datetime as dt
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from braid.service.client import dense_vector
 from braid.v1 import braid_pb2 as pb
@@ -170,6 +171,16 @@ def upsert_error(braid, *documents: pb.Document) -> grpc.RpcError:  # type: igno
             grpc.StatusCode.INVALID_ARGUMENT,
             "documents[1].dense.other",
         ),
+        (
+            pb.Document(id="a", dense={"emb": pb.DenseVector(values=[1, 3e38, 3e38, 4])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scores would overflow",
+        ),
+        (
+            pb.Document(id="a", sparse={"splade": pb.SparseVector(indices=[1], values=[1e30])}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "documents[1].sparse.splade: weights must be within",
+        ),
         (pb.Document(id="a", text={"nope": "x"}), grpc.StatusCode.INVALID_ARGUMENT, "documents[1].text.nope"),
         (
             pb.Document(id="a", sparse={"splade": pb.SparseVector(indices=[1, 2], values=[1.0])}),
@@ -325,3 +336,32 @@ def test_out_of_range_timestamp_is_invalid_argument(docs):
     bad.datetime.seconds = 10**12
     err = upsert_error(docs, pb.Document(id="a", payload={"at": bad}))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "documents[0].payload.at" in err.details()
+
+
+@pytest.mark.parametrize(("bound", "expected"), [("gt", {"b"}), ("gte", {"b"}), ("lt", {"a"}), ("lte", {"a"})])
+def test_datetime_range_bounds_between_two_microseconds(docs, bound, expected):
+    """Stored datetimes are whole microseconds; a bound at 10.5 us splits the docs at 10 us and 11 us."""
+    for doc_id, micros in (("a", 10), ("b", 11)):
+        at = Timestamp()
+        at.FromMicroseconds(micros)
+        docs.stub.Upsert(
+            pb.UpsertRequest(
+                collection="docs",
+                documents=[
+                    pb.Document(
+                        id=doc_id, payload={"at": pb.Value(datetime=at)}, dense={"emb": dense_vector([1, 2, 3, 4])}
+                    )
+                ],
+            )
+        )
+    half = pb.Value(datetime=Timestamp(seconds=0, nanos=10_500))
+    flt = pb.Filter(must=[pb.Condition(range=pb.Range(field="at", **{bound: half}))])
+    hits = docs.stub.Search(
+        pb.SearchRequest(
+            collection="docs",
+            filter=flt,
+            limit=10,
+            queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector([1, 2, 3, 4])))],
+        )
+    ).hits
+    assert {h.id for h in hits} == expected

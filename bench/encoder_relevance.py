@@ -1,0 +1,111 @@
+"""Relevance of the in-process encoders through Braid's gRPC API, beside BM25, in one run.
+
+    python bench/encoder_relevance.py [--collections cranfield,scifact,...] [--models-dir DIR]
+
+For each BEIR-layout collection: one Braid collection whose text field ``body``
+(title + " " + text) feeds four encoder-backed fields -- all-MiniLM-L6-v2 fp32 and
+int8 (dense), and minilm-tied-splade in both sparse query modes (model, and
+inference-free IDF) -- filled by BulkUpsert of text only. Every judged query then
+runs as plain text through Search, once per strand, plus BM25 and a BM25 + dense
+RRF hybrid; nDCG@10 and R@100 come from ir-measures. The index time (text in,
+vectors encoded and indexed) and the mean Search latency per strand are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ir_data import DATA, ROOT, braid_server, load, score
+
+from braid.encoders.export import BUILTIN_MODELS, export_builtin
+from braid.service.client import BraidClient
+from braid.v1 import braid_pb2 as pb
+
+DEPTH = 100
+DENSE, SPARSE = "all-minilm-l6-v2", "minilm-tied-splade"
+
+
+def schema() -> pb.Schema:
+    def encoder(model: str, **options: object) -> pb.Encoder:
+        return pb.Encoder(model=model, source_fields=["body"], **options)  # type: ignore[arg-type]
+
+    return pb.Schema(
+        text_fields=[pb.TextField(name="body")],
+        dense_fields=[
+            pb.DenseVectorField(name="minilm", encoder=encoder(DENSE)),
+            pb.DenseVectorField(name="minilm_int8", encoder=encoder(DENSE, precision="int8")),
+        ],
+        sparse_fields=[
+            pb.SparseVectorField(name="splade", encoder=encoder(SPARSE, top_k=256)),
+            pb.SparseVectorField(name="splade_idf", encoder=encoder(SPARSE, top_k=256, query_mode="idf")),
+        ],
+    )
+
+
+def strands(text: str) -> dict[str, list[pb.SubQuery]]:
+    bm25 = pb.SubQuery(bm25=pb.Bm25Query(text=text))
+    dense = pb.SubQuery(dense=pb.DenseQuery(field="minilm", text=text))
+    return {
+        "BM25": [bm25],
+        "dense MiniLM fp32": [dense],
+        "dense MiniLM int8": [pb.SubQuery(dense=pb.DenseQuery(field="minilm_int8", text=text))],
+        "sparse tied-SPLADE (model queries)": [pb.SubQuery(sparse=pb.SparseQuery(field="splade", text=text))],
+        "sparse tied-SPLADE (IDF queries)": [pb.SubQuery(sparse=pb.SparseQuery(field="splade_idf", text=text))],
+        "hybrid BM25 + dense, RRF k=60": [bm25, dense],
+    }
+
+
+def run_collection(client: BraidClient, corpus: dict[str, str], queries: dict[str, str]) -> tuple[dict, float, dict]:
+    started = time.perf_counter()
+    client.create_collection("bench", schema())
+    client.bulk_upsert("bench", ({"id": k, "text": {"body": v}} for k, v in corpus.items()), batch_size=256)
+    index_s = time.perf_counter() - started
+    runs: dict[str, dict] = {}
+    latency: dict[str, float] = {}
+    for name in strands("x"):
+        run, started = {}, time.perf_counter()
+        for qid, text in queries.items():
+            request = pb.SearchRequest(collection="bench", limit=DEPTH, queries=strands(text)[name])
+            run[qid] = {h.id: h.score for h in client.stub.Search(request, timeout=600).hits}
+        latency[name] = (time.perf_counter() - started) / len(queries) * 1000
+        runs[name] = run
+    client.delete_collection("bench")
+    return runs, index_s, latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--collections", default="cranfield")
+    parser.add_argument("--models-dir", default=str(ROOT / "bench" / "results" / "models"))
+    args = parser.parse_args()
+    for name in BUILTIN_MODELS:
+        export_builtin(name, Path(args.models_dir))
+    rows = []
+    with (
+        braid_server("--models-dir", args.models_dir) as port,
+        BraidClient(f"127.0.0.1:{port}", timeout=3600) as client,
+    ):
+        for collection in args.collections.split(","):
+            directory = Path(args.data) / collection
+            if not (directory / "corpus.jsonl").exists():
+                print(f"skip {collection}: {directory} not found")
+                continue
+            corpus, queries, qrels = load(directory)
+            runs, index_s, latency = run_collection(client, corpus, queries)
+            print(f"{collection}: {len(corpus)} docs indexed with 4 encoded fields in {index_s:.1f} s")
+            for strand, run in runs.items():
+                rows.append((collection, strand, score(run, qrels), latency[strand]))
+    print("| collection | strand | nDCG@10 | R@100 | ms/query |")
+    print("|---|---|---|---|---|")
+    for collection, strand, scores, ms in rows:
+        print(f"| {collection} | {strand} | {scores['nDCG@10']:.4f} | {scores['R@100']:.4f} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
