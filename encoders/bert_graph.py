@@ -9,7 +9,8 @@ Graph outputs:
   ``last_hidden_state`` float32 [batch, seq, hidden] -- always;
   ``splade`` float32 [batch, vocab] -- with the MLM head only:
       max over non-padding positions of log(1 + relu(logits)), the SPLADE document
-      vector, computed in the graph so the [batch, seq, vocab] logits never leave it.
+      vector, computed in the graph so the [batch, seq, vocab] logits never leave it
+      (as log(1 + relu(max over positions)), which is equal and needs one copy less).
 
 The arithmetic follows Hugging Face's ``BertModel`` (post-LayerNorm blocks, exact
 erf GELU, additive attention mask) so embeddings match the reference to float
@@ -257,7 +258,17 @@ def _append_splade_head(g: _GraphBuilder, weights: _Weights, config: BertConfig,
         else np.zeros(config.vocab_size, np.float32)
     )
     logits = g.linear(x, decoder, bias, "mlm.logits")  # [b, s, vocab]
-    activated = g.op("Log", [g.op("Add", [g.op("Relu", [logits]), g.const("one_f", np.array(1.0, np.float32))])])
-    # Padding positions must not win the max: multiply by the mask (weights are >= 0).
-    masked = g.op("Mul", [activated, g.op("Unsqueeze", [mask_float, g.const("ax2", np.array([2]))])], "mlm.masked")
-    g.nodes.append(helper.make_node("ReduceMax", [masked, g.const("ax1", np.array([1]))], ["splade"], keepdims=0))
+    # log(1 + relu(.)) is non-decreasing, so max_t of it equals it applied to max_t of the logits:
+    # pool first, with padding pushed to MASK_NEGATIVE, and only one [b, s, vocab] copy is made.
+    padding = g.op(
+        "Mul",
+        [
+            g.op("Sub", [g.const("one_f", np.array(1.0, np.float32)), mask_float]),
+            g.const("neg", np.array(MASK_NEGATIVE, np.float32)),
+        ],
+        "mlm.pad",
+    )
+    masked = g.op("Add", [logits, g.op("Unsqueeze", [padding, g.const("ax2", np.array([2]))])], "mlm.masked")
+    pooled = g.op("ReduceMax", [masked, g.const("ax1", np.array([1]))], "mlm.pooled", keepdims=0)
+    activated = g.op("Add", [g.op("Relu", [pooled]), g.const("one_f", np.array(1.0, np.float32))], "mlm.act")
+    g.nodes.append(helper.make_node("Log", [activated], ["splade"]))

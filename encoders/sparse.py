@@ -6,8 +6,9 @@ SPLADE (Formal et al.): for a BertForMaskedLM graph with logits l[t, v],
 
 then special tokens are dropped and only the ``top_k`` largest weights kept.
 Braid's own exports compute w in the graph (output ``splade``, [batch, vocab]);
-a registered export that outputs ``logits`` ([batch, seq, vocab]) is pooled here,
-a few texts at a time so the logits stay under ``LOGITS_BUDGET`` bytes.
+a registered export that outputs ``logits`` ([batch, seq, vocab]) is pooled here.
+Either way a model call takes only as many texts as keep the logits under
+``LOGITS_BUDGET`` bytes.
 
 Inference-free mode (doc-side-only encoders, as in OpenSearch's neural sparse
 "doc-only" models): documents run the model once at indexing; a query is only
@@ -26,7 +27,7 @@ from .dense import length_batches
 from .manifest import ModelManifest
 from .tokenize import TextTokenizer
 
-LOGITS_BUDGET = 256 << 20
+LOGITS_BUDGET = 256 << 20  # bytes of [rows, seq, vocab] float32 logits per model call
 
 SparseVector = tuple[np.ndarray, np.ndarray]  # (uint32 vocabulary ids ascending, float32 weights)
 
@@ -55,17 +56,20 @@ class SpladeEncoder:
         self.special_ids = np.asarray(sorted(i for i in tokenizer.special_ids if i < self.vocab_size), np.int64)
 
     def weights(self, texts: list[str]) -> np.ndarray:
-        """float32 [len(texts), vocab] SPLADE weights of one batch."""
+        """float32 [len(texts), vocab] SPLADE weights of one batch.
+
+        The graph holds [rows, seq, vocab] logits, so it runs on as many rows at a time
+        as keep that tensor under ``LOGITS_BUDGET`` bytes (8 rows of 256 tokens).
+        """
         inputs = self.tokenizer.encode(texts)
         feed = inputs.feed(self._input_names)
-        if self.manifest.output == "splade":
-            (weights,) = self.session.run(["splade"], feed)
-            return weights
-        per_text = inputs.input_ids.shape[1] * self.vocab_size * 4
-        step = max(1, LOGITS_BUDGET // max(per_text, 1))
+        step = max(1, LOGITS_BUDGET // (inputs.input_ids.shape[1] * self.vocab_size * 4))
         parts = []
         for start in range(0, len(texts), step):
             chunk = {name: value[start : start + step] for name, value in feed.items()}
+            if self.manifest.output == "splade":
+                parts.append(self.session.run(["splade"], chunk)[0])
+                continue
             (logits,) = self.session.run([self.manifest.output], chunk)
             mask = inputs.attention_mask[start : start + step, :, None].astype(np.float32)
             parts.append((np.log1p(np.maximum(logits, 0.0)) * mask).max(axis=1))
