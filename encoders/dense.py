@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from .manifest import ModelManifest
-from .tokenize import ModelInputs, TextTokenizer
+from .runtime import OnnxEncoder
+from .tokenize import ModelInputs
 
 
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
@@ -41,16 +40,10 @@ def length_batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-class DenseEncoder:
-    def __init__(
-        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
-    ) -> None:
-        self.manifest = manifest
-        self.session = session
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.dim = manifest.dim
-        self._input_names = tuple(i.name for i in session.get_inputs())
+class DenseEncoder(OnnxEncoder):
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
 
     def run(self, inputs: ModelInputs) -> np.ndarray:
         (hidden,) = self.session.run([self.manifest.output], inputs.feed(self._input_names))

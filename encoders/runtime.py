@@ -16,6 +16,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .manifest import ModelManifest
+from .tokenize import TextTokenizer
+
 
 def default_threads() -> int:
     try:
@@ -33,3 +36,16 @@ def open_session(path: Path, threads: int | None = None, spinning: bool = False)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder:
+    """A loaded model: its manifest, ONNX session and tokenizer (the base of the dense and sparse encoders)."""
+
+    def __init__(
+        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
+    ) -> None:
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self._input_names = tuple(i.name for i in session.get_inputs())

@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from .dense import length_batches
 from .manifest import ModelManifest
+from .runtime import OnnxEncoder
 from .tokenize import TextTokenizer
 
 LOGITS_BUDGET = 256 << 20  # bytes of [rows, seq, vocab] float32 logits per model call
@@ -43,16 +44,12 @@ def top_terms(weights: np.ndarray, top_k: int, drop: np.ndarray) -> SparseVector
     return positive.astype(np.uint32), row[positive].astype(np.float32)
 
 
-class SpladeEncoder:
+class SpladeEncoder(OnnxEncoder):
     def __init__(
         self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
     ) -> None:
-        self.manifest = manifest
-        self.session = session
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        super().__init__(manifest, session, tokenizer, batch_size)
         self.vocab_size = manifest.dim
-        self._input_names = tuple(i.name for i in session.get_inputs())
         self.special_ids = np.asarray(sorted(i for i in tokenizer.special_ids if i < self.vocab_size), np.int64)
 
     def weights(self, texts: list[str]) -> np.ndarray:
