@@ -1,6 +1,6 @@
 """Relevance of the in-process encoders through Braid's gRPC API, beside BM25, in one run.
 
-    python bench/encoder_relevance.py [--collections cranfield,scifact,...] [--models-dir DIR]
+    python bench/encoder_relevance.py [--collections cranfield,scifact,...] [--models-dir DIR] [--no-sparse]
 
 For each BEIR-layout collection: one Braid collection whose text field ``body``
 (title + " " + text) feeds four encoder-backed fields -- all-MiniLM-L6-v2 fp32 and
@@ -30,7 +30,7 @@ DEPTH = 100
 DENSE, SPARSE = "all-minilm-l6-v2", "minilm-tied-splade"
 
 
-def schema() -> pb.Schema:
+def schema(sparse: bool) -> pb.Schema:
     def encoder(model: str, **options: object) -> pb.Encoder:
         return pb.Encoder(model=model, source_fields=["body"], **options)  # type: ignore[arg-type]
 
@@ -43,14 +43,16 @@ def schema() -> pb.Schema:
         sparse_fields=[
             pb.SparseVectorField(name="splade", encoder=encoder(SPARSE, top_k=256)),
             pb.SparseVectorField(name="splade_idf", encoder=encoder(SPARSE, top_k=256, query_mode="idf")),
-        ],
+        ]
+        if sparse
+        else [],
     )
 
 
-def strands(text: str) -> dict[str, list[pb.SubQuery]]:
+def strands(text: str, sparse: bool = True) -> dict[str, list[pb.SubQuery]]:
     bm25 = pb.SubQuery(bm25=pb.Bm25Query(text=text))
     dense = pb.SubQuery(dense=pb.DenseQuery(field="minilm", text=text))
-    return {
+    out = {
         "BM25": [bm25],
         "dense MiniLM fp32": [dense],
         "dense MiniLM int8": [pb.SubQuery(dense=pb.DenseQuery(field="minilm_int8", text=text))],
@@ -58,19 +60,22 @@ def strands(text: str) -> dict[str, list[pb.SubQuery]]:
         "sparse tied-SPLADE (IDF queries)": [pb.SubQuery(sparse=pb.SparseQuery(field="splade_idf", text=text))],
         "hybrid BM25 + dense, RRF k=60": [bm25, dense],
     }
+    return out if sparse else {k: v for k, v in out.items() if not k.startswith("sparse")}
 
 
-def run_collection(client: BraidClient, corpus: dict[str, str], queries: dict[str, str]) -> tuple[dict, float, dict]:
+def run_collection(
+    client: BraidClient, corpus: dict[str, str], queries: dict[str, str], sparse: bool
+) -> tuple[dict, float, dict]:
     started = time.perf_counter()
-    client.create_collection("bench", schema())
+    client.create_collection("bench", schema(sparse))
     client.bulk_upsert("bench", ({"id": k, "text": {"body": v}} for k, v in corpus.items()), batch_size=256)
     index_s = time.perf_counter() - started
     runs: dict[str, dict] = {}
     latency: dict[str, float] = {}
-    for name in strands("x"):
+    for name in strands("x", sparse):
         run, started = {}, time.perf_counter()
         for qid, text in queries.items():
-            request = pb.SearchRequest(collection="bench", limit=DEPTH, queries=strands(text)[name])
+            request = pb.SearchRequest(collection="bench", limit=DEPTH, queries=strands(text, sparse)[name])
             run[qid] = {h.id: h.score for h in client.stub.Search(request, timeout=600).hits}
         latency[name] = (time.perf_counter() - started) / len(queries) * 1000
         runs[name] = run
@@ -83,6 +88,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--collections", default="cranfield")
     parser.add_argument("--models-dir", default=str(ROOT / "bench" / "results" / "models"))
+    parser.add_argument("--no-sparse", action="store_true", help="skip the (slow) SPLADE fields")
     args = parser.parse_args()
     for name in BUILTIN_MODELS:
         export_builtin(name, Path(args.models_dir))
@@ -97,8 +103,9 @@ def main() -> None:
                 print(f"skip {collection}: {directory} not found")
                 continue
             corpus, queries, qrels = load(directory)
-            runs, index_s, latency = run_collection(client, corpus, queries)
-            print(f"{collection}: {len(corpus)} docs indexed with 4 encoded fields in {index_s:.1f} s")
+            runs, index_s, latency = run_collection(client, corpus, queries, not args.no_sparse)
+            fields = 2 if args.no_sparse else 4
+            print(f"{collection}: {len(corpus)} docs indexed with {fields} encoded fields in {index_s:.1f} s")
             for strand, run in runs.items():
                 rows.append((collection, strand, score(run, qrels), latency[strand]))
     print("| collection | strand | nDCG@10 | R@100 | ms/query |")
