@@ -262,3 +262,22 @@ def test_text_over_the_limit_is_rejected_and_nothing_is_written(server: Running)
     err = rpc_error(lambda: server.stub.Upsert(pb.UpsertRequest(collection="docs", documents=docs)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "documents[1].text" in err.details()
     assert server.client.count("docs") == 0
+
+
+def test_encoding_does_not_block_other_rpcs(server: Running) -> None:
+    server.client.create_collection("docs", encoded_schema())
+    fill(server)
+    long_docs = [
+        {"id": f"long{i}", "text": {"body": f"paragraph {i} " + "words of a long document " * 60}} for i in range(32)
+    ]
+    writer = threading.Thread(target=lambda: server.client.upsert("docs", long_docs))
+    writer.start()
+    answered_while_encoding = 0
+    while writer.is_alive():
+        server.client.count("docs")
+        assert top(server, bm25="sourdough") == "bread"
+        if writer.is_alive():
+            answered_while_encoding += 1
+        writer.join(timeout=0.05)
+    assert answered_while_encoding >= 3
+    assert server.client.count("docs") == len(DOCS) + len(long_docs)
