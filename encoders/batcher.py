@@ -66,16 +66,19 @@ class MicroBatcher(Generic[Row]):
             if not self._pending:
                 return None
             deadline = time.monotonic() + self.max_wait_s
-            batch = [self._pending.popleft()]
-            count = len(batch[0][0])
+            batch: list[tuple[list[str], Future]] = []
+            count = 0
             while count < self.max_batch:
                 if self._pending:
-                    if count + len(self._pending[0][0]) > self.max_batch:
+                    if batch and count + len(self._pending[0][0]) > self.max_batch:
                         break
                     request = self._pending.popleft()
-                    batch.append(request)
-                    count += len(request[0])
+                    if request[1].set_running_or_notify_cancel():  # False: the caller cancelled it
+                        batch.append(request)
+                        count += len(request[0])
                     continue
+                if not batch:
+                    return []
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
                     break
@@ -84,6 +87,8 @@ class MicroBatcher(Generic[Row]):
 
     def _loop(self) -> None:
         while (batch := self._gather()) is not None:
+            if not batch:
+                continue
             texts = [text for request_texts, _ in batch for text in request_texts]
             try:
                 rows = self._run(texts)

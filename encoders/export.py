@@ -185,7 +185,7 @@ def quantize_int8(source: Path, target: Path) -> None:
     VNNI. The feed-forward MatMuls of Braid-built graphs (nodes named ``*.ffn_in_*`` /
     ``*.ffn_out_*``) stay fp32: a per-node sensitivity scan on all-MiniLM-L6-v2 put
     min cosine to the fp32 reference at 0.966 with everything quantized and 0.989
-    with the feed-forward layers kept (docs/benchmarks.md has the table).
+    with the feed-forward layers kept (docs/encoders.md has the table).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -43,7 +43,7 @@ class ModelStatus:
 
 
 class ModelStore:
-    def __init__(self, models_dir: Path, threads: int | None = None, batch_size: int = 32) -> None:
+    def __init__(self, models_dir: Path, threads: int | None = None, batch_size: int = 8) -> None:
         self.models_dir = Path(models_dir)
         self.threads = threads
         self.batch_size = batch_size

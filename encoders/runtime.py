@@ -42,7 +42,7 @@ class OnnxEncoder:
     """A loaded model: its manifest, ONNX session and tokenizer (the base of the dense and sparse encoders)."""
 
     def __init__(
-        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
+        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 8
     ) -> None:
         self.manifest = manifest
         self.session = session

@@ -46,7 +46,7 @@ def top_terms(weights: np.ndarray, top_k: int, drop: np.ndarray) -> SparseVector
 
 class SpladeEncoder(OnnxEncoder):
     def __init__(
-        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 32
+        self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: TextTokenizer, batch_size: int = 8
     ) -> None:
         super().__init__(manifest, session, tokenizer, batch_size)
         self.vocab_size = manifest.dim
@@ -74,7 +74,7 @@ class SpladeEncoder(OnnxEncoder):
 
     def encode(self, texts: Sequence[str], top_k: int) -> list[SparseVector]:
         out: list[SparseVector] = [None] * len(texts)  # type: ignore[list-item]
-        for positions in length_batches(texts, self.batch_size):
+        for positions in length_batches(self.tokenizer.token_counts(list(texts)), self.batch_size):
             weights = self.weights([texts[i] for i in positions])
             for row, position in enumerate(positions):
                 out[position] = top_terms(weights[row], top_k, self.special_ids)

@@ -40,6 +40,9 @@ class TextTokenizer:
             if (i := self._tokenizer.token_to_id(token)) is not None
         )
         self.vocab_size = self._tokenizer.get_vocab_size()
+        # An unpadded twin for counting tokens (padding is tokenizer state, so not toggled per call).
+        self._counter = Tokenizer.from_str(self._tokenizer.to_str())
+        self._counter.no_padding()
 
     def encode(self, texts: list[str]) -> ModelInputs:
         encodings = self._tokenizer.encode_batch(texts)
@@ -48,6 +51,10 @@ class TextTokenizer:
             attention_mask=np.asarray([e.attention_mask for e in encodings], np.int64),
             token_type_ids=np.asarray([e.type_ids for e in encodings], np.int64),
         )
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text after truncation (special tokens included), for length-sorted batching."""
+        return [len(e.ids) for e in self._counter.encode_batch(texts)]
 
     def term_ids(self, text: str) -> list[int]:
         """The distinct vocabulary ids of a text, special tokens left out (inference-free queries)."""

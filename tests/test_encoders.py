@@ -227,3 +227,21 @@ def test_batched_encoder_rows_equal_direct_encoding(store: ModelStore) -> None:
     assert batcher.calls < len(texts)
     direct = encoder.encode(texts)
     assert cosines(np.stack([out[i] for i in range(len(texts))]), direct).min() >= 0.9999
+
+
+def test_a_cancelled_queued_request_does_not_stop_the_batcher() -> None:
+    release = threading.Event()
+
+    def run(texts: list[str]) -> list[str]:
+        release.wait(5)
+        return texts
+
+    batcher: MicroBatcher[str] = MicroBatcher(run, max_batch=1, max_wait_s=0.0)
+    first = batcher.submit(["first"])  # occupies the worker
+    time.sleep(0.05)
+    queued = batcher.submit(["queued"])
+    assert queued.cancel()
+    release.set()
+    assert list(first.result(timeout=5)) == ["first"]
+    assert list(batcher.submit(["after"]).result(timeout=5)) == ["after"]
+    batcher.close()
