@@ -37,6 +37,8 @@ format: install
 bench: install
 	$(PY) bench/dense.py
 	$(PY) bench/bm25.py
+	$(PY) bench/encoders.py
+	$(PY) bench/encoder_relevance.py --collections cranfield
 
 clean:
 	rm -rf $(VENV) build *.egg-info proto/braid/v1/*_pb2*.py proto/braid/v1/*_pb2.pyi

@@ -21,7 +21,7 @@ import tantivy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ir_data import DATA, braid_server, load, score
+from ir_data import DATA, braid_server, collections, score
 
 from braid.v1 import braid_pb2 as pb
 
@@ -86,12 +86,7 @@ def main() -> None:
     parser.add_argument("--collections", default="cranfield")
     args = parser.parse_args()
     rows = []
-    for name in args.collections.split(","):
-        directory = Path(args.data) / name
-        if not (directory / "corpus.jsonl").exists():
-            print(f"skip {name}: {directory} not found")
-            continue
-        corpus, queries, qrels = load(directory)
+    for name, corpus, queries, qrels in collections(args.data, args.collections):
         braid_run, ms = run_braid(corpus, queries)
         b, t, s = (
             score(braid_run, qrels),

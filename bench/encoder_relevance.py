@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ir_data import DATA, ROOT, braid_server, load, score
+from ir_data import DATA, ROOT, braid_server, collections, score
 
 from braid.encoders.export import BUILTIN_MODELS, export_builtin
 from braid.service.client import BraidClient
@@ -97,12 +97,7 @@ def main() -> None:
         braid_server("--models-dir", args.models_dir) as port,
         BraidClient(f"127.0.0.1:{port}", timeout=3600) as client,
     ):
-        for collection in args.collections.split(","):
-            directory = Path(args.data) / collection
-            if not (directory / "corpus.jsonl").exists():
-                print(f"skip {collection}: {directory} not found")
-                continue
-            corpus, queries, qrels = load(directory)
+        for collection, corpus, queries, qrels in collections(args.data, args.collections):
             runs, index_s, latency = run_collection(client, corpus, queries, not args.no_sparse)
             fields = 2 if args.no_sparse else 4
             print(f"{collection}: {len(corpus)} docs indexed with {fields} encoded fields in {index_s:.1f} s")

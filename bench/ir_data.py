@@ -44,6 +44,16 @@ def load(directory: Path) -> tuple[dict[str, str], dict[str, str], list]:
     return corpus, {k: v for k, v in queries.items() if k in judged}, qrels
 
 
+def collections(data: str, names: str) -> Iterator[tuple[str, dict[str, str], dict[str, str], list]]:
+    """(name, corpus, queries, qrels) of each comma-separated collection present under ``data``."""
+    for name in names.split(","):
+        directory = Path(data) / name
+        if not (directory / "corpus.jsonl").exists():
+            print(f"skip {name}: {directory} not found")
+            continue
+        yield (name, *load(directory))
+
+
 def score(run: dict[str, dict[str, float]], qrels: list) -> dict[str, float]:
     result = ir_measures.calc_aggregate(MEASURES, qrels, run)
     return {str(m): float(result[m]) for m in MEASURES}

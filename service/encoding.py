@@ -44,7 +44,7 @@ def _in_context(where: str, err: EncoderError) -> EncoderError:
 
 class Encoding:
     def __init__(self, models_dir: Path, threads: int | None, max_batch: int, max_wait_s: float) -> None:
-        self.store = ModelStore(models_dir, threads=threads, batch_size=max_batch)
+        self.store = ModelStore(models_dir, threads=threads)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._batchers: dict[tuple[str, str], MicroBatcher] = {}
