@@ -128,12 +128,15 @@ class Encoding:
         for finish in pending:
             finish()
 
-    def dense_texts(self, collection: Collection, field: str, texts: list[str], where: str) -> np.ndarray:
-        """Query vectors [len(texts), dim] of a dense field's encoder (one micro-batched call)."""
-        spec = self._spec(collection.schema, field, "dense", where)
-        for text in texts:
+    def dense_texts(self, collection: Collection, field: str, texts: list[str], wheres: list[str]) -> np.ndarray:
+        """Query vectors [len(texts), dim] of a dense field's encoder (one micro-batched call).
+
+        ``wheres[i]`` names text i's sub-query in errors (e.g. ``searches[3].queries[0].dense``).
+        """
+        spec = self._spec(collection.schema, field, "dense", wheres[0])
+        for text, where in zip(texts, wheres, strict=True):
             self._check_query(text, f"{where}.text")
-        return np.asarray(self._batcher(spec, where).encode(texts), np.float32)
+        return np.asarray(self._batcher(spec, wheres[0]).encode(texts), np.float32)
 
     def _submit(self, collection: Collection, query: DenseQuery | SparseQuery, where: str):  # type: ignore[no-untyped-def]
         kind = "dense" if isinstance(query, DenseQuery) else "sparse"

@@ -155,7 +155,7 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
             if dense.text:
                 if dense.HasField("vector"):
                     raise InvalidArgument.field("queries[0].dense", "set vector or text, not both")
-                vector = self.encoding.dense_texts(collection, dense.field, [dense.text], "queries[0].dense")[0]
+                vector = self.encoding.dense_texts(collection, dense.field, [dense.text], ["queries[0].dense"])[0]
             else:
                 vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
             limit = request.limit or 10
@@ -209,7 +209,8 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         collection = self.catalog.get(first.collection)
         texts = [s.queries[0].dense.text for s in searches]
         if all(texts) and not any(s.queries[0].dense.HasField("vector") for s in searches):
-            rows = list(self.encoding.dense_texts(collection, shape[1], texts, "searches[*].queries[0].dense"))
+            wheres = [f"searches[{i}].queries[0].dense" for i in range(len(texts))]
+            rows = list(self.encoding.dense_texts(collection, shape[1], texts, wheres))
         elif any(texts):
             return None  # a mix of text and vectors takes the general path
         else:

@@ -281,3 +281,14 @@ def test_encoding_does_not_block_other_rpcs(server: Running) -> None:
         writer.join(timeout=0.05)
     assert answered_while_encoding >= 3
     assert server.client.count("docs") == len(DOCS) + len(long_docs)
+
+
+def test_a_bad_text_in_a_batch_search_is_named_by_its_index(server: Running) -> None:
+    server.client.create_collection("docs", encoded_schema())
+    searches = [
+        pb.SearchRequest(collection="docs", queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", text=text))])
+        for text in ("fine", "also fine", "   ")
+    ]
+    err = rpc_error(lambda: server.stub.BatchSearch(pb.BatchSearchRequest(searches=searches)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "searches[2].queries[0].dense.text: query text is empty" in err.details()
