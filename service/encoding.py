@@ -18,6 +18,7 @@ Encoder errors are re-raised with the request field they concern prefixed.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,7 +139,7 @@ class Encoding:
             self._check_query(text, f"{where}.text")
         return np.asarray(self._batcher(spec, wheres[0]).encode(texts), np.float32)
 
-    def _submit(self, collection: Collection, query: DenseQuery | SparseQuery, where: str):  # type: ignore[no-untyped-def]
+    def _submit(self, collection: Collection, query: DenseQuery | SparseQuery, where: str) -> Callable[[], None]:
         kind = "dense" if isinstance(query, DenseQuery) else "sparse"
         spec = self._spec(collection.schema, query.field, kind, where)
         self._check_query(query.text, f"{where}.text")
