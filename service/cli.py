@@ -7,6 +7,7 @@
     braid search NAME --text "query" [--dense-field F] | --vector-file q.json --field F [--limit 10]
     braid models list | export NAME [--force] [--no-int8] | verify NAME
     braid models register DIR --name NAME --kind dense|sparse [--pooling mean|cls] [--hf-checkpoint]
+    braid eval DIR [--plans bm25,dense,rrf,dbsf] [--out eval-results] [--reuse]
 
 ``models`` commands work on the models directory (``--models-dir``, BRAID_MODELS_DIR,
 default <data-dir>/models, the one ``braid serve`` reads).
@@ -194,6 +195,41 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import MEASURES, evaluate
+
+    with _client(args) as client:
+        client.timeout = 3600
+        try:
+            summary = evaluate(
+                client,
+                Path(args.dir),
+                [p for p in args.plans.split(",") if p],
+                Path(args.out),
+                name=args.name,
+                model=args.model,
+                precision=args.precision,
+                depth=args.depth,
+                reuse=args.reuse,
+            )
+        except (ValueError, FileNotFoundError) as err:
+            print(f"braid eval: {err}", file=sys.stderr)
+            return 2
+    table = Table("plan", *MEASURES, "p50 ms", "p95 ms", "p99 ms", title=f"{summary['collection']}: "
+                  f"{summary['documents']} docs, {summary['queries']} queries")  # fmt: skip
+    for plan in summary["plans"]:
+        m, lat = plan["metrics"], plan["latency_ms"]
+        table.add_row(
+            plan["plan"], *(f"{m[k]:.4f}" for k in MEASURES), *(f"{lat[k]:.1f}" for k in ("p50", "p95", "p99"))
+        )
+    Console().print(table)
+    print(f"run files and {summary['collection']}.summary.json in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braid", description="Braid hybrid search service")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--limit", type=int, default=10)
     search.add_argument("--show", help="text field to print beside each hit")
     search.set_defaults(run=_search)
+
+    evaluation = commands.add_parser("eval", parents=[address], help="relevance of search plans on a BEIR collection")
+    evaluation.add_argument("dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    evaluation.add_argument("--plans", default="bm25,dense,rrf,dbsf", help="of bm25,dense,rrf,minmax,zscore,dbsf")
+    evaluation.add_argument("--name", help="collection name (default eval-<dir name>)")
+    evaluation.add_argument("--model", default="all-minilm-l6-v2", help="dense encoder")
+    evaluation.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    evaluation.add_argument("--depth", type=int, default=100, help="hits per query")
+    evaluation.add_argument("--reuse", action="store_true", help="the collection exists: skip ingest")
+    evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")
+    evaluation.set_defaults(run=_eval)
     return parser
 
 
