@@ -1,7 +1,7 @@
 """Encoder throughput: Braid's DenseEncoder against raw onnxruntime (and sentence-transformers), in one run.
 
     .venv/bin/python bench/encoders.py [--quick] [--models-dir bench/results/models] [--data ../shared/data]
-    /tmp/stref/bin/python bench/encoders.py      # a venv with sentence-transformers: adds its column
+    .venv-reference/bin/python bench/encoders.py      # a venv with sentence-transformers: adds its column
 
 Model all-minilm-l6-v2 (exported into --models-dir first if it is not there yet).
 
