@@ -21,6 +21,7 @@ FIELD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 MAX_DIM = 65536
 MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_SPARSE_TOP_K = 4096
+DEFAULT_SPARSE_TOP_K = 256
 
 
 class Metric(StrEnum):
@@ -75,7 +76,7 @@ class EncoderSpec:
     source_fields: tuple[str, ...]
     precision: Precision = Precision.FP32
     query_mode: SparseQueryMode = SparseQueryMode.MODEL
-    top_k: int = 256
+    top_k: int = DEFAULT_SPARSE_TOP_K
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> EncoderSpec | None:
@@ -86,7 +87,7 @@ class EncoderSpec:
             source_fields=tuple(data["source_fields"]),
             precision=Precision(data.get("precision", "fp32")),
             query_mode=SparseQueryMode(data.get("query_mode", "model")),
-            top_k=int(data.get("top_k", 256)),
+            top_k=int(data.get("top_k", DEFAULT_SPARSE_TOP_K)),
         )
 
 

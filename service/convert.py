@@ -8,6 +8,8 @@ numpy, from the packed little-endian float32 form or from repeated floats.
 from __future__ import annotations
 
 import math
+from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +19,7 @@ from braid.index.filters import Condition, Exists, Filter, Match, MatchAny, Rang
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from braid.index.records import DocumentWrite, SparseValue
 from braid.index.schema import (
+    DEFAULT_SPARSE_TOP_K,
     Analyzer,
     DenseFieldSpec,
     EncoderSpec,
@@ -50,20 +53,24 @@ _NORMALIZATIONS = {
     pb.NONE: "none",
 }
 _DEFAULT_HNSW = HnswParams()
+E = TypeVar("E", bound=Enum)
 
 # ------------------------------------------------------------------- schema
 
 
+def _choice(kind: type[E], value: str, default: E, where: str) -> E:
+    """The enum member named by a string field (empty: ``default``), or INVALID_ARGUMENT listing the choices."""
+    try:
+        return kind(value) if value else default
+    except ValueError:
+        raise InvalidArgument.choice(where, value, [member.value for member in kind]) from None
+
+
 def schema_from_proto(msg: pb.Schema) -> Schema:
-    text = []
-    for i, f in enumerate(msg.text_fields):
-        try:
-            analyzer = Analyzer(f.analyzer or "default")
-        except ValueError:
-            raise InvalidArgument.choice(
-                f"schema.text_fields[{i}].analyzer", f.analyzer, [a.value for a in Analyzer]
-            ) from None
-        text.append(TextFieldSpec(f.name, analyzer))
+    text = [
+        TextFieldSpec(f.name, _choice(Analyzer, f.analyzer, Analyzer.DEFAULT, f"schema.text_fields[{i}].analyzer"))
+        for i, f in enumerate(msg.text_fields)
+    ]
     dense = []
     for i, f in enumerate(msg.dense_fields):
         if f.metric not in _METRICS:
@@ -73,7 +80,7 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
             ef_construction=f.hnsw.ef_construction or _DEFAULT_HNSW.ef_construction,
             ef_search=f.hnsw.ef_search or _DEFAULT_HNSW.ef_search,
         )
-        encoder = encoder_from_proto(f.encoder, f"schema.dense_fields[{i}].encoder") if f.HasField("encoder") else None
+        encoder = _optional_encoder(f, f"schema.dense_fields[{i}].encoder")
         dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw, encoder))
     payload = []
     for i, f in enumerate(msg.payload_fields):
@@ -86,28 +93,25 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
         text_fields=tuple(text),
         dense_fields=tuple(dense),
         sparse_fields=tuple(
-            SparseFieldSpec(
-                f.name,
-                encoder_from_proto(f.encoder, f"schema.sparse_fields[{i}].encoder") if f.HasField("encoder") else None,
-            )
+            SparseFieldSpec(f.name, _optional_encoder(f, f"schema.sparse_fields[{i}].encoder"))
             for i, f in enumerate(msg.sparse_fields)
         ),
         payload_fields=tuple(payload),
     )
 
 
+def _optional_encoder(field: pb.DenseVectorField | pb.SparseVectorField, where: str) -> EncoderSpec | None:
+    return encoder_from_proto(field.encoder, where) if field.HasField("encoder") else None
+
+
 def encoder_from_proto(msg: pb.Encoder, where: str) -> EncoderSpec:
-    try:
-        precision = Precision(msg.precision or "fp32")
-    except ValueError:
-        raise InvalidArgument.choice(f"{where}.precision", msg.precision, [p.value for p in Precision]) from None
-    try:
-        query_mode = SparseQueryMode(msg.query_mode or "model")
-    except ValueError:
-        raise InvalidArgument.choice(
-            f"{where}.query_mode", msg.query_mode, [m.value for m in SparseQueryMode]
-        ) from None
-    return EncoderSpec(msg.model, tuple(msg.source_fields), precision, query_mode, msg.top_k or 256)
+    return EncoderSpec(
+        msg.model,
+        tuple(msg.source_fields),
+        _choice(Precision, msg.precision, Precision.FP32, f"{where}.precision"),
+        _choice(SparseQueryMode, msg.query_mode, SparseQueryMode.MODEL, f"{where}.query_mode"),
+        msg.top_k or DEFAULT_SPARSE_TOP_K,
+    )
 
 
 def encoder_to_proto(spec: EncoderSpec | None) -> pb.Encoder | None:
@@ -290,7 +294,7 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         if kind == "dense":
             dense = sub.dense
             vector = None
-            if _vector_or_text(dense.HasField("vector"), dense.text, f"{at}.dense"):
+            if vector_or_text(dense.HasField("vector"), dense.text, f"{at}.dense"):
                 vector = dense_from_proto(dense.vector, f"{at}.dense.vector")
             query: object = DenseQuery(dense.field, vector, dense.ef, dense.text)
         elif kind == "bm25":
@@ -298,7 +302,7 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         elif kind == "sparse":
             sparse = sub.sparse
             sparse_vector = None
-            if _vector_or_text(sparse.HasField("vector"), sparse.text, f"{at}.sparse"):
+            if vector_or_text(sparse.HasField("vector"), sparse.text, f"{at}.sparse"):
                 sparse_vector = sparse_from_proto(sparse.vector, f"{at}.sparse.vector")
             query = SparseQuery(sparse.field, sparse_vector, sparse.text)
         else:
@@ -332,7 +336,7 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
     )
 
 
-def _vector_or_text(has_vector: bool, text: str, where: str) -> bool:
+def vector_or_text(has_vector: bool, text: str, where: str) -> bool:
     """True when the sub-query carries a vector; text alone is encoded later by the service."""
     if has_vector and text:
         raise InvalidArgument.field(where, "set vector or text, not both")

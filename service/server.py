@@ -152,12 +152,10 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         if _plain_dense(request):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
-            if dense.text:
-                if dense.HasField("vector"):
-                    raise InvalidArgument.field("queries[0].dense", "set vector or text, not both")
-                vector = self.encoding.dense_texts(collection, dense.field, [dense.text], ["queries[0].dense"])[0]
-            else:
+            if convert.vector_or_text(dense.HasField("vector"), dense.text, "queries[0].dense"):
                 vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
+            else:
+                vector = self.encoding.dense_texts(collection, dense.field, [dense.text], ["queries[0].dense"])[0]
             limit = request.limit or 10
             collection.check_dense(dense.field, vector, limit, dense.ef)
             result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef)[0]
