@@ -82,6 +82,10 @@ class _Weights:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def pair(self, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        """A module's ``weight`` and ``bias``: Linear (weight, bias) or LayerNorm (gamma, beta)."""
+        return self(f"{prefix}.weight"), self(f"{prefix}.bias")
+
 
 class _GraphBuilder:
     """Accumulates nodes and initializers; every helper returns its output's name."""
@@ -148,37 +152,29 @@ def build_bert_graph(model_dir: Path, with_mlm_head: bool = False) -> onnx.Model
     summed = g.op("Add", [g.op("Add", [word, position]), token_type], "emb_sum")
     x = g.layer_norm(
         summed,
-        weights("embeddings.LayerNorm.weight"),
-        weights("embeddings.LayerNorm.bias"),
+        *weights.pair("embeddings.LayerNorm"),
         config.layer_norm_eps,
         "emb_ln",
     )
 
-    # Additive mask [batch, 1, 1, seq]: 0 for tokens, MASK_NEGATIVE for padding.
+    # Additive mask [batch, seq]: 0 for tokens, MASK_NEGATIVE for padding; [batch, 1, 1, seq] for attention.
     mask_float = g.op("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
     inverted = g.op("Sub", [g.const("one_f", np.array(1.0, np.float32)), mask_float], "mask_inv")
-    mask_bias = g.op(
-        "Unsqueeze",
-        [
-            g.op("Mul", [inverted, g.const("neg", np.array(MASK_NEGATIVE, np.float32))]),
-            g.const("ax12", np.array([1, 2])),
-        ],
-        "mask_bias",
-    )
+    additive_mask = g.op("Mul", [inverted, g.const("neg", np.array(MASK_NEGATIVE, np.float32))], "mask_add")
+    mask_bias = g.op("Unsqueeze", [additive_mask, g.const("ax12", np.array([1, 2]))], "mask_bias")
     split_heads = g.const("split_shape", np.array([0, 0, heads, head_dim], np.int64))
     merge_heads = g.const("merge_shape", np.array([0, 0, hidden], np.int64))
     scale = g.const("scale", np.array(1.0 / math.sqrt(head_dim), np.float32))
+
+    def add_and_norm(sublayer: str, residual: str, norm: str, hint: str) -> str:
+        """Post-LayerNorm residual block: LayerNorm(sublayer + residual)."""
+        return g.layer_norm(g.op("Add", [sublayer, residual]), *weights.pair(norm), config.layer_norm_eps, hint)
 
     for i in range(config.num_layers):
         p = f"encoder.layer.{i}."
 
         def heads_of(name: str, perm: list[int], x: str = x, p: str = p, i: int = i) -> str:
-            projected = g.linear(
-                x,
-                weights(f"{p}attention.self.{name}.weight"),
-                weights(f"{p}attention.self.{name}.bias"),
-                f"l{i}.{name}",
-            )
+            projected = g.linear(x, *weights.pair(f"{p}attention.self.{name}"), f"l{i}.{name}")
             return g.op("Transpose", [g.op("Reshape", [projected, split_heads])], f"l{i}.{name}_t", perm=perm)
 
         query = heads_of("query", [0, 2, 1, 3])  # [b, h, s, d]
@@ -188,36 +184,16 @@ def build_bert_graph(model_dir: Path, with_mlm_head: bool = False) -> onnx.Model
         probs = g.op("Softmax", [scores], f"l{i}.probs", axis=-1)
         context = g.op("Transpose", [g.op("MatMul", [probs, value])], f"l{i}.ctx", perm=[0, 2, 1, 3])
         context = g.op("Reshape", [context, merge_heads], f"l{i}.ctx_merged")
-        attended = g.linear(
-            context,
-            weights(f"{p}attention.output.dense.weight"),
-            weights(f"{p}attention.output.dense.bias"),
-            f"l{i}.attn_out",
-        )
-        x = g.layer_norm(
-            g.op("Add", [attended, x]),
-            weights(f"{p}attention.output.LayerNorm.weight"),
-            weights(f"{p}attention.output.LayerNorm.bias"),
-            config.layer_norm_eps,
-            f"l{i}.attn_ln",
-        )
-        inner = g.linear(
-            x, weights(f"{p}intermediate.dense.weight"), weights(f"{p}intermediate.dense.bias"), f"l{i}.ffn_in"
-        )
-        inner = g.op("Gelu", [inner], f"l{i}.gelu")
-        outer = g.linear(inner, weights(f"{p}output.dense.weight"), weights(f"{p}output.dense.bias"), f"l{i}.ffn_out")
-        x = g.layer_norm(
-            g.op("Add", [outer, x]),
-            weights(f"{p}output.LayerNorm.weight"),
-            weights(f"{p}output.LayerNorm.bias"),
-            config.layer_norm_eps,
-            f"l{i}.ffn_ln",
-        )
+        attended = g.linear(context, *weights.pair(f"{p}attention.output.dense"), f"l{i}.attn_out")
+        x = add_and_norm(attended, x, f"{p}attention.output.LayerNorm", f"l{i}.attn_ln")
+        inner = g.op("Gelu", [g.linear(x, *weights.pair(f"{p}intermediate.dense"), f"l{i}.ffn_in")], f"l{i}.gelu")
+        outer = g.linear(inner, *weights.pair(f"{p}output.dense"), f"l{i}.ffn_out")
+        x = add_and_norm(outer, x, f"{p}output.LayerNorm", f"l{i}.ffn_ln")
 
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])]
     if with_mlm_head:
-        _append_splade_head(g, weights, config, x, mask_float)
+        _append_splade_head(g, weights, config, x, additive_mask)
         outputs.append(helper.make_tensor_value_info("splade", TensorProto.FLOAT, ["batch", config.vocab_size]))
 
     inputs = [
@@ -231,19 +207,17 @@ def build_bert_graph(model_dir: Path, with_mlm_head: bool = False) -> onnx.Model
     return model
 
 
-def _append_splade_head(g: _GraphBuilder, weights: _Weights, config: BertConfig, x: str, mask_float: str) -> None:
+def _append_splade_head(g: _GraphBuilder, weights: _Weights, config: BertConfig, x: str, additive_mask: str) -> None:
     """MLM logits -> log(1 + relu) -> max over non-padding positions, as output ``splade``."""
     if weights.has("cls.predictions.transform.dense.weight"):
         x = g.linear(
             x,
-            weights("cls.predictions.transform.dense.weight"),
-            weights("cls.predictions.transform.dense.bias"),
+            *weights.pair("cls.predictions.transform.dense"),
             "mlm.transform",
         )
         x = g.layer_norm(
             g.op("Gelu", [x], "mlm.gelu"),
-            weights("cls.predictions.transform.LayerNorm.weight"),
-            weights("cls.predictions.transform.LayerNorm.bias"),
+            *weights.pair("cls.predictions.transform.LayerNorm"),
             config.layer_norm_eps,
             "mlm.ln",
         )
@@ -260,15 +234,7 @@ def _append_splade_head(g: _GraphBuilder, weights: _Weights, config: BertConfig,
     logits = g.linear(x, decoder, bias, "mlm.logits")  # [b, s, vocab]
     # log(1 + relu(.)) is non-decreasing, so max_t of it equals it applied to max_t of the logits:
     # pool first, with padding pushed to MASK_NEGATIVE, and only one [b, s, vocab] copy is made.
-    padding = g.op(
-        "Mul",
-        [
-            g.op("Sub", [g.const("one_f", np.array(1.0, np.float32)), mask_float]),
-            g.const("neg", np.array(MASK_NEGATIVE, np.float32)),
-        ],
-        "mlm.pad",
-    )
-    masked = g.op("Add", [logits, g.op("Unsqueeze", [padding, g.const("ax2", np.array([2]))])], "mlm.masked")
+    masked = g.op("Add", [logits, g.op("Unsqueeze", [additive_mask, g.const("ax2", np.array([2]))])], "mlm.masked")
     pooled = g.op("ReduceMax", [masked, g.const("ax1", np.array([1]))], "mlm.pooled", keepdims=0)
     activated = g.op("Add", [g.op("Relu", [pooled]), g.const("one_f", np.array(1.0, np.float32))], "mlm.act")
     g.nodes.append(helper.make_node("Log", [activated], ["splade"]))

@@ -159,7 +159,7 @@ def _dense_rows(encoder: DenseEncoder | SpladeEncoder, texts: list[str]) -> np.n
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return np.where(
-        (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0), 1.0, (a * b).sum(axis=1) / norms
-    )
+    """Row-wise cosine; two all-zero rows (an empty SPLADE vector) count as equal."""
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cosine = (a * b).sum(axis=1) / np.maximum(norm_a * norm_b, 1e-12)
+    return np.where((norm_a == 0) & (norm_b == 0), 1.0, cosine)
