@@ -21,8 +21,9 @@ import tantivy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ir_data import DATA, braid_server, collections, score
+from ir_data import DATA, braid_server, collections
 
+from braid.service.evaluate import measure as score
 from braid.v1 import braid_pb2 as pb
 
 DEPTH = 100

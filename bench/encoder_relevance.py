@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ir_data import DATA, ROOT, braid_server, collections, score
+from ir_data import DATA, ROOT, braid_server, collections
 
 from braid.encoders.export import BUILTIN_MODELS, export_builtin
 from braid.service.client import BraidClient
+from braid.service.evaluate import measure as score
 from braid.v1 import braid_pb2 as pb
 
 DEPTH = 100
