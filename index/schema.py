@@ -41,6 +41,7 @@ class PayloadType(StrEnum):
 class Analyzer(StrEnum):
     DEFAULT = "default"  # split on non-alphanumerics, lowercase, drop tokens over 40 bytes
     EN_STEM = "en_stem"  # default + English Snowball stemming
+    ENGLISH = "english"  # 2+ character words, lowercase, English stop words, Snowball stemming (index/analyzers.py)
     RAW = "raw"  # the whole value is one token (ids, codes)
     WHITESPACE = "whitespace"
 

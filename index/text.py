@@ -8,8 +8,9 @@ some of the replayed writes is idempotent.
 
 tantivy makes writes searchable only at commit; the shard commits (group
 commit) before it acknowledges a write. Scores are tantivy's BM25
-(k1 = 1.2, b = 0.75), summed over fields and query terms; per-field boosts
-multiply a field's contribution.
+(k1 = 1.2, b = 0.75), summed over fields and query terms, a term counted as
+often as the query repeats it; per-field boosts multiply a field's contribution.
+Analyzers (the same for documents and queries): index/analyzers.py.
 
 Filters arrive as a bool mask over labels. Few matching labels: the text
 query is intersected with a term-set query on ``_label`` (scored 0, so scores
@@ -23,24 +24,20 @@ On disk: tantivy's own directory layout (meta.json, per-segment files).
 from __future__ import annotations
 
 import math
-import re
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import tantivy
 
-from .errors import InvalidArgument
+from . import analyzers
 from .schema import TextFieldSpec
 
 LABEL = "_label"
 # Up to this many allowed labels, the filter is pushed into tantivy as a term set.
 TERM_SET_MAX = 4096
 WRITER_HEAP_BYTES = 32 * 1024 * 1024
-# A BM25 query is a bag of words: every non-word character becomes a space. That keeps
-# tantivy's query syntax out, and stops its parser from turning "u.s." into a phrase query.
-_QUERY_SYNTAX = re.compile(r"[\W_]+")
-_OPERATORS = re.compile(r"\b(AND|OR|NOT|IN|TO)\b")
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +58,9 @@ class TextIndex:
         self.fields = fields
         self.field_names = [f.name for f in fields]
         self._index = tantivy.Index(self.schema, path=str(directory), reuse=True)
+        for kind in {spec.analyzer for spec in fields} & set(analyzers.CUSTOM):
+            self._index.register_tokenizer(kind.value, analyzers.build(kind))
+        self._analyzers = {spec.name: analyzers.build(spec.analyzer) for spec in fields}
         self._writer = self._index.writer(WRITER_HEAP_BYTES, 1)
         self._writer_lock = threading.Lock()
         self._searcher = self._index.searcher()
@@ -95,14 +95,20 @@ class TextIndex:
     # ----------------------------------------------------------------- queries
 
     def parse(self, text: str, fields: list[str], boosts: dict[str, float]) -> tantivy.Query | None:
-        """Turn plain query text into a tantivy query; None when no searchable words remain."""
-        clean = _OPERATORS.sub(lambda m: m.group(1).lower(), _QUERY_SYNTAX.sub(" ", text)).strip()
-        if not clean:
-            return None
-        try:
-            return self._index.parse_query(clean, fields, boosts or {})
-        except ValueError as err:
-            raise InvalidArgument.field("bm25.text", f"cannot parse query: {err}") from err
+        """Plain query text as a bag of terms; None when no term remains after analysis.
+
+        Each field's analyzer turns the text into terms, and each distinct term is one
+        SHOULD clause boosted by how often the query repeats it (times the field's
+        boost): the score is sum over fields and query words of BM25, as in Anserini's
+        bag-of-words queries and bm25s. No query syntax: every character is text.
+        """
+        clauses = []
+        for name in fields:
+            boost = boosts.get(name, 1.0)
+            for term, count in Counter(self._analyzers[name].analyze(text)).items():
+                query = tantivy.Query.term_query(self.schema, name, term)
+                clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(query, boost * count)))
+        return tantivy.Query.boolean_query(clauses) if clauses else None
 
     def search(
         self, query: tantivy.Query, k: int, allowed: np.ndarray, allowed_count: int, filtered: bool = True

@@ -212,6 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
                 name=args.name,
                 model=args.model,
                 precision=args.precision,
+                analyzer=args.analyzer,
                 depth=args.depth,
                 reuse=args.reuse,
             )
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--name", help="collection name (default eval-<dir name>)")
     evaluation.add_argument("--model", default="all-minilm-l6-v2", help="dense encoder")
     evaluation.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    evaluation.add_argument("--analyzer", default="english", help="analyzer of the BM25 field body")
     evaluation.add_argument("--depth", type=int, default=100, help="hits per query")
     evaluation.add_argument("--reuse", action="store_true", help="the collection exists: skip ingest")
     evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")

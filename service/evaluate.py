@@ -4,7 +4,8 @@
 
 DIR holds corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"}) and
 qrels/test.tsv (a header, then query-id, corpus-id, grade). The corpus goes into a
-collection whose text field ``body`` is title + " " + text and whose dense field
+collection whose text field ``body`` is title + " " + text (analyzer ``english`` unless
+told otherwise) and whose dense field
 ``dense`` is filled from it by the server's encoder; every judged query then runs as
 plain text through Search, once per plan. Metrics come from ir-measures (nDCG@10,
 R@100, RR@10 = MRR@10); latency is each Search round trip, query encoding included.
@@ -95,9 +96,9 @@ class BeirCollection:
         return cls(corpus, queries, qrels)
 
 
-def schema(model: str, precision: str) -> pb.Schema:
+def schema(model: str, precision: str, analyzer: str = "english") -> pb.Schema:
     return pb.Schema(
-        text_fields=[pb.TextField(name="body")],
+        text_fields=[pb.TextField(name="body", analyzer=analyzer)],
         dense_fields=[
             pb.DenseVectorField(
                 name="dense", encoder=pb.Encoder(model=model, source_fields=["body"], precision=precision)
@@ -165,6 +166,7 @@ def evaluate(
     name: str | None = None,
     model: str = "all-minilm-l6-v2",
     precision: str = "fp32",
+    analyzer: str = "english",
     depth: int = 100,
     reuse: bool = False,
     progress: bool = True,
@@ -178,7 +180,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not reuse:
-        client.create_collection(name, schema(model, precision))
+        client.create_collection(name, schema(model, precision, analyzer))
         ingest(client, name, data, progress=progress)
     index_s = time.perf_counter() - started
     results = []
@@ -194,6 +196,7 @@ def evaluate(
         "queries": len(data.queries),
         "model": model,
         "precision": precision,
+        "analyzer": None if reuse else analyzer,
         "depth": depth,
         "index_seconds": None if reuse else round(index_s, 2),
         "plans": [asdict(r) for r in results],

@@ -455,6 +455,7 @@ def test_text_field_analyzers(braid):
                 pb.TextField(name="stemmed", analyzer="en_stem"),
                 pb.TextField(name="code", analyzer="raw"),
                 pb.TextField(name="spaced", analyzer="whitespace"),
+                pb.TextField(name="prose", analyzer="english"),
             ]
         ),
     )
@@ -463,7 +464,13 @@ def test_text_field_analyzers(braid):
         [
             {
                 "id": "a",
-                "text": {"plain": "running dogs", "stemmed": "running dogs", "code": "AB-12", "spaced": "Hello-World"},
+                "text": {
+                    "plain": "running dogs",
+                    "stemmed": "running dogs",
+                    "code": "AB-12",
+                    "spaced": "Hello-World",
+                    "prose": "The Runners of a Marathon",
+                },
             }
         ],
     )
@@ -475,4 +482,22 @@ def test_text_field_analyzers(braid):
     assert ids("runs dog", "plain") == []
     assert ids("running", "plain") == ["a"]
     assert ids("AB", "code") == []  # raw: only the whole value is a token
+    assert ids("AB-12", "code") == ["a"]  # the query is not parsed: "-" is text, not an operator
     assert ids("Hello", "spaced") == []  # whitespace: "Hello-World" is one token
+    assert ids("Hello-World", "spaced") == ["a"]
+    assert ids("runner marathons", "prose") == ["a"]  # english: stemmed
+    assert ids("the of a", "prose") == []  # english: stop words and one-letter words are not terms
+
+
+def test_bm25_counts_repeated_query_words(braid):
+    """A word the query repeats weighs as often as it appears (Anserini's bag of words, bm25s)."""
+    braid.client.create_collection("docs", pb.Schema(text_fields=[pb.TextField(name="body")]))
+    braid.client.upsert("docs", [{"id": "a", "text": {"body": "alpha one"}}, {"id": "b", "text": {"body": "beta two"}}])
+
+    def ranked(text: str) -> list[tuple[str, float]]:
+        return [(h.id, h.score) for h in search(braid, queries=[pb.SubQuery(bm25=pb.Bm25Query(text=text))])]
+
+    (first, high), (second, low) = ranked("alpha beta beta")
+    assert (first, second) == ("b", "a")
+    assert high == pytest.approx(2 * low, rel=1e-5)
+    assert [doc for doc, _ in ranked("ALPHA alpha, beta")] == ["a", "b"]
