@@ -30,7 +30,12 @@ from .validate import MAX_EF, Limits, check_dense, check_documents, check_id, ch
 
 SHARD_SHIFT = 40
 _LABEL_MASK = (1 << SHARD_SHIFT) - 1
-MIN_FUSION_DEPTH = 100
+# The default hybrid plan (two or more sub-queries, no fusion given): a weighted sum of
+# z-scored strands, every weight 1, each strand contributing max(window, 200) candidates.
+# Chosen on six real collections (docs/relevance.md, bench/fusion_grid.py): it beats the
+# better single strand on all six, where RRF (k = 60, depth 100) lost on one.
+DEFAULT_FUSION = ("weighted", "z_score")
+MIN_FUSION_DEPTH = 200
 
 
 def shard_of(doc_id: str, shards: int) -> int:
@@ -186,7 +191,9 @@ class Collection:
             _merge([strands[i] for strands in per_shard], depths[i]) if len(per_shard) > 1 else per_shard[0][i]
             for i in range(len(plan.queries))
         ]
-        rule = plan.fusion or ("single" if single else "rrf")
+        rule, normalization = (plan.fusion, plan.normalization) if plan.fusion else DEFAULT_FUSION
+        if single and not plan.fusion:
+            rule = "single"
         if rule == "single" and single and not plan.explain:
             return self._single_strand(ranked[0], plan)
         fusion_keys, ids, shard_keys = _id_ordered_keys(ranked)
@@ -194,7 +201,7 @@ class Collection:
             fusion.Strand(keys, r.scores.astype(np.float64), sub.weight)
             for keys, r, sub in zip(fusion_keys, ranked, plan.queries, strict=True)
         ]
-        fused = fusion.fuse(strands, rule, k=plan.rrf_k, normalization=plan.normalization)
+        fused = fusion.fuse(strands, rule, k=plan.rrf_k, normalization=normalization)
         fused = fusion.apply_window(fused, plan.offset, plan.limit, plan.score_threshold)
         result = SearchResult(ids=[ids[key] for key in fused.keys.tolist()], scores=fused.scores)
         self._materialize(result, shard_keys[fused.keys].tolist(), plan)

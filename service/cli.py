@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", parents=[address], help="relevance of search plans on a BEIR collection")
     evaluation.add_argument("dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv")
-    evaluation.add_argument("--plans", default="bm25,dense,rrf,dbsf", help="of bm25,dense,rrf,minmax,zscore,dbsf")
+    evaluation.add_argument("--plans", default="bm25,dense,hybrid", help="of bm25,dense,hybrid,rrf,minmax,zscore,dbsf")
     evaluation.add_argument("--name", help="collection name (default eval-<dir name>)")
     evaluation.add_argument("--model", default="all-minilm-l6-v2", help="dense encoder")
     evaluation.add_argument("--precision", default="fp32", choices=["fp32", "int8"])

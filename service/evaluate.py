@@ -47,6 +47,7 @@ def _weighted(normalization: int) -> pb.Fusion:
 PLANS: dict[str, Callable[[str], tuple[list[pb.SubQuery], pb.Fusion | None]]] = {
     "bm25": lambda text: ([_bm25(text)], None),
     "dense": lambda text: ([_dense(text)], None),
+    "hybrid": lambda text: ([_bm25(text), _dense(text)], None),  # no fusion given: the server's default plan
     "rrf": _hybrid(pb.Fusion(rrf=pb.ReciprocalRankFusion(k=60))),
     "minmax": _hybrid(_weighted(pb.MIN_MAX)),
     "zscore": _hybrid(_weighted(pb.Z_SCORE)),

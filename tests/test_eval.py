@@ -63,6 +63,7 @@ def test_eval_scores_every_plan_and_writes_runs(server: Running, tmp_path: Path)
     assert metrics["dense"]["RR@10"] == 1.0  # every query, paraphrases included, finds its document first
     assert metrics["bm25"]["RR@10"] == pytest.approx(0.5)  # the 3 paraphrases share no word with their document
     assert metrics["rrf"]["nDCG@10"] > metrics["bm25"]["nDCG@10"]
+    assert metrics["hybrid"]["nDCG@10"] >= max(metrics["bm25"]["nDCG@10"], metrics["dense"]["nDCG@10"]) - 0.05
     assert all(0.0 <= v <= 1.0 for m in metrics.values() for v in m.values())
     for plan in summary["plans"]:
         assert set(plan["latency_ms"]) == {"p50", "p95", "p99", "mean"} and plan["latency_ms"]["p50"] > 0

@@ -156,8 +156,18 @@ def test_rrf_by_hand(fused):
     assert [(e.query, e.rank) for e in a.explain] == [("sparse:splade", 1), ("dense:emb", 0)]
     assert a.explain[0].score == pytest.approx(3.0)
     assert math.isnan(a.explain[1].score)
-    # Unset fusion with two sub-queries is RRF with k = 60 as well.
-    assert [h.score for h in search(fused, queries=queries)] == pytest.approx([h.score for h in hits])
+
+
+
+def test_default_fusion_is_weighted_z_score(fused):
+    # Unset fusion with two sub-queries: the default plan, sum of z-scored strands.
+    # sparse A=3, B=2 -> z A=+1, B=-1; dense B=1, C=0.981 -> z B=+1, C=-1.  A=1, B=0, C=-1.
+    queries = [sparse_query({"x": 1.0}, depth=2), dense_query([1.0, 0.0], depth=2)]
+    hits = search(fused, queries=queries)
+    assert [h.id for h in hits] == ["A", "B", "C"]
+    assert [h.score for h in hits] == pytest.approx([1.0, 0.0, -1.0], abs=1e-6)
+    explicit = search(fused, queries=queries, fusion=pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.Z_SCORE)))
+    assert [(h.id, h.score) for h in explicit] == [(h.id, h.score) for h in hits]
 
 
 def test_weighted_rrf(fused):
