@@ -76,6 +76,42 @@ def read_run(path: Path) -> dict[str, tuple[list[str], np.ndarray]]:
     return {q: ([d for d, _ in hits], np.array([s for _, s in hits], np.float64)) for q, hits in rows.items()}
 
 
+def threshold_study(dense: dict[str, dict], qrels: dict[str, dict], keep: float = 0.9) -> None:
+    """One global threshold on the dense strand's top 100: raw cosine against the query-calibrated score.
+
+    Calibrated score (the "Relevance Filtering for Embedding-based Retrieval" idea without a
+    learned adapter): z = (cos - mean) / std over the query's own top 200, the candidates a
+    fused strand holds anyway. For each, the single threshold keeping ``keep`` of all judged
+    relevant hits, pooled over the collections; then per collection the share of relevant
+    hits kept and of unjudged/irrelevant hits dropped. A calibration that works makes the
+    shares even across collections and drops more irrelevant hits at the same recall.
+    """
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for name, run in dense.items():
+        raw, calibrated, relevant = [], [], []
+        for qid, (docs, scores) in run.items():
+            top = scores[:200]
+            spread = top.std() or 1.0
+            raw.append(scores[:100])
+            calibrated.append((scores[:100] - top.mean()) / spread)
+            relevant.append(np.array([qrels[name].get(qid, {}).get(d, 0) > 0 for d in docs[:100]]))
+        pairs[name] = {"cos": np.concatenate(raw), "z": np.concatenate(calibrated), "rel": np.concatenate(relevant)}
+    print(f"\nOne global threshold on the dense top 100, set to keep {keep:.0%} of all relevant hits:")
+    print("| score | threshold | " + " | ".join(f"{n} rel kept / other dropped" for n in pairs) + " | all |")
+    print("|" + "---|" * (len(pairs) + 3))
+    for kind in ("cos", "z"):
+        pooled = np.concatenate([p[kind][p["rel"]] for p in pairs.values()])
+        cut = float(np.quantile(pooled, 1 - keep))
+        cells, kept_all, dropped_all = [], [], []
+        for p in pairs.values():
+            passed = p[kind] >= cut
+            kept_all.append(passed[p["rel"]])
+            dropped_all.append(~passed[~p["rel"]])
+            cells.append(f"{kept_all[-1].mean():.2f} / {dropped_all[-1].mean():.2f}")
+        total = f"{np.concatenate(kept_all).mean():.2f} / {np.concatenate(dropped_all).mean():.2f}"
+        print(f"| {kind} | {cut:.3f} | " + " | ".join(cells) + f" | {total} |")
+
+
 def _strand(hits: tuple[list[str], np.ndarray], depth: int, weight: float, ids: dict[str, int]) -> fusion.Strand:
     docs, scores = hits
     return fusion.Strand(np.fromiter((ids[d] for d in docs[:depth]), np.int64), scores[:depth], weight)
@@ -93,8 +129,13 @@ def fuse_run(bm25: dict, dense: dict, plan: Plan, ids: dict[str, int], names: li
     return run
 
 
+# Braid's default hybrid plan (index/collection.py DEFAULT_FUSION, MIN_FUSION_DEPTH) and the one before it.
+DEFAULT = Plan("z_score", 1.0, 200)
+PREVIOUS = Plan("rrf", 1.0, 100, 60)
+
+
 def grid() -> list[Plan]:
-    depths, weights = (20, 50, 100, 200, 1000), (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+    depths, weights = (20, 50, 100, 200, 300, 1000), (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
     plans = [Plan("rrf", w, d, k) for k, w, d in itertools.product((5, 10, 20, 40, 60, 100), weights, depths)]
     plans += [Plan(n, w, d) for n, w, d in itertools.product(("min_max", "z_score", "dbsf"), weights, depths)]
     # The relevance filter on the dense strand, on a few good fusion plans.
@@ -118,10 +159,13 @@ def main() -> None:
     plans = grid()
     table: dict[Plan, dict[str, float]] = defaultdict(dict)
     singles: dict[str, tuple[float, float]] = {}
+    dense_runs: dict[str, dict] = {}
+    all_qrels: dict[str, dict] = {}
     for name in names:
         qrels = BeirCollection.load(Path(args.data) / name).qrels
         bm25 = read_run(Path(args.runs) / f"eval-{name}.bm25.trec")
         dense = read_run(Path(args.runs) / f"eval-{name}.dense.trec")
+        dense_runs[name], all_qrels[name] = dense, qrels
         doc_names = sorted({d for run in (bm25, dense) for docs, _ in run.values() for d in docs})
         ids = {d: i for i, d in enumerate(doc_names)}
         singles[name] = tuple(  # type: ignore[assignment]
@@ -141,12 +185,15 @@ def main() -> None:
     ranked = sorted(plans, key=lambda p: (margin(p) < 0, -mean(p)))
     print("| plan | " + " | ".join(names) + " | mean | worst margin |")
     print("|" + "---|" * (len(names) + 3))
-    print("| bm25 | " + " | ".join(f"{singles[n][0]:.4f}" for n in names) + f" | {np.mean([singles[n][0] for n in names]):.4f} | |")
-    print("| dense | " + " | ".join(f"{singles[n][1]:.4f}" for n in names) + f" | {np.mean([singles[n][1] for n in names]):.4f} | |")
-    shown = ranked[: args.top] + [p for p in plans if p == Plan("rrf", 1.0, 100, 60) and p not in ranked[: args.top]]
+    for i, strand in enumerate(("bm25", "dense")):
+        cells = " | ".join(f"{singles[n][i]:.4f}" for n in names)
+        print(f"| {strand} | {cells} | {np.mean([singles[n][i] for n in names]):.4f} | |")
+    marked = {DEFAULT: "**default** ", PREVIOUS: "previous default "}
+    shown = ranked[: args.top] + [p for p in marked if p not in ranked[: args.top]]
     for plan in shown:
         cells = " | ".join(f"{table[plan][n]:.4f}" for n in names)
-        print(f"| {plan} | {cells} | {mean(plan):.4f} | {margin(plan):+.4f} |")
+        print(f"| {marked.get(plan, '')}{plan} | {cells} | {mean(plan):.4f} | {margin(plan):+.4f} |")
+    threshold_study(dense_runs, all_qrels)
     print("\nbest of each rule by mean (unfiltered | with the best dense relevance filter):")
     for rule in ("rrf", "min_max", "z_score", "dbsf"):
         plain = max((p for p in plans if p.rule == rule and not p.filter), key=mean)

@@ -213,6 +213,8 @@ def _eval(args: argparse.Namespace) -> int:
                 model=args.model,
                 precision=args.precision,
                 analyzer=args.analyzer,
+                sparse_model=args.sparse_model,
+                sparse_query_mode=args.sparse_query_mode,
                 depth=args.depth,
                 reuse=args.reuse,
             )
@@ -301,11 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", parents=[address], help="relevance of search plans on a BEIR collection")
     evaluation.add_argument("dir", help="BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv")
-    evaluation.add_argument("--plans", default="bm25,dense,hybrid", help="of bm25,dense,hybrid,rrf,minmax,zscore,dbsf")
+    evaluation.add_argument(
+        "--plans", default="bm25,dense,hybrid", help="of bm25,dense,sparse,hybrid,rrf,minmax,zscore,dbsf"
+    )
     evaluation.add_argument("--name", help="collection name (default eval-<dir name>)")
     evaluation.add_argument("--model", default="all-minilm-l6-v2", help="dense encoder")
     evaluation.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     evaluation.add_argument("--analyzer", default="english", help="analyzer of the BM25 field body")
+    evaluation.add_argument("--sparse-model", default="", help="sparse encoder for a field 'sparse' (plan sparse)")
+    evaluation.add_argument("--sparse-query-mode", default="", choices=["", "model", "idf"], help="sparse queries")
     evaluation.add_argument("--depth", type=int, default=100, help="hits per query")
     evaluation.add_argument("--reuse", action="store_true", help="the collection exists: skip ingest")
     evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")

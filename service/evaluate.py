@@ -1,13 +1,14 @@
 """``braid eval``: relevance of search plans on a BEIR-layout collection, through the public gRPC API.
 
-    braid eval DIR [--plans bm25,dense,rrf,...] [--model all-minilm-l6-v2] [--out DIR]
+    braid eval DIR [--plans bm25,dense,hybrid,...] [--model all-minilm-l6-v2] [--out DIR]
 
 DIR holds corpus.jsonl ({"_id", "title", "text"}), queries.jsonl ({"_id", "text"}) and
 qrels/test.tsv (a header, then query-id, corpus-id, grade). The corpus goes into a
 collection whose text field ``body`` is title + " " + text (analyzer ``english`` unless
-told otherwise) and whose dense field
-``dense`` is filled from it by the server's encoder; every judged query then runs as
-plain text through Search, once per plan. Metrics come from ir-measures (nDCG@10,
+told otherwise); the server's encoders fill the dense field ``dense`` from it, and with
+``--sparse-model`` a sparse field ``sparse``. Every judged query then runs as plain text
+through Search, once per plan: ``hybrid`` sends BM25 and dense with no fusion (the
+server's default plan), ``rrf``/``minmax``/``zscore``/``dbsf`` name their rule. Metrics come from ir-measures (nDCG@10,
 R@100, RR@10 = MRR@10); latency is each Search round trip, query encoding included.
 Each plan's ranking is written as a TREC run file, and all figures as a JSON summary.
 """
@@ -36,6 +37,10 @@ def _dense(text: str) -> pb.SubQuery:
     return pb.SubQuery(dense=pb.DenseQuery(field="dense", text=text))
 
 
+def _sparse(text: str) -> pb.SubQuery:
+    return pb.SubQuery(sparse=pb.SparseQuery(field="sparse", text=text))
+
+
 def _hybrid(fusion: pb.Fusion) -> Callable[[str], tuple[list[pb.SubQuery], pb.Fusion | None]]:
     return lambda text: ([_bm25(text), _dense(text)], fusion)
 
@@ -48,6 +53,7 @@ PLANS: dict[str, Callable[[str], tuple[list[pb.SubQuery], pb.Fusion | None]]] = 
     "bm25": lambda text: ([_bm25(text)], None),
     "dense": lambda text: ([_dense(text)], None),
     "hybrid": lambda text: ([_bm25(text), _dense(text)], None),  # no fusion given: the server's default plan
+    "sparse": lambda text: ([_sparse(text)], None),  # needs --sparse-model
     "rrf": _hybrid(pb.Fusion(rrf=pb.ReciprocalRankFusion(k=60))),
     "minmax": _hybrid(_weighted(pb.MIN_MAX)),
     "zscore": _hybrid(_weighted(pb.Z_SCORE)),
@@ -97,7 +103,11 @@ class BeirCollection:
         return cls(corpus, queries, qrels)
 
 
-def schema(model: str, precision: str, analyzer: str = "english") -> pb.Schema:
+def schema(
+    model: str, precision: str, analyzer: str = "english", sparse_model: str = "", sparse_query_mode: str = ""
+) -> pb.Schema:
+    """Text field ``body``, dense field ``dense`` from ``model``; sparse field ``sparse`` when ``sparse_model``."""
+    sparse = pb.Encoder(model=sparse_model, source_fields=["body"], query_mode=sparse_query_mode)
     return pb.Schema(
         text_fields=[pb.TextField(name="body", analyzer=analyzer)],
         dense_fields=[
@@ -105,6 +115,7 @@ def schema(model: str, precision: str, analyzer: str = "english") -> pb.Schema:
                 name="dense", encoder=pb.Encoder(model=model, source_fields=["body"], precision=precision)
             )
         ],
+        sparse_fields=[pb.SparseVectorField(name="sparse", encoder=sparse)] if sparse_model else [],
     )
 
 
@@ -168,6 +179,8 @@ def evaluate(
     model: str = "all-minilm-l6-v2",
     precision: str = "fp32",
     analyzer: str = "english",
+    sparse_model: str = "",
+    sparse_query_mode: str = "",
     depth: int = 100,
     reuse: bool = False,
     progress: bool = True,
@@ -176,12 +189,14 @@ def evaluate(
     unknown = [p for p in plans if p not in PLANS]
     if unknown:
         raise ValueError(f"unknown plan(s) {unknown}; valid: {', '.join(PLANS)}")
+    if "sparse" in plans and not (sparse_model or reuse):
+        raise ValueError("plan sparse needs --sparse-model (a sparse encoder, e.g. minilm-tied-splade)")
     data = BeirCollection.load(directory)
     name = name or f"eval-{directory.name.lower()}"
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not reuse:
-        client.create_collection(name, schema(model, precision, analyzer))
+        client.create_collection(name, schema(model, precision, analyzer, sparse_model, sparse_query_mode))
         ingest(client, name, data, progress=progress)
     index_s = time.perf_counter() - started
     results = []
@@ -198,6 +213,7 @@ def evaluate(
         "model": model,
         "precision": precision,
         "analyzer": None if reuse else analyzer,
+        "sparse_model": None if reuse else sparse_model or None,
         "depth": depth,
         "index_seconds": None if reuse else round(index_s, 2),
         "plans": [asdict(r) for r in results],

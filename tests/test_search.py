@@ -158,7 +158,6 @@ def test_rrf_by_hand(fused):
     assert math.isnan(a.explain[1].score)
 
 
-
 def test_default_fusion_is_weighted_z_score(fused):
     # Unset fusion with two sub-queries: the default plan, sum of z-scored strands.
     # sparse A=3, B=2 -> z A=+1, B=-1; dense B=1, C=0.981 -> z B=+1, C=-1.  A=1, B=0, C=-1.
