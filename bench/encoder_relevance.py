@@ -7,7 +7,7 @@ For each BEIR-layout collection: one Braid collection whose text field ``body``
 int8 (dense), and minilm-tied-splade in both sparse query modes (model, and
 inference-free IDF) -- filled by BulkUpsert of text only. Every judged query then
 runs as plain text through Search, once per strand, plus BM25 and a BM25 + dense
-RRF hybrid; nDCG@10 and R@100 come from ir-measures. The index time (text in,
+hybrid (no fusion given: the server default); nDCG@10 and R@100 come from ir-measures. The index time (text in,
 vectors encoded and indexed) and the mean Search latency per strand are printed.
 """
 
@@ -59,7 +59,7 @@ def strands(text: str, sparse: bool = True) -> dict[str, list[pb.SubQuery]]:
         "dense MiniLM int8": [pb.SubQuery(dense=pb.DenseQuery(field="minilm_int8", text=text))],
         "sparse tied-SPLADE (model queries)": [pb.SubQuery(sparse=pb.SparseQuery(field="splade", text=text))],
         "sparse tied-SPLADE (IDF queries)": [pb.SubQuery(sparse=pb.SparseQuery(field="splade_idf", text=text))],
-        "hybrid BM25 + dense, RRF k=60": [bm25, dense],
+        "hybrid BM25 + dense, server default fusion": [bm25, dense],
     }
     return out if sparse else {k: v for k, v in out.items() if not k.startswith("sparse")}
 
