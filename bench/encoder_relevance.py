@@ -6,8 +6,8 @@ For each BEIR-layout collection: one Braid collection whose text field ``body``
 (title + " " + text) feeds four encoder-backed fields -- all-MiniLM-L6-v2 fp32 and
 int8 (dense), and minilm-tied-splade in both sparse query modes (model, and
 inference-free IDF) -- filled by BulkUpsert of text only. Every judged query then
-runs as plain text through Search, once per strand, plus BM25 and a BM25 + dense
-hybrid (no fusion given: the server default); nDCG@10 and R@100 come from ir-measures. The index time (text in,
+runs as plain text through Search, once per strand, plus a BM25 + dense hybrid (no
+fusion given: the server default); nDCG@10 and R@100 come from ir-measures. The index time (text in,
 vectors encoded and indexed) and the mean Search latency per strand are printed.
 """
 
