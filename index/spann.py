@@ -39,7 +39,6 @@ import math
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from .errors import DataLoss, InvalidArgument
 from .kmeans import hierarchical_kmeans
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .postings import PostingFile, write_postings
-from .schema import Metric
+from .schema import Metric, SpannParams
 
 FORMAT_VERSION = 1
 META = "spann.json"
@@ -61,47 +60,6 @@ POSTINGS = "postings.bin"
 Hit = tuple[np.ndarray, np.ndarray]
 # A filter matching at most this many labels is answered by an exact scan of their vectors.
 EXACT_SCAN_MAX = 1024
-
-
-@dataclass(frozen=True)
-class SpannParams:
-    """Build parameters and per-query defaults of a SPANN segment (defaults measured: docs/benchmarks.md)."""
-
-    target_list_size: int = 64  # vectors per list before replication
-    replicas: int = 8  # most lists one vector is written into (SPANN's cap)
-    closure_candidates: int = 32  # nearest centroids considered for replicas
-    eps_build: float = 0.15  # replicas only to lists within (1 + eps_build) of the nearest
-    max_lists: int = 16  # default per-query cap on lists read
-    eps: float = 0.5  # default per-query pruning: lists within (1 + eps) of the nearest
-    centroid_ef: int = 64  # hnswlib beam of the centroid search (at least max_lists)
-    centroid_m: int = 16
-    centroid_ef_construction: int = 200
-    seed: int = 0
-
-    def validate(self) -> None:
-        checks = (
-            ("target_list_size", self.target_list_size, 1, 1 << 20),
-            ("replicas", self.replicas, 1, 64),
-            ("closure_candidates", self.closure_candidates, 1, 1024),
-            ("max_lists", self.max_lists, 1, 1 << 20),
-            ("centroid_ef", self.centroid_ef, 1, 1 << 20),
-            ("centroid_m", self.centroid_m, 2, 128),
-            ("centroid_ef_construction", self.centroid_ef_construction, 1, 4096),
-        )
-        for name, value, low, high in checks:
-            if not low <= value <= high:
-                raise InvalidArgument.field(f"spann.{name}", f"must be in {low}..{high}, got {value}")
-        for name, value in (("eps_build", self.eps_build), ("eps", self.eps)):
-            if not 0.0 <= value <= 100.0:
-                raise InvalidArgument.field(f"spann.{name}", f"must be in 0..100, got {value}")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SpannParams:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 def prepare_vectors(metric: Metric, vectors: np.ndarray) -> np.ndarray:
@@ -312,6 +270,27 @@ class SpannSegment:
     def labels(self) -> np.ndarray:
         """Every label in the segment, ascending (reads the locator from disk)."""
         return self._postings.locator()["label"].copy()
+
+    def live_vectors(self, allowed: np.ndarray, chunk_lists: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, vectors) of every label the bool mask allows, each once, read list by list.
+
+        What a merge rebuilds from: sequential reads of whole lists (a replicated vector
+        is kept at its first occurrence), not one positioned read per vector.
+        """
+        seen = np.zeros(len(allowed), dtype=bool)
+        labels_out: list[np.ndarray] = []
+        vectors_out: list[np.ndarray] = [np.empty((0, self.dim), np.float32)]
+        for start in range(0, self.n_lists, chunk_lists):
+            vectors, labels, _ = self._postings.read_lists(np.arange(start, min(start + chunk_lists, self.n_lists)))
+            ok = labels < len(allowed)
+            ok[ok] = allowed[labels[ok]] & ~seen[labels[ok]]
+            rows = np.flatnonzero(ok)
+            _, first = np.unique(labels[rows], return_index=True)
+            rows = rows[first]
+            seen[labels[rows]] = True
+            labels_out.append(labels[rows])
+            vectors_out.append(vectors[rows])
+        return np.concatenate([np.empty(0, np.int64), *labels_out]), np.concatenate(vectors_out)
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
         """The stored vectors of the given labels (normalised for cosine); NotFound-free: unknown -> InvalidArgument."""
