@@ -396,6 +396,7 @@ class Shard:
         """
         with self.merger.idle(), self._flush_lock:
             self._checkpoint()
+        self.merger.maybe_start()  # one that came due while the checkpoint held merges off
 
     def _publish_merge(self, swap: Callable[[], None]) -> None:
         """Swap a merged SPANN segment in and checkpoint, so the manifest names it."""

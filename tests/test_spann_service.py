@@ -268,6 +268,43 @@ def test_merge_keeps_every_live_vector_and_drops_deleted_ones(tmp_path):
         stop_in_process(server, running)
 
 
+def test_searches_and_gets_run_during_merges(tmp_path):
+    server, running = start_in_process(tmp_path / "d")
+    try:
+        client = running.client
+        client.create_collection("c", spann_schema(merge_threshold=300))
+        probes = clustered(40, 11)
+        client.upsert("c", docs(probes))
+        part = strand(server)
+        stop, seen, errors = threading.Event(), set(), []
+
+        def searcher() -> None:
+            while not stop.is_set():
+                try:
+                    hits = search_all(running.stub, probes, limit=1)
+                    assert [h[0][0] for h in hits] == [f"d{i}" for i in range(40)]
+                    got = client.get("c", ["d0", "d39"], include_vectors=True)
+                    assert np.allclose(np.frombuffer(got[1].dense["emb"].packed, "<f4"), probes[39], atol=1e-5)
+                except Exception as err:  # reported by the main thread
+                    errors.append(err)
+                    return
+                seen.add((id(part.sealed), part.frozen is not None))
+
+        thread = threading.Thread(target=searcher)
+        thread.start()
+        for start in range(100, 4100, 250):
+            client.upsert("c", docs(clustered(250, start), start))
+        client.flush("c")
+        stop.set()
+        thread.join()
+        assert not errors, errors[0]
+        assert any(merging for _, merging in seen), "no search ran while a merge was building"
+        assert len({segment for segment, _ in seen}) >= 3, "too few merges were published"
+        assert part.sealed is not None and part.live == 4040
+    finally:
+        stop_in_process(server, running)
+
+
 # ---------------------------------------------------------------- SIGKILL
 
 
