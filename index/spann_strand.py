@@ -46,6 +46,7 @@ import numpy as np
 
 from .dense import DenseIndex
 from .errors import DataLoss
+from .labelmask import LabelMask
 from .manifest import read_json
 from .schema import DenseFieldSpec
 from .spann import SpannSegment
@@ -54,7 +55,6 @@ FORMAT_VERSION = 1
 # A merge starts once the growing segment (or the sealed tombstones) reach this share of
 # the sealed segment's live vectors, and at least the field's merge_threshold.
 MERGE_RATIO = 0.25
-_INITIAL_LABELS = 1024
 Hit = tuple[np.ndarray, np.ndarray]
 
 
@@ -81,8 +81,7 @@ class SpannStrand:
         self.sealed = sealed
         self.growing = growing if growing is not None else DenseIndex(spec)
         self.frozen: DenseIndex | None = None
-        self._present = np.zeros(_INITIAL_LABELS, dtype=bool)
-        self.live = 0
+        self._present = LabelMask()
         self._sealed_dead = 0  # tombstones in the sealed segment
         self._failed_merges = 0
 
@@ -91,34 +90,26 @@ class SpannStrand:
     def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
         """New vectors under fresh labels go to the growing segment."""
         self.growing.add(labels, vectors)
-        self._mark(labels)
-        self.live += len(labels)
-
-    def _mark(self, labels: np.ndarray) -> None:
-        if not len(labels):
-            return
-        top = int(labels.max()) + 1
-        if top > len(self._present):
-            grown = np.zeros(max(top, 2 * len(self._present)), dtype=bool)
-            grown[: len(self._present)] = self._present
-            self._present = grown
-        self._present[labels] = True
+        self._present.add(labels)
 
     def remove(self, label: int) -> bool:
         """Delete the label's vector (a tombstone when it is sealed); False when it has none here."""
-        if not self.has(label):
+        if not self._present.discard(label):
             return False
-        self._present[label] = False
-        self.live -= 1
         if not self.growing.remove(label) and not (self.frozen is not None and self.frozen.remove(label)):
             self._sealed_dead += 1
         return True
 
     def has(self, label: int) -> bool:
-        return label < len(self._present) and bool(self._present[label])
+        return label in self._present
 
     def present_labels(self) -> np.ndarray:
-        return np.flatnonzero(self._present)
+        return self._present.labels()
+
+    @property
+    def live(self) -> int:
+        """How many live vectors the field holds in this shard, over every segment."""
+        return self._present.count
 
     # ----------------------------------------------------------------- queries
 
@@ -142,7 +133,7 @@ class SpannStrand:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(queries))]
         parts: list[list[Hit]] = []
         if self.sealed is not None:
-            mask = allowed if allowed is not None else (self._present if self._sealed_dead else None)
+            mask = allowed if allowed is not None else (self._present.mask if self._sealed_dead else None)
             parts.append(self.sealed.search(queries, k, mask, max_lists or None, eps))
         for index in (self.frozen, self.growing):
             if index is not None and index.live > 0:
@@ -184,7 +175,7 @@ class SpannStrand:
         self.growing = DenseIndex(self.spec)
         labels = frozen.present_labels()
         vectors = frozen.vectors(labels.tolist()) if len(labels) else np.empty((0, self.spec.dim), np.float32)
-        allowed = self._present.copy() if self.sealed is not None else np.zeros(0, bool)
+        allowed = self._present.mask.copy() if self.sealed is not None else np.zeros(0, bool)
         return MergeJob(directory, self.sealed, allowed, labels, vectors)
 
     def build_merge(self, job: MergeJob) -> None:
@@ -206,8 +197,7 @@ class SpannStrand:
         self.sealed = job.segment
         self.frozen = None
         # Vectors deleted while the merge built are tombstones in the new segment.
-        in_range = job.labels[job.labels < len(self._present)]
-        self._sealed_dead = len(job.labels) - int(np.count_nonzero(self._present[in_range]))
+        self._sealed_dead = _missing(job.labels, self._present)
         self._failed_merges = 0
 
     def abort_merge(self) -> None:
@@ -248,18 +238,21 @@ class SpannStrand:
         growing = DenseIndex.load(directory, spec, meta["growing"])
         sealed = SpannSegment.open(segments / meta["sealed"]) if meta["sealed"] else None
         strand = cls(spec, sealed, growing)
-        labels = np.asarray(present, dtype=np.int64)
-        strand._mark(labels)
-        strand.live = len(labels)
+        strand._present = LabelMask(np.asarray(present, dtype=np.int64))
         if sealed is not None:
-            sealed_labels = sealed.labels()
-            live = sealed_labels[sealed_labels < len(strand._present)]
-            strand._sealed_dead = len(sealed_labels) - int(np.count_nonzero(strand._present[live]))
+            strand._sealed_dead = _missing(sealed.labels(), strand._present)
         return strand
 
     def close(self) -> None:
         if self.sealed is not None:
             self.sealed.close()
+
+
+def _missing(labels: np.ndarray, present: LabelMask) -> int:
+    """How many of the labels are not (or no longer) live: a sealed segment's tombstones."""
+    mask = present.mask
+    held = labels[labels < len(mask)]
+    return len(labels) - int(np.count_nonzero(mask[held]))
 
 
 def _top(k: int, hits: list[Hit]) -> Hit:
