@@ -268,6 +268,44 @@ def test_merge_keeps_every_live_vector_and_drops_deleted_ones(tmp_path):
         stop_in_process(server, running)
 
 
+def test_deletes_alone_start_a_merge_that_drops_them(tmp_path):
+    server, running = start_in_process(tmp_path / "d")
+    try:
+        client = running.client
+        client.create_collection("c", spann_schema(merge_threshold=300))
+        vectors = clustered(1600, 4)
+        client.upsert("c", docs(vectors))
+        client.flush("c")
+        part = strand(server)
+        assert part.sealed is not None and part.sealed.count == 1600
+        client.delete("c", ids=[f"d{i}" for i in range(500)])  # tombstones: more than a quarter of the rest
+        client.flush("c")
+        assert part.sealed.count == 1100 and part._sealed_dead == 0
+        client.delete("c", filter=n_below(10**9))  # everything: the merge leaves no sealed segment
+        client.flush("c")
+        assert part.sealed is None and part.live == 0
+        assert search_all(running.stub, vectors[:3]) == [[], [], []]
+        client.upsert("c", docs(vectors[:5]))
+        assert [f[0][0] for f in search_all(running.stub, vectors[:5], limit=1)] == [f"d{i}" for i in range(5)]
+    finally:
+        stop_in_process(server, running)
+
+
+def test_shards_do_not_change_exhaustive_results(tmp_path):
+    server, running = start_in_process(tmp_path / "d")
+    try:
+        running.client.create_collection("c", spann_schema(merge_threshold=200), shards=2)
+        vectors = clustered(1200, 8)
+        running.client.upsert("c", docs(vectors))
+        running.client.flush("c")
+        current = {f"d{i}": v for i, v in enumerate(vectors)}
+        queries = clustered(20, 9)
+        found = search_all(running.stub, queries, max_lists=10_000, eps=100.0)
+        assert [{h[0] for h in f} for f in found] == truth(current, queries, 10)
+    finally:
+        stop_in_process(server, running)
+
+
 def test_searches_and_gets_run_during_merges(tmp_path):
     server, running = start_in_process(tmp_path / "d")
     try:
