@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ class Merger:
     def _merge(self, name: str) -> None:
         strand = self._strands()[name]
         directory = self._segments / f"spann-{name}-{uuid.uuid4().hex[:12]}"
+        started = time.perf_counter()
         with self._lock.write():
             job = strand.begin_merge(directory)
         try:
@@ -104,6 +106,14 @@ class Merger:
         # From here the new segment serves searches; if the checkpoint fails, a later one
         # publishes it (it is named by the strand, so cleanup keeps it).
         self._publish(lambda: strand.finish_merge(job))
+        log.info(
+            "shard %d: merged field %s into %s: %d vectors in %.2f s",
+            self._number,
+            name,
+            directory.name,
+            0 if job.labels is None else len(job.labels),
+            time.perf_counter() - started,
+        )
 
     def close(self) -> None:
         """Stop merging: a running merge is abandoned (unless it is publishing) and joined."""
