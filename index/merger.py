@@ -98,7 +98,7 @@ class Merger:
                 raise _Cancelled
         except BaseException as err:
             with self._lock.write():
-                strand.abort_merge()
+                strand.abort_merge(job)
             shutil.rmtree(directory, ignore_errors=True)
             if isinstance(err, _Cancelled):
                 return

@@ -200,8 +200,10 @@ class SpannStrand:
         self._sealed_dead = _missing(job.labels, self._present)
         self._failed_merges = 0
 
-    def abort_merge(self) -> None:
-        """Give the frozen vectors back to the growing segment (caller holds the write lock)."""
+    def abort_merge(self, job: MergeJob) -> None:
+        """Drop the job's segment, give the frozen vectors back to the growing segment (write lock held)."""
+        if job.segment is not None:
+            job.segment.close()
         frozen, self.frozen = self.frozen, None
         if frozen is not None and frozen.live > 0:
             labels = frozen.present_labels()

@@ -291,6 +291,32 @@ def test_deletes_alone_start_a_merge_that_drops_them(tmp_path):
         stop_in_process(server, running)
 
 
+def test_a_failed_merge_gives_its_vectors_back(tmp_path, monkeypatch):
+    from braid.index import spann_strand
+    from braid.index.records import DocumentWrite
+    from braid.index.schema import DenseFieldSpec, DenseIndexType, SpannParams
+    from braid.index.shard import Shard
+
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(spann_strand.SpannSegment, "build", broken)
+    spec = DenseFieldSpec("emb", DIM, index=DenseIndexType.SPANN, spann=SpannParams(merge_threshold=100))
+    shard = Shard.open(tmp_path / "s", Schema(dense_fields=(spec,)), 0)
+    vectors = clustered(150, 6)
+    shard.upsert([DocumentWrite(id=f"d{i}", dense={"emb": v}) for i, v in enumerate(vectors)])
+    shard.flush()  # waits for the failed merge
+    part = shard.dense["emb"]
+    assert isinstance(part, SpannStrand)
+    assert part.sealed is None and part.frozen is None and part.growing.live == 150
+    assert not part.wants_merge()  # it waits for twice as many before trying again
+    assert not list((tmp_path / "s" / "segments").glob("spann-*"))
+    with shard.read():
+        found = part.search(vectors, 1, 64)
+    assert [int(f[0][0]) for f in found] == list(range(150))
+    shard.close()
+
+
 def test_shards_do_not_change_exhaustive_results(tmp_path):
     server, running = start_in_process(tmp_path / "d")
     try:
