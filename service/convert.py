@@ -113,15 +113,20 @@ def spann_from_proto(msg: pb.SpannParams) -> SpannParams:
         target_list_size=msg.target_list_size or d.target_list_size,
         replicas=msg.replicas or d.replicas,
         closure_candidates=msg.closure_candidates or d.closure_candidates,
-        eps_build=msg.eps_build if msg.HasField("eps_build") else d.eps_build,
+        eps_build=_short(msg.eps_build) if msg.HasField("eps_build") else d.eps_build,
         max_lists=msg.max_lists or d.max_lists,
-        eps=msg.eps if msg.HasField("eps") else d.eps,
+        eps=_short(msg.eps) if msg.HasField("eps") else d.eps,
         centroid_ef=msg.centroid_ef or d.centroid_ef,
         centroid_m=msg.centroid_m or d.centroid_m,
         centroid_ef_construction=msg.centroid_ef_construction or d.centroid_ef_construction,
         seed=msg.seed,
         merge_threshold=msg.merge_threshold or d.merge_threshold,
     )
+
+
+def _short(value: float) -> float:
+    """A float32 from the wire as the shortest decimal that reads back the same (0.15, not 0.15000000596)."""
+    return float(f"{value:.7g}")
 
 
 def spann_to_proto(spec: DenseFieldSpec) -> pb.SpannParams | None:
