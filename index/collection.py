@@ -26,7 +26,17 @@ from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery,
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
 from .shard import Shard
-from .validate import MAX_EF, Limits, check_dense, check_documents, check_id, check_plan, unknown_field
+from .spann_strand import SpannStrand
+from .validate import (
+    MAX_EF,
+    Limits,
+    check_dense,
+    check_documents,
+    check_id,
+    check_plan,
+    check_spann_knobs,
+    unknown_field,
+)
 
 SHARD_SHIFT = 40
 _LABEL_MASK = (1 << SHARD_SHIFT) - 1
@@ -238,11 +248,9 @@ class Collection:
     ) -> tuple[np.ndarray, np.ndarray]:
         query = sub.query
         if isinstance(query, DenseQuery):
-            index = shard.dense[query.field]
-            ef = query.ef or index.spec.hnsw.ef_search
-            if filtered:
-                return index.search(query.vector[None, :], depth, ef, mask)[0]
-            return index.search(query.vector[None, :], depth, ef)[0]
+            assert query.vector is not None
+            knobs = (query.ef, query.max_lists, query.eps)
+            return _dense_search(shard, query.field, query.vector[None, :], depth, knobs, mask if filtered else None)[0]
         if isinstance(query, Bm25Query):
             assert shard.text is not None
             parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts)
@@ -292,7 +300,16 @@ class Collection:
                         texts[(shard.number, label)] = current_texts.get(current, {})
         return [texts[(shard.number, label)] for shard, label in located]
 
-    def check_dense(self, field: str, vector: np.ndarray, limit: int, ef: int, where: str = "") -> None:
+    def check_dense(
+        self,
+        field: str,
+        vector: np.ndarray,
+        limit: int,
+        ef: int,
+        where: str = "",
+        max_lists: int = 0,
+        eps: float | None = None,
+    ) -> None:
         """The checks check_plan makes, for one plain dense query."""
         spec = self.schema.dense(field)
         if spec is None:
@@ -304,8 +321,11 @@ class Collection:
             raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{self.limits.max_limit}")
         if ef > MAX_EF:
             raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
+        check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
 
-    def search_dense_batch(self, field: str, vectors: np.ndarray, k: int, ef: int) -> list[SearchResult]:
+    def search_dense_batch(
+        self, field: str, vectors: np.ndarray, k: int, ef: int, max_lists: int = 0, eps: float | None = None
+    ) -> list[SearchResult]:
         """Plain dense queries (no filter, no fusion): one batched index call per shard.
 
         Gives the same hits as ``search`` with a single dense sub-query; the caller
@@ -315,14 +335,29 @@ class Collection:
         for shard in self.shards:
             base = shard.number << SHARD_SHIFT
             with shard.read():
-                index = shard.dense[field]
-                found = index.search(vectors, k, ef or index.spec.hnsw.ef_search)
+                found = _dense_search(shard, field, vectors, k, (ef, max_lists, eps), None)
                 parts.append([_Ranked(labels + base, scores, shard.ids_of(labels)) for labels, scores in found])
         results = []
         for i in range(len(vectors)):
             ranked = _merge([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
             results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
         return results
+
+
+def _dense_search(
+    shard: Shard,
+    field: str,
+    vectors: np.ndarray,
+    k: int,
+    knobs: tuple[int, int, float | None],
+    mask: np.ndarray | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One dense field's search in one shard (under its read lock); knobs: (ef, max_lists, eps), 0/None = default."""
+    index = shard.dense[field]
+    ef = knobs[0] or index.spec.hnsw.ef_search
+    if isinstance(index, SpannStrand):
+        return index.search(vectors, k, ef, mask, knobs[1], knobs[2])
+    return index.search(vectors, k, ef, mask)
 
 
 def _strand_name(sub: SubQuery) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from .labelmask import LabelMask
 from .schema import DenseFieldSpec, Metric
 
 _SPACES = {Metric.COSINE: "cosine", Metric.DOT: "ip", Metric.L2: "l2"}
@@ -61,8 +62,7 @@ class DenseIndex:
         self._index = index
         # Which labels hold a live vector here; hnswlib exposes neither its deleted
         # labels nor their count, and the exact-scan fallback needs the live ones.
-        self._present = np.zeros(_INITIAL_CAPACITY, dtype=bool)
-        self.live = 0
+        self._present = LabelMask()
 
     # ------------------------------------------------------------------ writes
 
@@ -76,28 +76,25 @@ class DenseIndex:
         # Big batches (bulk ingest) build on every core; hnswlib releases the GIL meanwhile.
         threads = -1 if len(labels) >= 256 else 1
         self._index.add_items(vectors, labels, num_threads=threads, replace_deleted=True)
-        top = int(labels.max()) + 1
-        if top > len(self._present):
-            grown = np.zeros(max(top, 2 * len(self._present)), dtype=bool)
-            grown[: len(self._present)] = self._present
-            self._present = grown
-        self._present[labels] = True
-        self.live += len(labels)
+        self._present.add(labels)
 
     def remove(self, label: int) -> bool:
         """Delete the label's vector; False when it has none here."""
-        if label >= len(self._present) or not self._present[label]:
+        if not self._present.discard(label):
             return False
         self._index.mark_deleted(int(label))
-        self._present[label] = False
-        self.live -= 1
         return True
 
     def has(self, label: int) -> bool:
-        return label < len(self._present) and bool(self._present[label])
+        return label in self._present
 
     def present_labels(self) -> np.ndarray:
-        return np.flatnonzero(self._present)
+        return self._present.labels()
+
+    @property
+    def live(self) -> int:
+        """How many live vectors the index holds."""
+        return self._present.count
 
     # ----------------------------------------------------------------- queries
 
@@ -125,8 +122,9 @@ class DenseIndex:
                 return self.exact(queries, k, self.present_labels())
             return [self._top(labels[i], distances[i], k) for i in range(len(queries))]
         # Only documents that have a vector in this field can match.
-        size = min(len(allowed), len(self._present))
-        allowed = allowed[:size] & self._present[:size]
+        present = self._present.mask
+        size = min(len(allowed), len(present))
+        allowed = allowed[:size] & present[:size]
         count = int(np.count_nonzero(allowed))
         if count == 0:
             return [empty for _ in range(len(queries))]
@@ -197,10 +195,7 @@ class DenseIndex:
         index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
         index.load_index(str(path), allow_replace_deleted=True)
         dense = cls(spec, index)
-        labels = np.asarray(present, dtype=np.int64)
-        dense._present = np.zeros(max(_INITIAL_CAPACITY, int(labels.max()) + 1 if len(labels) else 0), dtype=bool)
-        dense._present[labels] = True
-        dense.live = len(labels)
+        dense._present = LabelMask(np.asarray(present, dtype=np.int64))
         return dense
 
 

@@ -16,6 +16,8 @@ class DenseQuery:
     vector: np.ndarray | None  # float32, validated; None until the service encodes ``text``
     ef: int = 0  # 0: the field's ef_search
     text: str = ""  # for fields with an encoder: the service fills ``vector`` from it
+    max_lists: int = 0  # SPANN fields: most posting lists read; 0: the field's spann.max_lists
+    eps: float | None = None  # SPANN fields: list pruning; None: the field's spann.eps
 
 
 @dataclass

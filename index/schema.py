@@ -1,9 +1,11 @@
 """Collection schema: the typed description of what a document may carry.
 
 A schema lists text fields (BM25 through tantivy), dense vector fields (an
-hnswlib index each), sparse vector fields (an impact-scored inverted index each)
-and typed payload fields (filterable columns). It is validated once, when the
-collection is created, and stored in the collection's directory as JSON.
+in-memory hnswlib index, or a SPANN index with posting lists on disk, each),
+sparse vector fields (an impact-scored inverted index each) and typed payload
+fields (filterable columns). It is validated once, when the collection is
+created, and stored in the collection's directory as JSON (a dense field saved
+before SPANN existed has no "index" key and loads as HNSW).
 """
 
 from __future__ import annotations
@@ -59,6 +61,62 @@ class HnswParams:
     ef_search: int = 64
 
 
+class DenseIndexType(StrEnum):
+    HNSW = "hnsw"  # hnswlib, all in memory (index/dense.py)
+    SPANN = "spann"  # centroids in memory, posting lists on disk, plus an in-memory growing HNSW (index/strand.py)
+
+
+MAX_REPLICAS = 8  # SPANN's cap on the lists one vector is written into
+
+
+@dataclass(frozen=True)
+class SpannParams:
+    """Build parameters and per-query defaults of a SPANN index (defaults measured: docs/benchmarks.md)."""
+
+    target_list_size: int = 64  # vectors per list before replication
+    replicas: int = 8  # most lists one vector is written into (SPANN's cap)
+    closure_candidates: int = 32  # nearest centroids considered for replicas
+    eps_build: float = 0.15  # replicas only to lists within (1 + eps_build) of the nearest
+    max_lists: int = 16  # default per-query cap on lists read
+    eps: float = 0.5  # default per-query pruning: lists within (1 + eps) of the nearest
+    centroid_ef: int = 64  # hnswlib beam of the centroid search (at least max_lists)
+    centroid_m: int = 16
+    centroid_ef_construction: int = 200
+    seed: int = 0
+    # Vectors in the in-memory growing segment that start a background merge into a new
+    # sealed segment (also once the growing segment reaches MERGE_RATIO of the sealed one).
+    merge_threshold: int = 20_000
+
+    def validate(self, where: str = "spann") -> None:
+        checks = (
+            ("target_list_size", self.target_list_size, 1, 1 << 20),
+            ("replicas", self.replicas, 1, MAX_REPLICAS),
+            ("closure_candidates", self.closure_candidates, 1, 1024),
+            ("max_lists", self.max_lists, 1, 1 << 20),
+            ("centroid_ef", self.centroid_ef, 1, 1 << 20),
+            ("centroid_m", self.centroid_m, 2, 128),
+            ("centroid_ef_construction", self.centroid_ef_construction, 1, 4096),
+            ("merge_threshold", self.merge_threshold, 1, 1 << 30),
+        )
+        for name, value, low, high in checks:
+            if not low <= value <= high:
+                raise InvalidArgument.field(f"{where}.{name}", f"must be in {low}..{high}, got {value}")
+        for name, number in (("eps_build", self.eps_build), ("eps", self.eps)):
+            if not 0.0 <= number <= MAX_EPS:
+                raise InvalidArgument.field(f"{where}.{name}", f"must be in 0..{MAX_EPS:g}, got {number}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> SpannParams:
+        known = {k: v for k, v in (data or {}).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+MAX_EPS = 100.0
+
+
 class Precision(StrEnum):
     FP32 = "fp32"
     INT8 = "int8"
@@ -97,8 +155,10 @@ class DenseFieldSpec:
     name: str
     dim: int
     metric: Metric = Metric.COSINE
-    hnsw: HnswParams = field(default_factory=HnswParams)
+    hnsw: HnswParams = field(default_factory=HnswParams)  # for SPANN: its growing segment's
     encoder: EncoderSpec | None = None
+    index: DenseIndexType = DenseIndexType.HNSW
+    spann: SpannParams = field(default_factory=SpannParams)  # used when index is SPANN
 
 
 @dataclass(frozen=True)
@@ -136,8 +196,8 @@ class Schema:
                 if spec.name in seen:
                     raise InvalidArgument.field(f"{where}.name", f"duplicate field name {spec.name!r}")
                 seen.add(spec.name)
-        for spec in self.dense_fields:
-            where = f"schema.dense_fields[{spec.name}]"
+        for i, spec in enumerate(self.dense_fields):
+            where = f"schema.dense_fields[{i}]"
             if not 1 <= spec.dim <= MAX_DIM:
                 raise InvalidArgument.field(f"{where}.dim", f"must be in 1..{MAX_DIM}, got {spec.dim}")
             if not 2 <= spec.hnsw.m <= 128:
@@ -148,11 +208,12 @@ class Schema:
                 )
             if not 1 <= spec.hnsw.ef_search <= 4096:
                 raise InvalidArgument.field(f"{where}.hnsw.ef_search", f"must be in 1..4096, got {spec.hnsw.ef_search}")
+            spec.spann.validate(f"{where}.spann")
         for where, specs in (("schema.dense_fields", self.dense_fields), ("schema.sparse_fields", self.sparse_fields)):
-            for spec in specs:
+            for i, spec in enumerate(specs):
                 if spec.encoder is not None:
                     self._validate_encoder(
-                        spec.encoder, f"{where}[{spec.name}].encoder", sparse=where.endswith("sparse_fields")
+                        spec.encoder, f"{where}[{i}].encoder", sparse=where.endswith("sparse_fields")
                     )
         if not (self.text_fields or self.dense_fields or self.sparse_fields):
             raise InvalidArgument.field("schema", "needs at least one text, dense or sparse field")
@@ -201,6 +262,8 @@ class Schema:
                     Metric(f["metric"]),
                     HnswParams(**f["hnsw"]),
                     EncoderSpec.from_json(f.get("encoder")),
+                    DenseIndexType(f.get("index", "hnsw")),
+                    SpannParams.from_json(f.get("spann")),
                 )
                 for f in data.get("dense_fields", ())
             ),

@@ -7,7 +7,10 @@ Directory layout::
     wal/                  write-ahead log segments (index/wal.py)
     segments/<gen>/       checkpoint of generation <gen>: ids.json (live labels, their ids, and
                           per dense field the labels holding a vector),
-                          payload columns, <field>.hnsw, <field>.sparse.* files
+                          payload columns, <field>.hnsw, <field>.sparse.* files,
+                          <field>.strand.json for SPANN fields (index/spann_strand.py)
+    segments/spann-<field>-<id>/  a sealed SPANN segment (index/spann.py), named by the
+                          generations that use it; merges build new ones (index/merger.py)
     text/                 tantivy index (its own commits; replay onto it is idempotent)
 
 Documents are stored as versions. Every upsert gives the document a fresh
@@ -22,7 +25,8 @@ in tantivy, still invisible) -> group tantivy commit -> apply under the write lo
 (the new versions become alive and the old ones dead in every strand at once; old
 versions leave tantivy at a later commit) -> acknowledge.
 Recovery: load the manifest's checkpoint, replay WAL records after its
-``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy.
+``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy, remove
+segment directories the manifest does not name (an interrupted merge's).
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ from .errors import BraidError, DataLoss, Unavailable
 from .filters import Filter
 from .locks import ReadWriteLock
 from .manifest import fsync_dir, read_json, write_json_atomic
+from .merger import Merger
 from .payload import PayloadStore
 from .records import DocumentWrite
-from .schema import Schema
+from .schema import DenseFieldSpec, DenseIndexType, Schema
+from .spann_strand import SpannStrand
 from .sparse import SparseIndex
 from .text import TextIndex
 from .wal import WriteAheadLog
@@ -86,13 +92,14 @@ class Shard:
         self._size = 0  # labels covered by applied writes: the range searches look at
         self._generation = 0
         self.payload = PayloadStore(schema.payload_fields)
-        self.dense = {f.name: DenseIndex(f) for f in schema.dense_fields}
+        self.dense: dict[str, DenseIndex | SpannStrand] = {f.name: _new_dense(f) for f in schema.dense_fields}
         self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
         self.text: TextIndex | None = None
         self.wal: WriteAheadLog | None = None
         self._prepared_seq = 0
         self._applied_seq = 0
         self._committed_seq = 0
+        self.merger = Merger(number, self._spann_strands, self._lock, directory / "segments", self._publish_merge)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -121,7 +128,24 @@ class Shard:
         if shard.text is not None:
             shard.text.commit()
         shard._committed_seq = shard._applied_seq
+        shard._remove_unreferenced()
+        shard.merger.maybe_start()
         return shard
+
+    def _spann_strands(self) -> dict[str, SpannStrand]:
+        return {name: index for name, index in self.dense.items() if isinstance(index, SpannStrand)}
+
+    def _remove_unreferenced(self) -> None:
+        """Delete segment directories the current generation does not use (old ones, unfinished merges)."""
+        segments = self.directory / "segments"
+        if not segments.is_dir():
+            return
+        keep = {str(self._generation)}
+        for strand in self._spann_strands().values():
+            keep |= strand.referenced()
+        for path in segments.iterdir():
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, manifest: dict[str, Any]) -> None:
         self._generation = int(manifest["generation"])
@@ -135,16 +159,23 @@ class Shard:
             self._alive[label] = True
         self.payload = PayloadStore.load(segment, self.schema.payload_fields)
         for spec in self.schema.dense_fields:
-            self.dense[spec.name] = DenseIndex.load(segment, spec, live.get("has_vector", {}).get(spec.name, []))
+            present = live.get("has_vector", {}).get(spec.name, [])
+            if spec.index is DenseIndexType.SPANN:
+                self.dense[spec.name] = SpannStrand.load(segment, self.directory / "segments", spec, present)
+            else:
+                self.dense[spec.name] = DenseIndex.load(segment, spec, present)
         for spec in self.schema.sparse_fields:
             self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
 
     def close(self) -> None:
+        self.merger.close()
         with self._flush_lock, self._lock.write():
             if self.text is not None:
                 self.text.close()
             if self.wal is not None:
                 self.wal.close()
+            for strand in self._spann_strands().values():
+                strand.close()
             self._failed = self._failed or "shard is closed"
 
     # ------------------------------------------------------------------ writes
@@ -181,6 +212,7 @@ class Shard:
         self._commit_text(seq)
         result = self._in_order(seq, "_applied_seq", lambda: self._apply_locked(op))
         self._maybe_checkpoint()
+        self.merger.maybe_start()
         return result
 
     def _maybe_checkpoint(self) -> None:
@@ -358,9 +390,27 @@ class Shard:
     # -------------------------------------------------------------- checkpoint
 
     def flush(self) -> None:
-        """Checkpoint: save every index into a new segment generation, publish it, trim the WAL."""
+        """Checkpoint: save every index into a new segment generation, publish it, trim the WAL.
+
+        A running SPANN merge is published first (the checkpoint waits for it).
+        """
+        with self.merger.idle(), self._flush_lock:
+            self._checkpoint()
+        self.merger.maybe_start()  # one that came due while the checkpoint held merges off
+
+    def _publish_merge(self, swap: Callable[[], None]) -> None:
+        """Swap a merged SPANN segment in and checkpoint, so the manifest names it."""
+        with self._flush_lock:
+            if self._failed:
+                raise Unavailable(f"shard {self.number}: {self._failed}")
+            with self._lock.write():
+                swap()
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """The checkpoint itself (caller holds the flush lock and no merge is running)."""
         assert self.wal is not None
-        with self._flush_lock, self._lock.read():
+        with self._lock.read():
             if self._failed:
                 raise Unavailable(f"shard {self.number}: {self._failed}")
             wal_seq = self._applied_seq
@@ -401,9 +451,7 @@ class Shard:
             }
             write_json_atomic(self.directory / "MANIFEST.json", manifest)
             self._generation = generation
-            for old in segments.iterdir():
-                if old.name != str(generation):
-                    shutil.rmtree(old, ignore_errors=True)
+            self._remove_unreferenced()
             self.wal.truncate_prefix(wal_seq)
 
 
@@ -426,6 +474,10 @@ def _decode(kind: int, payload: bytes) -> _Op:
     if kind == records.DELETE_FILTER:
         return _Op(kind, filter=records.decode_delete_filter(payload))
     raise DataLoss(f"unknown write-ahead log record kind {kind}")
+
+
+def _new_dense(spec: DenseFieldSpec) -> DenseIndex | SpannStrand:
+    return SpannStrand(spec) if spec.index is DenseIndexType.SPANN else DenseIndex(spec)
 
 
 def _resized(array: np.ndarray, capacity: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from .errors import InvalidArgument, ResourceExhausted
 from .payload import PayloadStore
 from .query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
 from .records import DocumentWrite, SparseValue
-from .schema import Schema
+from .schema import MAX_EPS, DenseFieldSpec, DenseIndexType, Schema
 
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 1 << 20
@@ -24,6 +24,7 @@ MAX_TEXT_BYTES = 1 << 20
 # float32's 3.4e38, so no dot product or L2 distance can overflow to inf/NaN.
 MAX_VECTOR_VALUE = 1e15
 MAX_EF = 4096
+MAX_LISTS = 65536
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
         check_dense(query.vector, spec.dim, f"{at}.dense.vector")
         if query.ef > MAX_EF:
             raise ResourceExhausted(f"{at}.dense.ef: {query.ef} exceeds the maximum of {MAX_EF}")
+        check_spann_knobs(spec, query.max_lists, query.eps, f"{at}.dense")
     elif isinstance(query, Bm25Query):
         if not schema.text_fields:
             raise InvalidArgument.field(f"{at}.bm25", "the collection has no text fields")
@@ -151,6 +153,21 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
             raise InvalidArgument.field(f"{at}.sparse.vector", "query vector is empty")
     else:
         raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
+
+
+def check_spann_knobs(spec: DenseFieldSpec, max_lists: int, eps: float | None, where: str) -> None:
+    """Per-query SPANN knobs: only on SPANN fields (an HNSW field rejects them rather than ignore them)."""
+    if spec.index is not DenseIndexType.SPANN:
+        for name, given in (("max_lists", bool(max_lists)), ("eps", eps is not None)):
+            if given:
+                raise InvalidArgument.field(
+                    f"{where}.{name}", f'only fields with index "spann" take {name}; {spec.name!r} is an HNSW field'
+                )
+        return
+    if max_lists > MAX_LISTS:
+        raise ResourceExhausted(f"{where}.max_lists: {max_lists} exceeds the maximum of {MAX_LISTS}")
+    if eps is not None and not (math.isfinite(eps) and 0.0 <= eps <= MAX_EPS):
+        raise InvalidArgument.field(f"{where}.eps", f"must be in 0..{MAX_EPS:g}, got {eps}")
 
 
 def unknown_field(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:

@@ -76,7 +76,7 @@ def _collection(args: argparse.Namespace) -> int:
                     str(info.documents),
                     str(info.shards),
                     ", ".join(f.name for f in s.text_fields),
-                    ", ".join(f"{f.name}({f.dim})" for f in s.dense_fields),
+                    ", ".join(f"{f.name}({f.dim}, {f.index or 'hnsw'})" for f in s.dense_fields),
                     ", ".join(f.name for f in s.sparse_fields),
                     ", ".join(f.name for f in s.payload_fields),
                 )

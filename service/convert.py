@@ -22,6 +22,7 @@ from braid.index.schema import (
     DEFAULT_SPARSE_TOP_K,
     Analyzer,
     DenseFieldSpec,
+    DenseIndexType,
     EncoderSpec,
     HnswParams,
     Metric,
@@ -29,6 +30,7 @@ from braid.index.schema import (
     PayloadType,
     Precision,
     Schema,
+    SpannParams,
     SparseFieldSpec,
     SparseQueryMode,
     TextFieldSpec,
@@ -53,6 +55,7 @@ _NORMALIZATIONS = {
     pb.NONE: "none",
 }
 _DEFAULT_HNSW = HnswParams()
+_DEFAULT_SPANN = SpannParams()
 E = TypeVar("E", bound=Enum)
 
 # ------------------------------------------------------------------- schema
@@ -81,7 +84,10 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
             ef_search=f.hnsw.ef_search or _DEFAULT_HNSW.ef_search,
         )
         encoder = _optional_encoder(f, f"schema.dense_fields[{i}].encoder")
-        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw, encoder))
+        index = _choice(DenseIndexType, f.index, DenseIndexType.HNSW, f"schema.dense_fields[{i}].index")
+        if f.HasField("spann") and index is not DenseIndexType.SPANN:
+            raise InvalidArgument.field(f"schema.dense_fields[{i}].spann", 'set only with index "spann"')
+        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw, encoder, index, spann_from_proto(f.spann)))
     payload = []
     for i, f in enumerate(msg.payload_fields):
         if f.type not in _PAYLOAD_TYPES:
@@ -98,6 +104,35 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
         ),
         payload_fields=tuple(payload),
     )
+
+
+def spann_from_proto(msg: pb.SpannParams) -> SpannParams:
+    """SPANN parameters with 0 / unset replaced by the defaults (validated by Schema.validate)."""
+    d = _DEFAULT_SPANN
+    return SpannParams(
+        target_list_size=msg.target_list_size or d.target_list_size,
+        replicas=msg.replicas or d.replicas,
+        closure_candidates=msg.closure_candidates or d.closure_candidates,
+        eps_build=_short(msg.eps_build) if msg.HasField("eps_build") else d.eps_build,
+        max_lists=msg.max_lists or d.max_lists,
+        eps=_short(msg.eps) if msg.HasField("eps") else d.eps,
+        centroid_ef=msg.centroid_ef or d.centroid_ef,
+        centroid_m=msg.centroid_m or d.centroid_m,
+        centroid_ef_construction=msg.centroid_ef_construction or d.centroid_ef_construction,
+        seed=msg.seed,
+        merge_threshold=msg.merge_threshold or d.merge_threshold,
+    )
+
+
+def _short(value: float) -> float:
+    """A float32 from the wire as the shortest decimal that reads back the same (0.15, not 0.15000000596)."""
+    return float(f"{value:.7g}")
+
+
+def spann_to_proto(spec: DenseFieldSpec) -> pb.SpannParams | None:
+    if spec.index is not DenseIndexType.SPANN:
+        return None
+    return pb.SpannParams(**spec.spann.to_json())
 
 
 def _optional_encoder(field: pb.DenseVectorField | pb.SparseVectorField, where: str) -> EncoderSpec | None:
@@ -136,6 +171,8 @@ def schema_to_proto(schema: Schema) -> pb.Schema:
                 metric=_METRICS_OUT[f.metric],
                 hnsw=pb.HnswParams(m=f.hnsw.m, ef_construction=f.hnsw.ef_construction, ef_search=f.hnsw.ef_search),
                 encoder=encoder_to_proto(f.encoder),
+                index=f.index.value,
+                spann=spann_to_proto(f),
             )
             for f in schema.dense_fields
         ],
@@ -296,7 +333,8 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
             vector = None
             if vector_or_text(dense.HasField("vector"), dense.text, f"{at}.dense"):
                 vector = dense_from_proto(dense.vector, f"{at}.dense.vector")
-            query: object = DenseQuery(dense.field, vector, dense.ef, dense.text)
+            eps = dense.eps if dense.HasField("eps") else None
+            query: object = DenseQuery(dense.field, vector, dense.ef, dense.text, dense.max_lists, eps)
         elif kind == "bm25":
             query = Bm25Query(sub.bm25.text, list(sub.bm25.fields), dict(sub.bm25.boosts))
         elif kind == "sparse":

@@ -157,8 +157,11 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
             else:
                 vector = self.encoding.dense_texts(collection, dense.field, [dense.text], ["queries[0].dense"])[0]
             limit = request.limit or 10
-            collection.check_dense(dense.field, vector, limit, dense.ef)
-            result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef)[0]
+            eps = dense.eps if dense.HasField("eps") else None
+            collection.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
+            result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps)[
+                0
+            ]
             return convert.result_to_proto(result, _NO_TYPES)
         plan = convert.plan_from_proto(request)
         self.encoding.fill_plans([(collection, plan, "")])
@@ -197,12 +200,9 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
         first = searches[0]
         if not _plain_dense(first):
             return None
-        shape = (first.collection, first.queries[0].dense.field, first.queries[0].dense.ef, first.limit)
+        shape = _dense_shape(first)
         for search in searches:
-            if not _plain_dense(search):
-                return None
-            dense = search.queries[0].dense
-            if (search.collection, dense.field, dense.ef, search.limit) != shape:
+            if not _plain_dense(search) or _dense_shape(search) != shape:
                 return None
         collection = self.catalog.get(first.collection)
         texts = [s.queries[0].dense.text for s in searches]
@@ -216,13 +216,21 @@ class BraidServicer(braid_pb2_grpc.BraidServicer):
                 convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
                 for i, s in enumerate(searches)
             ]
+        _, field, ef, limit, max_lists, eps = shape
         for i, row in enumerate(rows):
-            collection.check_dense(shape[1], row, shape[3] or 10, shape[2], f"searches[{i}].")
-        results = collection.search_dense_batch(shape[1], np.stack(rows), shape[3] or 10, shape[2])
+            collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
+        results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps)
         return [convert.result_to_proto(result, _NO_TYPES) for result in results]
 
 
 _NO_TYPES: dict = {}
+
+
+def _dense_shape(request: pb.SearchRequest) -> tuple:
+    """What plain dense searches must share to run as one batched call."""
+    dense = request.queries[0].dense
+    eps = dense.eps if dense.HasField("eps") else None
+    return (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps)
 
 
 def _plain_dense(request: pb.SearchRequest) -> bool:
