@@ -291,8 +291,7 @@ class SpannSegment:
 
     def _scan(self, query: np.ndarray, lists: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[Hit, int, int]:
         """Best k distinct allowed labels of the lists, rows scanned, rows allowed."""
-        vectors, labels, _ = self._postings.read_lists(lists)
-        scores = self._score(vectors, query)
+        scores, labels = self._postings.scan(lists, lambda block: self._score(block, query))
         scanned = len(labels)
         if allowed is not None:
             ok = labels < len(allowed)
