@@ -251,8 +251,8 @@ class SpannSegment:
         for i, query in enumerate(queries):
             lists = near[i][dist[i] <= (1.0 + eps) * dist[i, 0]]
             hit, scanned, passed = self._scan(query, lists, k, allowed)
-            if passed < scanned or (allowed is not None and len(hit[0]) < k):
-                hit = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))  # type: ignore[arg-type]
+            if allowed is not None and (passed < scanned or len(hit[0]) < k):
+                hit = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))
             out.append(hit)
         return out
 
@@ -313,7 +313,7 @@ class SpannSegment:
         return self._postings.locator()["label"].copy()
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
-        """The stored vectors of the given labels (normalised for cosine); NotFound-free: unknown -> InvalidArgument."""
+        """The stored vectors of the given labels (unit length for cosine); InvalidArgument names an unknown label."""
         locator = self._postings.locator()
         labels = np.asarray(labels, dtype=np.int64)
         at = np.searchsorted(locator["label"], labels)
