@@ -209,8 +209,8 @@ class SpannSegment:
         for i, query in enumerate(queries):
             lists = near[i][dist[i] <= (1.0 + eps) * dist[i, 0]]
             hit, scanned, passed = self._scan(query, lists, k, allowed)
-            if passed < scanned or (allowed is not None and len(hit[0]) < k):
-                hit = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))  # type: ignore[arg-type]
+            if allowed is not None and (passed < scanned or len(hit[0]) < k):
+                hit = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))
             out.append(hit)
         return out
 
@@ -249,8 +249,7 @@ class SpannSegment:
 
     def _scan(self, query: np.ndarray, lists: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[Hit, int, int]:
         """Best k distinct allowed labels of the lists, rows scanned, rows allowed."""
-        vectors, labels, _ = self._postings.read_lists(lists)
-        scores = self._score(vectors, query)
+        scores, labels = self._postings.scan(lists, lambda block: self._score(block, query))
         scanned = len(labels)
         if allowed is not None:
             ok = labels < len(allowed)
@@ -293,7 +292,7 @@ class SpannSegment:
         return np.concatenate([np.empty(0, np.int64), *labels_out]), np.concatenate(vectors_out)
 
     def vectors(self, labels: np.ndarray) -> np.ndarray:
-        """The stored vectors of the given labels (normalised for cosine); NotFound-free: unknown -> InvalidArgument."""
+        """The stored vectors of the given labels (unit length for cosine); InvalidArgument names an unknown label."""
         locator = self._postings.locator()
         labels = np.asarray(labels, dtype=np.int64)
         at = np.searchsorted(locator["label"], labels)

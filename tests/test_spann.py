@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from braid.index import postings as postings_module
 from braid.index.errors import DataLoss, InvalidArgument
 from braid.index.kmeans import LEAF_SLACK, hierarchical_kmeans
 from braid.index.postings import HEADER_SIZE, PostingFile
@@ -141,6 +142,22 @@ def test_stored_vectors_and_labels(segment, data):
     with pytest.raises(InvalidArgument):
         segment.vectors(np.array([labels[0] + 1]))
     segment.verify()
+
+
+@pytest.mark.parametrize("buffer_bytes", [postings_module.SCAN_BUFFER_BYTES, 1])  # 1: a flush per list
+def test_posting_scan_matches_whole_list_reads(segment, data, monkeypatch, buffer_bytes):
+    monkeypatch.setattr(postings_module, "SCAN_BUFFER_BYTES", buffer_bytes)
+    query = data[2][0]
+    postings = PostingFile(segment.directory / POSTINGS)
+    try:
+        lists = np.array([3, 0, 7, 1, 12, 5], dtype=np.int64)
+        vectors, labels, bounds = postings.read_lists(lists)
+        assert bounds[-1] == len(labels) == int(postings.counts[lists].sum())
+        scores, scanned = postings.scan(lists, lambda block: block @ query)
+        np.testing.assert_array_equal(scanned, labels)
+        np.testing.assert_allclose(scores, vectors @ query, rtol=1e-6, atol=1e-6)
+    finally:
+        postings.close()
 
 
 @pytest.mark.parametrize("metric", [Metric.L2, Metric.DOT])
