@@ -29,6 +29,10 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # One BLAS thread per call: requests already run on many gRPC threads, and a threaded
+    # matrix product stalls (ms) whenever another core is busy. Set before numpy loads;
+    # an operator's own OPENBLAS_NUM_THREADS wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .config import load_config
     from .server import serve
 
