@@ -1,19 +1,24 @@
 """Background merges of a shard's SPANN strands: one at a time, published by a checkpoint.
 
-A merge (index/spann_strand.py) freezes a field's growing segment under the shard's
-write lock, builds a new sealed segment into ``segments/spann-<field>-<id>/`` with no
-lock held (searches read the old sealed, frozen and new growing segments; writes go
-to the new growing one), then hands the shard a swap to run under its write lock
-followed by a checkpoint: the new MANIFEST.json names a generation whose
-``<field>.strand.json`` names the new segment. Until that manifest is in place the
-old manifest and the WAL are the truth, so a crash at any moment of a merge loses
-nothing acknowledged; the unfinished segment directory is removed when the shard
-opens (or at its next checkpoint).
+A merge (index/spann_strand.py) is a seal (the growing segment, frozen, becomes a new
+sealed segment) or a compaction (several sealed segments' live vectors become one).
+Its snapshot is taken under the shard's write lock; for the first merge of a run that
+happens in the writer's thread (``maybe_start``), so a growing segment that reached
+its threshold is frozen before the write returns. The new segment is built into
+``segments/spann-<field>-<id>/`` with no lock held (searches read the old segments
+and the frozen one; writes go to the new growing one), then the shard runs the swap
+under its write lock followed by a checkpoint: the new MANIFEST.json names a
+generation whose ``<field>.strand.json`` lists the new set of sealed segments. Until
+that manifest is in place the old manifest and the WAL are the truth, so a crash at
+any moment of a merge loses nothing acknowledged; the unfinished segment directory is
+removed when the shard opens (or at its next checkpoint), and so are the inputs of a
+published compaction.
 
 The merge lock is held from the start of a merge until it is published; a
 checkpoint takes it first (``idle``), so a checkpoint never sees a frozen segment
-and waits for a running merge. A failed merge gives the frozen vectors back to the
-growing segment and the strand waits for twice as many before trying again.
+and waits for a running merge. A failed seal gives the frozen vectors back to the
+growing segment and the strand waits for twice as many before trying again; after a
+failed compaction the strand compacts again only after its next successful seal.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .locks import ReadWriteLock
-from .spann_strand import SpannStrand
+from .spann_strand import MergeJob, SpannStrand
 
 log = logging.getLogger("braid.merge")
 
@@ -60,36 +65,57 @@ class Merger:
             yield
 
     def maybe_start(self) -> None:
-        """Start a background merge when a strand is due and none is running."""
+        """Start a background merge when a strand is due and none is running.
+
+        The merge's snapshot (a seal freezes the growing segment) is taken here, in the
+        caller's thread, so the growing segment stops taking writes at once.
+        """
         if self._closing.is_set() or not any(s.wants_merge() for s in self._strands().values()):
             return
         if not self._merge_lock.acquire(blocking=False):
             return
         try:
-            self._thread = threading.Thread(target=self._run, name=f"braid-merge-{self._number}", daemon=True)
-            self._thread.start()
+            first = self._begin()
+            if first is None:
+                self._merge_lock.release()
+                return
+            self._thread = threading.Thread(
+                target=self._run, args=(first,), name=f"braid-merge-{self._number}", daemon=True
+            )
         except BaseException:
             self._merge_lock.release()
             raise
-
-    def _run(self) -> None:
         try:
-            while not self._closing.is_set():
-                name = next((n for n, s in self._strands().items() if s.wants_merge()), None)
-                if name is None:
-                    return
-                self._merge(name)
+            self._thread.start()
+        except BaseException:
+            with self._lock.write():
+                first[1].abort_merge(first[2])
+            self._merge_lock.release()
+            raise
+
+    def _begin(self) -> tuple[str, SpannStrand, MergeJob] | None:
+        """Snapshot the first due merge of any strand (write lock); None when none is due."""
+        with self._lock.write():
+            for name, strand in self._strands().items():
+                directory = self._segments / f"spann-{name}-{uuid.uuid4().hex[:12]}"
+                job = strand.begin_merge(directory)
+                if job is not None:
+                    return name, strand, job
+        return None
+
+    def _run(self, first: tuple[str, SpannStrand, MergeJob]) -> None:
+        try:
+            job: tuple[str, SpannStrand, MergeJob] | None = first
+            while job is not None:
+                self._merge(*job)
+                job = None if self._closing.is_set() else self._begin()
         except Exception:
             log.exception("shard %d: merge failed", self._number)
         finally:
             self._merge_lock.release()
 
-    def _merge(self, name: str) -> None:
-        strand = self._strands()[name]
-        directory = self._segments / f"spann-{name}-{uuid.uuid4().hex[:12]}"
+    def _merge(self, name: str, strand: SpannStrand, job: MergeJob) -> None:
         started = time.perf_counter()
-        with self._lock.write():
-            job = strand.begin_merge(directory)
         try:
             if self._closing.is_set():
                 raise _Cancelled
@@ -99,7 +125,7 @@ class Merger:
         except BaseException as err:
             with self._lock.write():
                 strand.abort_merge(job)
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(job.directory, ignore_errors=True)
             if isinstance(err, _Cancelled):
                 return
             raise
@@ -107,11 +133,13 @@ class Merger:
         # publishes it (it is named by the strand, so cleanup keeps it).
         self._publish(lambda: strand.finish_merge(job))
         log.info(
-            "shard %d: merged field %s into %s: %d vectors in %.2f s",
+            "shard %d: %s of field %s into %s: %d vectors from %d segments in %.2f s",
             self._number,
+            job.kind,
             name,
-            directory.name,
+            job.directory.name,
             0 if job.labels is None else len(job.labels),
+            len(job.inputs),
             time.perf_counter() - started,
         )
 

@@ -83,8 +83,8 @@ class SpannParams:
     centroid_m: int = 16
     centroid_ef_construction: int = 200
     seed: int = 0
-    # Vectors in the in-memory growing segment that start a background merge into a new
-    # sealed segment (also once the growing segment reaches MERGE_RATIO of the sealed one).
+    # Vectors in the in-memory growing segment that start a background seal into a new
+    # sealed segment (tiered compaction then merges sealed segments: index/spann_strand.py).
     merge_threshold: int = 20_000
 
     def validate(self, where: str = "spann") -> None:

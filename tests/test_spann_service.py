@@ -1,8 +1,10 @@
 """SPANN as a dense index type, through the gRPC API: schema, recall and knobs, the growing
-segment, merges (live vectors kept, deleted ones dropped), filters, and SIGKILL mid-merge."""
+segment, seals and tiered compactions (live vectors kept, deleted ones dropped, the growing
+segment bounded), filters, old strand manifests, and SIGKILL mid-merge."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import threading
@@ -74,6 +76,18 @@ def strand(server) -> SpannStrand:  # type: ignore[no-untyped-def]
     index = server.catalog.get("c").shards[0].dense["emb"]
     assert isinstance(index, SpannStrand)
     return index
+
+
+def settle(client, part: SpannStrand) -> None:  # type: ignore[no-untyped-def]
+    """Flush until no merge is running or due (a flush waits for one, then may start the next)."""
+    client.flush("c")
+    while part._merging:
+        client.flush("c")
+
+
+def live_rows(part: SpannStrand) -> int:
+    """Live vectors in the sealed segments."""
+    return sum(segment.count - part.dead(segment) for segment in part.sealed)
 
 
 def n_below(bound: int) -> pb.Filter:
@@ -160,13 +174,13 @@ def test_bad_query_knobs_are_invalid_argument(braid):
 
 @pytest.fixture(scope="module")
 def sealed(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A server with N vectors in one sealed segment (merges start at 500 growing vectors)."""
+    """A server with N vectors in sealed segments (seals start at 500 growing vectors)."""
     server, running = start_in_process(tmp_path_factory.mktemp("spann") / "d")
     vectors = clustered(N, 0)
     running.client.create_collection("c", spann_schema(merge_threshold=500))
     for start in range(0, N, 1000):
         running.client.upsert("c", docs(vectors[start : start + 1000], start))
-    running.client.flush("c")  # waits for the running merge
+    settle(running.client, strand(server))
     current = {f"d{i}": v for i, v in enumerate(vectors)}
     yield server, running, current
     stop_in_process(server, running)
@@ -175,7 +189,7 @@ def sealed(tmp_path_factory):  # type: ignore[no-untyped-def]
 def test_recall_and_per_query_knobs(sealed):
     server, running, current = sealed
     part = strand(server)
-    assert part.sealed is not None and part.sealed.count + part.growing.live == N
+    assert part.sealed and live_rows(part) + part.growing.live == N and part.growing.live < 500
     queries = clustered(100, 99)
     expected = truth(current, queries, 10)
     default = recall(search_all(running.stub, queries), expected)
@@ -195,12 +209,12 @@ def test_recall_and_per_query_knobs(sealed):
 
 def test_upserts_after_a_seal_are_found_in_the_growing_segment(sealed):
     server, running, current = sealed
-    sealed_before = strand(server).sealed
+    sealed_before = list(strand(server).sealed)
     fresh = clustered(200, 7)
     running.client.upsert("c", docs(fresh, 10_000))
     current.update({f"d{10_000 + i}": v for i, v in enumerate(fresh)})
     part = strand(server)
-    assert part.sealed is sealed_before and part.growing.live >= 200  # no merge: 200 < 500
+    assert part.sealed == sealed_before and part.growing.live >= 200  # no seal: 200 < 500
     hits = search_all(running.stub, fresh, limit=1)
     assert [h[0][0] for h in hits] == [f"d{10_000 + i}" for i in range(200)]
     assert all(abs(h[0][1] - 1.0) < 1e-4 for h in hits)
@@ -228,9 +242,9 @@ def test_merge_keeps_every_live_vector_and_drops_deleted_ones(tmp_path):
         client.upsert("c", docs(vectors[:1600]))
         client.flush("c")
         part = strand(server)
-        assert part.sealed is not None and part.sealed.count == 1600 and part.growing.live == 0
+        assert [s.count for s in part.sealed] == [1600] and part.growing.live == 0
         client.upsert("c", docs(vectors[1600:], 1600))  # 400 growing: below the merge threshold
-        assert part.growing.live == 400 and part.sealed.count == 1600
+        assert part.growing.live == 400 and [s.count for s in part.sealed] == [1600]
         current = {f"d{i}": v for i, v in enumerate(vectors)}
         deleted = [f"d{i}" for i in range(0, 2000, 9)]  # sealed and growing
         client.delete("c", ids=deleted)
@@ -253,11 +267,15 @@ def test_merge_keeps_every_live_vector_and_drops_deleted_ones(tmp_path):
                     assert abs(score - float(current[doc_id] @ query)) < 1e-4
 
         check()
-        client.upsert("c", docs(clustered(700, 3), 5000))  # past the threshold: a background merge starts
+        first = part.sealed[0]
+        client.upsert("c", docs(clustered(700, 3), 5000))  # past the threshold: a background seal starts
         current.update({f"d{5000 + i}": v for i, v in enumerate(clustered(700, 3))})
-        client.flush("c")  # waits for it
-        assert part.sealed.count == len(current) - part.growing.live  # tombstones dropped
-        assert part._sealed_dead == 0
+        settle(client, part)  # waits for it
+        # A new segment of the growing vectors alone (none dead); the first keeps its
+        # tombstones (under a quarter of its rows) and they are still never returned.
+        assert len(part.sealed) == 2 and part.sealed[0] is first and part.growing.live == 0
+        assert 0 < part.dead(first) < first.count // 4 and part.dead(part.sealed[1]) == 0
+        assert live_rows(part) == len(current)
         check()
         stop_in_process(server, running)
         server, running = start_in_process(tmp_path / "d")
@@ -277,13 +295,13 @@ def test_deletes_alone_start_a_merge_that_drops_them(tmp_path):
         client.upsert("c", docs(vectors))
         client.flush("c")
         part = strand(server)
-        assert part.sealed is not None and part.sealed.count == 1600
-        client.delete("c", ids=[f"d{i}" for i in range(500)])  # tombstones: more than a quarter of the rest
-        client.flush("c")
-        assert part.sealed.count == 1100 and part._sealed_dead == 0
-        client.delete("c", filter=n_below(10**9))  # everything: the merge leaves no sealed segment
-        client.flush("c")
-        assert part.sealed is None and part.live == 0
+        assert [s.count for s in part.sealed] == [1600]
+        client.delete("c", ids=[f"d{i}" for i in range(500)])  # tombstones: more than a quarter of the rows
+        settle(client, part)
+        assert [s.count for s in part.sealed] == [1100] and part.dead(part.sealed[0]) == 0
+        client.delete("c", filter=n_below(10**9))  # everything: the compaction leaves no sealed segment
+        settle(client, part)
+        assert part.sealed == [] and part.live == 0
         assert search_all(running.stub, vectors[:3]) == [[], [], []]
         client.upsert("c", docs(vectors[:5]))
         assert [f[0][0] for f in search_all(running.stub, vectors[:5], limit=1)] == [f"d{i}" for i in range(5)]
@@ -308,7 +326,7 @@ def test_a_failed_merge_gives_its_vectors_back(tmp_path, monkeypatch):
     shard.flush()  # waits for the failed merge
     part = shard.dense["emb"]
     assert isinstance(part, SpannStrand)
-    assert part.sealed is None and part.frozen is None and part.growing.live == 150
+    assert part.sealed == [] and part.frozen is None and part.growing.live == 150
     assert not part.wants_merge()  # it waits for twice as many before trying again
     assert not list((tmp_path / "s" / "segments").glob("spann-*"))
     with shard.read():
@@ -352,7 +370,7 @@ def test_searches_and_gets_run_during_merges(tmp_path):
                 except Exception as err:  # reported by the main thread
                     errors.append(err)
                     return
-                seen.add((id(part.sealed), part.frozen is not None))
+                seen.add((tuple(map(id, part.sealed)), part.frozen is not None))
 
         thread = threading.Thread(target=searcher)
         thread.start()
@@ -364,9 +382,113 @@ def test_searches_and_gets_run_during_merges(tmp_path):
         assert not errors, errors[0]
         assert any(merging for _, merging in seen), "no search ran while a merge was building"
         assert len({segment for segment, _ in seen}) >= 3, "too few merges were published"
-        assert part.sealed is not None and part.live == 4040
+        assert part.sealed and part.live == 4040
     finally:
         stop_in_process(server, running)
+
+
+def spann_shard(path: Path, merge_threshold: int):  # type: ignore[no-untyped-def]
+    from braid.index.schema import DenseFieldSpec, DenseIndexType, SpannParams
+    from braid.index.shard import Shard
+
+    spec = DenseFieldSpec("emb", DIM, index=DenseIndexType.SPANN, spann=SpannParams(merge_threshold=merge_threshold))
+    shard = Shard.open(path, Schema(dense_fields=(spec,)), 0)
+    part = shard.dense["emb"]
+    assert isinstance(part, SpannStrand)
+    return shard, part
+
+
+def shard_settle(shard, part: SpannStrand) -> None:  # type: ignore[no-untyped-def]
+    shard.flush()
+    while part._merging:
+        shard.flush()
+
+
+def test_tiered_seals_compactions_and_a_bounded_growing_segment(tmp_path):
+    from braid.index.records import DocumentWrite
+    from braid.index.spann_strand import TIER_FANOUT
+
+    threshold, batch = 100, 60
+    shard, part = spann_shard(tmp_path / "s", threshold)
+    vectors = clustered(2400, 21)
+    current = dict(enumerate(vectors))
+    counts, growing_max = [], 0
+    for start in range(0, len(vectors), batch):
+        shard.upsert([DocumentWrite(id=f"d{i}", dense={"emb": vectors[i]}) for i in range(start, start + batch)])
+        growing_max = max(growing_max, part.growing.live)
+        shard.flush()  # publishes the running merge (the next may start, and freezes at once)
+        counts.append(len(part.sealed))
+    shard_settle(shard, part)
+    # Seals cut the growing segment at the threshold: it never held more than one batch past it.
+    assert growing_max <= threshold + batch, growing_max
+    # Many seals of ~120 vectors, compacted by fours: 20 seals leave 2 segments (1920 + 480).
+    assert max(counts) >= TIER_FANOUT and any(b < a for a, b in itertools.pairwise(counts)), counts
+    assert 2 <= len(part.sealed) < TIER_FANOUT and live_rows(part) + part.growing.live == len(vectors)
+    assert len({part._tier(s.count) for s in part.sealed}) == len(part.sealed)  # one per tier
+
+    def check(shard, part: SpannStrand) -> None:  # type: ignore[no-untyped-def]
+        labels = np.asarray([int(shard._ids[f"d{i}"]) for i in current])
+        base = np.stack(list(current.values()))
+        with shard.read():
+            exact = part.search(base, 1, 64, max_lists=10_000, eps=100.0)
+            assert [int(f[0][0]) for f in exact] == labels.tolist()  # every live vector, at max_lists high
+            queries = clustered(100, 22)
+            found = part.search(queries, 10, 64)
+            assert part.vectors(labels[::97].tolist()) == pytest.approx(base[::97], abs=1e-5)
+        alive = set(labels.tolist())
+        assert all(int(label) in alive for f in found for label in f[0])
+        order = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :10]
+        hits = [len(set(f[0].tolist()) & set(labels[o].tolist())) / 10 for f, o in zip(found, order, strict=True)]
+        assert np.mean(hits) >= 0.9, np.mean(hits)
+
+    check(shard, part)
+    # Tombstones: delete 30% of the biggest segment's vectors; it is rebuilt without them.
+    biggest = max(part.sealed, key=lambda s: s.count)
+    doomed = [int(label) for label in biggest.labels()[::3]]
+    by_label = {int(shard._ids[f"d{i}"]): i for i in current}
+    shard.delete_ids([f"d{by_label[label]}" for label in doomed])
+    for label in doomed:
+        del current[by_label[label]]
+    shard_settle(shard, part)
+    assert biggest not in part.sealed and all(part.dead(s) == 0 for s in part.sealed)
+    assert sum(s.count for s in part.sealed) + part.growing.live == len(current)
+    check(shard, part)
+    names = part.referenced()
+    shard.close()
+    assert {p.name for p in (tmp_path / "s" / "segments").glob("spann-*")} == names  # replaced ones deleted
+    shard, part = spann_shard(tmp_path / "s", threshold)
+    assert part.referenced() == names and part.live == len(current)
+    check(shard, part)
+    shard.close()
+
+
+def test_format_1_strand_manifests_load(tmp_path):
+    from braid.index.records import DocumentWrite
+
+    shard, part = spann_shard(tmp_path / "s", 100)
+    vectors = clustered(150, 23)
+    shard.upsert([DocumentWrite(id=f"d{i}", dense={"emb": v}) for i, v in enumerate(vectors)])
+    shard_settle(shard, part)
+    extra = clustered(20, 24)
+    shard.upsert([DocumentWrite(id=f"e{i}", dense={"emb": v}) for i, v in enumerate(extra)])
+    d0 = shard._ids["d0"]
+    shard.delete_ids(["d0"])
+    shard.flush()
+    (name,) = part.referenced()
+    shard.close()
+    manifest = json.loads((tmp_path / "s" / "MANIFEST.json").read_text())
+    path = tmp_path / "s" / "segments" / str(manifest["generation"]) / "emb.strand.json"
+    meta = json.loads(path.read_text())
+    assert meta["format"] == 2 and meta["sealed"] == [name]
+    path.write_text(json.dumps({"format": 1, "sealed": name, "growing": meta["growing"]}))
+    shard, part = spann_shard(tmp_path / "s", 100)
+    assert [s.directory.name for s in part.sealed] == [name] and part.dead(part.sealed[0]) == 1
+    with shard.read():
+        found = part.search(np.concatenate([vectors, extra]), 1, 64, max_lists=10_000, eps=100.0)
+    expected = [f"d{i}" for i in range(1, 150)] + [f"e{i}" for i in range(20)]
+    assert [int(f[0][0]) for f in found[1:]] == [shard._ids[i] for i in expected]
+    assert int(found[0][0][0]) != d0 and not part.has(d0)  # deleted: never returned
+    shard.close()
 
 
 # ---------------------------------------------------------------- SIGKILL
@@ -377,7 +499,8 @@ def _merging(shard: Path) -> set[str]:
     try:
         manifest = json.loads((shard / "MANIFEST.json").read_text())
         meta = json.loads((shard / "segments" / str(manifest["generation"]) / "emb.strand.json").read_text())
-        return {p.name for p in (shard / "segments").glob("spann-*") if p.name != meta["sealed"]}
+        named = meta["sealed"] if isinstance(meta["sealed"], list) else [meta["sealed"]]
+        return {p.name for p in (shard / "segments").glob("spann-*") if p.name not in named}
     except (OSError, ValueError, KeyError):
         return set()
 
