@@ -28,7 +28,7 @@ A list is one contiguous extent, so ``scan`` and ``read_lists`` fetch each with 
 single ``os.preadv`` that scatters the vectors and the labels straight into numpy
 arrays: the bytes come from the OS page cache (or the SSD) and nothing of the file
 stays mapped in the process, so the index's resident memory is its offset table
-(plus one ~2 MiB scan buffer per searching thread).
+(plus one ~2 MiB scan buffer per scan in flight, pooled process-wide).
 ``open`` checks the header, the table's CRC and the file size (a truncated or
 corrupt file raises DataLoss); list CRCs are checked by ``verify`` and the
 locator's whenever it is read, not on the query path.
@@ -39,11 +39,12 @@ directory fsynced, so a crash leaves either no file or a complete one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,41 @@ _HEADER_CRC_END = 56
 HEADER_SIZE = 64
 TABLE_DTYPE = np.dtype([("offset", "<u8"), ("count", "<u4"), ("crc", "<u4")])
 LOCATOR_DTYPE = np.dtype([("label", "<i8"), ("list", "<u4"), ("row", "<u4")])
-# Vectors read per block by ``scan`` (per thread, reused): a block stays in the CPU cache.
+# Vectors read per block by ``scan`` (a pooled, reused buffer): a block stays in the CPU cache.
 SCAN_BUFFER_BYTES = 2 << 20
+
+
+class _ScanBuffers:
+    """Scan buffers shared by every posting file in the process: one per scan in flight.
+
+    A scan takes a free buffer (or makes one) and gives it back, so the process holds as
+    many buffers as it has ever run scans at once, whatever the count of segments and
+    threads (thread-local buffers would cost segments x threads x 2 MiB).
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def take(self, nbytes: int) -> Iterator[np.ndarray]:
+        """A uint8 buffer of at least ``nbytes`` for the duration of the block."""
+        if nbytes > self.nbytes:  # a list larger than a pooled buffer: a one-off
+            yield np.empty(nbytes, dtype=np.uint8)
+            return
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None:
+            buffer = np.empty(self.nbytes, dtype=np.uint8)
+        try:
+            yield buffer
+        finally:
+            with self._lock:
+                self._free.append(buffer)
+
+
+_SCAN_BUFFERS = _ScanBuffers(SCAN_BUFFER_BYTES)
 
 
 def _align(offset: int) -> int:
@@ -183,8 +217,8 @@ class PostingFile:
         self.counts = table["count"].astype(np.int64)
         self._crcs = table["crc"].copy()
         self._offsets = self.offsets.tolist()
-        self._local = threading.local()
         self._row_bytes = 4 * dim
+        self._scan_rows = max(SCAN_BUFFER_BYTES // self._row_bytes, int(self.counts.max(initial=1)))
 
     @property
     def n_lists(self) -> int:
@@ -212,37 +246,32 @@ class PostingFile:
     def scan(self, lists: np.ndarray, score: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``score`` of every row of the given lists (float32) and the rows' labels, list by list.
 
-        Vectors go through one small buffer per thread that is reused (about 2 MiB, or the
-        largest list): each block is scored while it is still in the CPU cache, and no
-        query allocates (and page-faults in) a buffer the size of everything it reads.
+        Vectors go through one small pooled buffer (about 2 MiB, or the largest list) that
+        is reused: each block is scored while it is still in the CPU cache, and no query
+        allocates (and page-faults in) a buffer the size of everything it reads.
         """
         counts = self.counts[lists]
         total = int(counts.sum())
         scores = np.empty(total, dtype=np.float32)
         labels = np.empty(total, dtype=np.int64)
-        buffer = self._buffer()
-        fd, row_bytes, offsets, capacity = self._fd, self._row_bytes + 8, self._offsets, len(buffer)
-        filled = done = 0  # rows in the buffer / rows scored
-        for number, count in zip(lists.tolist(), counts.tolist(), strict=True):
-            if filled + count > capacity:
-                scores[done : done + filled] = score(buffer[:filled])
-                done += filled
-                filled = 0
-            if count:
-                row = done + filled
-                got = os.preadv(fd, (buffer[filled : filled + count], labels[row : row + count]), offsets[number])
-                if got != count * row_bytes:
-                    raise DataLoss(f"{self.path}: short read of list {number}: {got} bytes")
-                filled += count
-        scores[done : done + filled] = score(buffer[:filled])
+        capacity = self._scan_rows
+        with _SCAN_BUFFERS.take(capacity * self._row_bytes) as raw:
+            buffer = raw[: capacity * self._row_bytes].view(np.float32).reshape(capacity, self.dim)
+            fd, row_bytes, offsets = self._fd, self._row_bytes + 8, self._offsets
+            filled = done = 0  # rows in the buffer / rows scored
+            for number, count in zip(lists.tolist(), counts.tolist(), strict=True):
+                if filled + count > capacity:
+                    scores[done : done + filled] = score(buffer[:filled])
+                    done += filled
+                    filled = 0
+                if count:
+                    row = done + filled
+                    got = os.preadv(fd, (buffer[filled : filled + count], labels[row : row + count]), offsets[number])
+                    if got != count * row_bytes:
+                        raise DataLoss(f"{self.path}: short read of list {number}: {got} bytes")
+                    filled += count
+            scores[done : done + filled] = score(buffer[:filled])
         return scores, labels
-
-    def _buffer(self) -> np.ndarray:
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None:
-            rows = max(SCAN_BUFFER_BYTES // self._row_bytes, int(self.counts.max(initial=1)))
-            buffer = self._local.buffer = np.empty((rows, self.dim), dtype=np.float32)
-        return buffer
 
     def locator(self) -> np.ndarray:
         """The label -> (list, row) table of primary copies, sorted by label (read and checked now)."""
