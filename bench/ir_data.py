@@ -35,20 +35,38 @@ def collections(data: str, names: str) -> Iterator[tuple[str, dict[str, str], di
         yield name, beir.corpus, beir.queries, beir.qrels
 
 
-@contextlib.contextmanager
-def braid_server(*extra_args: str) -> Iterator[int]:
-    """``braid serve`` on a fresh temporary data directory and a free port; yields the port."""
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", tmp, "--port", "0", *extra_args],
+class BraidProcess:
+    """``braid serve`` in a child process on ``data_dir`` and a free port."""
+
+    def __init__(self, data_dir: str | Path, *extra_args: str) -> None:
+        command = [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"]
+        self.proc = subprocess.Popen(
+            [*command, *extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        assert proc.stdout is not None
-        port = next(int(m.group(1)) for line in proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line)))
+        assert self.proc.stdout is not None
+        self.port = next(
+            int(m.group(1)) for line in self.proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line))
+        )
+
+    def rss_mib(self) -> float:
+        """The server's resident memory (VmRSS), MiB."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 60) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def braid_server(*extra_args: str) -> Iterator[int]:
+    """``braid serve`` on a fresh temporary data directory and a free port; yields the port."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = BraidProcess(tmp, *extra_args)
         try:
-            yield port
+            yield server.port
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            server.stop()

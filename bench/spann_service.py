@@ -16,9 +16,6 @@ the baseline, with SPANN's ratios against HNSW.
 from __future__ import annotations
 
 import argparse
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,36 +25,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ir_data import BraidProcess
 from spann import ensure_vectors
 
 from braid.service.client import BraidClient, dense_vector
 from braid.v1 import braid_pb2 as pb
 
 
-class Server:
-    """``braid serve`` in a child process."""
+class Server(BraidProcess):
+    """``braid serve`` in a child process, with a client."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.port = next(
-            int(m.group(1)) for line in self.proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line))
-        )
+        super().__init__(data_dir)
         self.client = BraidClient(f"127.0.0.1:{self.port}", timeout=3600)
 
-    def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-
-    def stop(self) -> None:
+    def stop(self, timeout: float = 600) -> None:
         self.client.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=600)
+        super().stop(timeout)
 
 
 def field(index: str, dim: int, merge_threshold: int) -> pb.DenseVectorField:
