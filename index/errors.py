@@ -51,3 +51,11 @@ class Unavailable(BraidError):
 
 class DataLoss(BraidError):
     """On-disk state is corrupt beyond what recovery can repair."""
+
+
+class Unauthenticated(BraidError):
+    """The caller gave no credentials, or credentials the server does not know."""
+
+
+class PermissionDenied(BraidError):
+    """The caller is known but its role or scope does not allow the operation."""

@@ -35,6 +35,7 @@ class Limits:
     max_limit: int = 10_000
     max_depth: int = 10_000
     max_sparse_terms: int = 4_096
+    max_query_bytes: int = 64 * 1024
 
 
 def check_id(doc_id: str, where: str) -> None:

@@ -2,19 +2,37 @@
 
 Precedence: command-line flag, then environment variable, then default.
 
-| setting            | env                      | default      |
-|--------------------|--------------------------|--------------|
-| data_dir           | BRAID_DATA_DIR           | ./braid-data |
-| host               | BRAID_HOST               | 127.0.0.1    |
-| port               | BRAID_PORT               | 50051        |
-| workers            | BRAID_WORKERS            | 16           |
-| max_message_bytes  | BRAID_MAX_MESSAGE_BYTES  | 64 MiB       |
-| max_batch          | BRAID_MAX_BATCH          | 10000        |
-| max_limit          | BRAID_MAX_LIMIT          | 10000        |
-| models_dir         | BRAID_MODELS_DIR         | <data_dir>/models |
-| encoder_threads    | BRAID_ENCODER_THREADS    | 0 = one per CPU |
-| encoder_max_batch  | BRAID_ENCODER_MAX_BATCH  | 32           |
-| encoder_max_wait_ms| BRAID_ENCODER_MAX_WAIT_MS| 2            |
+| setting                | env                          | default           |
+|------------------------|------------------------------|-------------------|
+| data_dir               | BRAID_DATA_DIR               | ./braid-data      |
+| host                   | BRAID_HOST                   | 127.0.0.1         |
+| port                   | BRAID_PORT                   | 50051             |
+| workers                | BRAID_WORKERS                | 16                |
+| max_message_bytes      | BRAID_MAX_MESSAGE_BYTES      | 64 MiB            |
+| max_batch              | BRAID_MAX_BATCH              | 10000             |
+| max_limit              | BRAID_MAX_LIMIT              | 10000             |
+| max_query_bytes        | BRAID_MAX_QUERY_BYTES        | 65536             |
+| max_queue              | BRAID_MAX_QUEUE              | 256               |
+| max_streams            | BRAID_MAX_STREAMS            | 64                |
+| max_streams_per_peer   | BRAID_MAX_STREAMS_PER_PEER   | 8                 |
+| stream_idle_timeout_s  | BRAID_STREAM_IDLE_TIMEOUT_S  | 30                |
+| shutdown_grace_s       | BRAID_SHUTDOWN_GRACE_S       | 10                |
+| tls_cert               | BRAID_TLS_CERT               | (plaintext)       |
+| tls_key                | BRAID_TLS_KEY                | (plaintext)       |
+| tls_client_ca          | BRAID_TLS_CLIENT_CA          | (no client certs) |
+| api_keys               | BRAID_API_KEYS               | (no keys: open)   |
+| reflection             | BRAID_REFLECTION             | true              |
+| models_dir             | BRAID_MODELS_DIR             | <data_dir>/models |
+| encoder_threads        | BRAID_ENCODER_THREADS        | 0 = one per CPU   |
+| encoder_max_batch      | BRAID_ENCODER_MAX_BATCH      | 32                |
+| encoder_max_wait_ms    | BRAID_ENCODER_MAX_WAIT_MS    | 2                 |
+
+``workers`` threads run the index and encoder work of RPCs; ``max_queue`` calls may
+wait for one, and a call beyond that is refused with RESOURCE_EXHAUSTED and a retry
+hint. Streams (BulkUpsert) hold no worker while they wait for their next message:
+``max_streams`` may be open at once, ``max_streams_per_peer`` from one client address,
+and a stream that sends nothing for ``stream_idle_timeout_s`` is ended. See
+docs/security.md for what each limit protects against.
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
@@ -29,6 +47,9 @@ from pathlib import Path
 from braid.index.validate import Limits
 
 DEFAULT_DATA_DIR = "./braid-data"
+_PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
+_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,17 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_batch: int = 10_000
     max_limit: int = 10_000
+    max_query_bytes: int = 64 * 1024
+    max_queue: int = 256
+    max_streams: int = 64
+    max_streams_per_peer: int = 8
+    stream_idle_timeout_s: float = 30.0
+    shutdown_grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    api_keys: Path | None = None
+    reflection: bool = True
     models_dir: Path | None = None
     encoder_threads: int = 0
     encoder_max_batch: int = 32
@@ -53,11 +85,27 @@ class ServerConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_query_bytes < 1:
+            raise ValueError(f"max_query_bytes must be >= 1, got {self.max_query_bytes}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_streams < 1 or self.max_streams_per_peer < 1:
+            raise ValueError("max_streams and max_streams_per_peer must be >= 1")
+        if not self.stream_idle_timeout_s > 0 or not self.shutdown_grace_s >= 0:
+            raise ValueError("stream_idle_timeout_s must be > 0 and shutdown_grace_s >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.encoder_threads < 0 or self.encoder_max_batch < 1 or self.encoder_max_wait_ms < 0:
             raise ValueError("encoder_threads >= 0, encoder_max_batch >= 1 and encoder_max_wait_ms >= 0 are required")
-        object.__setattr__(
-            self, "limits", Limits(max_batch=self.max_batch, max_limit=self.max_limit, max_depth=self.max_limit)
+        limits = Limits(
+            max_batch=self.max_batch,
+            max_limit=self.max_limit,
+            max_depth=self.max_limit,
+            max_query_bytes=self.max_query_bytes,
         )
+        object.__setattr__(self, "limits", limits)
 
     @property
     def models_path(self) -> Path:
@@ -66,6 +114,29 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _parse(name: str, value: object) -> object:
+    if name in _PATHS:
+        return Path(str(value))
+    if name == "host":
+        return str(value)
+    if name == "reflection":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in _TRUE + _FALSE:
+            raise ValueError(f"reflection (BRAID_REFLECTION) must be true or false, got {value!r}")
+        return text in _TRUE
+    kind, word = (float, "a number") if name in _FLOATS else (int, "an integer")
+    try:
+        return kind(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"{name} (BRAID_{name.upper()}) must be {word}, got {value!r}") from None
 
 
 def load_config(**overrides: object) -> ServerConfig:
@@ -80,13 +151,5 @@ def load_config(**overrides: object) -> ServerConfig:
             value = env
         if value is None:
             continue
-        if f.name in ("data_dir", "models_dir"):
-            values[f.name] = Path(str(value))
-        elif f.name == "host":
-            values[f.name] = str(value)
-        else:
-            try:
-                values[f.name] = int(value)  # type: ignore[call-overload]
-            except ValueError:
-                raise ValueError(f"{f.name} (BRAID_{f.name.upper()}) must be an integer, got {value!r}") from None
+        values[f.name] = _parse(f.name, value)
     return ServerConfig(**values)  # type: ignore[arg-type]

@@ -19,6 +19,8 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     encoder_errors.UnknownModel: grpc.StatusCode.NOT_FOUND,
     encoder_errors.ModelNotExported: grpc.StatusCode.FAILED_PRECONDITION,
     encoder_errors.InvalidModel: grpc.StatusCode.FAILED_PRECONDITION,
