@@ -8,10 +8,13 @@
     braid models list | export NAME [--force] [--no-int8] | verify NAME
     braid models register DIR --name NAME --kind dense|sparse [--pooling mean|cls] [--hf-checkpoint]
     braid eval DIR [--plans bm25,dense,rrf,dbsf] [--out eval-results] [--reuse]
+    braid keys add --file F --name N --role read|write|admin [--collection C ...] | list | remove
 
 ``models`` commands work on the models directory (``--models-dir``, BRAID_MODELS_DIR,
 default <data-dir>/models, the one ``braid serve`` reads).
-Client commands talk to ``--address`` (BRAID_ADDRESS, default 127.0.0.1:50051).
+Client commands talk to ``--address`` (BRAID_ADDRESS, default 127.0.0.1:50051), over TLS
+with ``--tls-ca`` (+ ``--tls-cert``/``--tls-key`` for mutual TLS) and with ``--api-key``
+(BRAID_TLS_CA, BRAID_TLS_CLIENT_CERT, BRAID_TLS_CLIENT_KEY, BRAID_API_KEY; docs/security.md).
 The schema file and the JSONL documents use the JSON shapes described in
 docs/cli.md (the protobuf JSON mapping of braid.v1 Schema and Document).
 """
@@ -25,7 +28,15 @@ import os
 import sys
 from pathlib import Path
 
+from .auth import add_keys_command
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# ServerConfig fields that `braid serve` takes as flags (the rest come from BRAID_* variables).
+SERVE_SETTINGS = (
+    "data_dir", "host", "port", "workers", "models_dir", "max_message_bytes", "max_batch", "max_limit",
+    "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
+    "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection",
+)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,9 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(
-            data_dir=args.data_dir, host=args.host, port=args.port, workers=args.workers, models_dir=args.models_dir
-        )
+        config = load_config(**{name: getattr(args, name) for name in SERVE_SETTINGS})
     except ValueError as err:
         print(f"braid serve: {err}", file=sys.stderr)
         return 2
@@ -55,7 +64,14 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import BraidClient
 
-    return BraidClient(args.address)
+    return BraidClient(
+        args.address,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        api_key=args.api_key or None,
+        server_name=args.tls_server_name,
+    )
 
 
 def _collection(args: argparse.Namespace) -> int:
@@ -247,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port, 0 for any free port (BRAID_PORT, default 50051)")
     serve.add_argument("--workers", type=int, help="gRPC worker threads (BRAID_WORKERS, default 16)")
     serve.add_argument("--models-dir", help="ONNX models (BRAID_MODELS_DIR, default <data-dir>/models)")
+    limits = serve.add_argument_group("limits (docs/security.md)")
+    limits.add_argument("--max-message-bytes", type=int, help="largest request or response (default 64 MiB)")
+    limits.add_argument("--max-batch", type=int, help="documents or searches per call (default 10000)")
+    limits.add_argument("--max-limit", type=int, help="hits per search, offset included (default 10000)")
+    limits.add_argument("--max-query-bytes", type=int, help="UTF-8 bytes of one query text (default 65536)")
+    limits.add_argument("--max-queue", type=int, help="calls waiting for a worker before RESOURCE_EXHAUSTED (256)")
+    limits.add_argument("--max-streams", type=int, help="open BulkUpsert streams (default 64)")
+    limits.add_argument("--max-streams-per-peer", type=int, help="open streams from one client address (default 8)")
+    limits.add_argument("--stream-idle-timeout-s", type=float, help="end a stream silent this long (default 30)")
+    limits.add_argument("--shutdown-grace-s", type=float, help="SIGTERM: time for in-flight calls (default 10)")
+    security = serve.add_argument_group("security (docs/security.md)")
+    security.add_argument("--tls-cert", help="PEM server certificate chain (BRAID_TLS_CERT); TLS when given")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert (BRAID_TLS_KEY)")
+    security.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates (mutual TLS)")
+    security.add_argument("--api-keys", help="file of hashed API keys (BRAID_API_KEYS); every call needs a key")
+    security.add_argument(
+        "--reflection", action=argparse.BooleanOptionalAction, default=None, help="server reflection (default on)"
+    )
     serve.set_defaults(run=_serve)
 
     where = argparse.ArgumentParser(add_help=False)
@@ -277,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=os.environ.get("BRAID_ADDRESS", DEFAULT_ADDRESS))
+    env = os.environ.get
+    address.add_argument("--tls-ca", default=env("BRAID_TLS_CA"), help="PEM CA of the server: use TLS")
+    address.add_argument("--tls-cert", default=env("BRAID_TLS_CLIENT_CERT"), help="PEM client cert, mutual TLS")
+    address.add_argument("--tls-key", default=env("BRAID_TLS_CLIENT_KEY"), help="PEM key of --tls-cert")
+    address.add_argument(
+        "--tls-server-name", default=env("BRAID_TLS_SERVER_NAME"), help="name to check the server's cert against"
+    )
+    address.add_argument("--api-key", default=env("BRAID_API_KEY"), help="API key (argv is visible: prefer env)")
 
     collection = commands.add_parser("collection", help="manage collections")
     actions = collection.add_subparsers(dest="action", required=True)
@@ -320,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--reuse", action="store_true", help="the collection exists: skip ingest")
     evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")
     evaluation.set_defaults(run=_eval)
+    add_keys_command(commands)
     return parser
 
 

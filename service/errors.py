@@ -9,6 +9,8 @@ import grpc
 from braid.encoders import errors as encoder_errors
 from braid.index import errors
 
+from .admission import TimedOut
+
 log = logging.getLogger("braid.service")
 
 STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
@@ -25,9 +27,10 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     encoder_errors.ModelNotExported: grpc.StatusCode.FAILED_PRECONDITION,
     encoder_errors.InvalidModel: grpc.StatusCode.FAILED_PRECONDITION,
     encoder_errors.TextTooLong: grpc.StatusCode.INVALID_ARGUMENT,
+    TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # Errors raised on purpose (anything else is INTERNAL and logged).
-EXPECTED_ERRORS = (errors.BraidError, encoder_errors.EncoderError)
+EXPECTED_ERRORS = (errors.BraidError, encoder_errors.EncoderError, TimedOut)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:
@@ -38,10 +41,10 @@ def status_of(err: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def abort(context: grpc.ServicerContext, err: BaseException) -> None:
-    """End the RPC with the status that matches err; unexpected errors are logged as INTERNAL."""
+def describe(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for err; unexpected errors are logged as INTERNAL."""
     code = status_of(err)
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("internal error", exc_info=err)
-        context.abort(code, f"internal error: {type(err).__name__}: {err}")
-    context.abort(code, str(err))
+        log.error("internal error", exc_info=err)
+        return code, f"internal error: {type(err).__name__}: {err}"
+    return code, str(err)

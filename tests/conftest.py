@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from braid.service.client import BraidClient
 from braid.service.config import ServerConfig
-from braid.service.server import create_server
+from braid.service.server import BraidServer, create_server
 from braid.v1 import braid_pb2 as pb
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,18 +35,16 @@ class Running:
         return self.client.stub
 
 
-def start_in_process(data_dir: Path, **config: object) -> tuple[grpc.Server, Running]:
-    server, port, catalog, encoding = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
+def start_in_process(data_dir: Path, **config: object) -> tuple[BraidServer, Running]:
+    server = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
     server.start()
-    server.catalog, server.encoding = catalog, encoding  # type: ignore[attr-defined]
-    return server, Running(BraidClient(f"127.0.0.1:{port}"), port, data_dir)
+    return server, Running(BraidClient(f"127.0.0.1:{server.port}"), server.port, data_dir)
 
 
-def stop_in_process(server: grpc.Server, running: Running) -> None:
+def stop_in_process(server: BraidServer, running: Running, grace: float = 0) -> None:
+    """Stop the server (closing encoders and every shard) and the client."""
     running.client.close()
-    server.stop(grace=None).wait()
-    server.encoding.close()  # type: ignore[attr-defined]
-    server.catalog.close()  # type: ignore[attr-defined]
+    server.stop(grace=grace)
 
 
 @pytest.fixture
@@ -59,24 +58,28 @@ def braid(tmp_path: Path) -> Iterator[Running]:
 class ChildServer:
     """``braid serve`` in a child process, so tests can SIGKILL it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"],
+            [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
         )
         assert self.proc.stdout is not None
+        self.output: list[str] = []
         for line in self.proc.stdout:
+            self.output.append(line)
             found = re.search(r"serving braid\.v1\.Braid on [\d.]+:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
                 break
         else:
-            raise RuntimeError(f"server exited with {self.proc.wait()} before serving")
+            raise RuntimeError(f"server exited with {self.proc.wait()} before serving: {''.join(self.output)}")
+        # Keep reading the log, so a chatty server never blocks on a full pipe.
+        threading.Thread(target=self.output.extend, args=(self.proc.stdout,), daemon=True).start()
         self.client = BraidClient(f"127.0.0.1:{self.port}")
 
     def kill(self) -> None:
@@ -95,8 +98,8 @@ class ChildServer:
 def child_server(tmp_path: Path) -> Iterator[type[ChildServer]]:
     started: list[ChildServer] = []
 
-    def factory(data_dir: Path | None = None) -> ChildServer:
-        server = ChildServer(data_dir or tmp_path / "data")
+    def factory(data_dir: Path | None = None, *args: str, env: dict[str, str] | None = None) -> ChildServer:
+        server = ChildServer(data_dir or tmp_path / "data", *args, env=env)
         started.append(server)
         return server
 

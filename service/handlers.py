@@ -1,0 +1,210 @@
+"""The asyncio face of braid.v1.Braid: decoding, API keys, admission, status codes, streams.
+
+Handlers are registered from the proto descriptor (one per method), each with a
+request parser that never raises: a body protobuf cannot decode (garbage, invalid
+UTF-8, nesting past protobuf's limit) arrives as ``Undecodable`` and is answered
+INVALID_ARGUMENT, not INTERNAL. The blocking body of each RPC (service/rpcs.py) runs on
+a worker thread that service/admission.py grants.
+
+BulkUpsert reads its stream on the event loop, so a silent stream holds no worker. It
+ends with DEADLINE_EXCEEDED after ``stream_idle_timeout_s`` without a message, and with
+UNAVAILABLE when shutdown ends it. Every answer, success or failure, says how many
+batches and documents were applied: in the message of an error and always in the
+trailing metadata ``braid-batches-applied`` / ``braid-documents-applied``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from braid.index.errors import InvalidArgument, Unavailable
+from braid.v1 import braid_pb2 as pb
+
+from .admission import RETRY_PUSHBACK_KEY, Admission, Overloaded, TimedOut
+from .config import ServerConfig
+from .encoding import Encoding
+from .errors import describe
+from .rpcs import BraidRpcs
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Braid"]
+SERVICE_NAME = SERVICE.full_name
+BATCHES_APPLIED_KEY = "braid-batches-applied"
+DOCUMENTS_APPLIED_KEY = "braid-documents-applied"
+# Errors a handler lets through untouched: the call is gone or the process is stopping.
+_PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+
+
+class Undecodable:
+    """A request body protobuf could not parse."""
+
+    __slots__ = ("type_name", "size", "error")
+
+    def __init__(self, type_name: str, size: int, error: BaseException) -> None:
+        self.type_name, self.size, self.error = type_name, size, error
+
+    def problem(self) -> str:
+        return (
+            f"request: cannot decode {self.type_name} ({self.size} bytes): {self.error}; a body must be a "
+            f"valid protobuf message with UTF-8 strings, nested at most 100 messages deep"
+        )
+
+
+def _parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as err:  # DecodeError, RecursionError, ...: the client's fault, never ours
+            return Undecodable(message_class.DESCRIPTOR.full_name, len(data), err)
+
+    return parse
+
+
+def _collections(request: Any) -> list[str]:
+    """The collections a request names (for API keys scoped to collections)."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "searches" in fields:
+        return [search.collection for search in request.searches]
+    for name in ("collection", "name"):
+        if name in fields:
+            return [getattr(request, name)]
+    return []
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class BraidHandlers:
+    def __init__(
+        self,
+        catalog: Any,
+        encoding: Encoding,
+        admission: Admission,
+        config: ServerConfig,
+        keys: Any | None,
+    ) -> None:
+        self.rpcs = BraidRpcs(catalog, encoding, config.max_message_bytes)
+        self.admission = admission
+        self.keys = keys
+        self.idle_timeout = config.stream_idle_timeout_s
+        self._ending = asyncio.Event()
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for method in SERVICE.methods:
+            parse = _parser(getattr(pb, method.input_type.name))
+            serialize = getattr(pb, method.output_type.name).SerializeToString
+            if method.client_streaming:
+                assert method.name == "BulkUpsert" and not method.server_streaming, method.name
+                handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                    self._bulk_upsert, request_deserializer=parse, response_serializer=serialize
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(method.name), request_deserializer=parse, response_serializer=serialize
+                )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    def end_streams(self) -> None:
+        """Shutdown: every open stream ends after its current batch with UNAVAILABLE and its counts."""
+        self._ending.set()
+
+    # ---------------------------------------------------------------- pieces
+
+    def _authorize(self, context: grpc.aio.ServicerContext, method: str, collections: Sequence[str]) -> Any:
+        """The caller's principal (None when the server has no API keys); raises if it may not call."""
+        if self.keys is None:
+            return None
+        principal = self.keys.authenticate(context.invocation_metadata() or ())
+        self.keys.authorize(principal, method, collections)
+        return principal
+
+    @staticmethod
+    async def _abort(
+        context: grpc.aio.ServicerContext, err: BaseException, trailing: tuple = (), template: str = "{}"
+    ) -> None:
+        code, message = describe(err)
+        message = template.format(message)
+        if isinstance(err, Overloaded):
+            trailing += ((RETRY_PUSHBACK_KEY, str(err.retry_after_ms)),)
+        await context.abort(code, message, trailing_metadata=trailing)
+
+    # ----------------------------------------------------------------- unary
+
+    def _unary(self, name: str) -> Callable[..., Any]:
+        body = getattr(self.rpcs, name)
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(request.problem())
+                principal = self._authorize(context, name, _collections(request))
+                work = functools.partial(body, request)
+                if name == "ListCollections" and principal is not None:
+                    work = functools.partial(body, request, principal.allows)
+                return await self.admission.run(work, _deadline(context))
+            except _PASS_THROUGH:
+                raise
+            except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang
+                failure = err
+            await self._abort(context, failure)
+
+        handle.__name__ = name
+        return handle
+
+    # ---------------------------------------------------------------- stream
+
+    async def _bulk_upsert(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        upserted = batches = 0
+        try:
+            principal = self._authorize(context, "BulkUpsert", ())
+            with self.admission.stream(context.peer()):
+                messages = requests.__aiter__()
+                while (batch := await self._next_message(messages)) is not None:
+                    if isinstance(batch, Undecodable):
+                        raise InvalidArgument(batch.problem())
+                    if principal is not None:
+                        self.keys.authorize(principal, "BulkUpsert", [batch.collection])
+                    upserted += await self.admission.run(
+                        functools.partial(self.rpcs.upsert, batch), _deadline(context)
+                    )
+                    batches += 1
+                    if self._ending.is_set():
+                        raise Unavailable("server shutting down")
+            context.set_trailing_metadata(_applied(batches, upserted))
+            return pb.BulkUpsertResponse(upserted=upserted, batches=batches)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as err:
+            failure = err
+        template = f"batch {batches}: {{}}; {batches} earlier batches ({upserted} documents) were applied"
+        await self._abort(context, failure, _applied(batches, upserted), template)
+
+    async def _next_message(self, messages: AsyncIterator[Any]) -> Any:
+        """The next message, or None at the end of the stream; raises on idle timeout or shutdown."""
+        read = asyncio.ensure_future(messages.__anext__())
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            done, _ = await asyncio.wait({read, ending}, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+        if read in done:
+            try:
+                return read.result()
+            except StopAsyncIteration:
+                return None
+        read.cancel()
+        if ending in done:
+            raise Unavailable("server shutting down")
+        raise TimedOut(f"stream_idle_timeout_s: no message for {self.idle_timeout:g} s")
+
+
+def _applied(batches: int, documents: int) -> tuple:
+    return ((BATCHES_APPLIED_KEY, str(batches)), (DOCUMENTS_APPLIED_KEY, str(documents)))
