@@ -16,7 +16,9 @@ def generate_protos() -> None:
     from grpc_tools import protoc  # build-time requirement (pyproject build-system.requires)
 
     include = str(Path(protoc.__file__).parent / "_proto")
-    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+    # Only braid's own protos: proto/grpc/health/v1/health.proto ships for non-Python clients,
+    # and grpcio-health-checking already provides its Python code (grpc_health.v1).
+    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto" / "braid").rglob("*.proto"))
     args = ["protoc", "-Iproto", f"-I{include}", "--python_out=proto", "--pyi_out=proto", "--grpc_python_out=proto"]
     if protoc.main(args + protos) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(protos))

@@ -9,12 +9,24 @@ Documents may be given as braid.v1 ``Document`` messages or as dicts with the
 keys id, text, dense (field -> list or numpy array), sparse (field -> {term: weight}
 or (indices, values)) and payload (field -> str | int | float | bool | datetime).
 Vectors are sent in the packed float32 form.
+
+Security (docs/security.md): any of ``tls_ca``, ``tls_cert``, ``tls_key`` or
+``server_name`` makes the channel TLS (``tls_cert`` + ``tls_key`` for mutual TLS), and
+``api_key`` is sent as ``authorization: Bearer <key>`` on every call, ``client.stub``
+calls included:
+
+    BraidClient("braid.internal:50051", tls_ca="ca.pem", api_key=os.environ["BRAID_API_KEY"])
+
+Every call has a deadline: ``timeout`` seconds (default 60), or for the BulkUpsert
+stream its own ``timeout=`` or else STREAM_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +34,22 @@ import numpy as np
 
 from braid.v1 import braid_pb2 as pb
 from braid.v1 import braid_pb2_grpc
+
+from .tls import channel_credentials
+
+# The deadline of a BulkUpsert stream when none is given: generous, as a stream may carry
+# a whole corpus, but finite, so a client never waits forever on a dead connection.
+STREAM_TIMEOUT_S = 6 * 3600.0
+MESSAGE_BYTES = 64 << 20
+# Fusion by name, as in braid eval: search(..., fusion="rrf").
+FUSIONS: dict[str, pb.Fusion] = {
+    "rrf": pb.Fusion(rrf=pb.ReciprocalRankFusion(k=60)),
+    "minmax": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.MIN_MAX)),
+    "zscore": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.Z_SCORE)),
+    "dbsf": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.DBSF)),
+    "sum": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.NONE)),
+}
+STRANDS = ("dense", "bm25", "sparse")
 
 
 def dense_vector(values: Any) -> pb.DenseVector:
@@ -69,14 +97,126 @@ def document(doc: Any) -> pb.Document:
     return out
 
 
-class BraidClient:
-    """Thin wrapper over the generated stub; every method raises grpc.RpcError on a non-OK status."""
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = 60.0) -> None:
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata (the API key) to every call of the channel.
+
+    Per-call metadata rather than grpc.access_token_call_credentials: call credentials
+    are only sent over TLS, and a key must also work on a plaintext loopback channel.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        metadata = list(details.metadata or ())
+        names = {name for name, _ in metadata}
+        metadata += [(name, value) for name, value in self.pairs if name not in names]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
         )
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request_iterator)
+
+
+def _check_api_key(api_key: str) -> None:
+    # gRPC rejects such metadata with an obscure error; never echo the key itself.
+    if not api_key or any(c.isspace() or not c.isprintable() or not c.isascii() for c in api_key):
+        raise ValueError("api_key must be non-empty printable ASCII without spaces")
+
+
+def _strand(request: pb.SearchRequest, kind: str, query: Any, weights: Mapping[str, float], depth: Any) -> None:
+    sub = request.queries.add()
+    getattr(sub, kind).CopyFrom(query)
+    if kind in weights:
+        sub.weight = weights[kind]
+    strand_depth = depth.get(kind) if isinstance(depth, Mapping) else depth
+    if strand_depth:
+        sub.depth = strand_depth
+
+
+def _fusion(fusion: pb.Fusion | str) -> pb.Fusion:
+    if isinstance(fusion, pb.Fusion):
+        return fusion
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion: unknown value {fusion!r}; valid: {', '.join(sorted(FUSIONS))}")
+    return FUSIONS[fusion]
+
+
+class BraidClient:
+    """Thin wrapper over the generated stub; every method raises grpc.RpcError on a non-OK status.
+
+    Args:
+        address: host:port of the server.
+        timeout: deadline in seconds of every unary call (a BulkUpsert stream: see bulk_upsert).
+        tls_ca: PEM CA bundle that signed the server's certificate (TLS; default the system roots).
+        tls_cert, tls_key: PEM client certificate and key, for a server that requires mutual TLS.
+        api_key: sent as ``authorization: Bearer <key>`` on every call (plaintext channels too).
+        server_name: the name to verify the server's certificate against, when it differs from
+            the host in ``address`` (sets grpc.ssl_target_name_override); implies TLS.
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout: float = 60.0,
+        *,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        api_key: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        if timeout is None or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if api_key is not None:
+            _check_api_key(api_key)
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MESSAGE_BYTES),
+        ]
+        if any(option is not None for option in (tls_ca, tls_cert, tls_key, server_name)):
+            credentials = channel_credentials(
+                Path(tls_ca) if tls_ca is not None else None,
+                Path(tls_cert) if tls_cert is not None else None,
+                Path(tls_key) if tls_key is not None else None,
+            )
+            if server_name is not None:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self.channel: grpc.Channel = self._channel
+        if api_key is not None:
+            self.channel = grpc.intercept_channel(self._channel, _Metadata([("authorization", f"Bearer {api_key}")]))
         self.stub = braid_pb2_grpc.BraidStub(self.channel)
         self.timeout = timeout
 
@@ -87,7 +227,10 @@ class BraidClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
 
     # ------------------------------------------------------------- collections
 
@@ -111,7 +254,15 @@ class BraidClient:
         request = pb.UpsertRequest(collection=collection, documents=[document(d) for d in docs])
         return self.stub.Upsert(request, timeout=self.timeout).upserted
 
-    def bulk_upsert(self, collection: str, docs: Iterable[Any], batch_size: int = 500) -> pb.BulkUpsertResponse:
+    def bulk_upsert(
+        self, collection: str, docs: Iterable[Any], batch_size: int = 500, timeout: float | None = None
+    ) -> pb.BulkUpsertResponse:
+        """Stream ``docs`` in batches of ``batch_size``.
+
+        ``timeout`` is the deadline of the whole stream (default STREAM_TIMEOUT_S, not the
+        client's per-call ``timeout``: a stream may carry a whole corpus).
+        """
+
         def batches() -> Iterator[pb.UpsertRequest]:
             batch: list[pb.Document] = []
             for doc in docs:
@@ -122,7 +273,7 @@ class BraidClient:
             if batch:
                 yield pb.UpsertRequest(collection=collection, documents=batch)
 
-        return self.stub.BulkUpsert(batches())
+        return self.stub.BulkUpsert(batches(), timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
 
     def delete(self, collection: str, ids: Iterable[str] = (), filter: pb.Filter | None = None) -> int:
         request = pb.DeleteRequest(collection=collection, ids=list(ids))
@@ -149,43 +300,97 @@ class BraidClient:
         self,
         collection: str,
         *,
-        dense: tuple[str, Any] | None = None,
-        bm25: str | None = None,
-        sparse: tuple[str, Any] | None = None,
+        dense: tuple[str, Any] | pb.DenseQuery | None = None,
+        bm25: str | pb.Bm25Query | None = None,
+        sparse: tuple[str, Any] | pb.SparseQuery | None = None,
+        queries: Iterable[pb.SubQuery] = (),
         filter: pb.Filter | None = None,
-        fusion: pb.Fusion | None = None,
+        fusion: pb.Fusion | str | None = None,
+        weights: Mapping[str, float] | None = None,
+        depth: int | Mapping[str, int] | None = None,
         limit: int = 10,
+        offset: int = 0,
+        score_threshold: float | None = None,
+        payload_fields: Iterable[str] = (),
         include_payload: bool = False,
-        text_fields: list[str] | None = None,
+        text_fields: Iterable[str] | None = None,
         explain: bool = False,
+        timeout: float | None = None,
     ) -> list[pb.Hit]:
-        """One search with up to one strand of each kind; build a SearchRequest for more control.
+        """One search with up to one strand of each kind, plus any ``queries`` given whole.
 
-        ``dense`` and ``sparse`` are (field, vector) or, for fields with an encoder, (field, "query text").
+        Args:
+            dense: (field, vector), or (field, "query text") for a field with an encoder, or a DenseQuery
+                (for ef, max_lists, eps).
+            bm25: query text over every text field, or a Bm25Query (for fields and boosts).
+            sparse: (field, vector), (field, "query text") or a SparseQuery.
+            queries: further sub-queries, sent as given after the strands above.
+            fusion: a Fusion, or by name: "rrf", "minmax", "zscore", "dbsf", "sum" (raw scores).
+                None: the server's default (one strand alone, else z-scored weighted sum).
+            weights: fusion weight per strand kind, e.g. {"bm25": 0.3, "dense": 1.0}; default 1.
+            depth: candidates per strand, one number or per kind ({"dense": 200}); default by the server.
+            limit, offset: the page of hits.
+            score_threshold: drop hits whose final score is lower.
+            payload_fields, include_payload: payload to return (named fields, or all).
+            text_fields: stored text to return.
+            explain: each hit's rank and score in every strand.
+            timeout: deadline of this call (default the client's).
+
+        Returns:
+            The hits, best first. ``search_request`` takes a whole SearchRequest.
         """
+        weights = dict(weights or {})
+        depths = depth if isinstance(depth, Mapping) else {}
+        unknown = sorted((set(weights) | set(depths)) - set(STRANDS))
+        if unknown:
+            raise ValueError(f"weights/depth: unknown strand(s) {unknown}; valid: {', '.join(STRANDS)}")
         request = pb.SearchRequest(
             collection=collection,
             limit=limit,
+            offset=offset,
+            payload_fields=list(payload_fields),
             include_payload=include_payload,
+            text_fields=list(text_fields or []),
             explain=explain,
-            text_fields=text_fields or [],
         )
         if dense is not None:
-            field, query = dense
-            if isinstance(query, str):  # text for a field with an encoder
-                request.queries.add(dense=pb.DenseQuery(field=field, text=query))
-            else:
-                request.queries.add(dense=pb.DenseQuery(field=field, vector=dense_vector(query)))
+            if not isinstance(dense, pb.DenseQuery):
+                field, query = dense
+                if isinstance(query, str):  # text for a field with an encoder
+                    dense = pb.DenseQuery(field=field, text=query)
+                else:
+                    dense = pb.DenseQuery(field=field, vector=dense_vector(query))
+            _strand(request, "dense", dense, weights, depth)
         if bm25 is not None:
-            request.queries.add(bm25=pb.Bm25Query(text=bm25))
+            _strand(
+                request, "bm25", bm25 if isinstance(bm25, pb.Bm25Query) else pb.Bm25Query(text=bm25), weights, depth
+            )
         if sparse is not None:
-            field, query = sparse
-            if isinstance(query, str):
-                request.queries.add(sparse=pb.SparseQuery(field=field, text=query))
-            else:
-                request.queries.add(sparse=pb.SparseQuery(field=field, vector=sparse_vector(query)))
+            if not isinstance(sparse, pb.SparseQuery):
+                field, query = sparse
+                if isinstance(query, str):
+                    sparse = pb.SparseQuery(field=field, text=query)
+                else:
+                    sparse = pb.SparseQuery(field=field, vector=sparse_vector(query))
+            _strand(request, "sparse", sparse, weights, depth)
+        request.queries.extend(queries)
         if filter is not None:
             request.filter.CopyFrom(filter)
         if fusion is not None:
-            request.fusion.CopyFrom(fusion)
-        return list(self.stub.Search(request, timeout=self.timeout).hits)
+            request.fusion.CopyFrom(_fusion(fusion))
+        if score_threshold is not None:
+            request.score_threshold = score_threshold
+        return list(self.search_request(request, timeout=timeout).hits)
+
+    def search_request(self, request: pb.SearchRequest, timeout: float | None = None) -> pb.SearchResponse:
+        """Send a SearchRequest built by hand, as it is."""
+        return self.stub.Search(request, timeout=self._deadline(timeout))
+
+    def batch_search(
+        self, requests: Iterable[pb.SearchRequest], timeout: float | None = None
+    ) -> list[pb.SearchResponse]:
+        """Several searches in one round trip; one SearchResponse per request, in order."""
+        response = self.stub.BatchSearch(
+            pb.BatchSearchRequest(searches=list(requests)), timeout=self._deadline(timeout)
+        )
+        return list(response.results)

@@ -43,7 +43,7 @@ _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 class Undecodable:
     """A request body protobuf could not parse."""
 
-    __slots__ = ("type_name", "size", "error")
+    __slots__ = ("error", "size", "type_name")
 
     def __init__(self, type_name: str, size: int, error: BaseException) -> None:
         self.type_name, self.size, self.error = type_name, size, error
@@ -172,9 +172,7 @@ class BraidHandlers:
                         raise InvalidArgument(batch.problem())
                     if principal is not None:
                         self.keys.authorize(principal, "BulkUpsert", [batch.collection])
-                    upserted += await self.admission.run(
-                        functools.partial(self.rpcs.upsert, batch), _deadline(context)
-                    )
+                    upserted += await self.admission.run(functools.partial(self.rpcs.upsert, batch), _deadline(context))
                     batches += 1
                     if self._ending.is_set():
                         raise Unavailable("server shutting down")

@@ -44,6 +44,7 @@ T = TypeVar("T")
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # After the grace period, streams are told to end; this long later the rest is cancelled.
 STREAM_END_SECONDS = 1.0
+MAX_CALLS_PER_CONNECTION = 256
 # How long shutdown waits for work already running on a worker thread.
 WORK_DRAIN_SECONDS = 30.0
 
@@ -93,6 +94,10 @@ class BraidServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # One connection cannot open unbounded calls, and dead peers' calls are reclaimed.
+            ("grpc.max_concurrent_streams", MAX_CALLS_PER_CONNECTION),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
         self._hurry = asyncio.Event()
         self.server = grpc.aio.server(options=options)

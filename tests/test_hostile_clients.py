@@ -30,7 +30,11 @@ ADDRESS = "127.0.0.1:{}"
 def _docs(n: int, start: int = 0, dim: int = 8) -> list[pb.Document]:
     vectors = random_vectors(n, dim, seed=start)
     return [
-        pb.Document(id=f"d{start + i}", text={"body": f"document {start + i}"}, dense={"emb": pb.DenseVector(packed=v.tobytes())})
+        pb.Document(
+            id=f"d{start + i}",
+            text={"body": f"document {start + i}"},
+            dense={"emb": pb.DenseVector(packed=v.tobytes())},
+        )
         for i, v in enumerate(vectors)
     ]
 
@@ -237,14 +241,19 @@ def test_admission_unit_bounds_and_peer_parsing() -> None:
     assert info.value.retry_after_ms >= 10
     release.set()
     assert first.result(timeout=5) and second.result(timeout=5) == 7
-    with admission.stream("ipv4:10.0.0.1:1234"), admission.stream("ipv6:[::1]:99"):
-        with pytest.raises(Exception, match="max_streams"):
-            with admission.stream("ipv4:10.0.0.2:1"):
-                pass
-    with admission.stream("ipv4:10.0.0.1:1"):
-        with pytest.raises(Exception, match="max_streams_per_peer"):
-            with admission.stream("ipv4:10.0.0.1:2"):
-                pass
+
+    def open_stream(peer: str) -> None:
+        with admission.stream(peer):
+            pass
+
+    with (
+        admission.stream("ipv4:10.0.0.1:1234"),
+        admission.stream("ipv6:[::1]:99"),
+        pytest.raises(Exception, match="max_streams"),
+    ):
+        open_stream("ipv4:10.0.0.2:1")
+    with admission.stream("ipv4:10.0.0.1:1"), pytest.raises(Exception, match="max_streams_per_peer"):
+        open_stream("ipv4:10.0.0.1:2")
     assert peer_host("ipv6:[::1]:99") == "::1" and peer_host("ipv4:10.0.0.1:5") == "10.0.0.1"
     assert admission.close(timeout=5)
 
