@@ -38,8 +38,8 @@ def schema(sparse: bool) -> pb.Schema:
     return pb.Schema(
         text_fields=[pb.TextField(name="body")],
         dense_fields=[
-            pb.DenseVectorField(name="minilm", encoder=encoder(DENSE)),
-            pb.DenseVectorField(name="minilm_int8", encoder=encoder(DENSE, precision="int8")),
+            pb.DenseVectorField(name="minilm", metric=pb.COSINE, encoder=encoder(DENSE)),
+            pb.DenseVectorField(name="minilm_int8", metric=pb.COSINE, encoder=encoder(DENSE, precision="int8")),
         ],
         sparse_fields=[
             pb.SparseVectorField(name="splade", encoder=encoder(SPARSE, top_k=256)),

@@ -225,7 +225,7 @@ class _QuietRootWarning:
 
 
 def _check_choices(name: str, kind: str, pooling: str) -> None:
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise InvalidModel(f"model name {name!r} must match {MODEL_NAME.pattern}")
     if kind not in KINDS:
         raise InvalidModel(f"kind {kind!r}: valid: {', '.join(KINDS)}")

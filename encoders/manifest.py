@@ -78,7 +78,7 @@ class ModelManifest:
         problems = []
         if self.format != FORMAT:
             problems.append(f"format {self.format} (this Braid reads {FORMAT})")
-        if not MODEL_NAME.match(self.name):
+        if not MODEL_NAME.fullmatch(self.name):
             problems.append(f"name {self.name!r} must match {MODEL_NAME.pattern}")
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} not one of {KINDS}")

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .collection import Collection
-from .errors import AlreadyExists, InvalidArgument, NotFound
+from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .schema import Schema, validate_collection_name
 from .validate import Limits
@@ -36,6 +36,7 @@ class Catalog:
         self._executor = ThreadPoolExecutor(max_workers=search_threads, thread_name_prefix="braid-shard")
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
+        self._closed = False
         for leftover in self.root.glob(".*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for path in sorted(self.root.iterdir()):
@@ -60,6 +61,7 @@ class Catalog:
         if not 1 <= shards <= MAX_SHARDS:
             raise InvalidArgument.field("shards", f"must be in 1..{MAX_SHARDS}, got {shards}")
         with self._lock:
+            self._check_open()
             if name in self._collections:
                 raise AlreadyExists(f"collection {name!r} already exists")
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
@@ -82,26 +84,36 @@ class Catalog:
     def get(self, name: str) -> Collection:
         collection = self._collections.get(name)
         if collection is None:
+            self._check_open()
             raise NotFound(f"collection {name!r} does not exist")
         return collection
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down")
 
     def list(self) -> list[Collection]:
         return [self._collections[name] for name in sorted(self._collections)]
 
     def delete(self, name: str) -> None:
+        """Delete a collection. Operations on it still in progress finish first; those that
+        start later fail with NotFound."""
         with self._lock:
+            self._check_open()
             collection = self._collections.pop(name, None)
             if collection is None:
                 raise NotFound(f"collection {name!r} does not exist")
-            collection.close()
+            collection.close(NotFound(f"collection {name!r} does not exist (it was deleted)"))
             doomed = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
             (self.root / name).rename(doomed)
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
 
     def close(self) -> None:
+        """Close every collection (operations in progress finish; later ones get Unavailable)."""
         with self._lock:
+            self._closed = True
             for collection in self._collections.values():
-                collection.close()
+                collection.close(Unavailable("the server is shutting down"))
             self._collections.clear()
         self._executor.shutdown(wait=True)

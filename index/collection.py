@@ -12,7 +12,9 @@ Hits are keyed across shards as ``shard << 40 | label``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from . import fusion
-from .errors import ResourceExhausted
+from .errors import BraidError, ResourceExhausted, Unavailable
 from .filters import Filter
+from .locks import Gate
 from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
@@ -56,6 +59,17 @@ def shard_of(doc_id: str, shards: int) -> int:
     return int.from_bytes(digest, "little") % shards
 
 
+def _admitted(method: Callable) -> Callable:
+    """Run a public operation inside the collection's gate (see ``Collection.close``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Collection, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with self._gate:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class _Ranked:
     """One strand's candidates: global keys, scores (best first) and client ids."""
@@ -75,6 +89,7 @@ class Collection:
         self.created_at = created_at
         self._executor = executor
         self.limits = limits
+        self._gate = Gate()
 
     @classmethod
     def open(
@@ -90,9 +105,17 @@ class Collection:
         shards = [Shard.open(directory / f"shard-{i:03d}", schema, i) for i in range(shard_count)]
         return cls(name, schema, shards, created_at, executor, limits)
 
-    def close(self) -> None:
+    def close(self, error: BraidError | None = None) -> None:
+        """Close every shard once the operations in progress have finished.
+
+        Operations that start after the close began raise ``error`` (the catalog passes NotFound
+        when the collection is deleted, Unavailable at shutdown), so a write that spans several
+        shards is applied to all of them or refused before it touches any.
+        """
+        error = error or Unavailable(f"collection {self.name!r} is closed")
+        self._gate.close(error)
         for shard in self.shards:
-            shard.close()
+            shard.close(error)
 
     def _map(self, fn, items: list) -> list:  # type: ignore[no-untyped-def]
         """Run fn over items, in parallel on the pool when there is more than one."""
@@ -102,11 +125,13 @@ class Collection:
 
     # ------------------------------------------------------------------ writes
 
+    @_admitted
     def upsert(self, docs: list[DocumentWrite]) -> int:
         check_documents(docs, self.schema, self.shards[0].payload, self.limits)
         groups = self._group(docs, lambda doc: doc.id)
         return sum(self._map(lambda item: self.shards[item[0]].upsert(item[1]), list(groups.items())))
 
+    @_admitted
     def delete_ids(self, ids: list[str]) -> int:
         self._check_ids(ids)
         groups = self._group(ids, lambda doc_id: doc_id)
@@ -118,6 +143,7 @@ class Collection:
         for i, doc_id in enumerate(ids):
             check_id(doc_id, f"ids[{i}]")
 
+    @_admitted
     def delete_filter(self, flt: Filter) -> int:
         self.shards[0].payload.validate_filter(flt)
         return sum(self._map(lambda shard: shard.delete_filter(flt), self.shards))
@@ -129,16 +155,19 @@ class Collection:
             groups.setdefault(shard_of(key(item), count), []).append(item)
         return groups
 
+    @_admitted
     def flush(self) -> None:
         self._map(lambda shard: shard.flush(), self.shards)
 
     # ------------------------------------------------------------------- reads
 
+    @_admitted
     def count(self, flt: Filter | None = None) -> int:
         if flt is not None:
             self.shards[0].payload.validate_filter(flt)
         return sum(self._map(lambda shard: shard.count(flt), self.shards))
 
+    @_admitted
     def get(self, ids: list[str], include_vectors: bool = False) -> list[dict]:
         """Stored documents in request order; unknown ids are left out."""
         self._check_ids(ids)
@@ -169,6 +198,7 @@ class Collection:
                     doc["dense"][name] = index.vectors([label])[0]
         return doc
 
+    @_admitted
     def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
         """BM25 IDF of each term id in a sparse field over all live documents that have the field.
 
@@ -191,12 +221,13 @@ class Collection:
     def check(self, plan: SearchPlan, where: str = "") -> None:
         check_plan(plan, self.schema, self.shards[0].payload, self.limits, where)
 
+    @_admitted
     def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
         self.check(plan, where)
         window = plan.offset + plan.limit
         single = len(plan.queries) == 1
         depths = [sub.depth or (window if single else max(window, MIN_FUSION_DEPTH)) for sub in plan.queries]
-        per_shard = self._map(lambda shard: self._search_shard(shard, plan, depths), self.shards)
+        per_shard = self._map(lambda shard: self._search_shard(shard, plan, depths, where), self.shards)
         ranked = [
             _merge([strands[i] for strands in per_shard], depths[i]) if len(per_shard) > 1 else per_shard[0][i]
             for i in range(len(plan.queries))
@@ -231,21 +262,24 @@ class Collection:
         self._materialize(result, ranked.keys[window].tolist(), plan)
         return result
 
-    def _search_shard(self, shard: Shard, plan: SearchPlan, depths: list[int]) -> list[_Ranked]:
+    def _search_shard(self, shard: Shard, plan: SearchPlan, depths: list[int], where: str) -> list[_Ranked]:
         base = shard.number << SHARD_SHIFT
         out = []
         with shard.read():
             filtered = plan.filter is not None and not plan.filter.is_empty()
             mask, count = shard.allowed(plan.filter)
-            for sub, depth in zip(plan.queries, depths, strict=True):
-                labels, scores = self._run_strand(shard, sub, depth, mask, count, filtered)
+            for i, (sub, depth) in enumerate(zip(plan.queries, depths, strict=True)):
+                at = f"{where}queries[{i}]"
+                labels, scores = self._run_strand(shard, sub, depth, (mask, count, filtered), at)
                 out.append(_Ranked(labels + base, scores, shard.ids_of(labels)))
         return out
 
     @staticmethod
     def _run_strand(
-        shard: Shard, sub: SubQuery, depth: int, mask: np.ndarray, count: int, filtered: bool
+        shard: Shard, sub: SubQuery, depth: int, allowed: tuple[np.ndarray, int, bool], at: str
     ) -> tuple[np.ndarray, np.ndarray]:
+        """One strand in one shard; ``allowed``: the filter's mask, its count, and whether there is a filter."""
+        mask, count, filtered = allowed
         query = sub.query
         if isinstance(query, DenseQuery):
             assert query.vector is not None
@@ -253,7 +287,9 @@ class Collection:
             return _dense_search(shard, query.field, query.vector[None, :], depth, knobs, mask if filtered else None)[0]
         if isinstance(query, Bm25Query):
             assert shard.text is not None
-            parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts)
+            parsed = shard.text.parse(
+                query.text, query.fields or shard.text.field_names, query.boosts, f"{at}.bm25.text"
+            )
             if parsed is None:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
             return shard.text.search(parsed, depth, mask, count, filtered)
@@ -323,6 +359,7 @@ class Collection:
             raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
         check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
 
+    @_admitted
     def search_dense_batch(
         self, field: str, vectors: np.ndarray, k: int, ef: int, max_lists: int = 0, eps: float | None = None
     ) -> list[SearchResult]:

@@ -48,7 +48,10 @@ from .schema import PayloadFieldSpec, PayloadType
 
 FORMAT_VERSION = 1
 MAX_KEYWORD_BYTES = 1024
-MAX_FILTER_DEPTH = 64
+# Filters nested deeper are refused. Below protobuf's own limit: upb refuses messages nested
+# 100 deep, which a SearchRequest reaches at about 50 filter levels (Filter -> Condition -> Filter
+# is two messages a level), so this check, not a DecodeError, is what a client meets.
+MAX_FILTER_DEPTH = 32
 _INITIAL_CAPACITY = 64
 _META_FILE = "payload.json"
 _NUMERIC_TYPES = (PayloadType.INT, PayloadType.FLOAT, PayloadType.DATETIME)

@@ -17,11 +17,12 @@ from typing import Any
 
 from .errors import InvalidArgument
 
-NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+# Checked with fullmatch: "$" alone would also accept a trailing newline ("abc\n").
+NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 # Names may not start with "_": that prefix is reserved for internal fields (tantivy's _label).
-FIELD_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+FIELD_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 MAX_DIM = 65536
-MODEL_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+MODEL_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_SPARSE_TOP_K = 4096
 DEFAULT_SPARSE_TOP_K = 256
 
@@ -191,7 +192,7 @@ class Schema:
         )
         for where, specs in groups:
             for spec in specs:
-                if not FIELD_PATTERN.match(spec.name):
+                if not FIELD_PATTERN.fullmatch(spec.name):
                     raise InvalidArgument.field(f"{where}.name", f"{spec.name!r} must match {FIELD_PATTERN.pattern}")
                 if spec.name in seen:
                     raise InvalidArgument.field(f"{where}.name", f"duplicate field name {spec.name!r}")
@@ -219,7 +220,7 @@ class Schema:
             raise InvalidArgument.field("schema", "needs at least one text, dense or sparse field")
 
     def _validate_encoder(self, encoder: EncoderSpec, where: str, sparse: bool) -> None:
-        if not MODEL_PATTERN.match(encoder.model):
+        if not MODEL_PATTERN.fullmatch(encoder.model):
             raise InvalidArgument.field(f"{where}.model", f"{encoder.model!r} must match {MODEL_PATTERN.pattern}")
         if not encoder.source_fields:
             raise InvalidArgument.field(f"{where}.source_fields", "name at least one text field to encode")
@@ -278,5 +279,5 @@ class Schema:
 
 
 def validate_collection_name(name: str) -> None:
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         raise InvalidArgument.field("name", f"collection name {name!r} must match {NAME_PATTERN.pattern}")

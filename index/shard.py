@@ -24,6 +24,9 @@ encode -> WAL append -> group fsync -> prepare (hand out labels, stage new versi
 in tantivy, still invisible) -> group tantivy commit -> apply under the write lock
 (the new versions become alive and the old ones dead in every strand at once; old
 versions leave tantivy at a later commit) -> acknowledge.
+Close: refuse new writes, flushes and reads with the close error (NotFound for a deleted
+collection, Unavailable at shutdown) -> wait for the writes and flushes already admitted ->
+stop merges -> close tantivy, the WAL and the SPANN strands under the write lock.
 Recovery: load the manifest's checkpoint, replay WAL records after its
 ``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy, remove
 segment directories the manifest does not name (an interrupted merge's).
@@ -47,7 +50,7 @@ from . import records
 from .dense import DenseIndex
 from .errors import BraidError, DataLoss, Unavailable
 from .filters import Filter
-from .locks import ReadWriteLock
+from .locks import Gate, ReadWriteLock
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .merger import Merger
 from .payload import PayloadStore
@@ -78,6 +81,9 @@ class Shard:
         self.number = number
         self._version = __version__
         self._lock = ReadWriteLock()
+        self._gate = Gate()  # every write and flush passes it; close waits for those inside
+        self._closed = False  # set under the write lock by close: reads check it under the read lock
+        self._read_guard = _ReadGuard(self)
         self._apply_cond = threading.Condition()
         self._commit_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -167,9 +173,18 @@ class Shard:
         for spec in self.schema.sparse_fields:
             self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
 
-    def close(self) -> None:
+    def close(self, error: BraidError | None = None) -> None:
+        """Close once every write and flush in progress has finished; a second close does nothing.
+
+        From the moment close starts, writes, flushes and reads raise ``error`` (default:
+        Unavailable "shard N is closed"; a collection passes NotFound when it is deleted), so an
+        operation racing the close either completes before it or is refused whole.
+        """
+        if not self._gate.close(error or Unavailable(f"shard {self.number} is closed")):
+            return
         self.merger.close()
         with self._flush_lock, self._lock.write():
+            self._closed = True
             if self.text is not None:
                 self.text.close()
             if self.wal is not None:
@@ -195,6 +210,10 @@ class Shard:
 
     def _write(self, kind: int, payload: bytes) -> int:
         """Log, then prepare, commit and apply in sequence order; see the module docstring."""
+        with self._gate:  # a close waits for this write to finish, or refuses it before it starts
+            return self._write_admitted(kind, payload)
+
+    def _write_admitted(self, kind: int, payload: bytes) -> int:
         if self._failed:
             raise Unavailable(f"shard {self.number}: {self._failed}")
         assert self.wal is not None
@@ -224,8 +243,11 @@ class Shard:
 
         def run() -> None:
             try:
-                if not self._failed:
+                if not self._failed and not self._gate.closed:
                     self.flush()
+            except BraidError:
+                if not self._gate.closed:  # refused by a close that started meanwhile: nothing to do
+                    log.exception("shard %d: background checkpoint failed", self.number)
             except Exception:  # a failed background checkpoint leaves the log intact
                 log.exception("shard %d: background checkpoint failed", self.number)
             finally:
@@ -353,9 +375,9 @@ class Shard:
 
     # ----------------------------------------------------------------- queries
 
-    def read(self) -> Any:
-        """Context manager: hold the shard's read lock while searching."""
-        return self._lock.read()
+    def read(self) -> _ReadGuard:
+        """Context manager: hold the shard's read lock while searching; raises the close error once closed."""
+        return self._read_guard
 
     @property
     def live_count(self) -> int:
@@ -384,7 +406,7 @@ class Shard:
         return self._ids.get(doc_id)
 
     def count(self, flt: Filter | None) -> int:
-        with self._lock.read():
+        with self.read():
             return self.allowed(flt)[1]
 
     # -------------------------------------------------------------- checkpoint
@@ -394,9 +416,10 @@ class Shard:
 
         A running SPANN merge is published first (the checkpoint waits for it).
         """
-        with self.merger.idle(), self._flush_lock:
-            self._checkpoint()
-        self.merger.maybe_start()  # one that came due while the checkpoint held merges off
+        with self._gate:
+            with self.merger.idle(), self._flush_lock:
+                self._checkpoint()
+            self.merger.maybe_start()  # one that came due while the checkpoint held merges off
 
     def _publish_merge(self, swap: Callable[[], None]) -> None:
         """Swap a merged SPANN segment in and checkpoint, so the manifest names it."""
@@ -453,6 +476,26 @@ class Shard:
             self._generation = generation
             self._remove_unreferenced()
             self.wal.truncate_prefix(wal_seq)
+
+
+class _ReadGuard:
+    """The shard's read lock, refusing with the close error once the shard is closed (a plain
+    class, like index/locks.py's guards: every search takes it)."""
+
+    __slots__ = ("_shard",)
+
+    def __init__(self, shard: Shard) -> None:
+        self._shard = shard
+
+    def __enter__(self) -> None:
+        shard = self._shard
+        shard._lock.acquire_read()
+        if shard._closed:  # close sets it under the write lock: no reader sees a half-closed shard
+            shard._lock.release_read()
+            raise shard._gate.error()
+
+    def __exit__(self, *exc: object) -> None:
+        self._shard._lock.release_read()
 
 
 @dataclass

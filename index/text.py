@@ -32,7 +32,9 @@ import numpy as np
 import tantivy
 
 from . import analyzers
+from .errors import InvalidArgument
 from .schema import TextFieldSpec
+from .validate import MAX_QUERY_TERMS
 
 LABEL = "_label"
 # Up to this many allowed labels, the filter is pushed into tantivy as a term set.
@@ -63,6 +65,7 @@ class TextIndex:
         self._analyzers = {spec.name: analyzers.build(spec.analyzer) for spec in fields}
         self._writer = self._index.writer(WRITER_HEAP_BYTES, 1)
         self._writer_lock = threading.Lock()
+        self._closed = False
         self._searcher = self._index.searcher()
 
     # ------------------------------------------------------------------ writes
@@ -88,24 +91,38 @@ class TextIndex:
         self._searcher = self._index.searcher()
 
     def close(self) -> None:
+        """Commit and wait for tantivy's merges. The writer is consumed by it: a second close does
+        nothing, and a write after it is a bug in the caller (the shard refuses writes first)."""
         with self._writer_lock:
+            if self._closed:
+                return
+            self._closed = True
             self._writer.commit()
             self._writer.wait_merging_threads()
 
     # ----------------------------------------------------------------- queries
 
-    def parse(self, text: str, fields: list[str], boosts: dict[str, float]) -> tantivy.Query | None:
+    def parse(
+        self, text: str, fields: list[str], boosts: dict[str, float], where: str = "bm25.text"
+    ) -> tantivy.Query | None:
         """Plain query text as a bag of terms; None when no term remains after analysis.
 
         Each field's analyzer turns the text into terms, and each distinct term is one
         SHOULD clause boosted by how often the query repeats it (times the field's
         boost): the score is sum over fields and query words of BM25, as in Anserini's
         bag-of-words queries and bm25s. No query syntax: every character is text.
+        More than MAX_QUERY_TERMS distinct terms in one field is InvalidArgument naming ``where``.
         """
         clauses = []
         for name in fields:
             boost = boosts.get(name, 1.0)
-            for term, count in Counter(self._analyzers[name].analyze(text)).items():
+            terms = Counter(self._analyzers[name].analyze(text))
+            if len(terms) > MAX_QUERY_TERMS:
+                raise InvalidArgument.field(
+                    where,
+                    f"{len(terms)} distinct terms in field {name!r}, more than the maximum of {MAX_QUERY_TERMS}",
+                )
+            for term, count in terms.items():
                 query = tantivy.Query.term_query(self.schema, name, term)
                 clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(query, boost * count)))
         return tantivy.Query.boolean_query(clauses) if clauses else None

@@ -25,6 +25,11 @@ MAX_TEXT_BYTES = 1 << 20
 MAX_VECTOR_VALUE = 1e15
 MAX_EF = 4096
 MAX_LISTS = 65536
+# Fusion weights and BM25 boosts lie in [0, MAX_WEIGHT]: with vectors within MAX_VECTOR_VALUE a
+# fused score stays finite in float64; the float32 on the wire is clipped (service/convert.py).
+MAX_WEIGHT = 1e6
+MAX_SUB_QUERIES = 16  # strands of one search
+MAX_QUERY_TERMS = 1024  # distinct BM25 terms of one query text in one field (index/text.py)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def check_documents(docs: list[DocumentWrite], schema: Schema, payload: PayloadS
 def check_plan(plan: SearchPlan, schema: Schema, payload: PayloadStore, limits: Limits, where: str = "") -> None:
     if not plan.queries:
         raise InvalidArgument.field(f"{where}queries", "at least one sub-query is required")
+    check_query_count(len(plan.queries), where)
     if not 1 <= plan.limit <= limits.max_limit:
         raise ResourceExhausted(f"{where}limit: {plan.limit} must be in 1..{limits.max_limit}")
     if plan.offset + plan.limit > limits.max_depth:
@@ -109,8 +115,7 @@ def check_plan(plan: SearchPlan, schema: Schema, payload: PayloadStore, limits: 
         at = f"{where}queries[{i}]"
         if not 0 <= sub.depth <= limits.max_depth:
             raise ResourceExhausted(f"{at}.depth: {sub.depth} must be in 0..{limits.max_depth}")
-        if not math.isfinite(sub.weight) or sub.weight < 0:
-            raise InvalidArgument.field(f"{at}.weight", f"must be finite and >= 0, got {sub.weight}")
+        check_weight(sub.weight, f"{at}.weight")
         _check_strand(sub.query, schema, limits, at)
     if plan.filter is not None:
         payload.validate_filter(plan.filter, where=f"{where}filter")
@@ -136,14 +141,14 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
     elif isinstance(query, Bm25Query):
         if not schema.text_fields:
             raise InvalidArgument.field(f"{at}.bm25", "the collection has no text fields")
+        check_query_text(query.text, f"{at}.bm25.text", limits.max_query_bytes)
         if not query.text.strip():
             raise InvalidArgument.field(f"{at}.bm25.text", "query text is empty")
         for name in list(query.fields) + list(query.boosts):
             if schema.text(name) is None:
                 raise unknown_field(f"{at}.bm25.fields", "text", [f.name for f in schema.text_fields], name)
         for name, boost in query.boosts.items():
-            if not math.isfinite(boost) or boost < 0:
-                raise InvalidArgument.field(f"{at}.bm25.boosts.{name}", f"must be finite and >= 0, got {boost}")
+            check_weight(boost, f"{at}.bm25.boosts.{name}")
     elif isinstance(query, SparseQuery):
         if schema.sparse(query.field) is None:
             raise unknown_field(f"{at}.sparse.field", "sparse", [f.name for f in schema.sparse_fields], query.field)
@@ -154,6 +159,28 @@ def _check_strand(query: object, schema: Schema, limits: Limits, at: str) -> Non
             raise InvalidArgument.field(f"{at}.sparse.vector", "query vector is empty")
     else:
         raise InvalidArgument.field(at, "set one of dense, bm25 or sparse")
+
+
+def check_query_count(count: int, where: str = "") -> None:
+    if count > MAX_SUB_QUERIES:
+        raise InvalidArgument.field(
+            f"{where}queries", f"{count} sub-queries, more than the maximum of {MAX_SUB_QUERIES}"
+        )
+
+
+def check_weight(weight: float, where: str) -> None:
+    """A fusion weight or a BM25 boost: finite and within [0, MAX_WEIGHT]."""
+    if not (math.isfinite(weight) and 0.0 <= weight <= MAX_WEIGHT):
+        raise InvalidArgument.field(where, f"must be in 0..{MAX_WEIGHT:g}, got {weight:g}")
+
+
+def check_query_text(text: str, where: str, max_bytes: int) -> None:
+    """A query text's UTF-8 size against ``Limits.max_query_bytes``, before any analysis or encoding."""
+    if len(text) * 4 <= max_bytes:  # UTF-8 takes at most 4 bytes a character: no need to encode
+        return
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidArgument.field(where, f"query is {size} bytes, more than the maximum of {max_bytes}")
 
 
 def check_spann_knobs(spec: DenseFieldSpec, max_lists: int, eps: float | None, where: str) -> None:

@@ -3,6 +3,18 @@
 The only module that reads request messages field by field (tests check that
 every request field is read somewhere here). Dense vectors decode straight into
 numpy, from the packed little-endian float32 form or from repeated floats.
+
+Enums: proto3 enums are open, so a message may carry a number the schema does not
+name (99, or a client's typo mapped to 0). Every enum field is looked up in a table
+here; a number not in it is INVALID_ARGUMENT naming the field and listing the names.
+0 is accepted only where the proto documents it as a default (Normalization);
+``metric`` has no default.
+
+Responses: ``result_to_proto`` and ``documents_to_proto`` take ``max_bytes`` and stop
+with RESOURCE_EXHAUSTED as soon as the hits or documents built so far pass it, rather
+than building a response the transport will refuse anyway. Hit scores are float32 on
+the wire: fused scores beyond its range are clipped to +-3.4e38 (ranking is done in
+float64 before that).
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from braid.index.errors import InvalidArgument
+from braid.index.errors import InvalidArgument, ResourceExhausted
 from braid.index.filters import Condition, Exists, Filter, Match, MatchAny, Range
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from braid.index.records import DocumentWrite, SparseValue
@@ -35,9 +47,10 @@ from braid.index.schema import (
     SparseQueryMode,
     TextFieldSpec,
 )
+from braid.index.validate import check_query_count
 from braid.v1 import braid_pb2 as pb
 
-_METRICS = {pb.METRIC_UNSPECIFIED: Metric.COSINE, pb.COSINE: Metric.COSINE, pb.DOT: Metric.DOT, pb.L2: Metric.L2}
+_METRICS = {pb.COSINE: Metric.COSINE, pb.DOT: Metric.DOT, pb.L2: Metric.L2}
 _METRICS_OUT = {Metric.COSINE: pb.COSINE, Metric.DOT: pb.DOT, Metric.L2: pb.L2}
 _PAYLOAD_TYPES = {
     pb.KEYWORD: PayloadType.KEYWORD,
@@ -54,9 +67,11 @@ _NORMALIZATIONS = {
     pb.DBSF: "dbsf",
     pb.NONE: "none",
 }
+_F32_MAX = float(np.finfo(np.float32).max)
 _DEFAULT_HNSW = HnswParams()
 _DEFAULT_SPANN = SpannParams()
 E = TypeVar("E", bound=Enum)
+V = TypeVar("V")
 
 # ------------------------------------------------------------------- schema
 
@@ -69,6 +84,17 @@ def _choice(kind: type[E], value: str, default: E, where: str) -> E:
         raise InvalidArgument.choice(where, value, [member.value for member in kind]) from None
 
 
+def _enum(table: dict[int, V], number: int, kind: str, where: str) -> V:
+    """The value of an enum number, or INVALID_ARGUMENT naming ``where`` and listing the accepted names."""
+    try:
+        return table[number]
+    except KeyError:
+        names = pb.DESCRIPTOR.enum_types_by_name[kind].values_by_number
+        shown = f"{names[number].name} ({number})" if number in names else f"unknown number {number}"
+        valid = ", ".join(names[n].name for n in table)
+        raise InvalidArgument.field(where, f"must be one of {valid}, got {shown}") from None
+
+
 def schema_from_proto(msg: pb.Schema) -> Schema:
     text = [
         TextFieldSpec(f.name, _choice(Analyzer, f.analyzer, Analyzer.DEFAULT, f"schema.text_fields[{i}].analyzer"))
@@ -76,8 +102,7 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
     ]
     dense = []
     for i, f in enumerate(msg.dense_fields):
-        if f.metric not in _METRICS:
-            raise InvalidArgument.field(f"schema.dense_fields[{i}].metric", f"unknown metric {f.metric}")
+        metric = _enum(_METRICS, f.metric, "Metric", f"schema.dense_fields[{i}].metric")
         hnsw = HnswParams(
             m=f.hnsw.m or _DEFAULT_HNSW.m,
             ef_construction=f.hnsw.ef_construction or _DEFAULT_HNSW.ef_construction,
@@ -87,14 +112,11 @@ def schema_from_proto(msg: pb.Schema) -> Schema:
         index = _choice(DenseIndexType, f.index, DenseIndexType.HNSW, f"schema.dense_fields[{i}].index")
         if f.HasField("spann") and index is not DenseIndexType.SPANN:
             raise InvalidArgument.field(f"schema.dense_fields[{i}].spann", 'set only with index "spann"')
-        dense.append(DenseFieldSpec(f.name, f.dim, _METRICS[f.metric], hnsw, encoder, index, spann_from_proto(f.spann)))
-    payload = []
-    for i, f in enumerate(msg.payload_fields):
-        if f.type not in _PAYLOAD_TYPES:
-            raise InvalidArgument.field(
-                f"schema.payload_fields[{i}].type", "must be one of KEYWORD, INT, FLOAT, BOOL, DATETIME"
-            )
-        payload.append(PayloadFieldSpec(f.name, _PAYLOAD_TYPES[f.type]))
+        dense.append(DenseFieldSpec(f.name, f.dim, metric, hnsw, encoder, index, spann_from_proto(f.spann)))
+    payload = [
+        PayloadFieldSpec(f.name, _enum(_PAYLOAD_TYPES, f.type, "PayloadType", f"schema.payload_fields[{i}].type"))
+        for i, f in enumerate(msg.payload_fields)
+    ]
     return Schema(
         text_fields=tuple(text),
         dense_fields=tuple(dense),
@@ -269,6 +291,22 @@ def document_to_proto(doc: dict, types: dict[str, PayloadType]) -> pb.Document:
     return out
 
 
+def documents_to_proto(
+    docs: list[dict], types: dict[str, PayloadType], max_bytes: int | None = None
+) -> list[pb.Document]:
+    """The documents of a Get; ResourceExhausted as soon as those built pass ``max_bytes`` (None: no check)."""
+    out = []
+    total = 0
+    for doc in docs:
+        msg = document_to_proto(doc, types)
+        if max_bytes is not None:
+            total += _framed(msg.ByteSize())
+            if total > max_bytes:
+                raise _too_large(max_bytes, _GET_ADVICE)
+        out.append(msg)
+    return out
+
+
 # ------------------------------------------------------------------ filters
 
 
@@ -324,6 +362,7 @@ def _condition(msg: pb.Condition, where: str) -> Condition:
 
 
 def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
+    check_query_count(len(msg.queries), where)  # before any per-strand work (text encoding comes next)
     queries = []
     for i, sub in enumerate(msg.queries):
         at = f"{where}queries[{i}]"
@@ -355,9 +394,9 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         fusion, rrf_k = "rrf", msg.fusion.rrf.k or 60
     elif rule == "weighted":
         fusion = "weighted"
-        if msg.fusion.weighted.normalization not in _NORMALIZATIONS:
-            raise InvalidArgument.field(f"{where}fusion.weighted.normalization", "unknown normalization")
-        normalization = _NORMALIZATIONS[msg.fusion.weighted.normalization]
+        normalization = _enum(
+            _NORMALIZATIONS, msg.fusion.weighted.normalization, "Normalization", f"{where}fusion.weighted.normalization"
+        )
     return SearchPlan(
         queries=queries,
         filter=optional_filter(msg.filter, msg.HasField("filter")),
@@ -381,16 +420,36 @@ def vector_or_text(has_vector: bool, text: str, where: str) -> bool:
     return has_vector or not text
 
 
-def result_to_proto(result: SearchResult, types: dict[str, PayloadType]) -> pb.SearchResponse:
+def _too_large(max_bytes: int, advice: str) -> ResourceExhausted:
+    return ResourceExhausted(f"the response would exceed {max_bytes} bytes (the maximum message size); {advice}")
+
+
+_SEARCH_ADVICE = "lower `limit`, or ask for fewer `payload_fields` / `text_fields`"
+_GET_ADVICE = "ask for fewer `ids`, or set `include_vectors=false`"
+
+
+def _framed(size: int) -> int:
+    """Bytes of one element of a repeated message field numbered 1..15: tag, length varint, the message."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
+
+
+def result_to_proto(
+    result: SearchResult, types: dict[str, PayloadType], max_bytes: int | None = None
+) -> pb.SearchResponse:
+    """The response of a search; ResourceExhausted as soon as the hits built pass ``max_bytes`` (None: no check)."""
+    scores = np.clip(result.scores, -_F32_MAX, _F32_MAX).tolist()
     if result.payloads is None and result.texts is None and result.ranks is None:
         # Hot path: ids and scores only (add() in place is about twice as fast as building Hit objects).
         response = pb.SearchResponse()
         add = response.hits.add
-        for doc_id, score in zip(result.ids, result.scores.tolist(), strict=True):
+        for doc_id, score in zip(result.ids, scores, strict=True):
             add(id=doc_id, score=score)
+        if max_bytes is not None and response.ByteSize() > max_bytes:  # small hits: one C-level pass
+            raise _too_large(max_bytes, _SEARCH_ADVICE)
         return response
     hits = []
-    for n, (doc_id, score) in enumerate(zip(result.ids, result.scores.tolist(), strict=True)):
+    total = 0
+    for n, (doc_id, score) in enumerate(zip(result.ids, scores, strict=True)):
         hit = pb.Hit(id=doc_id, score=score)
         if result.payloads is not None:
             for name, value in result.payloads[n].items():
@@ -400,5 +459,9 @@ def result_to_proto(result: SearchResult, types: dict[str, PayloadType]) -> pb.S
         if result.ranks is not None and result.raw is not None and result.strand_names is not None:
             for s, name in enumerate(result.strand_names):
                 hit.explain.add(query=name, rank=int(result.ranks[n, s]), score=float(result.raw[n, s]))
+        if max_bytes is not None:
+            total += _framed(hit.ByteSize())
+            if total > max_bytes:
+                raise _too_large(max_bytes, _SEARCH_ADVICE)
         hits.append(hit)
     return pb.SearchResponse(hits=hits)

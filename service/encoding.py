@@ -31,12 +31,13 @@ from braid.encoders.registry import ModelStore
 from braid.encoders.sparse import SpladeEncoder, top_terms
 from braid.index.collection import Collection
 from braid.index.errors import InvalidArgument
-from braid.index.query import DenseQuery, SearchPlan, SparseQuery
+from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
 from braid.index.records import DocumentWrite, SparseValue
 from braid.index.schema import DenseFieldSpec, EncoderSpec, Schema, SparseFieldSpec, SparseQueryMode
-from braid.index.validate import MAX_TEXT_BYTES, unknown_field
+from braid.index.validate import MAX_TEXT_BYTES, check_query_text, unknown_field
 
 FieldSpec = DenseFieldSpec | SparseFieldSpec
+_KINDS = {Bm25Query: "bm25", DenseQuery: "dense", SparseQuery: "sparse"}
 
 
 def _in_context(where: str, err: EncoderError) -> EncoderError:
@@ -119,6 +120,12 @@ class Encoding:
 
     def fill_plans(self, jobs: list[tuple[Collection, SearchPlan, str]]) -> None:
         """Encode every text sub-query of several plans; concurrent texts of one model share a call."""
+        for collection, plan, where in jobs:  # every size first: one oversized text refuses the batch before any work
+            for i, sub in enumerate(plan.queries):
+                text = sub.query.text
+                if text:
+                    at = f"{where}queries[{i}].{_KINDS[type(sub.query)]}.text"
+                    check_query_text(text, at, collection.limits.max_query_bytes)
         pending = []
         for collection, plan, where in jobs:
             for i, sub in enumerate(plan.queries):
@@ -134,6 +141,8 @@ class Encoding:
 
         ``wheres[i]`` names text i's sub-query in errors (e.g. ``searches[3].queries[0].dense``).
         """
+        for text, where in zip(texts, wheres, strict=True):
+            check_query_text(text, f"{where}.text", collection.limits.max_query_bytes)
         spec = self._spec(collection.schema, field, "dense", wheres[0])
         for text, where in zip(texts, wheres, strict=True):
             self._check_query(text, f"{where}.text")

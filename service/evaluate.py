@@ -112,7 +112,9 @@ def schema(
         text_fields=[pb.TextField(name="body", analyzer=analyzer)],
         dense_fields=[
             pb.DenseVectorField(
-                name="dense", encoder=pb.Encoder(model=model, source_fields=["body"], precision=precision)
+                name="dense",
+                metric=pb.COSINE,
+                encoder=pb.Encoder(model=model, source_fields=["body"], precision=precision),
             )
         ],
         sparse_fields=[pb.SparseVectorField(name="sparse", encoder=sparse)] if sparse_model else [],

@@ -7,7 +7,7 @@ encoder errors; BulkUpsert is handled batch by batch through ``upsert``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -47,9 +47,7 @@ class BraidRpcs:
     def GetCollection(self, request: pb.GetCollectionRequest) -> Any:
         return self._info(self.catalog.get(request.name))
 
-    def ListCollections(
-        self, request: pb.ListCollectionsRequest, visible: Callable[[str], bool] | None = None
-    ) -> Any:
+    def ListCollections(self, request: pb.ListCollectionsRequest, visible: Callable[[str], bool] | None = None) -> Any:
         """Every collection, or those ``visible`` allows (an API key scoped to some collections)."""
         shown = [c for c in self.catalog.list() if visible is None or visible(c.name)]
         return pb.ListCollectionsResponse(collections=[self._info(c) for c in shown])
@@ -85,7 +83,7 @@ class BraidRpcs:
         collection = self.catalog.get(request.collection)
         docs = collection.get(list(request.ids), include_vectors=request.include_vectors)
         types = self._types(collection)
-        return pb.GetResponse(documents=[convert.document_to_proto(doc, types) for doc in docs])
+        return pb.GetResponse(documents=convert.documents_to_proto(docs, types, self.max_response_bytes))
 
     def Count(self, request: pb.CountRequest) -> Any:
         collection = self.catalog.get(request.collection)
@@ -113,10 +111,10 @@ class BraidRpcs:
             result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps)[
                 0
             ]
-            return convert.result_to_proto(result, _NO_TYPES)
+            return convert.result_to_proto(result, _NO_TYPES, self.max_response_bytes)
         plan = convert.plan_from_proto(request)
         self.encoding.fill_plans([(collection, plan, "")])
-        return convert.result_to_proto(collection.search(plan), self._types(collection))
+        return convert.result_to_proto(collection.search(plan), self._types(collection), self.max_response_bytes)
 
     def BatchSearch(self, request: pb.BatchSearchRequest) -> Any:
         searches = request.searches
@@ -137,11 +135,19 @@ class BraidRpcs:
                 )
             )
         self.encoding.fill_plans(jobs)  # every text sub-query of the batch is encoded together
-        results = [
-            convert.result_to_proto(collection.search(plan, where), self._types(collection))
-            for collection, plan, where in jobs
-        ]
-        return pb.BatchSearchResponse(results=results)
+        results = ((collection.search(plan, where), self._types(collection)) for collection, plan, where in jobs)
+        return pb.BatchSearchResponse(results=self._within_budget(results))
+
+    def _within_budget(self, results: Iterable[tuple[Any, dict]]) -> list[pb.SearchResponse]:
+        """Convert (result, payload types) pairs in turn, refusing once the whole response passes its limit."""
+        budget = self.max_response_bytes
+        out = []
+        for result, types in results:  # lazily: searches after a refusal are never run
+            response = convert.result_to_proto(result, types, budget)
+            if budget is not None:
+                budget -= response.ByteSize() + _FRAMING_BYTES
+            out.append(response)
+        return out
 
     def _batched_dense(self, searches: Any) -> list[pb.SearchResponse] | None:
         """One batched HNSW call when every search is a plain dense query of one shape, else None."""
@@ -170,10 +176,11 @@ class BraidRpcs:
         for i, row in enumerate(rows):
             collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
         results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps)
-        return [convert.result_to_proto(result, _NO_TYPES) for result in results]
+        return self._within_budget((result, _NO_TYPES) for result in results)
 
 
 _NO_TYPES: dict = {}
+_FRAMING_BYTES = 6  # a repeated message field's tag and length prefix, at most
 
 
 def _dense_shape(request: pb.SearchRequest) -> tuple:

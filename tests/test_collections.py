@@ -30,7 +30,10 @@ def test_create_get_list_delete_round_trip(braid):
 
 def test_defaults_fill_in_unset_schema_values(braid):
     info = braid.client.create_collection(
-        "d", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=3)], text_fields=[pb.TextField(name="t")])
+        "d",
+        pb.Schema(
+            dense_fields=[pb.DenseVectorField(name="v", dim=3, metric=pb.COSINE)], text_fields=[pb.TextField(name="t")]
+        ),
     )
     field = info.schema.dense_fields[0]
     assert field.metric == pb.COSINE
@@ -53,8 +56,12 @@ def test_duplicate_is_already_exists(braid):
         ("x" * 65, schema(), "name"),
         ("", schema(), "name"),
         ("ok", pb.Schema(), "schema"),
-        ("ok", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=0)]), "dim"),
-        ("ok", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4, hnsw=pb.HnswParams(m=1))]), "hnsw.m"),
+        ("ok", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=0, metric=pb.COSINE)]), "dim"),
+        (
+            "ok",
+            pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, hnsw=pb.HnswParams(m=1))]),
+            "hnsw.m",
+        ),
         ("ok", pb.Schema(text_fields=[pb.TextField(name="t", analyzer="klingon")]), "analyzer"),
         ("ok", pb.Schema(text_fields=[pb.TextField(name="t"), pb.TextField(name="t")]), "duplicate"),
         ("ok", pb.Schema(text_fields=[pb.TextField(name="t")], payload_fields=[pb.PayloadField(name="p")]), "type"),

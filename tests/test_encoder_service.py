@@ -50,7 +50,10 @@ def encoded_schema(precision: str = "fp32", query_mode: str = "model", dim: int 
         text_fields=[pb.TextField(name="title"), pb.TextField(name="body")],
         dense_fields=[
             pb.DenseVectorField(
-                name="emb", dim=dim, encoder=pb.Encoder(model=DENSE, source_fields=["body"], precision=precision)
+                name="emb",
+                dim=dim,
+                metric=pb.COSINE,
+                encoder=pb.Encoder(model=DENSE, source_fields=["body"], precision=precision),
             )
         ],
         sparse_fields=[
@@ -192,7 +195,7 @@ def schema_with(**encoder: object) -> pb.Schema:
     dim = fields.pop("dim", 0)
     return pb.Schema(
         text_fields=[pb.TextField(name="body")],
-        dense_fields=[pb.DenseVectorField(name="emb", dim=dim, encoder=pb.Encoder(**fields))],  # type: ignore[arg-type]
+        dense_fields=[pb.DenseVectorField(name="emb", dim=dim, metric=pb.COSINE, encoder=pb.Encoder(**fields))],  # type: ignore[arg-type]
     )
 
 
@@ -226,7 +229,7 @@ def test_a_model_that_is_not_exported_names_the_command(tmp_path: Path) -> None:
 
 def test_bad_text_queries(server: Running) -> None:
     server.client.create_collection("docs", encoded_schema())
-    plain = pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4)])
+    plain = pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE)])
     server.client.create_collection("plain", plain)
     fill(server)
 
@@ -246,7 +249,11 @@ def test_bad_text_queries(server: Running) -> None:
             pb.SubQuery(dense=pb.DenseQuery(field="emb", text="hi", vector=pb.DenseVector(values=[1.0] * 384))),
             "set vector or text, not both",
         ),
-        ("docs", pb.SubQuery(sparse=pb.SparseQuery(field="terms", text="x" * (1 << 20 + 1))), "longer than"),
+        (
+            "docs",
+            pb.SubQuery(sparse=pb.SparseQuery(field="terms", text="x" * (1 << 20 + 1))),
+            "queries[0].sparse.text: query is 2097152 bytes, more than the maximum of 65536",
+        ),
     ]
     for collection, sub, words in cases:
         err = search(collection, sub)

@@ -372,3 +372,27 @@ def test_a_second_sigterm_skips_the_grace_period(child_server, tmp_path: Path) -
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     stream.close()
     assert child_server(tmp_path / "data").client.count("c") == 2
+
+
+# --------------------------------------------------------- big responses
+
+
+def test_responses_over_the_message_limit_are_refused_while_built(limited) -> None:  # type: ignore[no-untyped-def]
+    server, running = limited(max_message_bytes=64 * 1024)
+    docs = [pb.Document(id=f"big{i}", text={"body": f"word {i} " + "x" * 3000}) for i in range(60)]
+    for start in range(0, len(docs), 10):
+        running.client.upsert("c", docs[start : start + 10])
+    search = pb.SearchRequest(collection="c", limit=60, text_fields=["body"])
+    search.queries.add(bm25=pb.Bm25Query(text="word"))
+    cases = {
+        "Search": lambda: running.stub.Search(search, timeout=5),
+        "BatchSearch": lambda: running.stub.BatchSearch(pb.BatchSearchRequest(searches=[search] * 3), timeout=5),
+        "Get": lambda: running.stub.Get(pb.GetRequest(collection="c", ids=[d.id for d in docs]), timeout=5),
+    }
+    for name, call in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, name
+        assert "response would exceed 65536 bytes" in info.value.details(), (name, info.value.details())
+    search.limit = 5  # a smaller answer to the same question is served
+    assert len(running.stub.Search(search, timeout=5).hits) == 5

@@ -36,7 +36,7 @@ def clustered(n: int, seed: int, clusters: int = 50, noise: float = 1.0) -> np.n
 def spann_schema(merge_threshold: int = 0, **params: object) -> pb.Schema:
     spann = pb.SpannParams(merge_threshold=merge_threshold, **params)  # type: ignore[arg-type]
     return pb.Schema(
-        dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, index="spann", spann=spann)],
+        dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, metric=pb.COSINE, index="spann", spann=spann)],
         payload_fields=[pb.PayloadField(name="n", type=pb.INT)],
     )
 
@@ -111,7 +111,9 @@ def test_schema_round_trips_and_old_schemas_load_as_hnsw(tmp_path):
         assert (field.spann.max_lists, field.spann.merge_threshold) == (16, 20000)
         assert field.spann.eps_build == pytest.approx(0.15)
         assert running.client.get_collection("c").schema == created.schema
-        plain = running.client.create_collection("h", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4)]))
+        plain = running.client.create_collection(
+            "h", pb.Schema(dense_fields=[pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE)])
+        )
         assert plain.schema.dense_fields[0].index == "hnsw" and not plain.schema.dense_fields[0].HasField("spann")
     finally:
         stop_in_process(server, running)
@@ -127,20 +129,26 @@ def test_schema_round_trips_and_old_schemas_load_as_hnsw(tmp_path):
 @pytest.mark.parametrize(
     ("field", "needle"),
     [
-        (pb.DenseVectorField(name="v", dim=4, index="ivf"), "schema.dense_fields[0].index: unknown value 'ivf'"),
         (
-            pb.DenseVectorField(name="v", dim=4, index="spann", spann=pb.SpannParams(replicas=9)),
+            pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, index="ivf"),
+            "schema.dense_fields[0].index: unknown value 'ivf'",
+        ),
+        (
+            pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, index="spann", spann=pb.SpannParams(replicas=9)),
             "schema.dense_fields[0].spann.replicas: must be in 1..8, got 9",
         ),
         (
-            pb.DenseVectorField(name="v", dim=4, index="spann", spann=pb.SpannParams(eps=-1)),
+            pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, index="spann", spann=pb.SpannParams(eps=-1)),
             "schema.dense_fields[0].spann.eps: must be in 0..100",
         ),
         (
-            pb.DenseVectorField(name="v", dim=4, index="spann", spann=pb.SpannParams(centroid_m=1)),
+            pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, index="spann", spann=pb.SpannParams(centroid_m=1)),
             "schema.dense_fields[0].spann.centroid_m",
         ),
-        (pb.DenseVectorField(name="v", dim=4, spann=pb.SpannParams(replicas=2)), "schema.dense_fields[0].spann: set"),
+        (
+            pb.DenseVectorField(name="v", dim=4, metric=pb.COSINE, spann=pb.SpannParams(replicas=2)),
+            "schema.dense_fields[0].spann: set",
+        ),
     ],
 )
 def test_bad_spann_schema_is_invalid_argument(braid, field, needle):
@@ -151,7 +159,9 @@ def test_bad_spann_schema_is_invalid_argument(braid, field, needle):
 
 def test_bad_query_knobs_are_invalid_argument(braid):
     braid.client.create_collection("c", spann_schema())
-    braid.client.create_collection("h", pb.Schema(dense_fields=[pb.DenseVectorField(name="emb", dim=DIM)]))
+    braid.client.create_collection(
+        "h", pb.Schema(dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, metric=pb.COSINE)])
+    )
     braid.client.upsert("c", docs(clustered(5, 0)))
     vector = clustered(1, 1)[0]
     for flt in (None, n_below(100)):  # the plain dense path and the general one say the same
