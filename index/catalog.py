@@ -22,6 +22,7 @@ from pathlib import Path
 from .collection import Collection
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .manifest import fsync_dir, read_json, write_json_atomic
+from .policy import StoragePolicy
 from .schema import Schema, validate_collection_name
 from .validate import Limits
 
@@ -29,10 +30,17 @@ MAX_SHARDS = 64
 
 
 class Catalog:
-    def __init__(self, data_dir: Path, limits: Limits | None = None, search_threads: int = 8) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        limits: Limits | None = None,
+        search_threads: int = 8,
+        policy: StoragePolicy | None = None,
+    ) -> None:
         self.root = data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or Limits()
+        self.policy = policy or StoragePolicy()
         self._executor = ThreadPoolExecutor(max_workers=search_threads, thread_name_prefix="braid-shard")
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
@@ -53,6 +61,7 @@ class Catalog:
             float(meta["created_at"]),
             self._executor,
             self.limits,
+            self.policy,
         )
 
     def create(self, name: str, schema: Schema, shards: int = 1) -> Collection:

@@ -28,7 +28,8 @@ from .locks import Gate
 from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
-from .shard import Shard
+from .policy import StoragePolicy
+from .shard import DEFAULT_POLICY, Shard
 from .spann_strand import SpannStrand
 from .validate import (
     MAX_EF,
@@ -101,8 +102,9 @@ class Collection:
         created_at: float,
         executor: Executor,
         limits: Limits,
+        policy: StoragePolicy = DEFAULT_POLICY,
     ) -> Collection:
-        shards = [Shard.open(directory / f"shard-{i:03d}", schema, i) for i in range(shard_count)]
+        shards = [Shard.open(directory / f"shard-{i:03d}", schema, i, policy) for i in range(shard_count)]
         return cls(name, schema, shards, created_at, executor, limits)
 
     def close(self, error: BraidError | None = None) -> None:

@@ -54,6 +54,7 @@ from .locks import Gate, ReadWriteLock
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .merger import Merger
 from .payload import PayloadStore
+from .policy import StoragePolicy
 from .records import DocumentWrite
 from .schema import DenseFieldSpec, DenseIndexType, Schema
 from .spann_strand import SpannStrand
@@ -65,14 +66,14 @@ log = logging.getLogger("braid.shard")
 
 FORMAT_VERSION = 1
 _INITIAL_LABELS = 1024
-# A shard checkpoints by itself (in the background) once its log grows past this,
-# so restarts replay a bounded tail even if clients never call Flush.
-AUTO_CHECKPOINT_BYTES = 256 * 1024 * 1024
+# A shard checkpoints by itself (in the background) once its log grows past the policy's
+# checkpoint_log_bytes, so restarts replay a bounded tail even if clients never call Flush.
+DEFAULT_POLICY = StoragePolicy()
 
 
 class Shard:
     def __init__(
-        self, directory: Path, schema: Schema, number: int, auto_checkpoint_bytes: int = AUTO_CHECKPOINT_BYTES
+        self, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY
     ) -> None:
         from braid import __version__
 
@@ -88,7 +89,7 @@ class Shard:
         self._commit_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._failed: str | None = None
-        self._auto_checkpoint_bytes = auto_checkpoint_bytes
+        self.policy = policy
         self._checkpointing = threading.Event()
         self._logged_bytes = 0  # appended since the last checkpoint began
         self._ids: dict[str, int] = {}
@@ -111,11 +112,11 @@ class Shard:
 
     @classmethod
     def open(
-        cls, directory: Path, schema: Schema, number: int, auto_checkpoint_bytes: int = AUTO_CHECKPOINT_BYTES
+        cls, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY
     ) -> Shard:
         """Open (or create) the shard and recover: checkpoint + WAL replay."""
         directory.mkdir(parents=True, exist_ok=True)
-        shard = cls(directory, schema, number, auto_checkpoint_bytes)
+        shard = cls(directory, schema, number, policy)
         manifest = read_json(directory / "MANIFEST.json")
         start_seq = 0
         if manifest is not None:
@@ -237,7 +238,7 @@ class Shard:
     def _maybe_checkpoint(self) -> None:
         # Bytes logged since the last checkpoint, not the log's size: the active WAL
         # segment is never deleted, so the size alone never falls below the threshold.
-        if self._checkpointing.is_set() or self._logged_bytes < self._auto_checkpoint_bytes:
+        if self._checkpointing.is_set() or self._logged_bytes < self.policy.checkpoint_log_bytes:
             return
         self._checkpointing.set()
 

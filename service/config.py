@@ -22,6 +22,9 @@ Precedence: command-line flag, then environment variable, then default.
 | tls_client_ca          | BRAID_TLS_CLIENT_CA          | (no client certs) |
 | api_keys               | BRAID_API_KEYS               | (no keys: open)   |
 | reflection             | BRAID_REFLECTION             | true              |
+| min_free_bytes         | BRAID_MIN_FREE_BYTES         | 256 MiB           |
+| checkpoint_log_bytes   | BRAID_CHECKPOINT_LOG_BYTES   | 64 MiB            |
+| checkpoint_interval_s  | BRAID_CHECKPOINT_INTERVAL_S  | 300               |
 | models_dir             | BRAID_MODELS_DIR             | <data_dir>/models |
 | encoder_threads        | BRAID_ENCODER_THREADS        | 0 = one per CPU   |
 | encoder_max_batch      | BRAID_ENCODER_MAX_BATCH      | 32                |
@@ -44,11 +47,12 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from braid.index.policy import StoragePolicy
 from braid.index.validate import Limits
 
 DEFAULT_DATA_DIR = "./braid-data"
 _PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
-_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s")
+_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -72,11 +76,15 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     api_keys: Path | None = None
     reflection: bool = True
+    min_free_bytes: int = 256 * 1024 * 1024
+    checkpoint_log_bytes: int = 64 * 1024 * 1024
+    checkpoint_interval_s: float = 300.0
     models_dir: Path | None = None
     encoder_threads: int = 0
     encoder_max_batch: int = 32
     encoder_max_wait_ms: int = 2
     limits: Limits = field(init=False)
+    storage: StoragePolicy = field(init=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -106,6 +114,10 @@ class ServerConfig:
             max_query_bytes=self.max_query_bytes,
         )
         object.__setattr__(self, "limits", limits)
+        if self.min_free_bytes < 0 or self.checkpoint_log_bytes < 1 or not self.checkpoint_interval_s > 0:
+            raise ValueError("min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0 are required")
+        storage = StoragePolicy(self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s)
+        object.__setattr__(self, "storage", storage)
 
     @property
     def models_path(self) -> Path:

@@ -67,7 +67,7 @@ class BraidServer:
 
     def __init__(self, config: ServerConfig, catalog: Catalog | None = None) -> None:
         self.config = config
-        self.catalog = catalog or Catalog(config.data_dir, config.limits)
+        self.catalog = catalog or Catalog(config.data_dir, config.limits, policy=config.storage)
         self.encoding = Encoding(
             config.models_path,
             config.encoder_threads or None,

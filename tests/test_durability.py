@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from braid.index.collection import shard_of
+from braid.index.policy import StoragePolicy
 from braid.v1 import braid_pb2 as pb
 
 from .conftest import schema, start_in_process, stop_in_process
@@ -184,7 +185,7 @@ def test_shard_checkpoints_by_itself_when_the_log_grows(tmp_path):
     from braid.index.shard import Shard
 
     shard_schema = Schema(dense_fields=(DenseFieldSpec("emb", 4),))
-    shard = Shard.open(tmp_path / "s", shard_schema, 0, auto_checkpoint_bytes=20_000)
+    shard = Shard.open(tmp_path / "s", shard_schema, 0, StoragePolicy(checkpoint_log_bytes=20_000))
     rng = np.random.default_rng(0)
     for batch in range(20):
         shard.upsert(
