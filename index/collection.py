@@ -25,10 +25,10 @@ from . import fusion
 from .errors import BraidError, ResourceExhausted, Unavailable
 from .filters import Filter
 from .locks import Gate
+from .policy import StoragePolicy
 from .query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery, SubQuery
 from .records import DocumentWrite, SparseValue
 from .schema import Schema
-from .policy import StoragePolicy
 from .shard import DEFAULT_POLICY, Shard
 from .spann_strand import SpannStrand
 from .validate import (

@@ -115,7 +115,7 @@ class ServerConfig:
         )
         object.__setattr__(self, "limits", limits)
         if self.min_free_bytes < 0 or self.checkpoint_log_bytes < 1 or not self.checkpoint_interval_s > 0:
-            raise ValueError("min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0 are required")
+            raise ValueError("need min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0")
         storage = StoragePolicy(self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s)
         object.__setattr__(self, "storage", storage)
 
