@@ -1,4 +1,4 @@
-"""The catalog: every collection under one data directory.
+"""The catalog: every collection under one data directory, its recovery and its quarantine.
 
 Layout::
 
@@ -8,34 +8,106 @@ Layout::
 A collection is created in a hidden staging directory and published by
 renaming it into place, so a crash never leaves half a collection; a delete
 renames it away before removing files. Hidden leftovers are removed at startup.
+
+Recovery (``recover``) opens collections in parallel and reports its progress
+(``Recovery.describe``: shards open, share of the log replayed). A collection that
+fails to open is *quarantined*: it is listed with its error, its calls answer that
+error (DataLoss naming the file when the data is damaged, else FailedPrecondition),
+DeleteCollection removes it, and every other collection serves as usual.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collection import Collection
-from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from .errors import AlreadyExists, BraidError, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .policy import StoragePolicy
 from .schema import Schema, validate_collection_name
 from .validate import Limits
 
+log = logging.getLogger("braid.catalog")
+
 MAX_SHARDS = 64
+RECOVERY_THREADS = 4  # collections opened at once
+
+
+@dataclass
+class Recovery:
+    """Progress of opening the catalog's collections; read from other threads without a lock."""
+
+    shards_total: int = 0
+    shards_open: int = 0
+    log_bytes_total: int = 0
+    log_bytes_replayed: int = 0
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def replayed(self, nbytes: int) -> None:
+        with self._lock:
+            self.log_bytes_replayed += nbytes
+
+    def shard_opened(self, count: int = 1) -> None:
+        with self._lock:
+            self.shards_open += count
+
+    def describe(self) -> str:
+        if self.done:
+            return "recovered"
+        share = self.log_bytes_replayed / self.log_bytes_total if self.log_bytes_total else 0.0
+        return (
+            f"recovering: {self.shards_open} of {self.shards_total} shards open, "
+            f"{min(share, 1.0):.0%} of {self.log_bytes_total / 1e6:.1f} MB of log replayed "
+            f"({time.monotonic() - self.started:.0f} s so far)"
+        )
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A collection that failed to open: what the operator and its callers are told."""
+
+    name: str
+    path: Path
+    error: BraidError
+    meta: dict | None
+
+    def raise_error(self) -> None:
+        raise type(self.error)(str(self.error))
+
+
+def _log_bytes(collection_dir: Path, shards: int) -> int:
+    total = 0
+    for i in range(shards):
+        wal = collection_dir / f"shard-{i:03d}" / "wal"
+        if wal.is_dir():
+            total += sum(p.stat().st_size for p in wal.iterdir() if p.is_file())
+    return total
 
 
 class Catalog:
+    """Every collection of a data directory.
+
+    ``recover=False`` builds the catalog without opening anything (the server binds its
+    port first, then calls ``recover`` on a thread); until recovery ends, calls answer
+    Unavailable with its progress.
+    """
+
     def __init__(
         self,
         data_dir: Path,
         limits: Limits | None = None,
         search_threads: int = 8,
         policy: StoragePolicy | None = None,
+        recover: bool = True,
     ) -> None:
         self.root = data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -44,13 +116,66 @@ class Catalog:
         self._executor = ThreadPoolExecutor(max_workers=search_threads, thread_name_prefix="braid-shard")
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
+        self._quarantined: dict[str, Quarantined] = {}
         self._closed = False
+        self.recovery = Recovery()
+        if recover:
+            self.recover()
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self) -> None:
+        """Open every collection (in parallel), quarantining those that fail; idempotent."""
+        if self.recovery.done:
+            return
         for leftover in self.root.glob(".*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        for path in sorted(self.root.iterdir()):
-            meta = read_json(path / "collection.json")
-            if meta is not None:
-                self._collections[meta["name"]] = self._open(path, meta)
+        found: list[tuple[Path, dict | None]] = []
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                meta = read_json(path / "collection.json")
+            except Exception as err:  # unreadable or damaged metadata: quarantine, don't stop the server
+                self._quarantine(path.name, path, None, err)
+                continue
+            if meta is None:
+                continue
+            found.append((path, meta))
+            shards = int(meta.get("shards", 1))
+            self.recovery.shards_total += shards
+            self.recovery.log_bytes_total += _log_bytes(path, shards)
+        with ThreadPoolExecutor(RECOVERY_THREADS, thread_name_prefix="braid-recover") as pool:
+            list(pool.map(lambda item: self._recover_one(*item), found))
+        self.recovery.done = True
+        if self._quarantined:
+            log.error("quarantined collections: %s", ", ".join(sorted(self._quarantined)))
+
+    def _recover_one(self, path: Path, meta: dict) -> None:
+        name = str(meta.get("name", path.name))
+        if self._closed:  # shut down while recovering: open nothing more
+            return
+        try:
+            collection = self._open(path, meta)
+        except BaseException as err:  # incl. tantivy's PanicException: one bad collection never stops the rest
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            self._quarantine(name, path, meta, err)
+            return
+        with self._lock:
+            if self._closed:
+                collection.close()
+                return
+            self._collections[name] = collection
+
+    def _quarantine(self, name: str, path: Path, meta: dict | None, err: BaseException) -> None:
+        cause = str(err) if isinstance(err, BraidError) else f"{type(err).__name__}: {err} (under {path})"
+        kind = DataLoss if isinstance(err, DataLoss) else FailedPrecondition
+        error = kind(
+            f"collection {name!r} is quarantined: it failed to open: {cause}; run `braid verify`, then "
+            f"restore it from a snapshot or rebuild it from the source, or DeleteCollection to remove it"
+        )
+        log.error("%s", error)
+        with self._lock:
+            self._quarantined[name] = Quarantined(name, path, error, meta)
 
     def _open(self, path: Path, meta: dict) -> Collection:
         return Collection.open(
@@ -62,7 +187,17 @@ class Catalog:
             self._executor,
             self.limits,
             self.policy,
+            progress=self.recovery.replayed,
         )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def quarantined(self) -> list[Quarantined]:
+        return [self._quarantined[name] for name in sorted(self._quarantined)]
+
+    # ------------------------------------------------------------- collections
 
     def create(self, name: str, schema: Schema, shards: int = 1) -> Collection:
         validate_collection_name(name)
@@ -71,7 +206,7 @@ class Catalog:
             raise InvalidArgument.field("shards", f"must be in 1..{MAX_SHARDS}, got {shards}")
         with self._lock:
             self._check_open()
-            if name in self._collections:
+            if name in self._collections or name in self._quarantined or (self.root / name).exists():
                 raise AlreadyExists(f"collection {name!r} already exists")
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
@@ -94,35 +229,50 @@ class Catalog:
         collection = self._collections.get(name)
         if collection is None:
             self._check_open()
+            quarantined = self._quarantined.get(name)
+            if quarantined is not None:
+                quarantined.raise_error()
             raise NotFound(f"collection {name!r} does not exist")
         return collection
 
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the server is shutting down")
+        if not self.recovery.done:
+            raise Unavailable(self.recovery.describe())
 
     def list(self) -> list[Collection]:
+        self._check_open()
         return [self._collections[name] for name in sorted(self._collections)]
 
     def delete(self, name: str) -> None:
-        """Delete a collection. Operations on it still in progress finish first; those that
-        start later fail with NotFound."""
+        """Delete a collection (a quarantined one too). Operations on it still in progress
+        finish first; those that start later fail with NotFound."""
         with self._lock:
             self._check_open()
             collection = self._collections.pop(name, None)
-            if collection is None:
+            if collection is not None:
+                collection.close(NotFound(f"collection {name!r} does not exist (it was deleted)"))
+                path = self.root / name
+            elif name in self._quarantined:
+                path = self._quarantined.pop(name).path
+            else:
                 raise NotFound(f"collection {name!r} does not exist")
-            collection.close(NotFound(f"collection {name!r} does not exist (it was deleted)"))
             doomed = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
-            (self.root / name).rename(doomed)
+            path.rename(doomed)
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
 
-    def close(self) -> None:
-        """Close every collection (operations in progress finish; later ones get Unavailable)."""
+    def close(self, checkpoint: bool = True) -> None:
+        """Close every collection (operations in progress finish; later ones get Unavailable).
+
+        With ``checkpoint`` (the default, a clean shutdown) shards checkpoint first, so the next
+        start replays nothing.
+        """
         with self._lock:
             self._closed = True
-            for collection in self._collections.values():
-                collection.close(Unavailable("the server is shutting down"))
+            collections = list(self._collections.values())
             self._collections.clear()
+        for collection in collections:
+            collection.close(Unavailable("the server is shutting down"), checkpoint=checkpoint)
         self._executor.shutdown(wait=True)

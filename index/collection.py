@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from .validate import (
     unknown_field,
 )
 
+log = logging.getLogger("braid.collection")
+OPEN_THREADS = 4  # shards of one collection opened at once
 SHARD_SHIFT = 40
 _LABEL_MASK = (1 << SHARD_SHIFT) - 1
 # The default hybrid plan (two or more sub-queries, no fusion given): a weighted sum of
@@ -103,20 +106,46 @@ class Collection:
         executor: Executor,
         limits: Limits,
         policy: StoragePolicy = DEFAULT_POLICY,
+        progress: Callable[[int], None] | None = None,
     ) -> Collection:
-        shards = [Shard.open(directory / f"shard-{i:03d}", schema, i, policy) for i in range(shard_count)]
+        """Open every shard, in parallel (replay is partly I/O); if one fails, close the others and raise."""
+
+        def open_shard(i: int) -> Shard:
+            return Shard.open(directory / f"shard-{i:03d}", schema, i, policy, progress)
+
+        if shard_count == 1:
+            shards = [open_shard(0)]
+        else:
+            with ThreadPoolExecutor(min(shard_count, OPEN_THREADS), thread_name_prefix="braid-open") as pool:
+                opening = [pool.submit(open_shard, i) for i in range(shard_count)]
+                wait(opening)
+            failures = [f.exception() for f in opening if f.exception() is not None]
+            if failures:
+                for future in opening:
+                    if future.exception() is None:
+                        future.result().close()
+                raise failures[0]
+            shards = [f.result() for f in opening]
         return cls(name, schema, shards, created_at, executor, limits)
 
-    def close(self, error: BraidError | None = None) -> None:
+    def close(self, error: BraidError | None = None, checkpoint: bool = False) -> None:
         """Close every shard once the operations in progress have finished.
 
         Operations that start after the close began raise ``error`` (the catalog passes NotFound
         when the collection is deleted, Unavailable at shutdown), so a write that spans several
-        shards is applied to all of them or refused before it touches any.
+        shards is applied to all of them or refused before it touches any. With ``checkpoint``
+        (a clean shutdown), shards with log written since their last checkpoint checkpoint
+        first, so the next start replays nothing; a checkpoint that fails (a full disk) is
+        logged and the log, still intact, is replayed instead.
         """
         error = error or Unavailable(f"collection {self.name!r} is closed")
         self._gate.close(error)
         for shard in self.shards:
+            if checkpoint and shard.needs_checkpoint:
+                try:
+                    shard.flush()
+                except BaseException as err:  # incl. tantivy's PanicException: the close must go on
+                    log.warning("collection %r shard %d: checkpoint at close failed: %s", self.name, shard.number, err)
             shard.close(error)
 
     def _map(self, fn, items: list) -> list:  # type: ignore[no-untyped-def]

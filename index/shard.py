@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ _INITIAL_LABELS = 1024
 # A shard checkpoints by itself (in the background) once its log grows past the policy's
 # checkpoint_log_bytes, so restarts replay a bounded tail even if clients never call Flush.
 DEFAULT_POLICY = StoragePolicy()
+RECORD_OVERHEAD = 17  # a WAL record's header bytes (index/wal.py)
+PROGRESS_STEP_BYTES = 1 << 20  # report replay progress every MiB
 
 
 class Shard:
@@ -92,6 +95,7 @@ class Shard:
         self.policy = policy
         self._checkpointing = threading.Event()
         self._logged_bytes = 0  # appended since the last checkpoint began
+        self._dirty_since: float | None = None  # time.monotonic() of the first write since then
         self._ids: dict[str, int] = {}
         self._label_ids: dict[int, str] = {}
         self._alive = np.zeros(_INITIAL_LABELS, dtype=bool)
@@ -112,9 +116,17 @@ class Shard:
 
     @classmethod
     def open(
-        cls, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY
+        cls,
+        directory: Path,
+        schema: Schema,
+        number: int,
+        policy: StoragePolicy = DEFAULT_POLICY,
+        progress: Callable[[int], None] | None = None,
     ) -> Shard:
-        """Open (or create) the shard and recover: checkpoint + WAL replay."""
+        """Open (or create) the shard and recover: checkpoint + WAL replay.
+
+        ``progress`` is called with the byte count of each stretch of log replayed.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         shard = cls(directory, schema, number, policy)
         manifest = read_json(directory / "MANIFEST.json")
@@ -125,11 +137,22 @@ class Shard:
         if schema.text_fields:
             shard.text = TextIndex(directory / "text", schema.text_fields)
         shard.wal = WriteAheadLog.open(directory / "wal", first_seq=start_seq + 1)
+        replayed = 0
         for seq, kind, payload in shard.wal.read_from(start_seq):
             op = _decode(kind, payload)
             shard._prepare(op)
             shard._apply(op)
             shard._applied_seq = seq
+            replayed += len(payload) + RECORD_OVERHEAD
+            if progress is not None and replayed >= PROGRESS_STEP_BYTES:
+                progress(replayed)
+                replayed = 0
+        if progress is not None and replayed:
+            progress(replayed)
+        # The replayed tail counts as unchecked-pointed log: the next checkpoint comes as soon as
+        # it would have before the restart, and a clean shutdown checkpoints it.
+        shard._logged_bytes = shard.wal.size_bytes() if shard._applied_seq > start_seq else 0
+        shard._dirty_since = time.monotonic() if shard._applied_seq > start_seq else None
         shard._applied_seq = max(shard._applied_seq, start_seq)
         shard._prepared_seq = shard._applied_seq
         if shard.text is not None:
@@ -235,10 +258,20 @@ class Shard:
         self.merger.maybe_start()
         return result
 
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Writes were logged (or replayed) since the last checkpoint."""
+        return self._dirty_since is not None
+
     def _maybe_checkpoint(self) -> None:
         # Bytes logged since the last checkpoint, not the log's size: the active WAL
         # segment is never deleted, so the size alone never falls below the threshold.
-        if self._checkpointing.is_set() or self._logged_bytes < self.policy.checkpoint_log_bytes:
+        # The age bound keeps a slow trickle of writes from growing the replay for ever.
+        now = time.monotonic()
+        if self._dirty_since is None:
+            self._dirty_since = now
+        too_old = now - self._dirty_since >= self.policy.checkpoint_interval_s
+        if self._checkpointing.is_set() or (self._logged_bytes < self.policy.checkpoint_log_bytes and not too_old):
             return
         self._checkpointing.set()
 
@@ -439,6 +472,7 @@ class Shard:
                 raise Unavailable(f"shard {self.number}: {self._failed}")
             wal_seq = self._applied_seq
             self._logged_bytes = 0
+            self._dirty_since = None
             generation = self._generation + 1
             segments = self.directory / "segments"
             staging = segments / f"{generation}.tmp"

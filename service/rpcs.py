@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from braid.index.catalog import Catalog
+from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import InvalidArgument, ResourceExhausted
+from braid.index.schema import Schema
 from braid.v1 import braid_pb2 as pb
 
 from . import convert
@@ -49,8 +50,12 @@ class BraidRpcs:
 
     def ListCollections(self, request: pb.ListCollectionsRequest, visible: Callable[[str], bool] | None = None) -> Any:
         """Every collection, or those ``visible`` allows (an API key scoped to some collections)."""
-        shown = [c for c in self.catalog.list() if visible is None or visible(c.name)]
-        return pb.ListCollectionsResponse(collections=[self._info(c) for c in shown])
+        infos = [self._info(c) for c in self.catalog.list() if visible is None or visible(c.name)]
+        for bad in self.catalog.quarantined():
+            if visible is None or visible(bad.name):
+                infos.append(_quarantined_info(bad))
+        infos.sort(key=lambda info: info.name)
+        return pb.ListCollectionsResponse(collections=infos)
 
     def DeleteCollection(self, request: pb.DeleteCollectionRequest) -> Any:
         self.catalog.delete(request.name)
@@ -180,6 +185,19 @@ class BraidRpcs:
 
 
 _NO_TYPES: dict = {}
+
+
+def _quarantined_info(bad: Quarantined) -> pb.CollectionInfo:
+    """What ListCollections shows of a collection that failed to open: its name, error and what metadata survived."""
+    info = pb.CollectionInfo(name=bad.name, error=str(bad.error))
+    try:
+        meta = bad.meta or {}
+        info.shards = int(meta.get("shards", 0))
+        info.schema.CopyFrom(convert.schema_to_proto(Schema.from_json(meta["schema"])))
+        info.created_at.FromNanoseconds(int(float(meta["created_at"]) * 1e9))
+    except Exception:  # damaged metadata: the name and the error are what matter
+        pass
+    return info
 _FRAMING_BYTES = 6  # a repeated message field's tag and length prefix, at most
 
 

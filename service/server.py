@@ -25,6 +25,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -67,7 +68,9 @@ class BraidServer:
 
     def __init__(self, config: ServerConfig, catalog: Catalog | None = None) -> None:
         self.config = config
-        self.catalog = catalog or Catalog(config.data_dir, config.limits, policy=config.storage)
+        # Recovery runs after the port is bound (start): probes see NOT_SERVING, not "connection refused".
+        self.catalog = catalog or Catalog(config.data_dir, config.limits, policy=config.storage, recover=False)
+        self._recovered = threading.Event()
         self.encoding = Encoding(
             config.models_path,
             config.encoder_threads or None,
@@ -110,8 +113,7 @@ class BraidServer:
         self.server.add_generic_rpc_handlers((self.handlers.generic_handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.reflection:
             names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
@@ -126,8 +128,30 @@ class BraidServer:
             raise OSError(f"cannot bind {config.address}")
         return port
 
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
     def start(self) -> None:
+        """Start answering, then recover the catalog on a thread; health says SERVING once it is done."""
         self._call(self.server.start())
+        threading.Thread(target=self._recover, name="braid-recovery", daemon=True).start()
+
+    def _recover(self) -> None:
+        try:
+            self.catalog.recover()
+        except BaseException:
+            log.exception("recovery failed")  # calls keep answering UNAVAILABLE; health stays NOT_SERVING
+            return
+        quarantined = ", ".join(q.name for q in self.catalog.quarantined()) or "none"
+        seconds = time.monotonic() - self.catalog.recovery.started
+        log.info("recovery done in %.1f s (quarantined: %s)", seconds, quarantined)
+        self._call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self._recovered.set()
+
+    def wait_recovered(self, timeout: float | None = None) -> bool:
+        """True once every collection is open (or quarantined) and health says SERVING."""
+        return self._recovered.wait(timeout)
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and close everything (see the module docstring); blocks until done; safe to call twice."""
@@ -179,17 +203,22 @@ def serve(config: ServerConfig, ready: Callable[[int], None] | None = None) -> N
     """Run until SIGTERM/SIGINT, then drain in-flight RPCs and close every shard cleanly."""
     server = create_server(config)
     server.start()
-    log.info("braid serving on %s:%d, data in %s", config.host, server.port, config.data_dir)
-    if ready is not None:
-        ready(server.port)
+    log.info("braid listening on %s:%d, recovering collections in %s", config.host, server.port, config.data_dir)
     signals = threading.Semaphore(0)
+
+    def announce() -> None:
+        if server.wait_recovered() and ready is not None:
+            ready(server.port)
+
+    threading.Thread(target=announce, name="braid-announce", daemon=True).start()
 
     def on_signal(signum: int, frame: object) -> None:
         signals.release()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signals.acquire()
+    while not signals.acquire(timeout=1.0):  # a timeout, so the main thread still runs signal handlers
+        pass
     log.info("shutting down (grace %.1f s; a second signal ends in-flight calls now)", config.shutdown_grace_s)
     stopper = threading.Thread(target=server.stop, name="braid-stop")
     stopper.start()

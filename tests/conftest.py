@@ -38,6 +38,7 @@ class Running:
 def start_in_process(data_dir: Path, **config: object) -> tuple[BraidServer, Running]:
     server = create_server(ServerConfig(data_dir=data_dir, host="127.0.0.1", port=0, **config))
     server.start()
+    assert server.wait_recovered(timeout=120), "the server did not finish recovery"
     return server, Running(BraidClient(f"127.0.0.1:{server.port}"), server.port, data_dir)
 
 

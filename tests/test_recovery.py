@@ -1,0 +1,206 @@
+"""Recovery: quarantine of a collection that cannot open, the port bound before recovery, bounded replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from braid.index.catalog import Catalog
+from braid.index.policy import StoragePolicy
+from braid.index.records import DocumentWrite
+from braid.index.shard import Shard
+from braid.service.client import document
+from braid.service.convert import schema_from_proto
+from braid.v1 import braid_pb2 as pb
+from braid.v1 import braid_pb2_grpc
+
+from .conftest import random_vectors, schema, start_in_process, stop_in_process
+
+DIM = 8
+
+
+def _docs(n: int, start: int = 0, text: str = "") -> list[dict]:
+    vectors = random_vectors(n, DIM, seed=start)
+    return [
+        {"id": f"d{start + i}", "text": {"body": f"document {start + i} {text}"}, "dense": {"emb": v}}
+        for i, v in enumerate(vectors)
+    ]
+
+
+def _damage(collection_dir: Path) -> Path:
+    """Make a collection unopenable: garbage over its newest checkpoint's ids.json."""
+    victims = sorted(collection_dir.glob("shard-000/segments/*/ids.json"))
+    assert victims, "the collection has no checkpoint to damage"
+    victims[-1].write_bytes(b"\x00garbage{")
+    return victims[-1]
+
+
+def test_a_collection_that_cannot_open_is_quarantined_and_the_rest_serve(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server, running = start_in_process(data)
+    running.client.create_collection("good", schema(dim=DIM))
+    running.client.create_collection("bad", schema(dim=DIM))
+    running.client.upsert("good", _docs(30))
+    running.client.upsert("bad", _docs(30))
+    running.client.flush("bad")
+    stop_in_process(server, running)
+    _damage(data / "collections" / "bad")
+
+    server, running = start_in_process(data)
+    try:
+        hits = running.client.search("good", bm25="document 7", limit=3)
+        assert hits[0].id == "d7"  # the healthy collection serves
+        listed = {info.name: info for info in running.client.list_collections()}
+        assert set(listed) == {"good", "bad"}
+        assert listed["good"].error == "" and listed["good"].documents == 30
+        assert "quarantined" in listed["bad"].error and listed["bad"].shards == 1
+        for call in (
+            lambda: running.client.search("bad", bm25="document", limit=3),
+            lambda: running.client.get("bad", ["d1"]),
+            lambda: running.client.get_collection("bad"),
+            lambda: running.client.upsert("bad", _docs(1)),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.FAILED_PRECONDITION)
+            assert "collection 'bad' is quarantined" in info.value.details()
+            assert "bad" in info.value.details() and "braid verify" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            running.client.create_collection("bad", schema(dim=DIM))
+        assert info.value.code() is grpc.StatusCode.ALREADY_EXISTS
+        running.client.delete_collection("bad")  # the operator's way out
+        assert [c.name for c in running.client.list_collections()] == ["good"]
+        running.client.create_collection("bad", schema(dim=DIM))
+        running.client.upsert("bad", _docs(3))
+        assert running.client.count("bad") == 3
+    finally:
+        stop_in_process(server, running)
+
+
+def test_a_clean_stop_checkpoints_so_the_next_start_replays_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server, running = start_in_process(data)
+    running.client.create_collection("c", schema(dim=DIM), shards=2)
+    for start in range(0, 200, 50):
+        running.client.upsert("c", _docs(50, start))
+    stop_in_process(server, running)
+    catalog = Catalog(data)
+    try:
+        assert catalog.recovery.done and catalog.recovery.log_bytes_replayed == 0
+        assert catalog.get("c").count() == 200
+    finally:
+        catalog.close()
+
+
+def test_checkpoints_come_by_log_size_and_by_age(tmp_path: Path) -> None:
+    text_only = schema_from_proto(pb.Schema(text_fields=[pb.TextField(name="body")]))
+
+    def write(shard: Shard, i: int) -> None:
+        shard.upsert([DocumentWrite(id=f"d{i}", text={"body": "x " * 50})])
+
+    def generation(path: Path) -> int:
+        manifest = path / "MANIFEST.json"
+        return int(json.loads(manifest.read_text())["generation"]) if manifest.exists() else 0
+
+    by_size = Shard.open(tmp_path / "size", text_only, 0, StoragePolicy(checkpoint_log_bytes=2_000))
+    try:
+        for i in range(30):
+            write(by_size, i)
+        _eventually(lambda: generation(tmp_path / "size") >= 1)
+    finally:
+        by_size.close()
+
+    by_age = Shard.open(tmp_path / "age", text_only, 0, StoragePolicy(checkpoint_interval_s=0.3))
+    try:
+        write(by_age, 0)
+        assert generation(tmp_path / "age") == 0  # young and small: no checkpoint yet
+        time.sleep(0.4)
+        write(by_age, 1)
+        _eventually(lambda: generation(tmp_path / "age") >= 1)
+    finally:
+        by_age.close()
+
+
+def _eventually(predicate, timeout: float = 10) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_port_answers_during_recovery_with_progress_then_serves(tmp_path: Path) -> None:
+    """A big unchecked-pointed log (kill -9 before any checkpoint): the port answers at once,
+    health says NOT_SERVING and calls UNAVAILABLE "recovering: ..." until replay ends."""
+    data = tmp_path / "data"
+    env_args = ["--data-dir", str(data), "--port", "0"]
+    proc = _spawn(env_args, {"BRAID_CHECKPOINT_LOG_BYTES": str(1 << 40), "BRAID_CHECKPOINT_INTERVAL_S": "100000"})
+    port = _port(proc, "serving")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = braid_pb2_grpc.BraidStub(channel)
+    stub.CreateCollection(pb.CreateCollectionRequest(name="c", schema=schema(dim=DIM), shards=2), timeout=10)
+    for start in range(0, 6000, 500):
+        docs = [document(d) for d in _docs(500, start, text="lorem ipsum " * 40)]
+        stub.Upsert(pb.UpsertRequest(collection="c", documents=docs), timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    channel.close()
+
+    proc = _spawn(env_args, {})
+    try:
+        port = _port(proc, "listening")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = braid_pb2_grpc.BraidStub(channel)
+        seen_recovering = False
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            try:
+                stub.ListCollections(pb.ListCollectionsRequest(), timeout=5)
+            except grpc.RpcError as err:
+                assert err.code() is grpc.StatusCode.UNAVAILABLE
+                assert re.search(r"recovering: \d+ of 2 shards open, \d+% of [\d.]+ MB of log replayed", err.details())
+                seen_recovering = True
+            time.sleep(0.05)
+        assert seen_recovering, "recovery ended before a call could see it"
+        assert stub.Count(pb.CountRequest(collection="c"), timeout=10).count == 6000
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "braid.service.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+    )
+
+
+def _port(proc: subprocess.Popen, word: str) -> int:
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(rf"{word}.* on [\d.]+:(\d+)", line)
+        if found:
+            threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # keep the pipe drained
+            return int(found.group(1))
+    raise AssertionError(f"server exited before {word!r}: {''.join(lines)}")
