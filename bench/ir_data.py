@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class BraidProcess:
         self.port = next(
             int(m.group(1)) for line in self.proc.stdout if (m := re.search(r"serving .* on [\d.]+:(\d+)", line))
         )
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # a full log pipe would block it
 
     def rss_mib(self) -> float:
         """The server's resident memory (VmRSS), MiB."""

@@ -28,7 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collection import Collection
-from .errors import AlreadyExists, BraidError, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .diskspace import FreeSpace, is_disk_full
+from .errors import (
+    AlreadyExists,
+    BraidError,
+    DataLoss,
+    DiskFull,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .policy import StoragePolicy
 from .schema import Schema, validate_collection_name
@@ -208,19 +218,22 @@ class Catalog:
             self._check_open()
             if name in self._collections or name in self._quarantined or (self.root / name).exists():
                 raise AlreadyExists(f"collection {name!r} already exists")
+            FreeSpace(self.root, self.policy.min_free_bytes).check(0)
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
             meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
-            write_json_atomic(staging / "collection.json", meta)
             try:
+                staging.mkdir()
+                write_json_atomic(staging / "collection.json", meta)
                 # Open in staging first: a collection that cannot open is never published.
                 self._open(staging, meta).close()
-            except BaseException:
+                final = self.root / name
+                staging.rename(final)
+                fsync_dir(self.root)
+            except BaseException as err:
                 shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, OSError) and is_disk_full(err):
+                    raise DiskFull(f"disk full: cannot create collection {name!r} under {self.root}: {err}") from err
                 raise
-            final = self.root / name
-            staging.rename(final)
-            fsync_dir(self.root)
             collection = self._open(final, meta)
             self._collections[name] = collection
             return collection

@@ -148,6 +148,20 @@ class Collection:
                     log.warning("collection %r shard %d: checkpoint at close failed: %s", self.name, shard.number, err)
             shard.close(error)
 
+    def write_problem(self) -> str | None:
+        """Why writes to some shard are refused now (e.g. "disk full: ..."), or None when every
+        shard takes writes. Cheap: no I/O beyond a cached free-space reading per shard."""
+        problems = [problem for shard in self.shards if (problem := shard.write_problem()) is not None]
+        if not problems:
+            return None
+        more = f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""
+        return problems[0] + more
+
+    def heal(self) -> None:
+        """Reopen shards a full disk made read-only, where room is back (see Shard.heal)."""
+        for shard in self.shards:
+            shard.heal()
+
     def _map(self, fn, items: list) -> list:  # type: ignore[no-untyped-def]
         """Run fn over items, in parallel on the pool when there is more than one."""
         if len(items) == 1:

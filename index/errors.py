@@ -45,6 +45,14 @@ class ResourceExhausted(BraidError):
     """A configured limit (batch size, result limit, memory) was exceeded."""
 
 
+class DiskFull(ResourceExhausted):
+    """The disk has no room for a write (ENOSPC/EDQUOT, or below the free-space floor).
+
+    The message starts with "disk full:". Writes resume by themselves once space is freed
+    (index/shard.py); reads keep working meanwhile.
+    """
+
+
 class Unavailable(BraidError):
     """The service is shutting down or a shard is not open."""
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class StoragePolicy:
-    # Writes are refused (RESOURCE_EXHAUSTED) while the data directory's file system has
-    # less free space than this, so checkpoints, merges and DeleteCollection always have room.
+    # Upserts are refused (RESOURCE_EXHAUSTED "disk full") while the data directory's file
+    # system has less free space than this plus the batch, so checkpoints, merges and
+    # DeleteCollection always have room (index/diskspace.py). Deletes still pass: they are
+    # tiny, and freeing space needs them. 0 turns the check off.
     min_free_bytes: int = 256 * 1024 * 1024
     # A shard checkpoints in the background once this much log was written since its last
     # checkpoint, or once its oldest unchecked-pointed write is this old: bounds replay on restart.
-    checkpoint_log_bytes: int = 64 * 1024 * 1024
+    checkpoint_log_bytes: int = 32 * 1024 * 1024
     checkpoint_interval_s: float = 300.0

@@ -2,13 +2,14 @@
 
 Directory layout::
 
-    MANIFEST.json         {"format": 1, "braid_version", "generation", "wal_seq", "next_label"},
-                          replaced by atomic rename
+    MANIFEST.json         {"format": 2, "braid_version", "generation", "wal_seq", "next_label",
+                           "wal_crc32", "crc32"}, replaced by atomic rename
     wal/                  write-ahead log segments (index/wal.py)
     segments/<gen>/       checkpoint of generation <gen>: ids.json (live labels, their ids, and
                           per dense field the labels holding a vector),
                           payload columns, <field>.hnsw, <field>.sparse.* files,
-                          <field>.strand.json for SPANN fields (index/spann_strand.py)
+                          <field>.strand.json for SPANN fields (index/spann_strand.py),
+                          CHECKSUMS (size and crc32 of each of them, index/checksums.py)
     segments/spann-<field>-<id>/  a sealed SPANN segment (index/spann.py), named by the
                           generations that use it; merges build new ones (index/merger.py)
     text/                 tantivy index (its own commits; replay onto it is idempotent)
@@ -28,12 +29,43 @@ Close: refuse new writes, flushes and reads with the close error (NotFound for a
 collection, Unavailable at shutdown) -> wait for the writes and flushes already admitted ->
 stop merges -> close tantivy, the WAL and the SPANN strands under the write lock.
 Recovery: load the manifest's checkpoint, replay WAL records after its
-``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy, remove
-segment directories the manifest does not name (an interrupted merge's).
+``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy (only if
+something was replayed), remove segment directories the manifest does not name (an
+interrupted merge's).
+
+Checksums (format 2; format 1 manifests, written before, still open unchecked): the
+manifest carries its own ``crc32`` (index/manifest.py) and ``wal_crc32``, the stored CRC
+of WAL record ``wal_seq`` (absent when ``wal_seq`` is 0). Before anything is parsed,
+recovery checks the manifest, that ``segments/<generation>/`` exists, every file there
+against its CHECKSUMS (so hnswlib never reads a corrupt file), that the log reaches
+``wal_seq`` and that its record ``wal_seq`` has ``wal_crc32`` (index/wal.py), and
+tantivy's file footers (index/text.py); any mismatch is DataLoss naming the file.
+
+A full disk (ENOSPC/EDQUOT) is an ordinary error, answered DiskFull (RESOURCE_EXHAUSTED):
+- below the floor (free < min_free_bytes + the batch, index/diskspace.py) an upsert is
+  refused before it is logged; nothing changes;
+- a failed WAL append leaves the log as it was (index/wal.py); nothing changes;
+- a failure after the record is logged (tantivy commit, apply) makes the shard read-only:
+  every waiting writer is woken and refused, reads go on against memory. A failed
+  checkpoint removes its unpublished generation and leaves the shard writable, unless
+  its tantivy commit failed (a broken tantivy writer, index/text.py), and merges give their
+  work back (index/merger.py). An fsync failure is Unavailable and needs a restart, since
+  the kernel may have dropped the pages;
+- a read-only shard reopens in place on the first write that finds free space above the
+  floor (at most one try a second): wait for writes, flushes and merges to drain (the
+  write path lock, the flush lock, the merge lock) -> close tantivy without committing ->
+  recover a fresh shard from the last checkpoint and the log, as ``open`` does, while
+  searches use the old state -> swap its state in under the write lock. A write answered
+  "disk full" after its record was logged is then applied (so it may appear after all);
+  retrying it is safe, because upsert replaces by id and deletes are idempotent;
+- ``open`` on a full disk opens read-only instead of failing, and ``close`` never needs
+  disk (a tantivy commit that cannot succeed is skipped or rolled back, and logged), so
+  deleting a collection always frees its space and shutdown is bounded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -48,11 +80,13 @@ from typing import Any
 import numpy as np
 
 from . import records
+from .checksums import verify_directory, write_checksums
 from .dense import DenseIndex
-from .errors import BraidError, DataLoss, Unavailable
+from .diskspace import FreeSpace, is_disk_full
+from .errors import BraidError, DataLoss, DiskFull, Unavailable
 from .filters import Filter
 from .locks import Gate, ReadWriteLock
-from .manifest import fsync_dir, read_json, write_json_atomic
+from .manifest import fsync_dir, load_json, read_json, write_json_atomic
 from .merger import Merger
 from .payload import PayloadStore
 from .policy import StoragePolicy
@@ -61,23 +95,43 @@ from .schema import DenseFieldSpec, DenseIndexType, Schema
 from .spann_strand import SpannStrand
 from .sparse import SparseIndex
 from .text import TextIndex
-from .wal import WriteAheadLog
+from .wal import WalError, WriteAheadLog
 
 log = logging.getLogger("braid.shard")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries crc32 and wal_crc32, a generation carries CHECKSUMS
+READ_FORMATS = (1, 2)
 _INITIAL_LABELS = 1024
 # A shard checkpoints by itself (in the background) once its log grows past the policy's
 # checkpoint_log_bytes, so restarts replay a bounded tail even if clients never call Flush.
 DEFAULT_POLICY = StoragePolicy()
 RECORD_OVERHEAD = 17  # a WAL record's header bytes (index/wal.py)
 PROGRESS_STEP_BYTES = 1 << 20  # report replay progress every MiB
+REOPEN_BACKOFF_S = 1.0  # a shard read-only after a full disk tries to reopen at most this often
+# What recovery builds: the attributes ``_reopen`` takes from a freshly recovered shard.
+# Everything else in __init__ (locks, gate, merger, policy, failure state) stays.
+_RECOVERED_STATE = (
+    "_logged_bytes",
+    "_dirty_since",
+    "_ids",
+    "_label_ids",
+    "_alive",
+    "_next_label",
+    "_size",
+    "_generation",
+    "payload",
+    "dense",
+    "sparse",
+    "text",
+    "wal",
+    "_prepared_seq",
+    "_applied_seq",
+    "_committed_seq",
+)
 
 
 class Shard:
-    def __init__(
-        self, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY
-    ) -> None:
+    def __init__(self, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY) -> None:
         from braid import __version__
 
         self.directory = directory
@@ -110,6 +164,12 @@ class Shard:
         self._prepared_seq = 0
         self._applied_seq = 0
         self._committed_seq = 0
+        # Writes hold this shared from their first check to their acknowledgement; reopening
+        # after a full disk holds it exclusively, so no write straddles the swap.
+        self._write_path = ReadWriteLock()
+        self._failed_disk_full = False  # _failed was caused by a full disk: a write reopens the shard
+        self._next_reopen = 0.0  # time.monotonic() before which no reopen is tried again
+        self._space = FreeSpace(directory, policy.min_free_bytes)
         self.merger = Merger(number, self._spann_strands, self._lock, directory / "segments", self._publish_merge)
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,20 +189,32 @@ class Shard:
         """
         directory.mkdir(parents=True, exist_ok=True)
         shard = cls(directory, schema, number, policy)
-        manifest = read_json(directory / "MANIFEST.json")
+        try:
+            shard._recover(progress)
+        except BaseException as err:  # incl. tantivy's PanicException
+            shard._open_read_only_or_raise(err)
+        shard._remove_unreferenced()
+        if not shard._failed:
+            shard.merger.maybe_start()
+        return shard
+
+    def _recover(self, progress: Callable[[int], None] | None = None) -> None:
+        """Load the manifest's checkpoint, replay the log after it, commit tantivy (open and reopen)."""
+        manifest = read_manifest(self.directory)
         start_seq = 0
         if manifest is not None:
-            shard._load_checkpoint(manifest)
+            self._load_checkpoint(manifest)
             start_seq = int(manifest["wal_seq"])
-        if schema.text_fields:
-            shard.text = TextIndex(directory / "text", schema.text_fields)
-        shard.wal = WriteAheadLog.open(directory / "wal", first_seq=start_seq + 1)
+        if self.schema.text_fields:
+            self.text = TextIndex(self.directory / "text", self.schema.text_fields)
+        checkpoint_crc = manifest.get("wal_crc32") if manifest is not None else None
+        self.wal = WriteAheadLog.open(self.directory / "wal", first_seq=start_seq + 1, checkpoint_crc=checkpoint_crc)
         replayed = 0
-        for seq, kind, payload in shard.wal.read_from(start_seq):
+        for seq, kind, payload in self.wal.read_from(start_seq):
             op = _decode(kind, payload)
-            shard._prepare(op)
-            shard._apply(op)
-            shard._applied_seq = seq
+            self._prepare(op)
+            self._apply(op)
+            self._applied_seq = seq
             replayed += len(payload) + RECORD_OVERHEAD
             if progress is not None and replayed >= PROGRESS_STEP_BYTES:
                 progress(replayed)
@@ -151,16 +223,31 @@ class Shard:
             progress(replayed)
         # The replayed tail counts as unchecked-pointed log: the next checkpoint comes as soon as
         # it would have before the restart, and a clean shutdown checkpoints it.
-        shard._logged_bytes = shard.wal.size_bytes() if shard._applied_seq > start_seq else 0
-        shard._dirty_since = time.monotonic() if shard._applied_seq > start_seq else None
-        shard._applied_seq = max(shard._applied_seq, start_seq)
-        shard._prepared_seq = shard._applied_seq
-        if shard.text is not None:
-            shard.text.commit()
-        shard._committed_seq = shard._applied_seq
-        shard._remove_unreferenced()
-        shard.merger.maybe_start()
-        return shard
+        self._logged_bytes = self.wal.size_bytes() if self._applied_seq > start_seq else 0
+        self._dirty_since = time.monotonic() if self._applied_seq > start_seq else None
+        replayed_any = self._applied_seq > start_seq
+        self._applied_seq = max(self._applied_seq, start_seq)
+        self._prepared_seq = self._applied_seq
+        # Documents of writes the log no longer holds (a damaged last record) leave tantivy too.
+        stale = self.text is not None and self.text.remove_from(self._next_label)
+        if self.text is not None and (replayed_any or stale):  # nothing replayed: nothing to commit (nor disk)
+            self.text.commit()
+        self._committed_seq = self._applied_seq
+
+    def _open_read_only_or_raise(self, err: BaseException) -> None:
+        """Recovery failed. When only a full disk stopped it, after the log was read, the shard
+        opens read-only (reads see what was replayed, and BM25 what tantivy last committed;
+        the first write once there is room reopens it); otherwise it lets go of its files and raises."""
+        usable = self.wal is not None and (self.text is not None or not self.schema.text_fields)
+        disk_full = self._disk_full(err)
+        if usable and disk_full:
+            log.warning("shard %d (%s): opened read-only, the disk is full: %s", self.number, self.directory, err)
+            self._fail(f"recovery could not write: {err}", err)
+            return
+        self._release_files(commit=False)
+        if disk_full and not isinstance(err, BraidError):
+            raise DiskFull(f"disk full: shard {self.number} under {self.directory} cannot open: {err}") from err
+        raise err
 
     def _spann_strands(self) -> dict[str, SpannStrand]:
         return {name: index for name, index in self.dense.items() if isinstance(index, SpannStrand)}
@@ -178,8 +265,17 @@ class Shard:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, manifest: dict[str, Any]) -> None:
+        """Load the checkpoint ``read_manifest`` checked, once its files pass their CHECKSUMS."""
+        segment = self.directory / "segments" / str(int(manifest["generation"]))
+        verify_directory(segment, required=manifest["format"] >= 2)
+        try:
+            self._load_generation(manifest, segment)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, UnicodeDecodeError) as err:
+            # Only reachable for a format 1 generation (no CHECKSUMS) or a bug: never a bare traceback.
+            raise DataLoss(f"{segment}: cannot load checkpoint generation: {type(err).__name__}: {err}") from err
+
+    def _load_generation(self, manifest: dict[str, Any], segment: Path) -> None:
         self._generation = int(manifest["generation"])
-        segment = self.directory / "segments" / str(self._generation)
         self._next_label = self._size = int(manifest["next_label"])
         self._grow(self._size)
         live = json.loads((segment / "ids.json").read_text())
@@ -202,20 +298,34 @@ class Shard:
 
         From the moment close starts, writes, flushes and reads raise ``error`` (default:
         Unavailable "shard N is closed"; a collection passes NotFound when it is deleted), so an
-        operation racing the close either completes before it or is refused whole.
+        operation racing the close either completes before it or is refused whole. It never
+        needs disk and never raises for I/O (``_release_files``): a read-only shard skips the
+        tantivy commit, so deleting a collection on a full disk frees its space.
         """
         if not self._gate.close(error or Unavailable(f"shard {self.number} is closed")):
             return
         self.merger.close()
         with self._flush_lock, self._lock.write():
             self._closed = True
-            if self.text is not None:
-                self.text.close()
-            if self.wal is not None:
-                self.wal.close()
-            for strand in self._spann_strands().values():
-                strand.close()
+            self._release_files(commit=not self._failed)
             self._failed = self._failed or "shard is closed"
+
+    def _release_files(self, commit: bool) -> None:
+        """Close tantivy, the WAL and the SPANN strands without ever needing disk: tantivy commits
+        only when ``commit`` (a read-only shard's writer may be broken) and rolls back if that
+        fails. Failures are logged, not raised, so deleting a collection and shutting down
+        always finish; the log holds whatever tantivy did not commit, and replay restores it."""
+        parts: list[tuple[str, Callable[[], None]]] = []
+        if self.text is not None:
+            parts.append(("tantivy", functools.partial(self.text.close, commit)))
+        if self.wal is not None:
+            parts.append(("write-ahead log", self.wal.close))
+        parts += [(f"SPANN field {name}", strand.close) for name, strand in self._spann_strands().items()]
+        for what, close in parts:
+            try:
+                close()
+            except BaseException as err:  # incl. tantivy's PanicException
+                log.warning("shard %d: closing its %s failed (the log keeps every write): %s", self.number, what, err)
 
     # ------------------------------------------------------------------ writes
 
@@ -235,14 +345,23 @@ class Shard:
     def _write(self, kind: int, payload: bytes) -> int:
         """Log, then prepare, commit and apply in sequence order; see the module docstring."""
         with self._gate:  # a close waits for this write to finish, or refuses it before it starts
-            return self._write_admitted(kind, payload)
+            if self._failed_disk_full:
+                self._reopen_if_room()
+            with self._write_path.read():
+                return self._write_admitted(kind, payload)
 
     def _write_admitted(self, kind: int, payload: bytes) -> int:
         if self._failed:
-            raise Unavailable(f"shard {self.number}: {self._failed}")
+            raise self._refusal()
         assert self.wal is not None
         op = _decode(kind, payload)
-        seq = self.wal.append(kind, payload)
+        if kind == records.UPSERT:  # deletes pass: they are tiny, and freeing space needs them
+            self._space.check(len(payload) + RECORD_OVERHEAD)
+        try:
+            seq = self.wal.append(kind, payload)  # DiskFull leaves the log as it was: the shard goes on
+        except WalError as err:  # a failed roll's fsync, or an append that could not be undone
+            self._fail(f"write-ahead log unusable: {err}")
+            raise Unavailable(f"shard {self.number}: write-ahead log unusable: {err}") from err
         self._logged_bytes += len(payload)
         try:
             self.wal.sync(seq)
@@ -295,15 +414,16 @@ class Shard:
             while getattr(self, counter) != seq - 1 and not self._failed:
                 self._apply_cond.wait()
             if self._failed:
-                raise Unavailable(f"shard {self.number}: {self._failed}")
+                raise self._refusal()
             try:
                 result = step()
                 setattr(self, counter, seq)
             except BaseException as err:  # incl. tantivy's PanicException, so later writers never wait forever
                 # The record is durable but could not be applied: memory no longer
-                # matches the log, so stop taking writes; a restart replays it.
+                # matches the log, so stop taking writes; a reopen (or restart) replays it.
                 self._failed = f"write {seq} failed in {counter.strip('_')}: {err!r}"
-                raise
+                self._failed_disk_full = self._disk_full(err)
+                raise self._refusal() from err
             finally:
                 self._apply_cond.notify_all()
         return result or 0
@@ -312,21 +432,135 @@ class Shard:
         with self._lock.write():
             return self._apply(op)
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, err: BaseException | None = None) -> None:
+        """Stop taking writes (the first reason wins) and wake every writer waiting its turn.
+
+        A full disk (``err`` says ENOSPC/EDQUOT) makes the shard read-only until a write finds
+        room again and reopens it; anything else (an fsync failure included) until a restart.
+        Never call it holding the commit lock or the shard's lock (writers wait on those
+        while holding ``_apply_cond``).
+        """
         with self._apply_cond:
-            self._failed = reason
+            if self._failed is None:
+                self._failed = reason
+                self._failed_disk_full = err is not None and self._disk_full(err)
             self._apply_cond.notify_all()
 
+    def _disk_full(self, err: BaseException) -> bool:
+        """Whether ``err`` says the disk is full, or (a foreign error that does not say why, such
+        as tantivy's "index writer was killed") the disk is full now. Braid's own errors
+        (DataLoss, ...) say why: a corrupt log on a full disk is still corrupt."""
+        if is_disk_full(err):
+            return True
+        return not isinstance(err, BraidError) and self._space.exhausted()
+
+    def _refusal(self) -> BraidError:
+        """The error a write to this failed shard gets."""
+        if self._failed_disk_full:
+            return DiskFull(
+                f"disk full: shard {self.number} under {self.directory} is read-only ({self._failed}); "
+                "writes resume when space is freed"
+            )
+        return Unavailable(f"shard {self.number}: {self._failed}")
+
+    def write_problem(self) -> str | None:
+        """Why writes are refused now (the message they get), or None when they are accepted.
+
+        Cheap (a cached free-space reading), so a health check may call it often.
+        """
+        if self._gate.closed:
+            return str(self._gate.error())
+        if self._failed:
+            return str(self._refusal())
+        return self._space.problem()
+
     def _commit_text(self, seq: int) -> None:
-        """Group commit of tantivy: one commit covers every write prepared before it started."""
+        """Group commit of tantivy: one commit covers every write prepared before it started.
+
+        A failed commit fails the shard (waking every writer waiting its turn) instead of
+        leaving a sequence gap that later writers would wait on for ever.
+        """
         if self.text is None:
             return
         with self._commit_lock:
             if self._committed_seq >= seq:
                 return
+            if self._failed:
+                raise self._refusal()
             target = self._prepared_seq
-            self.text.commit()
-            self._committed_seq = target
+            try:
+                self.text.commit()
+                self._committed_seq = target
+                return
+            except BaseException as err:  # incl. tantivy's PanicException
+                failure = err
+        self._fail(f"tantivy commit of write {seq} failed: {failure}", failure)  # outside the commit lock
+        raise self._refusal() from failure
+
+    # ------------------------------------------------------------- reopening
+
+    def heal(self) -> None:
+        """A watchdog's nudge: reopen now if a full disk made the shard read-only and room is back."""
+        if self._failed_disk_full:
+            self._reopen_if_room()
+
+    def _reopen_if_room(self) -> None:
+        """Reopen a shard that a full disk made read-only, once free space is above the floor
+        (above diskspace.SLACK_BYTES when the floor is 0).
+
+        Called by a write before it takes the write path; at most one try a REOPEN_BACKOFF_S.
+        A failed try leaves the shard read-only (with the new reason when it was not the disk).
+        """
+        if time.monotonic() < self._next_reopen or self._space.exhausted():
+            return
+        with self.merger.idle(), self._flush_lock, self._write_path.write():
+            if not self._failed_disk_full or self._gate.closed:
+                return  # another write reopened it meanwhile, or a close is waiting
+            self._next_reopen = time.monotonic() + REOPEN_BACKOFF_S
+            try:
+                self._reopen()
+            except BaseException as err:  # incl. tantivy's PanicException
+                log.warning("shard %d: reopening after a full disk failed: %s", self.number, err)
+                if not self._disk_full(err):
+                    with self._apply_cond:
+                        self._failed, self._failed_disk_full = f"reopening after a full disk failed: {err}", False
+                return
+        log.info("shard %d: reopened after a full disk; writes resume", self.number)
+
+    def _reopen(self) -> None:
+        """Rebuild the shard from its files as ``open`` does and swap the result in.
+
+        Caller holds the merge lock, the flush lock and the write path exclusively, so no
+        write, checkpoint or merge runs. tantivy is closed without a commit first (its
+        writer may be broken; only one writer may exist), then a fresh shard recovers from
+        the last checkpoint and the log, with no lock held: searches go on meanwhile against
+        the old state (BM25 against tantivy's last commit). The swap itself happens under
+        the write lock, so a search sees the old shard or the new one, never a mix.
+        """
+        if self.text is not None:
+            self.text.close(commit=False)
+        if self.wal is not None:
+            try:
+                self.wal.close()
+            except BaseException as err:  # a failed fsync: the log is suspect, so only a restart may trust it
+                with self._apply_cond:
+                    self._failed, self._failed_disk_full = f"write-ahead log fsync failed: {err}", False
+                raise
+        fresh = Shard(self.directory, self.schema, self.number, self.policy)
+        try:
+            fresh._recover()
+        except BaseException:
+            fresh._release_files(commit=False)
+            raise
+        old_strands = self._spann_strands()
+        with self._lock.write():
+            for name in _RECOVERED_STATE:
+                setattr(self, name, getattr(fresh, name))
+        with self._apply_cond:
+            self._failed, self._failed_disk_full = None, False
+        for strand in old_strands.values():
+            strand.close()
+        self._remove_unreferenced()
 
     def _prepare(self, op: _Op) -> None:
         """Hand out labels and stage new versions in tantivy; nothing becomes visible yet.
@@ -452,24 +686,51 @@ class Shard:
         """
         with self._gate:
             with self.merger.idle(), self._flush_lock:
-                self._checkpoint()
+                self._checkpoint_or_fail()
             self.merger.maybe_start()  # one that came due while the checkpoint held merges off
 
     def _publish_merge(self, swap: Callable[[], None]) -> None:
         """Swap a merged SPANN segment in and checkpoint, so the manifest names it."""
         with self._flush_lock:
             if self._failed:
-                raise Unavailable(f"shard {self.number}: {self._failed}")
+                raise self._refusal()
             with self._lock.write():
                 swap()
+            self._checkpoint_or_fail()
+
+    def _checkpoint_or_fail(self) -> None:
+        """Checkpoint; a failed one (a full disk) removes the generation it did not publish, so a
+        retry can complete it, and fails the shard only when tantivy's commit broke its writer."""
+        try:
             self._checkpoint()
+        except BaseException as err:  # incl. tantivy's PanicException
+            self._discard_unpublished()
+            if self.text is not None and self.text.broken is not None:
+                self._fail(f"tantivy commit in a checkpoint failed: {err}", err)
+                raise self._refusal() from err
+            if not isinstance(err, BraidError) and self._disk_full(err):
+                raise DiskFull(f"disk full: shard {self.number}: checkpoint failed, nothing changed: {err}") from err
+            raise
+
+    def _discard_unpublished(self) -> None:
+        """Remove ``segments/<gen>[.tmp]`` of a checkpoint that failed before MANIFEST.json named it."""
+        generation = self._generation + 1  # _checkpoint advances _generation only after the manifest
+        try:
+            manifest = read_json(self.directory / "MANIFEST.json")
+        except Exception:  # cannot tell what is published: leave the files to the next open
+            return
+        if manifest is not None and int(manifest["generation"]) >= generation:
+            self._generation = int(manifest["generation"])  # published; only the steps after it failed
+            return
+        for name in (f"{generation}.tmp", str(generation)):
+            shutil.rmtree(self.directory / "segments" / name, ignore_errors=True)
 
     def _checkpoint(self) -> None:
         """The checkpoint itself (caller holds the flush lock and no merge is running)."""
         assert self.wal is not None
         with self._lock.read():
             if self._failed:
-                raise Unavailable(f"shard {self.number}: {self._failed}")
+                raise self._refusal()
             wal_seq = self._applied_seq
             self._logged_bytes = 0
             self._dirty_since = None
@@ -490,6 +751,7 @@ class Shard:
                 index.save(staging)
             for sparse in self.sparse.values():
                 sparse.save(staging)
+            write_checksums(staging)  # read back from the page cache; before the fsyncs and the rename
             for path in staging.iterdir():
                 _fsync_file(path)
             final = segments / str(generation)
@@ -507,10 +769,44 @@ class Shard:
                 # the label counter as of wal_seq: replay hands later writes the same labels
                 "next_label": self._size,
             }
+            wal_crc = self.wal.record_crc(wal_seq)  # lets recovery check the log agrees on where replay starts
+            if wal_crc is not None:
+                manifest["wal_crc32"] = wal_crc
             write_json_atomic(self.directory / "MANIFEST.json", manifest)
             self._generation = generation
             self._remove_unreferenced()
             self.wal.truncate_prefix(wal_seq)
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """A shard's MANIFEST.json, checked against its checksum and what it points at; None when absent.
+
+    DataLoss naming the file: a bad checksum (or none in format 2), a field missing or of the
+    wrong type, a generation whose directory is missing, a ``wal_seq`` with no log at all.
+    The files of the generation are checked later (``_load_checkpoint``), as is the log's
+    agreement with ``wal_seq`` (index/wal.py).
+    """
+    path = directory / "MANIFEST.json"
+    manifest, checked = load_json(path)
+    if manifest is None:
+        return None
+    fmt = manifest.get("format")
+    if fmt not in READ_FORMATS:
+        raise DataLoss(f"{path}: unsupported format {fmt!r}; this version reads {READ_FORMATS}")
+    if fmt >= 2 and not checked:
+        raise DataLoss(f"{path}: a format {fmt} manifest without its crc32 checksum")
+    for key in ("generation", "wal_seq", "next_label"):
+        if type(manifest.get(key)) is not int or manifest[key] < 0:
+            raise DataLoss(f"{path}: {key!r} is {manifest.get(key)!r}, expected an integer >= 0")
+    if "wal_crc32" in manifest and type(manifest["wal_crc32"]) is not int:
+        raise DataLoss(f"{path}: 'wal_crc32' is {manifest['wal_crc32']!r}, expected an integer")
+    generation = directory / "segments" / str(manifest["generation"])
+    if not generation.is_dir():
+        raise DataLoss(f"{path}: generation {manifest['generation']} names {generation}, which is missing")
+    wal = directory / "wal"
+    if manifest["wal_seq"] > 0 and not (wal.is_dir() and any(p.suffix == ".wal" for p in wal.iterdir())):
+        raise DataLoss(f"{path}: wal_seq is {manifest['wal_seq']} but {wal} holds no log: records may be lost")
+    return manifest
 
 
 class _ReadGuard:

@@ -24,9 +24,18 @@ Segment directory (files published by atomic rename; ``spann.json`` last, so a
 directory without it is an unfinished build)::
 
     spann.json      {"format": 1, "metric", "dim", "count", "lists", "rows", "params": {...},
-                     "centroids_bytes", "centroids_crc32", "build_seconds"}
+                     "centroids_bytes", "centroids_crc32", "postings_bytes", "postings_crc32",
+                     "build_seconds", "crc32"}
     centroids.hnsw  hnswlib's serialisation of the centroid index (label = list number)
     postings.bin    the posting file (byte layout in index/postings.py)
+
+Checksums: spann.json carries its own ``crc32`` (index/manifest.py). ``open`` checks
+centroids.hnsw's size and CRC *before* hnswlib reads it (hnswlib trusts its input and
+can crash on a corrupt link list), and the posting file's header, offset table and
+locator; each posting list is checked when read (index/postings.py). The whole-file
+``postings_crc32`` (and every list's CRC) is checked by ``check`` (the offline scrub),
+not at open: reading a multi-GB segment at every start would be prohibitive. Segments
+written before ``postings_bytes`` / ``postings_crc32`` existed open the same way.
 
 Resident memory: the centroid index (lists x (4 dim + ~8 M) bytes) and the posting
 file's offset table (16 bytes a list). Vectors are read per query with positioned reads
@@ -45,6 +54,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
+from .checksums import Problem, crc32_file
 from .closure import closure_assign
 from .errors import DataLoss, InvalidArgument
 from .kmeans import hierarchical_kmeans
@@ -127,6 +137,7 @@ class SpannSegment:
         for empty in np.flatnonzero([len(m) == 0 for m in members]):
             index.mark_deleted(int(empty))  # never route a query to a list with nothing in it
         write_postings(directory / POSTINGS, vectors, labels, members, primary)
+        postings_bytes, postings_crc = crc32_file(directory / POSTINGS)  # read back from the page cache
         centroid_bytes, centroid_crc = _save_centroids(index, directory / CENTROIDS)
         meta = {
             "format": FORMAT_VERSION,
@@ -138,6 +149,8 @@ class SpannSegment:
             "params": params.to_json(),
             "centroids_bytes": centroid_bytes,
             "centroids_crc32": centroid_crc,
+            "postings_bytes": postings_bytes,
+            "postings_crc32": postings_crc,
             "build_seconds": round(time.perf_counter() - started, 3),
         }
         write_json_atomic(directory / META, meta)
@@ -152,6 +165,9 @@ class SpannSegment:
             raise DataLoss(f"{directory}: no {META}: not a complete SPANN segment")
         if meta.get("format") != FORMAT_VERSION:
             raise DataLoss(f"{directory / META}: unsupported format {meta.get('format')}, expected {FORMAT_VERSION}")
+        missing = {"metric", "dim", "count", "lists", "params", "centroids_bytes", "centroids_crc32"} - meta.keys()
+        if missing:
+            raise DataLoss(f"{directory / META}: missing keys {sorted(missing)}")
         path = directory / CENTROIDS
         try:
             raw = path.read_bytes()
@@ -306,6 +322,32 @@ class SpannSegment:
     def verify(self) -> None:
         """Read the whole posting file and check every checksum."""
         self._postings.verify()
+
+    @classmethod
+    def check(cls, directory: Path) -> list[Problem]:
+        """Every problem of a sealed segment directory, reading all of it (the offline scrub)."""
+        directory = Path(directory)
+        try:
+            segment = cls.open(directory)
+        except DataLoss as err:
+            return [Problem.from_message(str(err))]
+        try:
+            path = directory / POSTINGS
+            problems = [
+                Problem(str(path), f"posting list {n} fails its crc32 checksum", int(segment._postings.offsets[n]))
+                for n in segment._postings.bad_lists()
+            ]
+            try:
+                segment._postings.locator()
+            except DataLoss as err:
+                problems.append(Problem.from_message(str(err)))
+            if "postings_crc32" in segment.meta:
+                size, crc = crc32_file(path)
+                if (size, crc) != (segment.meta["postings_bytes"], segment.meta["postings_crc32"]):
+                    problems.append(Problem(str(path), f"whole-file crc32 {crc} ({size} bytes) does not match {META}"))
+            return problems
+        finally:
+            segment.close()
 
     def drop_cache(self) -> None:
         """Evict the posting file from the OS page cache (cold-read benchmarks)."""

@@ -42,7 +42,8 @@ In a checkpoint generation directory (written by ``save``, read by ``load``)::
 
     <field>.hnsw          the growing segment, hnswlib's serialisation (index/dense.py)
     <field>.strand.json   {"format": 2, "sealed": ["<directory under segments/>", ...],
-                           "growing": [labels of the growing segment's live vectors]}
+                           "growing": [labels of the growing segment's live vectors], "crc32"}
+                          (its own checksum, index/manifest.py; also in the generation's CHECKSUMS)
 
 Format 1 (``"sealed": "<directory>" | null``, one segment) still loads. Sealed
 segments are not copied per generation: a generation names them, and the shard
@@ -51,7 +52,6 @@ deletes segment directories no published generation names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,7 @@ import numpy as np
 from .dense import DenseIndex
 from .errors import DataLoss
 from .labelmask import LabelMask
-from .manifest import read_json
+from .manifest import dumps_checked, read_json
 from .schema import DenseFieldSpec
 from .spann import SpannSegment
 
@@ -322,7 +322,7 @@ class SpannStrand:
             "sealed": [segment.directory.name for segment in self.sealed],
             "growing": self.growing.present_labels().tolist(),
         }
-        (directory / f"{self.spec.name}.strand.json").write_text(json.dumps(meta))
+        (directory / f"{self.spec.name}.strand.json").write_bytes(dumps_checked(meta))
 
     @classmethod
     def load(cls, directory: Path, segments: Path, spec: DenseFieldSpec, present: list[int]) -> SpannStrand:

@@ -19,12 +19,41 @@ mask are dropped until ``k`` remain or the matches run out; both plans return
 exactly tantivy's top k among the allowed documents.
 
 On disk: tantivy's own directory layout (meta.json, per-segment files).
+
+Checksums: every file tantivy writes for a segment (``<segment>.idx``, ``.pos``,
+``.term``, ``.store``, ``.fast``, ``.fieldnorm``, ``<segment>.<opstamp>.del``) ends
+with tantivy's footer, little-endian::
+
+    body | footer JSON {"version": {...}, "crc": <crc32 of body>} | u32 footer JSON length | u32 magic 1337
+
+tantivy never checks it when it opens an index, and tantivy-py 0.27 exposes no
+``validate_checksum``, so ``check_files`` does it here, in Python (CRC-32 is
+zlib.crc32): for every segment meta.json names, the files it has. The footer JSON is
+not covered by the CRC: it must have exactly tantivy's keys, and the version in it must
+agree across a segment's six component files (written together). The index is
+checked on open, before tantivy reads it (one sequential read of the whole index:
+O(its size) at every start), then opened and a searcher made (which opens every
+segment's reader); any failure is DataLoss naming the file, or the text/ directory.
+Limits: meta.json and .managed.json carry no checksum (tantivy rewrites them at
+every commit, so Braid cannot keep one cheaply). .managed.json must parse as a list of
+names (a changed name only makes tantivy keep a file it could delete). meta.json is cross-checked
+instead: it must parse, each segment entry must have exactly tantivy's keys (tantivy
+ignores an unknown one, so a renamed "deletes" would revive deleted documents), each
+segment's ``max_doc`` must equal the row count in its fast-field file (tantivy trusts
+it: one too low hides documents, one too high panics), and the schema must be the
+one Braid asks for (tantivy refuses a different one). What is left unchecked: a flip
+that changes ``num_deleted_docs`` or a setting and still parses (not seen to change an
+answer). Files of segments meta.json does not name (an interrupted commit or merge)
+are not checked; tantivy deletes them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import threading
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +61,8 @@ import numpy as np
 import tantivy
 
 from . import analyzers
-from .errors import InvalidArgument
+from .checksums import Problem
+from .errors import DataLoss, InvalidArgument, Unavailable
 from .schema import TextFieldSpec
 from .validate import MAX_QUERY_TERMS
 
@@ -46,26 +76,41 @@ def _empty() -> tuple[np.ndarray, np.ndarray]:
     return np.empty(0, np.int64), np.empty(0, np.float32)
 
 
+def build_schema(fields: tuple[TextFieldSpec, ...]) -> tantivy.Schema:
+    """The tantivy schema of a shard's text fields (tantivy refuses to open an index whose schema differs)."""
+    builder = tantivy.SchemaBuilder()
+    # i64, not u64: tantivy-py builds i64 terms from Python ints, so u64 label terms never match a delete.
+    builder.add_integer_field(LABEL, stored=False, indexed=True, fast=True)
+    for spec in fields:
+        builder.add_text_field(spec.name, stored=True, tokenizer_name=spec.analyzer.value)
+    return builder.build()
+
+
 class TextIndex:
     """A tantivy index plus the writer and the current searcher."""
 
     def __init__(self, directory: Path, fields: tuple[TextFieldSpec, ...]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        builder = tantivy.SchemaBuilder()
-        # i64, not u64: tantivy-py builds i64 terms from Python ints, so u64 label terms never match a delete.
-        builder.add_integer_field(LABEL, stored=False, indexed=True, fast=True)
-        for spec in fields:
-            builder.add_text_field(spec.name, stored=True, tokenizer_name=spec.analyzer.value)
-        self.schema = builder.build()
+        problems = check_files(directory)
+        if problems:
+            raise problems[0].error()
+        self.schema = build_schema(fields)
         self.fields = fields
         self.field_names = [f.name for f in fields]
-        self._index = tantivy.Index(self.schema, path=str(directory), reuse=True)
+        try:
+            self._index = tantivy.Index(self.schema, path=str(directory), reuse=True)
+            self._index.searcher()  # opens every segment's reader
+        except BaseException as err:  # tantivy's errors arrive as ValueError, its panics as PanicException
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise DataLoss(f"{directory}: tantivy cannot open the text index: {type(err).__name__}: {err}") from err
         for kind in {spec.analyzer for spec in fields} & set(analyzers.CUSTOM):
             self._index.register_tokenizer(kind.value, analyzers.build(kind))
         self._analyzers = {spec.name: analyzers.build(spec.analyzer) for spec in fields}
         self._writer = self._index.writer(WRITER_HEAP_BYTES, 1)
         self._writer_lock = threading.Lock()
         self._closed = False
+        self.broken: BaseException | None = None  # the error of a failed commit (see commit)
         self._searcher = self._index.searcher()
 
     # ------------------------------------------------------------------ writes
@@ -83,22 +128,55 @@ class TextIndex:
         with self._writer_lock:
             self._writer.delete_documents_by_term(LABEL, label)
 
-    def commit(self) -> None:
-        """Publish pending writes (durable in tantivy's files) and refresh the searcher."""
+    def remove_from(self, label: int) -> bool:
+        """Stage the deletion of every document with a label >= ``label``; False when there is none.
+
+        Recovery calls it with the first label the log did not hand out: tantivy can hold
+        documents of writes the log lost (a damaged last record, truncated as a torn write),
+        hidden by the alive mask but still counted in BM25's statistics.
+        """
+        stale = tantivy.Query.range_query(self.schema, LABEL, tantivy.FieldType.Integer, lower_bound=label)
+        if not self._searcher.search(stale, 1, count=False).hits:
+            return False
         with self._writer_lock:
-            self._writer.commit()
-        self._index.reload()
+            self._writer.delete_documents_by_query(stale)
+        return True
+
+    def commit(self) -> None:
+        """Publish pending writes (durable in tantivy's files) and refresh the searcher.
+
+        A failed commit (a full disk) leaves the index ``broken`` and every later commit
+        refuses: tantivy kills an indexing worker that hits an I/O error, and a later
+        commit can then succeed without the documents that worker held (seen with
+        tantivy-py 0.27 on a full tmpfs). The owner rebuilds from its log instead.
+        """
+        with self._writer_lock:
+            if self.broken is not None:
+                raise Unavailable(f"text index: an earlier commit failed ({self.broken}); reopen it") from self.broken
+            try:
+                self._writer.commit()
+                self._index.reload()
+            except BaseException as err:  # incl. tantivy's PanicException
+                self.broken = err
+                raise
         self._searcher = self._index.searcher()
 
-    def close(self) -> None:
-        """Commit and wait for tantivy's merges. The writer is consumed by it: a second close does
-        nothing, and a write after it is a bug in the caller (the shard refuses writes first)."""
+    def close(self, commit: bool = True) -> None:
+        """Commit (unless ``commit`` is false or the index is broken: then roll back, which needs
+        no disk) and wait for tantivy's merges. The writer is consumed by it even when the
+        commit fails: a second close does nothing, and a write after it is a bug in the caller
+        (the shard refuses writes first). Searches keep using the last searcher."""
         with self._writer_lock:
             if self._closed:
                 return
             self._closed = True
-            self._writer.commit()
-            self._writer.wait_merging_threads()
+            try:
+                if commit and self.broken is None:
+                    self._writer.commit()
+                else:
+                    self._writer.rollback()
+            finally:
+                self._writer.wait_merging_threads()
 
     # ----------------------------------------------------------------- queries
 
@@ -184,3 +262,179 @@ class TextIndex:
                 if name != LABEL and values and (wanted is None or name in wanted)
             }
         return out
+
+
+# ---------------------------------------------------------------- checksums
+
+_FOOTER_MAGIC = 1337
+_FOOTER_TAIL = struct.Struct("<II")  # footer JSON length, magic
+_FOOTER_VERSION_KEYS = {"major", "minor", "patch", "index_format_version"}
+_COMPONENTS = ("idx", "pos", "term", "store", "fast", "fieldnorm")
+_SEGMENT_KEYS = {"segment_id", "max_doc", "deletes"}
+_COLUMNAR_V2_TAIL = struct.pack("<I", 2) + bytes([2, 113, 119, 66])
+_CHUNK = 1 << 20
+
+
+def segment_files(directory: Path) -> tuple[list[Path], list[Problem]]:
+    """The files of every segment tantivy's meta.json names that exist, and meta.json's problems."""
+    meta_path = directory / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except FileNotFoundError:
+        leftovers = [p.name for p in directory.iterdir() if p.suffix[1:] in _COMPONENTS]
+        if leftovers:
+            return [], [Problem(str(meta_path), f"missing, while segment files exist ({leftovers[0]}, ...)")]
+        return [], []
+    except (OSError, ValueError) as err:
+        return [], [Problem(str(meta_path), f"unparsable tantivy meta.json: {err}")]
+    files: list[Path] = []
+    try:
+        for segment in meta["segments"]:
+            # tantivy ignores a key it does not know: a renamed "deletes" would revive deleted documents
+            if segment.keys() != _SEGMENT_KEYS:
+                raise ValueError(f"segment entry has keys {sorted(segment)}, expected {sorted(_SEGMENT_KEYS)}")
+            name = str(segment["segment_id"]).replace("-", "")
+            names = [f"{name}.{ext}" for ext in _COMPONENTS]
+            if segment["deletes"] is not None:
+                names.append(f"{name}.{int(segment['deletes']['opstamp'])}.del")
+            files += [directory / n for n in names if (directory / n).exists()]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return files, [Problem(str(meta_path), f"malformed tantivy meta.json: {type(err).__name__}: {err}")]
+    return files, []
+
+
+def _check_max_doc(directory: Path, meta_path: Path) -> list[Problem]:
+    """meta.json's ``max_doc`` of each segment against the row count its fast-field file records.
+
+    tantivy trusts meta.json's count: one too low hides documents, one too high panics.
+    The fast-field file (tantivy's columnar format, version 2) ends with
+    ``u32 num_rows | u32 version | magic 02 71 77 42`` before tantivy's footer.
+    """
+    problems = []
+    for segment in json.loads(meta_path.read_bytes())["segments"]:
+        path = directory / f"{str(segment['segment_id']).replace('-', '')}.fast"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        length = _FOOTER_TAIL.unpack_from(raw, len(raw) - _FOOTER_TAIL.size)[0]
+        body = raw[: len(raw) - _FOOTER_TAIL.size - length]
+        if len(body) >= 12 and body[-8:] == _COLUMNAR_V2_TAIL:
+            rows = struct.unpack_from("<I", body, len(body) - 12)[0]
+            if rows != segment["max_doc"]:
+                message = (
+                    f"segment {segment['segment_id']}: max_doc {segment['max_doc']}, its {path.name} has {rows} rows"
+                )
+                problems.append(Problem(str(meta_path), message))
+    return problems
+
+
+def check_footer(path: Path) -> Problem | None:
+    """tantivy's footer of one file: magic, length, and the CRC-32 of the body; None when intact."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            if size < _FOOTER_TAIL.size:
+                return Problem(str(path), f"{size} bytes: too short for tantivy's footer")
+            fh.seek(size - _FOOTER_TAIL.size)
+            length, magic = _FOOTER_TAIL.unpack(fh.read(_FOOTER_TAIL.size))
+            if magic != _FOOTER_MAGIC:
+                return Problem(str(path), f"footer magic {magic}, expected {_FOOTER_MAGIC}", size - 4)
+            body = size - _FOOTER_TAIL.size - length
+            if body < 0:
+                return Problem(str(path), f"footer length {length} exceeds the file ({size} bytes)", size - 8)
+            fh.seek(body)
+            try:
+                footer = json.loads(fh.read(length))
+                expected = footer["crc"]
+                version = footer["version"]
+                if footer.keys() != {"version", "crc"} or version.keys() != _FOOTER_VERSION_KEYS:
+                    raise ValueError(f"unexpected keys {sorted(footer)} / {sorted(version)}")
+                if not all(type(v) is int for v in (expected, *version.values())):
+                    raise ValueError("a field is not an integer")
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                return Problem(str(path), f"unparsable footer: {err}", body)
+            fh.seek(0)
+            crc, left = 0, body
+            while left:
+                chunk = fh.read(min(_CHUNK, left))
+                if not chunk:
+                    return Problem(str(path), "shorter than its footer says")
+                crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+    except OSError as err:
+        return Problem(str(path), f"unreadable: {err}")
+    if crc != expected:
+        return Problem(str(path), f"crc32 {crc} of {body} bytes does not match the footer's {expected}")
+    return None
+
+
+def check_files(directory: Path) -> list[Problem]:
+    """Every problem with tantivy's files under ``directory`` (meta.json, then each footer)."""
+    files, problems = segment_files(directory)
+    managed = directory / ".managed.json"  # tantivy's list of its files, for its garbage collection
+    try:
+        names = json.loads(managed.read_bytes())
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append(Problem(str(managed), "expected a JSON list of file names"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as err:
+        problems.append(Problem(str(managed), f"unparsable: {err}"))
+    for path in files:
+        problem = check_footer(path)
+        if problem is not None:
+            problems.append(problem)
+    if files and not problems:  # the fast-field files are intact: their row counts can be trusted
+        problems += _check_versions(files)
+        problems += _check_max_doc(directory, directory / "meta.json")
+    return problems
+
+
+def _footer_version(path: Path) -> tuple[int, ...]:
+    raw = path.read_bytes()
+    length = _FOOTER_TAIL.unpack_from(raw, len(raw) - _FOOTER_TAIL.size)[0]
+    version = json.loads(raw[len(raw) - _FOOTER_TAIL.size - length : len(raw) - _FOOTER_TAIL.size])["version"]
+    return tuple(version[key] for key in sorted(_FOOTER_VERSION_KEYS))
+
+
+def _check_versions(files: list[Path]) -> list[Problem]:
+    """The tantivy version in the footers of one segment's files must agree (its CRC does not cover it).
+
+    A segment's six component files are written together, by one tantivy; a ``.del`` file
+    may come from a later version, so it is left out.
+    """
+    by_segment: dict[str, dict[Path, tuple[int, ...]]] = {}
+    for path in files:
+        if path.suffix != ".del":
+            by_segment.setdefault(path.name.split(".")[0], {})[path] = _footer_version(path)
+    problems = []
+    for versions in by_segment.values():
+        common = max(set(versions.values()), key=list(versions.values()).count)
+        for path, version in versions.items():
+            if version != common:
+                message = f"footer says tantivy version {version}, the segment's other files {common}"
+                problems.append(Problem(str(path), message))
+    return problems
+
+
+def check(directory: Path, fields: tuple[TextFieldSpec, ...]) -> list[Problem]:
+    """The offline scrub of a text/ directory: footers, then a read-only open with the shard's
+    schema (tantivy compares it with meta.json's) and a read of every segment.
+
+    Opening takes no writer lock, so it can run beside a server, but a server's commit
+    during the scrub may make files vanish; stop the server first.
+    """
+    problems = check_files(directory)
+    if problems or not (directory / "meta.json").exists():
+        return problems
+    try:
+        index = tantivy.Index(build_schema(fields), path=str(directory), reuse=True)
+        searcher = index.searcher()
+        hits = searcher.search(tantivy.Query.all_query(), 1).hits
+        if searcher.num_docs and not hits:
+            problems.append(Problem(str(directory), f"{searcher.num_docs} documents counted, none found"))
+    except BaseException as err:  # incl. tantivy's PanicException
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        problems.append(Problem(str(directory), f"tantivy cannot read the text index: {type(err).__name__}: {err}"))
+    return problems

@@ -18,15 +18,25 @@ Durability contract: ``append`` hands the record to the OS (visible to readers
 and to any later fsync) but does not fsync; ``sync(seq)`` returns once every
 record up to ``seq`` is on stable storage. Concurrent ``sync`` calls share one
 fsync (group commit), and appends proceed while a sync is in its fsync.
+A failed append leaves the log exactly as it was (a partial record is truncated
+away) and raises DiskFull for ENOSPC/EDQUOT, so appends resume once there is room;
+a failed fsync poisons the log (the kernel may have dropped the pages) until reopened.
 
 Recovery (``open``): a torn or CRC-failing record at the very end of the last
 segment is the normal result of a crash and is truncated away; a bad record
 anywhere else (followed by valid records, or in an older segment) is
-corruption and raises ``WalError`` naming the file and offset.
+corruption and raises ``WalError`` (a DataLoss) naming the file and offset.
+The caller's checkpoint is checked against the log: a log that ends before the
+checkpoint's seq lost records (a checkpoint never trims the active segment), and
+the checkpoint's record of ``record_crc(wal_seq)`` must match that record while it
+is still in the log (else replay would start at the wrong record); both raise WalError.
+Limit: a damaged *last* record cannot be told from a torn write, so it is truncated
+(a WARNING) even when it was acknowledged; ``check`` (the offline scrub) reports it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -40,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import DataLoss, InvalidArgument, Unavailable
+from .checksums import Problem
+from .errors import DataLoss, DiskFull, InvalidArgument, Unavailable
 from .manifest import fsync_dir
 
 log = logging.getLogger("braid.wal")
@@ -57,6 +68,7 @@ _SEGMENT_NAME = re.compile(r"\d{20}\.wal")
 _RESYNC_WINDOW = 1024
 
 _fsync_data = getattr(os, "fdatasync", os.fsync)  # data + size is all an append-only file needs
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 Buffer = bytes | mmap.mmap
 
@@ -168,8 +180,9 @@ def _find_following_record(buf: Buffer, bad_off: int, expected: int) -> int | No
     return None
 
 
-def _scan_segment(path: Path, first_seq: int, is_last: bool) -> tuple[int, int]:
-    """Validate one segment; returns (valid size, next expected seq). Truncates a torn tail of the last segment."""
+def _scan_segment(path: Path, first_seq: int, is_last: bool, repair: bool = True) -> tuple[int, int]:
+    """Validate one segment; returns (valid size, next expected seq). Truncates a torn tail of the last
+    segment (unless not ``repair``: the read-only scrub)."""
     size = path.stat().st_size
     off, seq = 0, first_seq
     with _mapped(path, size) as buf:
@@ -188,13 +201,13 @@ def _scan_segment(path: Path, first_seq: int, is_last: bool) -> tuple[int, int]:
             if record.seq != seq:
                 raise WalError(f"{path}: record at offset {off} has seq {record.seq}, expected {seq}")
             off, seq = record.end, seq + 1
-    if off < size:
+    if off < size and repair:
         log.warning("%s: truncating torn tail at offset %d (%d bytes dropped)", path, off, size - off)
         _truncate_durably(path, off)
     return off, seq
 
 
-def _recover(directory: Path) -> tuple[list[_Segment], int]:
+def _recover(directory: Path, repair: bool = True) -> tuple[list[_Segment], int]:
     """Validate every segment in order; returns the segments and the last valid seq (0 when empty)."""
     paths = sorted(p for p in directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name))
     segments: list[_Segment] = []
@@ -205,20 +218,51 @@ def _recover(directory: Path) -> tuple[list[_Segment], int]:
             raise WalError(f"{path}: segment name gives first seq {first}; sequence numbers start at 1")
         if next_seq is not None and first != next_seq:
             raise WalError(f"{path}: segment starts at seq {first} but the previous one ends at {next_seq - 1}")
-        size, next_seq = _scan_segment(path, first, is_last=i == len(paths) - 1)
+        size, next_seq = _scan_segment(path, first, is_last=i == len(paths) - 1, repair=repair)
         segments.append(_Segment(first, path, size))
     return segments, (next_seq - 1 if next_seq is not None else 0)
 
 
-def _drop_obsolete(directory: Path, segments: list[_Segment], last_seq: int, first_seq: int) -> list[_Segment]:
-    """Remove a log that ends before ``first_seq - 1``: the caller's checkpoint covers all of it."""
-    if not segments or last_seq >= first_seq - 1:
-        return segments
-    log.warning("%s: log ends at seq %d, before checkpoint seq %d; starting over", directory, last_seq, first_seq - 1)
-    for segment in segments:
-        segment.path.unlink()
-    fsync_dir(directory)
-    return []
+def _check_reaches(directory: Path, segments: list[_Segment], last_seq: int, first_seq: int) -> None:
+    """A log must reach the caller's checkpoint (``first_seq - 1``): a checkpoint never trims the
+    active segment, so a log that ends before it lost records, or the checkpoint's seq is wrong."""
+    if segments and last_seq < first_seq - 1:
+        raise WalError(
+            f"{directory}: the log ends at seq {last_seq}, before the checkpoint's seq {first_seq - 1}: "
+            "records are missing from the log, or the checkpoint's wal_seq is wrong"
+        )
+
+
+def _header_at(path: Path, size: int, first_seq: int, seq: int) -> tuple[int, int] | None:
+    """(offset, stored crc) of record ``seq`` in a validated segment, walking the headers; None past its end."""
+    off, at = 0, first_seq
+    with _mapped(path, size) as buf:
+        while off + HEADER_BYTES <= size:
+            length, crc, _, _ = HEADER.unpack_from(buf, off)
+            if at == seq:
+                return off, crc
+            off, at = off + HEADER_BYTES + length, at + 1
+    return None
+
+
+def _record_crc(segments: list[_Segment], last_seq: int, seq: int) -> int | None:
+    if seq < 1 or seq > last_seq:
+        return None
+    for i, segment in enumerate(segments):
+        end = segments[i + 1].first_seq - 1 if i + 1 < len(segments) else last_seq
+        if segment.first_seq <= seq <= end:
+            found = _header_at(segment.path, segment.size, segment.first_seq, seq)
+            return None if found is None else found[1]
+    return None
+
+
+def _check_checkpoint(segments: list[_Segment], last_seq: int, seq: int, crc: int) -> None:
+    actual = _record_crc(segments, last_seq, seq)
+    if actual is not None and actual != crc:
+        raise WalError(
+            f"{segments[0].path.parent}: record {seq}, where the checkpoint says replay starts, has crc32 {actual}, "
+            f"the checkpoint recorded {crc}: the checkpoint's wal_seq does not match the log"
+        )
 
 
 # --------------------------------------------------------------------- the log
@@ -242,11 +286,20 @@ class WriteAheadLog:
         self.fsync_count = 0  # fsyncs issued by sync() and close(); lets tests see group commit
 
     @classmethod
-    def open(cls, directory: Path, segment_bytes: int = DEFAULT_SEGMENT_BYTES, *, first_seq: int = 1) -> WriteAheadLog:
+    def open(
+        cls,
+        directory: Path,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        *,
+        first_seq: int = 1,
+        checkpoint_crc: int | None = None,
+    ) -> WriteAheadLog:
         """Open or create the log in ``directory``, validating and repairing it as described in the module doc.
 
         ``first_seq`` is the first seq the caller has not checkpointed: an empty log starts numbering there,
-        and a log that ends before ``first_seq - 1`` is entirely covered by the checkpoint and is discarded.
+        and a log that ends before ``first_seq - 1`` raises WalError (records are missing). ``checkpoint_crc``
+        (``record_crc(first_seq - 1)`` when the checkpoint was written): if that record is still in the log,
+        its CRC must match, else the checkpoint and the log disagree on where replay starts (WalError).
         """
         if segment_bytes < HEADER_BYTES:
             raise InvalidArgument.field("segment_bytes", f"must be at least {HEADER_BYTES}, got {segment_bytes}")
@@ -257,7 +310,9 @@ class WriteAheadLog:
             directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(directory.parent)
         segments, last_seq = _recover(directory)
-        segments = _drop_obsolete(directory, segments, last_seq, first_seq)
+        _check_reaches(directory, segments, last_seq, first_seq)
+        if checkpoint_crc is not None:
+            _check_checkpoint(segments, last_seq, first_seq - 1, checkpoint_crc)
         if not segments:
             last_seq = max(last_seq, first_seq - 1)
             segments = [_Segment(last_seq + 1, _segment_path(directory, last_seq + 1), 0)]
@@ -332,6 +387,8 @@ class WriteAheadLog:
                 os.ftruncate(self._fd, active.size)  # a partial record followed by later ones would be corruption
             except OSError as undo:
                 raise self._fail(f"{active.path}: write failed and could not be undone", undo) from exc
+            if exc.errno in _DISK_FULL_ERRNOS:  # the log is as it was: appends work again once there is room
+                raise DiskFull(f"disk full: write-ahead log append to {active.path} failed: {exc}") from exc
             raise Unavailable(f"{active.path}: write-ahead log append failed: {exc}") from exc
         active.size += len(data)
 
@@ -343,9 +400,14 @@ class WriteAheadLog:
         segment = _Segment(self._last_seq + 1, _segment_path(self._dir, self._last_seq + 1), 0)
         try:
             _fsync_data(self._fd)  # a sealed segment is never fsynced again, so it must be complete now
-            fd = _open_for_append(segment.path)
         except OSError as exc:
             raise self._fail(f"{active.path}: sealing segment failed", exc) from exc
+        try:
+            fd = _open_for_append(segment.path)
+        except OSError as exc:  # nothing changed yet: the active segment stays active
+            if exc.errno in _DISK_FULL_ERRNOS:
+                raise DiskFull(f"disk full: cannot create write-ahead log segment {segment.path}: {exc}") from exc
+            raise Unavailable(f"cannot create write-ahead log segment {segment.path}: {exc}") from exc
         try:
             fsync_dir(self._dir)
         except OSError as exc:
@@ -404,6 +466,18 @@ class WriteAheadLog:
 
     # ------------------------------------------------------------------- reading
 
+    def record_crc(self, seq: int) -> int | None:
+        """The stored CRC of record ``seq``, None when it is not (or no longer) in the log.
+
+        A checkpoint records it, so the next open can check that the log and the checkpoint
+        agree on where replay starts (``open(checkpoint_crc=...)``). Walks the headers of
+        the record's segment: O(records before it in that segment), no payload read.
+        """
+        with self._lock:
+            segments = [_Segment(s.first_seq, s.path, s.size) for s in self._segments]
+            last_seq = self._last_seq
+        return _record_crc(segments, last_seq, seq)
+
     def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
         """Yield (seq, kind, payload) for every record with seq > ``after_seq``, in order, across segments.
 
@@ -459,3 +533,34 @@ def _read_segment(segment: _Segment, after_seq: int) -> Iterator[tuple[int, int,
             if seq > after_seq:
                 yield record.seq, record.kind, record.payload
             off, seq = record.end, seq + 1
+
+
+def check(directory: Path, checkpoint_seq: int = 0, checkpoint_crc: int | None = None) -> list[Problem]:
+    """Read-only scrub of a log directory (nothing is truncated): what ``open`` would refuse or repair.
+
+    A bad record that ``open`` would refuse is a fatal problem; a torn tail (which ``open``
+    truncates) is reported as not fatal, since it is the normal trace of a crash, though an
+    acknowledged write whose record was damaged there would be lost.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [Problem(str(directory), "missing write-ahead log directory")] if checkpoint_seq else []
+    try:
+        segments, last_seq = _recover(directory, repair=False)
+        _check_reaches(directory, segments, last_seq, checkpoint_seq + 1)
+        if checkpoint_crc is not None:
+            _check_checkpoint(segments, last_seq, checkpoint_seq, checkpoint_crc)
+    except WalError as err:
+        return [Problem.from_message(str(err))]
+    if not segments and checkpoint_seq:
+        return [Problem(str(directory), f"no log segments, but the checkpoint is at seq {checkpoint_seq}")]
+    if segments:
+        last = segments[-1]
+        size = last.path.stat().st_size
+        if size > last.size:
+            message = (
+                f"torn tail ({size - last.size} bytes fail their CRC after seq {last_seq}): the next open "
+                "truncates it; if that was an acknowledged write, it is lost"
+            )
+            return [Problem(str(last.path), message, offset=last.size, fatal=False)]
+    return []

@@ -9,6 +9,7 @@
     braid models register DIR --name NAME --kind dense|sparse [--pooling mean|cls] [--hf-checkpoint]
     braid eval DIR [--plans bm25,dense,rrf,dbsf] [--out eval-results] [--reuse]
     braid keys add --file F --name N --role read|write|admin [--collection C ...] | list | remove
+    braid verify DIR [--collection NAME]   (offline checksum scrub; stop the server first)
 
 ``models`` commands work on the models directory (``--models-dir``, BRAID_MODELS_DIR,
 default <data-dir>/models, the one ``braid serve`` reads).
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .auth import add_keys_command
+from .verify import add_verify_command
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # ServerConfig fields that `braid serve` takes as flags (the rest come from BRAID_* variables).
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")
     evaluation.set_defaults(run=_eval)
     add_keys_command(commands)
+    add_verify_command(commands)
     return parser
 
 

@@ -23,7 +23,7 @@ Precedence: command-line flag, then environment variable, then default.
 | api_keys               | BRAID_API_KEYS               | (no keys: open)   |
 | reflection             | BRAID_REFLECTION             | true              |
 | min_free_bytes         | BRAID_MIN_FREE_BYTES         | 256 MiB           |
-| checkpoint_log_bytes   | BRAID_CHECKPOINT_LOG_BYTES   | 64 MiB            |
+| checkpoint_log_bytes   | BRAID_CHECKPOINT_LOG_BYTES   | 32 MiB            |
 | checkpoint_interval_s  | BRAID_CHECKPOINT_INTERVAL_S  | 300               |
 | models_dir             | BRAID_MODELS_DIR             | <data_dir>/models |
 | encoder_threads        | BRAID_ENCODER_THREADS        | 0 = one per CPU   |
@@ -77,7 +77,7 @@ class ServerConfig:
     api_keys: Path | None = None
     reflection: bool = True
     min_free_bytes: int = 256 * 1024 * 1024
-    checkpoint_log_bytes: int = 64 * 1024 * 1024
+    checkpoint_log_bytes: int = 32 * 1024 * 1024
     checkpoint_interval_s: float = 300.0
     models_dir: Path | None = None
     encoder_threads: int = 0

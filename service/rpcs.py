@@ -31,9 +31,11 @@ class BraidRpcs:
         self.max_response_bytes = max_response_bytes
 
     def _info(self, collection: Collection) -> pb.CollectionInfo:
-        return convert.collection_to_proto(
+        info = convert.collection_to_proto(
             collection.name, collection.schema, len(collection.shards), collection.count(), collection.created_at
         )
+        info.write_problem = collection.write_problem() or ""
+        return info
 
     @staticmethod
     def _types(collection: Collection) -> dict:

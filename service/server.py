@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from braid.index.catalog import Catalog
+from braid.index.errors import BraidError
 
 from .admission import Admission
 from .config import ServerConfig
@@ -46,6 +47,9 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # After the grace period, streams are told to end; this long later the rest is cancelled.
 STREAM_END_SECONDS = 1.0
 MAX_CALLS_PER_CONNECTION = 256
+# Health service whose status says whether writes are accepted everywhere, and how often it is refreshed.
+WRITES_HEALTH_NAME = "braid.writes"
+STORAGE_WATCH_S = 1.0
 # How long shutdown waits for work already running on a worker thread.
 WORK_DRAIN_SECONDS = 30.0
 
@@ -71,6 +75,7 @@ class BraidServer:
         # Recovery runs after the port is bound (start): probes see NOT_SERVING, not "connection refused".
         self.catalog = catalog or Catalog(config.data_dir, config.limits, policy=config.storage, recover=False)
         self._recovered = threading.Event()
+        self._stopping = threading.Event()
         self.encoding = Encoding(
             config.models_path,
             config.encoder_threads or None,
@@ -148,6 +153,31 @@ class BraidServer:
         log.info("recovery done in %.1f s (quarantined: %s)", seconds, quarantined)
         self._call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self._recovered.set()
+        self._watch_storage()
+
+    def _watch_storage(self) -> None:
+        """Until shutdown: health service ``braid.writes`` says whether every collection takes
+        writes (NOT_SERVING while one refuses them, e.g. a full disk; reads go on and the
+        overall status stays SERVING), and shards a full disk made read-only reopen once room is back."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        last = None
+        while not self._stopping.is_set():
+            try:
+                problems = []
+                for collection in self.catalog.list():
+                    if collection.write_problem() is not None:
+                        collection.heal()
+                        if (problem := collection.write_problem()) is not None:
+                            problems.append(f"{collection.name}: {problem}")
+            except BraidError:  # the catalog closed under us: shutting down
+                return
+            status = not_serving if problems else serving
+            if status != last:
+                if problems:
+                    log.warning("writes refused: %s", "; ".join(problems))
+                self._call(self.health.set(WRITES_HEALTH_NAME, status))
+                last = status
+            self._stopping.wait(STORAGE_WATCH_S)
 
     def wait_recovered(self, timeout: float | None = None) -> bool:
         """True once every collection is open (or quarantined) and health says SERVING."""
@@ -155,6 +185,7 @@ class BraidServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and close everything (see the module docstring); blocks until done; safe to call twice."""
+        self._stopping.set()
         with self._stop_lock:
             if self._stopped.is_set():
                 return

@@ -491,6 +491,11 @@ def test_format_1_strand_manifests_load(tmp_path):
     meta = json.loads(path.read_text())
     assert meta["format"] == 2 and meta["sealed"] == [name]
     path.write_text(json.dumps({"format": 1, "sealed": name, "growing": meta["growing"]}))
+    # A format 1 strand manifest comes with a generation written before checksums: no CHECKSUMS,
+    # and a format 1 shard manifest without its crc32.
+    (path.parent / "CHECKSUMS").unlink()
+    old = {key: value for key, value in manifest.items() if key not in ("crc32", "wal_crc32")}
+    (tmp_path / "s" / "MANIFEST.json").write_text(json.dumps({**old, "format": 1}))
     shard, part = spann_shard(tmp_path / "s", 100)
     assert [s.directory.name for s in part.sealed] == [name] and part.dead(part.sealed[0]) == 1
     with shard.read():

@@ -18,7 +18,7 @@ import pytest
 import braid.index.wal as wal_module
 from braid.index.errors import DataLoss, InvalidArgument, Unavailable
 from braid.index.manifest import read_json, write_json_atomic
-from braid.index.wal import HEADER_BYTES, WriteAheadLog
+from braid.index.wal import HEADER_BYTES, WalError, WriteAheadLog
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,17 +112,28 @@ def test_empty_log(tmp_path):
         assert wal.append(0, b"x") == 1
 
 
-def test_first_seq_numbers_an_empty_log_and_discards_a_log_behind_the_checkpoint(tmp_path):
+def test_first_seq_numbers_an_empty_log_and_refuses_a_log_behind_the_checkpoint(tmp_path):
     with WriteAheadLog.open(tmp_path / "a", first_seq=51) as wal:
         assert wal.last_seq == 50
         assert wal.append(1, b"x") == 51
         assert read_all(wal, 50) == [(51, 1, b"x")]
     fill(tmp_path / "b", 10)
-    with WriteAheadLog.open(tmp_path / "b", first_seq=20) as wal:  # records 1..10 are all checkpointed
-        assert wal.last_seq == 19
-        assert wal.append(1, b"y") == 20
-    with WriteAheadLog.open(tmp_path / "b", first_seq=5) as wal:  # a log ahead of the checkpoint is kept
-        assert [r[0] for r in read_all(wal, 19)] == [20]
+    # A checkpoint never trims the active segment: a log ending before it lost records.
+    with pytest.raises(WalError, match=r"ends at seq 10, before the checkpoint's seq 19"):
+        WriteAheadLog.open(tmp_path / "b", first_seq=20)
+    with WriteAheadLog.open(tmp_path / "b", first_seq=11) as wal:  # a log reaching the checkpoint is kept
+        assert [r[0] for r in read_all(wal, 9)] == [10]
+
+
+def test_checkpoint_crc_must_match_the_record_replay_starts_after(tmp_path):
+    fill(tmp_path / "w", 10)
+    with WriteAheadLog.open(tmp_path / "w") as wal:
+        crc = wal.record_crc(6)
+        assert crc is not None and wal.record_crc(11) is None and wal.record_crc(0) is None
+    with WriteAheadLog.open(tmp_path / "w", first_seq=7, checkpoint_crc=crc) as wal:
+        assert wal.last_seq == 10
+    with pytest.raises(WalError, match=r"record 7, where the checkpoint says replay starts"):
+        WriteAheadLog.open(tmp_path / "w", first_seq=8, checkpoint_crc=crc)  # wal_seq one too far
 
 
 # ------------------------------------------------------------------------------- torn tails
