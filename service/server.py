@@ -150,7 +150,8 @@ class BraidServer:
             return
         quarantined = ", ".join(q.name for q in self.catalog.quarantined()) or "none"
         seconds = time.monotonic() - self.catalog.recovery.started
-        log.info("recovery done in %.1f s (quarantined: %s)", seconds, quarantined)
+        replayed = self.catalog.recovery.log_bytes_replayed / 1e6
+        log.info("recovery done in %.1f s, %.1f MB of log replayed (quarantined: %s)", seconds, replayed, quarantined)
         self._call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self._recovered.set()
         self._watch_storage()

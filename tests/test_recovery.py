@@ -204,3 +204,39 @@ def _port(proc: subprocess.Popen, word: str) -> int:
             threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # keep the pipe drained
             return int(found.group(1))
     raise AssertionError(f"server exited before {word!r}: {''.join(lines)}")
+
+
+def test_replay_after_kill_is_bounded_by_the_checkpoint_policy(tmp_path: Path) -> None:
+    """8 MB of writes with checkpoints every 1 MB of log: a kill -9 leaves about 1 MB to replay, not 8."""
+    data = tmp_path / "data"
+    args = ["--data-dir", str(data), "--port", "0"]
+    policy = {"BRAID_CHECKPOINT_LOG_BYTES": str(1 << 20)}
+    proc = _spawn(args, policy)
+    port = _port(proc, "serving")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = braid_pb2_grpc.BraidStub(channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(name="c", schema=schema(dim=DIM)), timeout=10)
+        for start in range(0, 4000, 200):
+            docs = [document(d) for d in _docs(200, start, text="lorem ipsum " * 80)]
+            stub.Upsert(pb.UpsertRequest(collection="c", documents=docs), timeout=60)
+    wal = sum(p.stat().st_size for p in data.glob("collections/c/shard-*/wal/*"))
+    assert wal > 4 << 20, "too little log written to test the bound"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    proc = _spawn(args, policy)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"recovery done in [\d.]+ s, ([\d.]+) MB of log replayed", line)
+            if found:
+                break
+        else:
+            raise AssertionError("".join(lines))
+        # the threshold, plus what was written while the last checkpoint ran, plus one batch
+        assert float(found.group(1)) < 3.0, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
