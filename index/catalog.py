@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .collection import Collection
+from .dirlock import DataDirLock
 from .diskspace import FreeSpace, is_disk_full
 from .errors import (
     AlreadyExists,
@@ -119,6 +120,7 @@ class Catalog:
         policy: StoragePolicy | None = None,
         recover: bool = True,
     ) -> None:
+        self._dir_lock = DataDirLock(data_dir)
         self.root = data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or Limits()
@@ -289,3 +291,4 @@ class Catalog:
         for collection in collections:
             collection.close(Unavailable("the server is shutting down"), checkpoint=checkpoint)
         self._executor.shutdown(wait=True)
+        self._dir_lock.release()

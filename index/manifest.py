@@ -13,9 +13,10 @@ Checksum: every JSON manifest Braid writes (``write_json_atomic``, ``dumps_check
 carries a top-level ``"crc32"``: zlib.crc32 of the *canonical* form of the object
 without that key (``json.dumps(obj, sort_keys=True, separators=(",", ":"))``, ASCII).
 ``read_json`` recomputes it and raises DataLoss naming the file on a mismatch (or when
-the key itself is one character off, e.g. ``"crc33"``), and returns the object without it. A canonical form rather than the file's bytes, so the
-check does not depend on the layout; a flip in the layout's whitespace cannot parse to the
-same object (JSON allows only four whitespace bytes). A file without the key (written
+the key itself is one character off, e.g. ``"crc33"``), and returns the object without
+it. A canonical form rather than the file's bytes, so the check does not depend on the
+layout; a flip in the layout's whitespace cannot parse to the same object (JSON allows
+only four whitespace bytes). A file without the key (written
 before checksums, format change of this version) still reads; that is logged once per
 file name at INFO, and ``require_checksum=True`` refuses it. CRC-32 rather than a
 cryptographic hash: the threat is accidental corruption, not an adversary, and

@@ -31,7 +31,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from . import text, wal
+from . import dirlock, text, wal
 from .checksums import Problem, check_directory
 from .errors import DataLoss, FailedPrecondition
 from .manifest import read_json
@@ -54,6 +54,11 @@ def verify_data_dir(data_dir: Path, collection: str | None = None) -> list[Probl
         paths = [path]
     else:  # hidden ones are unfinished creates and deletes, removed at the next start
         paths = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if dirlock.held(Path(data_dir)):
+        raise FailedPrecondition(
+            f"{Path(data_dir) / dirlock.LOCK_NAME} is held: a server is serving this data "
+            "directory; stop it before `braid verify`"
+        )
     check_not_served(paths)
     problems: list[Problem] = []
     for path in paths:

@@ -59,9 +59,11 @@ def _serve(args: argparse.Namespace) -> int:
     def ready(port: int) -> None:
         print(f"braid: serving braid.v1.Braid on {config.host}:{port} (data: {config.data_dir})", flush=True)
 
+    from braid.index.errors import BraidError
+
     try:
         serve(config, ready)
-    except (ValueError, OSError) as err:  # a bad TLS or key file, a port in use: say which, no traceback
+    except (ValueError, OSError, BraidError) as err:  # a bad TLS or key file, a port or data dir in use
         print(f"braid serve: {err}", file=sys.stderr)
         return 2
     return 0

@@ -240,3 +240,21 @@ def test_replay_after_kill_is_bounded_by_the_checkpoint_policy(tmp_path: Path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_one_process_serves_a_data_directory_at_a_time(child_server, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = child_server(data)
+    second = _spawn(["--data-dir", str(data), "--port", "0"], {})
+    output, _ = second.communicate(timeout=60)
+    assert second.returncode == 2
+    assert "is in use by another Braid process" in output and f"pid {first.proc.pid}" in output
+    verify = subprocess.run(
+        [sys.executable, "-m", "braid.service.cli", "verify", str(data)], capture_output=True, text=True, timeout=60
+    )
+    assert verify.returncode == 2 and "LOCK is held" in verify.stdout + verify.stderr
+    assert first.stop() == 0
+    again = child_server(data)  # a clean stop (and a kill -9: the flock dies with its holder) frees it
+    again.kill()
+    child_server(data).stop()
+
