@@ -37,7 +37,8 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVE_SETTINGS = (
     "data_dir", "host", "port", "workers", "models_dir", "max_message_bytes", "max_batch", "max_limit",
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
-    "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection",
+    "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
+    "checkpoint_log_bytes", "checkpoint_interval_s",
 )  # fmt: skip
 
 
@@ -281,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-streams-per-peer", type=int, help="open streams from one client address (default 8)")
     limits.add_argument("--stream-idle-timeout-s", type=float, help="end a stream silent this long (default 30)")
     limits.add_argument("--shutdown-grace-s", type=float, help="SIGTERM: time for in-flight calls (default 10)")
+    storage = serve.add_argument_group("storage (docs/design.md)")
+    storage.add_argument("--min-free-bytes", type=int, help="refuse writes below this much free disk (256 MiB)")
+    storage.add_argument("--checkpoint-log-bytes", type=int, help="checkpoint a shard after this much log (32 MiB)")
+    storage.add_argument("--checkpoint-interval-s", type=float, help="or once its oldest write is this old (300)")
     security = serve.add_argument_group("security (docs/security.md)")
     security.add_argument("--tls-cert", help="PEM server certificate chain (BRAID_TLS_CERT); TLS when given")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert (BRAID_TLS_KEY)")
