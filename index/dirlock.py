@@ -42,8 +42,13 @@ class DataDirLock:
 
 def held(data_dir: Path) -> bool:
     """Whether some process holds ``data_dir``'s lock now."""
+    return flock_held(data_dir / LOCK_NAME)
+
+
+def flock_held(path: Path) -> bool:
+    """Whether some process holds an exclusive flock on ``path`` (ours, or tantivy's writer lock)."""
     try:
-        fd = os.open(data_dir / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:

@@ -27,8 +27,6 @@ instead.
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
 
 from . import dirlock, text, wal
@@ -70,25 +68,10 @@ def check_not_served(collections: list[Path]) -> None:
     """FailedPrecondition when a server holds a shard of these collections (its tantivy writer lock)."""
     for collection in collections:
         for lock in sorted(collection.glob("shard-*/text/.tantivy-writer.lock")):
-            if _held(lock):
+            if dirlock.flock_held(lock):
                 raise FailedPrecondition(
                     f"{lock} is held: a server has this collection open; stop it before `braid verify`"
                 )
-
-
-def _held(lock: Path) -> bool:
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # tantivy holds an exclusive flock
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def verify_collection(path: Path) -> list[Problem]:

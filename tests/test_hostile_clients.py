@@ -106,6 +106,18 @@ def _search(client: BraidClient, timeout: float = 2) -> list:
 # ------------------------------------------------------------------ streams
 
 
+def _refused_stream(port: int) -> str:
+    """Open one more stream, which must be refused with RESOURCE_EXHAUSTED; returns the message."""
+    extra = HeldStream(port)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            extra.future.result(timeout=5)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        return info.value.details()
+    finally:
+        extra.close()
+
+
 def test_idle_streams_never_starve_searches_health_or_listing(limited) -> None:  # type: ignore[no-untyped-def]
     server, running = limited(workers=4, max_streams=24, max_streams_per_peer=24)
     streams = [HeldStream(running.port) for _ in range(24)]
@@ -116,12 +128,7 @@ def test_idle_streams_never_starve_searches_health_or_listing(limited) -> None: 
         assert [c.name for c in running.stub.ListCollections(pb.ListCollectionsRequest(), timeout=1).collections] == [
             "c"
         ]
-        extra = HeldStream(running.port)
-        with pytest.raises(grpc.RpcError) as info:
-            extra.future.result(timeout=5)
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_streams" in info.value.details()
-        extra.close()
+        assert "max_streams" in _refused_stream(running.port)
     finally:
         for stream in streams:
             stream.close()
@@ -132,12 +139,8 @@ def test_streams_per_client_address_are_bounded(limited) -> None:  # type: ignor
     streams = [HeldStream(running.port) for _ in range(3)]
     try:
         _wait_for(lambda: sum(server.admission._streams.values()) == 3)
-        extra = HeldStream(running.port)
-        with pytest.raises(grpc.RpcError) as info:
-            extra.future.result(timeout=5)
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_streams_per_peer" in info.value.details() and "127.0.0.1" in info.value.details()
-        extra.close()
+        details = _refused_stream(running.port)
+        assert "max_streams_per_peer" in details and "127.0.0.1" in details
         streams.pop().close()  # a slot frees when a stream ends
         _wait_for(lambda: sum(server.admission._streams.values()) == 2)
         again = HeldStream(running.port)
@@ -378,7 +381,7 @@ def test_a_second_sigterm_skips_the_grace_period(child_server, tmp_path: Path) -
 
 
 def test_responses_over_the_message_limit_are_refused_while_built(limited) -> None:  # type: ignore[no-untyped-def]
-    server, running = limited(max_message_bytes=64 * 1024)
+    _, running = limited(max_message_bytes=64 * 1024)
     docs = [pb.Document(id=f"big{i}", text={"body": f"word {i} " + "x" * 3000}) for i in range(60)]
     for start in range(0, len(docs), 10):
         running.client.upsert("c", docs[start : start + 10])
