@@ -12,6 +12,7 @@ from braid.index import errors
 from .admission import TimedOut
 
 log = logging.getLogger("braid.service")
+MAX_MESSAGE_BYTES = 1536
 
 STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,5 +47,19 @@ def describe(err: BaseException) -> tuple[grpc.StatusCode, str]:
     code = status_of(err)
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=err)
-        return code, f"internal error: {type(err).__name__}: {err}"
-    return code, str(err)
+        return code, bounded(f"internal error: {type(err).__name__}: {err}")
+    return code, bounded(str(err))
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message`` cut to ``limit`` UTF-8 bytes (on a character boundary), saying how much was cut.
+
+    Messages echo client values (names, texts); the status travels in a header that gRPC
+    percent-encodes (up to 3x) and caps at 8 KiB, and a longer one turns any status into
+    RESOURCE_EXHAUSTED "received metadata size exceeds hard limit".
+    """
+    data = message.encode()
+    if len(data) <= limit:
+        return message
+    kept = data[:limit].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"

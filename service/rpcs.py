@@ -14,7 +14,7 @@ import numpy as np
 
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
-from braid.index.errors import InvalidArgument, ResourceExhausted
+from braid.index.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from braid.index.schema import Schema
 from braid.v1 import braid_pb2 as pb
 
@@ -52,7 +52,13 @@ class BraidRpcs:
 
     def ListCollections(self, request: pb.ListCollectionsRequest, visible: Callable[[str], bool] | None = None) -> Any:
         """Every collection, or those ``visible`` allows (an API key scoped to some collections)."""
-        infos = [self._info(c) for c in self.catalog.list() if visible is None or visible(c.name)]
+        infos = []
+        for collection in self.catalog.list():
+            if visible is None or visible(collection.name):
+                try:
+                    infos.append(self._info(collection))
+                except (NotFound, Unavailable):  # deleted while we listed: not there any more
+                    continue
         for bad in self.catalog.quarantined():
             if visible is None or visible(bad.name):
                 infos.append(_quarantined_info(bad))
@@ -200,6 +206,8 @@ def _quarantined_info(bad: Quarantined) -> pb.CollectionInfo:
     except Exception:  # damaged metadata: the name and the error are what matter
         pass
     return info
+
+
 _FRAMING_BYTES = 6  # a repeated message field's tag and length prefix, at most
 
 

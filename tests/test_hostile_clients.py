@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from braid.index.errors import NotFound
 from braid.service.admission import RETRY_PUSHBACK_KEY, Admission, Overloaded, peer_host
 from braid.service.client import BraidClient
 from braid.v1 import braid_pb2 as pb
@@ -399,3 +400,25 @@ def test_responses_over_the_message_limit_are_refused_while_built(limited) -> No
         assert "response would exceed 65536 bytes" in info.value.details(), (name, info.value.details())
     search.limit = 5  # a smaller answer to the same question is served
     assert len(running.stub.Search(search, timeout=5).hits) == 5
+
+
+def test_long_values_echoed_in_errors_keep_their_own_status(braid) -> None:  # type: ignore[no-untyped-def]
+    braid.client.create_collection("c", schema())
+    for name in ("x" * 17_000, "é" * 9_000, "\U0001f600" * 5_000):
+        with pytest.raises(grpc.RpcError) as info:
+            braid.client.get_collection(name)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND  # not "metadata size exceeds hard limit"
+        assert info.value.details().endswith("more bytes)") and len(info.value.details().encode()) < 2000
+    flt = pb.Filter(must=[pb.Condition(match=pb.Match(field="f" * 20_000, value=pb.Value(int=1)))])
+    with pytest.raises(grpc.RpcError) as info:
+        braid.client.count("c", filter=flt)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_collections_racing_a_delete_leaves_the_deleted_out(limited) -> None:  # type: ignore[no-untyped-def]
+    """The moment a delete has closed a collection the listing already holds: it is left out, not NOT_FOUND."""
+    server, running = limited()
+    running.client.create_collection("doomed", schema())
+    doomed = server.catalog.get("doomed")
+    doomed.close(NotFound("collection 'doomed' does not exist (it was deleted)"))  # the delete's first step
+    assert [c.name for c in running.client.list_collections()] == ["c"]

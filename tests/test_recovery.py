@@ -257,4 +257,3 @@ def test_one_process_serves_a_data_directory_at_a_time(child_server, tmp_path: P
     again = child_server(data)  # a clean stop (and a kill -9: the flock dies with its holder) frees it
     again.kill()
     child_server(data).stop()
-
