@@ -250,6 +250,10 @@ class Catalog:
             raise NotFound(f"collection {name!r} does not exist")
         return collection
 
+    def peek(self, name: str) -> Collection | None:
+        """The open collection of that name, or None; never raises (for cheap routing decisions)."""
+        return self._collections.get(name)
+
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the server is shutting down")

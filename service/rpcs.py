@@ -15,7 +15,7 @@ import numpy as np
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from braid.index.schema import Schema
+from braid.index.schema import DenseIndexType, Schema
 from braid.v1 import braid_pb2 as pb
 
 from . import convert
@@ -162,6 +162,18 @@ class BraidRpcs:
             out.append(response)
         return out
 
+    def quick(self, request: Any) -> bool:
+        """A Search cheap and bounded enough to run on the event loop itself (sub-millisecond):
+        a plain dense query by vector on an in-memory HNSW field, few hits, a modest beam."""
+        if not _plain_dense(request) or request.limit > QUICK_MAX_LIMIT:
+            return False
+        dense = request.queries[0].dense
+        if not dense.HasField("vector") or dense.ef > QUICK_MAX_EF:
+            return False
+        collection = self.catalog.peek(request.collection)
+        spec = collection.schema.dense(dense.field) if collection is not None else None
+        return spec is not None and spec.index is DenseIndexType.HNSW and spec.hnsw.ef_search <= QUICK_MAX_EF
+
     def _batched_dense(self, searches: Any) -> list[pb.SearchResponse] | None:
         """One batched HNSW call when every search is a plain dense query of one shape, else None."""
         if not searches:
@@ -193,6 +205,9 @@ class BraidRpcs:
 
 
 _NO_TYPES: dict = {}
+# What a quick Search may ask for (see BraidRpcs.quick).
+QUICK_MAX_LIMIT = 100
+QUICK_MAX_EF = 256
 
 
 def _quarantined_info(bad: Quarantined) -> pb.CollectionInfo:
