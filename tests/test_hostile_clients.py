@@ -63,6 +63,12 @@ class HeldStream:
     def finish(self) -> None:
         self.outbox.put(None)
 
+    def error(self, timeout: float = 10) -> grpc.RpcError:
+        """The status the stream ended with (it must end with an error)."""
+        with pytest.raises(grpc.RpcError) as info:
+            self.future.result(timeout=timeout)
+        return info.value
+
     def close(self) -> None:
         self.finish()
         self.future.cancel()
@@ -111,10 +117,9 @@ def _refused_stream(port: int) -> str:
     """Open one more stream, which must be refused with RESOURCE_EXHAUSTED; returns the message."""
     extra = HeldStream(port)
     try:
-        with pytest.raises(grpc.RpcError) as info:
-            extra.future.result(timeout=5)
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        return info.value.details()
+        err = extra.error(timeout=5)
+        assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        return err.details()
     finally:
         extra.close()
 
@@ -158,9 +163,7 @@ def test_a_silent_stream_is_ended_with_its_applied_count(limited) -> None:  # ty
     server, running = limited(stream_idle_timeout_s=0.5)
     stream = HeldStream(running.port)
     stream.send(pb.UpsertRequest(collection="c", documents=_docs(5, start=200)))
-    with pytest.raises(grpc.RpcError) as info:
-        stream.future.result(timeout=10)
-    err = info.value
+    err = stream.error()
     assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert "stream_idle_timeout_s" in err.details()
     assert "1 earlier batches (5 documents) were applied" in err.details()
@@ -177,9 +180,7 @@ def test_garbage_after_a_good_batch_says_what_was_applied(limited) -> None:  # t
     stream.send(pb.UpsertRequest(collection="c", documents=_docs(3, start=300)))
     stream.send(b"\xff\xff\xff\xff garbage")
     stream.finish()
-    with pytest.raises(grpc.RpcError) as info:
-        stream.future.result(timeout=10)
-    err = info.value
+    err = stream.error()
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "batch 1: request: cannot decode braid.v1.UpsertRequest" in err.details()
     assert "1 earlier batches (3 documents) were applied" in err.details()
@@ -328,9 +329,7 @@ def test_sigterm_after_an_undecodable_stream_exits_and_releases_the_data_dir(chi
             server.client.create_collection("c", schema())
         stream = HeldStream(server.port)
         stream.send(b"\xff\xfe not a message")
-        with pytest.raises(grpc.RpcError) as info:
-            stream.future.result(timeout=10)
-        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert stream.error().code() is grpc.StatusCode.INVALID_ARGUMENT
         stream.close()
         started = time.monotonic()
         assert server.stop() == 0
@@ -346,11 +345,10 @@ def test_sigterm_ends_an_open_stream_after_the_grace_with_its_count(child_server
     _wait_for(lambda: server.client.count("c") == 4)
     started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    with pytest.raises(grpc.RpcError) as info:
-        stream.future.result(timeout=15)
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert "shutting down" in info.value.details()
-    assert "1 earlier batches (4 documents) were applied" in info.value.details()
+    err = stream.error(timeout=15)
+    assert err.code() is grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in err.details()
+    assert "1 earlier batches (4 documents) were applied" in err.details()
     assert server.proc.wait(timeout=15) == 0
     assert time.monotonic() - started < 1 + 5
     stream.close()
@@ -371,9 +369,7 @@ def test_a_second_sigterm_skips_the_grace_period(child_server, tmp_path: Path) -
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=15) == 0
     assert time.monotonic() - started < 10
-    with pytest.raises(grpc.RpcError) as info:
-        stream.future.result(timeout=5)
-    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert stream.error(timeout=5).code() is grpc.StatusCode.UNAVAILABLE
     stream.close()
     assert child_server(tmp_path / "data").client.count("c") == 2
 
