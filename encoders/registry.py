@@ -18,7 +18,7 @@ import numpy as np
 from .dense import DenseEncoder
 from .errors import InvalidModel, ModelNotExported, UnknownModel
 from .export import BUILTIN_MODELS
-from .manifest import MANIFEST_NAME, PRECISIONS, ModelManifest, sha256_of
+from .manifest import MANIFEST_NAME, MODEL_NAME, PRECISIONS, ModelManifest, sha256_of
 from .runtime import open_session
 from .sparse import SpladeEncoder
 from .tokenize import TextTokenizer
@@ -54,8 +54,9 @@ class ModelStore:
         return f"braid models export {name} --models-dir {self.models_dir}"
 
     def manifest(self, name: str) -> ModelManifest:
-        directory = self.models_dir / name
-        if (directory / MANIFEST_NAME).is_file():
+        # A name is a directory name only when it is a valid model name: never a path, never too long.
+        directory = self.models_dir / name if MODEL_NAME.fullmatch(name) else None
+        if directory is not None and (directory / MANIFEST_NAME).is_file():
             return ModelManifest.read(directory)
         if name in BUILTIN_MODELS:
             raise ModelNotExported(

@@ -418,3 +418,13 @@ def test_list_collections_racing_a_delete_leaves_the_deleted_out(limited) -> Non
     doomed = server.catalog.get("doomed")
     doomed.close(NotFound("collection 'doomed' does not exist (it was deleted)"))  # the delete's first step
     assert [c.name for c in running.client.list_collections()] == ["c"]
+
+
+@pytest.mark.parametrize("model", ["a" * 5000, "../../../etc", "x/../y"])
+def test_a_model_name_is_never_a_path(braid, model: str) -> None:  # type: ignore[no-untyped-def]
+    """Found by the 100,000-request fuzz run: a 64 KB model name reached the file system (INTERNAL)."""
+    field = pb.DenseVectorField(name="emb", metric=pb.COSINE, encoder=pb.Encoder(model=model, source_fields=["body"]))
+    request = pb.Schema(text_fields=[pb.TextField(name="body")], dense_fields=[field])
+    with pytest.raises(grpc.RpcError) as info:
+        braid.client.create_collection("c", request)
+    assert info.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), info.value.details()
