@@ -67,9 +67,9 @@ class Recovery:
         with self._lock:
             self.log_bytes_replayed += nbytes
 
-    def shard_opened(self, count: int = 1) -> None:
+    def shard_opened(self) -> None:
         with self._lock:
-            self.shards_open += count
+            self.shards_open += 1
 
     def describe(self) -> str:
         if self.done:
@@ -200,6 +200,7 @@ class Catalog:
             self.limits,
             self.policy,
             progress=self.recovery.replayed,
+            opened=self.recovery.shard_opened,
         )
 
     @property

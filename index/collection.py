@@ -107,11 +107,18 @@ class Collection:
         limits: Limits,
         policy: StoragePolicy = DEFAULT_POLICY,
         progress: Callable[[int], None] | None = None,
+        opened: Callable[[], None] | None = None,
     ) -> Collection:
-        """Open every shard, in parallel (replay is partly I/O); if one fails, close the others and raise."""
+        """Open every shard, in parallel (replay is partly I/O); if one fails, close the others and raise.
+
+        ``progress`` gets the bytes of log each shard replays, ``opened`` a call per shard opened.
+        """
 
         def open_shard(i: int) -> Shard:
-            return Shard.open(directory / f"shard-{i:03d}", schema, i, policy, progress)
+            shard = Shard.open(directory / f"shard-{i:03d}", schema, i, policy, progress)
+            if opened is not None:
+                opened()
+            return shard
 
         if shard_count == 1:
             shards = [open_shard(0)]

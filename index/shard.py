@@ -223,9 +223,9 @@ class Shard:
             progress(replayed)
         # The replayed tail counts as unchecked-pointed log: the next checkpoint comes as soon as
         # it would have before the restart, and a clean shutdown checkpoints it.
-        self._logged_bytes = self.wal.size_bytes() if self._applied_seq > start_seq else 0
-        self._dirty_since = time.monotonic() if self._applied_seq > start_seq else None
         replayed_any = self._applied_seq > start_seq
+        self._logged_bytes = self.wal.size_bytes() if replayed_any else 0
+        self._dirty_since = time.monotonic() if replayed_any else None
         self._applied_seq = max(self._applied_seq, start_seq)
         self._prepared_seq = self._applied_seq
         # Documents of writes the log no longer holds (a damaged last record) leave tantivy too.

@@ -30,8 +30,6 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     encoder_errors.TextTooLong: grpc.StatusCode.INVALID_ARGUMENT,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# Errors raised on purpose (anything else is INTERNAL and logged).
-EXPECTED_ERRORS = (errors.BraidError, encoder_errors.EncoderError, TimedOut)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:

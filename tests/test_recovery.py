@@ -98,6 +98,7 @@ def test_a_clean_stop_checkpoints_so_the_next_start_replays_nothing(tmp_path: Pa
     catalog = Catalog(data)
     try:
         assert catalog.recovery.done and catalog.recovery.log_bytes_replayed == 0
+        assert catalog.recovery.shards_open == catalog.recovery.shards_total == 2
         assert catalog.get("c").count() == 200
     finally:
         catalog.close()
