@@ -56,10 +56,16 @@ def braid(tmp_path: Path) -> Iterator[Running]:
     stop_in_process(server, running)
 
 
-class ChildServer:
-    """``braid serve`` in a child process, so tests can SIGKILL it."""
+# What ``braid serve`` prints once recovery is done, and as soon as its port is bound.
+SERVING = r"serving braid\.v1\.Braid on [\d.]+:(\d+)"
+LISTENING = r"listening on [\d.]+:(\d+)"
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+
+class ChildServer:
+    """``braid serve`` in a child process, so tests can SIGKILL it; ready once ``ready`` (a pattern
+    whose group 1 is the port) appears in its log. ``output`` keeps the whole log."""
+
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None, ready: str = SERVING) -> None:
         self.data_dir = data_dir
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
@@ -73,7 +79,7 @@ class ChildServer:
         self.output: list[str] = []
         for line in self.proc.stdout:
             self.output.append(line)
-            found = re.search(r"serving braid\.v1\.Braid on [\d.]+:(\d+)", line)
+            found = re.search(ready, line)
             if found:
                 self.port = int(found.group(1))
                 break
@@ -99,8 +105,10 @@ class ChildServer:
 def child_server(tmp_path: Path) -> Iterator[type[ChildServer]]:
     started: list[ChildServer] = []
 
-    def factory(data_dir: Path | None = None, *args: str, env: dict[str, str] | None = None) -> ChildServer:
-        server = ChildServer(data_dir or tmp_path / "data", *args, env=env)
+    def factory(
+        data_dir: Path | None = None, *args: str, env: dict[str, str] | None = None, ready: str = SERVING
+    ) -> ChildServer:
+        server = ChildServer(data_dir or tmp_path / "data", *args, env=env, ready=ready)
         started.append(server)
         return server
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,12 +17,10 @@ from braid.index.catalog import Catalog
 from braid.index.policy import StoragePolicy
 from braid.index.records import DocumentWrite
 from braid.index.shard import Shard
-from braid.service.client import document
 from braid.service.convert import schema_from_proto
 from braid.v1 import braid_pb2 as pb
-from braid.v1 import braid_pb2_grpc
 
-from .conftest import random_vectors, schema, start_in_process, stop_in_process
+from .conftest import LISTENING, random_vectors, schema, start_in_process, stop_in_process
 
 DIM = 8
 
@@ -140,116 +135,66 @@ def _eventually(predicate, timeout: float = 10) -> None:  # type: ignore[no-unty
         time.sleep(0.05)
 
 
-def test_port_answers_during_recovery_with_progress_then_serves(tmp_path: Path) -> None:
+def test_port_answers_during_recovery_with_progress_then_serves(child_server, tmp_path: Path) -> None:
     """A big unchecked-pointed log (kill -9 before any checkpoint): the port answers at once,
     health says NOT_SERVING and calls UNAVAILABLE "recovering: ..." until replay ends."""
     data = tmp_path / "data"
-    env_args = ["--data-dir", str(data), "--port", "0"]
-    proc = _spawn(env_args, {"BRAID_CHECKPOINT_LOG_BYTES": str(1 << 40), "BRAID_CHECKPOINT_INTERVAL_S": "100000"})
-    port = _port(proc, "serving")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = braid_pb2_grpc.BraidStub(channel)
-    stub.CreateCollection(pb.CreateCollectionRequest(name="c", schema=schema(dim=DIM), shards=2), timeout=10)
+    no_checkpoints = {"BRAID_CHECKPOINT_LOG_BYTES": str(1 << 40), "BRAID_CHECKPOINT_INTERVAL_S": "100000"}
+    server = child_server(data, env=no_checkpoints)
+    server.client.create_collection("c", schema(dim=DIM), shards=2)
     for start in range(0, 6000, 500):
-        docs = [document(d) for d in _docs(500, start, text="lorem ipsum " * 40)]
-        stub.Upsert(pb.UpsertRequest(collection="c", documents=docs), timeout=60)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    channel.close()
+        server.client.upsert("c", _docs(500, start, text="lorem ipsum " * 40))
+    server.kill()
 
-    proc = _spawn(env_args, {})
-    try:
-        port = _port(proc, "listening")
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        stub = braid_pb2_grpc.BraidStub(channel)
-        seen_recovering = False
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                break
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            try:
-                stub.ListCollections(pb.ListCollectionsRequest(), timeout=5)
-            except grpc.RpcError as err:
-                assert err.code() is grpc.StatusCode.UNAVAILABLE
-                assert re.search(r"recovering: \d+ of 2 shards open, \d+% of [\d.]+ MB of log replayed", err.details())
-                seen_recovering = True
-            time.sleep(0.05)
-        assert seen_recovering, "recovery ended before a call could see it"
-        assert stub.Count(pb.CountRequest(collection="c"), timeout=10).count == 6000
-        channel.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+    server = child_server(data, ready=LISTENING)
+    health = health_pb2_grpc.HealthStub(server.client.channel)
+    seen_recovering = False
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            server.client.stub.ListCollections(pb.ListCollectionsRequest(), timeout=5)
+        except grpc.RpcError as err:
+            assert err.code() is grpc.StatusCode.UNAVAILABLE
+            assert re.search(r"recovering: \d+ of 2 shards open, \d+% of [\d.]+ MB of log replayed", err.details())
+            seen_recovering = True
+        time.sleep(0.05)
+    assert seen_recovering, "recovery ended before a call could see it"
+    assert server.client.count("c") == 6000
+    assert server.stop() == 0
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "braid.service.cli", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
-    )
-
-
-def _port(proc: subprocess.Popen, word: str) -> int:
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        found = re.search(rf"{word}.* on [\d.]+:(\d+)", line)
-        if found:
-            threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # keep the pipe drained
-            return int(found.group(1))
-    raise AssertionError(f"server exited before {word!r}: {''.join(lines)}")
-
-
-def test_replay_after_kill_is_bounded_by_the_checkpoint_policy(tmp_path: Path) -> None:
+def test_replay_after_kill_is_bounded_by_the_checkpoint_policy(child_server, tmp_path: Path) -> None:
     """8 MB of writes with checkpoints every 1 MB of log: a kill -9 leaves about 1 MB to replay, not 8."""
     data = tmp_path / "data"
-    args = ["--data-dir", str(data), "--port", "0"]
     policy = {"BRAID_CHECKPOINT_LOG_BYTES": str(1 << 20)}
-    proc = _spawn(args, policy)
-    port = _port(proc, "serving")
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = braid_pb2_grpc.BraidStub(channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(name="c", schema=schema(dim=DIM)), timeout=10)
-        for start in range(0, 4000, 200):
-            docs = [document(d) for d in _docs(200, start, text="lorem ipsum " * 80)]
-            stub.Upsert(pb.UpsertRequest(collection="c", documents=docs), timeout=60)
+    server = child_server(data, env=policy)
+    server.client.create_collection("c", schema(dim=DIM))
+    for start in range(0, 4000, 200):
+        server.client.upsert("c", _docs(200, start, text="lorem ipsum " * 80))
     wal = sum(p.stat().st_size for p in data.glob("collections/c/shard-*/wal/*"))
     assert wal > 4 << 20, "too little log written to test the bound"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    server.kill()
 
-    proc = _spawn(args, policy)
-    try:
-        lines: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            found = re.search(r"recovery done in [\d.]+ s, ([\d.]+) MB of log replayed", line)
-            if found:
-                break
-        else:
-            raise AssertionError("".join(lines))
-        # the threshold, plus what was written while the last checkpoint ran, plus one batch
-        assert float(found.group(1)) < 3.0, line
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    server = child_server(data, env=policy)  # ready once recovery is done, which it logged first
+    log = "".join(server.output)
+    found = re.search(r"recovery done in [\d.]+ s, ([\d.]+) MB of log replayed", log)
+    assert found, log
+    # the threshold, plus what was written while the last checkpoint ran, plus one batch
+    assert float(found.group(1)) < 3.0, found.group(0)
+    server.stop()
 
 
 def test_one_process_serves_a_data_directory_at_a_time(child_server, tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = child_server(data)
-    second = _spawn(["--data-dir", str(data), "--port", "0"], {})
-    output, _ = second.communicate(timeout=60)
-    assert second.returncode == 2
-    assert "is in use by another Braid process" in output and f"pid {first.proc.pid}" in output
+    with pytest.raises(RuntimeError) as second:
+        child_server(data)
+    assert "server exited with 2" in str(second.value)
+    assert "is in use by another Braid process" in str(second.value) and f"pid {first.proc.pid}" in str(second.value)
     verify = subprocess.run(
         [sys.executable, "-m", "braid.service.cli", "verify", str(data)], capture_output=True, text=True, timeout=60
     )
