@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # Reinstalls when the dependencies or the wire contract change; the install step
 # (setup.py build hook) regenerates the braid.v1 protobuf/gRPC code from proto/.
-$(STAMP): pyproject.toml setup.py $(wildcard proto/braid/v1/*.proto)
+$(STAMP): pyproject.toml setup.py $(wildcard proto/braid/v1/*.proto proto/braid/cluster/v1/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(PYTHON) -m pip install --quiet --user virtualenv && $(PYTHON) -m virtualenv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
@@ -41,4 +41,4 @@ bench: install
 	$(PY) bench/encoder_relevance.py --collections cranfield
 
 clean:
-	rm -rf $(VENV) build *.egg-info proto/braid/v1/*_pb2*.py proto/braid/v1/*_pb2.pyi
+	rm -rf $(VENV) build *.egg-info proto/braid/*/*_pb2*.py proto/braid/*/*_pb2.pyi proto/braid/cluster/v1/*_pb2*.py proto/braid/cluster/v1/*_pb2.pyi

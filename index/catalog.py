@@ -51,6 +51,11 @@ MAX_SHARDS = 64
 RECOVERY_THREADS = 4  # collections opened at once
 
 
+def check_shard_count(shards: int) -> None:
+    if not 1 <= shards <= MAX_SHARDS:
+        raise InvalidArgument.field("shards", f"must be in 1..{MAX_SHARDS}, got {shards}")
+
+
 @dataclass
 class Recovery:
     """Progress of opening the catalog's collections; read from other threads without a lock."""
@@ -212,11 +217,16 @@ class Catalog:
 
     # ------------------------------------------------------------- collections
 
-    def create(self, name: str, schema: Schema, shards: int = 1) -> Collection:
+    def create(self, name: str, schema: Schema, shards: int = 1, replication_factor: int = 0) -> Collection:
+        """A new collection; ``replication_factor`` 0 or 1 (one process holds one copy of each shard)."""
         validate_collection_name(name)
         schema.validate()
-        if not 1 <= shards <= MAX_SHARDS:
-            raise InvalidArgument.field("shards", f"must be in 1..{MAX_SHARDS}, got {shards}")
+        check_shard_count(shards)
+        if replication_factor > 1:
+            raise FailedPrecondition(
+                f"replication_factor: {replication_factor} exceeds the 1 shard server of a standalone Braid "
+                "(run a cluster, --role router/shard, for replicas)"
+            )
         with self._lock:
             self._check_open()
             if name in self._collections or name in self._quarantined or (self.root / name).exists():

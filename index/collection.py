@@ -75,7 +75,7 @@ def _admitted(method: Callable) -> Callable:
 
 
 @dataclass
-class _Ranked:
+class Ranked:
     """One strand's candidates: global keys, scores (best first) and client ids."""
 
     keys: np.ndarray
@@ -177,14 +177,17 @@ class Collection:
 
     # ------------------------------------------------------------------ writes
 
+    # ``ack`` (braid.v1 WriteAck) matters to a cluster router; a collection applies every write
+    # before it returns, which satisfies both kinds of acknowledgement.
+
     @_admitted
-    def upsert(self, docs: list[DocumentWrite]) -> int:
+    def upsert(self, docs: list[DocumentWrite], ack: int = 0) -> int:
         check_documents(docs, self.schema, self.shards[0].payload, self.limits)
         groups = self._group(docs, lambda doc: doc.id)
         return sum(self._map(lambda item: self.shards[item[0]].upsert(item[1]), list(groups.items())))
 
     @_admitted
-    def delete_ids(self, ids: list[str]) -> int:
+    def delete_ids(self, ids: list[str], ack: int = 0) -> int:
         self._check_ids(ids)
         groups = self._group(ids, lambda doc_id: doc_id)
         return sum(self._map(lambda item: self.shards[item[0]].delete_ids(item[1]), list(groups.items())))
@@ -196,7 +199,7 @@ class Collection:
             check_id(doc_id, f"ids[{i}]")
 
     @_admitted
-    def delete_filter(self, flt: Filter) -> int:
+    def delete_filter(self, flt: Filter, ack: int = 0) -> int:
         self.shards[0].payload.validate_filter(flt)
         return sum(self._map(lambda shard: shard.delete_filter(flt), self.shards))
 
@@ -252,21 +255,9 @@ class Collection:
 
     @_admitted
     def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
-        """BM25 IDF of each term id in a sparse field over all live documents that have the field.
-
-        idf = ln(1 + (N - df + 0.5) / (df + 0.5)); 0 for terms no document has, so
-        inference-free queries drop them.
-        """
-        keys = np.asarray(term_ids, np.int64)
-        df = np.zeros(len(keys), np.int64)
-        documents = 0
-        for shard in self.shards:
-            with shard.read():
-                index = shard.sparse[field]
-                df += index.document_frequency(keys, shard.allowed(None)[0])
-                documents += len(index)
-        idf = np.log1p((documents - df + 0.5) / (df + 0.5))
-        return np.where(df > 0, idf, 0.0).astype(np.float32)
+        """BM25 IDF of each term id in a sparse field over all live documents that have the field."""
+        stats = [sparse_term_stats(shard, field, term_ids) for shard in self.shards]
+        return sparse_idf_of(sum(df for df, _ in stats), sum(documents for _, documents in stats))
 
     # ------------------------------------------------------------------ search
 
@@ -276,83 +267,11 @@ class Collection:
     @_admitted
     def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
         self.check(plan, where)
-        window = plan.offset + plan.limit
-        single = len(plan.queries) == 1
-        depths = [sub.depth or (window if single else max(window, MIN_FUSION_DEPTH)) for sub in plan.queries]
-        per_shard = self._map(lambda shard: self._search_shard(shard, plan, depths, where), self.shards)
-        ranked = [
-            _merge([strands[i] for strands in per_shard], depths[i]) if len(per_shard) > 1 else per_shard[0][i]
-            for i in range(len(plan.queries))
-        ]
-        rule, normalization = (plan.fusion, plan.normalization) if plan.fusion else DEFAULT_FUSION
-        if single and not plan.fusion:
-            rule = "single"
-        if rule == "single" and single and not plan.explain:
-            return self._single_strand(ranked[0], plan)
-        fusion_keys, ids, shard_keys = _id_ordered_keys(ranked)
-        strands = [
-            fusion.Strand(keys, r.scores.astype(np.float64), sub.weight)
-            for keys, r, sub in zip(fusion_keys, ranked, plan.queries, strict=True)
-        ]
-        fused = fusion.fuse(strands, rule, k=plan.rrf_k, normalization=normalization)
-        fused = fusion.apply_window(fused, plan.offset, plan.limit, plan.score_threshold)
-        result = SearchResult(ids=[ids[key] for key in fused.keys.tolist()], scores=fused.scores)
-        self._materialize(result, shard_keys[fused.keys].tolist(), plan)
-        if plan.explain:
-            result.strand_names = [_strand_name(sub) for sub in plan.queries]
-            result.ranks, result.raw = fused.ranks, fused.raw
+        depths = strand_depths(plan)
+        per_shard = self._map(lambda shard: search_shard(shard, plan, depths, where), self.shards)
+        result, keys = combine(plan, per_shard, depths)
+        self._materialize(result, keys, plan)
         return result
-
-    def _single_strand(self, ranked: _Ranked, plan: SearchPlan) -> SearchResult:
-        """One strand needs no fusion: it is already ranked, so only the window is applied."""
-        end = len(ranked.scores)
-        if plan.score_threshold is not None:
-            # scores are non-increasing: keep those >= threshold
-            end = int(np.searchsorted(-ranked.scores, -np.float32(plan.score_threshold), side="right"))
-        window = slice(plan.offset, min(end, plan.offset + plan.limit))
-        result = SearchResult(ids=ranked.ids[window], scores=ranked.scores[window].astype(np.float64))
-        self._materialize(result, ranked.keys[window].tolist(), plan)
-        return result
-
-    def _search_shard(self, shard: Shard, plan: SearchPlan, depths: list[int], where: str) -> list[_Ranked]:
-        base = shard.number << SHARD_SHIFT
-        out = []
-        with shard.read():
-            filtered = plan.filter is not None and not plan.filter.is_empty()
-            mask, count = shard.allowed(plan.filter)
-            for i, (sub, depth) in enumerate(zip(plan.queries, depths, strict=True)):
-                at = f"{where}queries[{i}]"
-                labels, scores = self._run_strand(shard, sub, depth, (mask, count, filtered), at)
-                out.append(_Ranked(labels + base, scores, shard.ids_of(labels)))
-        return out
-
-    @staticmethod
-    def _run_strand(
-        shard: Shard, sub: SubQuery, depth: int, allowed: tuple[np.ndarray, int, bool], at: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One strand in one shard; ``allowed``: the filter's mask, its count, and whether there is a filter."""
-        mask, count, filtered = allowed
-        query = sub.query
-        if isinstance(query, DenseQuery):
-            assert query.vector is not None
-            knobs = (query.ef, query.max_lists, query.eps)
-            return _dense_search(shard, query.field, query.vector[None, :], depth, knobs, mask if filtered else None)[0]
-        if isinstance(query, Bm25Query):
-            assert shard.text is not None
-            parsed = shard.text.parse(
-                query.text, query.fields or shard.text.field_names, query.boosts, f"{at}.bm25.text"
-            )
-            if parsed is None:
-                return np.empty(0, np.int64), np.empty(0, np.float32)
-            return shard.text.search(parsed, depth, mask, count, filtered)
-        assert isinstance(query, SparseQuery)
-        index = shard.sparse[query.field]
-        vector = query.vector
-        keys = index.keys_for(
-            vector.indices.tolist() if vector.indices is not None else None, vector.tokens, intern=False
-        )
-        known = keys >= 0
-        return index.search(keys[known], vector.values[known], depth, mask)
 
     def _materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
         wants_payload = plan.include_payload or bool(plan.payload_fields)
@@ -413,24 +332,135 @@ class Collection:
 
     @_admitted
     def search_dense_batch(
-        self, field: str, vectors: np.ndarray, k: int, ef: int, max_lists: int = 0, eps: float | None = None
+        self,
+        field: str,
+        vectors: np.ndarray,
+        k: int,
+        ef: int,
+        max_lists: int = 0,
+        eps: float | None = None,
+        consistency: int = 0,
     ) -> list[SearchResult]:
         """Plain dense queries (no filter, no fusion): one batched index call per shard.
 
         Gives the same hits as ``search`` with a single dense sub-query; the caller
-        validates with ``check_dense`` first.
+        validates with ``check_dense`` first. ``consistency`` (braid.v1 Consistency) matters
+        to a cluster router: one process always sees every write it acknowledged.
         """
-        parts = []
-        for shard in self.shards:
-            base = shard.number << SHARD_SHIFT
-            with shard.read():
-                found = _dense_search(shard, field, vectors, k, (ef, max_lists, eps), None)
-                parts.append([_Ranked(labels + base, scores, shard.ids_of(labels)) for labels, scores in found])
+        parts = [dense_batch_shard(shard, field, vectors, k, (ef, max_lists, eps)) for shard in self.shards]
         results = []
         for i in range(len(vectors)):
-            ranked = _merge([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
+            ranked = merge_ranked([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
             results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
         return results
+
+
+def strand_depths(plan: SearchPlan) -> list[int]:
+    """How many candidates each strand contributes (per shard, and after merging across shards)."""
+    window = plan.offset + plan.limit
+    single = len(plan.queries) == 1
+    return [sub.depth or (window if single else max(window, MIN_FUSION_DEPTH)) for sub in plan.queries]
+
+
+def search_shard(shard: Shard, plan: SearchPlan, depths: list[int], where: str = "") -> list[Ranked]:
+    """Every strand of a (checked, encoded) plan in one shard: its candidates, keyed shard << 40 | label."""
+    base = shard.number << SHARD_SHIFT
+    out = []
+    with shard.read():
+        filtered = plan.filter is not None and not plan.filter.is_empty()
+        mask, count = shard.allowed(plan.filter)
+        for i, (sub, depth) in enumerate(zip(plan.queries, depths, strict=True)):
+            at = f"{where}queries[{i}]"
+            labels, scores = _run_strand(shard, sub, depth, (mask, count, filtered), at)
+            out.append(Ranked(labels + base, scores, shard.ids_of(labels)))
+    return out
+
+
+def combine(plan: SearchPlan, per_shard: list[list[Ranked]], depths: list[int]) -> tuple[SearchResult, list[int]]:
+    """Merge each strand across shards (cut to its depth), then fuse the strands and apply the
+    window: the hits, and each hit's key (shard << 40 | label) for fetching its payload and text.
+    A collection and a cluster router both rank through here, so both give the same hits."""
+    single = len(plan.queries) == 1
+    ranked = [
+        merge_ranked([strands[i] for strands in per_shard], depths[i]) if len(per_shard) > 1 else per_shard[0][i]
+        for i in range(len(plan.queries))
+    ]
+    rule, normalization = (plan.fusion, plan.normalization) if plan.fusion else DEFAULT_FUSION
+    if single and not plan.fusion:
+        rule = "single"
+    if rule == "single" and single and not plan.explain:
+        return _single_strand(ranked[0], plan)
+    fusion_keys, ids, shard_keys = _id_ordered_keys(ranked)
+    strands = [
+        fusion.Strand(keys, r.scores.astype(np.float64), sub.weight)
+        for keys, r, sub in zip(fusion_keys, ranked, plan.queries, strict=True)
+    ]
+    fused = fusion.fuse(strands, rule, k=plan.rrf_k, normalization=normalization)
+    fused = fusion.apply_window(fused, plan.offset, plan.limit, plan.score_threshold)
+    result = SearchResult(ids=[ids[key] for key in fused.keys.tolist()], scores=fused.scores)
+    if plan.explain:
+        result.strand_names = [_strand_name(sub) for sub in plan.queries]
+        result.ranks, result.raw = fused.ranks, fused.raw
+    return result, shard_keys[fused.keys].tolist()
+
+
+def _single_strand(ranked: Ranked, plan: SearchPlan) -> tuple[SearchResult, list[int]]:
+    """One strand needs no fusion: it is already ranked, so only the window is applied."""
+    end = len(ranked.scores)
+    if plan.score_threshold is not None:
+        # scores are non-increasing: keep those >= threshold
+        end = int(np.searchsorted(-ranked.scores, -np.float32(plan.score_threshold), side="right"))
+    window = slice(plan.offset, min(end, plan.offset + plan.limit))
+    result = SearchResult(ids=ranked.ids[window], scores=ranked.scores[window].astype(np.float64))
+    return result, ranked.keys[window].tolist()
+
+
+def _run_strand(
+    shard: Shard, sub: SubQuery, depth: int, allowed: tuple[np.ndarray, int, bool], at: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One strand in one shard; ``allowed``: the filter's mask, its count, and whether there is a filter."""
+    mask, count, filtered = allowed
+    query = sub.query
+    if isinstance(query, DenseQuery):
+        assert query.vector is not None
+        knobs = (query.ef, query.max_lists, query.eps)
+        return _dense_search(shard, query.field, query.vector[None, :], depth, knobs, mask if filtered else None)[0]
+    if isinstance(query, Bm25Query):
+        assert shard.text is not None
+        parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts, f"{at}.bm25.text")
+        if parsed is None:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        return shard.text.search(parsed, depth, mask, count, filtered)
+    assert isinstance(query, SparseQuery)
+    index = shard.sparse[query.field]
+    vector = query.vector
+    keys = index.keys_for(vector.indices.tolist() if vector.indices is not None else None, vector.tokens, intern=False)
+    known = keys >= 0
+    return index.search(keys[known], vector.values[known], depth, mask)
+
+
+def sparse_term_stats(shard: Shard, field: str, term_ids: list[int]) -> tuple[np.ndarray, int]:
+    """Per term id, how many live documents of the shard have it in a sparse field; and how many have the field."""
+    keys = np.asarray(term_ids, np.int64)
+    with shard.read():
+        index = shard.sparse[field]
+        return index.document_frequency(keys, shard.allowed(None)[0]).astype(np.int64), len(index)
+
+
+def sparse_idf_of(df: np.ndarray, documents: int) -> np.ndarray:
+    """idf = ln(1 + (N - df + 0.5) / (df + 0.5)); 0 for terms no document has, so inference-free queries drop them."""
+    idf = np.log1p((documents - df + 0.5) / (df + 0.5))
+    return np.where(df > 0, idf, 0.0).astype(np.float32)
+
+
+def dense_batch_shard(
+    shard: Shard, field: str, vectors: np.ndarray, k: int, knobs: tuple[int, int, float | None]
+) -> list[Ranked]:
+    """Plain dense queries in one shard: one ranked list per vector, keyed shard << 40 | label."""
+    base = shard.number << SHARD_SHIFT
+    with shard.read():
+        found = _dense_search(shard, field, vectors, k, knobs, None)
+        return [Ranked(labels + base, scores, shard.ids_of(labels)) for labels, scores in found]
 
 
 def _dense_search(
@@ -459,7 +489,7 @@ def _strand_name(sub: SubQuery) -> str:
     return f"{kind}:{query.field}"
 
 
-def _id_ordered_keys(ranked: list[_Ranked]) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+def _id_ordered_keys(ranked: list[Ranked]) -> tuple[list[np.ndarray], list[str], np.ndarray]:
     """Re-key every candidate by its client id's position in sorted order.
 
     Fusion breaks exact ties (common in RRF) by key; keys derived from client ids keep
@@ -481,10 +511,10 @@ def _id_ordered_keys(ranked: list[_Ranked]) -> tuple[list[np.ndarray], list[str]
     return [part.astype(np.int64) for part in np.split(inverse, bounds)], unique.tolist(), shard_keys
 
 
-def _merge(parts: list[_Ranked], depth: int) -> _Ranked:
+def merge_ranked(parts: list[Ranked], depth: int) -> Ranked:
     """One strand's candidates from every shard, best first, cut to depth (ties by smaller key)."""
     keys = np.concatenate([p.keys for p in parts])
     scores = np.concatenate([p.scores for p in parts])
     ids = [doc_id for p in parts for doc_id in p.ids]
     order = np.lexsort((keys, -scores))[:depth]
-    return _Ranked(keys[order], scores[order], [ids[i] for i in order.tolist()])
+    return Ranked(keys[order], scores[order], [ids[i] for i in order.tolist()])

@@ -1,5 +1,13 @@
 """One shard: a write-ahead log, a manifest, and the in-memory indexes it recovers.
 
+The log is a ``ShardLog`` (index/log.py), opened by the ``log_opener`` given to ``open``:
+by default the local write-ahead log under ``wal/``. A follower shard (an external log, such
+as a replicated one in cluster mode) refuses the local writes (FailedPrecondition) and takes
+records already durable in its log through ``apply_logged``, in seq order (seqs increase but
+may skip numbers; re-delivered ones are skipped); ``wait_applied`` and ``result_of`` tell a
+writer when its record is applied and what it did. Its manifest's ``wal_seq`` is the last
+seq of the external log that the checkpoint covers, and ``wal/`` is the external log's to use.
+
 Directory layout::
 
     MANIFEST.json         {"format": 2, "braid_version", "generation", "wal_seq", "next_label",
@@ -31,7 +39,8 @@ stop merges -> close tantivy, the WAL and the SPANN strands under the write lock
 Recovery: load the manifest's checkpoint, replay WAL records after its
 ``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy (only if
 something was replayed), remove segment directories the manifest does not name (an
-interrupted merge's).
+interrupted merge's). A follower replays what its external log's ``read_from(wal_seq)``
+yields, the same way (it may yield nothing); so does its reopen after a full disk.
 
 Checksums (format 2; format 1 manifests, written before, still open unchecked): the
 manifest carries its own ``crc32`` (index/manifest.py) and ``wal_crc32``, the stored CRC
@@ -72,6 +81,7 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +93,10 @@ from . import records
 from .checksums import verify_directory, write_checksums
 from .dense import DenseIndex
 from .diskspace import FreeSpace, is_disk_full
-from .errors import BraidError, DataLoss, DiskFull, Unavailable
+from .errors import BraidError, DataLoss, DiskFull, FailedPrecondition, Unavailable
 from .filters import Filter
 from .locks import Gate, ReadWriteLock
+from .log import LogOpener, ShardLog, open_local_wal, opens_external
 from .manifest import fsync_dir, load_json, read_json, write_json_atomic
 from .merger import Merger
 from .payload import PayloadStore
@@ -95,7 +106,7 @@ from .schema import DenseFieldSpec, DenseIndexType, Schema
 from .spann_strand import SpannStrand
 from .sparse import SparseIndex
 from .text import TextIndex
-from .wal import WalError, WriteAheadLog
+from .wal import WalError
 
 log = logging.getLogger("braid.shard")
 
@@ -108,6 +119,7 @@ DEFAULT_POLICY = StoragePolicy()
 RECORD_OVERHEAD = 17  # a WAL record's header bytes (index/wal.py)
 PROGRESS_STEP_BYTES = 1 << 20  # report replay progress every MiB
 REOPEN_BACKOFF_S = 1.0  # a shard read-only after a full disk tries to reopen at most this often
+RESULTS_KEPT = 4096  # a follower keeps the results of this many of the last applied records (result_of)
 # What recovery builds: the attributes ``_reopen`` takes from a freshly recovered shard.
 # Everything else in __init__ (locks, gate, merger, policy, failure state) stays.
 _RECOVERED_STATE = (
@@ -131,7 +143,14 @@ _RECOVERED_STATE = (
 
 
 class Shard:
-    def __init__(self, directory: Path, schema: Schema, number: int, policy: StoragePolicy = DEFAULT_POLICY) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        schema: Schema,
+        number: int,
+        policy: StoragePolicy = DEFAULT_POLICY,
+        log_opener: LogOpener | None = None,
+    ) -> None:
         from braid import __version__
 
         self.directory = directory
@@ -160,7 +179,10 @@ class Shard:
         self.dense: dict[str, DenseIndex | SpannStrand] = {f.name: _new_dense(f) for f in schema.dense_fields}
         self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
         self.text: TextIndex | None = None
-        self.wal: WriteAheadLog | None = None
+        self._log_opener: LogOpener = log_opener or open_local_wal
+        self._external = opens_external(self._log_opener)  # a follower: apply_logged, not upsert
+        self.wal: ShardLog | None = None
+        self._results: OrderedDict[int, int] = OrderedDict()  # a follower's last applied seqs -> result
         self._prepared_seq = 0
         self._applied_seq = 0
         self._committed_seq = 0
@@ -182,13 +204,16 @@ class Shard:
         number: int,
         policy: StoragePolicy = DEFAULT_POLICY,
         progress: Callable[[int], None] | None = None,
+        log_opener: LogOpener | None = None,
     ) -> Shard:
         """Open (or create) the shard and recover: checkpoint + WAL replay.
 
         ``progress`` is called with the byte count of each stretch of log replayed.
+        ``log_opener`` opens the log (index/log.py; default: the local write-ahead log);
+        one whose logs are external makes the shard a follower (see the module doc).
         """
         directory.mkdir(parents=True, exist_ok=True)
-        shard = cls(directory, schema, number, policy)
+        shard = cls(directory, schema, number, policy, log_opener)
         try:
             shard._recover(progress)
         except BaseException as err:  # incl. tantivy's PanicException
@@ -200,7 +225,7 @@ class Shard:
 
     def _recover(self, progress: Callable[[int], None] | None = None) -> None:
         """Load the manifest's checkpoint, replay the log after it, commit tantivy (open and reopen)."""
-        manifest = read_manifest(self.directory)
+        manifest = read_manifest(self.directory, local_log=not self._external)
         start_seq = 0
         if manifest is not None:
             self._load_checkpoint(manifest)
@@ -208,12 +233,25 @@ class Shard:
         if self.schema.text_fields:
             self.text = TextIndex(self.directory / "text", self.schema.text_fields)
         checkpoint_crc = manifest.get("wal_crc32") if manifest is not None else None
-        self.wal = WriteAheadLog.open(self.directory / "wal", first_seq=start_seq + 1, checkpoint_crc=checkpoint_crc)
+        self.wal = self._log_opener(self.directory / "wal", start_seq + 1, checkpoint_crc)
+        if self.wal.external != self._external:
+            raise FailedPrecondition(
+                f"shard {self.number}: its log opener said external={self._external}, "
+                f"but the log it opened says external={self.wal.external}"
+            )
         replayed = 0
+        self._applied_seq = start_seq
         for seq, kind, payload in self.wal.read_from(start_seq):
+            if seq <= self._applied_seq:  # never from the local WAL; an external log's promise
+                raise DataLoss(
+                    f"shard {self.number}: log record seq {seq} follows seq {self._applied_seq} in replay: "
+                    "seqs must increase"
+                )
             op = _decode(kind, payload)
             self._prepare(op)
-            self._apply(op)
+            result = self._apply(op)
+            if self._external:
+                self._remember(seq, result)
             self._applied_seq = seq
             replayed += len(payload) + RECORD_OVERHEAD
             if progress is not None and replayed >= PROGRESS_STEP_BYTES:
@@ -226,7 +264,6 @@ class Shard:
         replayed_any = self._applied_seq > start_seq
         self._logged_bytes = self.wal.size_bytes() if replayed_any else 0
         self._dirty_since = time.monotonic() if replayed_any else None
-        self._applied_seq = max(self._applied_seq, start_seq)
         self._prepared_seq = self._applied_seq
         # Documents of writes the log no longer holds (a damaged last record) leave tantivy too.
         stale = self.text is not None and self.text.remove_from(self._next_label)
@@ -304,6 +341,8 @@ class Shard:
         """
         if not self._gate.close(error or Unavailable(f"shard {self.number} is closed")):
             return
+        with self._apply_cond:
+            self._apply_cond.notify_all()  # wait_applied callers get the close error now
         self.merger.close()
         with self._flush_lock, self._lock.write():
             self._closed = True
@@ -344,6 +383,8 @@ class Shard:
 
     def _write(self, kind: int, payload: bytes) -> int:
         """Log, then prepare, commit and apply in sequence order; see the module docstring."""
+        if self._external:
+            raise FailedPrecondition(f"shard {self.number} follows a replicated log; write through the router")
         with self._gate:  # a close waits for this write to finish, or refuses it before it starts
             if self._failed_disk_full:
                 self._reopen_if_room()
@@ -497,6 +538,121 @@ class Shard:
         self._fail(f"tantivy commit of write {seq} failed: {failure}", failure)  # outside the commit lock
         raise self._refusal() from failure
 
+    # ------------------------------------------------ following an external log
+
+    def apply_logged(self, records: list[tuple[int, int, bytes]]) -> list[int]:
+        """Apply (seq, kind, payload) records already durable in the external log, in order.
+
+        For a follower (module doc), from its one applier thread. Records with seq <=
+        ``applied_seq`` are skipped (re-delivered after a reconnect) and give no result; the
+        others must have increasing seqs (else DataLoss, nothing applied). Returns one result
+        per applied record, what the write did: documents upserted, or deleted. The batch is
+        prepared, committed to tantivy once and applied under one hold of the write lock.
+        A failure after preparing starts fails the shard as on the local write path (a full
+        disk: read-only, until ``heal`` or the next call reopens it and replays the external
+        log from the checkpoint, these records included).
+        """
+        if not self._external:
+            raise FailedPrecondition(f"shard {self.number} writes its own log; it does not follow one")
+        with self._gate:
+            if self._failed_disk_full:
+                self._reopen_if_room()
+            with self._write_path.read():
+                return self._apply_logged_admitted(records)
+
+    def _apply_logged_admitted(self, batch: list[tuple[int, int, bytes]]) -> list[int]:
+        if self._failed:
+            raise self._refusal()
+        ops: list[tuple[int, _Op]] = []
+        previous: int | None = None
+        upserted_bytes = logged_bytes = 0
+        for seq, kind, payload in batch:
+            if previous is not None and seq <= previous:
+                raise DataLoss(f"shard {self.number}: log record seq {seq} follows seq {previous}: seqs must increase")
+            previous = seq
+            if seq <= self._applied_seq:
+                continue  # applied already: a re-delivery
+            try:
+                op = _decode(kind, payload)
+            except BraidError:
+                raise
+            except Exception as err:  # a payload the log holds but no writer of ours encoded
+                raise DataLoss(f"shard {self.number}: log record {seq} does not decode: {err!r}") from err
+            ops.append((seq, op))
+            logged_bytes += len(payload)
+            if kind == records.UPSERT:
+                upserted_bytes += len(payload) + RECORD_OVERHEAD
+        if not ops:
+            return []
+        if upserted_bytes:  # below the floor: refused before anything changes (deletes pass, as locally)
+            self._space.check(upserted_bytes)
+        last = ops[-1][0]
+        self._logged_bytes += logged_bytes
+        try:
+            for _, op in ops:
+                self._prepare(op)
+        except BaseException as err:  # incl. tantivy's PanicException
+            raise self._fail_logged(ops[0][0], last, "prepare", err) from err
+        self._prepared_seq = last
+        self._commit_text(last)  # compares seqs only: gaps between them are fine
+        results: list[int] = []
+        try:
+            with self._lock.write():
+                for seq, op in ops:
+                    result = self._apply(op)
+                    results.append(result)
+                    self._remember(seq, result)  # before applied_seq: a waiter that sees it finds the result
+                    self._applied_seq = seq
+        except BaseException as err:  # incl. tantivy's PanicException
+            raise self._fail_logged(ops[0][0], last, "apply", err) from err
+        with self._apply_cond:
+            self._committed_seq = max(self._committed_seq, last)
+            self._apply_cond.notify_all()
+        self._maybe_checkpoint()
+        self.merger.maybe_start()
+        return results
+
+    def _fail_logged(self, first: int, last: int, step: str, err: BaseException) -> BraidError:
+        """Records durable in the external log could not be applied: memory no longer matches
+        the log, so the shard stops (a full disk: read-only until a reopen replays them).
+        Returns the refusal to raise."""
+        self._fail(f"log records {first}..{last} failed in {step}: {err!r}", err)
+        return self._refusal()
+
+    def _remember(self, seq: int, result: int) -> None:
+        self._results[seq] = result
+        while len(self._results) > RESULTS_KEPT:
+            self._results.popitem(last=False)
+
+    @property
+    def applied_seq(self) -> int:
+        """The seq of the last log record applied (what a checkpoint records as ``wal_seq``)."""
+        return self._applied_seq
+
+    def result_of(self, seq: int) -> int | None:
+        """What applying record ``seq`` did (documents upserted, or deleted), while it is one of
+        the last RESULTS_KEPT records a follower applied (``apply_logged`` or replay); else None."""
+        return self._results.get(seq)
+
+    def wait_applied(self, seq: int, timeout_s: float) -> bool:
+        """Block until record ``seq`` is applied (True) or ``timeout_s`` passes (False).
+
+        Raises the close error once the shard is closing, and the write refusal (Unavailable,
+        DiskFull) while it is failed.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._apply_cond:
+            while self._applied_seq < seq:
+                if self._gate.closed:
+                    raise self._gate.error()
+                if self._failed:
+                    raise self._refusal()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._apply_cond.wait(remaining)
+            return True
+
     # ------------------------------------------------------------- reopening
 
     def heal(self) -> None:
@@ -546,7 +702,7 @@ class Shard:
                 with self._apply_cond:
                     self._failed, self._failed_disk_full = f"write-ahead log fsync failed: {err}", False
                 raise
-        fresh = Shard(self.directory, self.schema, self.number, self.policy)
+        fresh = Shard(self.directory, self.schema, self.number, self.policy, self._log_opener)
         try:
             fresh._recover()
         except BaseException:
@@ -556,8 +712,11 @@ class Shard:
         with self._lock.write():
             for name in _RECOVERED_STATE:
                 setattr(self, name, getattr(fresh, name))
+            for seq, result in fresh._results.items():  # what the replay applied (a follower's)
+                self._remember(seq, result)
         with self._apply_cond:
             self._failed, self._failed_disk_full = None, False
+            self._apply_cond.notify_all()
         for strand in old_strands.values():
             strand.close()
         self._remove_unreferenced()
@@ -778,11 +937,12 @@ class Shard:
             self.wal.truncate_prefix(wal_seq)
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
+def read_manifest(directory: Path, local_log: bool = True) -> dict[str, Any] | None:
     """A shard's MANIFEST.json, checked against its checksum and what it points at; None when absent.
 
     DataLoss naming the file: a bad checksum (or none in format 2), a field missing or of the
-    wrong type, a generation whose directory is missing, a ``wal_seq`` with no log at all.
+    wrong type, a generation whose directory is missing, a ``wal_seq`` with no log at all
+    (only when ``local_log``: a follower's records live in its external log, not in ``wal/``).
     The files of the generation are checked later (``_load_checkpoint``), as is the log's
     agreement with ``wal_seq`` (index/wal.py).
     """
@@ -804,7 +964,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     if not generation.is_dir():
         raise DataLoss(f"{path}: generation {manifest['generation']} names {generation}, which is missing")
     wal = directory / "wal"
-    if manifest["wal_seq"] > 0 and not (wal.is_dir() and any(p.suffix == ".wal" for p in wal.iterdir())):
+    if local_log and manifest["wal_seq"] > 0 and not (wal.is_dir() and any(p.suffix == ".wal" for p in wal.iterdir())):
         raise DataLoss(f"{path}: wal_seq is {manifest['wal_seq']} but {wal} holds no log: records may be lost")
     return manifest
 

@@ -271,6 +271,8 @@ def _check_checkpoint(segments: list[_Segment], last_seq: int, seq: int, crc: in
 class WriteAheadLog:
     """An append-only, segmented, CRC-checked log with group-committed fsync. Thread-safe."""
 
+    external = False  # a shard's local log: it appends its own writes (index/log.py ShardLog)
+
     def __init__(self, directory: Path, segments: list[_Segment], last_seq: int, fd: int, segment_bytes: int) -> None:
         """Use ``WriteAheadLog.open``; this assumes recovery already ran and ``fd`` is the last segment."""
         self._dir = directory

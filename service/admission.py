@@ -44,6 +44,14 @@ class TimedOut(Exception):
     """A deadline passed: the call's own while it waited for a worker, or a stream's idle timeout."""
 
 
+_call_deadline = threading.local()
+
+
+def call_deadline() -> float | None:
+    """The time.monotonic() deadline of the call this worker thread is running (None: none set)."""
+    return getattr(_call_deadline, "value", None)
+
+
 def peer_host(peer: str) -> str:
     """The client address of a gRPC peer string, without the port: 'ipv4:10.0.0.7:5123' -> '10.0.0.7'."""
     kind, _, rest = peer.partition(":")
@@ -93,9 +101,11 @@ class Admission:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimedOut("deadline passed while the call waited for a worker")
             started = time.perf_counter()
+            _call_deadline.value = deadline
             try:
                 return work()
             finally:
+                _call_deadline.value = None
                 self._mean_seconds += 0.05 * (time.perf_counter() - started - self._mean_seconds)
 
         try:

@@ -38,7 +38,7 @@ SERVE_SETTINGS = (
     "data_dir", "host", "port", "workers", "models_dir", "max_message_bytes", "max_batch", "max_limit",
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
-    "checkpoint_log_bytes", "checkpoint_interval_s",
+    "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
 )  # fmt: skip
 
 
@@ -58,12 +58,25 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     def ready(port: int) -> None:
-        print(f"braid: serving braid.v1.Braid on {config.host}:{port} (data: {config.data_dir})", flush=True)
+        role = "" if config.role == "standalone" else f"{config.role}, nats {config.nats}, "
+        print(f"braid: serving braid.v1.Braid on {config.host}:{port} ({role}data: {config.data_dir})", flush=True)
+
+    def shard_ready(port: int) -> None:
+        node = config.cluster_node_id
+        print(
+            f"braid: serving braid.cluster.v1.Shard on {config.host}:{port} (node {node}, nats {config.nats})",
+            flush=True,
+        )
 
     from braid.index.errors import BraidError
 
     try:
-        serve(config, ready)
+        if config.role == "shard":
+            from .cluster.shard_server import serve_shard
+
+            serve_shard(config, shard_ready)
+        else:
+            serve(config, ready)
     except (ValueError, OSError, BraidError) as err:  # a bad TLS or key file, a port or data dir in use
         print(f"braid serve: {err}", file=sys.stderr)
         return 2
@@ -294,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument(
         "--reflection", action=argparse.BooleanOptionalAction, default=None, help="server reflection (default on)"
     )
+    cluster = serve.add_argument_group('cluster mode (docs/design.md, "Cluster")')
+    cluster.add_argument(
+        "--role", choices=("standalone", "router", "shard"), help="standalone (default: no NATS), router or shard"
+    )
+    cluster.add_argument("--nats", help="NATS URLs, comma-separated (BRAID_NATS); routers and shard servers")
+    cluster.add_argument("--node-id", help="a shard server's identity (BRAID_NODE_ID, default: the host name)")
+    cluster.add_argument("--advertise", help="host:port routers use to reach this shard server (default host:port)")
+    cluster.add_argument("--nats-replicas", type=int, help="replicas of Braid's streams and buckets (0 = auto)")
     serve.set_defaults(run=_serve)
 
     where = argparse.ArgumentParser(add_help=False)

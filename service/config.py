@@ -29,6 +29,11 @@ Precedence: command-line flag, then environment variable, then default.
 | encoder_threads        | BRAID_ENCODER_THREADS        | 0 = one per CPU   |
 | encoder_max_batch      | BRAID_ENCODER_MAX_BATCH      | 32                |
 | encoder_max_wait_ms    | BRAID_ENCODER_MAX_WAIT_MS    | 2                 |
+| role                   | BRAID_ROLE                   | standalone        |
+| nats                   | BRAID_NATS                   | (none)            |
+| node_id                | BRAID_NODE_ID                | the host name     |
+| advertise              | BRAID_ADVERTISE              | host:port         |
+| nats_replicas          | BRAID_NATS_REPLICAS          | 0 = auto          |
 
 ``workers`` threads run the index and encoder work of RPCs; ``max_queue`` calls may
 wait for one, and a call beyond that is refused with RESOURCE_EXHAUSTED and a retry
@@ -37,6 +42,14 @@ hint. Streams (BulkUpsert) hold no worker while they wait for their next message
 and a stream that sends nothing for ``stream_idle_timeout_s`` is ended. See
 docs/security.md for what each limit protects against.
 
+Cluster mode (docs/design.md, "Cluster"): ``role`` (BRAID_ROLE) is standalone (the
+default, no NATS), router or shard; routers and shard servers take ``nats``
+(BRAID_NATS, comma-separated URLs); a shard server takes ``node_id`` (BRAID_NODE_ID,
+default: the host name, so a StatefulSet pod's ordinal names it) and ``advertise``
+(BRAID_ADVERTISE, the host:port routers call; default host:port). ``nats_replicas``
+(BRAID_NATS_REPLICAS, 0 = as many NATS URLs as given, at most 3) is the replica count
+of the streams and buckets Braid creates.
+
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
 """
@@ -44,13 +57,17 @@ one model call, and how long the micro-batcher waits for concurrent queries.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from braid.index.policy import StoragePolicy
 from braid.index.validate import Limits
 
+from .cluster.meta import check_node_id, node_id_from_host
+
 DEFAULT_DATA_DIR = "./braid-data"
+ROLES = ("standalone", "router", "shard")
 _PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
 _FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -83,6 +100,11 @@ class ServerConfig:
     encoder_threads: int = 0
     encoder_max_batch: int = 32
     encoder_max_wait_ms: int = 2
+    role: str = "standalone"
+    nats: str = ""
+    node_id: str = ""
+    advertise: str = ""
+    nats_replicas: int = 0
     limits: Limits = field(init=False)
     storage: StoragePolicy = field(init=False)
 
@@ -107,6 +129,14 @@ class ServerConfig:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if self.encoder_threads < 0 or self.encoder_max_batch < 1 or self.encoder_max_wait_ms < 0:
             raise ValueError("encoder_threads >= 0, encoder_max_batch >= 1 and encoder_max_wait_ms >= 0 are required")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role != "standalone" and not self.nats_urls:
+            raise ValueError(f"role {self.role} needs nats (--nats URL[,URL...] or BRAID_NATS)")
+        if self.node_id:
+            check_node_id(self.node_id)
+        if not 0 <= self.nats_replicas <= 5:
+            raise ValueError(f"nats_replicas must be in 0..5, got {self.nats_replicas}")
         limits = Limits(
             max_batch=self.max_batch,
             max_limit=self.max_limit,
@@ -131,11 +161,28 @@ class ServerConfig:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    @property
+    def nats_urls(self) -> list[str]:
+        return [url.strip() for url in self.nats.split(",") if url.strip()]
+
+    @property
+    def cluster_node_id(self) -> str:
+        return self.node_id or node_id_from_host(socket.gethostname())
+
+    @property
+    def cluster_advertise(self) -> str:
+        return self.advertise
+
+    @property
+    def stream_replicas(self) -> int:
+        """Replicas of the JetStream streams and buckets Braid creates."""
+        return self.nats_replicas or min(3, max(len(self.nats_urls), 1))
+
 
 def _parse(name: str, value: object) -> object:
     if name in _PATHS:
         return Path(str(value))
-    if name == "host":
+    if name in ("host", "role", "nats", "node_id", "advertise"):
         return str(value)
     if name == "reflection":
         if isinstance(value, bool):

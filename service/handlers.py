@@ -89,8 +89,9 @@ class BraidHandlers:
         admission: Admission,
         config: ServerConfig,
         keys: Any | None,
+        rpcs_class: type[BraidRpcs] = BraidRpcs,
     ) -> None:
-        self.rpcs = BraidRpcs(catalog, encoding, config.max_message_bytes)
+        self.rpcs = rpcs_class(catalog, encoding, config.max_message_bytes)
         self.admission = admission
         self.keys = keys
         self.idle_timeout = config.stream_idle_timeout_s

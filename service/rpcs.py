@@ -35,6 +35,7 @@ class BraidRpcs:
             collection.name, collection.schema, len(collection.shards), collection.count(), collection.created_at
         )
         info.write_problem = collection.write_problem() or ""
+        info.replication_factor = getattr(collection, "replication_factor", 1)
         return info
 
     @staticmethod
@@ -45,7 +46,7 @@ class BraidRpcs:
 
     def CreateCollection(self, request: pb.CreateCollectionRequest) -> Any:
         schema = self.encoding.resolve_schema(convert.schema_from_proto(request.schema))
-        return self._info(self.catalog.create(request.name, schema, request.shards or 1))
+        return self._info(self.catalog.create(request.name, schema, request.shards or 1, request.replication_factor))
 
     def GetCollection(self, request: pb.GetCollectionRequest) -> Any:
         return self._info(self.catalog.get(request.name))
@@ -79,7 +80,7 @@ class BraidRpcs:
         collection = self.catalog.get(request.collection)
         docs = convert.documents_from_proto(request.documents)
         self.encoding.fill_documents(collection.schema, docs)
-        return collection.upsert(docs)
+        return collection.upsert(docs, request.ack)
 
     def Delete(self, request: pb.DeleteRequest) -> Any:
         collection = self.catalog.get(request.collection)
@@ -87,10 +88,10 @@ class BraidRpcs:
         if request.ids and flt is not None:
             raise InvalidArgument.field("ids", "set ids or filter, not both")
         if flt is not None:
-            return pb.DeleteResponse(deleted=collection.delete_filter(flt))
+            return pb.DeleteResponse(deleted=collection.delete_filter(flt, request.ack))
         if not request.ids:
             raise InvalidArgument.field("ids", "give ids or a non-empty filter")
-        return pb.DeleteResponse(deleted=collection.delete_ids(list(request.ids)))
+        return pb.DeleteResponse(deleted=collection.delete_ids(list(request.ids), request.ack))
 
     def Get(self, request: pb.GetRequest) -> Any:
         collection = self.catalog.get(request.collection)
@@ -121,9 +122,9 @@ class BraidRpcs:
             limit = request.limit or 10
             eps = dense.eps if dense.HasField("eps") else None
             collection.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
-            result = collection.search_dense_batch(dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps)[
-                0
-            ]
+            result = collection.search_dense_batch(
+                dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, request.consistency
+            )[0]
             return convert.result_to_proto(result, _NO_TYPES, self.max_response_bytes)
         plan = convert.plan_from_proto(request)
         self.encoding.fill_plans([(collection, plan, "")])
@@ -197,10 +198,10 @@ class BraidRpcs:
                 convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
                 for i, s in enumerate(searches)
             ]
-        _, field, ef, limit, max_lists, eps = shape
+        _, field, ef, limit, max_lists, eps, consistency = shape
         for i, row in enumerate(rows):
             collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
-        results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps)
+        results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency)
         return self._within_budget((result, _NO_TYPES) for result in results)
 
 
@@ -230,7 +231,7 @@ def _dense_shape(request: pb.SearchRequest) -> tuple:
     """What plain dense searches must share to run as one batched call."""
     dense = request.queries[0].dense
     eps = dense.eps if dense.HasField("eps") else None
-    return (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps)
+    return (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps, request.consistency)
 
 
 def _plain_dense(request: pb.SearchRequest) -> bool:

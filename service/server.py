@@ -40,6 +40,7 @@ from .admission import Admission
 from .config import ServerConfig
 from .encoding import Encoding
 from .handlers import SERVICE_NAME, BraidHandlers
+from .rpcs import BraidRpcs
 
 log = logging.getLogger("braid.server")
 T = TypeVar("T")
@@ -70,8 +71,9 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 class BraidServer:
     """One Braid server: catalog, encoders, workers and a bound (not yet started) gRPC port."""
 
-    def __init__(self, config: ServerConfig, catalog: Catalog | None = None) -> None:
+    def __init__(self, config: ServerConfig, catalog: Any = None, rpcs_class: type[BraidRpcs] = BraidRpcs) -> None:
         self.config = config
+        self._rpcs_class = rpcs_class
         # Recovery runs after the port is bound (start): probes see NOT_SERVING, not "connection refused".
         self.catalog = catalog or Catalog(config.data_dir, config.limits, policy=config.storage, recover=False)
         self._recovered = threading.Event()
@@ -114,7 +116,7 @@ class BraidServer:
             from .auth import ApiKeys
 
             keys = ApiKeys(config.api_keys)
-        self.handlers = BraidHandlers(self.catalog, self.encoding, self.admission, config, keys)
+        self.handlers = BraidHandlers(self.catalog, self.encoding, self.admission, config, keys, self._rpcs_class)
         self.server.add_generic_rpc_handlers((self.handlers.generic_handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -227,7 +229,19 @@ class BraidServer:
 
 
 def create_server(config: ServerConfig, catalog: Catalog | None = None) -> BraidServer:
-    """Build a server bound to ``config.address`` (port 0 picks a free one: see ``.port``); call start()."""
+    """Build a server bound to ``config.address`` (port 0 picks a free one: see ``.port``); call start().
+
+    ``config.role`` router: the same braid.v1 server over a RemoteCatalog (service/cluster/router.py).
+    """
+    if config.role == "router" and catalog is None:
+        from .cluster.router import RemoteCatalog, RouterRpcs
+
+        remote = RemoteCatalog(config)
+        try:
+            return BraidServer(config, remote, RouterRpcs)
+        except BaseException:
+            remote.close()
+            raise
     return BraidServer(config, catalog)
 
 

@@ -1,0 +1,1 @@
+"""Cluster mode: router, shard servers and their NATS JetStream plumbing."""

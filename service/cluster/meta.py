@@ -1,0 +1,123 @@
+"""Cluster metadata: what lives in the JetStream key-value buckets, and replica placement.
+
+Buckets (JetStream KV, replicated like the streams):
+
+- ``braid-collections``: key = collection name, value = ``CollectionMeta`` as JSON
+  ``{"name", "uid", "schema", "shards", "replication_factor", "created_at", "placement"}``.
+  ``uid`` names one incarnation: a collection deleted and created again under the same
+  name gets a new uid, a new stream and new replica directories.
+- ``braid-nodes``: key = shard-server node id, value = ``{"node_id", "address", "started_at"}``,
+  put every ``HEARTBEAT_S``; the bucket's TTL (``NODE_TTL_S``) drops a node that stops.
+
+The write log of a collection is the stream ``BRAID_<uid>`` with one subject per shard,
+``braid.<uid>.<shard>``; each message is one write record (index/records.py), its kind in
+the ``Braid-Kind`` header.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger("braid.cluster")
+COLLECTIONS_BUCKET = "braid-collections"
+NODES_BUCKET = "braid-nodes"
+HEARTBEAT_S = 1.0
+NODE_TTL_S = 5.0
+KIND_HEADER = "Braid-Kind"
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class CollectionMeta:
+    name: str
+    uid: str
+    schema: dict[str, Any]
+    shards: int
+    replication_factor: int
+    created_at: float
+    placement: tuple[tuple[str, ...], ...]  # per shard, the node ids holding a replica
+
+    @property
+    def stream(self) -> str:
+        return f"BRAID_{self.uid}"
+
+    def subject(self, shard: int) -> str:
+        return f"braid.{self.uid}.{shard}"
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["placement"] = [list(nodes) for nodes in self.placement]
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> CollectionMeta:
+        data = json.loads(raw)
+        data["placement"] = tuple(tuple(nodes) for nodes in data["placement"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    address: str
+    started_at: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> NodeInfo:
+        return cls(**json.loads(raw))
+
+
+def parse_collections(items: dict[str, bytes]) -> dict[str, CollectionMeta]:
+    """The bucket's entries that parse; a damaged one is logged and left out, never fatal."""
+    metas = {}
+    for name, raw in items.items():
+        meta = parse_collection(name, raw)
+        if meta is not None:
+            metas[name] = meta
+    return metas
+
+
+def parse_collection(name: str, raw: bytes) -> CollectionMeta | None:
+    try:
+        return CollectionMeta.from_json(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        log.error("collection metadata %r in %s is damaged, ignored: %s", name, COLLECTIONS_BUCKET, err)
+        return None
+
+
+def parse_node(name: str, raw: bytes) -> NodeInfo | None:
+    try:
+        return NodeInfo.from_json(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        log.error("node entry %r in %s is damaged, ignored: %s", name, NODES_BUCKET, err)
+        return None
+
+
+def place(shards: int, replication_factor: int, nodes: list[str]) -> tuple[tuple[str, ...], ...]:
+    """Deterministic placement: shard i's replicas on the sorted nodes i, i+1, ... (mod n).
+
+    No two replicas of a shard share a node (the caller checks replication_factor <= len(nodes)),
+    and consecutive shards start on consecutive nodes, so shards spread evenly.
+    """
+    ordered = sorted(nodes)
+    count = len(ordered)
+    return tuple(tuple(ordered[(i + r) % count] for r in range(replication_factor)) for i in range(shards))
+
+
+def check_node_id(node_id: str) -> str:
+    if not _NODE_ID.fullmatch(node_id):
+        raise ValueError(f"node_id: {node_id!r} must match [A-Za-z0-9_-]{{1,64}} (it names a key in NATS)")
+    return node_id
+
+
+def node_id_from_host(host_name: str) -> str:
+    """A default node id from the host name (a StatefulSet pod's name carries its ordinal)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "-", host_name.split(".")[0])[:64]
+    return cleaned or "node"

@@ -1,0 +1,383 @@
+"""One process's connection to NATS JetStream, on an event loop of its own.
+
+Routers and shard servers do their gRPC work on threads; NATS (nats-py) is asyncio. The
+link runs nats-py on a private loop thread and offers blocking calls with a timeout, so
+a NATS stall never blocks the gRPC event loop. Every failure to reach NATS (not connected,
+no responders, a timeout) becomes Unavailable naming NATS, the one error callers handle.
+
+What it offers: key-value reads, writes and watches (service/cluster/meta.py says what the
+buckets hold), stream creation and deletion, publishing with a message id (JetStream drops
+a duplicate id inside its window, so a retried publish is stored once), the last sequence
+of a subject, and ``LogReader``: an ephemeral pull consumer that reads one subject in
+stream order from a given sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from braid.index.errors import AlreadyExists, Unavailable
+
+from .meta import KIND_HEADER
+
+log = logging.getLogger("braid.nats")
+T = TypeVar("T")
+CONNECT_TIMEOUT_S = 2.0
+WATCH_RETRY_S = 0.5
+# A consumer nobody pulls from for this long is removed by JetStream (a replica that died).
+CONSUMER_IDLE_S = 30.0
+
+
+class NatsLink:
+    """A nats-py connection on its own loop thread; blocking calls with timeouts."""
+
+    def __init__(self, urls: list[str], name: str) -> None:
+        self.urls = urls
+        self.name = name
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="braid-nats", daemon=True)
+        self._thread.start()
+        self.nc: Any = None
+        self.js: Any = None
+        self._connected = threading.Event()
+        self._closed = False
+        self._tasks: list[asyncio.Future] = []
+        self._tasks.append(asyncio.run_coroutine_threadsafe(self._connect_forever(), self.loop))
+
+    # ------------------------------------------------------------ connection
+
+    async def _connect_forever(self) -> None:
+        """Connect (retrying until the link closes); nats-py then reconnects by itself."""
+        while not self._closed:
+            try:
+                self.nc = await nats.connect(
+                    servers=self.urls,
+                    name=self.name,
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+                self.js = self.nc.jetstream()
+                self._connected.set()
+                log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+                return
+            except Exception as err:
+                log.warning("cannot reach NATS at %s: %s; retrying", ",".join(self.urls), err)
+                await asyncio.sleep(1.0)
+
+    async def _on_error(self, err: Exception) -> None:
+        log.debug("NATS: %s", err)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload) if self.nc is not None else 1 << 20
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the link's loop; NATS failures become Unavailable."""
+        if not self.connected:
+            coro.close()
+            raise Unavailable(f"NATS unreachable at {','.join(self.urls)}")
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
+        try:
+            return future.result(timeout + 1.0)
+        except TimeoutError as err:
+            future.cancel()
+            raise Unavailable(f"NATS did not answer within {timeout:.1f} s") from err
+        except (nats.errors.Error, nats.js.errors.Error, ConnectionError, OSError) as err:
+            if isinstance(err, nats.js.errors.APIError) and not isinstance(err, nats.js.errors.ServiceUnavailableError):
+                raise
+            raise Unavailable(f"NATS unreachable: {type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self.nc is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop).result(5)
+            except Exception:
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    # ------------------------------------------------------------ key-value
+
+    async def _bucket(self, bucket: str) -> Any:
+        return await self.js.key_value(bucket)
+
+    def ensure_bucket(self, bucket: str, replicas: int, ttl: float | None = None, timeout: float = 10.0) -> None:
+        async def ensure() -> None:
+            try:
+                await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await self.js.create_key_value(bucket=bucket, history=1, replicas=replicas, ttl=ttl)
+
+        self.call(ensure(), timeout)
+
+    def kv_put(self, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> None:
+        async def put() -> None:
+            await (await self._bucket(bucket)).put(key, value)
+
+        self.call(put(), timeout)
+
+    def kv_create(self, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> None:
+        """Put ``key`` only if it does not exist; AlreadyExists otherwise."""
+
+        async def create() -> None:
+            try:
+                await (await self._bucket(bucket)).create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError as err:
+                raise AlreadyExists(f"{key!r} already exists") from err
+
+        self.call(create(), timeout)
+
+    def kv_delete(self, bucket: str, key: str, timeout: float = 5.0) -> None:
+        async def delete() -> None:
+            await (await self._bucket(bucket)).purge(key)
+
+        self.call(delete(), timeout)
+
+    def kv_items(self, bucket: str, timeout: float = 5.0) -> dict[str, bytes]:
+        """Every key and value of a bucket, now."""
+
+        async def items() -> dict[str, bytes]:
+            kv = await self._bucket(bucket)
+            watcher = await kv.watchall()
+            found: dict[str, bytes] = {}
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        break
+                    if entry.operation is None and entry.value is not None:
+                        found[entry.key] = entry.value
+                    else:
+                        found.pop(entry.key, None)
+            finally:
+                await watcher.stop()
+            return found
+
+        return self.call(items(), timeout)
+
+    def watch(
+        self,
+        bucket: str,
+        on_snapshot: Callable[[dict[str, bytes]], None],
+        on_change: Callable[[str, bytes | None], None],
+    ) -> None:
+        """Follow a bucket until the link closes: ``on_snapshot`` with every key each time the
+        watch (re)starts (so deletes missed while disconnected are seen), then ``on_change``
+        per update (value None: deleted). Callbacks run on the link's loop: keep them short."""
+
+        async def follow() -> None:
+            while not self._closed:
+                if not self.connected:
+                    await asyncio.sleep(WATCH_RETRY_S)
+                    continue
+                watcher = None
+                try:
+                    watcher = await (await self._bucket(bucket)).watchall()
+                    snapshot: dict[str, bytes] = {}
+                    initial = True
+                    while not self._closed:
+                        try:
+                            entry = await watcher.updates(timeout=5.0)
+                        except (TimeoutError, nats.errors.TimeoutError):
+                            if not self.connected:
+                                break
+                            continue
+                        if entry is None:
+                            if initial:
+                                initial = False
+                                on_snapshot(dict(snapshot))
+                            continue
+                        value = entry.value if entry.operation is None else None
+                        if initial:
+                            if value is None:
+                                snapshot.pop(entry.key, None)
+                            else:
+                                snapshot[entry.key] = value
+                        else:
+                            on_change(entry.key, value)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    log.debug("watch of %s restarts: %s", bucket, err)
+                finally:
+                    if watcher is not None:
+                        try:
+                            await watcher.stop()
+                        except Exception:
+                            pass
+                await asyncio.sleep(WATCH_RETRY_S)
+
+        self._tasks.append(asyncio.run_coroutine_threadsafe(follow(), self.loop))
+
+    # -------------------------------------------------------------- streams
+
+    def add_stream(self, name: str, subjects: list[str], replicas: int, timeout: float = 10.0) -> None:
+        async def add() -> None:
+            await self.js.add_stream(
+                name=name,
+                subjects=subjects,
+                num_replicas=replicas,
+                storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS,
+                duplicate_window=120.0,
+            )
+
+        self.call(add(), timeout)
+
+    def delete_stream(self, name: str, timeout: float = 10.0) -> None:
+        async def delete() -> None:
+            try:
+                await self.js.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                pass
+
+        self.call(delete(), timeout)
+
+    def publish_many(
+        self, items: list[tuple[str, bytes, int, str]], stream: str, timeout: float
+    ) -> list[int | BaseException]:
+        """Publish several records concurrently: (subject, payload, kind, msg_id) each; the
+        sequence of each, or the exception that kept it from being stored."""
+
+        async def one(subject: str, payload: bytes, kind: int, msg_id: str) -> int:
+            headers = {"Nats-Msg-Id": msg_id, KIND_HEADER: str(kind)}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    ack = await self.js.publish(
+                        subject,
+                        payload,
+                        timeout=max(min(deadline - loop.time(), 2.0), 0.05),
+                        stream=stream,
+                        headers=headers,
+                    )
+                    return int(ack.seq)
+                except (
+                    nats.errors.TimeoutError,
+                    nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError,
+                ):
+                    if loop.time() + 0.1 >= deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+
+        async def all_of() -> list[int | BaseException]:
+            return await asyncio.gather(*(one(*item) for item in items), return_exceptions=True)
+
+        return self.call(all_of(), timeout + 0.5)
+
+    def last_seqs(self, stream: str, subjects: list[str], timeout: float) -> list[int]:
+        """The stream sequence of the last record on each subject (0 for none)."""
+
+        async def last(subject: str) -> int:
+            try:
+                return int((await self.js.get_last_msg(stream, subject)).seq)
+            except nats.js.errors.NotFoundError:
+                return 0
+
+        async def all_of() -> list[int]:
+            return list(await asyncio.gather(*(last(subject) for subject in subjects)))
+
+        return self.call(all_of(), timeout)
+
+
+class LogReader:
+    """Reads one subject of a stream in order, from a sequence on, with an ephemeral pull consumer.
+
+    ``fetch(after_seq, ...)`` returns the next records after ``after_seq``; when the caller's
+    position does not follow the consumer's (a restart, a failed apply), the consumer is
+    replaced by one that starts right after ``after_seq``. NATS failures raise Unavailable; the
+    next fetch starts over with a new consumer.
+    """
+
+    def __init__(self, link: NatsLink, stream: str, subject: str) -> None:
+        self.link, self.stream, self.subject = link, stream, subject
+        self._sub: Any = None
+        self._next_seq = 0  # the stream sequence the consumer delivers after the last one read
+        self.pending = -1  # records left after the last fetch (-1: unknown)
+
+    def fetch(self, after_seq: int, batch: int, wait_s: float) -> list[tuple[int, int, bytes]]:
+        async def fetch() -> list[tuple[int, int, bytes]]:
+            if self._sub is None or self._next_seq != after_seq:
+                await self._reset(after_seq)
+            try:
+                msgs = await self._sub.fetch(batch, timeout=wait_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                self.pending = 0
+                return []
+            out = []
+            for msg in msgs:
+                meta = msg.metadata
+                seq = int(meta.sequence.stream)
+                kind = int((msg.headers or {}).get(KIND_HEADER, "0"))
+                out.append((seq, kind, msg.data))
+                self._next_seq = seq
+                self.pending = int(meta.num_pending)
+            return out
+
+        try:
+            return self.link.call(fetch(), wait_s + 5.0)
+        except BaseException:
+            self._drop()
+            raise
+
+    async def _reset(self, after_seq: int) -> None:
+        await self._unsubscribe()
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after_seq + 1,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=CONSUMER_IDLE_S,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        self._sub = await self.link.js.pull_subscribe(self.subject, stream=self.stream, config=config)
+        self._next_seq = after_seq
+
+    async def _unsubscribe(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    def _drop(self) -> None:
+        if self._sub is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._unsubscribe(), self.link.loop).result(2)
+            except Exception:
+                self._sub = None
+
+    def close(self) -> None:
+        self._drop()

@@ -1,0 +1,169 @@
+"""A shard replica on a shard server: a follower Shard fed from its JetStream subject.
+
+The replica opens an index/ Shard whose log is ``JetStreamLog`` (an external log: the
+router appends, replicas only read), so recovery is the shard engine's own: load the
+checkpoint, whose manifest's ``wal_seq`` is the last stream sequence applied, then replay
+the subject after it. A follower thread then pulls new records in batches and applies
+them in stream order (``Shard.apply_logged``); a failure (NATS away, a full disk) is retried
+with backoff from the sequence the shard has applied, so nothing is skipped or applied twice.
+
+A replica serves reads once it has read its subject to the end once since it opened
+(``caught_up``): a replica rebuilding from the log never answers with half its documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from braid.index.errors import BraidError, FailedPrecondition, Unavailable
+from braid.index.policy import StoragePolicy
+from braid.index.schema import Schema
+from braid.index.shard import Shard
+
+from .meta import CollectionMeta
+from .nats_link import LogReader, NatsLink
+
+log = logging.getLogger("braid.replica")
+FETCH_BATCH = 256
+FOLLOW_WAIT_S = 1.0  # a fetch waits this long for a new record before asking again
+REPLAY_WAIT_S = 0.2  # while recovering: an empty fetch this long means the subject's end was reached
+RETRY_S = 0.5
+
+
+class JetStreamLog:
+    """A shard's log kept by JetStream (index/log.py ShardLog, external): read-only here."""
+
+    external = True
+
+    def __init__(self, reader: LogReader) -> None:
+        self.reader = reader
+
+    def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
+        """Every record after ``after_seq`` that the subject holds now (recovery's replay)."""
+        while True:
+            batch = self.reader.fetch(after_seq, FETCH_BATCH, REPLAY_WAIT_S)
+            yield from batch
+            if not batch or self.reader.pending == 0:
+                return
+            after_seq = batch[-1][0]
+
+    def append(self, kind: int, payload: bytes) -> int:
+        raise FailedPrecondition("a replica's log is written by the router, never by the replica")
+
+    def sync(self, seq: int) -> None:
+        """JetStream stored the record before the router acknowledged it: nothing to do."""
+
+    def record_crc(self, seq: int) -> int | None:
+        return None
+
+    def truncate_prefix(self, upto_seq: int) -> None:
+        """The stream keeps every record until log trimming comes (snapshots)."""
+
+    def size_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class Replica:
+    """One shard of one collection on this shard server."""
+
+    def __init__(self, meta: CollectionMeta, number: int, directory: Path, link: NatsLink, policy: StoragePolicy):
+        self.meta = meta
+        self.number = number
+        self.directory = directory
+        self.link = link
+        self.policy = policy
+        self.schema = Schema.from_json(meta.schema)
+        self.shard: Shard | None = None
+        self.caught_up = threading.Event()
+        self.problem: str | None = "opening"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"braid-replica-{meta.name}-{number}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _open_log(self, directory: Path, first_seq: int, checkpoint_crc: int | None) -> JetStreamLog:
+        return JetStreamLog(LogReader(self.link, self.meta.stream, self.meta.subject(self.number)))
+
+    def _run(self) -> None:
+        """Open (retrying until it works or the replica closes), then follow the subject."""
+        while not self._stop.is_set() and self.shard is None:
+            try:
+                shard = Shard.open(self.directory, self.schema, self.number, self.policy, log_opener=self._open_log)
+            except BaseException as err:
+                self.problem = f"cannot open: {err}"
+                log.warning("replica %s/%d: %s", self.meta.name, self.number, self.problem)
+                self._stop.wait(RETRY_S * 4)
+                continue
+            if self._stop.is_set():
+                shard.close()
+                return
+            self.shard = shard
+        self.problem = None
+        self.caught_up.set()  # open replayed the subject to its end
+        log.info("replica %s/%d open at log sequence %d", self.meta.name, self.number, self.applied_seq)
+        self._follow()
+
+    def _follow(self) -> None:
+        assert self.shard is not None
+        reader = LogReader(self.link, self.meta.stream, self.meta.subject(self.number))
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = reader.fetch(self.shard.applied_seq, FETCH_BATCH, FOLLOW_WAIT_S)
+                    if batch:
+                        self.shard.apply_logged(batch)
+                    if reader.pending == 0:
+                        self.caught_up.set()
+                    self.problem = None
+                except BraidError as err:
+                    if self._stop.is_set():
+                        return
+                    self.problem = str(err)
+                    log.warning("replica %s/%d: %s; retrying", self.meta.name, self.number, err)
+                    self.shard.heal()  # a shard a full disk made read-only reopens once there is room
+                    self._stop.wait(RETRY_S)
+        finally:
+            reader.close()
+
+    @property
+    def applied_seq(self) -> int:
+        return self.shard.applied_seq if self.shard is not None else 0
+
+    def serving(self, need_caught_up: bool) -> Shard:
+        """The shard, if it may answer reads; else Unavailable saying why."""
+        shard = self.shard
+        if shard is None:
+            raise Unavailable(f"collection {self.meta.name!r} shard {self.number}: replica {self.problem or 'opening'}")
+        if need_caught_up and not self.caught_up.is_set():
+            raise Unavailable(f"collection {self.meta.name!r} shard {self.number}: replica is catching up with the log")
+        return shard
+
+    def wait_applied(self, seq: int, deadline: float | None) -> Shard:
+        """The shard once it has applied ``seq``; Unavailable naming the shard if it cannot by ``deadline``."""
+        shard = self.serving(need_caught_up=seq == 0)
+        if shard.applied_seq >= seq:
+            return shard
+        timeout = 30.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+        if not shard.wait_applied(seq, timeout):
+            raise Unavailable(
+                f"collection {self.meta.name!r} shard {self.number}: replica has applied log sequence "
+                f"{shard.applied_seq} of {seq} and did not catch up before the deadline"
+            )
+        return shard
+
+    def close(self, remove: bool = False) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self.shard is not None:
+            self.shard.close()
+        if remove:
+            shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,759 @@
+"""The router (``braid serve --role router``): braid.v1 for clients, fanned out to shard replicas.
+
+Stateless: what it knows comes from NATS (the two buckets of service/cluster/meta.py, watched
+into memory), so a router restart loses nothing and any number of routers can serve. It
+plugs into the standalone server as its catalog: ``RemoteCatalog`` and ``RemoteCollection``
+offer what service/rpcs.py calls on a catalog and a collection, and ``RouterRpcs`` overrides
+the few RPC bodies that forward protobuf messages as they are.
+
+Writes: validate and encode here (replicas never run a model), split by shard with the same
+hash as standalone, publish each shard's part as one record per message (split further to
+fit NATS's max_payload) with a message id, and acknowledge once JetStream stored every part
+and, by default (WRITE_ACK_APPLIED), one replica of each affected shard applied it. A part
+the log did not store fails the call (UNAVAILABLE): nothing unstored is acknowledged.
+
+Reads: one replica of every shard, chosen round robin among the live ones, answers over
+braid.cluster.v1.Shard; a failed or slow replica is retried on the next inside the call's
+deadline (each try gets a share of the time left). Each strand is merged across shards and
+fused exactly as a collection does (index/collection.py ``combine``), so the hits equal a
+standalone collection's with the same shard count. Consistency: DEFAULT waits for the
+writes this router acknowledged, STRONG for the last record of each shard's subject at the
+start of the search, EVENTUAL for nothing (but a replica still catching up never answers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from braid.cluster.v1 import shard_pb2 as spb
+from braid.cluster.v1 import shard_pb2_grpc
+from braid.index import records
+from braid.index.catalog import Recovery, check_shard_count
+from braid.index.collection import Collection, Ranked, combine, merge_ranked, sparse_idf_of, strand_depths
+from braid.index.errors import (
+    AlreadyExists,
+    BraidError,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from braid.index.filters import Filter
+from braid.index.payload import PayloadStore
+from braid.index.query import DenseQuery, SearchPlan, SearchResult, SparseQuery
+from braid.index.records import DocumentWrite
+from braid.index.schema import Schema, validate_collection_name
+from braid.index.validate import Limits, check_documents, check_plan
+from braid.v1 import braid_pb2 as pb
+
+from .. import convert
+from ..admission import call_deadline
+from ..config import ServerConfig
+from ..errors import STATUS_OF
+from ..rpcs import BraidRpcs
+from .meta import (
+    COLLECTIONS_BUCKET,
+    NODE_TTL_S,
+    NODES_BUCKET,
+    CollectionMeta,
+    NodeInfo,
+    parse_collection,
+    parse_collections,
+    parse_node,
+    place,
+)
+from .nats_link import NatsLink
+
+log = logging.getLogger("braid.router")
+DEFAULT_TIMEOUT_S = 30.0  # a call without a deadline still ends
+CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
+SUSPECT_S = 1.0  # a replica that failed is tried last for this long
+HEADER_ROOM = 1024  # bytes of a NATS message left for headers
+_RETRY_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_ERROR_OF = {code: cls for cls, code in reversed(list(STATUS_OF.items())) if issubclass(cls, BraidError)}
+
+
+def _deadline() -> float:
+    deadline = call_deadline()
+    return deadline if deadline is not None else time.monotonic() + DEFAULT_TIMEOUT_S
+
+
+def _ranked(msg: spb.Ranked) -> Ranked:
+    return Ranked(np.frombuffer(msg.labels, "<i8"), np.frombuffer(msg.scores, "<f4"), list(msg.ids))
+
+
+def _error_from(err: grpc.RpcError) -> BaseException:
+    """A replica's refusal of a bad request, as the index error it was."""
+    cls = _ERROR_OF.get(err.code(), Unavailable)
+    return cls(err.details() or str(err.code()))
+
+
+class ClusterState:
+    """The router's view of the cluster, kept current by watching the two buckets."""
+
+    def __init__(self, link: NatsLink) -> None:
+        self.link = link
+        self.metas: dict[str, CollectionMeta] = {}
+        self.nodes: dict[str, tuple[NodeInfo, float]] = {}  # node id -> (info, time.monotonic() last seen)
+        self.synced = threading.Event()
+        self._nodes_synced = threading.Event()
+        self._collections_synced = threading.Event()
+        self._suspect: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.link.watch(COLLECTIONS_BUCKET, self._collections_snapshot, self._collection_changed)
+        self.link.watch(NODES_BUCKET, self._nodes_snapshot, self._node_changed)
+
+    def _collections_snapshot(self, items: dict[str, bytes]) -> None:
+        self.metas = parse_collections(items)
+        self._collections_synced.set()
+        if self._nodes_synced.is_set():
+            self.synced.set()
+
+    def _collection_changed(self, key: str, value: bytes | None) -> None:
+        metas = dict(self.metas)
+        meta = parse_collection(key, value) if value is not None else None
+        if meta is None:
+            metas.pop(key, None)
+        else:
+            metas[key] = meta
+        self.metas = metas
+
+    def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
+        now = time.monotonic()
+        self.nodes = {key: (info, now) for key, raw in items.items() if (info := parse_node(key, raw)) is not None}
+        self._nodes_synced.set()
+        if self._collections_synced.is_set():
+            self.synced.set()
+
+    def _node_changed(self, key: str, value: bytes | None) -> None:
+        nodes = dict(self.nodes)
+        info = parse_node(key, value) if value is not None else None
+        if info is None:
+            nodes.pop(key, None)
+        else:
+            nodes[key] = (info, time.monotonic())
+        self.nodes = nodes
+
+    def live_nodes(self) -> dict[str, str]:
+        """Node id -> address of the shard servers heard from within the TTL (all known ones while
+        NATS is unreachable: the last word is the best there is)."""
+        horizon = time.monotonic() - NODE_TTL_S
+        connected = self.link.connected
+        return {node: info.address for node, (info, seen) in self.nodes.items() if seen >= horizon or not connected}
+
+    def suspect(self, node: str) -> None:
+        self._suspect[node] = time.monotonic() + SUSPECT_S
+
+    def order(self, nodes: tuple[str, ...], turn: int) -> list[tuple[str, str | None]]:
+        """The replicas to try, live and unsuspected first, rotated by ``turn`` for balance."""
+        live = self.live_nodes()
+        now = time.monotonic()
+        rotated = [nodes[(turn + i) % len(nodes)] for i in range(len(nodes))]
+        rank = {node: (live.get(node) is None, self._suspect.get(node, 0.0) > now) for node in rotated}
+        ordered = sorted(rotated, key=lambda node: rank[node])
+        return [(node, live.get(node)) for node in ordered]
+
+
+class ShardClients:
+    """One gRPC channel per shard-server address."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._lock = threading.Lock()
+
+    def stub(self, address: str) -> shard_pb2_grpc.ShardStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            with self._lock:
+                stub = self._stubs.get(address)
+                if stub is None:
+                    channel = grpc.insecure_channel(address, options=self._options)
+                    self._channels.append(channel)
+                    stub = self._stubs[address] = shard_pb2_grpc.ShardStub(channel)
+        return stub
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+
+class RemoteCatalog:
+    """The catalog of a router: collections from the metadata bucket, data on shard servers."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.limits: Limits = config.limits
+        self.recovery = Recovery()
+        self.link = NatsLink(config.nats_urls, "braid-router")
+        self.state = ClusterState(self.link)
+        self.clients = ShardClients(config.max_message_bytes)
+        self.acked: dict[tuple[str, int], int] = {}  # (uid, shard) -> highest sequence this router acknowledged
+        self._acked_lock = threading.Lock()
+        self._turn = itertools.count()
+        self._collections: dict[str, RemoteCollection] = {}
+
+    def recover(self) -> None:
+        """Wait for NATS, make sure the buckets exist, and read them once (health turns SERVING after)."""
+        while not self.link.wait_connected(1.0):
+            pass
+        while True:
+            try:
+                self.link.ensure_bucket(COLLECTIONS_BUCKET, self.config.stream_replicas)
+                self.link.ensure_bucket(NODES_BUCKET, self.config.stream_replicas, ttl=NODE_TTL_S)
+                break
+            except Exception as err:
+                log.warning("cannot set up the cluster buckets yet: %s", err)
+                time.sleep(1.0)
+        self.state.start()
+        self.state.synced.wait()
+        self.recovery.done = True
+
+    def turn(self) -> int:
+        return next(self._turn)
+
+    def note_acked(self, uid: str, shard: int, seq: int) -> None:
+        with self._acked_lock:
+            key = (uid, shard)
+            if seq > self.acked.get(key, 0):
+                self.acked[key] = seq
+
+    # ---------------------------------------------------------------- catalog
+
+    def _ready(self) -> None:
+        if not self.state.synced.is_set():
+            raise Unavailable("router starting: the cluster metadata has not been read from NATS yet")
+
+    def get(self, name: str) -> RemoteCollection:
+        self._ready()
+        meta = self.state.metas.get(name)
+        if meta is None:
+            raise NotFound(f"collection {name!r} not found")
+        collection = self._collections.get(name)
+        if collection is None or collection.meta.uid != meta.uid:
+            collection = self._collections[name] = RemoteCollection(self, meta)
+        return collection
+
+    def peek(self, name: str) -> None:
+        return None
+
+    def list(self) -> list[RemoteCollection]:
+        self._ready()
+        return [self.get(name) for name in sorted(self.state.metas)]
+
+    def quarantined(self) -> list:
+        return []
+
+    def create(self, name: str, schema: Schema, shards: int = 1, replication_factor: int = 0) -> RemoteCollection:
+        self._ready()
+        validate_collection_name(name)
+        schema.validate()
+        check_shard_count(shards)
+        nodes = sorted(self.state.live_nodes())
+        if not nodes:
+            raise FailedPrecondition("the cluster has no live shard servers (start some with --role shard)")
+        factor = replication_factor or (2 if len(nodes) >= 2 else 1)
+        if factor > len(nodes):
+            raise FailedPrecondition(
+                f"replication_factor: {factor} exceeds the {len(nodes)} shard servers in the cluster "
+                f"(a shard's replicas need distinct servers)"
+            )
+        if name in self.state.metas:
+            raise AlreadyExists(f"collection {name!r} already exists")
+        uid = uuid.uuid4().hex[:12]
+        meta = CollectionMeta(name, uid, schema.to_json(), shards, factor, time.time(), place(shards, factor, nodes))
+        self.link.add_stream(meta.stream, [f"braid.{uid}.*"], self.config.stream_replicas)
+        try:
+            self.link.kv_create(COLLECTIONS_BUCKET, name, meta.to_json())
+        except BaseException:
+            self.link.delete_stream(meta.stream)
+            raise
+        metas = dict(self.state.metas)
+        metas[name] = meta
+        self.state.metas = metas
+        collection = self.get(name)
+        collection.wait_open(min(_deadline(), time.monotonic() + CREATE_WAIT_S))
+        return collection
+
+    def delete(self, name: str) -> None:
+        meta = self.get(name).meta
+        self.link.kv_delete(COLLECTIONS_BUCKET, name)
+        metas = dict(self.state.metas)
+        metas.pop(name, None)
+        self.state.metas = metas
+        self._collections.pop(name, None)
+        try:
+            self.link.delete_stream(meta.stream)
+        except Unavailable as err:  # the metadata is gone; the stream is only unreachable data now
+            log.warning("collection %r deleted, but its stream %s was not: %s", name, meta.stream, err)
+
+    def close(self) -> None:
+        self.link.close()
+        self.clients.close()
+
+
+class RemoteCollection:
+    """A collection as the router sees it: what service/rpcs.py calls on a Collection."""
+
+    def __init__(self, catalog: RemoteCatalog, meta: CollectionMeta) -> None:
+        self.catalog = catalog
+        self.meta = meta
+        self.name = meta.name
+        self.schema = Schema.from_json(meta.schema)
+        self.shards = list(range(meta.shards))
+        self.created_at = meta.created_at
+        self.replication_factor = meta.replication_factor
+        self.limits = catalog.limits
+        self.payload = PayloadStore(self.schema.payload_fields)  # types for validation; holds nothing
+
+    # Validation is a collection's own (duck-typed: it reads schema, limits and payload types).
+    check_dense = Collection.check_dense
+    _check_ids = Collection._check_ids
+
+    def check(self, plan: SearchPlan, where: str = "") -> None:
+        check_plan(plan, self.schema, self.payload, self.limits, where)
+
+    def write_problem(self) -> str | None:
+        if not self.catalog.link.connected:
+            return f"NATS unreachable at {','.join(self.catalog.link.urls)}: writes are refused"
+        return None
+
+    def heal(self) -> None:
+        """Nothing to heal on a router (shard servers heal their replicas)."""
+
+    # ------------------------------------------------------------- replicas
+
+    def _ref(self, shard: int) -> spb.ReplicaRef:
+        return spb.ReplicaRef(collection=self.name, uid=self.meta.uid, shard=shard)
+
+    def _call(
+        self, shard: int, call: Callable[[shard_pb2_grpc.ShardStub, float], Any], deadline: float
+    ) -> tuple[Any, str]:
+        """``call(stub, timeout)`` on one replica of ``shard`` after another until one answers;
+        (its answer, its address). A replica's refusal of the request itself (INVALID_ARGUMENT...)
+        is raised as it is; when none answers, Unavailable naming the shard and why each failed."""
+        state = self.catalog.state
+        order = state.order(self.meta.placement[shard], self.catalog.turn())
+        failures = []
+        for i, (node, address) in enumerate(order):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append("the deadline passed")
+                break
+            if address is None:
+                failures.append(f"{node}: not live")
+                continue
+            left = sum(1 for _, a in order[i:] if a is not None)
+            try:
+                return call(self.catalog.clients.stub(address), remaining / left), address
+            except grpc.RpcError as err:
+                if err.code() not in _RETRY_CODES:
+                    raise _error_from(err) from None
+                state.suspect(node)
+                failures.append(f"{node}: {err.code().name} {err.details()}")
+        raise Unavailable(
+            f"collection {self.name!r} shard {shard}: no live replica answered ({'; '.join(failures) or 'none placed'})"
+        )
+
+    def _fan_out(
+        self, shards: list[int], call: Callable[[int, shard_pb2_grpc.ShardStub, float], Any], deadline: float
+    ) -> dict[int, tuple[Any, str]]:
+        """``call`` on one replica of each shard, all at once (gRPC futures), retrying failed
+        shards on other replicas; {shard: (answer, address)}."""
+        state = self.catalog.state
+        first: dict[int, tuple[Any, str, str]] = {}
+        for shard in shards:
+            order = state.order(self.meta.placement[shard], self.catalog.turn())
+            node, address = order[0]
+            if address is not None:
+                timeout = (deadline - time.monotonic()) / max(sum(1 for _, a in order if a is not None), 1)
+                first[shard] = (call(shard, self.catalog.clients.stub(address), max(timeout, 0.001)), node, address)
+        answers: dict[int, tuple[Any, str]] = {}
+        for shard in shards:
+            if shard in first:
+                future, node, address = first[shard]
+                try:
+                    answers[shard] = (future.result(), address)
+                    continue
+                except grpc.RpcError as err:
+                    if err.code() not in _RETRY_CODES:
+                        raise _error_from(err) from None
+                    state.suspect(node)
+            answers[shard] = self._call(shard, lambda stub, t, s=shard: call(s, stub, t).result(), deadline)
+        return answers
+
+    def wait_open(self, deadline: float) -> None:
+        """Until one replica of every shard is open and has read its log (a fresh collection)."""
+        while True:
+            try:
+                self._fan_out(
+                    self.shards,
+                    lambda s, stub, t: stub.WaitApplied.future(spb.WaitAppliedRequest(replica=self._ref(s)), timeout=t),
+                    deadline,
+                )
+                return
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _min_seqs(self, consistency: int) -> list[int]:
+        if consistency == pb.CONSISTENCY_EVENTUAL:
+            return [0] * len(self.shards)
+        if consistency == pb.CONSISTENCY_STRONG:
+            subjects = [self.meta.subject(s) for s in self.shards]
+            return self.catalog.link.last_seqs(self.meta.stream, subjects, timeout=5.0)
+        return [self.catalog.acked.get((self.meta.uid, s), 0) for s in self.shards]
+
+    # ------------------------------------------------------------- writes
+
+    def upsert(self, docs: list[DocumentWrite], ack: int = 0) -> int:
+        check_documents(docs, self.schema, self.payload, self.limits)
+        batch = list({doc.id: doc for doc in docs}.values())  # a repeated id: the last one wins, as standalone
+        parts: list[tuple[int, int, bytes]] = []
+        for shard, group in self._group(batch, lambda doc: doc.id).items():
+            parts += [(shard, records.UPSERT, payload) for payload in self._chunks(group)]
+        self._write(parts, ack)
+        return len(batch)
+
+    def delete_ids(self, ids: list[str], ack: int = 0) -> int:
+        self._check_ids(ids)
+        parts = [
+            (shard, records.DELETE_IDS, records.encode_delete_ids(group))
+            for shard, group in self._group(ids, lambda doc_id: doc_id).items()
+        ]
+        return self._write(parts, ack)
+
+    def delete_filter(self, flt: Filter, ack: int = 0) -> int:
+        self.payload.validate_filter(flt)
+        payload = records.encode_delete_filter(flt)
+        return self._write([(shard, records.DELETE_FILTER, payload) for shard in self.shards], ack)
+
+    def _group(self, items: list, key: Callable[[Any], str]) -> dict[int, list]:
+        from braid.index.collection import shard_of
+
+        groups: dict[int, list] = {}
+        for item in items:
+            groups.setdefault(shard_of(key(item), len(self.shards)), []).append(item)
+        return groups
+
+    def _chunks(self, docs: list[DocumentWrite]) -> list[bytes]:
+        """The documents as UPSERT records, each small enough for one NATS message."""
+        limit = self.catalog.link.max_payload - HEADER_ROOM
+        payload = records.encode_upsert(docs)
+        if len(payload) <= limit:
+            return [payload]
+        if len(docs) == 1:
+            raise ResourceExhausted(
+                f"documents: document {docs[0].id!r} encodes to {len(payload)} bytes, over the log's "
+                f"message limit of {limit} bytes (NATS max_payload)"
+            )
+        half = len(docs) // 2
+        return self._chunks(docs[:half]) + self._chunks(docs[half:])
+
+    def _write(self, parts: list[tuple[int, int, bytes]], ack: int) -> int:
+        """Publish every part; then (WRITE_ACK_APPLIED) wait for a replica of each shard to apply
+        its last part. Returns the sum of what applying each part did (0 when not waited for)."""
+        if not parts:
+            return 0
+        write_id = uuid.uuid4().hex
+        items = [
+            (self.meta.subject(shard), payload, kind, f"{write_id}.{i}")
+            for i, (shard, kind, payload) in enumerate(parts)
+        ]
+        deadline = _deadline()
+        seqs = self.catalog.link.publish_many(items, self.meta.stream, max(deadline - time.monotonic(), 0.1))
+        failed = [(parts[i][0], seq) for i, seq in enumerate(seqs) if isinstance(seq, BaseException)]
+        if failed:
+            stored = sorted({parts[i][0] for i, seq in enumerate(seqs) if not isinstance(seq, BaseException)})
+            shards = ", ".join(str(shard) for shard, _ in failed)
+            raise Unavailable(
+                f"the log (NATS JetStream) did not store the write for shard {shards}: {failed[0][1]!r}; it is not "
+                f"acknowledged (parts for shards {stored or 'none'} were stored and will apply; retrying is safe)"
+            )
+        by_shard: dict[int, list[int]] = {}
+        for (shard, _, _), seq in zip(parts, seqs, strict=True):
+            by_shard.setdefault(shard, []).append(int(seq))  # type: ignore[arg-type]
+        for shard, shard_seqs in by_shard.items():
+            self.catalog.note_acked(self.meta.uid, shard, max(shard_seqs))
+        if ack == pb.WRITE_ACK_LOGGED:
+            return 0
+        answers = self._fan_out(
+            list(by_shard),
+            lambda s, stub, t: stub.WaitApplied.future(
+                spb.WaitAppliedRequest(replica=self._ref(s), seq=max(by_shard[s])), timeout=t
+            ),
+            deadline,
+        )
+        total = 0
+        for shard, shard_seqs in by_shard.items():
+            response, address = answers[shard]
+            if len(shard_seqs) == 1:
+                total += max(response.result, 0)
+                continue
+            stub = self.catalog.clients.stub(address)
+            for seq in shard_seqs:  # the results of the earlier parts, from the replica that applied the last
+                timeout = max(deadline - time.monotonic(), 0.001)
+                total += max(
+                    stub.WaitApplied(spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq), timeout=timeout).result,
+                    0,
+                )
+        return total
+
+    def flush(self) -> None:
+        deadline = _deadline()
+        live = self.catalog.state.live_nodes()
+        for shard, nodes in enumerate(self.meta.placement):
+            for node in nodes:
+                if node in live:
+                    timeout = max(deadline - time.monotonic(), 0.001)
+                    self.catalog.clients.stub(live[node]).Flush(
+                        spb.FlushRequest(replica=self._ref(shard)), timeout=timeout
+                    )
+
+    # ------------------------------------------------------------- reads
+
+    def count(self, flt: Filter | None = None, request: pb.CountRequest | None = None) -> int:
+        min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
+
+        def call(shard: int, stub: Any, timeout: float) -> Any:
+            message = spb.ShardCountRequest(replica=self._ref(shard), min_seq=min_seqs[shard])
+            if request is not None and request.HasField("filter"):
+                message.filter.CopyFrom(request.filter)
+                message.has_filter = True
+            return stub.Count.future(message, timeout=timeout)
+
+        answers = self._fan_out(self.shards, call, _deadline())
+        return sum(response.count for response, _ in answers.values())
+
+    def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
+        min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
+        answers = self._fan_out(
+            self.shards,
+            lambda s, stub, t: stub.TermStats.future(
+                spb.TermStatsRequest(replica=self._ref(s), field=field, term_ids=term_ids, min_seq=min_seqs[s]),
+                timeout=t,
+            ),
+            _deadline(),
+        )
+        df = sum(np.asarray(response.df, np.int64) for response, _ in answers.values())
+        documents = sum(response.documents for response, _ in answers.values())
+        return sparse_idf_of(np.asarray(df, np.int64), int(documents))
+
+    def get_documents(self, request: pb.GetRequest) -> list[pb.Document]:
+        self._check_ids(list(request.ids))
+        groups = self._group(list(request.ids), lambda doc_id: doc_id)
+        min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
+        answers = self._fan_out(
+            list(groups),
+            lambda s, stub, t: stub.Get.future(
+                spb.ShardGetRequest(
+                    replica=self._ref(s), ids=groups[s], include_vectors=request.include_vectors, min_seq=min_seqs[s]
+                ),
+                timeout=t,
+            ),
+            _deadline(),
+        )
+        found = {doc.id: doc for response, _ in answers.values() for doc in response.documents}
+        return [found[doc_id] for doc_id in request.ids if doc_id in found]
+
+    def search_dense_batch(
+        self,
+        field: str,
+        vectors: np.ndarray,
+        k: int,
+        ef: int,
+        max_lists: int = 0,
+        eps: float | None = None,
+        consistency: int = 0,
+    ) -> list[SearchResult]:
+        min_seqs = self._min_seqs(consistency)
+        packed = np.ascontiguousarray(vectors, "<f4").tobytes()
+
+        def call(shard: int, stub: Any, timeout: float) -> Any:
+            message = spb.ShardDenseRequest(
+                replica=self._ref(shard), field=field, vectors=packed, k=k, ef=ef, max_lists=max_lists,
+                min_seq=min_seqs[shard],
+            )  # fmt: skip
+            if eps is not None:
+                message.eps = eps
+            return stub.SearchDense.future(message, timeout=timeout)
+
+        answers = self._fan_out(self.shards, call, _deadline())
+        parts = [[_ranked(r) for r in answers[s][0].results] for s in self.shards]
+        results = []
+        for i in range(len(vectors)):
+            ranked = merge_ranked([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
+            results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
+        return results
+
+    def search_request(self, request: pb.SearchRequest, plan: SearchPlan) -> SearchResult:
+        """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
+        self.check(plan)
+        shard_request = _encoded_request(request, plan)
+        min_seqs = self._min_seqs(plan.consistency)
+        answers = self._fan_out(
+            self.shards,
+            lambda s, stub, t: stub.Search.future(
+                spb.ShardSearchRequest(replica=self._ref(s), request=shard_request, min_seq=min_seqs[s]), timeout=t
+            ),
+            _deadline(),
+        )
+        per_shard = [[_ranked(r) for r in answers[s][0].strands] for s in self.shards]
+        result, keys = combine(plan, per_shard, strand_depths(plan))
+        self._fetch(result, keys, plan, {s: answers[s][1] for s in self.shards})
+        return result
+
+    def _fetch(self, result: SearchResult, keys: list[int], plan: SearchPlan, answered_by: dict[int, str]) -> None:
+        wants_payload = plan.include_payload or bool(plan.payload_fields)
+        if not (wants_payload or plan.text_fields) or not keys:
+            return
+        positions: dict[int, list[int]] = {}
+        for position, key in enumerate(keys):
+            positions.setdefault(key >> 40, []).append(position)
+        types = {f.name: f.type for f in self.schema.payload_fields}
+        payloads: list[dict] = [{} for _ in keys]
+        texts: list[dict[str, str]] = [{} for _ in keys]
+        deadline = _deadline()
+        for shard, where in positions.items():
+            message = spb.FetchRequest(
+                replica=self._ref(shard),
+                labels=np.asarray([keys[p] for p in where], "<i8").tobytes(),
+                ids=[result.ids[p] for p in where],
+                payload_fields=plan.payload_fields or [],
+                include_payload=plan.include_payload,
+                text_fields=plan.text_fields,
+            )
+            stub = self.catalog.clients.stub(answered_by[shard])
+            try:  # the replica that ranked these labels; another one has the same labels (same log, same order)
+                response = stub.Fetch(message, timeout=max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as err:
+                if err.code() not in _RETRY_CODES:
+                    raise _error_from(err) from None
+                response, _ = self._call(shard, lambda stub, t, m=message: stub.Fetch(m, timeout=t), deadline)
+            for position, hit in zip(where, response.hits, strict=True):
+                payloads[position] = {
+                    name: convert.value_from_proto(value, f"payload.{name}") for name, value in hit.payload.items()
+                }
+                texts[position] = dict(hit.text)
+        if wants_payload:
+            result.payloads = [{name: p[name] for name in p if name in types} for p in payloads]
+        if plan.text_fields:
+            result.texts = texts
+
+
+def _encoded_request(request: pb.SearchRequest, plan: SearchPlan) -> pb.SearchRequest:
+    """The request for the shards: every text sub-query replaced by the vector the router encoded."""
+    out = pb.SearchRequest()
+    out.CopyFrom(request)
+    out.ClearField("payload_fields")
+    out.ClearField("text_fields")
+    out.include_payload = False
+    for sub, planned in zip(out.queries, plan.queries, strict=True):
+        query = planned.query
+        if isinstance(query, DenseQuery) and sub.dense.text and query.vector is not None:
+            sub.dense.text = ""
+            sub.dense.vector.packed = np.ascontiguousarray(query.vector, "<f4").tobytes()
+        elif isinstance(query, SparseQuery) and sub.sparse.text and query.vector is not None:
+            sub.sparse.text = ""
+            vector = query.vector
+            if vector.tokens is not None:
+                sub.sparse.vector.tokens.extend(vector.tokens)
+            elif vector.indices is not None:
+                sub.sparse.vector.indices.extend(vector.indices.tolist())
+            sub.sparse.vector.values.extend(vector.values.tolist())
+    return out
+
+
+class RouterRpcs(BraidRpcs):
+    """braid.v1 bodies on a router: the standalone ones, except where a message is forwarded as it is."""
+
+    catalog: RemoteCatalog  # type: ignore[assignment]
+
+    def _info(self, collection: Any) -> pb.CollectionInfo:
+        try:
+            documents = collection.count()
+            problem = collection.write_problem() or ""
+        except (Unavailable, NotFound) as err:  # a shard with no live replica: still listed, with why
+            documents, problem = 0, str(err)
+        info = convert.collection_to_proto(
+            collection.name, collection.schema, len(collection.shards), documents, collection.created_at
+        )
+        info.write_problem = problem
+        info.replication_factor = collection.replication_factor
+        return info
+
+    def quick(self, request: Any) -> bool:
+        return False  # every search is a network fan-out: never on the event loop
+
+    def Get(self, request: pb.GetRequest) -> Any:
+        documents = self.catalog.get(request.collection).get_documents(request)
+        response = pb.GetResponse(documents=documents)
+        if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
+            raise ResourceExhausted(
+                f"the response would exceed {self.max_response_bytes} bytes (the maximum message size); ask for fewer ids"
+            )
+        return response
+
+    def Count(self, request: pb.CountRequest) -> Any:
+        collection = self.catalog.get(request.collection)
+        flt = convert.optional_filter(request.filter, request.HasField("filter"))
+        if flt is not None:
+            collection.payload.validate_filter(flt)
+        return pb.CountResponse(count=collection.count(flt, request))
+
+    def Search(self, request: pb.SearchRequest) -> Any:
+        if _plain(request):
+            return super().Search(request)
+        collection = self.catalog.get(request.collection)
+        plan = convert.plan_from_proto(request)
+        self.encoding.fill_plans([(collection, plan, "")])  # type: ignore[list-item]
+        result = collection.search_request(request, plan)
+        return convert.result_to_proto(result, self._types(collection), self.max_response_bytes)
+
+    def BatchSearch(self, request: pb.BatchSearchRequest) -> Any:
+        searches = request.searches
+        if len(searches) > self.catalog.limits.max_batch:
+            raise ResourceExhausted(
+                f"searches: {len(searches)} searches exceed the maximum of {self.catalog.limits.max_batch}"
+            )
+        batched = self._batched_dense(searches)
+        if batched is not None:
+            return pb.BatchSearchResponse(results=batched)
+        jobs = []
+        for i, search in enumerate(searches):
+            collection = self.catalog.get(search.collection)
+            jobs.append((collection, convert.plan_from_proto(search, f"searches[{i}]."), f"searches[{i}]."))
+        self.encoding.fill_plans(jobs)  # type: ignore[arg-type]
+        results = (
+            (collection.search_request(search, plan), self._types(collection))
+            for (collection, plan, _), search in zip(jobs, searches, strict=True)
+        )
+        return pb.BatchSearchResponse(results=self._within_budget(results))
+
+
+def _plain(request: pb.SearchRequest) -> bool:
+    from ..rpcs import _plain_dense
+
+    return _plain_dense(request)

@@ -1,0 +1,417 @@
+"""A shard server (``braid serve --role shard``): replicas of shards, fed by JetStream, read by routers.
+
+What it does:
+
+- registers itself in the ``braid-nodes`` bucket (heartbeat every second, TTL 5 s) with
+  the address routers should call (``--advertise``, default host:port);
+- watches ``braid-collections`` and keeps one Replica (service/cluster/replica.py) open per
+  shard whose placement names this node; a collection deleted from the bucket is closed and
+  its files removed (also when the delete happened while this server was down);
+- answers braid.cluster.v1.Shard on its gRPC port: searches, fetches, gets and counts on
+  a replica, each only once the replica has applied the caller's ``min_seq``.
+
+Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
+directory whose manifest's ``wal_seq`` is the last stream sequence applied), and the
+``LOCK`` that keeps a second process out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from braid.cluster.v1 import shard_pb2 as spb
+from braid.index.collection import (
+    Collection,
+    Ranked,
+    dense_batch_shard,
+    search_shard,
+    sparse_term_stats,
+    strand_depths,
+)
+from braid.index.dirlock import DataDirLock
+from braid.index.errors import InvalidArgument, Unavailable
+from braid.index.query import SearchResult
+from braid.v1 import braid_pb2 as pb
+
+from .. import convert
+from ..admission import Admission, call_deadline
+from ..config import ServerConfig
+from ..errors import describe
+from ..handlers import Undecodable, _deadline, _parser
+from ..server import _event_loop
+from .meta import (
+    COLLECTIONS_BUCKET,
+    HEARTBEAT_S,
+    NODE_TTL_S,
+    NODES_BUCKET,
+    CollectionMeta,
+    NodeInfo,
+    parse_collection,
+    parse_collections,
+)
+from .nats_link import NatsLink
+from .replica import Replica
+
+log = logging.getLogger("braid.shard_server")
+SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
+SERVICE_NAME = SERVICE.full_name
+_PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+
+
+def _packed(ranked: Ranked) -> spb.Ranked:
+    return spb.Ranked(
+        labels=np.ascontiguousarray(ranked.keys, "<i8").tobytes(),
+        scores=np.ascontiguousarray(ranked.scores, "<f4").tobytes(),
+        ids=ranked.ids,
+    )
+
+
+class ShardRpcs:
+    """The body of each braid.cluster.v1.Shard RPC, run on a worker thread."""
+
+    def __init__(self, server: ShardServer) -> None:
+        self.server = server
+
+    def _replica(self, ref: spb.ReplicaRef) -> Replica:
+        replica = self.server.replicas.get((ref.uid, ref.shard))
+        if replica is None:
+            raise Unavailable(
+                f"collection {ref.collection!r} shard {ref.shard}: no replica on node {self.server.node_id}"
+            )
+        return replica
+
+    def _shard(self, ref: spb.ReplicaRef, min_seq: int) -> Any:
+        return self._replica(ref).wait_applied(min_seq, call_deadline())
+
+    def Search(self, request: spb.ShardSearchRequest) -> Any:
+        shard = self._shard(request.replica, request.min_seq)
+        plan = convert.plan_from_proto(request.request)
+        strands = search_shard(shard, plan, strand_depths(plan))
+        return spb.ShardSearchResponse(strands=[_packed(r) for r in strands], applied_seq=shard.applied_seq)
+
+    def SearchDense(self, request: spb.ShardDenseRequest) -> Any:
+        shard = self._shard(request.replica, request.min_seq)
+        vectors = np.frombuffer(request.vectors, "<f4")
+        spec = shard.schema.dense(request.field)
+        if spec is None or vectors.size % spec.dim:
+            raise InvalidArgument.field("field", f"no dense field {request.field!r} of that dimension")
+        eps = request.eps if request.HasField("eps") else None
+        found = dense_batch_shard(
+            shard, request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps)
+        )
+        return spb.ShardDenseResponse(results=[_packed(r) for r in found], applied_seq=shard.applied_seq)
+
+    def Fetch(self, request: spb.FetchRequest) -> Any:
+        shard = self._replica(request.replica).serving(need_caught_up=False)
+        keys = np.frombuffer(request.labels, "<i8")
+        labels = (keys & ((1 << 40) - 1)).tolist()
+        ids = list(request.ids)
+        result = SearchResult(ids=ids, scores=np.zeros(len(ids)))
+        payload_fields = list(request.payload_fields) or None
+        if request.include_payload or payload_fields:
+            fields = None if request.include_payload else payload_fields
+            with shard.read():
+                result.payloads = [shard.payload.get(label, fields) for label in labels]
+        if request.text_fields:
+            located = [(shard, label) for label in labels]
+            result.texts = Collection._stored_texts(located, ids, list(request.text_fields))
+        types = {f.name: f.type for f in shard.schema.payload_fields}
+        return spb.FetchResponse(hits=convert.result_to_proto(result, types).hits)
+
+    def Get(self, request: spb.ShardGetRequest) -> Any:
+        replica = self._replica(request.replica)
+        replica.wait_applied(request.min_seq, call_deadline())
+        view = self.server.view(replica)
+        docs = view.get(list(request.ids), include_vectors=request.include_vectors)
+        types = {f.name: f.type for f in replica.schema.payload_fields}
+        return pb.GetResponse(documents=convert.documents_to_proto(docs, types, self.server.config.max_message_bytes))
+
+    def Count(self, request: spb.ShardCountRequest) -> Any:
+        replica = self._replica(request.replica)
+        shard = replica.wait_applied(request.min_seq, call_deadline())
+        flt = convert.optional_filter(request.filter, request.has_filter)
+        count = self.server.view(replica).count(flt)
+        return spb.ShardCountResponse(count=count, applied_seq=shard.applied_seq)
+
+    def TermStats(self, request: spb.TermStatsRequest) -> Any:
+        shard = self._shard(request.replica, request.min_seq)
+        if request.field not in shard.sparse:
+            raise InvalidArgument.field("field", f"no sparse field {request.field!r}")
+        df, documents = sparse_term_stats(shard, request.field, list(request.term_ids))
+        return spb.TermStatsResponse(df=df.tolist(), documents=documents)
+
+    def WaitApplied(self, request: spb.WaitAppliedRequest) -> Any:
+        shard = self._replica(request.replica).wait_applied(request.seq, call_deadline())
+        result = shard.result_of(request.seq)
+        return spb.WaitAppliedResponse(applied_seq=shard.applied_seq, result=-1 if result is None else result)
+
+    def Flush(self, request: spb.FlushRequest) -> Any:
+        self._replica(request.replica).serving(need_caught_up=False).flush()
+        return spb.FlushResponse()
+
+    def Status(self, request: spb.StatusRequest) -> Any:
+        response = spb.StatusResponse(node_id=self.server.node_id)
+        for (uid, number), replica in sorted(self.server.replicas.items()):
+            shard = replica.shard
+            response.replicas.add(
+                replica=spb.ReplicaRef(collection=replica.meta.name, uid=uid, shard=number),
+                applied_seq=replica.applied_seq,
+                caught_up=replica.caught_up.is_set(),
+                problem=replica.problem or "",
+                documents=shard.live_count if shard is not None else 0,
+            )
+        return response
+
+
+class ShardServer:
+    """A shard server process: NATS link, replicas, the internal gRPC service and health."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.node_id = config.cluster_node_id
+        self.root = config.data_dir / "replicas"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = DataDirLock(config.data_dir)
+        self.replicas: dict[tuple[str, int], Replica] = {}
+        self._metas: dict[str, CollectionMeta] = {}
+        self._synced = threading.Event()
+        self._changed = threading.Event()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._serving = threading.Event()
+        self._views: dict[tuple[str, int], Collection] = {}
+        self._executor = ThreadPoolExecutor(4, thread_name_prefix="braid-shard-search")
+        self.admission = Admission(config.workers, config.max_queue, config.max_streams, config.max_streams_per_peer)
+        self.rpcs = ShardRpcs(self)
+        self._loop = _event_loop()
+        self.link: NatsLink | None = None
+        try:
+            self.port = asyncio.run_coroutine_threadsafe(self._build(), self._loop).result()
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self.address = config.cluster_advertise or f"{config.host}:{self.port}"
+
+    async def _build(self) -> int:
+        config = self.config
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.server.add_generic_rpc_handlers((self._generic_handler(),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = self.server.add_insecure_port(config.address)
+        if port == 0:
+            raise OSError(f"cannot bind {config.address}")
+        return port
+
+    def _generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for method in SERVICE.methods:
+            parse = _parser(message_factory.GetMessageClass(method.input_type))
+            serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._unary(getattr(self.rpcs, method.name)), request_deserializer=parse, response_serializer=serialize
+            )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+    def _unary(self, body: Callable[[Any], Any]) -> Callable[..., Any]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgument(request.problem())
+                return await self.admission.run(functools.partial(body, request), _deadline(context))
+            except _PASS_THROUGH:
+                raise
+            except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang
+                failure = err
+            code, message = describe(failure)
+            await context.abort(code, message)
+
+        return handle
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        self.link = NatsLink(self.config.nats_urls, f"braid-shard-{self.node_id}")
+        threading.Thread(target=self._join, name="braid-join", daemon=True).start()
+        threading.Thread(target=self._reconcile_loop, name="braid-reconcile", daemon=True).start()
+
+    def _join(self) -> None:
+        """Wait for NATS, make the buckets, watch the collections, then heartbeat until stopped."""
+        assert self.link is not None
+        while not self._stopping.is_set():
+            if not self.link.wait_connected(1.0):
+                continue
+            try:
+                self.link.ensure_bucket(COLLECTIONS_BUCKET, self.config.stream_replicas)
+                self.link.ensure_bucket(NODES_BUCKET, self.config.stream_replicas, ttl=NODE_TTL_S)
+                break
+            except Exception as err:
+                log.warning("cannot set up the cluster buckets yet: %s", err)
+                self._stopping.wait(1.0)
+        self.link.watch(COLLECTIONS_BUCKET, self._on_snapshot, self._on_change)
+        info = NodeInfo(self.node_id, self.address, time.time()).to_json()
+        announced = False
+        while not self._stopping.is_set():
+            try:
+                self.link.kv_put(NODES_BUCKET, self.node_id, info)
+                if not announced and self._synced.is_set():
+                    announced = True
+                    self._set_health(health_pb2.HealthCheckResponse.SERVING)
+                    self._serving.set()
+            except Exception as err:
+                log.debug("heartbeat failed: %s", err)
+            self._stopping.wait(HEARTBEAT_S)
+
+    def wait_serving(self, timeout: float | None = None) -> bool:
+        return self._serving.wait(timeout)
+
+    def _set_health(self, status: int) -> None:
+        async def set_all() -> None:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, status)
+
+        asyncio.run_coroutine_threadsafe(set_all(), self._loop).result(5)
+
+    # ------------------------------------------------------------ replicas
+
+    def _on_snapshot(self, items: dict[str, bytes]) -> None:
+        self._metas = parse_collections(items)
+        self._synced.set()
+        self._changed.set()
+
+    def _on_change(self, key: str, value: bytes | None) -> None:
+        metas = dict(self._metas)
+        meta = parse_collection(key, value) if value is not None else None
+        if meta is None:
+            metas.pop(key, None)
+        else:
+            metas[key] = meta
+        self._metas = metas
+        self._changed.set()
+
+    def _reconcile_loop(self) -> None:
+        cleaned = False
+        while not self._stopping.is_set():
+            self._changed.wait(1.0)
+            self._changed.clear()
+            if not self._synced.is_set() or self._stopping.is_set():
+                continue
+            wanted = {
+                (meta.uid, number): meta
+                for meta in self._metas.values()
+                for number, nodes in enumerate(meta.placement)
+                if self.node_id in nodes
+            }
+            for key, meta in wanted.items():
+                if key not in self.replicas:
+                    directory = self.root / f"{meta.name}-{meta.uid}" / f"shard-{key[1]:03d}"
+                    replica = Replica(meta, key[1], directory, self.link, self.config.storage)  # type: ignore[arg-type]
+                    self.replicas[key] = replica
+                    replica.start()
+            for key in [key for key in self.replicas if key not in wanted]:
+                replica = self.replicas.pop(key)
+                self._views.pop(key, None)
+                log.info("collection %r shard %d deleted: removing its replica", replica.meta.name, key[1])
+                replica.close(remove=True)
+            if not cleaned:  # directories of collections deleted while this server was down
+                cleaned = True
+                keep = {f"{meta.name}-{meta.uid}" for meta in self._metas.values()}
+                for path in self.root.iterdir():
+                    if path.name not in keep:
+                        shutil.rmtree(path, ignore_errors=True)
+
+    def view(self, replica: Replica) -> Collection:
+        """A one-shard Collection over the replica's shard, for gets and counts."""
+        key = (replica.meta.uid, replica.number)
+        view = self._views.get(key)
+        shard = replica.serving(need_caught_up=False)
+        if view is None or view.shards[0] is not shard:
+            view = Collection(
+                replica.meta.name, replica.schema, [shard], replica.meta.created_at, self._executor, self.config.limits
+            )
+            self._views[key] = view
+        return view
+
+    # ------------------------------------------------------------ shutdown
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        try:
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        except Exception:
+            pass
+        if self.link is not None:
+            try:
+                self.link.kv_delete(NODES_BUCKET, self.node_id, timeout=2.0)  # routers stop choosing us now
+            except Exception:
+                pass
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        self.admission.close(30.0)
+        for replica in list(self.replicas.values()):
+            shard = replica.shard
+            if shard is not None and shard.needs_checkpoint:
+                try:
+                    shard.flush()
+                except Exception as err:
+                    log.warning(
+                        "replica %s/%d: checkpoint at shutdown failed: %s", replica.meta.name, replica.number, err
+                    )
+            replica.close()
+        if self.link is not None:
+            self.link.close()
+        self._executor.shutdown(wait=False)
+        self._dir_lock.release()
+        self._stopped.set()
+
+
+def serve_shard(config: ServerConfig, ready: Callable[[int], None] | None = None) -> None:
+    """Run a shard server until SIGTERM/SIGINT."""
+    server = ShardServer(config)
+    server.start()
+    log.info(
+        "shard server %s listening on %s:%d (advertised as %s)",
+        server.node_id,
+        config.host,
+        server.port,
+        server.address,
+    )
+
+    def announce() -> None:
+        if server.wait_serving() and ready is not None:
+            ready(server.port)
+
+    threading.Thread(target=announce, daemon=True).start()
+    signals = threading.Semaphore(0)
+    signal.signal(signal.SIGTERM, lambda *_: signals.release())
+    signal.signal(signal.SIGINT, lambda *_: signals.release())
+    while not signals.acquire(timeout=1.0):
+        pass
+    log.info("shutting down")
+    server.stop()
+    log.info("stopped")
