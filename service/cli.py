@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .auth import add_keys_command
+from .cluster.local import add_cluster_command
 from .verify import add_verify_command
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -259,6 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
                 sparse_query_mode=args.sparse_query_mode,
                 depth=args.depth,
                 reuse=args.reuse,
+                shards=args.shards,
             )
         except (ValueError, FileNotFoundError) as err:
             print(f"braid eval: {err}", file=sys.stderr)
@@ -393,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--sparse-model", default="", help="sparse encoder for a field 'sparse' (plan sparse)")
     evaluation.add_argument("--sparse-query-mode", default="", choices=["", "model", "idf"], help="sparse queries")
     evaluation.add_argument("--depth", type=int, default=100, help="hits per query")
+    evaluation.add_argument("--shards", type=int, default=1, help="shards of the collection it creates")
     evaluation.add_argument("--reuse", action="store_true", help="the collection exists: skip ingest")
     evaluation.add_argument("--out", default="eval-results", help="folder for TREC run files and the summary")
     evaluation.set_defaults(run=_eval)
     add_keys_command(commands)
     add_verify_command(commands)
+    add_cluster_command(commands)
     return parser
 
 

@@ -234,10 +234,14 @@ class BraidClient:
 
     # ------------------------------------------------------------- collections
 
-    def create_collection(self, name: str, schema: pb.Schema, shards: int = 1) -> pb.CollectionInfo:
-        return self.stub.CreateCollection(
-            pb.CreateCollectionRequest(name=name, schema=schema, shards=shards), timeout=self.timeout
+    def create_collection(
+        self, name: str, schema: pb.Schema, shards: int = 1, replication_factor: int = 0
+    ) -> pb.CollectionInfo:
+        """``replication_factor`` 0: the server's default (1 standalone, 2 in a cluster of 2+ shard servers)."""
+        request = pb.CreateCollectionRequest(
+            name=name, schema=schema, shards=shards, replication_factor=replication_factor
         )
+        return self.stub.CreateCollection(request, timeout=self.timeout)
 
     def get_collection(self, name: str) -> pb.CollectionInfo:
         return self.stub.GetCollection(pb.GetCollectionRequest(name=name), timeout=self.timeout)

@@ -186,6 +186,7 @@ def evaluate(
     depth: int = 100,
     reuse: bool = False,
     progress: bool = True,
+    shards: int = 1,
 ) -> dict:
     """Ingest (unless ``reuse``), run every plan, write run files and ``summary.json`` under ``out``."""
     unknown = [p for p in plans if p not in PLANS]
@@ -198,7 +199,9 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not reuse:
-        client.create_collection(name, schema(model, precision, analyzer, sparse_model, sparse_query_mode))
+        client.create_collection(
+            name, schema(model, precision, analyzer, sparse_model, sparse_query_mode), shards=shards
+        )
         ingest(client, name, data, progress=progress)
     index_s = time.perf_counter() - started
     results = []
@@ -217,6 +220,7 @@ def evaluate(
         "analyzer": None if reuse else analyzer,
         "sparse_model": None if reuse else sparse_model or None,
         "depth": depth,
+        "shards": shards,
         "index_seconds": None if reuse else round(index_s, 2),
         "plans": [asdict(r) for r in results],
     }

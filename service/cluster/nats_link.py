@@ -35,6 +35,14 @@ CONNECT_TIMEOUT_S = 2.0
 WATCH_RETRY_S = 0.5
 # A consumer nobody pulls from for this long is removed by JetStream (a replica that died).
 CONSUMER_IDLE_S = 30.0
+# A publish that failed this way may be retried (with the same message id: it may have been stored):
+# no answer, no responders, or a stream electing a new leader after a NATS node died.
+_RETRYABLE_PUBLISH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
 
 
 class NatsLink:
