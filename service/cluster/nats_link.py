@@ -15,6 +15,7 @@ stream order from a given sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine
@@ -127,10 +128,8 @@ class NatsLink:
         for task in self._tasks:
             task.cancel()
         if self.nc is not None:
-            try:
+            with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop).result(5)
-            except Exception:
-                pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
@@ -238,10 +237,8 @@ class NatsLink:
                     log.debug("watch of %s restarts: %s", bucket, err)
                 finally:
                     if watcher is not None:
-                        try:
+                        with contextlib.suppress(Exception):
                             await watcher.stop()
-                        except Exception:
-                            pass
                 await asyncio.sleep(WATCH_RETRY_S)
 
         self._tasks.append(asyncio.run_coroutine_threadsafe(follow(), self.loop))
@@ -263,10 +260,8 @@ class NatsLink:
 
     def delete_stream(self, name: str, timeout: float = 10.0) -> None:
         async def delete() -> None:
-            try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
                 await self.js.delete_stream(name)
-            except nats.js.errors.NotFoundError:
-                pass
 
         self.call(delete(), timeout)
 
@@ -375,10 +370,8 @@ class LogReader:
     async def _unsubscribe(self) -> None:
         if self._sub is not None:
             sub, self._sub = self._sub, None
-            try:
+            with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            except Exception:
-                pass
 
     def _drop(self) -> None:
         if self._sub is not None:

@@ -711,8 +711,9 @@ class RouterRpcs(BraidRpcs):
         documents = self.catalog.get(request.collection).get_documents(request)
         response = pb.GetResponse(documents=documents)
         if self.max_response_bytes is not None and response.ByteSize() > self.max_response_bytes:
+            limit = self.max_response_bytes
             raise ResourceExhausted(
-                f"the response would exceed {self.max_response_bytes} bytes (the maximum message size); ask for fewer ids"
+                f"the response would exceed {limit} bytes (the maximum message size); ask for fewer ids"
             )
         return response
 

@@ -18,6 +18,7 @@ directory whose manifest's ``wal_seq`` is the last stream sequence applied), and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shutil
@@ -45,6 +46,7 @@ from braid.index.collection import (
 from braid.index.dirlock import DataDirLock
 from braid.index.errors import InvalidArgument, Unavailable
 from braid.index.query import SearchResult
+from braid.index.schema import DenseIndexType
 from braid.v1 import braid_pb2 as pb
 
 from .. import convert
@@ -52,6 +54,7 @@ from ..admission import Admission, call_deadline
 from ..config import ServerConfig
 from ..errors import describe
 from ..handlers import Undecodable, _deadline, _parser
+from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT
 from ..server import _event_loop
 from .meta import (
     COLLECTIONS_BUCKET,
@@ -70,6 +73,7 @@ log = logging.getLogger("braid.shard_server")
 SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
 SERVICE_NAME = SERVICE.full_name
 _PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+QUICK_MAX_VECTORS = 4
 
 
 def _packed(ranked: Ranked) -> spb.Ranked:
@@ -114,6 +118,23 @@ class ShardRpcs:
             shard, request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps)
         )
         return spb.ShardDenseResponse(results=[_packed(r) for r in found], applied_seq=shard.applied_seq)
+
+    def quick(self, request: Any) -> bool:
+        """A SearchDense cheap enough to run on the event loop (as standalone's quick searches): one
+        or a few vectors on an in-memory HNSW field of a replica that needs no wait."""
+        if not isinstance(request, spb.ShardDenseRequest) or request.k > QUICK_MAX_LIMIT or request.ef > QUICK_MAX_EF:
+            return False
+        replica = self.server.replicas.get((request.replica.uid, request.replica.shard))
+        shard = replica.shard if replica is not None else None
+        if shard is None or not replica.caught_up.is_set() or shard.applied_seq < request.min_seq:  # type: ignore[union-attr]
+            return False
+        spec = shard.schema.dense(request.field)
+        return (
+            spec is not None
+            and spec.index is DenseIndexType.HNSW
+            and spec.hnsw.ef_search <= QUICK_MAX_EF
+            and len(request.vectors) <= QUICK_MAX_VECTORS * spec.dim * 4
+        )
 
     def Fetch(self, request: spb.FetchRequest) -> Any:
         shard = self._replica(request.replica).serving(need_caught_up=False)
@@ -240,6 +261,8 @@ class ShardServer:
             try:
                 if isinstance(request, Undecodable):
                     raise InvalidArgument(request.problem())
+                if self.admission.outstanding == 0 and self.rpcs.quick(request):
+                    return body(request)  # the thread hop would cost as much as the search
                 return await self.admission.run(functools.partial(body, request), _deadline(context))
             except _PASS_THROUGH:
                 raise
@@ -362,15 +385,11 @@ class ShardServer:
             return
         self._stopping.set()
         grace = self.config.shutdown_grace_s if grace is None else grace
-        try:
+        with contextlib.suppress(Exception):
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        except Exception:
-            pass
         if self.link is not None:
-            try:
+            with contextlib.suppress(Exception):  # else the TTL removes it
                 self.link.kv_delete(NODES_BUCKET, self.node_id, timeout=2.0)  # routers stop choosing us now
-            except Exception:
-                pass
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
         self.admission.close(30.0)
         for replica in list(self.replicas.values()):
