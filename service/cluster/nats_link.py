@@ -26,7 +26,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from braid.index.errors import AlreadyExists, Unavailable
+from braid.index.errors import AlreadyExists, FailedPrecondition, Unavailable
 
 from .meta import KIND_HEADER
 
@@ -118,9 +118,10 @@ class NatsLink:
         except TimeoutError as err:
             future.cancel()
             raise Unavailable(f"NATS did not answer within {timeout:.1f} s") from err
-        except (nats.errors.Error, nats.js.errors.Error, ConnectionError, OSError) as err:
+        except (nats.errors.Error, ConnectionError, OSError) as err:
             if isinstance(err, nats.js.errors.APIError) and not isinstance(err, nats.js.errors.ServiceUnavailableError):
-                raise
+                # JetStream answered and said no (a stream setting it cannot meet, a missing consumer)
+                raise FailedPrecondition(f"NATS JetStream refused: {err}") from err
             raise Unavailable(f"NATS unreachable: {type(err).__name__}: {err}") from err
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from braid.index.errors import BraidError, FailedPrecondition, Unavailable
+from braid.index.errors import FailedPrecondition, Unavailable
 from braid.index.policy import StoragePolicy
 from braid.index.schema import Schema
 from braid.index.shard import Shard
@@ -124,7 +124,7 @@ class Replica:
                     if reader.pending == 0:
                         self.caught_up.set()
                     self.problem = None
-                except BraidError as err:
+                except Exception as err:  # NATS away, a consumer lost, a failed apply: retry
                     if self._stop.is_set():
                         return
                     self.problem = str(err)
