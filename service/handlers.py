@@ -172,16 +172,18 @@ class BraidHandlers:
         try:
             principal = self._authorize(context, "BulkUpsert", ())
             with self.admission.stream(context.peer()):
+                writer = self.rpcs.stream_writer()
                 messages = requests.__aiter__()
                 while (batch := await self._next_message(messages)) is not None:
                     if isinstance(batch, Undecodable):
                         raise InvalidArgument(batch.problem())
                     if principal is not None:
                         self.keys.authorize(principal, "BulkUpsert", [batch.collection])
-                    upserted += await self.admission.run(functools.partial(self.rpcs.upsert, batch), _deadline(context))
+                    upserted += await self.admission.run(functools.partial(writer.upsert, batch), _deadline(context))
                     batches += 1
                     if self._ending.is_set():
                         raise Unavailable("server shutting down")
+                await self.admission.run(writer.finish, _deadline(context))
             context.set_trailing_metadata(_applied(batches, upserted))
             return pb.BulkUpsertResponse(upserted=upserted, batches=batches)
         except _PASS_THROUGH:

@@ -82,6 +82,11 @@ class BraidRpcs:
         self.encoding.fill_documents(collection.schema, docs)
         return collection.upsert(docs, request.ack)
 
+    def stream_writer(self) -> Any:
+        """What a BulkUpsert stream writes through: ``upsert(batch)`` per message, ``finish()`` at its end.
+        Standalone applies each batch before the next is read; a router pipelines them."""
+        return _DirectWriter(self)
+
     def Delete(self, request: pb.DeleteRequest) -> Any:
         collection = self.catalog.get(request.collection)
         flt = convert.optional_filter(request.filter, request.HasField("filter"))
@@ -203,6 +208,16 @@ class BraidRpcs:
             collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
         results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency)
         return self._within_budget((result, _NO_TYPES) for result in results)
+
+
+class _DirectWriter:
+    """A stream's batches applied one by one: each is durable and visible when upsert returns."""
+
+    def __init__(self, rpcs: BraidRpcs) -> None:
+        self.upsert = rpcs.upsert
+
+    def finish(self) -> None:
+        """Every batch is applied already."""
 
 
 _NO_TYPES: dict = {}

@@ -78,6 +78,7 @@ DEFAULT_TIMEOUT_S = 30.0  # a call without a deadline still ends
 CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
 SUSPECT_S = 1.0  # a replica that failed is tried last for this long
 HEADER_ROOM = 1024  # bytes of a NATS message left for headers
+PIPELINE_BATCHES = 16  # a BulkUpsert stream waits for the replicas at least this often
 _RETRY_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -429,13 +430,19 @@ class RemoteCollection:
     # ------------------------------------------------------------- writes
 
     def upsert(self, docs: list[DocumentWrite], ack: int = 0) -> int:
+        count, by_shard = self.upsert_logged(docs)
+        if ack != pb.WRITE_ACK_LOGGED:
+            self.wait_applied(by_shard, _deadline())
+        return count
+
+    def upsert_logged(self, docs: list[DocumentWrite]) -> tuple[int, dict[int, list[int]]]:
+        """Validate and store in the log: (documents, {shard: sequences})."""
         check_documents(docs, self.schema, self.payload, self.limits)
         batch = list({doc.id: doc for doc in docs}.values())  # a repeated id: the last one wins, as standalone
         parts: list[tuple[int, int, bytes]] = []
         for shard, group in self._group(batch, lambda doc: doc.id).items():
             parts += [(shard, records.UPSERT, payload) for payload in self._chunks(group)]
-        self._write(parts, ack)
-        return len(batch)
+        return len(batch), self.publish(parts, _deadline())
 
     def delete_ids(self, ids: list[str], ack: int = 0) -> int:
         self._check_ids(ids)
@@ -475,14 +482,22 @@ class RemoteCollection:
     def _write(self, parts: list[tuple[int, int, bytes]], ack: int) -> int:
         """Publish every part; then (WRITE_ACK_APPLIED) wait for a replica of each shard to apply
         its last part. Returns the sum of what applying each part did (0 when not waited for)."""
-        if not parts:
+        deadline = _deadline()
+        by_shard = self.publish(parts, deadline)
+        if ack == pb.WRITE_ACK_LOGGED or not by_shard:
             return 0
+        return self.wait_applied(by_shard, deadline, results=True)
+
+    def publish(self, parts: list[tuple[int, int, bytes]], deadline: float) -> dict[int, list[int]]:
+        """Store (shard, kind, payload) records in the log; {shard: their sequences}. Unavailable
+        unless every part was stored (saying which were)."""
+        if not parts:
+            return {}
         write_id = uuid.uuid4().hex
         items = [
             (self.meta.subject(shard), payload, kind, f"{write_id}.{i}")
             for i, (shard, kind, payload) in enumerate(parts)
         ]
-        deadline = _deadline()
         seqs = self.catalog.link.publish_many(items, self.meta.stream, max(deadline - time.monotonic(), 0.1))
         failed = [(parts[i][0], seq) for i, seq in enumerate(seqs) if isinstance(seq, BaseException)]
         if failed:
@@ -497,29 +512,66 @@ class RemoteCollection:
             by_shard.setdefault(shard, []).append(int(seq))  # type: ignore[arg-type]
         for shard, shard_seqs in by_shard.items():
             self.catalog.note_acked(self.meta.uid, shard, max(shard_seqs))
-        if ack == pb.WRITE_ACK_LOGGED:
-            return 0
-        answers = self._fan_out(
-            list(by_shard),
-            lambda s, stub, t: stub.WaitApplied.future(
-                spb.WaitAppliedRequest(replica=self._ref(s), seq=max(by_shard[s])), timeout=t
-            ),
-            deadline,
-        )
+        return by_shard
+
+    def wait_applied(self, by_shard: dict[int, list[int]], deadline: float, results: bool = False) -> int:
+        """Until one replica of each shard has applied its sequences; with ``results``, the sum of
+        what applying each did (documents upserted or deleted)."""
         total = 0
-        for shard, shard_seqs in by_shard.items():
-            response, address = answers[shard]
+        for shard, shard_seqs in by_shard.items():  # the shards' replicas are all asked at once
+            response, address = self._first_applied(shard, max(shard_seqs), deadline)
+            if not results:
+                continue
             if len(shard_seqs) == 1:
                 total += max(response.result, 0)
                 continue
             stub = self.catalog.clients.stub(address)
             for seq in shard_seqs:  # the results of the earlier parts, from the replica that applied the last
-                timeout = max(deadline - time.monotonic(), 0.001)
-                total += max(
-                    stub.WaitApplied(spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq), timeout=timeout).result,
-                    0,
-                )
+                request = spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq)
+                total += max(stub.WaitApplied(request, timeout=max(deadline - time.monotonic(), 0.001)).result, 0)
         return total
+
+    def _first_applied(self, shard: int, seq: int, deadline: float) -> tuple[Any, str]:
+        """Ask every live replica of ``shard`` to report once it applied ``seq``; the first answer
+        wins, so a replica that is down or still catching up delays nothing."""
+        live = self.catalog.state.live_nodes()
+        request = spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq)
+        done = threading.Condition()
+        calls = []
+        for node in self.meta.placement[shard]:
+            address = live.get(node)
+            if address is not None:
+                timeout = max(deadline - time.monotonic(), 0.001)
+                call = self.catalog.clients.stub(address).WaitApplied.future(request, timeout=timeout)
+                calls.append((node, address, call))
+
+                def notify(_: Any) -> None:
+                    with done:
+                        done.notify_all()
+
+                call.add_done_callback(notify)
+        failures = [f"{node}: not live" for node in self.meta.placement[shard] if node not in live]
+        with done:
+            while True:
+                finished = [(node, address, call) for node, address, call in calls if call.done()]
+                for _node, address, call in finished:
+                    if call.exception() is None:
+                        for _, _, other in calls:
+                            other.cancel()
+                        return call.result(), address
+                if len(finished) == len(calls) or time.monotonic() >= deadline:
+                    break
+                done.wait(min(max(deadline - time.monotonic(), 0.001), 1.0))
+        for node, _, call in calls:
+            error = call.exception() if call.done() else None
+            failures.append(
+                f"{node}: {error.code().name} {error.details()}" if error is not None else f"{node}: no answer"
+            )
+            call.cancel()
+        raise Unavailable(
+            f"collection {self.name!r} shard {shard}: the write is stored in the log (sequence {seq}) but no replica "
+            f"reported applying it before the deadline ({'; '.join(failures)}); it will apply when a replica can"
+        )
 
     def flush(self) -> None:
         deadline = _deadline()
@@ -707,6 +759,9 @@ class RouterRpcs(BraidRpcs):
     def quick(self, request: Any) -> bool:
         return False  # every search is a network fan-out: never on the event loop
 
+    def stream_writer(self) -> Any:
+        return _PipelinedWriter(self)
+
     def Get(self, request: pb.GetRequest) -> Any:
         documents = self.catalog.get(request.collection).get_documents(request)
         response = pb.GetResponse(documents=documents)
@@ -752,6 +807,46 @@ class RouterRpcs(BraidRpcs):
             for (collection, plan, _), search in zip(jobs, searches, strict=True)
         )
         return pb.BatchSearchResponse(results=self._within_budget(results))
+
+
+class _PipelinedWriter:
+    """A BulkUpsert stream through a router: each batch is acknowledged once the log stored it,
+    and the stream waits for the replicas' apply only every ``PIPELINE_BATCHES`` batches and at
+    its end (when some batch asked for WRITE_ACK_APPLIED). Replicas apply while the router
+    validates and encodes the next batches, and they never fall more than that far behind.
+    A batch counted in a failed stream's ``braid-batches-applied`` is stored in the log: it
+    applies, but a search may not see it until the replicas catch up."""
+
+    def __init__(self, rpcs: RouterRpcs) -> None:
+        self.rpcs = rpcs
+        self.pending: dict[str, tuple[RemoteCollection, dict[int, list[int]]]] = {}
+        self.wants_applied = False
+        self.batches = 0
+
+    def upsert(self, request: pb.UpsertRequest) -> int:
+        collection = self.rpcs.catalog.get(request.collection)
+        docs = convert.documents_from_proto(request.documents)
+        self.rpcs.encoding.fill_documents(collection.schema, docs)
+        count, by_shard = collection.upsert_logged(docs)
+        _, pending = self.pending.setdefault(collection.meta.uid, (collection, {}))
+        for shard, seqs in by_shard.items():
+            pending.setdefault(shard, []).append(max(seqs))
+        self.wants_applied |= request.ack != pb.WRITE_ACK_LOGGED
+        self.batches += 1
+        if self.batches % PIPELINE_BATCHES == 0:
+            self._wait(final=False)
+        return count
+
+    def finish(self) -> None:
+        self._wait(final=True)
+
+    def _wait(self, final: bool) -> None:
+        pending, self.pending = self.pending, {}
+        if not (self.wants_applied or not final):
+            return
+        deadline = _deadline()
+        for collection, by_shard in pending.values():
+            collection.wait_applied({shard: [max(seqs)] for shard, seqs in by_shard.items()}, deadline)
 
 
 def _plain(request: pb.SearchRequest) -> bool:
