@@ -150,6 +150,8 @@ class BraidHandlers:
                 work = functools.partial(body, request)
                 if name == "ListCollections" and principal is not None:
                     work = functools.partial(body, request, principal.allows)
+                if name == "Search" and (on_loop := self.rpcs.on_loop(request, _deadline(context))) is not None:
+                    return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
                 if name == "Search" and self.admission.outstanding == 0 and self.rpcs.quick(request):
                     # The thread hop costs as much as the search itself (~10% of a single client's
                     # throughput): run it here while no worker is busy. A health check then waits

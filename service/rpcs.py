@@ -168,6 +168,11 @@ class BraidRpcs:
             out.append(response)
         return out
 
+    def on_loop(self, request: Any, deadline: float | None) -> Any:
+        """An awaitable answering ``request`` without blocking the event loop, or None (the
+        standalone server has none; a router's plain dense searches are one)."""
+        return None
+
     def quick(self, request: Any) -> bool:
         """A Search cheap and bounded enough to run on the event loop itself (sub-millisecond):
         a plain dense query by vector on an in-memory HNSW field, few hits, a modest beam."""

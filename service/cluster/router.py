@@ -23,12 +23,13 @@ start of the search, EVENTUAL for nothing (but a replica still catching up never
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -181,6 +182,7 @@ class ShardClients:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
+        self._aio_stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
 
@@ -195,9 +197,57 @@ class ShardClients:
                     stub = self._stubs[address] = shard_pb2_grpc.ShardStub(channel)
         return stub
 
+    def aio_stub(self, address: str) -> shard_pb2_grpc.ShardStub:
+        """A grpc.aio stub (for the server's event loop, the only loop that uses them)."""
+        stub = self._aio_stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            stub = self._aio_stubs[address] = shard_pb2_grpc.ShardStub(channel)
+        return stub
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+
+
+class _Tries:
+    """The replicas of one shard to try in turn, each with its share of the time left.
+
+    Live, unsuspected replicas first (rotated for balance); a retryable failure (UNAVAILABLE,
+    DEADLINE_EXCEEDED, ...) marks the node suspect and moves on; a refusal of the request
+    itself (INVALID_ARGUMENT, NOT_FOUND, ...) is raised at once: every replica would say so.
+    """
+
+    def __init__(self, collection: RemoteCollection, shard: int, turn: int | None = None) -> None:
+        self.collection = collection
+        self.shard = shard
+        turn = collection.catalog.turn() if turn is None else turn
+        self.order = collection.catalog.state.order(collection.meta.placement[shard], turn)
+        self.failures: list[str] = []
+
+    def each(self, deadline: float) -> Iterator[tuple[str, str, float]]:
+        """(node, address, timeout) for each replica worth trying before ``deadline``."""
+        for i, (node, address) in enumerate(self.order):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.failures.append("the deadline passed")
+                return
+            if address is None:
+                self.failures.append(f"{node}: not live")
+                continue
+            left = sum(1 for _, later in self.order[i:] if later is not None)
+            yield node, address, remaining / left
+
+    def failed(self, node: str, err: grpc.RpcError) -> None:
+        if err.code() not in _RETRY_CODES:
+            raise _error_from(err) from None
+        self.collection.catalog.state.suspect(node)
+        self.failures.append(f"{node}: {err.code().name} {err.details()}")
+
+    def exhausted(self) -> Unavailable:
+        name = self.collection.name
+        why = "; ".join(self.failures) or "none placed"
+        return Unavailable(f"collection {name!r} shard {self.shard}: no live replica answered ({why})")
 
 
 class RemoteCatalog:
@@ -354,55 +404,46 @@ class RemoteCollection:
         """``call(stub, timeout)`` on one replica of ``shard`` after another until one answers;
         (its answer, its address). A replica's refusal of the request itself (INVALID_ARGUMENT...)
         is raised as it is; when none answers, Unavailable naming the shard and why each failed."""
-        state = self.catalog.state
-        order = state.order(self.meta.placement[shard], self.catalog.turn())
-        failures = []
-        for i, (node, address) in enumerate(order):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                failures.append("the deadline passed")
-                break
-            if address is None:
-                failures.append(f"{node}: not live")
-                continue
-            left = sum(1 for _, a in order[i:] if a is not None)
+        tries = _Tries(self, shard)
+        for node, address, timeout in tries.each(deadline):
             try:
-                return call(self.catalog.clients.stub(address), remaining / left), address
+                return call(self.catalog.clients.stub(address), timeout), address
             except grpc.RpcError as err:
-                if err.code() not in _RETRY_CODES:
-                    raise _error_from(err) from None
-                state.suspect(node)
-                failures.append(f"{node}: {err.code().name} {err.details()}")
-        raise Unavailable(
-            f"collection {self.name!r} shard {shard}: no live replica answered ({'; '.join(failures) or 'none placed'})"
-        )
+                tries.failed(node, err)
+        raise tries.exhausted()
 
     def _fan_out(
         self, shards: list[int], call: Callable[[int, shard_pb2_grpc.ShardStub, float], Any], deadline: float
     ) -> dict[int, tuple[Any, str]]:
-        """``call`` on one replica of each shard, all at once (gRPC futures), retrying failed
-        shards on other replicas; {shard: (answer, address)}."""
-        state = self.catalog.state
-        first: dict[int, tuple[Any, str, str]] = {}
+        """``call`` (returning a gRPC future) on one replica of each shard, all at once, retrying a
+        failed shard on its other replicas; {shard: (answer, address)}. One turn for the whole
+        request: placement rotates shard i's replicas by i, so the shards land on distinct servers."""
+        turn = self.catalog.turn()
+        started = {}
         for shard in shards:
-            order = state.order(self.meta.placement[shard], self.catalog.turn())
-            node, address = order[0]
-            if address is not None:
-                timeout = (deadline - time.monotonic()) / max(sum(1 for _, a in order if a is not None), 1)
-                first[shard] = (call(shard, self.catalog.clients.stub(address), max(timeout, 0.001)), node, address)
+            tries = _Tries(self, shard, turn)
+            attempts = tries.each(deadline)
+            started[shard] = (tries, attempts, self._start(shard, call, attempts))
         answers: dict[int, tuple[Any, str]] = {}
-        for shard in shards:
-            if shard in first:
-                future, node, address = first[shard]
+        for shard, (tries, attempts, attempt) in started.items():
+            while attempt is not None:
+                node, address, future = attempt
                 try:
                     answers[shard] = (future.result(), address)
-                    continue
+                    break
                 except grpc.RpcError as err:
-                    if err.code() not in _RETRY_CODES:
-                        raise _error_from(err) from None
-                    state.suspect(node)
-            answers[shard] = self._call(shard, lambda stub, t, s=shard: call(s, stub, t).result(), deadline)
+                    tries.failed(node, err)
+                attempt = self._start(shard, call, attempts)
+            else:
+                raise tries.exhausted()
         return answers
+
+    def _start(
+        self, shard: int, call: Callable[[int, shard_pb2_grpc.ShardStub, float], Any], attempts: Iterator
+    ) -> tuple[str, str, Any] | None:
+        for node, address, timeout in attempts:
+            return node, address, call(shard, self.catalog.clients.stub(address), timeout)
+        return None
 
     def wait_open(self, deadline: float) -> None:
         """Until one replica of every shard is open and has read its log (a fresh collection)."""
@@ -660,6 +701,40 @@ class RemoteCollection:
             results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
         return results
 
+    async def search_dense_on_loop(
+        self, request: pb.SearchRequest, deadline: float, max_response_bytes: int | None
+    ) -> pb.SearchResponse:
+        """search_dense_batch for one plain dense query by vector, on the event loop (grpc.aio)."""
+        dense = request.queries[0].dense
+        vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
+        limit = request.limit or 10
+        eps = dense.eps if dense.HasField("eps") else None
+        self.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
+        min_seqs = self._min_seqs(request.consistency)
+        packed = np.ascontiguousarray(vector, "<f4").tobytes()
+
+        async def one(shard: int, turn: int) -> Any:
+            message = spb.ShardDenseRequest(
+                replica=self._ref(shard), field=dense.field, vectors=packed, k=limit, ef=dense.ef,
+                max_lists=dense.max_lists, min_seq=min_seqs[shard],
+            )  # fmt: skip
+            if eps is not None:
+                message.eps = eps
+            tries = _Tries(self, shard, turn)
+            for node, address, timeout in tries.each(deadline):
+                try:
+                    return await self.catalog.clients.aio_stub(address).SearchDense(message, timeout=timeout)
+                except grpc.aio.AioRpcError as err:
+                    tries.failed(node, err)
+            raise tries.exhausted()
+
+        turn = self.catalog.turn()
+        responses = await asyncio.gather(*(one(shard, turn) for shard in self.shards))
+        parts = [_ranked(response.results[0]) for response in responses]
+        ranked = merge_ranked(parts, limit) if len(parts) > 1 else parts[0]
+        result = SearchResult(ids=ranked.ids, scores=ranked.scores)
+        return convert.result_to_proto(result, {}, max_response_bytes)
+
     def search_request(self, request: pb.SearchRequest, plan: SearchPlan) -> SearchResult:
         """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
         self.check(plan)
@@ -757,7 +832,21 @@ class RouterRpcs(BraidRpcs):
         return info
 
     def quick(self, request: Any) -> bool:
-        return False  # every search is a network fan-out: never on the event loop
+        return False  # every search is a network fan-out: see on_loop
+
+    def on_loop(self, request: Any, deadline: float | None) -> Any:
+        """Plain dense searches by vector fan out with grpc.aio on the event loop itself: the hop
+        to a worker thread and back would cost as much as the shard's own search."""
+        if not _plain(request) or not request.queries[0].dense.HasField("vector"):
+            return None
+        if request.consistency == pb.CONSISTENCY_STRONG or not self.catalog.state.synced.is_set():
+            return None  # STRONG asks NATS first (blocking); a starting router answers on a worker
+        meta = self.catalog.state.metas.get(request.collection)
+        if meta is None:
+            return None  # NOT_FOUND from the worker path
+        return self.catalog.get(request.collection).search_dense_on_loop(
+            request, deadline or time.monotonic() + DEFAULT_TIMEOUT_S, self.max_response_bytes
+        )
 
     def stream_writer(self) -> Any:
         return _PipelinedWriter(self)

@@ -304,9 +304,12 @@ class ShardServer:
                     announced = True
                     self._set_health(health_pb2.HealthCheckResponse.SERVING)
                     self._serving.set()
-            except Exception as err:
+            except Exception as err:  # NATS away: keep serving reads, retry
                 log.debug("heartbeat failed: %s", err)
-            self._stopping.wait(HEARTBEAT_S)
+            if announced:
+                self._stopping.wait(HEARTBEAT_S)
+            else:  # announce as soon as the collections are read, not a heartbeat later
+                self._synced.wait(HEARTBEAT_S)
 
     def wait_serving(self, timeout: float | None = None) -> bool:
         return self._serving.wait(timeout)
