@@ -91,7 +91,8 @@ class NatsLink:
         log.debug("NATS: %s", err)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._closed:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")
@@ -131,6 +132,8 @@ class NatsLink:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop).result(5)
+        with contextlib.suppress(Exception):  # nats-py's own tasks, so none is destroyed while pending
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
@@ -313,6 +316,14 @@ class NatsLink:
             return list(await asyncio.gather(*(last(subject) for subject in subjects)))
 
         return self.call(all_of(), timeout)
+
+
+async def _cancel_the_rest() -> None:
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 class LogReader:

@@ -735,9 +735,9 @@ class RemoteCollection:
         result = SearchResult(ids=ranked.ids, scores=ranked.scores)
         return convert.result_to_proto(result, {}, max_response_bytes)
 
-    def search_request(self, request: pb.SearchRequest, plan: SearchPlan) -> SearchResult:
+    def search_request(self, request: pb.SearchRequest, plan: SearchPlan, where: str = "") -> SearchResult:
         """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
-        self.check(plan)
+        self.check(plan, where)
         shard_request = _encoded_request(request, plan)
         min_seqs = self._min_seqs(plan.consistency)
         answers = self._fan_out(
@@ -892,8 +892,8 @@ class RouterRpcs(BraidRpcs):
             jobs.append((collection, convert.plan_from_proto(search, f"searches[{i}]."), f"searches[{i}]."))
         self.encoding.fill_plans(jobs)  # type: ignore[arg-type]
         results = (
-            (collection.search_request(search, plan), self._types(collection))
-            for (collection, plan, _), search in zip(jobs, searches, strict=True)
+            (collection.search_request(search, plan, where), self._types(collection))
+            for (collection, plan, where), search in zip(jobs, searches, strict=True)
         )
         return pb.BatchSearchResponse(results=self._within_budget(results))
 
