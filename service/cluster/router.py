@@ -301,9 +301,12 @@ class RemoteCatalog:
         meta = self.state.metas.get(name)
         if meta is None:
             raise NotFound(f"collection {name!r} not found")
-        collection = self._collections.get(name)
+        return self._collection(meta)
+
+    def _collection(self, meta: CollectionMeta) -> RemoteCollection:
+        collection = self._collections.get(meta.name)
         if collection is None or collection.meta.uid != meta.uid:
-            collection = self._collections[name] = RemoteCollection(self, meta)
+            collection = self._collections[meta.name] = RemoteCollection(self, meta)
         return collection
 
     def peek(self, name: str) -> None:
@@ -311,7 +314,8 @@ class RemoteCatalog:
 
     def list(self) -> list[RemoteCollection]:
         self._ready()
-        return [self.get(name) for name in sorted(self.state.metas)]
+        metas = self.state.metas  # one snapshot: a collection deleted meanwhile is simply not listed
+        return [self._collection(metas[name]) for name in sorted(metas)]
 
     def quarantined(self) -> list:
         return []
@@ -569,7 +573,13 @@ class RemoteCollection:
             stub = self.catalog.clients.stub(address)
             for seq in shard_seqs:  # the results of the earlier parts, from the replica that applied the last
                 request = spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq)
-                total += max(stub.WaitApplied(request, timeout=max(deadline - time.monotonic(), 0.001)).result, 0)
+                try:
+                    total += max(stub.WaitApplied(request, timeout=max(deadline - time.monotonic(), 0.001)).result, 0)
+                except grpc.RpcError as err:
+                    raise Unavailable(
+                        f"collection {self.name!r} shard {shard}: the write is stored and applied, but its count "
+                        f"could not be read: {err.code().name} {err.details()}"
+                    ) from None
         return total
 
     def _first_applied(self, shard: int, seq: int, deadline: float) -> tuple[Any, str]:
@@ -615,15 +625,27 @@ class RemoteCollection:
         )
 
     def flush(self) -> None:
+        """Checkpoint every live replica; Unavailable naming a shard none of whose replicas could."""
         deadline = _deadline()
         live = self.catalog.state.live_nodes()
         for shard, nodes in enumerate(self.meta.placement):
+            failures, flushed = [], 0
             for node in nodes:
-                if node in live:
+                if node not in live:
+                    failures.append(f"{node}: not live")
+                    continue
+                try:
                     timeout = max(deadline - time.monotonic(), 0.001)
                     self.catalog.clients.stub(live[node]).Flush(
                         spb.FlushRequest(replica=self._ref(shard)), timeout=timeout
                     )
+                    flushed += 1
+                except grpc.RpcError as err:
+                    failures.append(f"{node}: {err.code().name} {err.details()}")
+            if not flushed:
+                raise Unavailable(
+                    f"collection {self.name!r} shard {shard}: no replica checkpointed ({'; '.join(failures)})"
+                )
 
     # ------------------------------------------------------------- reads
 
