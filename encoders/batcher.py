@@ -7,7 +7,8 @@ model once on all of them and hands each caller its rows. Under load the
 queue also fills while the model runs, so batches grow without waiting.
 
 Callers block only on their own Future (a gRPC worker thread), never on other
-RPCs, and ONNX Runtime releases the GIL while it computes.
+RPCs, and ONNX Runtime releases the GIL while it computes. ``stats`` (encoders/stats.py)
+records each call's batch size, each request's wait for its batch, and the model's time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+from .stats import EncoderStats
+
 Row = TypeVar("Row")
 
 
@@ -29,11 +32,13 @@ class MicroBatcher(Generic[Row]):
         max_batch: int = 32,
         max_wait_s: float = 0.002,
         name: str = "encoder",
+        stats: EncoderStats | None = None,
     ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._pending: deque[tuple[list[str], Future]] = deque()
+        self.stats = stats if stats is not None else EncoderStats()
+        self._pending: deque[tuple[list[str], Future, float]] = deque()  # texts, their future, when submitted
         self._ready = threading.Condition()
         self._closed = False
         self.calls = 0  # model calls made (for tests and benchmarks)
@@ -46,7 +51,7 @@ class MicroBatcher(Generic[Row]):
         with self._ready:
             if self._closed:
                 raise RuntimeError("encoder batcher is closed")
-            self._pending.append((texts, future))
+            self._pending.append((texts, future, time.monotonic()))
             self._ready.notify()
         return future
 
@@ -59,14 +64,14 @@ class MicroBatcher(Generic[Row]):
             self._ready.notify()
         self._thread.join()
 
-    def _gather(self) -> list[tuple[list[str], Future]] | None:
+    def _gather(self) -> list[tuple[list[str], Future, float]] | None:
         with self._ready:
             while not self._pending and not self._closed:
                 self._ready.wait()
             if not self._pending:
                 return None
             deadline = time.monotonic() + self.max_wait_s
-            batch: list[tuple[list[str], Future]] = []
+            batch: list[tuple[list[str], Future, float]] = []
             count = 0
             while count < self.max_batch:
                 if self._pending:
@@ -86,19 +91,26 @@ class MicroBatcher(Generic[Row]):
             return batch
 
     def _loop(self) -> None:
+        stats = self.stats
         while (batch := self._gather()) is not None:
             if not batch:
                 continue
-            texts = [text for request_texts, _ in batch for text in request_texts]
+            texts = [text for request_texts, _, _ in batch for text in request_texts]
+            started = time.monotonic()
+            for _, _, submitted in batch:
+                stats.queue_wait_seconds.observe(started - submitted)
+            stats.batch_size.observe(len(texts))
             try:
                 rows = self._run(texts)
                 self.calls += 1
                 self.texts += len(texts)
             except BaseException as err:  # every waiting caller gets the failure, the worker lives on
-                for _, future in batch:
+                stats.failures += 1
+                for _, future, _ in batch:
                     future.set_exception(err)
                 continue
+            stats.inference_seconds.observe(time.monotonic() - started)
             start = 0
-            for request_texts, future in batch:
+            for request_texts, future, _ in batch:
                 future.set_result(rows[start : start + len(request_texts)])
                 start += len(request_texts)

@@ -4,8 +4,10 @@ Documents are routed to shard ``blake2b64(id) mod N``. A search runs every
 strand in every shard (in parallel when N > 1), merges each strand's
 candidates across shards into one ranked list of its depth, and only then
 fuses strands, so dense and sparse results do not depend on the shard count.
-BM25 scores use each shard's own term statistics (like Elasticsearch's default
-query-then-fetch); with one shard, the default, they are exact.
+BM25 on more than one shard starts with a DFS phase: each query term's document
+frequency and the document count are summed over the shards, and every shard scores
+with that IDF (index/text.py scales each term's boost by global / local IDF), so BM25
+scores equal one shard's up to the average field length, which stays per shard.
 
 Hits are keyed across shards as ``shard << 40 | label``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from .records import DocumentWrite, SparseValue
 from .schema import Schema
 from .shard import DEFAULT_POLICY, Shard
 from .spann_strand import SpannStrand
+from .stats import SearchTiming, current_trace
+from .text import bm25_idf
 from .validate import (
     MAX_EF,
     Limits,
@@ -268,10 +273,30 @@ class Collection:
     def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
         self.check(plan, where)
         depths = strand_depths(plan)
-        per_shard = self._map(lambda shard: search_shard(shard, plan, depths, where), self.shards)
+        if len(self.shards) > 1:
+            self._gather_bm25_idf(plan, where)
+        trace = current_trace()
+        timing = trace.search(len(plan.queries)) if trace is not None else None  # the slow-query log's timings
+        per_shard = self._map(lambda shard: search_shard(shard, plan, depths, where, timing), self.shards)
+        started = time.perf_counter()
         result, keys = combine(plan, per_shard, depths)
+        fused = time.perf_counter()
         self._materialize(result, keys, plan)
+        if timing is not None:
+            timing.fusion_s, timing.fetch_s = fused - started, time.perf_counter() - fused
         return result
+
+    def _gather_bm25_idf(self, plan: SearchPlan, where: str) -> None:
+        """The DFS phase: each BM25 sub-query gets the collection's IDF of its terms, summed over
+        every shard's statistics, so a multi-shard collection scores BM25 as one shard would."""
+        for i, sub in enumerate(plan.queries):
+            query = sub.query
+            if not isinstance(query, Bm25Query) or self.shards[0].text is None:
+                continue
+            text = self.shards[0].text
+            keys = list(text.terms(query.text, query.fields or text.field_names, f"{where}queries[{i}].bm25.text"))
+            stats = [shard_text_stats(shard, keys) for shard in self.shards]
+            query.idf = global_bm25_idf(keys, stats)
 
     def _materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
         wants_payload = plan.include_payload or bool(plan.payload_fields)
@@ -347,7 +372,11 @@ class Collection:
         validates with ``check_dense`` first. ``consistency`` (braid.v1 Consistency) matters
         to a cluster router: one process always sees every write it acknowledged.
         """
+        trace = current_trace()
+        started = time.perf_counter() if trace is not None else 0.0
         parts = [dense_batch_shard(shard, field, vectors, k, (ef, max_lists, eps)) for shard in self.shards]
+        if trace is not None:
+            trace.search(1).add_strand(0, time.perf_counter() - started)
         results = []
         for i in range(len(vectors)):
             ranked = merge_ranked([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
@@ -362,17 +391,25 @@ def strand_depths(plan: SearchPlan) -> list[int]:
     return [sub.depth or (window if single else max(window, MIN_FUSION_DEPTH)) for sub in plan.queries]
 
 
-def search_shard(shard: Shard, plan: SearchPlan, depths: list[int], where: str = "") -> list[Ranked]:
-    """Every strand of a (checked, encoded) plan in one shard: its candidates, keyed shard << 40 | label."""
+def search_shard(
+    shard: Shard, plan: SearchPlan, depths: list[int], where: str = "", timing: SearchTiming | None = None
+) -> list[Ranked]:
+    """Every strand of a (checked, encoded) plan in one shard: its candidates, keyed shard << 40 | label.
+    With ``timing``, each strand's time here is added to it (the filter's mask counts towards strand 0)."""
     base = shard.number << SHARD_SHIFT
     out = []
     with shard.read():
+        started = time.perf_counter() if timing is not None else 0.0
         filtered = plan.filter is not None and not plan.filter.is_empty()
         mask, count = shard.allowed(plan.filter)
         for i, (sub, depth) in enumerate(zip(plan.queries, depths, strict=True)):
             at = f"{where}queries[{i}]"
             labels, scores = _run_strand(shard, sub, depth, (mask, count, filtered), at)
             out.append(Ranked(labels + base, scores, shard.ids_of(labels)))
+            if timing is not None:
+                now = time.perf_counter()
+                timing.add_strand(i, now - started)
+                started = now
     return out
 
 
@@ -427,7 +464,8 @@ def _run_strand(
         return _dense_search(shard, query.field, query.vector[None, :], depth, knobs, mask if filtered else None)[0]
     if isinstance(query, Bm25Query):
         assert shard.text is not None
-        parsed = shard.text.parse(query.text, query.fields or shard.text.field_names, query.boosts, f"{at}.bm25.text")
+        fields = query.fields or shard.text.field_names
+        parsed = shard.text.parse(query.text, fields, query.boosts, f"{at}.bm25.text", query.idf)
         if parsed is None:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         return shard.text.search(parsed, depth, mask, count, filtered)
@@ -437,6 +475,20 @@ def _run_strand(
     keys = index.keys_for(vector.indices.tolist() if vector.indices is not None else None, vector.tokens, intern=False)
     known = keys >= 0
     return index.search(keys[known], vector.values[known], depth, mask)
+
+
+def shard_text_stats(shard: Shard, terms: list[tuple[str, str]]) -> tuple[list[int], int]:
+    """BM25's statistics of (field, term) pairs in one shard: document frequencies and the document count."""
+    with shard.read():
+        assert shard.text is not None
+        return shard.text.term_stats(terms)
+
+
+def global_bm25_idf(terms: list[tuple[str, str]], stats: list[tuple[list[int], int]]) -> dict[tuple[str, str], float]:
+    """The IDF of each term over every shard's statistics (tantivy's formula, index/text.py)."""
+    documents = sum(total for _, total in stats)
+    frequencies = np.sum([np.asarray(df, np.int64) for df, _ in stats], axis=0) if terms else []
+    return {key: float(bm25_idf(int(n), documents)) for key, n in zip(terms, frequencies, strict=True)}
 
 
 def sparse_term_stats(shard: Shard, field: str, term_ids: list[int]) -> tuple[np.ndarray, int]:

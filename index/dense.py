@@ -35,6 +35,20 @@ EXACT_SCAN_SELECTIVITY = 0.02
 MAX_FILTERED_EF = 4096
 
 
+def hnsw_memory_bytes(capacity: int, count: int, dim: int, m: int) -> int:
+    """Estimated bytes of an hnswlib index (its C++ layout, hnswalg.h).
+
+    hnswlib allocates level 0 for ``capacity`` elements up front: per element the vector
+    (dim x 4), 2M links of 4 bytes and their count (4), the label (8), plus a link-list
+    mutex (40), its level (4) and an upper-level pointer (8). Of the ``count`` elements
+    inserted, about 1/(M-1) upper-level link lists of M links + count (M x 4 + 4) each, and a
+    label -> id hash entry (~32 bytes).
+    """
+    level0 = dim * 4 + 2 * m * 4 + 4 + 8 + 40 + 4 + 8
+    upper = (m * 4 + 4) / max(m - 1, 1)
+    return int(capacity * level0 + count * (upper + 32))
+
+
 def distances_to_scores(metric: Metric, distances: np.ndarray) -> np.ndarray:
     """Turn hnswlib distances into higher-is-better scores."""
     if metric is Metric.L2:
@@ -84,6 +98,12 @@ class DenseIndex:
             return False
         self._index.mark_deleted(int(label))
         return True
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes: the hnswlib index (``hnsw_memory_bytes``) and the live-label mask."""
+        index, spec = self._index, self.spec
+        estimate = hnsw_memory_bytes(index.get_max_elements(), index.get_current_count(), spec.dim, spec.hnsw.m)
+        return estimate + self._present.mask.nbytes
 
     def has(self, label: int) -> bool:
         return label in self._present

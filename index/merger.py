@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .locks import ReadWriteLock
 from .spann_strand import MergeJob, SpannStrand
+from .stats import JobStats
 
 log = logging.getLogger("braid.merge")
 
@@ -46,14 +47,16 @@ class Merger:
         lock: ReadWriteLock,
         segments: Path,
         publish: Callable[[Callable[[], None]], None],
+        stats: JobStats | None = None,
     ) -> None:
         """``strands()`` gives the shard's SPANN strands by field; ``publish(swap)`` runs ``swap``
-        under the shard's write lock, then checkpoints."""
+        under the shard's write lock, then checkpoints. ``stats`` counts merges by kind and outcome."""
         self._number = number
         self._strands = strands
         self._lock = lock
         self._segments = segments
         self._publish = publish
+        self.stats = stats if stats is not None else JobStats()
         self._merge_lock = threading.Lock()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,12 +129,19 @@ class Merger:
             with self._lock.write():
                 strand.abort_merge(job)
             shutil.rmtree(job.directory, ignore_errors=True)
+            outcome = "cancelled" if isinstance(err, _Cancelled) else "failed"
+            self.stats.record(job.kind, outcome, time.perf_counter() - started)
             if isinstance(err, _Cancelled):
                 return
             raise
         # From here the new segment serves searches; if the checkpoint fails, a later one
         # publishes it (it is named by the strand, so cleanup keeps it).
-        self._publish(lambda: strand.finish_merge(job))
+        try:
+            self._publish(lambda: strand.finish_merge(job))
+        except BaseException:
+            self.stats.record(job.kind, "failed", time.perf_counter() - started)
+            raise
+        self.stats.record(job.kind, "ok", time.perf_counter() - started)
         log.info(
             "shard %d: %s of field %s into %s: %d vectors from %d segments in %.2f s",
             self._number,

@@ -248,6 +248,14 @@ class PayloadStore:
         for name, value in values.items():
             columns[name].put(label, value)
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of each field's column arrays (allocated capacity; a keyword column's strings not counted)."""
+        capacity = self._capacity
+        return {
+            name: sum(array.nbytes for array in column.arrays(capacity).values())
+            for name, column in list(self._columns.items())
+        }
+
     # ----------------------------------------------------------------- reads
 
     def get(self, label: int, fields: Iterable[str] | None = None) -> dict[str, object]:

@@ -25,6 +25,9 @@ class Bm25Query:
     text: str
     fields: list[str] = field(default_factory=list)  # empty: every text field
     boosts: dict[str, float] = field(default_factory=dict)
+    # The collection's IDF per (field, analyzed term), gathered from every shard before the shards
+    # search (a DFS phase); None: each shard scores with its own statistics (one shard needs nothing).
+    idf: dict[tuple[str, str], float] | None = None
 
 
 @dataclass

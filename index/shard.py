@@ -105,8 +105,9 @@ from .records import DocumentWrite
 from .schema import DenseFieldSpec, DenseIndexType, Schema
 from .spann_strand import SpannStrand
 from .sparse import SparseIndex
-from .text import TextIndex
-from .wal import WalError
+from .stats import ShardStats
+from .text import WRITER_HEAP_BYTES, TextIndex
+from .wal import WalError, WriteAheadLog
 
 log = logging.getLogger("braid.shard")
 
@@ -192,7 +193,10 @@ class Shard:
         self._failed_disk_full = False  # _failed was caused by a full disk: a write reopens the shard
         self._next_reopen = 0.0  # time.monotonic() before which no reopen is tried again
         self._space = FreeSpace(directory, policy.min_free_bytes)
-        self.merger = Merger(number, self._spann_strands, self._lock, directory / "segments", self._publish_merge)
+        self.stats = ShardStats()  # what operators see (index/stats.py); kept across a reopen
+        self.merger = Merger(
+            number, self._spann_strands, self._lock, directory / "segments", self._publish_merge, self.stats.merges
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -270,6 +274,14 @@ class Shard:
         if self.text is not None and (replayed_any or stale):  # nothing replayed: nothing to commit (nor disk)
             self.text.commit()
         self._committed_seq = self._applied_seq
+        self._bind_stats()
+
+    def _bind_stats(self) -> None:
+        """Point the log and the SPANN strands recovery built at this shard's stats."""
+        if isinstance(self.wal, WriteAheadLog):
+            self.wal.stats = self.stats.wal
+        for name, strand in self._spann_strands().items():
+            strand.bind_stats(self.stats.spann_for(name))
 
     def _open_read_only_or_raise(self, err: BaseException) -> None:
         """Recovery failed. When only a full disk stopped it, after the log was read, the shard
@@ -703,6 +715,7 @@ class Shard:
                     self._failed, self._failed_disk_full = f"write-ahead log fsync failed: {err}", False
                 raise
         fresh = Shard(self.directory, self.schema, self.number, self.policy, self._log_opener)
+        fresh.stats = self.stats  # counters go on across the reopen
         try:
             fresh._recover()
         except BaseException:
@@ -836,6 +849,74 @@ class Shard:
         with self.read():
             return self.allowed(flt)[1]
 
+    # ------------------------------------------------------------ footprint
+
+    def footprint(self) -> dict[tuple[str, str], list[int]]:
+        """{(field, index): [estimated memory bytes, disk bytes]} of this shard, for operators.
+
+        index is hnsw, spann, sparse, payload (per field), bm25 (tantivy, every text field:
+        field ""), ids (id maps, ids.json, the manifest), wal (field "") or other (leftovers
+        of an interrupted checkpoint or merge). Memory is estimated from the structures'
+        sizes (each index's ``memory_bytes``; tantivy: its writer's arena budget, since its
+        segments are memory-mapped and live in the page cache, as do sealed SPANN lists);
+        disk is the size of the files under the shard directory. No lock is taken: the
+        numbers may be a write behind.
+        """
+        out: dict[tuple[str, str], list[int]] = {}
+
+        def add(key: tuple[str, str], memory: int = 0, disk: int = 0) -> None:
+            entry = out.setdefault(key, [0, 0])
+            entry[0] += memory
+            entry[1] += disk
+
+        kinds: dict[str, str] = {}
+        for name, dense in list(self.dense.items()):
+            kinds[name] = "spann" if isinstance(dense, SpannStrand) else "hnsw"
+            add((name, kinds[name]), dense.memory_bytes())
+        for name, sparse in list(self.sparse.items()):
+            kinds[name] = "sparse"
+            add((name, "sparse"), sparse.memory_bytes())
+        for name, nbytes in self.payload.memory_bytes().items():
+            add((name, "payload"), nbytes)
+        if self.text is not None:
+            add(("", "bm25"), WRITER_HEAP_BYTES)
+        add(("", "ids"), 200 * len(self._ids) + self._alive.nbytes)  # two dict entries and an id string a document
+        for key, nbytes in self._disk_usage(kinds).items():
+            add(key, disk=nbytes)
+        return out
+
+    def _disk_usage(self, kinds: dict[str, str]) -> dict[tuple[str, str], int]:
+        """Bytes of every file under the shard directory, by (field, index) as in ``footprint``."""
+        out: dict[tuple[str, str], int] = {}
+        generation = str(self._generation)
+
+        def key_of(top: str, parts: tuple[str, ...]) -> tuple[str, str]:
+            if top == "wal":
+                return "", "wal"
+            if top == "text":
+                return "", "bm25"
+            if top != "segments" or len(parts) < 2:
+                return "", "ids"  # MANIFEST.json
+            directory, name = parts[0], parts[-1]
+            if directory.startswith("spann-"):
+                return directory[len("spann-") :].rpartition("-")[0], "spann"
+            if directory != generation:
+                return "", "other"
+            if name == "payload.json":
+                return "", "ids"  # the payload columns' metadata
+            if name.startswith("payload-"):  # payload-<field>.<part>.npy
+                return name[len("payload-") :].rpartition(".")[0].rpartition(".")[0], "payload"
+            owner = name.split(".", 1)[0]
+            if owner in kinds:
+                return owner, kinds[owner]
+            return "", "ids"  # ids.json, CHECKSUMS
+
+        for path, size in _files(self.directory):
+            parts = path.relative_to(self.directory).parts
+            key = key_of(parts[0], parts[1:])
+            out[key] = out.get(key, 0) + size
+        return out
+
     # -------------------------------------------------------------- checkpoint
 
     def flush(self) -> None:
@@ -860,9 +941,12 @@ class Shard:
     def _checkpoint_or_fail(self) -> None:
         """Checkpoint; a failed one (a full disk) removes the generation it did not publish, so a
         retry can complete it, and fails the shard only when tantivy's commit broke its writer."""
+        started = time.perf_counter()
         try:
             self._checkpoint()
+            self.stats.checkpoints.record("checkpoint", "ok", time.perf_counter() - started)
         except BaseException as err:  # incl. tantivy's PanicException
+            self.stats.checkpoints.record("checkpoint", "failed", time.perf_counter() - started)
             self._discard_unpublished()
             if self.text is not None and self.text.broken is not None:
                 self._fail(f"tantivy commit in a checkpoint failed: {err}", err)
@@ -1018,6 +1102,24 @@ def _resized(array: np.ndarray, capacity: int) -> np.ndarray:
     grown = np.zeros(capacity, dtype=array.dtype)
     grown[: len(array)] = array
     return grown
+
+
+def _files(directory: Path) -> list[tuple[Path, int]]:
+    """(path, size) of every regular file under ``directory``; files that vanish meanwhile are skipped."""
+    out: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return out
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                out += _files(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                out.append((Path(entry.path), entry.stat(follow_symlinks=False).st_size))
+        except OSError:
+            continue
+    return out
 
 
 def _fsync_file(path: Path) -> None:

@@ -56,11 +56,13 @@ import numpy as np
 
 from .checksums import Problem, crc32_file
 from .closure import closure_assign
+from .dense import hnsw_memory_bytes
 from .errors import DataLoss, InvalidArgument
 from .kmeans import hierarchical_kmeans
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .postings import PostingFile, write_postings
 from .schema import Metric, SpannParams
+from .stats import SpannStats
 
 FORMAT_VERSION = 1
 META = "spann.json"
@@ -101,6 +103,7 @@ class SpannSegment:
         self.n_lists = postings.n_lists
         # Empty lists are marked deleted in the centroid index: never returned by it.
         self._live_lists = int(np.count_nonzero(postings.counts))
+        self.stats = SpannStats()  # the strand that attaches it shares its own (index/stats.py)
 
     # ------------------------------------------------------------------ build
 
@@ -225,13 +228,17 @@ class SpannSegment:
         for i, query in enumerate(queries):
             lists = near[i][dist[i] <= (1.0 + eps) * dist[i, 0]]
             hit, scanned, passed = self._scan(query, lists, k, allowed)
+            read = len(lists)
             if allowed is not None and (passed < scanned or len(hit[0]) < k):
-                hit = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))
+                hit, read = self._widen(query, lists, hit, k, allowed, passed / max(scanned, 1))
+            self.stats.lists_per_query.observe(read)
             out.append(hit)
         return out
 
-    def _widen(self, query: np.ndarray, lists: np.ndarray, hit: Hit, k: int, allowed: np.ndarray, share: float) -> Hit:
-        """The filter dropped rows: read more lists, nearest first and ignoring eps.
+    def _widen(
+        self, query: np.ndarray, lists: np.ndarray, hit: Hit, k: int, allowed: np.ndarray, share: float
+    ) -> tuple[Hit, int]:
+        """The filter dropped rows: read more lists, nearest first and ignoring eps; (hits, lists read).
 
         First 1/sqrt(share) times as many as were read (``share``: the allowed part of
         the rows scanned), as DenseIndex raises its beam; then twice as many each round
@@ -245,7 +252,7 @@ class SpannSegment:
                 lists = np.concatenate([lists, fresh])
                 hit = _merge(hit, self._scan(query, fresh, k, allowed)[0], k)
             if len(hit[0]) >= k or len(lists) >= self._live_lists:
-                return hit
+                return hit, len(lists)
             want = min(self._live_lists, 2 * len(lists))
 
     def _exact(self, queries: np.ndarray, k: int, candidates: np.ndarray) -> list[Hit]:
@@ -254,6 +261,7 @@ class SpannSegment:
         at = np.minimum(np.searchsorted(locator["label"], candidates), len(locator) - 1)
         found = locator[at[locator["label"][at] == candidates]]
         vectors = self._postings.read_rows(found["list"].astype(np.int64), found["row"].astype(np.int64))
+        self.stats.read(0, len(locator) * locator.itemsize + vectors.nbytes)
         labels = found["label"].astype(np.int64)
         return [_top_distinct(labels, self._score(vectors, query), k, 1) for query in queries]
 
@@ -267,6 +275,7 @@ class SpannSegment:
         """Best k distinct allowed labels of the lists, rows scanned, rows allowed."""
         scores, labels = self._postings.scan(lists, lambda block: self._score(block, query))
         scanned = len(labels)
+        self.stats.read(len(lists), scanned * (4 * self.dim + 8))  # each row: its vector and its label
         if allowed is not None:
             ok = labels < len(allowed)
             ok[ok] = allowed[labels[ok]]
@@ -358,6 +367,14 @@ class SpannSegment:
 
     def disk_bytes(self) -> int:
         return sum((self.directory / name).stat().st_size for name in (META, CENTROIDS, POSTINGS))
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes: the centroid HNSW index (index/dense.py ``hnsw_memory_bytes``) and
+        the posting file's per-list tables (offsets, counts, CRCs as arrays and Python lists: ~96 bytes
+        a list). Posting lists themselves are read per query and live in the OS page cache."""
+        centroids = self._centroids
+        capacity = centroids.get_max_elements()
+        return hnsw_memory_bytes(capacity, capacity, self.dim, self.params.centroid_m) + 96 * self.n_lists
 
 
 def _centroid_index(centroids: np.ndarray, params: SpannParams) -> hnswlib.Index:

@@ -63,6 +63,7 @@ from .labelmask import LabelMask
 from .manifest import dumps_checked, read_json
 from .schema import DenseFieldSpec
 from .spann import SpannSegment
+from .stats import SpannStats
 
 FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
@@ -107,6 +108,22 @@ class SpannStrand:
         self._merging = False
         self._failed_seals = 0
         self._failed_compactions = 0
+        self.stats = SpannStats()  # posting-list reads of every sealed segment (the shard binds its own)
+
+    def bind_stats(self, stats: SpannStats) -> None:
+        """Count this strand's reads (its sealed segments', now and later) into ``stats``."""
+        self.stats = stats
+        for segment in self.sealed:
+            segment.stats = stats
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes: the growing (and frozen) HNSW segments, every sealed segment's
+        centroids and tables (``SpannSegment.memory_bytes``), the owner map and the live mask."""
+        total = self.growing.memory_bytes() + self._owner.nbytes + self._present.mask.nbytes
+        frozen = self.frozen
+        if frozen is not None:
+            total += frozen.memory_bytes()
+        return total + sum(segment.memory_bytes() for segment in list(self.sealed))
 
     # ------------------------------------------------------------------ writes
 
@@ -292,6 +309,7 @@ class SpannStrand:
         """Add a sealed segment holding these labels; rows no longer live count as its tombstones."""
         slot = next(s for s in range(_NO_OWNER) if s not in self._slots.values())
         self._slots[segment.directory.name] = slot
+        segment.stats = self.stats
         self.sealed.append(segment)
         if len(labels):
             top = int(labels.max()) + 1

@@ -63,6 +63,8 @@ class SparseIndex:
         self._vocab: dict[str, int] = {}
         self._tokens: list[str] = []
         self._fold_lock = threading.Lock()
+        self._entries = 0  # (label, weight) pairs in the postings, deleted versions included
+        self._forward_entries = 0  # pairs in the forward copies of live labels
 
     # ------------------------------------------------------------------- terms
 
@@ -92,6 +94,8 @@ class SparseIndex:
 
     def add(self, label: int, keys: np.ndarray, weights: np.ndarray) -> None:
         self._forward[label] = (keys, weights)
+        self._entries += len(keys)
+        self._forward_entries += len(keys)
         for key, weight in zip(keys.tolist(), weights.tolist(), strict=True):
             postings = self._postings.get(key)
             if postings is None:
@@ -101,13 +105,23 @@ class SparseIndex:
 
     def remove(self, label: int) -> None:
         # Postings stay until the next save; the shard's alive mask hides them.
-        self._forward.pop(label, None)
+        gone = self._forward.pop(label, None)
+        if gone is not None:
+            self._forward_entries -= len(gone[0])
 
     def get(self, label: int) -> tuple[np.ndarray, np.ndarray] | None:
         return self._forward.get(label)
 
     def __len__(self) -> int:
         return len(self._forward)
+
+    def memory_bytes(self) -> int:
+        """Estimated resident bytes, from counts kept as writes arrive (no walk over the index):
+        12 bytes a posting (int64 label + float32 weight; deleted versions stay until a restart),
+        the same a forward pair, ~330 bytes a live label (two numpy headers, a tuple, a dict slot)
+        and ~250 bytes a term (its postings object and arrays, a dict slot). Postings not yet
+        folded into arrays by a search cost more (Python lists) and are counted as folded."""
+        return 12 * (self._entries + self._forward_entries) + 330 * len(self._forward) + 250 * len(self._postings)
 
     # ----------------------------------------------------------------- queries
 
@@ -195,6 +209,7 @@ class SparseIndex:
         for i, term in enumerate(terms.tolist()):
             lo, hi = offsets[i], offsets[i + 1]
             index._postings[term] = _Postings(labels[lo:hi].copy(), weights[lo:hi].copy())
+        index._entries = index._forward_entries = len(labels)
         term_of_posting = np.repeat(terms, np.diff(offsets))
         order = np.argsort(labels, kind="stable")
         sorted_labels = labels[order]

@@ -56,6 +56,7 @@ import threading
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tantivy
@@ -70,6 +71,29 @@ LABEL = "_label"
 # Up to this many allowed labels, the filter is pushed into tantivy as a term set.
 TERM_SET_MAX = 4096
 WRITER_HEAP_BYTES = 32 * 1024 * 1024
+
+
+def query_terms(
+    analyzers_by_field: dict[str, Any], text: str, fields: list[str], where: str = "bm25.text"
+) -> dict[tuple[str, str], int]:
+    """A BM25 query's distinct (field, term) pairs after each field's analyzer, and how often
+    each repeats. More than MAX_QUERY_TERMS distinct terms in one field is InvalidArgument
+    naming ``where``."""
+    out: dict[tuple[str, str], int] = {}
+    for name in fields:
+        terms = Counter(analyzers_by_field[name].analyze(text))
+        if len(terms) > MAX_QUERY_TERMS:
+            raise InvalidArgument.field(
+                where, f"{len(terms)} distinct terms in field {name!r}, more than the maximum of {MAX_QUERY_TERMS}"
+            )
+        for term, count in terms.items():
+            out[(name, term)] = count
+    return out
+
+
+def bm25_idf(frequency: int | np.ndarray, documents: int) -> float | np.ndarray:
+    """tantivy's BM25 IDF: ln(1 + (N - n + 0.5) / (n + 0.5))."""
+    return np.log1p((documents - frequency + 0.5) / (frequency + 0.5))
 
 
 def _empty() -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +115,7 @@ class TextIndex:
 
     def __init__(self, directory: Path, fields: tuple[TextFieldSpec, ...]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         problems = check_files(directory)
         if problems:
             raise problems[0].error()
@@ -112,6 +137,7 @@ class TextIndex:
         self._closed = False
         self.broken: BaseException | None = None  # the error of a failed commit (see commit)
         self._searcher = self._index.searcher()
+        self._total_docs = self._segment_docs()
 
     # ------------------------------------------------------------------ writes
 
@@ -159,7 +185,18 @@ class TextIndex:
             except BaseException as err:  # incl. tantivy's PanicException
                 self.broken = err
                 raise
-        self._searcher = self._index.searcher()
+            self._searcher, self._total_docs = self._index.searcher(), self._segment_docs()
+
+    def _segment_docs(self) -> int:
+        """Documents in the committed segments, deleted ones included: the N of tantivy's BM25 IDF
+        (tantivy-py exposes no max_doc; meta.json holds it). Read right after a reload, so it
+        describes the searcher's segments unless a background merge lands in between (then
+        IDF scaling is off by the few deleted documents that merge dropped)."""
+        try:
+            meta = json.loads((self.directory / "meta.json").read_text())
+            return int(sum(segment["max_doc"] for segment in meta["segments"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return int(self._index.searcher().num_docs)
 
     def close(self, commit: bool = True) -> None:
         """Commit (unless ``commit`` is false or the index is broken: then roll back, which needs
@@ -180,8 +217,22 @@ class TextIndex:
 
     # ----------------------------------------------------------------- queries
 
+    def terms(self, text: str, fields: list[str], where: str = "bm25.text") -> dict[tuple[str, str], int]:
+        return query_terms(self._analyzers, text, fields, where)
+
+    def term_stats(self, terms: list[tuple[str, str]]) -> tuple[list[int], int]:
+        """What tantivy's BM25 counts: each term's document frequency, and the document count
+        (both include deleted documents not yet merged away, as tantivy's scoring does)."""
+        searcher, total = self._searcher, self._total_docs
+        return [searcher.doc_freq(name, term) for name, term in terms], total
+
     def parse(
-        self, text: str, fields: list[str], boosts: dict[str, float], where: str = "bm25.text"
+        self,
+        text: str,
+        fields: list[str],
+        boosts: dict[str, float],
+        where: str = "bm25.text",
+        idf: dict[tuple[str, str], float] | None = None,
     ) -> tantivy.Query | None:
         """Plain query text as a bag of terms; None when no term remains after analysis.
 
@@ -189,20 +240,24 @@ class TextIndex:
         SHOULD clause boosted by how often the query repeats it (times the field's
         boost): the score is sum over fields and query words of BM25, as in Anserini's
         bag-of-words queries and bm25s. No query syntax: every character is text.
-        More than MAX_QUERY_TERMS distinct terms in one field is InvalidArgument naming ``where``.
+
+        ``idf`` (a collection's statistics over all its shards, see ``bm25_idf``) replaces
+        this shard's IDF of each term: the clause's boost is scaled by global / local IDF, so
+        a shard scores as if it held every document (the average field length stays the shard's).
         """
+        terms = self.terms(text, fields, where)
+        scale = dict.fromkeys(terms, 1.0)
+        if idf is not None:
+            keys = list(terms)
+            frequencies, total = self.term_stats(keys)
+            for key, frequency in zip(keys, frequencies, strict=True):
+                if frequency > 0 and key in idf:
+                    scale[key] = idf[key] / bm25_idf(frequency, total)
         clauses = []
-        for name in fields:
-            boost = boosts.get(name, 1.0)
-            terms = Counter(self._analyzers[name].analyze(text))
-            if len(terms) > MAX_QUERY_TERMS:
-                raise InvalidArgument.field(
-                    where,
-                    f"{len(terms)} distinct terms in field {name!r}, more than the maximum of {MAX_QUERY_TERMS}",
-                )
-            for term, count in terms.items():
-                query = tantivy.Query.term_query(self.schema, name, term)
-                clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(query, boost * count)))
+        for (name, term), count in terms.items():
+            query = tantivy.Query.term_query(self.schema, name, term)
+            boost = boosts.get(name, 1.0) * count * scale[(name, term)]
+            clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(query, boost)))
         return tantivy.Query.boolean_query(clauses) if clauses else None
 
     def search(

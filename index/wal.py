@@ -21,6 +21,7 @@ fsync (group commit), and appends proceed while a sync is in its fsync.
 A failed append leaves the log exactly as it was (a partial record is truncated
 away) and raises DiskFull for ENOSPC/EDQUOT, so appends resume once there is room;
 a failed fsync poisons the log (the kernel may have dropped the pages) until reopened.
+``stats`` (index/stats.py) times every append and fsync for operators.
 
 Recovery (``open``): a torn or CRC-failing record at the very end of the last
 segment is the normal result of a crash and is truncated away; a bad record
@@ -43,6 +44,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +55,7 @@ from typing import NamedTuple
 from .checksums import Problem
 from .errors import DataLoss, DiskFull, InvalidArgument, Unavailable
 from .manifest import fsync_dir
+from .stats import WalStats
 
 log = logging.getLogger("braid.wal")
 
@@ -286,6 +289,7 @@ class WriteAheadLog:
         self._closed = False
         self._failure: str | None = None  # set when an I/O error left the log in an unknown state
         self.fsync_count = 0  # fsyncs issued by sync() and close(); lets tests see group commit
+        self.stats = WalStats()  # a shard replaces it with its own (index/stats.py), kept across reopens
 
     @classmethod
     def open(
@@ -360,8 +364,11 @@ class WriteAheadLog:
                 return self._last_seq
             first = self._last_seq + 1
             data = b"".join(_encode(first + i, kind, payload) for i, (kind, payload) in enumerate(records))
+            started = time.perf_counter()
             self._roll_if_needed(len(data))
             self._write(data)
+            self.stats.append_seconds.observe(time.perf_counter() - started)
+            self.stats.appended_bytes += len(data)
             self._last_seq = first + len(records) - 1
             return self._last_seq
 
@@ -434,6 +441,7 @@ class WriteAheadLog:
                     raise InvalidArgument.field("seq", f"{seq} has not been appended (last seq {self._last_seq})")
                 target = self._last_seq
                 fd = os.dup(self._fd)  # fsync outside the append lock, immune to a concurrent roll closing the fd
+            started = time.perf_counter()
             try:
                 _fsync_data(fd)
             except OSError as exc:
@@ -441,6 +449,7 @@ class WriteAheadLog:
                     raise self._fail("fsync failed", exc) from exc
             finally:
                 os.close(fd)
+            self.stats.fsync_seconds.observe(time.perf_counter() - started)
             self.fsync_count += 1
             self._synced_seq = target
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from collections import Counter
@@ -96,6 +97,7 @@ class Admission:
                     hint,
                 )
             self._outstanding += 1
+        context = contextvars.copy_context()  # the call's request id and search trace (service/logs.py)
 
         def timed() -> T:
             if deadline is not None and time.monotonic() >= deadline:
@@ -103,7 +105,7 @@ class Admission:
             started = time.perf_counter()
             _call_deadline.value = deadline
             try:
-                return work()
+                return context.run(work)
             finally:
                 _call_deadline.value = None
                 self._mean_seconds += 0.05 * (time.perf_counter() - started - self._mean_seconds)
@@ -125,6 +127,11 @@ class Admission:
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    @property
+    def open_streams(self) -> int:
+        with self._lock:
+            return sum(self._streams.values())
 
     def close(self, timeout: float) -> bool:
         """Refuse new work, drop queued work, wait up to ``timeout`` s for running work; True if it all ended."""

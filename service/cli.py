@@ -1,6 +1,6 @@
 """The ``braid`` command line: run the server, manage collections, ingest and search from a shell.
 
-    braid serve [--data-dir DIR] [--host H] [--port P] [--workers N]
+    braid serve [--data-dir DIR] [--host H] [--port P] [--workers N] [--metrics-port P] [--log-format json]
     braid collection create NAME --schema schema.json [--shards N]
     braid collection list | describe NAME | delete NAME
     braid ingest NAME docs.jsonl [--batch 500]
@@ -40,6 +40,7 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
+    "metrics_port", "log_format", "slow_query_ms",
 )  # fmt: skip
 
 
@@ -49,14 +50,15 @@ def _serve(args: argparse.Namespace) -> int:
     # an operator's own OPENBLAS_NUM_THREADS wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .config import load_config
+    from .logs import configure_logging
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(**{name: getattr(args, name) for name in SERVE_SETTINGS})
     except ValueError as err:
         print(f"braid serve: {err}", file=sys.stderr)
         return 2
+    configure_logging(config.log_format, logging.INFO)
 
     def ready(port: int) -> None:
         role = "" if config.role == "standalone" else f"{config.role}, nats {config.nats}, "
@@ -317,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--node-id", help="a shard server's identity (BRAID_NODE_ID, default: the host name)")
     cluster.add_argument("--advertise", help="host:port routers use to reach this shard server (default host:port)")
     cluster.add_argument("--nats-replicas", type=int, help="replicas of Braid's streams and buckets (0 = auto)")
+    observability = serve.add_argument_group("observability (docs/operations.md)")
+    observability.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (BRAID_METRICS_PORT, 0 = off)"
+    )
+    observability.add_argument(
+        "--log-format", choices=("text", "json"), help="text, or json: one object per line (BRAID_LOG_FORMAT)"
+    )
+    observability.add_argument(
+        "--slow-query-ms", type=float, help="log searches slower than this, with their plan (0 = off, default)"
+    )
     serve.set_defaults(run=_serve)
 
     where = argparse.ArgumentParser(add_help=False)

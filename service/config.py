@@ -34,6 +34,9 @@ Precedence: command-line flag, then environment variable, then default.
 | node_id                | BRAID_NODE_ID                | the host name     |
 | advertise              | BRAID_ADVERTISE              | host:port         |
 | nats_replicas          | BRAID_NATS_REPLICAS          | 0 = auto          |
+| metrics_port           | BRAID_METRICS_PORT           | 0 = off           |
+| log_format             | BRAID_LOG_FORMAT             | text              |
+| slow_query_ms          | BRAID_SLOW_QUERY_MS          | 0 = off           |
 
 ``workers`` threads run the index and encoder work of RPCs; ``max_queue`` calls may
 wait for one, and a call beyond that is refused with RESOURCE_EXHAUSTED and a retry
@@ -52,6 +55,12 @@ of the streams and buckets Braid creates.
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
+
+Observability (docs/operations.md): ``metrics_port`` serves Prometheus metrics at
+``http://<host>:<metrics_port>/metrics`` (every role; 0 = off); ``log_format`` is text or
+json (one JSON object per line, with the call's request id); ``slow_query_ms`` logs each
+Search and BatchSearch slower than that many milliseconds with its plan's shape and
+timings (0 = off; fractions allowed).
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ from .cluster.meta import check_node_id, node_id_from_host
 DEFAULT_DATA_DIR = "./braid-data"
 ROLES = ("standalone", "router", "shard")
 _PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
-_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s")
+_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms")
+LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -105,6 +115,9 @@ class ServerConfig:
     node_id: str = ""
     advertise: str = ""
     nats_replicas: int = 0
+    metrics_port: int = 0
+    log_format: str = "text"
+    slow_query_ms: float = 0.0
     limits: Limits = field(init=False)
     storage: StoragePolicy = field(init=False)
 
@@ -137,6 +150,12 @@ class ServerConfig:
             check_node_id(self.node_id)
         if not 0 <= self.nats_replicas <= 5:
             raise ValueError(f"nats_replicas must be in 0..5, got {self.nats_replicas}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 = off), got {self.metrics_port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if not self.slow_query_ms >= 0:
+            raise ValueError(f"slow_query_ms must be >= 0 (0 = off), got {self.slow_query_ms}")
         limits = Limits(
             max_batch=self.max_batch,
             max_limit=self.max_limit,
@@ -184,6 +203,8 @@ def _parse(name: str, value: object) -> object:
         return Path(str(value))
     if name in ("host", "role", "nats", "node_id", "advertise"):
         return str(value)
+    if name == "log_format":
+        return str(value).strip().lower()
     if name == "reflection":
         if isinstance(value, bool):
             return value

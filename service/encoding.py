@@ -18,6 +18,7 @@ Encoder errors are re-raised with the request field they concern prefixed.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,11 +30,13 @@ from braid.encoders.dense import DenseEncoder
 from braid.encoders.errors import EncoderError, TextTooLong
 from braid.encoders.registry import ModelStore
 from braid.encoders.sparse import SpladeEncoder, top_terms
+from braid.encoders.stats import EncoderStats
 from braid.index.collection import Collection
 from braid.index.errors import InvalidArgument
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
 from braid.index.records import DocumentWrite, SparseValue
 from braid.index.schema import DenseFieldSpec, EncoderSpec, Schema, SparseFieldSpec, SparseQueryMode
+from braid.index.stats import timed_stage
 from braid.index.validate import MAX_TEXT_BYTES, check_query_text, unknown_field
 
 FieldSpec = DenseFieldSpec | SparseFieldSpec
@@ -51,6 +54,16 @@ class Encoding:
         self.max_wait_s = max_wait_s
         self._batchers: dict[tuple[str, str], MicroBatcher] = {}
         self._lock = threading.Lock()
+        # (model, precision, "query" | "document") -> its calls, for /metrics (service/metrics.py)
+        self.stats: dict[tuple[str, str, str], EncoderStats] = {}
+
+    def _stats(self, model: str, precision: str, source: str) -> EncoderStats:
+        key = (model, precision, source)
+        stats = self.stats.get(key)
+        if stats is None:
+            with self._lock:
+                stats = self.stats.setdefault(key, EncoderStats())
+        return stats
 
     def close(self) -> None:
         with self._lock:
@@ -109,17 +122,28 @@ class Encoding:
             if not texts:
                 continue
             encoder = self._encoder(spec, f"{where}[{positions[0]}]")
+            stats = self._stats(spec.encoder.model, spec.encoder.precision.value, "document")
+            stats.batch_size.observe(len(texts))
+            started = time.monotonic()
             if isinstance(encoder, DenseEncoder):
-                for i, vector in zip(positions, encoder.encode(texts), strict=True):
+                vectors = encoder.encode(texts)
+                stats.inference_seconds.observe(time.monotonic() - started)
+                for i, vector in zip(positions, vectors, strict=True):
                     docs[i].dense[spec.name] = vector
             else:
-                for i, (ids, weights) in zip(positions, encoder.encode(texts, spec.encoder.top_k), strict=True):
+                encoded = encoder.encode(texts, spec.encoder.top_k)
+                stats.inference_seconds.observe(time.monotonic() - started)
+                for i, (ids, weights) in zip(positions, encoded, strict=True):
                     docs[i].sparse[spec.name] = SparseValue(values=weights, indices=ids)
 
     # ----------------------------------------------------------------- queries
 
     def fill_plans(self, jobs: list[tuple[Collection, SearchPlan, str]]) -> None:
         """Encode every text sub-query of several plans; concurrent texts of one model share a call."""
+        with timed_stage("encode"):  # the slow-query log's stage, when a trace is on
+            self._fill_plans(jobs)
+
+    def _fill_plans(self, jobs: list[tuple[Collection, SearchPlan, str]]) -> None:
         for collection, plan, where in jobs:  # every size first: one oversized text refuses the batch before any work
             for i, sub in enumerate(plan.queries):
                 text = sub.query.text
@@ -146,7 +170,8 @@ class Encoding:
         spec = self._spec(collection.schema, field, "dense", wheres[0])
         for text, where in zip(texts, wheres, strict=True):
             self._check_query(text, f"{where}.text")
-        return np.asarray(self._batcher(spec, wheres[0]).encode(texts), np.float32)
+        with timed_stage("encode"):
+            return np.asarray(self._batcher(spec, wheres[0]).encode(texts), np.float32)
 
     def _submit(self, collection: Collection, query: DenseQuery | SparseQuery, where: str) -> Callable[[], None]:
         kind = "dense" if isinstance(query, DenseQuery) else "sparse"
@@ -217,5 +242,6 @@ class Encoding:
             with self._lock:
                 batcher = self._batchers.get(key)
                 if batcher is None:
-                    batcher = self._batchers[key] = MicroBatcher(run, self.max_batch, self.max_wait_s, key[0])
+                    stats = self.stats.setdefault((*key, "query"), EncoderStats())
+                    batcher = self._batchers[key] = MicroBatcher(run, self.max_batch, self.max_wait_s, key[0], stats)
         return batcher

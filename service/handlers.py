@@ -11,6 +11,9 @@ ends with DEADLINE_EXCEEDED after ``stream_idle_timeout_s`` without a message, a
 UNAVAILABLE when shutdown ends it. Every answer, success or failure, says how many
 batches and documents were applied: in the message of an error and always in the
 trailing metadata ``braid-batches-applied`` / ``braid-documents-applied``.
+
+Every handler runs inside a ``CallObserver`` (service/observe.py): the call's request id
+(echoed as trailing metadata ``x-request-id``), its metrics and the slow-query log.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .admission import RETRY_PUSHBACK_KEY, Admission, Overloaded, TimedOut
 from .config import ServerConfig
 from .encoding import Encoding
 from .errors import describe
+from .logs import with_request_id
+from .observe import CallObserver
 from .rpcs import BraidRpcs
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Braid"]
@@ -90,8 +95,10 @@ class BraidHandlers:
         config: ServerConfig,
         keys: Any | None,
         rpcs_class: type[BraidRpcs] = BraidRpcs,
+        observer: CallObserver | None = None,
     ) -> None:
         self.rpcs = rpcs_class(catalog, encoding, config.max_message_bytes)
+        self.observer = observer or CallObserver(SERVICE_NAME)  # request ids; metrics and slow queries when on
         self.admission = admission
         self.keys = keys
         self.idle_timeout = config.stream_idle_timeout_s
@@ -105,11 +112,15 @@ class BraidHandlers:
             if method.client_streaming:
                 assert method.name == "BulkUpsert" and not method.server_streaming, method.name
                 handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                    self._bulk_upsert, request_deserializer=parse, response_serializer=serialize
+                    self.observer.stream(method.name, self._bulk_upsert),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
                 )
             else:
                 handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                    self._unary(method.name), request_deserializer=parse, response_serializer=serialize
+                    self.observer.unary(method.name, self._unary(method.name)),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
                 )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -135,6 +146,8 @@ class BraidHandlers:
         message = template.format(message)
         if isinstance(err, Overloaded):
             trailing += ((RETRY_PUSHBACK_KEY, str(err.retry_after_ms)),)
+        if trailing:  # else the abort keeps the x-request-id already set (service/observe.py)
+            trailing = with_request_id(trailing)
         await context.abort(code, message, trailing_metadata=trailing)
 
     # ----------------------------------------------------------------- unary
@@ -186,7 +199,7 @@ class BraidHandlers:
                     if self._ending.is_set():
                         raise Unavailable("server shutting down")
                 await self.admission.run(writer.finish, _deadline(context))
-            context.set_trailing_metadata(_applied(batches, upserted))
+            context.set_trailing_metadata(with_request_id(_applied(batches, upserted)))
             return pb.BulkUpsertResponse(upserted=upserted, batches=batches)
         except _PASS_THROUGH:
             raise

@@ -17,6 +17,10 @@ Shutdown (``stop``): health turns NOT_SERVING, new calls are refused, in-flight 
 batches they applied, the rest is cancelled, running work finishes (bounded), and the
 encoders and every shard close cleanly, releasing their locks. A second SIGTERM skips
 the grace period.
+
+Operators (docs/operations.md): every call gets a request id and, with ``metrics_port``,
+counts in the server's own Prometheus registry served on that port (service/metrics.py);
+``slow_query_ms`` logs slow searches with their plan (service/observe.py, service/logs.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from .admission import Admission
 from .config import ServerConfig
 from .encoding import Encoding
 from .handlers import SERVICE_NAME, BraidHandlers
+from .metrics import ServerMetrics, Sources
+from .observe import CallObserver
 from .rpcs import BraidRpcs
 
 log = logging.getLogger("braid.server")
@@ -89,11 +95,30 @@ class BraidServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._hurry: asyncio.Event | None = None
+        self.metrics: ServerMetrics | None = None
         try:
+            if config.metrics_port:
+                self.metrics = ServerMetrics(self._metric_sources())
+                self.metrics.serve(config.host, config.metrics_port)
             self.port = self._call(self._build())
         except BaseException:
             self._close_resources()
             raise
+
+    def _metric_sources(self) -> Sources:
+        """What /metrics reads: a router's catalog keeps no shards, but counts retries and failovers."""
+        catalog = self.catalog
+        common = {"encoding": self.encoding, "admission": self.admission, "data_dir": self.config.data_dir}
+        router = getattr(catalog, "stats", None)
+        if router is not None:  # service/cluster/router.py RemoteCatalog
+            return Sources(router=router, live_shard_servers=lambda: len(catalog.state.live_nodes()), **common)
+
+        def shards() -> list[tuple[str, Any]]:
+            if catalog.closed or not catalog.recovery.done:
+                return []
+            return [(collection.name, shard) for collection in catalog.list() for shard in collection.shards]
+
+        return Sources(shards=shards, **common)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -116,7 +141,10 @@ class BraidServer:
             from .auth import ApiKeys
 
             keys = ApiKeys(config.api_keys)
-        self.handlers = BraidHandlers(self.catalog, self.encoding, self.admission, config, keys, self._rpcs_class)
+        observer = CallObserver(SERVICE_NAME, self.metrics.rpc if self.metrics else None, config.slow_query_ms / 1000)
+        self.handlers = BraidHandlers(
+            self.catalog, self.encoding, self.admission, config, keys, self._rpcs_class, observer
+        )
         self.server.add_generic_rpc_handlers((self.handlers.generic_handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -223,6 +251,8 @@ class BraidServer:
             log.error("shutdown: work still running after %.0f s; closing shards anyway", WORK_DRAIN_SECONDS)
         self.encoding.close()
         self.catalog.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

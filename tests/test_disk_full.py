@@ -481,7 +481,11 @@ def test_a_real_full_disk(child_server, tmp_path):
             server = start()  # on the full disk: reads are served
             writer.client = server.client
             writer.check_intact(server.client)
+            # The stop may have freed a little (tantivy removes the temporary file of a commit that
+            # failed): fill that too, so the disk is full again when the write comes.
+            fill(mnt / "filler-2")
             assert_disk_full(writer.upsert(range(120, 130)), "tmpfs")
+            (mnt / "filler-2").unlink()
             filler.unlink()
             writer.upsert_until_accepted(range(130, 140))
             writer.check_intact(server.client)

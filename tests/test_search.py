@@ -344,6 +344,36 @@ def test_results_do_not_depend_on_the_shard_count(braid):
         assert [(h.id, round(h.score, 6)) for h in one] == [(h.id, round(h.score, 6)) for h in four]
 
 
+def test_bm25_scores_with_the_collections_statistics_on_any_shard_count(braid):
+    """The DFS phase: every shard scores BM25 with IDF summed over all shards, so a 4-shard
+    collection ranks and scores as one shard does. Documents of equal length (tantivy's average
+    field length stays per shard), replaced and deleted ones included (tantivy counts those too)."""
+    rng = np.random.default_rng(5)
+    vocab = [f"w{i}" for i in range(60)]
+    docs = [{"id": str(i), "text": {"body": " ".join(rng.choice(vocab, 6))}} for i in range(600)]
+    replaced = [{"id": str(i), "text": {"body": " ".join(rng.choice(vocab, 6))}} for i in range(0, 600, 7)]
+    for name, shards in (("one", 1), ("four", 4)):
+        braid.client.create_collection(name, schema(text=True, sparse=False), shards=shards)
+        braid.client.bulk_upsert(name, docs, batch_size=200)
+        braid.client.bulk_upsert(name, replaced, batch_size=200)
+        braid.client.delete(name, ids=[str(i) for i in range(1, 600, 11)])
+    local_differs = False
+    for _ in range(15):
+        text = " ".join(rng.choice(vocab, 3))
+        one = search(braid, "one", queries=[bm25_query(text)], limit=30)
+        four = search(braid, "four", queries=[bm25_query(text)], limit=30)
+        scores_one = {h.id: h.score for h in one}
+        scores_four = {h.id: h.score for h in four}
+        assert np.allclose(sorted(scores_one.values()), sorted(scores_four.values()), rtol=1e-5)
+        # equal scores may come in another order (ties break by shard-local keys); each id scores the same
+        common = scores_one.keys() & scores_four.keys()
+        assert all(math.isclose(scores_one[d], scores_four[d], rel_tol=1e-5) for d in common)
+        lowest = min(scores_one.values())
+        assert {d for d, v in scores_one.items() if v > lowest * 1.00001} <= scores_four.keys()
+        local_differs |= len(set(scores_one.values())) > 1
+    assert local_differs  # the queries do rank documents apart
+
+
 # ----------------------------------------------------------------- bad input
 
 

@@ -9,6 +9,7 @@ with backoff from the sequence the shard has applied, so nothing is skipped or a
 
 A replica serves reads once it has read its subject to the end once since it opened
 (``caught_up``): a replica rebuilding from the log never answers with half its documents.
+``lag_records`` (for /metrics) is how many records of the subject it has not applied yet.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Replica:
         self.shard: Shard | None = None
         self.caught_up = threading.Event()
         self.problem: str | None = "opening"
+        self.lag_records: int | None = None  # records of the subject not applied yet (None: not known yet)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"braid-replica-{meta.name}-{number}", daemon=True)
 
@@ -120,7 +122,10 @@ class Replica:
                 try:
                     batch = reader.fetch(self.shard.applied_seq, FETCH_BATCH, FOLLOW_WAIT_S)
                     if batch:
+                        self.lag_records = max(reader.pending, 0) + len(batch)  # fetched, not applied yet
                         self.shard.apply_logged(batch)
+                    if reader.pending >= 0:
+                        self.lag_records = reader.pending
                     if reader.pending == 0:
                         self.caught_up.set()
                     self.problem = None

@@ -19,6 +19,9 @@ fused exactly as a collection does (index/collection.py ``combine``), so the hit
 standalone collection's with the same shard count. Consistency: DEFAULT waits for the
 writes this router acknowledged, STRONG for the last record of each shard's subject at the
 start of the search, EVENTUAL for nothing (but a replica still catching up never answers).
+
+Every call to a replica carries the client call's request id (``x-request-id``), and
+``RouterStats`` counts retries and failovers for /metrics (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -37,9 +40,17 @@ import numpy as np
 
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
-from braid.index import records
+from braid.index import analyzers, records
 from braid.index.catalog import Recovery, check_shard_count
-from braid.index.collection import Collection, Ranked, combine, merge_ranked, sparse_idf_of, strand_depths
+from braid.index.collection import (
+    Collection,
+    Ranked,
+    combine,
+    global_bm25_idf,
+    merge_ranked,
+    sparse_idf_of,
+    strand_depths,
+)
 from braid.index.errors import (
     AlreadyExists,
     BraidError,
@@ -50,9 +61,11 @@ from braid.index.errors import (
 )
 from braid.index.filters import Filter
 from braid.index.payload import PayloadStore
-from braid.index.query import DenseQuery, SearchPlan, SearchResult, SparseQuery
+from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery
 from braid.index.records import DocumentWrite
 from braid.index.schema import Schema, validate_collection_name
+from braid.index.stats import current_trace
+from braid.index.text import query_terms
 from braid.index.validate import Limits, check_documents, check_plan
 from braid.v1 import braid_pb2 as pb
 
@@ -60,6 +73,7 @@ from .. import convert
 from ..admission import call_deadline
 from ..config import ServerConfig
 from ..errors import STATUS_OF
+from ..logs import REQUEST_ID_KEY, forward_metadata
 from ..rpcs import BraidRpcs
 from .meta import (
     COLLECTIONS_BUCKET,
@@ -173,6 +187,33 @@ class ClusterState:
         return [(node, live.get(node)) for node in ordered]
 
 
+class RouterStats:
+    """What /metrics reports of the router's calls to replicas (service/metrics.py)."""
+
+    def __init__(self) -> None:
+        self.retries: dict[str, int] = {}  # status code name -> replica calls that failed retryably
+        self.failovers = 0  # shard calls answered by a replica other than the first one tried
+        self._lock = threading.Lock()
+
+    def retried(self, code: grpc.StatusCode) -> None:
+        with self._lock:
+            self.retries[code.name] = self.retries.get(code.name, 0) + 1
+
+    def failed_over(self) -> None:
+        with self._lock:
+            self.failovers += 1
+
+
+class _ForwardRequestId(grpc.UnaryUnaryClientInterceptor):
+    """Sends the current call's request id (service/logs.py) with every call to a shard server."""
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        forwarded = forward_metadata()
+        if forwarded and not any(key == REQUEST_ID_KEY for key, _ in details.metadata or ()):
+            details = details._replace(metadata=(*(details.metadata or ()), *forwarded))
+        return continuation(details, request)
+
+
 class ShardClients:
     """One gRPC channel per shard-server address."""
 
@@ -194,7 +235,8 @@ class ShardClients:
                 if stub is None:
                     channel = grpc.insecure_channel(address, options=self._options)
                     self._channels.append(channel)
-                    stub = self._stubs[address] = shard_pb2_grpc.ShardStub(channel)
+                    forwarding = grpc.intercept_channel(channel, _ForwardRequestId())
+                    stub = self._stubs[address] = shard_pb2_grpc.ShardStub(forwarding)
         return stub
 
     def aio_stub(self, address: str) -> shard_pb2_grpc.ShardStub:
@@ -242,7 +284,13 @@ class _Tries:
         if err.code() not in _RETRY_CODES:
             raise _error_from(err) from None
         self.collection.catalog.state.suspect(node)
+        self.collection.catalog.stats.retried(err.code())
         self.failures.append(f"{node}: {err.code().name} {err.details()}")
+
+    def answered(self) -> None:
+        """A replica answered: a failover when an earlier one failed or was not live."""
+        if self.failures:
+            self.collection.catalog.stats.failed_over()
 
     def exhausted(self) -> Unavailable:
         name = self.collection.name
@@ -260,6 +308,7 @@ class RemoteCatalog:
         self.link = NatsLink(config.nats_urls, "braid-router")
         self.state = ClusterState(self.link)
         self.clients = ShardClients(config.max_message_bytes)
+        self.stats = RouterStats()
         self.acked: dict[tuple[str, int], int] = {}  # (uid, shard) -> highest sequence this router acknowledged
         self._acked_lock = threading.Lock()
         self._turn = itertools.count()
@@ -381,6 +430,7 @@ class RemoteCollection:
         self.replication_factor = meta.replication_factor
         self.limits = catalog.limits
         self.payload = PayloadStore(self.schema.payload_fields)  # types for validation; holds nothing
+        self._analyzers = {spec.name: analyzers.build(spec.analyzer) for spec in self.schema.text_fields}
 
     # Validation is a collection's own (duck-typed: it reads schema, limits and payload types).
     check_dense = Collection.check_dense
@@ -411,9 +461,12 @@ class RemoteCollection:
         tries = _Tries(self, shard)
         for node, address, timeout in tries.each(deadline):
             try:
-                return call(self.catalog.clients.stub(address), timeout), address
+                answer = call(self.catalog.clients.stub(address), timeout)
             except grpc.RpcError as err:
                 tries.failed(node, err)
+                continue
+            tries.answered()
+            return answer, address
         raise tries.exhausted()
 
     def _fan_out(
@@ -434,6 +487,7 @@ class RemoteCollection:
                 node, address, future = attempt
                 try:
                     answers[shard] = (future.result(), address)
+                    tries.answered()
                     break
                 except grpc.RpcError as err:
                     tries.failed(node, err)
@@ -745,9 +799,13 @@ class RemoteCollection:
             tries = _Tries(self, shard, turn)
             for node, address, timeout in tries.each(deadline):
                 try:
-                    return await self.catalog.clients.aio_stub(address).SearchDense(message, timeout=timeout)
+                    stub = self.catalog.clients.aio_stub(address)
+                    answer = await stub.SearchDense(message, timeout=timeout, metadata=forward_metadata())
                 except grpc.aio.AioRpcError as err:
                     tries.failed(node, err)
+                    continue
+                tries.answered()
+                return answer
             raise tries.exhausted()
 
         turn = self.catalog.turn()
@@ -761,18 +819,52 @@ class RemoteCollection:
         """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
         self.check(plan, where)
         shard_request = _encoded_request(request, plan)
+        trace = current_trace()  # the slow-query log: strands run on the shard servers, so only the stages here
+        started = time.perf_counter()
         min_seqs = self._min_seqs(plan.consistency)
+        idf = self._bm25_idf(plan, min_seqs, where) if len(self.shards) > 1 else []
         answers = self._fan_out(
             self.shards,
             lambda s, stub, t: stub.Search.future(
-                spb.ShardSearchRequest(replica=self._ref(s), request=shard_request, min_seq=min_seqs[s]), timeout=t
+                spb.ShardSearchRequest(replica=self._ref(s), request=shard_request, min_seq=min_seqs[s], bm25_idf=idf),
+                timeout=t,
             ),
             _deadline(),
         )
+        ranked = time.perf_counter()
         per_shard = [[_ranked(r) for r in answers[s][0].strands] for s in self.shards]
         result, keys = combine(plan, per_shard, strand_depths(plan))
+        fused = time.perf_counter()
         self._fetch(result, keys, plan, {s: answers[s][1] for s in self.shards})
+        if trace is not None:
+            trace.stage("shards", ranked - started)
+            timing = trace.search(0)
+            timing.fusion_s, timing.fetch_s = fused - ranked, time.perf_counter() - fused
         return result
+
+    def _bm25_idf(self, plan: SearchPlan, min_seqs: list[int], where: str) -> list[spb.TermIdf]:
+        """The DFS phase: the collection's IDF of every BM25 term of the plan, from one replica of
+        each shard (one TextStats call each), so the shards score as one shard would."""
+        wanted: list[tuple[int, tuple[str, str]]] = []
+        for i, sub in enumerate(plan.queries):
+            query = sub.query
+            if isinstance(query, Bm25Query):
+                fields = query.fields or [spec.name for spec in self.schema.text_fields]
+                at = f"{where}queries[{i}].bm25.text"
+                wanted += [(i, key) for key in query_terms(self._analyzers, query.text, fields, at)]
+        if not wanted:
+            return []
+        keys = sorted({key for _, key in wanted})
+        terms = [spb.TextTerm(field=field, term=term) for field, term in keys]
+        answers = self._fan_out(
+            self.shards,
+            lambda s, stub, t: stub.TextStats.future(
+                spb.TextStatsRequest(replica=self._ref(s), terms=terms, min_seq=min_seqs[s]), timeout=t
+            ),
+            _deadline(),
+        )
+        idf = global_bm25_idf(keys, [(list(answer.df), answer.documents) for answer, _ in answers.values()])
+        return [spb.TermIdf(query=i, term=spb.TextTerm(field=key[0], term=key[1]), idf=idf[key]) for i, key in wanted]
 
     def _fetch(self, result: SearchResult, keys: list[int], plan: SearchPlan, answered_by: dict[int, str]) -> None:
         wants_payload = plan.include_payload or bool(plan.payload_fields)

@@ -8,7 +8,8 @@ What it does:
   shard whose placement names this node; a collection deleted from the bucket is closed and
   its files removed (also when the delete happened while this server was down);
 - answers braid.cluster.v1.Shard on its gRPC port: searches, fetches, gets and counts on
-  a replica, each only once the replica has applied the caller's ``min_seq``.
+  a replica, each only once the replica has applied the caller's ``min_seq``;
+- with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics.
 
 Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
 directory whose manifest's ``wal_seq`` is the last stream sequence applied), and the
@@ -40,12 +41,13 @@ from braid.index.collection import (
     Ranked,
     dense_batch_shard,
     search_shard,
+    shard_text_stats,
     sparse_term_stats,
     strand_depths,
 )
 from braid.index.dirlock import DataDirLock
 from braid.index.errors import InvalidArgument, Unavailable
-from braid.index.query import SearchResult
+from braid.index.query import Bm25Query, SearchResult
 from braid.index.schema import DenseIndexType
 from braid.v1 import braid_pb2 as pb
 
@@ -54,6 +56,8 @@ from ..admission import Admission, call_deadline
 from ..config import ServerConfig
 from ..errors import describe
 from ..handlers import Undecodable, _deadline, _parser
+from ..metrics import ReplicaState, ServerMetrics, Sources
+from ..observe import CallObserver
 from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT
 from ..server import _event_loop
 from .meta import (
@@ -104,6 +108,10 @@ class ShardRpcs:
     def Search(self, request: spb.ShardSearchRequest) -> Any:
         shard = self._shard(request.replica, request.min_seq)
         plan = convert.plan_from_proto(request.request)
+        for entry in request.bm25_idf:  # the collection's IDF, gathered by the router (DFS phase)
+            query = plan.queries[entry.query].query if entry.query < len(plan.queries) else None
+            if isinstance(query, Bm25Query):
+                query.idf = (query.idf or {}) | {(entry.term.field, entry.term.term): entry.idf}
         strands = search_shard(shard, plan, strand_depths(plan))
         return spb.ShardSearchResponse(strands=[_packed(r) for r in strands], applied_seq=shard.applied_seq)
 
@@ -175,6 +183,16 @@ class ShardRpcs:
         df, documents = sparse_term_stats(shard, request.field, list(request.term_ids))
         return spb.TermStatsResponse(df=df.tolist(), documents=documents)
 
+    def TextStats(self, request: spb.TextStatsRequest) -> Any:
+        shard = self._shard(request.replica, request.min_seq)
+        if shard.text is None:
+            raise InvalidArgument.field("terms", "the collection has no text fields")
+        unknown = sorted({t.field for t in request.terms} - set(shard.text.field_names))
+        if unknown:
+            raise InvalidArgument.field("terms", f"no text field {unknown[0]!r}")
+        df, documents = shard_text_stats(shard, [(t.field, t.term) for t in request.terms])
+        return spb.TextStatsResponse(df=df, documents=documents)
+
     def WaitApplied(self, request: spb.WaitAppliedRequest) -> Any:
         shard = self._replica(request.replica).wait_applied(request.seq, call_deadline())
         result = shard.result_of(request.seq)
@@ -220,9 +238,23 @@ class ShardServer:
         self.rpcs = ShardRpcs(self)
         self._loop = _event_loop()
         self.link: NatsLink | None = None
+        self.metrics: ServerMetrics | None = None
         try:
+            if config.metrics_port:
+                self.metrics = ServerMetrics(
+                    Sources(
+                        shards=self._replica_shards,
+                        admission=self.admission,
+                        data_dir=config.data_dir,
+                        replicas=self._replica_states,
+                    )
+                )
+                self.metrics.serve(config.host, config.metrics_port)
+            self.observer = CallObserver(SERVICE_NAME, self.metrics.rpc if self.metrics else None)
             self.port = asyncio.run_coroutine_threadsafe(self._build(), self._loop).result()
         except BaseException:
+            if self.metrics is not None:
+                self.metrics.close()
             self._dir_lock.release()
             raise
         self.address = config.cluster_advertise or f"{config.host}:{self.port}"
@@ -251,8 +283,9 @@ class ShardServer:
         for method in SERVICE.methods:
             parse = _parser(message_factory.GetMessageClass(method.input_type))
             serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+            handler = self.observer.unary(method.name, self._unary(getattr(self.rpcs, method.name)))
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._unary(getattr(self.rpcs, method.name)), request_deserializer=parse, response_serializer=serialize
+                handler, request_deserializer=parse, response_serializer=serialize
             )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -369,6 +402,16 @@ class ShardServer:
                     if path.name not in keep:
                         shutil.rmtree(path, ignore_errors=True)
 
+    def _replica_shards(self) -> list[tuple[str, Any]]:
+        """(collection, shard) of every open replica, for /metrics."""
+        return [(r.meta.name, r.shard) for r in list(self.replicas.values()) if r.shard is not None]
+
+    def _replica_states(self) -> list[ReplicaState]:
+        return [
+            ReplicaState(r.meta.name, r.number, r.lag_records, r.caught_up.is_set(), r.applied_seq)
+            for r in list(self.replicas.values())
+        ]
+
     def view(self, replica: Replica) -> Collection:
         """A one-shard Collection over the replica's shard, for gets and counts."""
         key = (replica.meta.uid, replica.number)
@@ -407,6 +450,8 @@ class ShardServer:
             replica.close()
         if self.link is not None:
             self.link.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self._executor.shutdown(wait=False)
         self._dir_lock.release()
         self._stopped.set()
