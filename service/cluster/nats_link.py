@@ -200,10 +200,16 @@ class NatsLink:
         bucket: str,
         on_snapshot: Callable[[dict[str, bytes]], None],
         on_change: Callable[[str, bytes | None], None],
+        silent_s: float | None = None,
     ) -> None:
         """Follow a bucket until the link closes: ``on_snapshot`` with every key each time the
         watch (re)starts (so deletes missed while disconnected are seen), then ``on_change``
-        per update (value None: deleted). Callbacks run on the link's loop: keep them short."""
+        per update (value None: deleted). Callbacks run on the link's loop: keep them short.
+
+        ``silent_s``: for a bucket written all the time (heartbeats), a watch that hears
+        nothing for this long is restarted: the NATS node holding its consumer may have died
+        while the connection itself stayed up.
+        """
 
         async def follow() -> None:
             while not self._closed:
@@ -217,9 +223,9 @@ class NatsLink:
                     initial = True
                     while not self._closed:
                         try:
-                            entry = await watcher.updates(timeout=5.0)
+                            entry = await watcher.updates(timeout=silent_s or 5.0)
                         except (TimeoutError, nats.errors.TimeoutError):
-                            if not self.connected:
+                            if not self.connected or silent_s is not None:
                                 break
                             continue
                         if entry is None:
@@ -289,11 +295,7 @@ class NatsLink:
                         headers=headers,
                     )
                     return int(ack.seq)
-                except (
-                    nats.errors.TimeoutError,
-                    nats.errors.NoRespondersError,
-                    nats.js.errors.ServiceUnavailableError,
-                ):
+                except _RETRYABLE_PUBLISH:
                     if loop.time() + 0.1 >= deadline:
                         raise
                     await asyncio.sleep(0.1)

@@ -77,6 +77,7 @@ from ..logs import REQUEST_ID_KEY, forward_metadata
 from ..rpcs import BraidRpcs
 from .meta import (
     COLLECTIONS_BUCKET,
+    HEARTBEAT_S,
     NODE_TTL_S,
     NODES_BUCKET,
     CollectionMeta,
@@ -134,7 +135,7 @@ class ClusterState:
 
     def start(self) -> None:
         self.link.watch(COLLECTIONS_BUCKET, self._collections_snapshot, self._collection_changed)
-        self.link.watch(NODES_BUCKET, self._nodes_snapshot, self._node_changed)
+        self.link.watch(NODES_BUCKET, self._nodes_snapshot, self._node_changed, silent_s=3 * HEARTBEAT_S)
 
     def _collections_snapshot(self, items: dict[str, bytes]) -> None:
         self.metas = parse_collections(items)
@@ -153,7 +154,11 @@ class ClusterState:
 
     def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
         now = time.monotonic()
-        self.nodes = {key: (info, now) for key, raw in items.items() if (info := parse_node(key, raw)) is not None}
+        # Nodes missing from the snapshot keep their last heartbeat: entries expire from the bucket
+        # (TTL) while its leader is re-elected and nobody can write; live_nodes ages them out
+        # against the freshest heartbeat once heartbeats land again.
+        fresh = {key: (info, now) for key, raw in items.items() if (info := parse_node(key, raw)) is not None}
+        self.nodes = {**self.nodes, **fresh}
         self._nodes_synced.set()
         if self._collections_synced.is_set():
             self.synced.set()
@@ -168,11 +173,16 @@ class ClusterState:
         self.nodes = nodes
 
     def live_nodes(self) -> dict[str, str]:
-        """Node id -> address of the shard servers heard from within the TTL (all known ones while
-        NATS is unreachable: the last word is the best there is)."""
-        horizon = time.monotonic() - NODE_TTL_S
-        connected = self.link.connected
-        return {node: info.address for node, (info, seen) in self.nodes.items() if seen >= horizon or not connected}
+        """Node id -> address of the shard servers whose heartbeat is at most the TTL older than
+        the freshest heartbeat of any node. Measured against the freshest, not the clock: while
+        the bucket itself is stalled (NATS unreachable, its leader being re-elected, a watch
+        being restarted) no heartbeat arrives from anyone, and that says nothing about the
+        shard servers; a server that stopped while the others kept beating drops out."""
+        nodes = self.nodes
+        if not nodes:
+            return {}
+        horizon = max(seen for _, seen in nodes.values()) - NODE_TTL_S
+        return {node: info.address for node, (info, seen) in nodes.items() if seen >= horizon}
 
     def suspect(self, node: str) -> None:
         self._suspect[node] = time.monotonic() + SUSPECT_S
