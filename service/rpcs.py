@@ -15,6 +15,7 @@ import numpy as np
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from braid.index.query import SearchPlan, SearchResult
 from braid.index.schema import DenseIndexType, Schema
 from braid.v1 import braid_pb2 as pb
 
@@ -133,7 +134,8 @@ class BraidRpcs:
             return convert.result_to_proto(result, _NO_TYPES, self.max_response_bytes)
         plan = convert.plan_from_proto(request)
         self.encoding.fill_plans([(collection, plan, "")])
-        return convert.result_to_proto(collection.search(plan), self._types(collection), self.max_response_bytes)
+        result = self._search(collection, plan, "", request)
+        return convert.result_to_proto(result, self._types(collection), self.max_response_bytes)
 
     def BatchSearch(self, request: pb.BatchSearchRequest) -> Any:
         searches = request.searches
@@ -154,8 +156,15 @@ class BraidRpcs:
                 )
             )
         self.encoding.fill_plans(jobs)  # every text sub-query of the batch is encoded together
-        results = ((collection.search(plan, where), self._types(collection)) for collection, plan, where in jobs)
+        results = (
+            (self._search(collection, plan, where, search), self._types(collection))
+            for (collection, plan, where), search in zip(jobs, searches, strict=True)
+        )
         return pb.BatchSearchResponse(results=self._within_budget(results))
+
+    def _search(self, collection: Collection, plan: SearchPlan, where: str, request: pb.SearchRequest) -> SearchResult:
+        """Run one encoded plan (a router sends ``request`` on to the shards instead)."""
+        return collection.search(plan, where)
 
     def _within_budget(self, results: Iterable[tuple[Any, dict]]) -> list[pb.SearchResponse]:
         """Convert (result, payload types) pairs in turn, refusing once the whole response passes its limit."""

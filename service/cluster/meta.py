@@ -92,6 +92,18 @@ def parse_collection(name: str, raw: bytes) -> CollectionMeta | None:
         return None
 
 
+def changed(metas: dict[str, CollectionMeta], key: str, value: bytes | None) -> dict[str, CollectionMeta]:
+    """A copy of ``metas`` after one update of the collections bucket (value None: deleted; a
+    damaged value counts as deleted). A copy, so readers of the old dict never see it change."""
+    out = dict(metas)
+    meta = parse_collection(key, value) if value is not None else None
+    if meta is None:
+        out.pop(key, None)
+    else:
+        out[key] = meta
+    return out
+
+
 def parse_node(name: str, raw: bytes) -> NodeInfo | None:
     try:
         return NodeInfo.from_json(raw)

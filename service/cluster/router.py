@@ -82,7 +82,7 @@ from .meta import (
     NODES_BUCKET,
     CollectionMeta,
     NodeInfo,
-    parse_collection,
+    changed,
     parse_collections,
     parse_node,
     place,
@@ -144,13 +144,7 @@ class ClusterState:
             self.synced.set()
 
     def _collection_changed(self, key: str, value: bytes | None) -> None:
-        metas = dict(self.metas)
-        meta = parse_collection(key, value) if value is not None else None
-        if meta is None:
-            metas.pop(key, None)
-        else:
-            metas[key] = meta
-        self.metas = metas
+        self.metas = changed(self.metas, key, value)
 
     def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
         now = time.monotonic()
@@ -992,34 +986,8 @@ class RouterRpcs(BraidRpcs):
             collection.payload.validate_filter(flt)
         return pb.CountResponse(count=collection.count(flt, request))
 
-    def Search(self, request: pb.SearchRequest) -> Any:
-        if _plain(request):
-            return super().Search(request)
-        collection = self.catalog.get(request.collection)
-        plan = convert.plan_from_proto(request)
-        self.encoding.fill_plans([(collection, plan, "")])  # type: ignore[list-item]
-        result = collection.search_request(request, plan)
-        return convert.result_to_proto(result, self._types(collection), self.max_response_bytes)
-
-    def BatchSearch(self, request: pb.BatchSearchRequest) -> Any:
-        searches = request.searches
-        if len(searches) > self.catalog.limits.max_batch:
-            raise ResourceExhausted(
-                f"searches: {len(searches)} searches exceed the maximum of {self.catalog.limits.max_batch}"
-            )
-        batched = self._batched_dense(searches)
-        if batched is not None:
-            return pb.BatchSearchResponse(results=batched)
-        jobs = []
-        for i, search in enumerate(searches):
-            collection = self.catalog.get(search.collection)
-            jobs.append((collection, convert.plan_from_proto(search, f"searches[{i}]."), f"searches[{i}]."))
-        self.encoding.fill_plans(jobs)  # type: ignore[arg-type]
-        results = (
-            (collection.search_request(search, plan, where), self._types(collection))
-            for (collection, plan, where), search in zip(jobs, searches, strict=True)
-        )
-        return pb.BatchSearchResponse(results=self._within_budget(results))
+    def _search(self, collection: Any, plan: SearchPlan, where: str, request: pb.SearchRequest) -> SearchResult:
+        return collection.search_request(request, plan, where)
 
 
 class _PipelinedWriter:

@@ -67,7 +67,7 @@ from .meta import (
     NODES_BUCKET,
     CollectionMeta,
     NodeInfo,
-    parse_collection,
+    changed,
     parse_collections,
 )
 from .nats_link import NatsLink
@@ -362,13 +362,7 @@ class ShardServer:
         self._changed.set()
 
     def _on_change(self, key: str, value: bytes | None) -> None:
-        metas = dict(self._metas)
-        meta = parse_collection(key, value) if value is not None else None
-        if meta is None:
-            metas.pop(key, None)
-        else:
-            metas[key] = meta
-        self._metas = metas
+        self._metas = changed(self._metas, key, value)
         self._changed.set()
 
     def _reconcile_loop(self) -> None:
