@@ -1,0 +1,356 @@
+"""loadtest/: a short smoke run of each scenario against a real server, and the logic that decides verdicts.
+
+Smoke runs go through ``python -m loadtest``'s own ``main`` against one ``braid serve`` child
+(each scenario has its own collection), at rates this 2-core machine holds while other work
+runs: every run must have no errors and achieve its asked rate within 10%, and leave a JSON
+report and a PNG plot. One scenario also runs against a local cluster. The soak's drift and
+RSS checks and find-max's ramp are tested on synthetic numbers, where they must fail too;
+a stalling toy server shows that latency is measured from the due time (no coordinated
+omission). All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from loadtest import findmax, report, stats
+from loadtest.__main__ import EXIT_USAGE, main
+from loadtest.generator import LoadResult, run_load
+from loadtest.scenario import ScenarioError, bundled_scenarios, load_scenario, parse_duration
+from loadtest.schedule import Profile, arrivals
+from loadtest.soak import SoakSample, check_soak
+from loadtest.target import DEFAULT_MODEL, Standalone, ensure_model
+from loadtest.worker import Plan
+from loadtest.workload import ScenarioSkipped
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMALL_VECTORS = ["--set", "data.n=2000", "--set", "data.queries=200"]
+CRANFIELD = ["--set", 'data.collection="cranfield"']
+RUN = ["--duration", "4s", "--warmup", "1s", "--quiet", "--procs", "2"]
+
+
+# -------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The default model exported for the server (``braid models export``); the reason when it cannot be."""
+    directory = tmp_path_factory.mktemp("loadtest-models")
+    try:
+        ensure_model(directory, DEFAULT_MODEL)
+    except ScenarioSkipped as err:
+        return directory, str(err)
+    return directory, ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, str]) -> Iterator[Standalone]:
+    target = Standalone(tmp_path_factory.mktemp("loadtest-server"), models[0])
+    yield target
+    target.stop()
+
+
+def run_cli(out: Path, *args: str) -> tuple[int, dict[str, Any], Path]:
+    """``python -m loadtest ARGS --out OUT``; the exit status, the one JSON report and its path."""
+    code = main([*args, "--out", str(out)])
+    reports = sorted(out.glob("*.json"))
+    assert len(reports) == 1, f"expected one report in {out}, found {reports} (exit {code})"
+    return code, json.loads(reports[0].read_text()), reports[0]
+
+
+def against(server: Standalone) -> list[str]:
+    pid = str(server.pids()["braid"])
+    return ["--address", server.address, "--server-pid", pid, "--recreate"]
+
+
+def assert_smoke(code: int, data: dict[str, Any], path: Path, rate: float) -> None:
+    assert code == 0
+    assert data["errors"] == {}, data["errors"]
+    assert data["completed"] > 0
+    assert abs(data["achieved_qps"] - rate) <= 0.1 * rate, (data["achieved_qps"], rate, data["span_s"])
+    assert data["latency_ms"]["count"] == data["ok"] == data["completed"]
+    assert 0 < data["latency_ms"]["p50"] <= data["latency_ms"]["p99"] <= data["latency_ms"]["max"]
+    assert path.with_suffix(".png").stat().st_size > 1000
+    assert data["series"] and data["server"]["samples"] and data["server"]["samples"][0]["rss_bytes"] > 0
+
+
+def need_shared(collection: str) -> None:
+    if not (SHARED / "data" / collection / "corpus.jsonl").exists():
+        pytest.skip(f"{SHARED / 'data' / collection} is missing: the BM25 and hybrid scenarios need it")
+
+
+# ---------------------------------------------------------- smoke: every scenario
+
+
+def test_every_scenario_has_a_smoke_run() -> None:
+    assert set(bundled_scenarios()) == {"dense", "bm25", "hybrid", "mixed", "bulk"}
+
+
+def test_dense_smoke(server: Standalone, tmp_path: Path) -> None:
+    code, data, path = run_cli(tmp_path, "run", "dense", *against(server), *SMALL_VECTORS, *RUN, "--rate", "80")
+    assert_smoke(code, data, path, 80)
+    assert data["generator"]["processes"] == 2 and len(data["generator"]["worker_cpu"]) == 2
+    assert data["scenario"]["collection"]["loaded"] == 2000
+
+
+def test_bm25_smoke(server: Standalone, tmp_path: Path) -> None:
+    need_shared("cranfield")
+    code, data, path = run_cli(tmp_path, "run", "bm25", *against(server), *CRANFIELD, *RUN, "--rate", "60")
+    assert_smoke(code, data, path, 60)
+
+
+def test_hybrid_smoke(server: Standalone, models: tuple[Path, str], tmp_path: Path) -> None:
+    need_shared("cranfield")
+    if models[1]:
+        pytest.skip(f"the hybrid scenario needs the default model: {models[1]}")
+    # The server encodes every document at load time: few documents, a rate query encoding holds.
+    small = ["--set", "data.max_docs=60"]
+    code, data, path = run_cli(tmp_path, "run", "hybrid", *against(server), *CRANFIELD, *small, *RUN, "--rate", "20")
+    assert_smoke(code, data, path, 20)
+
+
+def test_mixed_smoke(server: Standalone, tmp_path: Path) -> None:
+    code, data, path = run_cli(tmp_path, "run", "mixed", *against(server), *SMALL_VECTORS, *RUN, "--rate", "80")
+    assert_smoke(code, data, path, 80)
+    ops = data["ops"]
+    assert ops["search"]["completed"] > ops["upsert"]["completed"] > 0  # 90 / 10
+    assert ops["upsert"]["errors"] == {}
+
+
+def test_bulk_smoke(server: Standalone, tmp_path: Path) -> None:
+    gentle = [f"--set=bulk.{key}" for key in ("streams=1", "batch=20", "batches_per_stream=5", "batches_per_s=5")]
+    code, data, path = run_cli(tmp_path, "run", "bulk", *against(server), *SMALL_VECTORS, *gentle, *RUN, "--rate", "60")
+    assert_smoke(code, data, path, 60)
+    assert data["bulk"]["completed"] >= 2 and data["bulk"]["errors"] == {}
+    assert data["bulk"]["docs_acknowledged"] >= 2 * 5 * 20
+
+
+def test_cluster_smoke(tmp_path: Path) -> None:
+    code, data, path = run_cli(
+        tmp_path / "out", "run", "dense", "--target", "cluster", "--workdir", str(tmp_path / "cluster"),
+        *SMALL_VECTORS, *RUN, "--rate", "50",
+    )  # fmt: skip
+    assert_smoke(code, data, path, 50)
+    processes = data["target"]["processes"]
+    assert data["target"]["kind"] == "cluster"
+    assert {"router-0", "shard-0", "shard-1"} <= set(processes) and any("nats" in p for p in processes)
+    assert set(data["server"]["samples"][-1]["per_process"]) == set(processes)
+
+
+# --------------------------------------------------------------------- find-max
+
+
+def test_find_max_on_a_tiny_ramp_returns_a_rate(server: Standalone, tmp_path: Path) -> None:
+    args = ["find-max", "dense", *against(server), *SMALL_VECTORS, "--rates", "20,40", "--step", "1.5s"]
+    code, data, path = run_cli(tmp_path, *args, "--warmup", "0.5s", "--p99-ms", "5000", "--refine", "0", "--quiet")
+    assert code == 0
+    assert data["best_rate"] == 40
+    assert [s["rate"] for s in data["steps"]] == [20, 40] and all(s["passed"] for s in data["steps"])
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def step_at(capacity: float, limited_above: float = float("inf")) -> Any:
+    """A synthetic server: p99 5 ms up to ``capacity``/s, then 500 ms and a falling achieved rate."""
+
+    def run(rate: float) -> findmax.Step:
+        over = rate > capacity
+        achieved = capacity * 0.95 if over else rate
+        return findmax.Step(rate, achieved, 500.0 if over else 5.0, 0.0, generator_limited=rate > limited_above)
+
+    return run
+
+
+def test_find_max_ramps_then_bisects() -> None:
+    assert findmax.ramp(100, 2, 1000) == [100, 200, 400, 800, 1000]
+    result = findmax.find_max(step_at(500), [100, 200, 400, 800], p99_ms=50, max_errors=0.001, refine=2)
+    assert [s.rate for s in result.steps] == [100, 200, 400, 800, 600, 500]
+    assert result.best_rate == 500 and not result.generator_limited
+    assert "p99 500.0 ms > 50 ms" in result.steps[3].reason and "achieved" in result.steps[3].reason
+
+
+def test_find_max_can_fail_and_says_when_the_generator_limited() -> None:
+    none = findmax.find_max(step_at(10), [100, 200], p99_ms=50, max_errors=0.001)
+    assert none.best_rate is None and "first rate" in none.stopped
+    errors = findmax.find_max(lambda r: findmax.Step(r, r, 1.0, 0.01, False), [100], p99_ms=50, max_errors=0.001)
+    assert errors.best_rate is None and "errors 1.00%" in errors.steps[0].reason
+    limited = findmax.find_max(step_at(500, limited_above=300), [100, 200, 400, 800], 50, 0.001, refine=0)
+    assert limited.best_rate == 400 and limited.generator_limited
+
+
+# ------------------------------------------------------------------------- soak
+
+
+def samples(p99: list[float], rss: list[int], errors: int = 0, every: float = 10.0) -> list[SoakSample]:
+    return [
+        SoakSample(
+            t=(i + 1) * every, requests=1000, errors=errors, qps=100.0, p50_ms=1.0, p99_ms=p, rss_bytes=r, fds=30
+        )
+        for i, (p, r) in enumerate(zip(p99, rss, strict=True))
+    ]
+
+
+MIB = 2**20
+
+
+def test_soak_passes_a_steady_run() -> None:
+    steady = samples([20, 30, 9, 10, 11, 10, 12, 10, 11, 10], [100 * MIB] * 3 + [104 * MIB] * 7)
+    verdict = check_soak(steady, warmup_s=30)
+    assert verdict.ok, verdict.failures
+    assert verdict.samples_used == 7 and verdict.p99_baseline_ms == 10.5  # the warm-up's 20 and 30 are ignored
+
+
+def test_soak_fails_when_p99_drifts() -> None:
+    drifting = samples([10, 10, 10, 11, 12, 13, 13, 14, 14], [100 * MIB] * 9)
+    verdict = check_soak(drifting, warmup_s=0)
+    assert not verdict.ok and verdict.p99_drift == pytest.approx(0.4)
+    assert "p99 drifted +40%" in verdict.failures[0]
+    # The same relative drift below the absolute floor is jitter, not drift.
+    assert check_soak(samples([1.0, 1.0, 1.0, 1.4, 1.4, 1.4], [100 * MIB] * 6), warmup_s=0).ok
+
+
+def test_soak_fails_when_rss_grows() -> None:
+    leaking = samples([10] * 9, [(100 + i) * MIB for i in range(9)])  # +1 MiB per sample
+    verdict = check_soak(leaking, warmup_s=0)
+    assert not verdict.ok and verdict.rss_growth == pytest.approx(107 / 101 - 1)  # medians of the first/last 3
+    assert "RSS grew +5.9%" in verdict.failures[0]
+    assert check_soak(leaking, warmup_s=0, max_rss_growth=0.1).ok
+    # Growth during the warm-up does not count.
+    assert check_soak(samples([10] * 6, [50 * MIB] * 3 + [100 * MIB] * 3), warmup_s=30).ok
+
+
+def test_soak_fails_on_errors_and_on_too_few_samples() -> None:
+    assert "calls failed" in check_soak(samples([10] * 4, [MIB] * 4, errors=5), warmup_s=0).failures[0]
+    short = check_soak(samples([10, 10], [MIB] * 2), warmup_s=15)
+    assert not short.ok and "only 1 sample" in short.failures[0]
+
+
+def test_soak_command_writes_samples_and_rss(server: Standalone, tmp_path: Path) -> None:
+    args = ["soak", "dense", *against(server), *SMALL_VECTORS, "--rate", "50", "--duration", "6s"]
+    code, data, path = run_cli(tmp_path, *args, "--warmup", "2s", "--sample", "1s", "--quiet")
+    assert code in (0, 1)  # the verdict on a 6 s soak on a busy machine is not the point here
+    assert (code == 0) == data["verdict"]["ok"]
+    assert len(data["samples"]) >= 5 and all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in data["samples"])
+    assert data["errors"] == {} and path.with_suffix(".png").stat().st_size > 1000
+
+
+# --------------------------------------------------- the generator's honesty
+
+
+class _StallingServer:
+    """A bare gRPC Search answering b"" with one worker thread; call number ``stall_at`` sleeps ``stall_s``."""
+
+    def __init__(self, stall_at: int, stall_s: float) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            with self.lock:
+                self.calls += 1
+                stall = self.calls == stall_at
+            time.sleep(stall_s if stall else 0.001)
+            return b""
+
+        handler = grpc.method_handlers_generic_handler(
+            "braid.v1.Braid", {"Search": grpc.unary_unary_rpc_method_handler(handle, lambda b: b, lambda b: b)}
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_latency_counts_from_the_due_time_not_the_send() -> None:
+    """A 0.5 s stall at 100/s delays ~50 calls queued behind it: an open-loop generator charges each one."""
+    toy = _StallingServer(stall_at=150, stall_s=0.5)
+    try:
+        plan = Plan(
+            address=f"127.0.0.1:{toy.port}",
+            profile=Profile(100, 100, warmup_s=0.5, duration_s=3.0),
+            timeout_s=5.0,
+            ops={"search": ("/braid.v1.Braid/Search", [b""])},
+            weights={"search": 1.0},
+            channels=1,
+        )
+        result: LoadResult = run_load(plan, processes=1)
+    finally:
+        toy.server.stop(0)
+    search = result.totals["search"]
+    assert search.ok == 300 and not search.errors
+    # About 40 of the 300 measured calls waited > 100 ms; a closed loop would have recorded one slow call.
+    assert search.hist.get_value_at_percentile(90) > 100_000
+    assert search.hist.get_max_value() > 400_000
+    summary = report.summarize(result)
+    assert summary["achieved_qps"] == pytest.approx(100, rel=0.1)
+
+
+def test_generator_check_flags_a_late_generator() -> None:
+    lag = stats.histogram()
+    for _ in range(100):
+        stats.record_s(lag, 0.050)
+    fake = LoadResult(
+        plan=Plan("127.0.0.1:1", Profile(10, 10, 0, 1), 1.0, {}, {}),
+        processes=1,
+        t0_wall=0.0,
+        totals={},
+        windows={},
+        workers=[{"cpu_s": 0.95, "wall_s": 1.0, "max_in_flight": 3}],
+        lag=lag,
+        machine_cpu_percent=50.0,
+        loadavg_before=(0, 0, 0),
+        loadavg_after=(0, 0, 0),
+    )
+    check = report.generator_check(fake)
+    assert check["limited"] and len(check["reasons"]) == 2
+    assert "send lag p99 50.0 ms" in check["reasons"][0] and "worker 0 used 95%" in check["reasons"][1]
+
+
+# ------------------------------------------------------- schedule and scenarios
+
+
+def test_uniform_arrivals_interleave_at_the_asked_rate() -> None:
+    profile = Profile(100, 100, warmup_s=1.0, duration_s=2.0)
+    per_process = [list(arrivals(profile, k, 3)) for k in range(3)]
+    merged = sorted(t for times in per_process for t in times)
+    assert len(merged) == 300
+    gaps = [b - a for a, b in itertools.pairwise(merged)]
+    assert min(gaps) == pytest.approx(0.01) and max(gaps) == pytest.approx(0.01)
+
+
+def test_a_ramp_and_poisson_arrivals_keep_their_counts() -> None:
+    ramp = Profile(100, 300, warmup_s=1.0, duration_s=2.0)  # 100 in the warm-up + 2 s x mean 200
+    times = list(arrivals(ramp, 0, 1))
+    assert len(times) == 500 and times == sorted(times) and times[-1] < 3.0
+    assert sum(1 for t in times if t >= 2.0) > sum(1 for t in times if 1.0 <= t < 2.0)  # rising
+    poisson = [len(list(arrivals(Profile(200, 200, 0, 10), k, 2, poisson=True, seed=1))) for k in range(2)]
+    assert sum(poisson) == pytest.approx(2000, rel=0.1)
+
+
+def test_scenarios_load_override_and_explain_mistakes() -> None:
+    for name in bundled_scenarios():
+        assert load_scenario(name).name == name
+    s = load_scenario("mixed", ["data.n=500", 'search.filter="tag"', "load.duration_s=1m30s"])
+    assert s.data.n == 500 and s.load.duration_s == 90 and s.mix.upsert == 0.1
+    assert parse_duration("250ms") == 0.25 and parse_duration("1h") == 3600
+    with pytest.raises(ScenarioError, match=r"unknown key\(s\) \['rat'\]; valid: rate"):
+        load_scenario("dense", ["load.rat=5"])
+    with pytest.raises(ScenarioError, match=r"needs data\.kind = 'beir'"):
+        load_scenario("dense", ['search.strands=["bm25"]'])
+    with pytest.raises(ScenarioError, match="not a duration"):
+        load_scenario("dense", ['load.duration_s="soon"'])
+
+
+def test_cli_usage_errors_and_skips(tmp_path: Path) -> None:
+    assert main(["run", "no-such-scenario", "--out", str(tmp_path), "--quiet"]) == EXIT_USAGE
+    missing = ["--shared", str(tmp_path / "nowhere"), "--quiet", "--out", str(tmp_path)]
+    assert main(["run", "bm25", *missing]) == 3  # skipped: the data is not there
+    assert not list(tmp_path.glob("*.json"))
