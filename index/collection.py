@@ -283,7 +283,7 @@ class Collection:
         fused = time.perf_counter()
         self._materialize(result, keys, plan)
         if timing is not None:
-            timing.fusion_s, timing.fetch_s = fused - started, time.perf_counter() - fused
+            timing.finish(fused - started, time.perf_counter() - fused)
         return result
 
     def _gather_bm25_idf(self, plan: SearchPlan, where: str) -> None:
@@ -373,10 +373,11 @@ class Collection:
         to a cluster router: one process always sees every write it acknowledged.
         """
         trace = current_trace()
-        started = time.perf_counter() if trace is not None else 0.0
+        timing = trace.search(1) if trace is not None else None
+        started = time.perf_counter() if timing is not None else 0.0
         parts = [dense_batch_shard(shard, field, vectors, k, (ef, max_lists, eps)) for shard in self.shards]
-        if trace is not None:
-            trace.search(1).add_strand(0, time.perf_counter() - started)
+        if timing is not None:
+            timing.add_strand(0, time.perf_counter() - started)
         results = []
         for i in range(len(vectors)):
             ranked = merge_ranked([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]

@@ -8,7 +8,8 @@ reads them when /metrics is scraped and exports them in Prometheus form.
 - ``ShardStats``: what one shard measured (its WAL, checkpoints, merges, SPANN reads); it
   lives as long as the shard object, across reopens, so its counters only grow;
 - ``SearchTrace``: per-strand timings of the searches of one call, recorded only while a
-  caller set one (``tracing``): the slow-query log.
+  caller set one (``tracing``): the slow-query log, and the stage spans of OpenTelemetry
+  tracing (service/tracing.py), which also use the wall-clock starts kept here.
 """
 
 from __future__ import annotations
@@ -113,12 +114,19 @@ class ShardStats:
 
 @dataclass
 class SearchTiming:
-    """One search of a call: seconds per strand (summed over shards), then fusion and fetching hits."""
+    """One search of a call: seconds per strand (summed over shards), then fusion and fetching hits.
+    ``started_ns`` (wall clock) is when the search began, ``ended_ns`` when ``finish`` was called (0: never)."""
 
     strands: list[float] = field(default_factory=list)
     fusion_s: float = 0.0
     fetch_s: float = 0.0
+    started_ns: int = field(default_factory=time.time_ns)
+    ended_ns: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def finish(self, fusion_s: float, fetch_s: float) -> None:
+        """Fusion and fetching took these seconds, and ended now."""
+        self.fusion_s, self.fetch_s, self.ended_ns = fusion_s, fetch_s, time.time_ns()
 
     def add_strand(self, i: int, seconds: float) -> None:
         """Strand ``i`` ran ``seconds`` in one shard (shards may run in parallel threads)."""
@@ -132,6 +140,7 @@ class SearchTrace:
     def __init__(self) -> None:
         self.searches: list[SearchTiming] = []
         self.stages: dict[str, float] = {}
+        self.stage_starts: dict[str, int] = {}  # name -> wall clock (ns) its first run began
         self._lock = threading.Lock()
 
     def search(self, strands: int) -> SearchTiming:
@@ -141,9 +150,13 @@ class SearchTrace:
             self.searches.append(timing)
         return timing
 
-    def stage(self, name: str, seconds: float) -> None:
+    def stage(self, name: str, seconds: float, started_ns: int | None = None) -> None:
+        """Stage ``name`` ran ``seconds``, from ``started_ns`` (wall clock; None: it ended just now)."""
+        if started_ns is None:
+            started_ns = time.time_ns() - int(seconds * 1e9)
         with self._lock:
             self.stages[name] = self.stages.get(name, 0.0) + seconds
+            self.stage_starts.setdefault(name, started_ns)
 
 
 _trace: contextvars.ContextVar[SearchTrace | None] = contextvars.ContextVar("braid_search_trace", default=None)
@@ -171,8 +184,8 @@ def timed_stage(name: str) -> Iterator[None]:
     if trace is None:
         yield
         return
-    started = time.perf_counter()
+    started, started_ns = time.perf_counter(), time.time_ns()
     try:
         yield
     finally:
-        trace.stage(name, time.perf_counter() - started)
+        trace.stage(name, time.perf_counter() - started, started_ns)

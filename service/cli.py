@@ -40,7 +40,7 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
-    "metrics_port", "log_format", "slow_query_ms",
+    "metrics_port", "log_format", "slow_query_ms", "otlp_endpoint", "trace_sample_ratio",
 )  # fmt: skip
 
 
@@ -328,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     observability.add_argument(
         "--slow-query-ms", type=float, help="log searches slower than this, with their plan (0 = off, default)"
+    )
+    observability.add_argument(
+        "--otlp-endpoint", help="export OpenTelemetry spans to this OTLP/gRPC host:port (BRAID_OTLP_ENDPOINT; off)"
+    )
+    observability.add_argument(
+        "--trace-sample-ratio", type=float, help="share of new traces sampled (BRAID_TRACE_SAMPLE_RATIO, default 1)"
     )
     serve.set_defaults(run=_serve)
 

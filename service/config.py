@@ -37,6 +37,8 @@ Precedence: command-line flag, then environment variable, then default.
 | metrics_port           | BRAID_METRICS_PORT           | 0 = off           |
 | log_format             | BRAID_LOG_FORMAT             | text              |
 | slow_query_ms          | BRAID_SLOW_QUERY_MS          | 0 = off           |
+| otlp_endpoint          | BRAID_OTLP_ENDPOINT          | (none: no tracing)|
+| trace_sample_ratio     | BRAID_TRACE_SAMPLE_RATIO     | 1.0               |
 
 ``workers`` threads run the index and encoder work of RPCs; ``max_queue`` calls may
 wait for one, and a call beyond that is refused with RESOURCE_EXHAUSTED and a retry
@@ -60,7 +62,9 @@ Observability (docs/operations.md): ``metrics_port`` serves Prometheus metrics a
 ``http://<host>:<metrics_port>/metrics`` (every role; 0 = off); ``log_format`` is text or
 json (one JSON object per line, with the call's request id); ``slow_query_ms`` logs each
 Search and BatchSearch slower than that many milliseconds with its plan's shape and
-timings (0 = off; fractions allowed).
+timings (0 = off; fractions allowed). ``otlp_endpoint`` (host:port of an OTLP/gRPC
+collector, plaintext) turns on OpenTelemetry tracing (service/tracing.py); a new trace is
+sampled with probability ``trace_sample_ratio``, a call with a sampled parent always is.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ from .cluster.meta import check_node_id, node_id_from_host
 DEFAULT_DATA_DIR = "./braid-data"
 ROLES = ("standalone", "router", "shard")
 _PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
-_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms")
+_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio")
 LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -118,6 +122,8 @@ class ServerConfig:
     metrics_port: int = 0
     log_format: str = "text"
     slow_query_ms: float = 0.0
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
     limits: Limits = field(init=False)
     storage: StoragePolicy = field(init=False)
 
@@ -156,6 +162,8 @@ class ServerConfig:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not self.slow_query_ms >= 0:
             raise ValueError(f"slow_query_ms must be >= 0 (0 = off), got {self.slow_query_ms}")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ValueError(f"trace_sample_ratio must be in 0..1, got {self.trace_sample_ratio}")
         limits = Limits(
             max_batch=self.max_batch,
             max_limit=self.max_limit,
@@ -201,7 +209,7 @@ class ServerConfig:
 def _parse(name: str, value: object) -> object:
     if name in _PATHS:
         return Path(str(value))
-    if name in ("host", "role", "nats", "node_id", "advertise"):
+    if name in ("host", "role", "nats", "node_id", "advertise", "otlp_endpoint"):
         return str(value)
     if name == "log_format":
         return str(value).strip().lower()

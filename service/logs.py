@@ -28,6 +28,8 @@ from typing import Any
 
 from braid.index.stats import SearchTrace
 
+from .tracing import trace_headers
+
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID = 128
 LOG_FORMATS = ("text", "json")
@@ -79,9 +81,11 @@ def with_request_id(metadata: tuple = ()) -> tuple:
 
 
 def forward_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata for a call made on behalf of the current one (a router to a shard server)."""
+    """Metadata for a call made on behalf of the current one (a router to a shard server): its request
+    id and, when tracing, the W3C ``traceparent`` of the current span (service/tracing.py)."""
     request_id = _request_id.get()
-    return () if request_id is None else ((REQUEST_ID_KEY, request_id),)
+    ids = () if request_id is None else ((REQUEST_ID_KEY, request_id),)
+    return ids + trace_headers()
 
 
 # ------------------------------------------------------------------- formatting

@@ -7,6 +7,8 @@ metadata of its own keeps it; handlers that set their own add it with ``with_req
 When the call ends it counts it by status code and times it (service/metrics.py, when
 ``--metrics-port`` is on) and, for Search and BatchSearch above ``--slow-query-ms``, logs
 the plan's shape and its timings (index/stats.py ``SearchTrace``, filled only then).
+With a ``tracer`` (``--otlp-endpoint``, service/tracing.py) each call also gets a span, and
+searches child spans for their stages, built from the same ``SearchTrace``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from braid.index.stats import SearchTrace, tracing
 
 from .logs import REQUEST_ID_KEY, bind_request_id, request_id_of, slow_query, unbind_request_id
 from .metrics import RpcMetrics
+from .tracing import end_rpc_span, start_rpc_span
 
 log = logging.getLogger("braid.service")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Coroutine[Any, Any, Any]]
@@ -30,12 +33,16 @@ TRACED = ("Search", "BatchSearch")
 
 
 class CallObserver:
-    """Wraps one gRPC service's handlers; ``metrics`` None (no --metrics-port) skips counting and timing."""
+    """Wraps one gRPC service's handlers; ``metrics`` None (no --metrics-port) skips counting and timing,
+    ``tracer`` None (no --otlp-endpoint) makes no spans."""
 
-    def __init__(self, service: str, metrics: RpcMetrics | None = None, slow_query_s: float = 0.0) -> None:
+    def __init__(
+        self, service: str, metrics: RpcMetrics | None = None, slow_query_s: float = 0.0, tracer: Any = None
+    ) -> None:
         self.service = service
         self.metrics = metrics
         self.slow_query_s = slow_query_s
+        self.tracer = tracer
 
     def unary(self, method: str, handler: Handler) -> Handler:
         return self._wrap(method, handler)
@@ -45,7 +52,8 @@ class CallObserver:
         return self._wrap(method, handler)
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        traced = self.slow_query_s > 0 and method in TRACED
+        tracer = self.tracer
+        traced = (self.slow_query_s > 0 or tracer is not None) and method in TRACED
         metrics, service = self.metrics, self.service
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -55,6 +63,11 @@ class CallObserver:
             started = time.perf_counter()
             code = "OK"
             trace = SearchTrace() if traced else None
+            span = None
+            if tracer is not None:
+                span, span_token = start_rpc_span(
+                    tracer, service, method, context.invocation_metadata(), request_id, request
+                )
             try:
                 if trace is None:
                     return await handler(request, context)
@@ -71,7 +84,17 @@ class CallObserver:
                 seconds = time.perf_counter() - started
                 if metrics is not None:
                     metrics.observe(service, method, code, seconds)
-                if trace is not None and seconds >= self.slow_query_s and hasattr(request, "DESCRIPTOR"):
+                if span is not None:
+                    try:
+                        end_rpc_span(tracer, span, span_token, getattr(grpc.StatusCode, code), request, trace, method)
+                    except Exception:  # a span never fails the call
+                        log.exception("tracing failed")
+                if (
+                    trace is not None
+                    and self.slow_query_s > 0
+                    and seconds >= self.slow_query_s
+                    and hasattr(request, "DESCRIPTOR")
+                ):
                     try:
                         slow_query(method, request, seconds, self.slow_query_s, code, trace)
                     except Exception:  # a log line never fails the call (nor logs an undecodable body)

@@ -47,6 +47,7 @@ from .handlers import SERVICE_NAME, BraidHandlers
 from .metrics import ServerMetrics, Sources
 from .observe import CallObserver
 from .rpcs import BraidRpcs
+from .tracing import Tracing, make_tracing
 
 log = logging.getLogger("braid.server")
 T = TypeVar("T")
@@ -96,7 +97,9 @@ class BraidServer:
         self._stop_lock = threading.Lock()
         self._hurry: asyncio.Event | None = None
         self.metrics: ServerMetrics | None = None
+        self.tracing: Tracing | None = None
         try:
+            self.tracing = make_tracing(config)
             if config.metrics_port:
                 self.metrics = ServerMetrics(self._metric_sources())
                 self.metrics.serve(config.host, config.metrics_port)
@@ -141,7 +144,12 @@ class BraidServer:
             from .auth import ApiKeys
 
             keys = ApiKeys(config.api_keys)
-        observer = CallObserver(SERVICE_NAME, self.metrics.rpc if self.metrics else None, config.slow_query_ms / 1000)
+        observer = CallObserver(
+            SERVICE_NAME,
+            self.metrics.rpc if self.metrics else None,
+            config.slow_query_ms / 1000,
+            self.tracing.tracer if self.tracing else None,
+        )
         self.handlers = BraidHandlers(
             self.catalog, self.encoding, self.admission, config, keys, self._rpcs_class, observer
         )
@@ -253,6 +261,8 @@ class BraidServer:
         self.catalog.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.close()  # exports the spans still buffered
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

@@ -841,9 +841,9 @@ class RemoteCollection:
         fused = time.perf_counter()
         self._fetch(result, keys, plan, {s: answers[s][1] for s in self.shards})
         if trace is not None:
-            trace.stage("shards", ranked - started)
-            timing = trace.search(0)
-            timing.fusion_s, timing.fetch_s = fused - ranked, time.perf_counter() - fused
+            now = time.perf_counter()
+            trace.stage("shards", ranked - started, time.time_ns() - int((now - started) * 1e9))
+            trace.search(0).finish(fused - ranked, now - fused)
         return result
 
     def _bm25_idf(self, plan: SearchPlan, min_seqs: list[int], where: str) -> list[spb.TermIdf]:

@@ -49,6 +49,7 @@ from braid.index.dirlock import DataDirLock
 from braid.index.errors import InvalidArgument, Unavailable
 from braid.index.query import Bm25Query, SearchResult
 from braid.index.schema import DenseIndexType
+from braid.index.stats import current_trace
 from braid.v1 import braid_pb2 as pb
 
 from .. import convert
@@ -60,6 +61,7 @@ from ..metrics import ReplicaState, ServerMetrics, Sources
 from ..observe import CallObserver
 from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT
 from ..server import _event_loop
+from ..tracing import Tracing, make_tracing
 from .meta import (
     COLLECTIONS_BUCKET,
     HEARTBEAT_S,
@@ -112,7 +114,9 @@ class ShardRpcs:
             query = plan.queries[entry.query].query if entry.query < len(plan.queries) else None
             if isinstance(query, Bm25Query):
                 query.idf = (query.idf or {}) | {(entry.term.field, entry.term.term): entry.idf}
-        strands = search_shard(shard, plan, strand_depths(plan))
+        trace = current_trace()  # tracing: this call's strand spans (service/tracing.py)
+        timing = trace.search(len(plan.queries)) if trace is not None else None
+        strands = search_shard(shard, plan, strand_depths(plan), timing=timing)
         return spb.ShardSearchResponse(strands=[_packed(r) for r in strands], applied_seq=shard.applied_seq)
 
     def SearchDense(self, request: spb.ShardDenseRequest) -> Any:
@@ -239,6 +243,7 @@ class ShardServer:
         self._loop = _event_loop()
         self.link: NatsLink | None = None
         self.metrics: ServerMetrics | None = None
+        self.tracing: Tracing | None = None
         try:
             if config.metrics_port:
                 self.metrics = ServerMetrics(
@@ -250,7 +255,10 @@ class ShardServer:
                     )
                 )
                 self.metrics.serve(config.host, config.metrics_port)
-            self.observer = CallObserver(SERVICE_NAME, self.metrics.rpc if self.metrics else None)
+            self.tracing = make_tracing(config)
+            self.observer = CallObserver(
+                SERVICE_NAME, self.metrics.rpc if self.metrics else None, tracer=self.tracing and self.tracing.tracer
+            )
             self.port = asyncio.run_coroutine_threadsafe(self._build(), self._loop).result()
         except BaseException:
             if self.metrics is not None:
@@ -446,6 +454,8 @@ class ShardServer:
             self.link.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.close()
         self._executor.shutdown(wait=False)
         self._dir_lock.release()
         self._stopped.set()
