@@ -67,7 +67,7 @@ FIELD = "v"
 COLLECTION = "bench"
 LOGGED_COLLECTION = "bench_logged"
 STREAM_TIMEOUT_S = 3600.0
-REBUILD_TIMEOUT_S = 1800.0
+REBUILD_TIMEOUT_S = 600.0
 _POLL_S = 0.05
 
 
@@ -292,7 +292,8 @@ def _key(status: spb.ReplicaStatus) -> tuple[str, str, int]:
 def rebuild_replica(cluster: LocalCluster) -> dict[str, Any]:
     """SIGTERM shard server 1, delete its data, start it; seconds until every replica it held is back."""
     zero, one = cluster.shards[0], cluster.shards[1]
-    held = {_key(r) for r in shard_status(cluster.address_of(one)).replicas}
+    before = {_key(r): r.documents for r in shard_status(cluster.address_of(one)).replicas}
+    held = set(before)
     if not held:
         raise RuntimeError("shard server 1 holds no replica")
     one.stop()
@@ -310,8 +311,10 @@ def rebuild_replica(cluster: LocalCluster) -> dict[str, Any]:
             theirs = {_key(r): r.documents for r in shard_status(cluster.address_of(zero)).replicas}
         except grpc.RpcError:
             mine, theirs = {}, {}
+        # as many documents as before the stop, and as server 0's copy where it holds one (replication 2)
         if held <= mine.keys() and all(
-            mine[k].caught_up and not mine[k].problem and mine[k].documents == theirs.get(k) for k in held
+            mine[k].caught_up and not mine[k].problem and mine[k].documents == theirs.get(k, before[k]) == before[k]
+            for k in held
         ):
             seconds = time.perf_counter() - began
             documents = sum(mine[k].documents for k in held)
@@ -329,19 +332,15 @@ def rebuild_replica(cluster: LocalCluster) -> dict[str, Any]:
     }
 
 
-def applied_everywhere(cluster: LocalCluster, collection: str, n: int, began: float) -> float:
-    """Seconds from ``began`` until every shard server's replicas of ``collection`` hold n documents in all."""
+def applied_everywhere(cluster: LocalCluster, collection: str, n: int, began: float, copies: int = 2) -> float:
+    """Seconds from ``began`` until the replicas of ``collection`` on all shard servers hold copies x n documents."""
     deadline = time.monotonic() + REBUILD_TIMEOUT_S
     while True:
-        done = True
+        held = 0
         for shard in cluster.shards:
-            replicas = [
-                r for r in shard_status(cluster.address_of(shard)).replicas if r.replica.collection == collection
-            ]
-            if sum(r.documents for r in replicas) != n:
-                done = False
-                break
-        if done:
+            replicas = shard_status(cluster.address_of(shard)).replicas
+            held += sum(r.documents for r in replicas if r.replica.collection == collection)
+        if held == n * copies:
             return time.perf_counter() - began
         if time.monotonic() > deadline:
             raise RuntimeError(f"{collection} was not applied on every replica in {REBUILD_TIMEOUT_S:.0f} s")
@@ -395,13 +394,15 @@ def run_cluster(
         try:
             address = cluster.router_address
             with BraidClient(address, timeout=60) as client:
-                client.create_collection(COLLECTION, schema(args.dim), shards=args.shards, replication_factor=2)
+                client.create_collection(
+                    COLLECTION, schema(args.dim), shards=args.shards, replication_factor=args.replication_factor
+                )
                 seconds = bulk_upsert(client, upsert_batches(COLLECTION, base), n)
                 result["bulk_upsert"] = {"seconds": seconds, "docs_per_s": n / seconds}
                 print(f"cluster: BulkUpsert {n} in {seconds:.1f} s (ack applied)", flush=True)
                 assert client.count(COLLECTION) == n
                 # the second replica of each shard may still be applying: let it finish first
-                applied_everywhere(cluster, COLLECTION, n, time.perf_counter())
+                applied_everywhere(cluster, COLLECTION, n, time.perf_counter(), args.replication_factor)
                 result["search"] = single_client(client, queries, gt, COLLECTION)
                 print(f"cluster: single client {result['search']}", flush=True)
             result["concurrent"] = concurrent(address, queries, args.clients, args.client_procs, args.seconds)
@@ -412,12 +413,14 @@ def run_cluster(
 
             # Last, so its replicas applying in the background disturb nothing else.
             with BraidClient(address, timeout=60) as client:
-                client.create_collection(LOGGED_COLLECTION, schema(args.dim), shards=args.shards, replication_factor=2)
+                client.create_collection(
+                    LOGGED_COLLECTION, schema(args.dim), shards=args.shards, replication_factor=args.replication_factor
+                )
                 batches = upsert_batches(LOGGED_COLLECTION, base, pb.WRITE_ACK_LOGGED)
                 began = time.perf_counter()
                 response = client.stub.BulkUpsert(iter(batches), timeout=STREAM_TIMEOUT_S)
                 seconds = time.perf_counter() - began
-                applied = applied_everywhere(cluster, LOGGED_COLLECTION, n, began)
+                applied = applied_everywhere(cluster, LOGGED_COLLECTION, n, began, args.replication_factor)
                 result["bulk_upsert_logged"] = {
                     "seconds": seconds,
                     "docs_per_s": n / seconds,
@@ -492,6 +495,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument(
+        "--replication-factor", type=int, default=2, help="of the cluster's collection (2: every server indexes all)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each concurrent-search phase")
     parser.add_argument("--clients", type=int, default=16, help="concurrent searchers")
     parser.add_argument(
@@ -533,7 +539,8 @@ def main() -> None:
     wall_s = time.perf_counter() - wall
     print()
     print(
-        f"n={n} dim={args.dim} queries={len(queries)} shards={args.shards} replication_factor=2 (cluster) "
+        f"n={n} dim={args.dim} queries={len(queries)} shards={args.shards} "
+        f"replication_factor={args.replication_factor} (cluster) "
         f"clients={args.clients} ({cluster['concurrent']['clients']}) seconds={args.seconds:g} cpus={os.cpu_count()}"
     )
     print("\n".join(table(standalone, cluster)))
@@ -570,7 +577,7 @@ def main() -> None:
                     "dim": args.dim,
                     "queries": len(queries),
                     "shards": args.shards,
-                    "replication_factor": 2,
+                    "replication_factor": args.replication_factor,
                     "seconds": args.seconds,
                     "clients": args.clients,
                     "client_procs": args.client_procs,
