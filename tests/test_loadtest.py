@@ -3,10 +3,12 @@
 Smoke runs go through ``python -m loadtest``'s own ``main`` against one ``braid serve`` child
 (each scenario has its own collection), at rates this 2-core machine holds while other work
 runs: every run must have no errors and achieve its asked rate within 10%, and leave a JSON
-report and a PNG plot. One scenario also runs against a local cluster. The soak's drift and
-RSS checks and find-max's ramp are tested on synthetic numbers, where they must fail too;
-a stalling toy server shows that latency is measured from the due time (no coordinated
-omission). All traffic stays on 127.0.0.1.
+report and a PNG plot. Against a local cluster: ``dense`` through ``--target cluster`` (the
+CLI starts and stops its own), ``mixed`` and ``bm25`` on one module-scoped cluster given by
+``--address``. The soak's drift and RSS checks and find-max's ramp are tested on synthetic
+numbers, where they must fail too, and the CI soak (``slow``: a real 2-minute soak of
+``dense`` on its own ``braid serve``) must pass. A stalling toy server shows that latency is
+measured from the due time (no coordinated omission). All traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from loadtest.generator import LoadResult, run_load
 from loadtest.scenario import ScenarioError, bundled_scenarios, load_scenario, parse_duration
 from loadtest.schedule import Profile, arrivals
 from loadtest.soak import SoakSample, check_soak
-from loadtest.target import DEFAULT_MODEL, Standalone, ensure_model
+from loadtest.target import DEFAULT_MODEL, Cluster, Standalone, ensure_model
 from loadtest.worker import Plan
 from loadtest.workload import ScenarioSkipped
 
@@ -60,6 +62,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, str]) -
     target.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, models: tuple[Path, str]) -> Iterator[Cluster]:
+    """One local cluster (NATS, 2 shard servers, a router) for the cluster smoke runs that share it."""
+    target = Cluster(tmp_path_factory.mktemp("loadtest-cluster"), models[0])
+    yield target
+    target.stop()
+
+
 def run_cli(out: Path, *args: str) -> tuple[int, dict[str, Any], Path]:
     """``python -m loadtest ARGS --out OUT``; the exit status, the one JSON report and its path."""
     code = main([*args, "--out", str(out)])
@@ -68,9 +78,16 @@ def run_cli(out: Path, *args: str) -> tuple[int, dict[str, Any], Path]:
     return code, json.loads(reports[0].read_text()), reports[0]
 
 
-def against(server: Standalone) -> list[str]:
-    pid = str(server.pids()["braid"])
-    return ["--address", server.address, "--server-pid", pid, "--recreate"]
+def against(server: Standalone | Cluster) -> list[str]:
+    pids = [arg for pid in server.pids().values() for arg in ("--server-pid", str(pid))]
+    return ["--address", server.address, *pids, "--recreate"]
+
+
+def assert_watched_all(data: dict[str, Any], cluster: Cluster) -> None:
+    """Every process of the cluster (router, shard servers, NATS) was sampled, each with memory."""
+    watched = {f"pid-{pid}" for pid in cluster.pids().values()}
+    assert len(watched) >= 4 and set(data["server"]["watched"]) == watched
+    assert set(data["server"]["samples"][-1]["per_process"]) == watched
 
 
 def assert_smoke(code: int, data: dict[str, Any], path: Path, rate: float) -> None:
@@ -145,6 +162,21 @@ def test_cluster_smoke(tmp_path: Path) -> None:
     assert data["target"]["kind"] == "cluster"
     assert {"router-0", "shard-0", "shard-1"} <= set(processes) and any("nats" in p for p in processes)
     assert set(data["server"]["samples"][-1]["per_process"]) == set(processes)
+
+
+def test_cluster_mixed_smoke(cluster: Cluster, tmp_path: Path) -> None:
+    code, data, path = run_cli(tmp_path, "run", "mixed", *against(cluster), *SMALL_VECTORS, *RUN, "--rate", "50")
+    assert_smoke(code, data, path, 50)
+    assert_watched_all(data, cluster)
+    ops = data["ops"]
+    assert ops["search"]["completed"] > ops["upsert"]["completed"] > 0 and ops["upsert"]["errors"] == {}
+
+
+def test_cluster_bm25_smoke(cluster: Cluster, tmp_path: Path) -> None:
+    need_shared("cranfield")
+    code, data, path = run_cli(tmp_path, "run", "bm25", *against(cluster), *CRANFIELD, *RUN, "--rate", "50")
+    assert_smoke(code, data, path, 50)
+    assert_watched_all(data, cluster)
 
 
 # --------------------------------------------------------------------- find-max
@@ -241,6 +273,39 @@ def test_soak_command_writes_samples_and_rss(server: Standalone, tmp_path: Path)
     assert (code == 0) == data["verdict"]["ok"]
     assert len(data["samples"]) >= 5 and all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in data["samples"])
     assert data["errors"] == {} and path.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_ci_soak_dense_two_minutes(tmp_path: Path) -> None:
+    """The CI soak (issue 14: "CI runs 2 minutes"): ``python -m loadtest soak dense`` for 2 minutes
+    against its own ``braid serve`` child, 30 s warm-up, 10 s samples (9 after the warm-up,
+    medians of the first and last 3 compared); it must pass.
+
+    Kept from flaking on a loaded 2-core box: 2,000 vectors at 60 calls/s (a few % of what
+    the server holds here, p99 3-6 ms per sample), and a p99 floor of 5 ms instead of the
+    CLI's 1 ms: at a p99 of a few ms a neighbour's burst alone moves the medians by 1-3 ms
+    (+20-50%; a quiet run went 3.5 -> 4.4 ms, +25%), which is scheduling noise, not drift;
+    a real regression (a leak slowing every search, a growing queue) grows by much more than
+    5 ms within two minutes at this rate. RSS growth (5%) and errors (none) are checked as
+    the documented soak checks them."""
+    args = ["soak", "dense", "--target", "standalone", "--workdir", str(tmp_path / "server"), *SMALL_VECTORS]
+    limits = ["--rate", "60", "--duration", "2m", "--warmup", "30s", "--sample", "10s", "--p99-floor-ms", "5"]
+    began = time.monotonic()
+    code, data, path = run_cli(tmp_path / "out", *args, *limits, "--procs", "2", "--quiet")
+    elapsed = time.monotonic() - began
+    verdict = data["verdict"]
+    assert code == 0 and verdict["ok"], verdict["failures"]
+    assert 120 <= elapsed < 160, elapsed  # the 2 minutes, plus starting the server and loading 2,000 vectors
+    assert data["target"]["kind"] == "standalone" and data["scenario"]["collection"]["loaded"] == 2000
+    assert verdict["samples_used"] == 9 and len(data["samples"]) == 12
+    assert verdict["p99_drift"] <= 0.20 or verdict["p99_final_ms"] - verdict["p99_baseline_ms"] <= 5
+    assert verdict["rss_baseline_bytes"] > 0 and verdict["rss_growth"] <= 0.05
+    assert verdict["error_share"] == 0 and data["errors"] == {}
+    assert data["achieved_qps"] == pytest.approx(60, rel=0.1)
+    assert all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in data["samples"])
+    assert data["limits"]["p99_floor_ms"] == 5 and data["limits"]["max_rss_growth"] == 0.05
+    png = path.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[20:24]) >= 700  # 3 panels: RSS included
 
 
 # --------------------------------------------------- the generator's honesty
