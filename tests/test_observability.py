@@ -325,9 +325,9 @@ def test_settings_come_from_flags_and_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_router_failover_and_request_id_forwarding() -> None:
-    from braid.service.cluster import router
+    from braid.service.cluster import router, view
 
-    stats = router.RouterStats()
+    stats = view.RouterStats()
     live = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
     state = SimpleNamespace(order=lambda nodes, turn: [(n, live[n]) for n in nodes], suspect=lambda node: None)
     catalog = SimpleNamespace(stats=stats, state=state, turn=lambda: 0)
@@ -359,10 +359,10 @@ def test_router_failover_and_request_id_forwarding() -> None:
     details = SimpleNamespace(metadata=None, _replace=lambda **kw: SimpleNamespace(**kw))
     token = bind_request_id("fwd-1")
     try:
-        router._ForwardRequestId().intercept_unary_unary(continuation, details, None)
+        view._ForwardRequestId().intercept_unary_unary(continuation, details, None)
     finally:
         unbind_request_id(token)
-    router._ForwardRequestId().intercept_unary_unary(continuation, details, None)  # no call: nothing added
+    view._ForwardRequestId().intercept_unary_unary(continuation, details, None)  # no call: nothing added
     assert seen == [{REQUEST_ID_KEY: "fwd-1"}, {}]
 
 

@@ -73,26 +73,21 @@ from .. import convert
 from ..admission import call_deadline
 from ..config import ServerConfig
 from ..errors import STATUS_OF
-from ..logs import REQUEST_ID_KEY, forward_metadata
+from ..logs import forward_metadata
 from ..rpcs import BraidRpcs
 from .meta import (
     COLLECTIONS_BUCKET,
-    HEARTBEAT_S,
     NODE_TTL_S,
     NODES_BUCKET,
     CollectionMeta,
-    NodeInfo,
-    changed,
-    parse_collections,
-    parse_node,
     place,
 )
 from .nats_link import NatsLink
+from .view import ClusterState, RouterStats, ShardClients
 
 log = logging.getLogger("braid.router")
 DEFAULT_TIMEOUT_S = 30.0  # a call without a deadline still ends
 CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
-SUSPECT_S = 1.0  # a replica that failed is tried last for this long
 HEADER_ROOM = 1024  # bytes of a NATS message left for headers
 PIPELINE_BATCHES = 16  # a BulkUpsert stream waits for the replicas at least this often
 _RETRY_CODES = {
@@ -119,141 +114,6 @@ def _error_from(err: grpc.RpcError) -> BaseException:
     """A replica's refusal of a bad request, as the index error it was."""
     cls = _ERROR_OF.get(err.code(), Unavailable)
     return cls(err.details() or str(err.code()))
-
-
-class ClusterState:
-    """The router's view of the cluster, kept current by watching the two buckets."""
-
-    def __init__(self, link: NatsLink) -> None:
-        self.link = link
-        self.metas: dict[str, CollectionMeta] = {}
-        self.nodes: dict[str, tuple[NodeInfo, float]] = {}  # node id -> (info, time.monotonic() last seen)
-        self.synced = threading.Event()
-        self._nodes_synced = threading.Event()
-        self._collections_synced = threading.Event()
-        self._suspect: dict[str, float] = {}
-
-    def start(self) -> None:
-        self.link.watch(COLLECTIONS_BUCKET, self._collections_snapshot, self._collection_changed)
-        self.link.watch(NODES_BUCKET, self._nodes_snapshot, self._node_changed, silent_s=3 * HEARTBEAT_S)
-
-    def _collections_snapshot(self, items: dict[str, bytes]) -> None:
-        self.metas = parse_collections(items)
-        self._collections_synced.set()
-        if self._nodes_synced.is_set():
-            self.synced.set()
-
-    def _collection_changed(self, key: str, value: bytes | None) -> None:
-        self.metas = changed(self.metas, key, value)
-
-    def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
-        now = time.monotonic()
-        # Nodes missing from the snapshot keep their last heartbeat: entries expire from the bucket
-        # (TTL) while its leader is re-elected and nobody can write; live_nodes ages them out
-        # against the freshest heartbeat once heartbeats land again.
-        fresh = {key: (info, now) for key, raw in items.items() if (info := parse_node(key, raw)) is not None}
-        self.nodes = {**self.nodes, **fresh}
-        self._nodes_synced.set()
-        if self._collections_synced.is_set():
-            self.synced.set()
-
-    def _node_changed(self, key: str, value: bytes | None) -> None:
-        nodes = dict(self.nodes)
-        info = parse_node(key, value) if value is not None else None
-        if info is None:
-            nodes.pop(key, None)
-        else:
-            nodes[key] = (info, time.monotonic())
-        self.nodes = nodes
-
-    def live_nodes(self) -> dict[str, str]:
-        """Node id -> address of the shard servers whose heartbeat is at most the TTL older than
-        the freshest heartbeat of any node. Measured against the freshest, not the clock: while
-        the bucket itself is stalled (NATS unreachable, its leader being re-elected, a watch
-        being restarted) no heartbeat arrives from anyone, and that says nothing about the
-        shard servers; a server that stopped while the others kept beating drops out."""
-        nodes = self.nodes
-        if not nodes:
-            return {}
-        horizon = max(seen for _, seen in nodes.values()) - NODE_TTL_S
-        return {node: info.address for node, (info, seen) in nodes.items() if seen >= horizon}
-
-    def suspect(self, node: str) -> None:
-        self._suspect[node] = time.monotonic() + SUSPECT_S
-
-    def order(self, nodes: tuple[str, ...], turn: int) -> list[tuple[str, str | None]]:
-        """The replicas to try, live and unsuspected first, rotated by ``turn`` for balance."""
-        live = self.live_nodes()
-        now = time.monotonic()
-        rotated = [nodes[(turn + i) % len(nodes)] for i in range(len(nodes))]
-        rank = {node: (live.get(node) is None, self._suspect.get(node, 0.0) > now) for node in rotated}
-        ordered = sorted(rotated, key=lambda node: rank[node])
-        return [(node, live.get(node)) for node in ordered]
-
-
-class RouterStats:
-    """What /metrics reports of the router's calls to replicas (service/metrics.py)."""
-
-    def __init__(self) -> None:
-        self.retries: dict[str, int] = {}  # status code name -> replica calls that failed retryably
-        self.failovers = 0  # shard calls answered by a replica other than the first one tried
-        self._lock = threading.Lock()
-
-    def retried(self, code: grpc.StatusCode) -> None:
-        with self._lock:
-            self.retries[code.name] = self.retries.get(code.name, 0) + 1
-
-    def failed_over(self) -> None:
-        with self._lock:
-            self.failovers += 1
-
-
-class _ForwardRequestId(grpc.UnaryUnaryClientInterceptor):
-    """Sends the current call's request id (service/logs.py) with every call to a shard server."""
-
-    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        forwarded = forward_metadata()
-        if forwarded and not any(key == REQUEST_ID_KEY for key, _ in details.metadata or ()):
-            details = details._replace(metadata=(*(details.metadata or ()), *forwarded))
-        return continuation(details, request)
-
-
-class ShardClients:
-    """One gRPC channel per shard-server address."""
-
-    def __init__(self, max_message_bytes: int) -> None:
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
-        self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
-        self._aio_stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
-        self._channels: list[grpc.Channel] = []
-        self._lock = threading.Lock()
-
-    def stub(self, address: str) -> shard_pb2_grpc.ShardStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            with self._lock:
-                stub = self._stubs.get(address)
-                if stub is None:
-                    channel = grpc.insecure_channel(address, options=self._options)
-                    self._channels.append(channel)
-                    forwarding = grpc.intercept_channel(channel, _ForwardRequestId())
-                    stub = self._stubs[address] = shard_pb2_grpc.ShardStub(forwarding)
-        return stub
-
-    def aio_stub(self, address: str) -> shard_pb2_grpc.ShardStub:
-        """A grpc.aio stub (for the server's event loop, the only loop that uses them)."""
-        stub = self._aio_stubs.get(address)
-        if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
-            stub = self._aio_stubs[address] = shard_pb2_grpc.ShardStub(channel)
-        return stub
-
-    def close(self) -> None:
-        for channel in self._channels:
-            channel.close()
 
 
 class _Tries:
