@@ -443,6 +443,44 @@ def _router_nats_node(cluster: LocalCluster) -> int:
     return 0
 
 
+class _SmallWrites:
+    """A writer thread upserting 5 fresh documents per call until told to stop, noting when each
+    call succeeded or failed (time, code, message) and what the router acknowledged (the ledger)."""
+
+    def __init__(self, client: BraidClient, ledger: Ledger, prefix: str, ack: int, timeout: float) -> None:
+        self.client, self.ledger, self.prefix, self.ack, self.timeout = client, ledger, prefix, ack, timeout
+        self.successes: list[float] = []
+        self.failures: list[tuple[float, grpc.StatusCode, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> float:
+        self._thread.start()
+        return time.monotonic()
+
+    def finish(self, join_s: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout=join_s)
+        assert not self._thread.is_alive(), "the writer did not end"
+
+    def _run(self) -> None:
+        for n in range(5000):
+            if self._stop.is_set():
+                return
+            ids = [f"{self.prefix}{n}-{i}" for i in range(5)]
+            self.ledger.sent(ids, 0)
+            documents = [_doc(i, 0) for i in ids]
+            request = pb.UpsertRequest(collection=COLLECTION, documents=documents, ack=self.ack)
+            try:
+                self.client.stub.Upsert(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                self.failures.append((time.monotonic(), _code(err), err.details() or ""))
+                time.sleep(0.05)
+                continue
+            self.ledger.ack(ids, 0)
+            self.successes.append(time.monotonic())
+
+
 def test_kill9_one_of_three_nats_nodes_during_writes(local_cluster) -> None:  # noqa: F811
     cluster = local_cluster(shard_servers=2, routers=1, nats_nodes=3)
     assert cluster.nats is not None
@@ -450,28 +488,10 @@ def test_kill9_one_of_three_nats_nodes_during_writes(local_cluster) -> None:  # 
     ledger = Ledger()
     _create(client)
 
-    stop = threading.Event()
-    successes: list[float] = []
-    failures: list[tuple[float, grpc.StatusCode, str]] = []
-
-    def writer() -> None:
-        for n in range(5000):
-            if stop.is_set():
-                return
-            ids = [f"n{n}-{i}" for i in range(5)]
-            ledger.sent(ids, 0)
-            request = pb.UpsertRequest(collection=COLLECTION, documents=[_doc(i, 0) for i in ids])
-            try:
-                client.stub.Upsert(request, timeout=5.0)
-            except grpc.RpcError as err:
-                failures.append((time.monotonic(), _code(err), err.details() or ""))
-                time.sleep(0.05)
-                continue
-            ledger.ack(ids, 0)
-            successes.append(time.monotonic())
+    writes = _SmallWrites(client, ledger, "n", ack=pb.WRITE_ACK_APPLIED, timeout=5.0)
 
     # The router's NATS node, unless it also serves the router's watch of the braid-nodes bucket (then
-    # another one): losing the bucket's leader or that watch is what the two xfail tests below are about.
+    # another one): losing the bucket's leader or that watch is what the two tests below are about.
     names = [node.name for node in cluster.nats.nodes]
     victim = _router_nats_node(cluster)
     for _ in range(3):
@@ -483,16 +503,13 @@ def test_kill9_one_of_three_nats_nodes_during_writes(local_cluster) -> None:  # 
             break
     leaders = _leaders(cluster)
     router_node = names[_router_nats_node(cluster)]
-    began = time.monotonic()
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
+    began = writes.start()
     time.sleep(2.0)
     killed_at = time.monotonic()
     cluster.nats.nodes[victim].kill()
     time.sleep(max(0.0, began + 10.0 - time.monotonic()))
-    stop.set()
-    thread.join(timeout=15)
-    assert not thread.is_alive(), "the writer did not end"
+    writes.finish(join_s=15)
+    successes, failures = writes.successes, writes.failures
     ended = time.monotonic()
     after_kill = [t for t in successes if t > killed_at]
     before_kill = [t for t in successes if t <= killed_at]
@@ -606,37 +623,14 @@ def test_logged_writes_wait_through_a_stream_leader_election(local_cluster) -> N
     _create(client)
     index, router_node = _leader_victim(cluster, "BRAID_", avoid=("KV_braid-nodes",))
     victim = cluster.nats.nodes[index]
-    stop = threading.Event()
-    successes: list[float] = []
-    failures: list[tuple[float, grpc.StatusCode, str]] = []
-
-    def writer() -> None:
-        for n in range(5000):
-            if stop.is_set():
-                return
-            ids = [f"e{n}-{i}" for i in range(5)]
-            ledger.sent(ids, 0)
-            documents = [_doc(i, 0) for i in ids]
-            request = pb.UpsertRequest(collection=COLLECTION, documents=documents, ack=pb.WRITE_ACK_LOGGED)
-            try:
-                client.stub.Upsert(request, timeout=30.0)
-            except grpc.RpcError as err:
-                failures.append((time.monotonic(), _code(err), err.details() or ""))
-                time.sleep(0.05)
-                continue
-            ledger.ack(ids, 0)
-            successes.append(time.monotonic())
-
-    began = time.monotonic()
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
+    writes = _SmallWrites(client, ledger, "e", ack=pb.WRITE_ACK_LOGGED, timeout=30.0)
+    began = writes.start()
     time.sleep(1.5)
     killed_at = time.monotonic()
     victim.kill()
     time.sleep(max(0.0, began + 12.0 - time.monotonic()))
-    stop.set()
-    thread.join(timeout=45)
-    assert not thread.is_alive(), "the writer did not end"
+    writes.finish(join_s=45)
+    successes, failures = writes.successes, writes.failures
     gap = _longest_gap(successes, began, time.monotonic())
     victim.restart()
     print(
