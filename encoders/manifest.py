@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,22 @@ class ModelManifest:
             problems.append(f"dim {self.dim} / max_length {self.max_length} out of range")
         if problems:
             raise InvalidModel(f"model directory {directory}: " + "; ".join(problems))
+
+    def fingerprint(self, precision: str, digest_of: Callable[[str], str]) -> str:
+        """A digest of everything that decides this model's output at ``precision``: the graph
+        and tokenizer bytes (``digest_of(file name)`` -> sha256 hex) and the settings applied
+        around them. Two copies of a model with one fingerprint give bit-identical vectors."""
+        decides = {
+            "kind": self.kind,
+            "output": self.output,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "dim": self.dim,
+            "max_length": self.max_length,
+            "graph": digest_of(self.files[precision]),
+            "tokenizer": digest_of(self.tokenizer),
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(decides, sort_keys=True).encode()).hexdigest()
 
     def write(self, directory: Path) -> None:
         tmp = directory / (MANIFEST_NAME + ".tmp")

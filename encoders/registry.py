@@ -48,6 +48,7 @@ class ModelStore:
         self.threads = threads
         self.batch_size = batch_size
         self._loaded: dict[tuple[str, str], DenseEncoder | SpladeEncoder] = {}
+        self._fingerprints: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
     def export_command(self, name: str) -> str:
@@ -84,6 +85,24 @@ class ModelStore:
             if name not in statuses:
                 statuses[name] = ModelStatus(name, model.kind, False, True, (), None, model.description)
         return [statuses[name] for name in sorted(statuses)]
+
+    def fingerprint(self, name: str, precision: str = "fp32") -> str:
+        """The model's fingerprint at ``precision`` (ModelManifest.fingerprint): the manifest's
+        recorded digests, or the files' own where it records none; computed once per store."""
+        key = (name, precision)
+        known = self._fingerprints.get(key)
+        if known is not None:
+            return known
+        manifest = self.manifest(name)
+        if precision not in manifest.files:
+            raise ModelNotExported(f"model {name!r} has no {precision} variant in {self.models_dir}")
+        directory = self.models_dir / name
+
+        def digest_of(file: str) -> str:
+            return manifest.sha256.get(file) or sha256_of(directory / file)
+
+        fingerprint = self._fingerprints[key] = manifest.fingerprint(precision, digest_of)
+        return fingerprint
 
     def encoder(self, name: str, precision: str = "fp32") -> DenseEncoder | SpladeEncoder:
         """The shared encoder of (model, precision), loaded on first use."""

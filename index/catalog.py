@@ -5,6 +5,8 @@ Layout::
     <data_dir>/collections/<name>/collection.json   {"name", "schema", "shards", "created_at", "format"}
     <data_dir>/collections/<name>/shard-000/ ...     one directory per shard (index/shard.py)
 
+    <data_dir>/aliases.json                         the alias table (index/aliases.py)
+
 A collection is created in a hidden staging directory and published by
 renaming it into place, so a crash never leaves half a collection; a delete
 renames it away before removing files. Hidden leftovers are removed at startup.
@@ -14,6 +16,13 @@ Recovery (``recover``) opens collections in parallel and reports its progress
 fails to open is *quarantined*: it is listed with its error, its calls answer that
 error (DataLoss naming the file when the data is damaged, else FailedPrecondition),
 DeleteCollection removes it, and every other collection serves as usual.
+
+Aliases (index/aliases.py): ``get`` resolves an alias to its collection with one lookup,
+so a call that resolves once sees the old or the new target of a concurrent
+``update_alias``, never both. Names are disjoint: a collection cannot take an alias's name
+nor an alias a collection's, an alias points at a collection by its own name (never at an
+alias), and a collection with aliases cannot be deleted. Alias changes hold the catalog's
+lock, so they never race a create or delete of the collections they name.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .aliases import AliasTable, check_name
 from .collection import Collection
 from .dirlock import DataDirLock
 from .diskspace import FreeSpace, is_disk_full
@@ -135,6 +145,7 @@ class Catalog:
         self._collections: dict[str, Collection] = {}
         self._quarantined: dict[str, Quarantined] = {}
         self._closed = False
+        self.aliases = AliasTable(data_dir)
         self.recovery = Recovery()
         if recover:
             self.recover()
@@ -147,6 +158,7 @@ class Catalog:
             return
         for leftover in self.root.glob(".*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        self.aliases.load()  # a damaged file quarantines the aliases, never the collections
         found: list[tuple[Path, dict | None]] = []
         for path in sorted(p for p in self.root.iterdir() if p.is_dir()):
             try:
@@ -229,8 +241,11 @@ class Catalog:
             )
         with self._lock:
             self._check_open()
-            if name in self._collections or name in self._quarantined or (self.root / name).exists():
+            if self._is_collection(name):
                 raise AlreadyExists(f"collection {name!r} already exists")
+            alias_of = self.aliases.target(name)  # DataLoss while the alias file is damaged
+            if alias_of is not None:
+                raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias_of!r})")
             FreeSpace(self.root, self.policy.min_free_bytes).check(0)
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
@@ -252,18 +267,36 @@ class Catalog:
             return collection
 
     def get(self, name: str) -> Collection:
+        """The collection called ``name``, or the one alias ``name`` points at (one lookup)."""
         collection = self._collections.get(name)
         if collection is None:
             self._check_open()
             quarantined = self._quarantined.get(name)
             if quarantined is not None:
                 quarantined.raise_error()
-            raise NotFound(f"collection {name!r} does not exist")
+            target = self.aliases.target(name)  # DataLoss while the alias file is damaged: it may be one
+            if target is None:
+                raise NotFound(f"collection {name!r} does not exist")
+            collection = self._collections.get(target)
+            if collection is None:
+                quarantined = self._quarantined.get(target)
+                if quarantined is not None:
+                    quarantined.raise_error()
+                raise NotFound(f"collection {target!r} (alias {name!r} points at it) does not exist")
         return collection
 
+    def resolve(self, name: str) -> str:
+        """The collection name ``name`` stands for: its target when it is an alias, else itself."""
+        if name in self._collections or name in self._quarantined:
+            return name
+        return self.aliases.peek(name) or name
+
     def peek(self, name: str) -> Collection | None:
-        """The open collection of that name, or None; never raises (for cheap routing decisions)."""
-        return self._collections.get(name)
+        """The open collection of that name (or alias), or None; never raises (for cheap routing decisions)."""
+        return self._collections.get(name) or self._collections.get(self.aliases.peek(name) or "")
+
+    def _is_collection(self, name: str) -> bool:
+        return name in self._collections or name in self._quarantined or (self.root / name).exists()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -280,6 +313,21 @@ class Catalog:
         finish first; those that start later fail with NotFound."""
         with self._lock:
             self._check_open()
+            if name not in self._collections and name not in self._quarantined:
+                target = self.aliases.target(name)
+                if target is not None:
+                    raise FailedPrecondition(
+                        f"name: {name!r} is an alias of {target!r}; delete the alias (DeleteAlias) or the "
+                        f"collection by its own name"
+                    )
+                raise NotFound(f"collection {name!r} does not exist")
+            self.aliases.check()  # damaged: whether aliases point at it cannot be told
+            pointing = self.aliases.aliases_of(name)
+            if pointing:
+                raise FailedPrecondition(
+                    f"name: collection {name!r} has aliases {', '.join(pointing)}: delete them (DeleteAlias) or "
+                    f"point them at another collection (UpdateAlias) first"
+                )
             collection = self._collections.pop(name, None)
             if collection is not None:
                 collection.close(NotFound(f"collection {name!r} does not exist (it was deleted)"))
@@ -292,6 +340,72 @@ class Catalog:
             path.rename(doomed)
             fsync_dir(self.root)
             shutil.rmtree(doomed, ignore_errors=True)
+
+    # ----------------------------------------------------------------- aliases
+
+    def create_alias(self, name: str, collection: str) -> None:
+        """A new alias ``name`` of ``collection``; durable when it returns."""
+        check_name(name, "name")
+        check_name(collection, "collection")
+        with self._lock:
+            self._check_open()
+            if self._is_collection(name):
+                raise AlreadyExists(f"name: {name!r} is a collection; an alias needs a name of its own")
+            existing = self.aliases.target(name)
+            if existing is not None:
+                raise AlreadyExists(
+                    f"name: alias {name!r} already exists (it points at {existing!r}); UpdateAlias moves it"
+                )
+            self._check_target(collection)
+            self.aliases.set(name, collection)
+
+    def update_alias(self, name: str, collection: str) -> None:
+        """Point alias ``name`` at ``collection``: one atomic swap, durable when it returns."""
+        check_name(name, "name")
+        check_name(collection, "collection")
+        with self._lock:
+            self._check_open()
+            current = self._existing_alias(name)
+            self._check_target(collection)
+            if current != collection:
+                self.aliases.set(name, collection)
+
+    def delete_alias(self, name: str) -> None:
+        """Remove alias ``name`` (never its collection); durable when it returns."""
+        check_name(name, "name")
+        with self._lock:
+            self._check_open()
+            self._existing_alias(name)
+            self.aliases.remove(name)
+
+    def list_aliases(self) -> list[tuple[str, str]]:
+        """Every (alias, collection), sorted by alias."""
+        self._check_open()
+        return self.aliases.items()
+
+    def aliases_of(self, collection: str) -> list[str]:
+        """The aliases of ``collection``, sorted (CollectionInfo.aliases)."""
+        return self.aliases.aliases_of(collection)
+
+    def _existing_alias(self, name: str) -> str:
+        current = self.aliases.target(name)
+        if current is None:
+            if self._is_collection(name):
+                raise NotFound(f"name: {name!r} is a collection, not an alias (alias calls never change collections)")
+            raise NotFound(f"name: alias {name!r} does not exist")
+        return current
+
+    def _check_target(self, collection: str) -> None:
+        """What an alias may point at: an existing collection, by its own name."""
+        if self._is_collection(collection):
+            return
+        target = self.aliases.target(collection)
+        if target is not None:
+            raise InvalidArgument.field(
+                "collection",
+                f"{collection!r} is an alias (of {target!r}); an alias points at a collection by its own name",
+            )
+        raise NotFound(f"collection: collection {collection!r} does not exist")
 
     def close(self, checkpoint: bool = True) -> None:
         """Close every collection (operations in progress finish; later ones get Unavailable).

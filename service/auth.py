@@ -18,16 +18,21 @@ BRAID_API_KEYS) that ``braid keys add|list|remove`` writes:
 
 Roles are ordered, each including the ones below it:
 
-| role  | methods                                                              |
-|-------|----------------------------------------------------------------------|
-| read  | GetCollection, ListCollections, Get, Count, Search, BatchSearch      |
-| write | read + Upsert, BulkUpsert, Delete, Flush                             |
-| admin | write + CreateCollection, DeleteCollection (and any method not named) |
+| role  | methods                                                                     |
+|-------|-----------------------------------------------------------------------------|
+| read  | GetCollection, ListCollections, ListAliases, Get, Count, Search, BatchSearch |
+| write | read + Upsert, BulkUpsert, UpsertStream, Delete, Flush                      |
+| admin | write + CreateCollection, DeleteCollection, CreateAlias, UpdateAlias,       |
+|       | DeleteAlias (and any method not named)                                      |
 
 A scoped key (``collections``) gets PERMISSION_DENIED for any other collection, and
-ListCollections shows it only its own. The file is checked for changes at most once a
-second: a valid new file replaces every key at once; a broken one is logged (once per
-change) and the old keys stay in force. Keys never appear in messages or logs.
+ListCollections shows it only its own. Names are checked as the request gives them: an
+alias is a name of its own (a key scoped to the alias may use it, whatever it points at),
+CreateAlias and UpdateAlias need both ``name`` and ``collection`` in scope, and ListAliases
+shows a scoped key the aliases whose name or collection is in its scope. The file is
+checked for changes at most once a second: a valid new file replaces every key at once; a
+broken one is logged (once per change) and the old keys stay in force. Keys never appear
+in messages or logs.
 """
 
 from __future__ import annotations
@@ -82,10 +87,15 @@ ROLE_OF_METHOD: dict[str, Role] = {
     "BatchSearch": Role.READ,
     "Upsert": Role.WRITE,
     "BulkUpsert": Role.WRITE,
+    "UpsertStream": Role.WRITE,
     "Delete": Role.WRITE,
     "Flush": Role.WRITE,
     "CreateCollection": Role.ADMIN,
     "DeleteCollection": Role.ADMIN,
+    "ListAliases": Role.READ,
+    "CreateAlias": Role.ADMIN,
+    "UpdateAlias": Role.ADMIN,
+    "DeleteAlias": Role.ADMIN,
 }
 
 

@@ -3,6 +3,7 @@
     braid serve [--data-dir DIR] [--host H] [--port P] [--workers N] [--metrics-port P] [--log-format json]
     braid collection create NAME --schema schema.json [--shards N]
     braid collection list | describe NAME | delete NAME
+    braid alias create NAME COLLECTION | update NAME COLLECTION | delete NAME | list
     braid ingest NAME docs.jsonl [--batch 500]
     braid search NAME --text "query" [--dense-field F] | --vector-file q.json --field F [--limit 10]
     braid models list | export NAME [--force] [--no-int8] | verify NAME
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from .auth import add_keys_command
 from .cluster.local import add_cluster_command
+from .jobs.index_job import add_job_command
 from .verify import add_verify_command
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -135,25 +137,71 @@ def _collection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alias(args: argparse.Namespace) -> int:
+    """``braid alias``: a second name of a collection; ``update`` moves it atomically."""
+    with _client(args) as client:
+        if args.action == "create":
+            alias = client.create_alias(args.name, args.collection)
+            print(f"alias {alias.name} -> {alias.collection}")
+        elif args.action == "update":
+            alias = client.update_alias(args.name, args.collection)
+            print(f"alias {alias.name} -> {alias.collection}")
+        elif args.action == "delete":
+            client.delete_alias(args.name)
+            print(f"deleted alias {args.name}")
+        else:
+            for alias in client.list_aliases():
+                print(f"{alias.name}\t{alias.collection}")
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
+    """Stream a JSONL file; the server encodes. The bar counts documents the server acknowledged."""
+    import time
+
     from google.protobuf import json_format
     from tqdm import tqdm
 
     from braid.v1 import braid_pb2 as pb
 
+    from .client import StreamFailed
+
     path = Path(args.file)
-    total = sum(1 for _ in path.open(encoding="utf-8"))
+    total = sum(1 for line in path.open(encoding="utf-8") if line.strip())
 
-    def documents():  # type: ignore[no-untyped-def]
-        with path.open(encoding="utf-8") as fh, tqdm(total=total, unit="doc", desc=f"ingest {args.collection}") as bar:
-            for line in fh:
-                if line.strip():
-                    yield json_format.Parse(line, pb.Document())
-                    bar.update(1)
+    def batches():  # type: ignore[no-untyped-def]
+        with path.open(encoding="utf-8") as fh:
+            batch: list = []
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    batch.append(json_format.Parse(line, pb.Document()))
+                except json_format.ParseError as err:
+                    raise ValueError(f"{path.name}:{number}: {err}") from None
+                if len(batch) >= args.batch:
+                    yield pb.UpsertRequest(collection=args.collection, documents=batch)
+                    batch = []
+            if batch:
+                yield pb.UpsertRequest(collection=args.collection, documents=batch)
 
-    with _client(args) as client:
-        summary = client.bulk_upsert(args.collection, documents(), batch_size=args.batch)
-    print(f"upserted {summary.upserted} documents in {summary.batches} batches")
+    started = time.monotonic()
+    upserted = acked = 0
+    with _client(args) as client, tqdm(total=total, unit="doc", desc=f"ingest {args.collection}") as bar:
+        try:
+            for request, ack in client.upsert_stream(batches()):
+                upserted += ack.upserted
+                acked += 1
+                bar.update(len(request.documents))
+        except ValueError as err:
+            print(f"braid ingest: {err}; {upserted} documents before it are written", file=sys.stderr)
+            return 2
+        except StreamFailed as err:
+            print(f"braid ingest: {err}; {upserted} documents before it are written", file=sys.stderr)
+            return 1
+    seconds = time.monotonic() - started
+    rate = upserted / max(seconds, 1e-9)
+    print(f"upserted {upserted} documents in {acked} batches ({seconds:.1f} s, {rate:.1f} docs/s)")
     return 0
 
 
@@ -385,6 +433,16 @@ def build_parser() -> argparse.ArgumentParser:
         actions.add_parser(action, parents=[address]).add_argument("name")
     collection.set_defaults(run=_collection)
 
+    alias = commands.add_parser("alias", help="manage collection aliases (a second name; update moves it atomically)")
+    alias_actions = alias.add_subparsers(dest="action", required=True)
+    for action in ("create", "update"):
+        pointed = alias_actions.add_parser(action, parents=[address])
+        pointed.add_argument("name")
+        pointed.add_argument("collection")
+    alias_actions.add_parser("delete", parents=[address]).add_argument("name")
+    alias_actions.add_parser("list", parents=[address])
+    alias.set_defaults(run=_alias)
+
     ingest = commands.add_parser("ingest", parents=[address], help="stream a JSONL file of documents")
     ingest.add_argument("collection")
     ingest.add_argument("file")
@@ -420,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_command(commands)
     add_verify_command(commands)
     add_cluster_command(commands)
+    add_job_command(commands, address, _client)
     return parser
 
 

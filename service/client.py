@@ -17,14 +17,17 @@ calls included:
 
     BraidClient("braid.internal:50051", tls_ca="ca.pem", api_key=os.environ["BRAID_API_KEY"])
 
-Every call has a deadline: ``timeout`` seconds (default 60), or for the BulkUpsert
-stream its own ``timeout=`` or else STREAM_TIMEOUT_S.
+Every call has a deadline: ``timeout`` seconds (default 60), or for the BulkUpsert and
+UpsertStream streams their own ``timeout=`` or else STREAM_TIMEOUT_S. ``upsert_stream``
+yields each batch with its acknowledgement, which is what resumable jobs and honest
+progress bars count.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -147,6 +150,18 @@ class _Metadata(
         return continuation(self._details(details), request_iterator)
 
 
+class StreamFailed(Exception):
+    """An UpsertStream call that ended with an error: the status and the batches it left unacknowledged."""
+
+    def __init__(self, error: grpc.RpcError, unacked: list[pb.UpsertRequest]) -> None:
+        super().__init__(f"{error.code().name}: {error.details()}")
+        self.error = error
+        self.unacked = unacked
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+
 def _check_api_key(api_key: str) -> None:
     # gRPC rejects such metadata with an obscure error; never echo the key itself.
     if not api_key or any(c.isspace() or not c.isprintable() or not c.isascii() for c in api_key):
@@ -252,6 +267,24 @@ class BraidClient:
     def delete_collection(self, name: str) -> None:
         self.stub.DeleteCollection(pb.DeleteCollectionRequest(name=name), timeout=self.timeout)
 
+    # ----------------------------------------------------------------- aliases
+    # An alias is a second name of a collection, usable wherever a collection name is;
+    # update_alias moves it atomically (zero-downtime reindex: build a new collection, then move).
+
+    def create_alias(self, name: str, collection: str) -> pb.Alias:
+        request = pb.CreateAliasRequest(name=name, collection=collection)
+        return self.stub.CreateAlias(request, timeout=self.timeout)
+
+    def update_alias(self, name: str, collection: str) -> pb.Alias:
+        request = pb.UpdateAliasRequest(name=name, collection=collection)
+        return self.stub.UpdateAlias(request, timeout=self.timeout)
+
+    def delete_alias(self, name: str) -> None:
+        self.stub.DeleteAlias(pb.DeleteAliasRequest(name=name), timeout=self.timeout)
+
+    def list_aliases(self) -> list[pb.Alias]:
+        return list(self.stub.ListAliases(pb.ListAliasesRequest(), timeout=self.timeout).aliases)
+
     # --------------------------------------------------------------- documents
 
     def upsert(self, collection: str, docs: Iterable[Any]) -> int:
@@ -278,6 +311,66 @@ class BraidClient:
                 yield pb.UpsertRequest(collection=collection, documents=batch)
 
         return self.stub.BulkUpsert(batches(), timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
+
+    def upsert_stream(
+        self, requests: Iterable[pb.UpsertRequest], window: int = 4, timeout: float | None = None
+    ) -> Iterator[tuple[pb.UpsertRequest, pb.UpsertStreamAck]]:
+        """Send ``requests`` over one UpsertStream call and yield each with its acknowledgement,
+        in order, as the server makes it durable. At most ``window`` batches are in flight, so
+        the server always has the next batch while the client never runs far ahead of it.
+
+        On failure raises ``StreamFailed``: its ``error`` is the call's grpc.RpcError and its
+        ``unacked`` the batches sent without an ack (their effect is unknown; upserts are
+        idempotent, so a retry resends them). ``requests`` is left just past the last batch sent.
+        An exception ``requests`` raises ends the stream cleanly and is re-raised here after
+        the acknowledgements of the batches before it.
+        ``timeout``: the deadline of the whole stream (default STREAM_TIMEOUT_S).
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        in_flight: collections.deque[pb.UpsertRequest] = collections.deque()
+        slots = threading.Semaphore(window)
+        lock = threading.Lock()  # a batch is taken from ``requests`` and recorded in flight as one step
+        ended = False
+        source = iter(requests)
+        broken: list[BaseException] = []
+
+        def feed() -> Iterator[pb.UpsertRequest]:
+            # Runs on gRPC's sending thread.
+            while True:
+                while not slots.acquire(timeout=0.2):
+                    if ended:  # the call is over: stop waiting here
+                        return
+                with lock:
+                    if ended:
+                        return
+                    try:
+                        request = next(source, None)
+                    except BaseException as err:  # re-raised on the caller's thread, after the acks so far
+                        broken.append(err)
+                        return
+                    if request is None:
+                        return
+                    in_flight.append(request)
+                yield request
+
+        call = self.stub.UpsertStream(feed(), timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
+        try:
+            for ack in call:
+                with lock:
+                    request = in_flight.popleft()
+                slots.release()
+                yield request, ack
+            if broken:  # ``requests`` raised: the batches before it are acknowledged; now the caller hears why
+                raise broken[0]
+        except grpc.RpcError as err:
+            with lock:
+                ended = True
+                unacked = list(in_flight)
+            raise StreamFailed(err, unacked) from err
+        finally:
+            ended = True
+            call.cancel()
 
     def delete(self, collection: str, ids: Iterable[str] = (), filter: pb.Filter | None = None) -> int:
         request = pb.DeleteRequest(collection=collection, ids=list(ids))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from braid.encoders.registry import ModelStore
 from braid.encoders.sparse import SpladeEncoder, top_terms
 from braid.encoders.stats import EncoderStats
 from braid.index.collection import Collection
-from braid.index.errors import InvalidArgument
+from braid.index.errors import FailedPrecondition, InvalidArgument
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
 from braid.index.records import DocumentWrite, SparseValue
 from braid.index.schema import DenseFieldSpec, EncoderSpec, Schema, SparseFieldSpec, SparseQueryMode
@@ -99,6 +100,32 @@ class Encoding:
         if encoder.precision.value not in manifest.files:
             raise InvalidArgument.choice(f"{where}.precision", encoder.precision.value, list(manifest.files))
         return manifest.dim
+
+    def stamp_fingerprints(self, schema: Any) -> None:
+        """Set each encoder's ``fingerprint`` in a braid.v1 Schema message to the model this
+        server encodes with (left empty when the model is missing here: the field says why)."""
+        for field in (*schema.dense_fields, *schema.sparse_fields):
+            if field.HasField("encoder"):
+                encoder = field.encoder
+                try:
+                    encoder.fingerprint = self.store.fingerprint(encoder.model, encoder.precision or "fp32")
+                except (EncoderError, OSError):
+                    encoder.fingerprint = ""
+
+    def check_fingerprints(self, schema: Any) -> None:
+        """A CreateCollection that names an encoder's ``fingerprint`` (a schema copied from
+        another server's CollectionInfo) asks for exactly that model: refuse another one."""
+        for kind, fields in (("dense_fields", schema.dense_fields), ("sparse_fields", schema.sparse_fields)):
+            for i, field in enumerate(fields):
+                wanted = field.encoder.fingerprint if field.HasField("encoder") else ""
+                if not wanted:
+                    continue
+                mine = self.store.fingerprint(field.encoder.model, field.encoder.precision or "fp32")
+                if mine != wanted:
+                    raise FailedPrecondition(
+                        f"schema.{kind}[{i}].encoder.fingerprint: model {field.encoder.model!r} here is {mine}, "
+                        f"not the {wanted} asked for: export the same model version on this server"
+                    )
 
     # --------------------------------------------------------------- documents
 

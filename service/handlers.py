@@ -6,9 +6,11 @@ UTF-8, nesting past protobuf's limit) arrives as ``Undecodable`` and is answered
 INVALID_ARGUMENT, not INTERNAL. The blocking body of each RPC (service/rpcs.py) runs on
 a worker thread that service/admission.py grants.
 
-BulkUpsert reads its stream on the event loop, so a silent stream holds no worker. It
-ends with DEADLINE_EXCEEDED after ``stream_idle_timeout_s`` without a message, and with
-UNAVAILABLE when shutdown ends it. Every answer, success or failure, says how many
+BulkUpsert and UpsertStream read their stream on the event loop, so a silent stream holds
+no worker. One ends with DEADLINE_EXCEEDED after ``stream_idle_timeout_s`` without a
+message (or, for UpsertStream, with an acknowledgement the client does not read), and
+with UNAVAILABLE when shutdown ends it. UpsertStream acknowledges each batch once it is
+durable, in order. Every answer, success or failure, says how many
 batches and documents were applied: in the message of an error and always in the
 trailing metadata ``braid-batches-applied`` / ``braid-documents-applied``.
 
@@ -71,14 +73,12 @@ def _parser(message_class: Any) -> Callable[[bytes], Any]:
 
 
 def _collections(request: Any) -> list[str]:
-    """The collections a request names (for API keys scoped to collections)."""
+    """The collections a request names, as given (an alias is checked by its own name), for API
+    keys scoped to collections; both names of CreateAlias and UpdateAlias."""
     fields = request.DESCRIPTOR.fields_by_name
     if "searches" in fields:
         return [search.collection for search in request.searches]
-    for name in ("collection", "name"):
-        if name in fields:
-            return [getattr(request, name)]
-    return []
+    return [getattr(request, name) for name in ("collection", "name") if name in fields]
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -109,8 +109,15 @@ class BraidHandlers:
         for method in SERVICE.methods:
             parse = _parser(getattr(pb, method.input_type.name))
             serialize = getattr(pb, method.output_type.name).SerializeToString
-            if method.client_streaming:
-                assert method.name == "BulkUpsert" and not method.server_streaming, method.name
+            if method.client_streaming and method.server_streaming:
+                assert method.name == "UpsertStream", method.name
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    self.observer.stream(method.name, self._upsert_stream),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
+                )
+            elif method.client_streaming:
+                assert method.name == "BulkUpsert", method.name
                 handlers[method.name] = grpc.stream_unary_rpc_method_handler(
                     self.observer.stream(method.name, self._bulk_upsert),
                     request_deserializer=parse,
@@ -161,7 +168,7 @@ class BraidHandlers:
                     raise InvalidArgument(request.problem())
                 principal = self._authorize(context, name, _collections(request))
                 work = functools.partial(body, request)
-                if name == "ListCollections" and principal is not None:
+                if name in ("ListCollections", "ListAliases") and principal is not None:
                     work = functools.partial(body, request, principal.allows)
                 if name == "Search" and (on_loop := self.rpcs.on_loop(request, _deadline(context))) is not None:
                     return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
@@ -183,30 +190,67 @@ class BraidHandlers:
     # ---------------------------------------------------------------- stream
 
     async def _bulk_upsert(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        upserted = batches = 0
+        applied = _Applied()
         try:
-            principal = self._authorize(context, "BulkUpsert", ())
-            with self.admission.stream(context.peer()):
-                writer = self.rpcs.stream_writer()
-                messages = requests.__aiter__()
-                while (batch := await self._next_message(messages)) is not None:
-                    if isinstance(batch, Undecodable):
-                        raise InvalidArgument(batch.problem())
-                    if principal is not None:
-                        self.keys.authorize(principal, "BulkUpsert", [batch.collection])
-                    upserted += await self.admission.run(functools.partial(writer.upsert, batch), _deadline(context))
-                    batches += 1
-                    if self._ending.is_set():
-                        raise Unavailable("server shutting down")
-                await self.admission.run(writer.finish, _deadline(context))
-            context.set_trailing_metadata(with_request_id(_applied(batches, upserted)))
-            return pb.BulkUpsertResponse(upserted=upserted, batches=batches)
+            await self._apply_stream("BulkUpsert", requests, context, applied, None)
+            context.set_trailing_metadata(with_request_id(applied.trailing()))
+            return pb.BulkUpsertResponse(upserted=applied.documents, batches=applied.batches)
         except _PASS_THROUGH:
             raise
         except BaseException as err:
             failure = err
-        template = f"batch {batches}: {{}}; {batches} earlier batches ({upserted} documents) were applied"
-        await self._abort(context, failure, _applied(batches, upserted), template)
+        await self._abort(context, failure, applied.trailing(), applied.template())
+
+    async def _upsert_stream(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        applied = _Applied()
+
+        async def acknowledge(upserted: int) -> None:
+            # A client that stops reading acks fills the flow-control window and then blocks
+            # this write: it is ended like a silent client, never held open for good.
+            ack = pb.UpsertStreamAck(batch=applied.batches, upserted=upserted)
+            try:
+                await asyncio.wait_for(context.write(ack), self.idle_timeout)
+            except TimeoutError:
+                raise TimedOut(
+                    f"stream_idle_timeout_s: the client read no acknowledgement for {self.idle_timeout:g} s"
+                ) from None
+
+        try:
+            await self._apply_stream("UpsertStream", requests, context, applied, acknowledge)
+            context.set_trailing_metadata(with_request_id(applied.trailing()))
+            return
+        except _PASS_THROUGH:
+            raise
+        except BaseException as err:
+            failure = err
+        await self._abort(context, failure, applied.trailing(), applied.template())
+
+    async def _apply_stream(
+        self,
+        method: str,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        applied: _Applied,
+        acknowledge: Callable[[int], Any] | None,
+    ) -> None:
+        """Apply a stream's batches in order, counting each in ``applied`` (and acknowledging it,
+        when ``acknowledge`` is given) once it is durable; the writer finishes at the stream's end."""
+        principal = self._authorize(context, method, ())
+        with self.admission.stream(context.peer()):
+            writer = self.rpcs.stream_writer()
+            messages = requests.__aiter__()
+            while (batch := await self._next_message(messages)) is not None:
+                if isinstance(batch, Undecodable):
+                    raise InvalidArgument(batch.problem())
+                if principal is not None:
+                    self.keys.authorize(principal, method, [batch.collection])
+                upserted = await self.admission.run(functools.partial(writer.upsert, batch), _deadline(context))
+                if acknowledge is not None:
+                    await acknowledge(upserted)
+                applied.add(upserted)
+                if self._ending.is_set():
+                    raise Unavailable("server shutting down")
+            await self.admission.run(writer.finish, _deadline(context))
 
     async def _next_message(self, messages: AsyncIterator[Any]) -> Any:
         """The next message, or None at the end of the stream; raises on idle timeout or shutdown."""
@@ -227,5 +271,20 @@ class BraidHandlers:
         raise TimedOut(f"stream_idle_timeout_s: no message for {self.idle_timeout:g} s")
 
 
-def _applied(batches: int, documents: int) -> tuple:
-    return ((BATCHES_APPLIED_KEY, str(batches)), (DOCUMENTS_APPLIED_KEY, str(documents)))
+class _Applied:
+    """What a write stream has applied so far: told to the client on success and on failure."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.documents = 0
+
+    def add(self, documents: int) -> None:
+        self.batches += 1
+        self.documents += documents
+
+    def trailing(self) -> tuple:
+        return ((BATCHES_APPLIED_KEY, str(self.batches)), (DOCUMENTS_APPLIED_KEY, str(self.documents)))
+
+    def template(self) -> str:
+        """The failure message around the error's own: which batch failed and what stays applied."""
+        return f"batch {self.batches}: {{}}; {self.batches} earlier batches ({self.documents} documents) were applied"

@@ -37,6 +37,8 @@ class BraidRpcs:
         )
         info.write_problem = collection.write_problem() or ""
         info.replication_factor = getattr(collection, "replication_factor", 1)
+        info.aliases.extend(self.catalog.aliases_of(collection.name))
+        self.encoding.stamp_fingerprints(info.schema)
         return info
 
     @staticmethod
@@ -47,6 +49,7 @@ class BraidRpcs:
 
     def CreateCollection(self, request: pb.CreateCollectionRequest) -> Any:
         schema = self.encoding.resolve_schema(convert.schema_from_proto(request.schema))
+        self.encoding.check_fingerprints(request.schema)
         return self._info(self.catalog.create(request.name, schema, request.shards or 1, request.replication_factor))
 
     def GetCollection(self, request: pb.GetCollectionRequest) -> Any:
@@ -64,6 +67,7 @@ class BraidRpcs:
         for bad in self.catalog.quarantined():
             if visible is None or visible(bad.name):
                 infos.append(_quarantined_info(bad))
+                infos[-1].aliases.extend(self.catalog.aliases_of(bad.name))
         infos.sort(key=lambda info: info.name)
         return pb.ListCollectionsResponse(collections=infos)
 
@@ -71,14 +75,38 @@ class BraidRpcs:
         self.catalog.delete(request.name)
         return pb.DeleteCollectionResponse()
 
+    # ----------------------------------------------------------------- aliases
+
+    def CreateAlias(self, request: pb.CreateAliasRequest) -> Any:
+        self.catalog.create_alias(request.name, request.collection)
+        return pb.Alias(name=request.name, collection=request.collection)
+
+    def UpdateAlias(self, request: pb.UpdateAliasRequest) -> Any:
+        self.catalog.update_alias(request.name, request.collection)
+        return pb.Alias(name=request.name, collection=request.collection)
+
+    def DeleteAlias(self, request: pb.DeleteAliasRequest) -> Any:
+        self.catalog.delete_alias(request.name)
+        return pb.DeleteAliasResponse()
+
+    def ListAliases(self, request: pb.ListAliasesRequest, visible: Callable[[str], bool] | None = None) -> Any:
+        """Every alias, or those ``visible`` allows by name or by collection (a scoped API key)."""
+        aliases = [
+            pb.Alias(name=name, collection=collection)
+            for name, collection in self.catalog.list_aliases()
+            if visible is None or visible(name) or visible(collection)
+        ]
+        return pb.ListAliasesResponse(aliases=aliases)
+
     # --------------------------------------------------------------- documents
 
     def Upsert(self, request: pb.UpsertRequest) -> Any:
         return pb.UpsertResponse(upserted=self.upsert(request))
 
-    def upsert(self, request: pb.UpsertRequest) -> int:
-        """One batch: validate, encode, apply; returns the documents upserted."""
-        collection = self.catalog.get(request.collection)
+    def upsert(self, request: pb.UpsertRequest, name: str | None = None) -> int:
+        """One batch: validate, encode, apply; returns the documents upserted (into ``name``
+        when given: a stream's alias resolved once)."""
+        collection = self.catalog.get(name or request.collection)
         docs = convert.documents_from_proto(request.documents)
         self.encoding.fill_documents(collection.schema, docs)
         return collection.upsert(docs, request.ack)
@@ -225,10 +253,20 @@ class BraidRpcs:
 
 
 class _DirectWriter:
-    """A stream's batches applied one by one: each is durable and visible when upsert returns."""
+    """A stream's batches applied one by one: each is durable and visible when upsert returns.
+
+    An alias is resolved once per stream (at the first batch naming it), so a stream never
+    splits between the old and the new target of an UpdateAlias."""
 
     def __init__(self, rpcs: BraidRpcs) -> None:
-        self.upsert = rpcs.upsert
+        self.rpcs = rpcs
+        self.resolved: dict[str, str] = {}
+
+    def upsert(self, request: pb.UpsertRequest) -> int:
+        name = self.resolved.get(request.collection)
+        if name is None:
+            name = self.resolved[request.collection] = self.rpcs.catalog.resolve(request.collection)
+        return self.rpcs.upsert(request, name)
 
     def finish(self) -> None:
         """Every batch is applied already."""

@@ -183,10 +183,18 @@ def test_role_table_matches_the_service():
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Braid"].methods}
     assert set(ROLE_OF_METHOD) == methods
     assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.READ} == {
-        "GetCollection", "ListCollections", "Get", "Count", "Search", "BatchSearch",
+        "GetCollection", "ListCollections", "ListAliases", "Get", "Count", "Search", "BatchSearch",
     }  # fmt: skip
-    assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.WRITE} == {"Upsert", "BulkUpsert", "Delete", "Flush"}
-    assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.ADMIN} == {"CreateCollection", "DeleteCollection"}
+    assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.WRITE} == {
+        "Upsert",
+        "BulkUpsert",
+        "UpsertStream",
+        "Delete",
+        "Flush",
+    }
+    assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.ADMIN} == {
+        "CreateCollection", "DeleteCollection", "CreateAlias", "UpdateAlias", "DeleteAlias",
+    }  # fmt: skip
     assert Role.READ < Role.WRITE < Role.ADMIN
 
 

@@ -11,7 +11,7 @@ from google.protobuf.descriptor import Descriptor
 from braid.v1 import braid_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICE_SOURCES = [ROOT / "service" / name for name in ("convert.py", "rpcs.py", "handlers.py")]
+SERVICE_SOURCES = [ROOT / "service" / name for name in ("convert.py", "rpcs.py", "handlers.py", "encoding.py")]
 
 
 def _request_fields(message: Descriptor, seen: set[str]) -> set[tuple[str, str]]:

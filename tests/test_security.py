@@ -509,12 +509,21 @@ class RecordingStub:
         output = pb.DESCRIPTOR.services_by_name["Braid"].methods_by_name[method].output_type
 
         def call(request: Any, timeout: float | None = None, **_: Any) -> Any:
-            if method == "BulkUpsert":
+            if method in ("BulkUpsert", "UpsertStream"):
                 request = list(request)
             self.calls.append((method, request, timeout))
+            if method == "UpsertStream":
+                return _Acks([pb.UpsertStreamAck(batch=i, upserted=len(r.documents)) for i, r in enumerate(request)])
             return getattr(pb, output.name)()
 
         return call
+
+
+class _Acks(list):
+    """A stream call's responses, as the generated stub's iterator (with cancel)."""
+
+    def cancel(self) -> None:
+        pass
 
 
 @pytest.fixture
@@ -540,19 +549,29 @@ def test_every_client_call_has_a_deadline(recorded: tuple[BraidClient, Recording
     client.search("c", bm25="x")
     client.search_request(pb.SearchRequest(collection="c"))
     client.batch_search([pb.SearchRequest(collection="c")])
+    client.create_alias("a", "c")
+    client.update_alias("a", "c")
+    client.list_aliases()
+    client.delete_alias("a")
     client.delete_collection("c")
     assert {method for method, _, _ in stub.calls} == set(pb.DESCRIPTOR.services_by_name["Braid"].methods_by_name) - {
-        "BulkUpsert"
+        "BulkUpsert",
+        "UpsertStream",
     }
     assert all(timeout == 7.0 for _, _, timeout in stub.calls)
     stub.calls.clear()
     client.bulk_upsert("c", _docs(5), batch_size=2)
     client.bulk_upsert("c", _docs(1), timeout=3.0)
     client.search("c", bm25="x", timeout=1.5)
+    batches = [pb.UpsertRequest(collection="c", documents=[pb.Document(id="d0")])] * 2
+    assert len(list(client.upsert_stream(iter(batches)))) == 2
+    assert len(list(client.upsert_stream(iter(batches), timeout=4.0))) == 2
     assert [(m, t) for m, _, t in stub.calls] == [
         ("BulkUpsert", STREAM_TIMEOUT_S),
         ("BulkUpsert", 3.0),
         ("Search", 1.5),
+        ("UpsertStream", STREAM_TIMEOUT_S),
+        ("UpsertStream", 4.0),
     ]
     assert [len(batch.documents) for batch in stub.calls[0][1]] == [2, 2, 1]
     with pytest.raises(ValueError, match="timeout"):

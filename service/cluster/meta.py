@@ -6,6 +6,13 @@ Buckets (JetStream KV, replicated like the streams):
   ``{"name", "uid", "schema", "shards", "replication_factor", "created_at", "placement"}``.
   ``uid`` names one incarnation: a collection deleted and created again under the same
   name gets a new uid, a new stream and new replica directories.
+- ``braid-aliases``: key = alias name, value = ``AliasMeta`` as JSON ``{"name", "collection",
+  "uid"}``: the collection it points at and that collection's uid, so an alias left behind
+  by a DeleteCollection racing a CreateAlias on another router answers NOT_FOUND instead of
+  resolving to a later collection of the same name. A separate bucket: collection entries
+  stay what shard servers parse. Routers write it with compare-and-set (create only if
+  absent, update and delete only at the revision they read), so two routers never both
+  create one alias, and an UpdateAlias never revives a deleted one.
 - ``braid-nodes``: key = shard-server node id, value = ``{"node_id", "address", "started_at"}``,
   put every ``HEARTBEAT_S``; the bucket's TTL (``NODE_TTL_S``) drops a node that stops.
 
@@ -24,6 +31,7 @@ from typing import Any
 
 log = logging.getLogger("braid.cluster")
 COLLECTIONS_BUCKET = "braid-collections"
+ALIASES_BUCKET = "braid-aliases"
 NODES_BUCKET = "braid-nodes"
 HEARTBEAT_S = 1.0
 NODE_TTL_S = 5.0
@@ -58,6 +66,44 @@ class CollectionMeta:
         data = json.loads(raw)
         data["placement"] = tuple(tuple(nodes) for nodes in data["placement"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class AliasMeta:
+    name: str
+    collection: str
+    uid: str  # of the collection when the alias was pointed at it
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AliasMeta:
+        return cls(**json.loads(raw))
+
+
+def parse_alias(name: str, raw: bytes) -> AliasMeta | None:
+    """An alias entry, or None (logged) when it is damaged: a damaged alias never resolves."""
+    try:
+        alias = AliasMeta.from_json(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        log.error("alias %r in %s is damaged, ignored: %s", name, ALIASES_BUCKET, err)
+        return None
+    if alias.name != name:
+        log.error("alias %r in %s names %r, ignored", name, ALIASES_BUCKET, alias.name)
+        return None
+    return alias
+
+
+def alias_changed(aliases: dict[str, AliasMeta], key: str, value: bytes | None) -> dict[str, AliasMeta]:
+    """A copy of ``aliases`` after one update of the aliases bucket (as ``changed``)."""
+    out = dict(aliases)
+    alias = parse_alias(key, value) if value is not None else None
+    if alias is None:
+        out.pop(key, None)
+    else:
+        out[key] = alias
+    return out
 
 
 @dataclass(frozen=True)

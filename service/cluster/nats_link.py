@@ -6,7 +6,8 @@ a NATS stall never blocks the gRPC event loop. Every failure to reach NATS (not 
 no responders, a timeout) becomes Unavailable naming NATS, the one error callers handle.
 
 What it offers: key-value reads, writes and watches (service/cluster/meta.py says what the
-buckets hold), stream creation and deletion, publishing with a message id (JetStream drops
+buckets hold), reads from the bucket's stream leader and compare-and-set writes by revision
+(aliases), stream creation and deletion, publishing with a message id (JetStream drops
 a duplicate id inside its window, so a retried publish is stored once), the last sequence
 of a subject, and ``LogReader``: an ephemeral pull consumer that reads one subject in
 stream order from a given sequence.
@@ -25,6 +26,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.js import api
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from braid.index.errors import AlreadyExists, FailedPrecondition, Unavailable
 
@@ -157,16 +159,60 @@ class NatsLink:
 
         self.call(put(), timeout)
 
-    def kv_create(self, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> None:
-        """Put ``key`` only if it does not exist; AlreadyExists otherwise."""
+    def kv_create(self, bucket: str, key: str, value: bytes, timeout: float = 5.0) -> int:
+        """Put ``key`` only if it does not exist (its revision); AlreadyExists otherwise."""
 
-        async def create() -> None:
+        async def create() -> int:
             try:
-                await (await self._bucket(bucket)).create(key, value)
+                return int(await (await self._bucket(bucket)).create(key, value))
             except nats.js.errors.KeyWrongLastSequenceError as err:
                 raise AlreadyExists(f"{key!r} already exists") from err
 
-        self.call(create(), timeout)
+        return self.call(create(), timeout)
+
+    def kv_get(self, bucket: str, key: str, timeout: float = 5.0) -> tuple[bytes, int] | None:
+        """(value, revision) of ``key`` now, or None when it does not exist. Read from the bucket
+        stream's leader, not through a direct get a lagging replica may answer, so a key written
+        before the call is seen."""
+
+        async def get() -> tuple[bytes, int] | None:
+            try:
+                msg = await self.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}", direct=False)
+            except nats.js.errors.NotFoundError:
+                return None
+            if (msg.headers or {}).get(KV_OP) in (KV_DEL, KV_PURGE):
+                return None
+            return bytes(msg.data or b""), int(msg.seq)
+
+        return self.call(get(), timeout)
+
+    def kv_update(self, bucket: str, key: str, value: bytes, last: int, timeout: float = 5.0) -> int | None:
+        """Put ``key`` only if its revision is still ``last``: the new revision, or None when
+        another write came first (compare-and-set)."""
+
+        async def update() -> int | None:
+            try:
+                return int(await (await self._bucket(bucket)).update(key, value, last=last))
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+
+        return self.call(update(), timeout)
+
+    def kv_delete_if(self, bucket: str, key: str, last: int, timeout: float = 5.0) -> int | None:
+        """Delete ``key`` only if its revision is still ``last``: the revision of the delete marker,
+        or None when another write came first."""
+
+        async def delete() -> int | None:
+            headers = {KV_OP: KV_DEL, api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}
+            try:
+                ack = await self.js.publish(f"$KV.{bucket}.{key}", b"", headers=headers)
+            except nats.js.errors.APIError as err:
+                if err.err_code in (10071, 10164):  # wrong last sequence (nats-py's KeyValue.update says so)
+                    return None
+                raise
+            return int(ack.seq)
+
+        return self.call(delete(), timeout)
 
     def kv_delete(self, bucket: str, key: str, timeout: float = 5.0) -> None:
         async def delete() -> None:
@@ -201,10 +247,13 @@ class NatsLink:
         on_snapshot: Callable[[dict[str, bytes]], None],
         on_change: Callable[[str, bytes | None], None],
         silent_s: float | None = None,
+        on_revision: Callable[[int], None] | None = None,
     ) -> None:
         """Follow a bucket until the link closes: ``on_snapshot`` with every key each time the
         watch (re)starts (so deletes missed while disconnected are seen), then ``on_change``
         per update (value None: deleted). Callbacks run on the link's loop: keep them short.
+        ``on_revision``: the bucket revision the view now reflects, after the snapshot and after
+        each change (a writer waits for its own write's revision to read its writes).
 
         ``silent_s``: for a bucket written all the time (heartbeats), a watch that hears
         nothing for this long is restarted: the NATS node holding its consumer may have died
@@ -221,6 +270,7 @@ class NatsLink:
                     watcher = await (await self._bucket(bucket)).watchall()
                     snapshot: dict[str, bytes] = {}
                     initial = True
+                    seen = 0
                     while not self._closed:
                         try:
                             entry = await watcher.updates(timeout=silent_s or 5.0)
@@ -232,8 +282,11 @@ class NatsLink:
                             if initial:
                                 initial = False
                                 on_snapshot(dict(snapshot))
+                                if on_revision is not None:
+                                    on_revision(seen)
                             continue
                         value = entry.value if entry.operation is None else None
+                        seen = max(seen, int(entry.revision or 0))
                         if initial:
                             if value is None:
                                 snapshot.pop(entry.key, None)
@@ -241,6 +294,8 @@ class NatsLink:
                                 snapshot[entry.key] = value
                         else:
                             on_change(entry.key, value)
+                            if on_revision is not None:
+                                on_revision(seen)
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:

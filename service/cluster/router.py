@@ -12,6 +12,11 @@ fit NATS's max_payload) with a message id, and acknowledge once JetStream stored
 and, by default (WRITE_ACK_APPLIED), one replica of each affected shard applied it. A part
 the log did not store fails the call (UNAVAILABLE): nothing unstored is acknowledged.
 
+Aliases: watched from their own bucket (service/cluster/meta.py) like collections; a request
+resolves a name once, from one snapshot of the view. A name the view does not know is read
+from NATS before NOT_FOUND (an alias made through another router a moment ago), and an
+alias change answers once this router's view reflects it, so it reads its own changes.
+
 Reads: one replica of every shard, chosen round robin among the live ones, answers over
 braid.cluster.v1.Shard; a failed or slow replica is retried on the next inside the call's
 deadline (each try gets a share of the time left). Each strand is merged across shards and
@@ -41,6 +46,7 @@ import numpy as np
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
 from braid.index import analyzers, records
+from braid.index.aliases import check_name
 from braid.index.catalog import Recovery, check_shard_count
 from braid.index.collection import (
     Collection,
@@ -55,6 +61,7 @@ from braid.index.errors import (
     AlreadyExists,
     BraidError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -63,7 +70,7 @@ from braid.index.filters import Filter
 from braid.index.payload import PayloadStore
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery
 from braid.index.records import DocumentWrite
-from braid.index.schema import Schema, validate_collection_name
+from braid.index.schema import NAME_PATTERN, Schema, validate_collection_name
 from braid.index.stats import current_trace
 from braid.index.text import query_terms
 from braid.index.validate import Limits, check_documents, check_plan
@@ -76,10 +83,14 @@ from ..errors import STATUS_OF
 from ..logs import forward_metadata
 from ..rpcs import BraidRpcs
 from .meta import (
+    ALIASES_BUCKET,
     COLLECTIONS_BUCKET,
     NODE_TTL_S,
     NODES_BUCKET,
+    AliasMeta,
     CollectionMeta,
+    parse_alias,
+    parse_collection,
     place,
 )
 from .nats_link import NatsLink
@@ -90,6 +101,9 @@ DEFAULT_TIMEOUT_S = 30.0  # a call without a deadline still ends
 CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
 HEADER_ROOM = 1024  # bytes of a NATS message left for headers
 PIPELINE_BATCHES = 16  # a BulkUpsert stream waits for the replicas at least this often
+ALIAS_WAIT_S = 5.0  # how long an alias change waits for this router's view to reflect it
+ALIAS_TRIES = 8  # compare-and-set attempts of an alias change racing others on the same alias
+FRESH_READ_S = 2.0  # a read of one key from NATS when the view does not know a name
 _RETRY_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -186,6 +200,7 @@ class RemoteCatalog:
             try:
                 self.link.ensure_bucket(COLLECTIONS_BUCKET, self.config.stream_replicas)
                 self.link.ensure_bucket(NODES_BUCKET, self.config.stream_replicas, ttl=NODE_TTL_S)
+                self.link.ensure_bucket(ALIASES_BUCKET, self.config.stream_replicas)
                 break
             except Exception as err:
                 log.warning("cannot set up the cluster buckets yet: %s", err)
@@ -210,11 +225,59 @@ class RemoteCatalog:
             raise Unavailable("router starting: the cluster metadata has not been read from NATS yet")
 
     def get(self, name: str) -> RemoteCollection:
+        """The collection called ``name``, or the one alias ``name`` points at (resolved once)."""
         self._ready()
         meta = self.state.metas.get(name)
-        if meta is None:
+        if meta is not None:
+            return self._collection(meta)
+        alias = self.state.aliases.get(name) or self._read_alias(name)
+        if alias is None:
             raise NotFound(f"collection {name!r} not found")
+        meta = self.state.metas.get(alias.collection)
+        if meta is None or meta.uid != alias.uid:
+            meta = self._read_collection(alias.collection)  # the view may lag behind the alias
+        if meta is None or meta.uid != alias.uid:
+            raise NotFound(
+                f"collection {alias.collection!r} (alias {name!r} points at it) does not exist (it was deleted; "
+                f"UpdateAlias points the alias at another collection)"
+            )
         return self._collection(meta)
+
+    def known(self, name: str) -> CollectionMeta | None:
+        """``get``'s collection from the view alone (never blocks, never raises), or None."""
+        metas = self.state.metas
+        meta = metas.get(name)
+        if meta is None and (alias := self.state.aliases.get(name)) is not None:
+            meta = metas.get(alias.collection)
+            if meta is not None and meta.uid != alias.uid:
+                return None
+        return meta
+
+    def resolve(self, name: str) -> str:
+        """The collection name ``name`` stands for: its target when it is an alias, else itself."""
+        if name in self.state.metas:
+            return name
+        alias = self.state.aliases.get(name) or self._read_alias(name)
+        return alias.collection if alias is not None else name
+
+    def _read_alias(self, name: str) -> AliasMeta | None:
+        """Alias ``name`` read from NATS now, for a name the view does not know (yet); None when
+        there is none or NATS cannot tell (then the view's answer stands)."""
+        if not NAME_PATTERN.fullmatch(name):
+            return None
+        try:
+            found = self.link.kv_get(ALIASES_BUCKET, name, timeout=FRESH_READ_S)
+        except Unavailable:
+            return None
+        return parse_alias(name, found[0]) if found is not None else None
+
+    def _read_collection(self, name: str) -> CollectionMeta | None:
+        """Collection ``name``'s metadata read from NATS now; None when absent or NATS cannot tell."""
+        try:
+            found = self.link.kv_get(COLLECTIONS_BUCKET, name, timeout=FRESH_READ_S)
+        except Unavailable:
+            return None
+        return parse_collection(name, found[0]) if found is not None else None
 
     def _collection(self, meta: CollectionMeta) -> RemoteCollection:
         collection = self._collections.get(meta.name)
@@ -249,6 +312,9 @@ class RemoteCatalog:
             )
         if name in self.state.metas:
             raise AlreadyExists(f"collection {name!r} already exists")
+        alias = self.state.aliases.get(name)
+        if alias is not None:
+            raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias.collection!r})")
         uid = uuid.uuid4().hex[:12]
         meta = CollectionMeta(name, uid, schema.to_json(), shards, factor, time.time(), place(shards, factor, nodes))
         self.link.add_stream(meta.stream, [f"braid.{uid}.*"], self.config.stream_replicas)
@@ -257,6 +323,13 @@ class RemoteCatalog:
         except BaseException:
             self.link.delete_stream(meta.stream)
             raise
+        # An alias of this name made meanwhile through another router: each writes its key, then
+        # reads the other's, so at least one of the two sees the other and backs out.
+        alias = self._read_alias(name)
+        if alias is not None:
+            self.link.kv_delete(COLLECTIONS_BUCKET, name)
+            self.link.delete_stream(meta.stream)
+            raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias.collection!r})")
         metas = dict(self.state.metas)
         metas[name] = meta
         self.state.metas = metas
@@ -265,7 +338,26 @@ class RemoteCatalog:
         return collection
 
     def delete(self, name: str) -> None:
-        meta = self.get(name).meta
+        self._ready()
+        meta = self.state.metas.get(name)
+        if meta is None:  # never resolved through an alias: a delete names the collection itself
+            alias = self.state.aliases.get(name) or self._read_alias(name)
+            if alias is not None:
+                raise FailedPrecondition(
+                    f"name: {name!r} is an alias of {alias.collection!r}; delete the alias (DeleteAlias) or the "
+                    f"collection by its own name"
+                )
+            raise NotFound(f"collection {name!r} not found")
+        pointing = sorted(  # every alias in NATS now, not the view: one made a moment ago counts
+            alias.name
+            for key, raw in self.link.kv_items(ALIASES_BUCKET).items()
+            if (alias := parse_alias(key, raw)) is not None and alias.collection == name and alias.uid == meta.uid
+        )
+        if pointing:
+            raise FailedPrecondition(
+                f"name: collection {name!r} has aliases {', '.join(pointing)}: delete them (DeleteAlias) or point "
+                f"them at another collection (UpdateAlias) first"
+            )
         self.link.kv_delete(COLLECTIONS_BUCKET, name)
         metas = dict(self.state.metas)
         metas.pop(name, None)
@@ -275,6 +367,97 @@ class RemoteCatalog:
             self.link.delete_stream(meta.stream)
         except Unavailable as err:  # the metadata is gone; the stream is only unreachable data now
             log.warning("collection %r deleted, but its stream %s was not: %s", name, meta.stream, err)
+
+    # ----------------------------------------------------------------- aliases
+
+    def create_alias(self, name: str, collection: str) -> None:
+        self._ready()
+        check_name(name, "name")
+        check_name(collection, "collection")
+        if name in self.state.metas:
+            raise AlreadyExists(f"name: {name!r} is a collection; an alias needs a name of its own")
+        existing = self.state.aliases.get(name)
+        if existing is not None:
+            raise AlreadyExists(
+                f"name: alias {name!r} already exists (it points at {existing.collection!r}); UpdateAlias moves it"
+            )
+        meta = self._alias_target(collection)
+        try:
+            revision = self.link.kv_create(ALIASES_BUCKET, name, AliasMeta(name, collection, meta.uid).to_json())
+        except AlreadyExists:
+            raise AlreadyExists(f"name: alias {name!r} already exists; UpdateAlias moves it") from None
+        # A collection of this name made meanwhile through another router: see create().
+        if self._read_collection(name) is not None:
+            self.link.kv_delete_if(ALIASES_BUCKET, name, revision)
+            raise AlreadyExists(f"name: {name!r} is a collection; an alias needs a name of its own")
+        self._caught_up(revision)
+
+    def update_alias(self, name: str, collection: str) -> None:
+        self._ready()
+        check_name(name, "name")
+        check_name(collection, "collection")
+        meta = self._alias_target(collection)
+        value = AliasMeta(name, collection, meta.uid).to_json()
+        for _ in range(ALIAS_TRIES):  # compare-and-set: an alias deleted meanwhile is never revived
+            found = self.link.kv_get(ALIASES_BUCKET, name)
+            if found is None:
+                raise self._no_alias(name)
+            revision = self.link.kv_update(ALIASES_BUCKET, name, value, found[1])
+            if revision is not None:
+                self._caught_up(revision)
+                return
+        raise Unavailable(f"name: alias {name!r} changed under each of {ALIAS_TRIES} tries to update it; retry")
+
+    def delete_alias(self, name: str) -> None:
+        self._ready()
+        check_name(name, "name")
+        for _ in range(ALIAS_TRIES):
+            found = self.link.kv_get(ALIASES_BUCKET, name)
+            if found is None:
+                raise self._no_alias(name)
+            revision = self.link.kv_delete_if(ALIASES_BUCKET, name, found[1])
+            if revision is not None:
+                self._caught_up(revision)
+                return
+        raise Unavailable(f"name: alias {name!r} changed under each of {ALIAS_TRIES} tries to delete it; retry")
+
+    def list_aliases(self) -> list[tuple[str, str]]:
+        self._ready()
+        return sorted((alias.name, alias.collection) for alias in self.state.aliases.values())
+
+    def aliases_of(self, collection: str) -> list[str]:
+        meta = self.state.metas.get(collection)
+        if meta is None:
+            return []
+        return sorted(
+            alias.name
+            for alias in self.state.aliases.values()
+            if alias.collection == collection and alias.uid == meta.uid
+        )
+
+    def _alias_target(self, collection: str) -> CollectionMeta:
+        """What an alias may point at: an existing collection, by its own name."""
+        meta = self.state.metas.get(collection) or self._read_collection(collection)
+        if meta is not None:
+            return meta
+        alias = self.state.aliases.get(collection) or self._read_alias(collection)
+        if alias is not None:
+            raise InvalidArgument.field(
+                "collection",
+                f"{collection!r} is an alias (of {alias.collection!r}); an alias points at a collection by its "
+                "own name",
+            )
+        raise NotFound(f"collection: collection {collection!r} does not exist")
+
+    def _no_alias(self, name: str) -> NotFound:
+        if name in self.state.metas:
+            return NotFound(f"name: {name!r} is a collection, not an alias (alias calls never change collections)")
+        return NotFound(f"name: alias {name!r} does not exist")
+
+    def _caught_up(self, revision: int) -> None:
+        """Answer an alias change once this router's view reflects it (it then reads its own change)."""
+        if not self.state.wait_alias_revision(revision, ALIAS_WAIT_S):
+            log.warning("alias change stored (revision %d) but not yet seen by this router's watch", revision)
 
     def close(self) -> None:
         self.link.close()
@@ -807,6 +990,8 @@ class RouterRpcs(BraidRpcs):
         )
         info.write_problem = problem
         info.replication_factor = collection.replication_factor
+        info.aliases.extend(self.catalog.aliases_of(collection.name))
+        self.encoding.stamp_fingerprints(info.schema)
         return info
 
     def quick(self, request: Any) -> bool:
@@ -819,10 +1004,10 @@ class RouterRpcs(BraidRpcs):
             return None
         if request.consistency == pb.CONSISTENCY_STRONG or not self.catalog.state.synced.is_set():
             return None  # STRONG asks NATS first (blocking); a starting router answers on a worker
-        meta = self.catalog.state.metas.get(request.collection)
+        meta = self.catalog.known(request.collection)  # an alias resolved once, from the view
         if meta is None:
-            return None  # NOT_FOUND from the worker path
-        return self.catalog.get(request.collection).search_dense_on_loop(
+            return None  # NOT_FOUND (or a fresh read of NATS) from the worker path
+        return self.catalog._collection(meta).search_dense_on_loop(
             request, deadline or time.monotonic() + DEFAULT_TIMEOUT_S, self.max_response_bytes
         )
 
@@ -863,9 +1048,13 @@ class _PipelinedWriter:
         self.pending: dict[str, tuple[RemoteCollection, dict[int, list[int]]]] = {}
         self.wants_applied = False
         self.batches = 0
+        self.resolved: dict[str, str] = {}
 
     def upsert(self, request: pb.UpsertRequest) -> int:
-        collection = self.rpcs.catalog.get(request.collection)
+        name = self.resolved.get(request.collection)
+        if name is None:  # an alias is resolved once per stream, as standalone (service/rpcs.py)
+            name = self.resolved[request.collection] = self.rpcs.catalog.resolve(request.collection)
+        collection = self.rpcs.catalog.get(name)
         docs = convert.documents_from_proto(request.documents)
         self.rpcs.encoding.fill_documents(collection.schema, docs)
         count, by_shard = collection.upsert_logged(docs)

@@ -1,9 +1,10 @@
 """The router's view of the cluster, and its channels to shard servers.
 
-- ``ClusterState``: collections and shard-server membership, watched from the two NATS KV
-  buckets (service/cluster/meta.py) into memory; which servers are live (judged against the
-  freshest heartbeat, so a stalled bucket never makes healthy servers look dead); the order
-  in which a shard's replicas are tried.
+- ``ClusterState``: collections, aliases and shard-server membership, watched from the NATS
+  KV buckets (service/cluster/meta.py) into memory, with the aliases bucket's revision the
+  view has reached (a router waits for its own alias writes); which servers are live
+  (judged against the freshest heartbeat, so a stalled bucket never makes healthy servers
+  look dead); the order in which a shard's replicas are tried.
 - ``ShardClients``: one gRPC channel per shard-server address (sync and grpc.aio), each
   call carrying the current request id (and trace context) to the shard server.
 - ``RouterStats``: what /metrics reports of the router's calls to replicas.
@@ -20,13 +21,17 @@ from braid.cluster.v1 import shard_pb2_grpc
 
 from ..logs import REQUEST_ID_KEY, forward_metadata
 from .meta import (
+    ALIASES_BUCKET,
     COLLECTIONS_BUCKET,
     HEARTBEAT_S,
     NODE_TTL_S,
     NODES_BUCKET,
+    AliasMeta,
     CollectionMeta,
     NodeInfo,
+    alias_changed,
     changed,
+    parse_alias,
     parse_collections,
     parse_node,
 )
@@ -36,11 +41,15 @@ SUSPECT_S = 1.0  # a replica that failed is tried last for this long
 
 
 class ClusterState:
-    """The router's view of the cluster, kept current by watching the two buckets."""
+    """The router's view of the cluster, kept current by watching the buckets."""
 
     def __init__(self, link: NatsLink) -> None:
         self.link = link
         self.metas: dict[str, CollectionMeta] = {}
+        self.aliases: dict[str, AliasMeta] = {}  # replaced whole on each change: one read, one version
+        self.alias_revision = 0  # the aliases bucket's revision self.aliases reflects
+        self._alias_seen = threading.Condition()
+        self._aliases_synced = threading.Event()
         self.nodes: dict[str, tuple[NodeInfo, float]] = {}  # node id -> (info, time.monotonic() last seen)
         self.synced = threading.Event()
         self._nodes_synced = threading.Event()
@@ -50,12 +59,34 @@ class ClusterState:
     def start(self) -> None:
         self.link.watch(COLLECTIONS_BUCKET, self._collections_snapshot, self._collection_changed)
         self.link.watch(NODES_BUCKET, self._nodes_snapshot, self._node_changed, silent_s=3 * HEARTBEAT_S)
+        self.link.watch(ALIASES_BUCKET, self._aliases_snapshot, self._alias_changed, on_revision=self._alias_reached)
+
+    def _check_synced(self) -> None:
+        if self._nodes_synced.is_set() and self._collections_synced.is_set() and self._aliases_synced.is_set():
+            self.synced.set()
 
     def _collections_snapshot(self, items: dict[str, bytes]) -> None:
         self.metas = parse_collections(items)
         self._collections_synced.set()
-        if self._nodes_synced.is_set():
-            self.synced.set()
+        self._check_synced()
+
+    def _aliases_snapshot(self, items: dict[str, bytes]) -> None:
+        self.aliases = {key: alias for key, raw in items.items() if (alias := parse_alias(key, raw)) is not None}
+        self._aliases_synced.set()
+        self._check_synced()
+
+    def _alias_changed(self, key: str, value: bytes | None) -> None:
+        self.aliases = alias_changed(self.aliases, key, value)
+
+    def _alias_reached(self, revision: int) -> None:
+        with self._alias_seen:
+            self.alias_revision = max(self.alias_revision, revision)
+            self._alias_seen.notify_all()
+
+    def wait_alias_revision(self, revision: int, timeout: float) -> bool:
+        """Until the view reflects the aliases bucket at ``revision`` (a write of this router)."""
+        with self._alias_seen:
+            return self._alias_seen.wait_for(lambda: self.alias_revision >= revision, timeout)
 
     def _collection_changed(self, key: str, value: bytes | None) -> None:
         self.metas = changed(self.metas, key, value)
@@ -68,8 +99,7 @@ class ClusterState:
         fresh = {key: (info, now) for key, raw in items.items() if (info := parse_node(key, raw)) is not None}
         self.nodes = {**self.nodes, **fresh}
         self._nodes_synced.set()
-        if self._collections_synced.is_set():
-            self.synced.set()
+        self._check_synced()
 
     def _node_changed(self, key: str, value: bytes | None) -> None:
         nodes = dict(self.nodes)
