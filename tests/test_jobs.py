@@ -239,6 +239,71 @@ def test_kill_minus_9_at_random_moments_then_every_document_once_with_its_last_c
     assert again.returncode == EXIT_OK and json.loads(out.strip().splitlines()[-1])["status"] == "already-done"
 
 
+def test_sigterm_finishes_the_batches_in_flight_exits_75_and_resumes(
+    child_server, tmp_path: Path, models_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = child_server(None, "--models-dir", str(models_dir))
+    server.client.create_collection("c", _schema())
+    corpus = tmp_path / "docs.jsonl"
+    expected = _write_corpus(corpus, 1200)
+    store = CheckpointStore(server.client)
+    store.ensure()
+    job = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "evicted")
+    deadline = time.monotonic() + 60
+    while (checkpoint := store.load("evicted", 0, 1)) is None or checkpoint.position < 200:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)  # what Kubernetes sends a pod it evicts
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == EXIT_RETRYABLE, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["status"] == "failed" and "SIGTERM" in report["error"]
+    checkpoint = store.load("evicted", 0, 1)
+    assert checkpoint is not None and not checkpoint.done
+    # What it says it wrote is there: the checkpoint is exactly the acknowledged batches.
+    assert checkpoint.position < 1200 and server.client.count("c") == checkpoint.position == report["written"]
+    resumed = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "evicted")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == EXIT_OK, err
+    assert json.loads(out.strip().splitlines()[-1])["resumed_from"] == checkpoint.position
+    assert server.client.count("c") == 1200
+    assert _versions(server.client, "c", list(expected)) == expected
+
+
+def test_a_full_disk_on_the_server_is_waited_out(child_server, tmp_path: Path, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from . import diskfaults
+
+    flags = tmp_path / "faults"
+    flags.mkdir()
+    site = diskfaults.sitecustomize_dir(tmp_path / "site")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    env = {diskfaults.ENV: str(flags), "PYTHONPATH": path}
+    server = child_server(None, "--models-dir", str(models_dir), env=env)
+    server.client.create_collection("c", _schema())
+    corpus = tmp_path / "docs.jsonl"
+    expected = _write_corpus(corpus, 600)
+    outcome: dict[str, object] = {}
+    connect = lambda: BraidClient(f"127.0.0.1:{server.port}", timeout=10)  # noqa: E731
+    options = _options("c", corpus, models_dir, batch=16)
+    thread = threading.Thread(target=lambda: outcome.setdefault("report", run_index_job(options, connect)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while server.client.count("c") < 100:
+        assert time.monotonic() < deadline, "the job wrote nothing"
+        time.sleep(0.05)
+    (flags / "wal_write").touch()  # the disk fills up under the job
+    time.sleep(2.0)
+    stuck = server.client.count("c")
+    assert stuck < 600 and thread.is_alive()  # it waits; it neither fails nor skips
+    (flags / "wal_write").unlink()
+    thread.join(120)
+    report = outcome["report"]
+    assert report.exit_code == EXIT_OK, report.error  # type: ignore[attr-defined]
+    assert report.retried >= 1  # type: ignore[attr-defined]
+    assert server.client.count("c") == 600
+    assert _versions(server.client, "c", list(expected)) == expected
+
+
 def test_server_killed_mid_job_is_retried_with_backoff_and_nothing_is_lost(
     child_server, tmp_path: Path, models_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]

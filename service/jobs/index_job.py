@@ -12,8 +12,9 @@ Started again after any failure or kill, a job with the same name, partition and
 continues after its last acknowledged batch. Every option has a ``BRAID_JOB_*`` variable;
 the partition defaults to Kubernetes' ``JOB_COMPLETION_INDEX`` (an Indexed Job), and the
 partition count to ``BRAID_JOB_PARTITIONS``. Exit codes (sender.py): 0 done, 2 bad input
-or configuration (fix it; rerunning fails again), 75 the server stayed unavailable (rerun:
-it resumes), 1 anything else. The summary goes to stderr and, as JSON, to ``--report``.
+or configuration (fix it; rerunning fails again), 75 the server stayed unavailable or the
+job was stopped by SIGTERM after its batches in flight (rerun: it resumes), 1 anything else.
+The summary goes to stderr and, as JSON, to stdout and ``--report``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -44,7 +47,7 @@ from ..client import BraidClient
 from .checkpoint import Checkpoint, CheckpointStore
 from .corpus import FORMATS, CorpusError, Row, count_lines, expand, fingerprint, partition_rows
 from .encode import Batch, Encoded, Reject, encode_in_worker, start_worker
-from .sender import EXIT_BAD_INPUT, EXIT_OK, Backoff, JobFailed, Sender, failure_of, retryable
+from .sender import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE, Backoff, JobFailed, Sender, failure_of, retryable
 
 T = TypeVar("T")
 DEFAULT_MODELS_DIR = "braid-data/models"  # the server's default (<data-dir>/models) when both run in one place
@@ -97,6 +100,7 @@ def run_index_job(options: JobOptions, connect: Callable[[], BraidClient]) -> Jo
     """Run one partition to its end; returns the report (its exit_code says how it went)."""
     started = time.monotonic()
     report = JobReport(options.job, options.collection, options.partition, options.partitions)
+    _STOP.clear()
     try:
         _check_options(options)
         files = expand(options.corpus)
@@ -213,6 +217,10 @@ def _checked(encoded: Iterator[Encoded], options: JobOptions, report: JobReport)
 
 def _batches(rows: Iterator[Row], size: int, position: int) -> Iterator[Batch]:
     for seq in itertools.count():
+        if _STOP.is_set():
+            # The stream ends cleanly after this: the batches in flight are acknowledged and
+            # checkpointed, and a rerun resumes after them.
+            raise JobFailed("stopped by SIGTERM after the batches in flight; rerun to resume", EXIT_RETRYABLE)
         chunk = list(itertools.islice(rows, size))
         if not chunk:
             return
@@ -317,6 +325,14 @@ class _Rejects:
             self.out.close()
 
 
+# SIGTERM (a pod evicted or deleted) sets this: no new batch is read, the ones in flight finish.
+_STOP = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _STOP.set()
+
+
 # ---------------------------------------------------------------------- CLI
 
 
@@ -390,6 +406,7 @@ def add_job_command(commands: Any, address: argparse.ArgumentParser, client: Cal
             max_retries=args.max_retries,
             progress=not args.no_progress,
         )
+        signal.signal(signal.SIGTERM, _on_sigterm)
         report = run_index_job(options, lambda: client(args))
         _print_report(report, options.report)
         return report.exit_code
