@@ -14,6 +14,12 @@ Medians of a few samples keep one noisy interval (a garbage collection, a neighb
 on a shared machine) from deciding the verdict alone; the p99 floor keeps sub-millisecond
 jitter from counting as drift. Fewer than two samples after the warm-up is a failure too:
 such a soak shows nothing.
+
+Each sample also carries diagnostics that the verdict reports but does not judge: the
+server's CPU milliseconds per call, and the machine's busy and hypervisor-stolen share of
+all its cores over the interval. A p99 that grows while the CPU per call stays flat and the
+machine gets busier is the machine's (a neighbour, scheduling, steal); a growing CPU per
+call is the server's own.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import psutil
 
 from . import stats
 from .generator import Window
@@ -37,6 +45,11 @@ class SoakSample:
     p99_ms: float
     rss_bytes: int  # all of the target's processes together
     fds: int
+    # Diagnostics, not judged: the target's CPU per call in the interval, and how busy the
+    # whole machine was (all cores, every process) and how much the hypervisor stole.
+    server_cpu_ms_per_call: float = 0.0
+    machine_busy_percent: float = 0.0
+    steal_percent: float = 0.0
 
 
 @dataclass
@@ -51,6 +64,13 @@ class SoakVerdict:
     rss_final_bytes: float = 0.0
     rss_growth: float = 0.0
     error_share: float = 0.0
+    # Same windows as the p99 (diagnostics): flat CPU per call while p99 grows points at the
+    # machine (scheduling, neighbours, steal); growing CPU per call points at the server.
+    cpu_ms_per_call_baseline: float = 0.0
+    cpu_ms_per_call_final: float = 0.0
+    machine_busy_baseline_percent: float = 0.0
+    machine_busy_final_percent: float = 0.0
+    steal_final_percent: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,11 +102,19 @@ def check_soak(
     verdict.p99_final_ms = statistics.median(s.p99_ms for s in last)
     if verdict.p99_baseline_ms > 0:
         verdict.p99_drift = verdict.p99_final_ms / verdict.p99_baseline_ms - 1
+    verdict.cpu_ms_per_call_baseline = statistics.median(s.server_cpu_ms_per_call for s in first)
+    verdict.cpu_ms_per_call_final = statistics.median(s.server_cpu_ms_per_call for s in last)
+    verdict.machine_busy_baseline_percent = statistics.median(s.machine_busy_percent for s in first)
+    verdict.machine_busy_final_percent = statistics.median(s.machine_busy_percent for s in last)
+    verdict.steal_final_percent = statistics.median(s.steal_percent for s in last)
     grew_ms = verdict.p99_final_ms - verdict.p99_baseline_ms
     if grew_ms > p99_floor_ms and (verdict.p99_drift > max_p99_drift or verdict.p99_baseline_ms == 0):
         verdict.failures.append(
             f"p99 drifted {verdict.p99_drift:+.0%} (from {verdict.p99_baseline_ms:.2f} ms after warm-up to "
-            f"{verdict.p99_final_ms:.2f} ms at the end; limit {max_p99_drift:+.0%})"
+            f"{verdict.p99_final_ms:.2f} ms at the end; limit {max_p99_drift:+.0%}; meanwhile server CPU per call "
+            f"{verdict.cpu_ms_per_call_baseline:.3f} -> {verdict.cpu_ms_per_call_final:.3f} ms, machine busy "
+            f"{verdict.machine_busy_baseline_percent:.0f}% -> {verdict.machine_busy_final_percent:.0f}%, "
+            f"steal {verdict.steal_final_percent:.1f}%)"
         )
     if watch_rss:
         verdict.rss_baseline_bytes = statistics.median(s.rss_bytes for s in first)
@@ -142,6 +170,7 @@ def soak_samples(
                 errors += sum(result.errors.values())
         lat = stats.summary_ms(hist)
         nearest = min(server, key=lambda s: abs(s["t"] - t)) if server else {"rss_bytes": 0, "fds": 0}
+        diagnostics = _interval_use(server, t - per * window_s, t, ok + errors)
         out.append(
             SoakSample(
                 t=round(t, 3),
@@ -152,6 +181,26 @@ def soak_samples(
                 p99_ms=lat["p99"],
                 rss_bytes=int(nearest["rss_bytes"]),
                 fds=int(nearest["fds"]),
+                **diagnostics,
             )
         )
     return out
+
+
+def _interval_use(server: list[dict[str, Any]], start: float, end: float, calls: int) -> dict[str, float]:
+    """CPU use between the server samples nearest ``start`` and ``end``: the target's ms per
+    call, and the machine's busy and stolen share of all its cores."""
+    timed = [s for s in server if "cpu_s" in s]
+    if len(timed) < 2:
+        return {}
+    a = min(timed, key=lambda s: abs(s["t"] - start))
+    b = min(timed, key=lambda s: abs(s["t"] - end))
+    wall = b["t"] - a["t"]
+    if wall <= 0:
+        return {}
+    capacity = wall * (psutil.cpu_count() or 1)
+    return {
+        "server_cpu_ms_per_call": round((b["cpu_s"] - a["cpu_s"]) * 1000 / calls, 4) if calls else 0.0,
+        "machine_busy_percent": round(100 * (b["machine_busy_s"] - a["machine_busy_s"]) / capacity, 1),
+        "steal_percent": round(100 * (b["machine_steal_s"] - a["machine_steal_s"]) / capacity, 2),
+    }

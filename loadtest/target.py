@@ -64,16 +64,24 @@ class ProcessWatch:
         for name, process in self.processes.items():
             try:
                 with process.oneshot():
+                    times = process.cpu_times()
                     per[name] = {
                         "rss_bytes": process.memory_info().rss,
                         "fds": process.num_fds(),
                         "cpu_percent": process.cpu_percent(None),
+                        "cpu_s": times.user + times.system,
                     }
             except psutil.Error:
                 continue
+        machine = psutil.cpu_times()
         return {
             "rss_bytes": sum(int(p["rss_bytes"]) for p in per.values()),
             "fds": sum(int(p["fds"]) for p in per.values()),
+            "cpu_s": sum(p["cpu_s"] for p in per.values()),  # the target's CPU seconds so far
+            # The machine's CPU seconds so far: busy (every process) and stolen by the hypervisor,
+            # so a soak can tell a server that got slower from a machine that got busier.
+            "machine_busy_s": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
+            "machine_steal_s": getattr(machine, "steal", 0.0),
             "per_process": per,
         }
 

@@ -273,6 +273,14 @@ def test_soak_command_writes_samples_and_rss(server: Standalone, tmp_path: Path)
     assert (code == 0) == data["verdict"]["ok"]
     assert len(data["samples"]) >= 5 and all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in data["samples"])
     assert data["errors"] == {} and path.with_suffix(".png").stat().st_size > 1000
+    # The diagnostics that tell the server's drift from the machine's: a search costs the
+    # server some CPU (well under a second; process CPU time ticks in 10 ms, so a 1 s sample
+    # may read 0), and the machine was busy some of the time.
+    steady = data["samples"][1:-1]  # the first and last intervals have a server sample at one end only
+    assert all(0 <= s["server_cpu_ms_per_call"] < 1000 for s in steady), steady
+    assert sum(s["server_cpu_ms_per_call"] for s in steady) > 0, steady
+    assert all(0 < s["machine_busy_percent"] <= 100 and s["steal_percent"] >= 0 for s in steady), steady
+    assert data["verdict"]["cpu_ms_per_call_final"] > 0
 
 
 @pytest.mark.slow
