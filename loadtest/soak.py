@@ -193,8 +193,11 @@ def _interval_use(server: list[dict[str, Any]], start: float, end: float, calls:
     timed = [s for s in server if "cpu_s" in s]
     if len(timed) < 2:
         return {}
-    a = min(timed, key=lambda s: abs(s["t"] - start))
-    b = min(timed, key=lambda s: abs(s["t"] - end))
+    ia = min(range(len(timed)), key=lambda i: abs(timed[i]["t"] - start))
+    ib = min(range(len(timed)), key=lambda i: abs(timed[i]["t"] - end))
+    if ia == ib:  # an interval at the edge of the sampling: the nearest full interval stands in
+        ia, ib = (ia - 1, ia) if ia > 0 else (ia, ia + 1)
+    a, b = timed[ia], timed[ib]
     wall = b["t"] - a["t"]
     if wall <= 0:
         return {}
