@@ -179,6 +179,28 @@ def test_cluster_bm25_smoke(cluster: Cluster, tmp_path: Path) -> None:
     assert_watched_all(data, cluster)
 
 
+def test_cluster_hybrid_smoke(cluster: Cluster, models: tuple[Path, str], tmp_path: Path) -> None:
+    need_shared("cranfield")
+    if models[1]:
+        pytest.skip(f"the hybrid scenario needs the default model: {models[1]}")
+    # The router encodes documents at load time and every query: few documents, a modest rate.
+    small = ["--set", "data.max_docs=60"]
+    code, data, path = run_cli(tmp_path, "run", "hybrid", *against(cluster), *CRANFIELD, *small, *RUN, "--rate", "15")
+    assert_smoke(code, data, path, 15)
+    assert_watched_all(data, cluster)
+
+
+def test_cluster_bulk_smoke(cluster: Cluster, tmp_path: Path) -> None:
+    gentle = [f"--set=bulk.{key}" for key in ("streams=1", "batch=20", "batches_per_stream=5", "batches_per_s=5")]
+    code, data, path = run_cli(
+        tmp_path, "run", "bulk", *against(cluster), *SMALL_VECTORS, *gentle, *RUN, "--rate", "40"
+    )
+    assert_smoke(code, data, path, 40)
+    assert_watched_all(data, cluster)
+    assert data["bulk"]["completed"] >= 2 and data["bulk"]["errors"] == {}
+    assert data["bulk"]["docs_acknowledged"] >= 2 * 5 * 20
+
+
 # --------------------------------------------------------------------- find-max
 
 
