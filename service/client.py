@@ -330,42 +330,53 @@ class BraidClient:
             raise ValueError(f"window must be at least 1, got {window}")
         in_flight: collections.deque[pb.UpsertRequest] = collections.deque()
         slots = threading.Semaphore(window)
-        lock = threading.Lock()  # a batch is taken from ``requests`` and recorded in flight as one step
-        ended = False
+        # ``state`` guards in_flight and the two flags. A batch taken from ``requests`` is put
+        # in flight as soon as it is taken, and a failure waits for a pull under way to land
+        # there, so ``unacked`` misses nothing; acks never wait for a pull (which may encode).
+        state = threading.Condition()
+        ended = pulling = False
         source = iter(requests)
         broken: list[BaseException] = []
 
         def feed() -> Iterator[pb.UpsertRequest]:
             # Runs on gRPC's sending thread.
+            nonlocal pulling
             while True:
                 while not slots.acquire(timeout=0.2):
                     if ended:  # the call is over: stop waiting here
                         return
-                with lock:
+                with state:
                     if ended:
                         return
-                    try:
-                        request = next(source, None)
-                    except BaseException as err:  # re-raised on the caller's thread, after the acks so far
-                        broken.append(err)
-                        return
-                    if request is None:
-                        return
-                    in_flight.append(request)
+                    pulling = True
+                request = None
+                try:
+                    request = next(source, None)
+                except BaseException as err:  # re-raised on the caller's thread, after the acks so far
+                    broken.append(err)
+                finally:
+                    with state:
+                        pulling = False
+                        if request is not None:
+                            in_flight.append(request)
+                        state.notify_all()
+                if request is None or ended:
+                    return
                 yield request
 
         call = self.stub.UpsertStream(feed(), timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
         try:
             for ack in call:
-                with lock:
+                with state:
                     request = in_flight.popleft()
                 slots.release()
                 yield request, ack
             if broken:  # ``requests`` raised: the batches before it are acknowledged; now the caller hears why
                 raise broken[0]
         except grpc.RpcError as err:
-            with lock:
+            with state:
                 ended = True
+                state.wait_for(lambda: not pulling, timeout=STREAM_TIMEOUT_S)
                 unacked = list(in_flight)
             raise StreamFailed(err, unacked) from err
         finally:

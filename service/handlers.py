@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from .logs import with_request_id
 from .observe import CallObserver
 from .rpcs import BraidRpcs
 
+_log = logging.getLogger("braid.handlers")
 SERVICE = pb.DESCRIPTOR.services_by_name["Braid"]
 SERVICE_NAME = SERVICE.full_name
 BATCHES_APPLIED_KEY = "braid-batches-applied"
@@ -223,7 +225,15 @@ class BraidHandlers:
             raise
         except BaseException as err:
             failure = err
-        await self._abort(context, failure, applied.trailing(), applied.template())
+        try:
+            await self._abort(context, failure, applied.trailing(), applied.template())
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            # The ack the client never read is still stuck in the call, so gRPC cannot send the
+            # status either. The stream's slot and worker are free already; the call itself ends
+            # at the client's deadline or when its connection goes.
+            _log.info("UpsertStream from %s ended without a status: %s (%s)", context.peer(), failure, err)
 
     async def _apply_stream(
         self,

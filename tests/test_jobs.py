@@ -74,6 +74,7 @@ def _options(collection: str, corpus: Path, models_dir: Path, **overrides: objec
 
 
 def _job_cli(port: int, models_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The real CLI in its own process group (so a test can signal the group, as systemd does)."""
     command = [sys.executable, "-m", "braid.service.cli", "job", "index", "--address", f"127.0.0.1:{port}"]
     return subprocess.Popen(
         [*command, "--models-dir", str(models_dir), "--no-progress", *args],
@@ -81,7 +82,19 @@ def _job_cli(port: int, models_dir: Path, *args: str, env: dict[str, str] | None
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, **(env or {})),
+        start_new_session=True,
     )
+
+
+def _wait_for_position(store: CheckpointStore, job: subprocess.Popen[str], name: str, position: int) -> None:
+    deadline = time.monotonic() + 60
+    while (checkpoint := store.load(name, 0, 1)) is None or checkpoint.position < position:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
+        time.sleep(0.02)
+
+
+def _last_report(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _versions(client: BraidClient, collection: str, ids: list[str]) -> dict[str, int]:
@@ -268,6 +281,51 @@ def test_sigterm_finishes_the_batches_in_flight_exits_75_and_resumes(
     assert json.loads(out.strip().splitlines()[-1])["resumed_from"] == checkpoint.position
     assert server.client.count("c") == 1200
     assert _versions(server.client, "c", list(expected)) == expected
+
+
+def test_sigterm_to_the_process_group_and_a_dead_worker_still_end_with_a_report(
+    child_server, tmp_path: Path, models_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = child_server(None, "--models-dir", str(models_dir))
+    server.client.create_collection("c", _schema())
+    corpus = tmp_path / "docs.jsonl"
+    expected = _write_corpus(corpus, 1200)
+    store = CheckpointStore(server.client)
+    store.ensure()
+    # systemd, `timeout` or a shell's kill -TERM -PGID signal every process of the job.
+    job = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "group", "--workers", "2")
+    _wait_for_position(store, job, "group", 100)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == EXIT_RETRYABLE, err
+    assert "SIGTERM" in _last_report(out)["error"]
+    # An encoder worker killed (out of memory, say): the job still reports, as retryable.
+    job = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "group", "--workers", "2")
+    _wait_for_position(store, job, "group", store.load("group", 0, 1).position + 64)  # type: ignore[union-attr]
+    psutil.Process(job.pid).children()[-1].kill()
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == EXIT_RETRYABLE, err
+    report = _last_report(out)
+    assert report["status"] == "failed" and "worker process died" in report["error"]
+    final = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "group")
+    out, err = final.communicate(timeout=120)
+    assert final.returncode == EXIT_OK, err
+    assert server.client.count("c") == 1200
+    assert _versions(server.client, "c", list(expected)) == expected
+
+
+def test_sigterm_cuts_a_retry_wait_short(tmp_path: Path, models_dir: Path) -> None:
+    corpus = tmp_path / "docs.jsonl"
+    _write_corpus(corpus, 3)
+    job = _job_cli(_free_port(), models_dir, "c", str(corpus), "--max-retries", "50")  # nothing listens there
+    time.sleep(3.0)  # well into its backoff
+    assert job.poll() is None
+    started = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=30)
+    assert job.returncode == EXIT_RETRYABLE, err
+    assert time.monotonic() - started < 5
+    assert "SIGTERM" in _last_report(out)["error"]
 
 
 def test_a_full_disk_on_the_server_is_waited_out(child_server, tmp_path: Path, models_dir: Path) -> None:  # type: ignore[no-untyped-def]

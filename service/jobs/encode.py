@@ -175,7 +175,10 @@ def start_worker(collection: str, schema: bytes, models_dir: str, threads: int, 
     """ProcessPoolExecutor initializer: load the models once per worker process."""
     import os
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # A process group of its own: SIGTERM or Ctrl-C to the job's group (systemd, `timeout`, a
+    # terminal) is the parent's to handle, as it finishes the batches in flight with its
+    # workers. The pool can still terminate a worker, and a worker leaves with its parent.
+    os.setpgrp()
     _exit_with_parent(os.getppid())
     global _WORKER
     _WORKER = BatchEncoder(collection, schema, Path(models_dir), threads, text_field)

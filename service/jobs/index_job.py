@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import itertools
 import json
 import multiprocessing
@@ -32,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,13 +43,24 @@ import grpc
 from braid.encoders.errors import EncoderError
 from braid.encoders.export import BUILTIN_MODELS, export_builtin
 from braid.encoders.registry import ModelStore
+from braid.encoders.runtime import default_threads
 from braid.v1 import braid_pb2 as pb
 
 from ..client import BraidClient
 from .checkpoint import Checkpoint, CheckpointStore
 from .corpus import FORMATS, CorpusError, Row, count_lines, expand, fingerprint, partition_rows
 from .encode import Batch, Encoded, Reject, encode_in_worker, start_worker
-from .sender import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE, Backoff, JobFailed, Sender, failure_of, retryable
+from .sender import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RETRYABLE,
+    Backoff,
+    JobFailed,
+    Sender,
+    failure_of,
+    retryable,
+)
 
 T = TypeVar("T")
 DEFAULT_MODELS_DIR = "braid-data/models"  # the server's default (<data-dir>/models) when both run in one place
@@ -115,6 +128,11 @@ def run_index_job(options: JobOptions, connect: Callable[[], BraidClient]) -> Jo
     except grpc.RpcError as err:
         failed = failure_of(err, "talking to the server")
         report.status, report.exit_code, report.error = "failed", failed.exit_code, str(failed)
+    except BrokenProcessPool as err:  # a worker killed (out of memory, a signal): rerunning resumes
+        report.status, report.exit_code = "failed", EXIT_RETRYABLE
+        report.error = f"an encoder worker process died ({err}); rerun to resume from the checkpoint"
+    except Exception as err:  # never leave without the report: what was acknowledged is checkpointed
+        report.status, report.exit_code, report.error = "failed", EXIT_FAILED, f"{type(err).__name__}: {err}"
     report.seconds = round(time.monotonic() - started, 3)
     report.docs_per_s = round(report.written / report.seconds, 1) if report.seconds > 0 else 0.0
     return report
@@ -181,12 +199,15 @@ def _run(options: JobOptions, client: BraidClient, files: list[Path], corpus: st
         partition_rows(files, options.format, options.partition, options.partitions), checkpoint.position, None
     )
     batches = _batches(rows, options.batch, checkpoint.position)
-    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    threads = max(1, default_threads() // options.workers)  # the CPUs this process may use, shared
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # inherited by the workers, before their numpy loads
     args = (collection, info.schema.SerializeToString(), str(options.models_dir), threads, options.text_field)
     pool = ProcessPoolExecutor(
         options.workers, mp_context=multiprocessing.get_context("spawn"), initializer=start_worker, initargs=args
     )
-    sender = Sender(client, acknowledged, window=options.window, skip_invalid=options.skip_invalid, backoff=backoff)
+    sender = Sender(
+        client, acknowledged, window=options.window, skip_invalid=options.skip_invalid, backoff=backoff, sleep=_sleep
+    )
     try:
         encoded = _checked(_ordered(pool, encode_in_worker, batches, ahead=2 * options.workers + 1), options, report)
         sender.run(encoded)
@@ -248,7 +269,7 @@ def _retrying(call: Callable[[], T], backoff: Backoff, doing: str) -> T:
         except grpc.RpcError as err:
             if not retryable(err) or attempt > backoff.max_retries:
                 raise failure_of(err, doing) from None
-            time.sleep(backoff.delay(attempt))
+            _sleep(backoff.delay(attempt))
     raise AssertionError("unreachable")
 
 
@@ -333,6 +354,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _STOP.set()
 
 
+def _sleep(seconds: float) -> None:
+    """A backoff wait that SIGTERM cuts short: the job stops instead of retrying on."""
+    if _STOP.wait(seconds):
+        raise JobFailed("stopped by SIGTERM while waiting to retry; rerun to resume", EXIT_RETRYABLE)
+
+
 # ---------------------------------------------------------------------- CLI
 
 
@@ -407,6 +434,7 @@ def add_job_command(commands: Any, address: argparse.ArgumentParser, client: Cal
             progress=not args.no_progress,
         )
         signal.signal(signal.SIGTERM, _on_sigterm)
+        faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack to stderr
         report = run_index_job(options, lambda: client(args))
         _print_report(report, options.report)
         return report.exit_code
