@@ -1,6 +1,7 @@
 """The offline scrub: check every checksum of a data directory and report every bad file.
 
-What is checked, per collection (``verify_collection``), without changing a byte:
+What is checked, without changing a byte: ``aliases.json`` (its crc32, its entries, and that
+every alias points at a collection that exists), and per collection (``verify_collection``):
 
     collection.json           its embedded crc32 (index/manifest.py), and that it parses
     shard-NNN/MANIFEST.json   crc32, fields, the generation directory exists (index/shard.py)
@@ -30,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import dirlock, text, wal
+from .aliases import AliasTable
 from .checksums import Problem, check_directory
 from .errors import DataLoss, FailedPrecondition
 from .manifest import read_json
@@ -59,9 +61,25 @@ def verify_data_dir(data_dir: Path, collection: str | None = None) -> list[Probl
         )
     check_not_served(paths)
     problems: list[Problem] = []
+    if collection is None:
+        problems += verify_aliases(Path(data_dir), {p.name for p in paths})
     for path in paths:
         problems += verify_collection(path)
     return problems
+
+
+def verify_aliases(data_dir: Path, collections: set[str]) -> list[Problem]:
+    """aliases.json (index/aliases.py): its crc32 and entries, and that each alias points at a
+    collection that exists (a dangling alias answers NOT_FOUND until it is moved or deleted)."""
+    table = AliasTable(data_dir)
+    table.load()
+    if table.problem is not None:
+        return [Problem(str(table.path), str(table.problem))]
+    return [
+        Problem(str(table.path), f"alias {alias!r} points at {target!r}, which does not exist")
+        for alias, target in table.items()
+        if target not in collections
+    ]
 
 
 def check_not_served(collections: list[Path]) -> None:

@@ -284,6 +284,27 @@ def test_every_flipped_bit_in_the_alias_file_is_detected(tmp_path: Path) -> None
             assert str(table.path) in str(fresh.problem)
 
 
+def test_braid_verify_checks_the_alias_file(tmp_path: Path) -> None:
+    from braid.index.verify import verify_data_dir
+
+    data = tmp_path / "data"
+    server, running = start_in_process(data)
+    build(running.client, "v1", "v1")
+    running.client.create_alias("articles", "v1")
+    stop_in_process(server, running)
+    assert verify_data_dir(data) == []
+    table = AliasTable(data)
+    table.load()
+    table.set("gone", "no-such-collection")  # as a crash between two writes could leave it
+    problems = verify_data_dir(data)
+    assert [p.fatal for p in problems] == [True] and "'gone' points at 'no-such-collection'" in str(problems[0])
+    damaged = bytearray(table.path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x04
+    table.path.write_bytes(bytes(damaged))
+    problems = verify_data_dir(data)
+    assert len(problems) == 1 and str(table.path) in str(problems[0]) and "aliases are unavailable" in str(problems[0])
+
+
 def test_a_damaged_alias_file_quarantines_the_aliases(tmp_path: Path) -> None:
     server, running = start_in_process(tmp_path / "data")
     build(running.client, "v1", "v1")
