@@ -348,7 +348,9 @@ class BraidCollector(Collector):
             "max_queue: queued calls beyond this are RESOURCE_EXHAUSTED.",
             value=admission.max_queue,
         )
-        yield GaugeMetricFamily("braid_streams_open", "Open BulkUpsert streams.", value=admission.open_streams)
+        yield GaugeMetricFamily(
+            "braid_streams_open", "Open write streams (BulkUpsert and UpsertStream).", value=admission.open_streams
+        )
 
     def _disk(self) -> Iterator[Metric]:
         if self.sources.data_dir is None:
