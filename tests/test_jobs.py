@@ -93,6 +93,17 @@ def _wait_for_position(store: CheckpointStore, job: subprocess.Popen[str], name:
         time.sleep(0.02)
 
 
+def _job_server(child_server, tmp_path: Path, models_dir: Path, rows: int):  # type: ignore[no-untyped-def]
+    """A ``braid serve`` child with collection ``c``, a corpus of ``rows`` documents, and the checkpoint store."""
+    server = child_server(None, "--models-dir", str(models_dir))
+    server.client.create_collection("c", _schema())
+    corpus = tmp_path / "docs.jsonl"
+    expected = _write_corpus(corpus, rows)
+    store = CheckpointStore(server.client)
+    store.ensure()
+    return server, corpus, expected, store
+
+
 def _last_report(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
@@ -255,17 +266,9 @@ def test_kill_minus_9_at_random_moments_then_every_document_once_with_its_last_c
 def test_sigterm_finishes_the_batches_in_flight_exits_75_and_resumes(
     child_server, tmp_path: Path, models_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    server = child_server(None, "--models-dir", str(models_dir))
-    server.client.create_collection("c", _schema())
-    corpus = tmp_path / "docs.jsonl"
-    expected = _write_corpus(corpus, 1200)
-    store = CheckpointStore(server.client)
-    store.ensure()
+    server, corpus, expected, store = _job_server(child_server, tmp_path, models_dir, 1200)
     job = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "evicted")
-    deadline = time.monotonic() + 60
-    while (checkpoint := store.load("evicted", 0, 1)) is None or checkpoint.position < 200:
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
-        time.sleep(0.02)
+    _wait_for_position(store, job, "evicted", 200)
     job.send_signal(signal.SIGTERM)  # what Kubernetes sends a pod it evicts
     out, err = job.communicate(timeout=30)
     assert job.returncode == EXIT_RETRYABLE, err
@@ -286,12 +289,7 @@ def test_sigterm_finishes_the_batches_in_flight_exits_75_and_resumes(
 def test_sigterm_to_the_process_group_and_a_dead_worker_still_end_with_a_report(
     child_server, tmp_path: Path, models_dir: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    server = child_server(None, "--models-dir", str(models_dir))
-    server.client.create_collection("c", _schema())
-    corpus = tmp_path / "docs.jsonl"
-    expected = _write_corpus(corpus, 1200)
-    store = CheckpointStore(server.client)
-    store.ensure()
+    server, corpus, expected, store = _job_server(child_server, tmp_path, models_dir, 1200)
     # systemd, `timeout` or a shell's kill -TERM -PGID signal every process of the job.
     job = _job_cli(server.port, models_dir, "c", str(corpus), "--batch", "32", "--job", "group", "--workers", "2")
     _wait_for_position(store, job, "group", 100)
@@ -525,6 +523,64 @@ def test_beir_and_parquet_corpora(server, tmp_path: Path, models_dir: Path) -> N
     assert report.exit_code == EXIT_OK, report.error
     assert server.client.count("pq") == 50
     assert server.client.get("pq", ["p9"])[0].payload["version"].int == 9
+
+
+# ----------------------------------------------------------------- reindex
+
+
+def test_reindex_with_a_job_then_swap_the_alias_under_searches(server, tmp_path: Path, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The issue's zero-downtime reindex: clients search ``articles``; a job builds
+    ``articles_v2`` beside ``articles_v1``; the alias moves; no search fails or mixes them."""
+    client = server.client
+    connect = lambda: BraidClient(f"127.0.0.1:{server.port}")  # noqa: E731
+    v1, v2 = tmp_path / "v1.jsonl", tmp_path / "v2.jsonl"
+    _write_corpus(v1, 80)
+    lines = [json.loads(line) for line in v1.read_text().splitlines()]
+    for doc in lines:  # the new version of every document
+        doc["payload"]["version"] = {"int": "2"}
+    v2.write_text("\n".join(json.dumps(doc) for doc in lines) + "\n")
+    client.create_collection("articles_v1", _schema())
+    assert run_index_job(_options("articles_v1", v1, models_dir), connect).exit_code == EXIT_OK
+    client.create_alias("articles", "articles_v1")
+
+    stop = threading.Event()
+    seen: list[set[int]] = []
+    failures: list[str] = []
+
+    def searcher() -> None:
+        with BraidClient(f"127.0.0.1:{server.port}") as mine:
+            while not stop.is_set():
+                request = pb.SearchRequest(collection="articles", limit=10, include_payload=True)
+                request.queries.add(dense=pb.DenseQuery(field="dense", text="document about topic 3"))
+                request.queries.add(bm25=pb.Bm25Query(text="topic 3 words"))
+                try:
+                    hits = mine.search_request(request).hits
+                except Exception as err:  # any failure is the finding
+                    failures.append(repr(err))
+                    continue
+                seen.append({hit.payload["version"].int for hit in hits})
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        client.create_collection("articles_v2", _schema())
+        report = run_index_job(_options("articles_v2", v2, models_dir, workers=2), connect)
+        assert report.exit_code == EXIT_OK, report.error
+        client.update_alias("articles", "articles_v2")
+        swapped_at = len(seen)
+        deadline = time.monotonic() + 30
+        while len(seen) < swapped_at + 20:
+            assert time.monotonic() < deadline, "searches stalled after the swap"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not failures, failures[:3]
+    assert all(len(versions) == 1 for versions in seen), [v for v in seen if len(v) != 1][:3]
+    assert {1} in seen and seen[-1] == {2}
+    assert client.get_collection("articles").name == "articles_v2"
 
 
 # ------------------------------------------------------------------ cluster

@@ -97,13 +97,7 @@ def parse_alias(name: str, raw: bytes) -> AliasMeta | None:
 
 def alias_changed(aliases: dict[str, AliasMeta], key: str, value: bytes | None) -> dict[str, AliasMeta]:
     """A copy of ``aliases`` after one update of the aliases bucket (as ``changed``)."""
-    out = dict(aliases)
-    alias = parse_alias(key, value) if value is not None else None
-    if alias is None:
-        out.pop(key, None)
-    else:
-        out[key] = alias
-    return out
+    return _with(aliases, key, parse_alias(key, value) if value is not None else None)
 
 
 @dataclass(frozen=True)
@@ -141,12 +135,16 @@ def parse_collection(name: str, raw: bytes) -> CollectionMeta | None:
 def changed(metas: dict[str, CollectionMeta], key: str, value: bytes | None) -> dict[str, CollectionMeta]:
     """A copy of ``metas`` after one update of the collections bucket (value None: deleted; a
     damaged value counts as deleted). A copy, so readers of the old dict never see it change."""
-    out = dict(metas)
-    meta = parse_collection(key, value) if value is not None else None
-    if meta is None:
+    return _with(metas, key, parse_collection(key, value) if value is not None else None)
+
+
+def _with(entries: dict[str, Any], key: str, entry: Any) -> dict[str, Any]:
+    """A copy of ``entries`` with ``key`` set to ``entry``, or removed when it is None."""
+    out = dict(entries)
+    if entry is None:
         out.pop(key, None)
     else:
-        out[key] = meta
+        out[key] = entry
     return out
 
 
