@@ -6,6 +6,7 @@ real ONNX models, the real CLI as a child process where a test kills the job its
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -17,12 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 import pytest
 
 from braid.service.cli import build_parser
-from braid.service.client import BraidClient
+from braid.service.client import BraidClient, StreamFailed
 from braid.service.jobs.checkpoint import SYSTEM_COLLECTION, CheckpointStore, checkpoint_id
 from braid.service.jobs.corpus import fingerprint, partition_of
 from braid.service.jobs.index_job import JobOptions, run_index_job
@@ -388,6 +390,57 @@ def test_server_killed_mid_job_is_retried_with_backoff_and_nothing_is_lost(
     assert report.retried >= 1  # type: ignore[attr-defined]
     assert restarted.client.count("c") == 700
     assert _versions(restarted.client, "c", list(expected)) == expected
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection lost"
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
+class _ScriptedStreams:
+    """``upsert_stream`` with its real contract (yield (request, ack) in order; on failure
+    StreamFailed with the requests taken but not acknowledged), failing on a script: stream k
+    takes ``takes[k]`` batches and acknowledges ``acks[k]`` of them. Only the retry
+    bookkeeping is under test; the real server's side is in the kill tests around it."""
+
+    def __init__(self, script: list[tuple[int, int]]) -> None:
+        self.script = list(script)
+        self.taken: list[list[str]] = []
+
+    def upsert_stream(self, requests, window=4, timeout=None):  # type: ignore[no-untyped-def]
+        fails = bool(self.script)  # every scripted stream fails; the one after them succeeds
+        takes, acks = self.script.pop(0) if fails else (10**9, 10**9)
+        taken = list(itertools.islice(requests, takes))
+        self.taken.append([r.documents[0].id for r in taken])
+        for request in taken[:acks]:
+            yield request, pb.UpsertStreamAck(upserted=1)
+        if fails:
+            raise StreamFailed(_Unavailable(), taken[acks:])
+
+
+def test_a_stream_that_fails_at_once_loses_none_of_the_batches_to_resend() -> None:
+    from braid.service.jobs.encode import Encoded
+    from braid.service.jobs.sender import Backoff, Sender
+
+    batches = [
+        Encoded(i, pb.UpsertRequest(collection="c", documents=[pb.Document(id=f"b{i}")]).SerializeToString(), [])
+        for i in range(10)
+    ]
+    # Stream 1 takes 6 and acknowledges 2; stream 2 dies after taking 1 of the 4 to resend;
+    # stream 3 dies before taking any; stream 4 carries the rest.
+    streams = _ScriptedStreams([(6, 2), (1, 0), (0, 0)])
+    acked: list[int] = []
+    sender = Sender(streams, lambda encoded, _: acked.append(encoded.seq), backoff=Backoff(), sleep=lambda _: None)  # type: ignore[arg-type]
+    sender.run(iter(batches))
+    assert acked == list(range(10))  # every batch acknowledged once, in order
+    assert streams.taken[1] == ["b2"] and streams.taken[3][:4] == ["b2", "b3", "b4", "b5"]
+    assert sender.stats.retried == 3
 
 
 def test_an_unreachable_server_ends_the_job_as_retryable(tmp_path: Path, models_dir: Path) -> None:

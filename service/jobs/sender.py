@@ -18,9 +18,9 @@ When the stream fails:
 
 from __future__ import annotations
 
-import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -137,19 +137,35 @@ class Sender:
                 yield request
 
         source = requests()
-        resend: list[pb.UpsertRequest] = []
+        # Batches to send before any new one: those a failed stream took without an ack, then
+        # those a stream never got to take. A stream that fails at once takes few or none of
+        # them, so they stay here for the next one: none is ever dropped.
+        pending: deque[pb.UpsertRequest] = deque()
+
+        def next_batches() -> Iterator[pb.UpsertRequest]:
+            # Not ``yield from source``: closing a failed stream's generator must not close ``source``.
+            while True:
+                if pending:
+                    yield pending.popleft()
+                    continue
+                request = next(source, None)
+                if request is None:
+                    return
+                yield request
+
         failures = 0
         while True:
             try:
-                for request, ack in self.client.upsert_stream(itertools.chain(resend, source), self.window):
+                for request, ack in self.client.upsert_stream(next_batches(), self.window):
                     self.on_ack(behind.pop(id(request)), ack.upserted)
                     failures = 0
                 return
             except StreamFailed as failed:
-                resend = failed.unacked
+                pending.extendleft(reversed(failed.unacked))
+                unacked = len(failed.unacked)
                 err = failed.error
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and resend:
-                self._reject(resend[0], behind[id(resend[0])], err)
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT and unacked:
+                self._reject(pending[0], behind[id(pending[0])], err)
                 continue
             if not retryable(err):
                 raise failure_of(err, "writing")
@@ -160,7 +176,7 @@ class Sender:
                     EXIT_RETRYABLE,
                 )
             self.stats.retried += 1
-            self.stats.resent += len(resend)
+            self.stats.resent += unacked
             self.sleep(self.backoff.delay(failures, pushback_s(err)))
 
     def _reject(self, request: pb.UpsertRequest, encoded: Encoded, err: grpc.RpcError) -> None:
