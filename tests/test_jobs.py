@@ -27,12 +27,12 @@ from braid.service.cli import build_parser
 from braid.service.client import BraidClient, StreamFailed
 from braid.service.jobs.checkpoint import SYSTEM_COLLECTION, CheckpointStore, checkpoint_id
 from braid.service.jobs.corpus import fingerprint, partition_of
-from braid.service.jobs.index_job import JobOptions, run_index_job
+from braid.service.jobs.index_job import JobOptions, JobReport, run_index_job
 from braid.service.jobs.sender import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE
 from braid.v1 import braid_pb2 as pb
 
 from .clusterkit import local_cluster  # noqa: F401 (a fixture)
-from .conftest import start_in_process, stop_in_process
+from .conftest import start_in_process, stop_in_process, wait_for
 
 MODEL = "all-minilm-l6-v2"
 SPARSE_MODEL = "minilm-tied-splade"
@@ -104,6 +104,20 @@ def _job_server(child_server, tmp_path: Path, models_dir: Path, rows: int):  # t
     store = CheckpointStore(server.client)
     store.ensure()
     return server, corpus, expected, store
+
+
+class _BackgroundJob:
+    """``run_index_job`` on a thread, as a job pod runs while a test breaks things around it."""
+
+    def __init__(self, options: JobOptions, connect) -> None:  # type: ignore[no-untyped-def]
+        self.outcome: list[JobReport] = []
+        self.thread = threading.Thread(target=lambda: self.outcome.append(run_index_job(options, connect)))
+        self.thread.start()
+
+    def report(self, timeout: float) -> JobReport:
+        self.thread.join(timeout)
+        assert self.outcome, f"the job did not finish within {timeout:.0f} s"
+        return self.outcome[0]
 
 
 def _last_report(out: str) -> dict:
@@ -340,24 +354,17 @@ def test_a_full_disk_on_the_server_is_waited_out(child_server, tmp_path: Path, m
     server.client.create_collection("c", _schema())
     corpus = tmp_path / "docs.jsonl"
     expected = _write_corpus(corpus, 600)
-    outcome: dict[str, object] = {}
     connect = lambda: BraidClient(f"127.0.0.1:{server.port}", timeout=10)  # noqa: E731
-    options = _options("c", corpus, models_dir, batch=16)
-    thread = threading.Thread(target=lambda: outcome.setdefault("report", run_index_job(options, connect)))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while server.client.count("c") < 100:
-        assert time.monotonic() < deadline, "the job wrote nothing"
-        time.sleep(0.05)
+    job = _BackgroundJob(_options("c", corpus, models_dir, batch=16), connect)
+    wait_for(lambda: server.client.count("c") >= 100, timeout=60, what="the job's first writes")
     (flags / "wal_write").touch()  # the disk fills up under the job
     time.sleep(2.0)
     stuck = server.client.count("c")
-    assert stuck < 600 and thread.is_alive()  # it waits; it neither fails nor skips
+    assert stuck < 600 and job.thread.is_alive()  # it waits; it neither fails nor skips
     (flags / "wal_write").unlink()
-    thread.join(120)
-    report = outcome["report"]
-    assert report.exit_code == EXIT_OK, report.error  # type: ignore[attr-defined]
-    assert report.retried >= 1  # type: ignore[attr-defined]
+    report = job.report(120)
+    assert report.exit_code == EXIT_OK, report.error
+    assert report.retried >= 1
     assert server.client.count("c") == 600
     assert _versions(server.client, "c", list(expected)) == expected
 
@@ -371,23 +378,15 @@ def test_server_killed_mid_job_is_retried_with_backoff_and_nothing_is_lost(
     server.client.create_collection("c", _schema())
     corpus = tmp_path / "docs.jsonl"
     expected = _write_corpus(corpus, 700)
-    outcome: dict[str, object] = {}
     connect = lambda: BraidClient(f"127.0.0.1:{port}", timeout=10)  # noqa: E731
-    thread = threading.Thread(
-        target=lambda: outcome.setdefault("report", run_index_job(_options("c", corpus, models_dir, batch=16), connect))
-    )
-    thread.start()
-    deadline = time.monotonic() + 60
-    while server.client.count("c") < 100:
-        assert time.monotonic() < deadline, "the job wrote nothing"
-        time.sleep(0.05)
+    job = _BackgroundJob(_options("c", corpus, models_dir, batch=16), connect)
+    wait_for(lambda: server.client.count("c") >= 100, timeout=60, what="the job's first writes")
     server.kill()
     time.sleep(1.0)
     restarted = child_server(data, "--models-dir", str(models_dir), "--port", str(port))
-    thread.join(120)
-    report = outcome["report"]
-    assert report.exit_code == EXIT_OK, report.error  # type: ignore[attr-defined]
-    assert report.retried >= 1  # type: ignore[attr-defined]
+    report = job.report(120)
+    assert report.exit_code == EXIT_OK, report.error
+    assert report.retried >= 1
     assert restarted.client.count("c") == 700
     assert _versions(restarted.client, "c", list(expected)) == expected
 
@@ -649,23 +648,17 @@ def test_job_through_a_cluster_router_survives_a_router_kill(local_cluster, tmp_
     expected = _write_corpus(corpus, 500, versions=2)
     with BraidClient(address) as client:
         client.create_collection("c", _schema(), shards=2)
-        outcome: dict[str, object] = {}
         connect = lambda: BraidClient(address, timeout=10)  # noqa: E731
         options = _options("c", corpus, models_dir, batch=16, job="clustered")
-        thread = threading.Thread(target=lambda: outcome.setdefault("report", run_index_job(options, connect)))
-        thread.start()
-        deadline = time.monotonic() + 60
-        while client.count("c") < 80:
-            assert time.monotonic() < deadline, "the job wrote nothing"
-            time.sleep(0.05)
+        job = _BackgroundJob(options, connect)
+        wait_for(lambda: client.count("c") >= 80, timeout=60, what="the job's first writes")
         cluster.routers[0].kill()  # the job's only way in: it must wait and resend
         time.sleep(0.5)
         cluster.routers[0].restart()
         assert cluster.router_address == address
-        thread.join(180)
-        report = outcome["report"]
-        assert report.exit_code == EXIT_OK, report.error  # type: ignore[attr-defined]
-        assert report.retried >= 1  # type: ignore[attr-defined]
+        report = job.report(180)
+        assert report.exit_code == EXIT_OK, report.error
+        assert report.retried >= 1
         assert client.count("c") == 500
         assert _versions(client, "c", list(expected)) == expected
         # The checkpoint lives in the cluster: a pod on any node finds it.

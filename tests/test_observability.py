@@ -30,7 +30,7 @@ from braid.service.logs import REQUEST_ID_KEY, JsonFormatter, bind_request_id, u
 from braid.v1 import braid_pb2 as pb
 from tests.clusterkit import local_cluster  # noqa: F401
 
-from .conftest import ChildServer, random_vectors, schema, start_in_process, stop_in_process
+from .conftest import ChildServer, random_vectors, schema, start_in_process, stop_in_process, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,14 +64,6 @@ def value(samples: dict, name: str, **labels: str) -> float:
     """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there are none)."""
     wanted = set(labels.items())
     return sum(v for (n, have), v in samples.items() if n == name and wanted <= set(have))
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def docs(n: int, seed: int = 0) -> list[dict]:

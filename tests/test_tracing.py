@@ -8,7 +8,6 @@ exports to it; stopping the server flushes its spans.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,7 +25,7 @@ from braid.service.config import load_config
 from braid.v1 import braid_pb2 as pb
 from tests.clusterkit import local_cluster  # noqa: F401
 
-from .conftest import schema, start_in_process, stop_in_process
+from .conftest import schema, start_in_process, stop_in_process, wait_for
 from .test_observability import DIM, DOC_TEXT, SECRET_WORDS, N, docs, hybrid
 
 pytestmark = pytest.mark.timeout(180)
@@ -71,14 +70,6 @@ def attributes(span: Any) -> dict[str, Any]:
         value = attribute.value
         out[attribute.key] = getattr(value, value.WhichOneof("value"))
     return out
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_spans_of_a_hybrid_search_and_a_bad_request(receiver, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
