@@ -181,7 +181,7 @@ def _run(options: JobOptions, client: BraidClient, files: list[Path], corpus: st
         checkpoint = Checkpoint(report.job, collection, corpus, options.partition, options.partitions)
     report.resumed_from = checkpoint.position
     rejects = _Rejects(options, report)
-    total = _partition_total(files, options)
+    total = _partition_total(files, options) if options.progress else None  # a pass over the corpus: only for a bar
     progress = _progress(options, total, checkpoint.position, collection)
 
     def acknowledged(encoded: Encoded, upserted: int) -> None:
