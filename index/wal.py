@@ -23,16 +23,24 @@ away) and raises DiskFull for ENOSPC/EDQUOT, so appends resume once there is roo
 a failed fsync poisons the log (the kernel may have dropped the pages) until reopened.
 ``stats`` (index/stats.py) times every append and fsync for operators.
 
-Recovery (``open``): a torn or CRC-failing record at the very end of the last
-segment is the normal result of a crash and is truncated away; a bad record
-anywhere else (followed by valid records, or in an older segment) is
-corruption and raises ``WalError`` (a DataLoss) naming the file and offset.
+Recovery (``open``): a *torn* tail of the last segment is the normal result of a
+crash and is truncated away (a WARNING); a damaged record anywhere (followed by
+valid records, in an older segment, or a complete last record) is corruption and
+raises ``WalError`` (a DataLoss) naming the file and offset. The tail after the
+last valid record is torn when it is one of what an interrupted append leaves:
+  - a record cut short: fewer than 17 header bytes, or a header promising more
+    payload than the file holds, unless the bytes present are a complete record
+    whose CRC matches (then its length field was damaged: corruption);
+  - zeros a filesystem left for blocks a crash never wrote: the tail holds a
+    512-byte-aligned stretch of zeros, or is zeros from an aligned offset to its end.
+A record whose bytes are all present and non-zero but fail their CRC was written
+in full (a write is one call, fsynced before it is acknowledged), so it is damage
+of an acknowledged record, never truncated. Limit: a damaged record that itself
+holds 512 aligned zero bytes passes for torn.
 The caller's checkpoint is checked against the log: a log that ends before the
 checkpoint's seq lost records (a checkpoint never trims the active segment), and
 the checkpoint's record of ``record_crc(wal_seq)`` must match that record while it
 is still in the log (else replay would start at the wrong record); both raise WalError.
-Limit: a damaged *last* record cannot be told from a torn write, so it is truncated
-(a WARNING) even when it was acknowledged; ``check`` (the offline scrub) reports it.
 """
 
 from __future__ import annotations
@@ -183,6 +191,44 @@ def _find_following_record(buf: Buffer, bad_off: int, expected: int) -> int | No
     return None
 
 
+_SECTOR = 512  # the unit a crash can leave unwritten (zeros) inside a file's last blocks
+
+
+def _zero_filled(buf: Buffer, off: int) -> bool:
+    """The tail from ``off`` holds a sector-aligned stretch of zeros (a whole sector, or from an
+    aligned offset to the end of the file): blocks the filesystem sized but a crash never wrote."""
+    size = len(buf)
+    start = -(-off // _SECTOR) * _SECTOR  # first aligned offset at or after off
+    if start >= size:
+        return off < size and _all_zero(buf[off:size])  # a tail shorter than a sector
+    return any(_all_zero(buf[sector : min(sector + _SECTOR, size)]) for sector in range(start, size, _SECTOR))
+
+
+def _all_zero(chunk: bytes) -> bool:
+    return chunk.count(0) == len(chunk)
+
+
+def _damaged_tail(buf: Buffer, off: int, seq: int) -> str | None:
+    """Why the bad tail at ``off`` (the record ``seq`` would be) is damage and not a torn append; None when torn.
+
+    See the module doc for the rule. Called only when no valid record follows.
+    """
+    size = len(buf)
+    if size - off < HEADER_BYTES or _zero_filled(buf, off):
+        return None
+    length, crc, stored_seq, _ = HEADER.unpack_from(buf, off)
+    end = off + HEADER_BYTES + length
+    # The rest of the file as one record: a match means every byte is here and only the length lies.
+    rest_crc = zlib.crc32(
+        bytes(buf[off + HEADER_BYTES : size]), zlib.crc32(buf[off + _SEQ_OFFSET : off + HEADER_BYTES])
+    )
+    if rest_crc == crc:
+        return f"its length field says {length} bytes, the {size - off - HEADER_BYTES} bytes present match its crc"
+    if end > size:
+        return None  # cut short: the append never finished
+    return f"all {HEADER_BYTES + length} bytes present (seq field {stored_seq}), crc mismatch"
+
+
 def _scan_segment(path: Path, first_seq: int, is_last: bool, repair: bool = True) -> tuple[int, int]:
     """Validate one segment; returns (valid size, next expected seq). Truncates a torn tail of the last
     segment (unless not ``repair``: the read-only scrub)."""
@@ -199,6 +245,12 @@ def _scan_segment(path: Path, first_seq: int, is_last: bool, repair: bool = True
                 if follower is not None:
                     raise WalError(
                         f"{path}: bad record at offset {off} ({bad}) followed by a valid record at offset {follower}"
+                    ) from None
+                damage = _damaged_tail(buf, off, seq)
+                if damage is not None:
+                    raise WalError(
+                        f"{path}: the last record (seq {seq}) at offset {off} is damaged, not torn ({damage}): "
+                        "an acknowledged write may be lost"
                     ) from None
                 break
             if record.seq != seq:
@@ -549,9 +601,9 @@ def _read_segment(segment: _Segment, after_seq: int) -> Iterator[tuple[int, int,
 def check(directory: Path, checkpoint_seq: int = 0, checkpoint_crc: int | None = None) -> list[Problem]:
     """Read-only scrub of a log directory (nothing is truncated): what ``open`` would refuse or repair.
 
-    A bad record that ``open`` would refuse is a fatal problem; a torn tail (which ``open``
-    truncates) is reported as not fatal, since it is the normal trace of a crash, though an
-    acknowledged write whose record was damaged there would be lost.
+    A bad record that ``open`` would refuse (a damaged last record included) is a fatal problem;
+    a torn tail (which ``open`` truncates) is reported as not fatal: the normal trace of a crash
+    that cut an unacknowledged append short.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -570,8 +622,8 @@ def check(directory: Path, checkpoint_seq: int = 0, checkpoint_crc: int | None =
         size = last.path.stat().st_size
         if size > last.size:
             message = (
-                f"torn tail ({size - last.size} bytes fail their CRC after seq {last_seq}): the next open "
-                "truncates it; if that was an acknowledged write, it is lost"
+                f"torn tail ({size - last.size} bytes of an unfinished append after seq {last_seq}): "
+                "the next open truncates it"
             )
             return [Problem(str(last.path), message, offset=last.size, fatal=False)]
     return []

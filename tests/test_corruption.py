@@ -191,15 +191,13 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         client.upsert("c", [make_doc(i, version=1) for i in (1, 200)])
         client.delete("c", ids=["d7", "d250"])
         _quiet(server)
-        before_last = answers(client)
         client.upsert("c", [{**make_doc(N_DOCS + 39), "id": "z-last"}])  # the last log record
         _quiet(server)
         expected = answers(client)
         shutil.copytree(base / "live", base / "image")  # quiescent: what a crash would leave
     finally:
         stop_in_process(server, running)
-    assert expected != before_last
-    return {"dir": base / "image", "expected": expected, "before_last": before_last}
+    return {"dir": base / "image", "expected": expected}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -296,20 +294,16 @@ def test_a_flipped_byte_is_refused_or_harmless(image, tmp_path, kind, pattern, w
     offset = {"start": 0, "middle": size // 2, "end": size - 1}[where]
     _flip(target, offset)
     rel = str(target.relative_to(data))
-    # Every file's flip is found by the scrub, named (a log's torn last record as a warning).
+    # Every file's flip is found by the scrub, named.
     status, report = verify_output(data)
     assert rel in report or (kind in UNCHECKED and status == 0), report
     result = probe(data)
+    outcome = judge(result, image["expected"], [rel, str(target.parent.relative_to(data))])
+    if outcome == "correct" and kind not in UNCHECKED:
+        assert status == 1, f"{kind} {where}: harmless to answers, yet the scrub must report it: {report}"
     if kind == "wal" and where == "end":
-        # Known limit: a damaged last record cannot be told from a torn write; it is truncated
-        # (WARNING) and that one write is lost; everything before it is answered correctly.
-        assert status == 0 and "WARN" in report and "torn tail" in report, report
-        judge(result, image["before_last"], [rel])
-        outcome = "last write lost (torn-tail limit), the rest correct"
-    else:
-        outcome = judge(result, image["expected"], [rel, str(target.parent.relative_to(data))])
-        if outcome == "correct" and kind not in UNCHECKED:
-            assert status == 1, f"{kind} {where}: harmless to answers, yet the scrub must report it: {report}"
+        # A flip in the complete last record damages an acknowledged write: refused, never taken for a torn tail.
+        assert outcome == "refused" and status == 1 and "damaged, not torn" in report, report
     print(f"MATRIX {kind} | {where} (offset {offset} of {size}) | {outcome} | verify exit {status}")
 
 

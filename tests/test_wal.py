@@ -194,6 +194,58 @@ def test_torn_first_record_of_a_fresh_segment(tmp_path):
         assert read_all(wal)[-1] == (first_seq, 1, b"z")
 
 
+@pytest.mark.parametrize(
+    ("field_offset", "mask"),
+    [
+        (0, 0x01),
+        (0, 0x04),
+        (0, 0x5A),
+        (1, 0x01),
+        (4, 0x01),
+        (8, 0x01),
+        (16, 0x01),
+        (HEADER_BYTES + 2, 0x10),
+        (-1, 0x80),
+    ],
+    ids=["len+1", "len-4", "len-many", "len-high", "crc", "seq", "kind", "payload", "last-byte"],
+)
+def test_a_damaged_last_record_is_corruption_not_a_torn_tail(tmp_path, field_offset, mask):
+    """A complete, fsynced last record with a flipped bit (its length field included) was acknowledged:
+    open refuses with DataLoss naming the file and offset, truncates nothing, and the scrub calls it fatal."""
+    fill(tmp_path, 10)
+    (path,) = segment_files(tmp_path)
+    last = record_offsets(path)[-1]
+    size = path.stat().st_size
+    data = bytearray(path.read_bytes())
+    data[last + field_offset if field_offset >= 0 else size + field_offset] ^= mask
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataLoss, match=rf"{re.escape(path.name)}.*last record \(seq 10\) at offset {last}\b.*damaged"):
+        WriteAheadLog.open(tmp_path)
+    assert path.stat().st_size == size  # nothing "repaired" away
+    (problem,) = wal_module.check(tmp_path)
+    assert problem.fatal and "damaged, not torn" in problem.message, problem
+
+
+@pytest.mark.parametrize("zeroed", ["tail-sector", "to-end"])
+def test_zeros_a_crash_left_in_the_last_record_are_a_torn_tail(tmp_path, zeroed):
+    """A crash before the fsync can leave the file sized but its last blocks unwritten (zeros): torn, not damage."""
+    with WriteAheadLog.open(tmp_path) as wal:
+        for seq in range(1, 4):
+            wal.append(1, payload_for(seq))
+        wal.append(1, bytes(range(1, 256)) * 8)  # 2,040 non-zero bytes: spans several sectors
+    (path,) = segment_files(tmp_path)
+    last = record_offsets(path)[-1]
+    size = path.stat().st_size
+    data = bytearray(path.read_bytes())
+    first_sector = -(-(last + HEADER_BYTES) // 512) * 512
+    stop = first_sector + 512 if zeroed == "tail-sector" else size
+    data[first_sector:stop] = bytes(stop - first_sector)
+    path.write_bytes(bytes(data))
+    assert not wal_module.check(tmp_path)[0].fatal
+    with WriteAheadLog.open(tmp_path) as wal:
+        assert wal.last_seq == 3 and path.stat().st_size == last
+
+
 # ---------------------------------------------------------------------------- corruption
 
 
