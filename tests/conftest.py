@@ -25,6 +25,17 @@ from braid.v1 import braid_pb2 as pb
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """An uncaught exception in any thread (an assert in a worker, an RPC error nobody caught)
+    fails the test it happened in. By default pytest only warns
+    (PytestUnhandledThreadExceptionWarning) and the test passes; as an error, pytest's own
+    threading.excepthook raises it at the end of the phase (setup, call or teardown) the
+    thread died in. A thread that dies after its test ended fails the test running then;
+    pytest's message names the thread and its target function. A test that expects a thread
+    to die catches the exception inside the thread and checks it."""
+    config.addinivalue_line("filterwarnings", "error::pytest.PytestUnhandledThreadExceptionWarning")
+
+
 @dataclass
 class Running:
     client: BraidClient

@@ -10,7 +10,7 @@ import numpy as np
 
 from braid.v1 import braid_pb2 as pb
 
-from .conftest import schema
+from .conftest import schema, wait_for
 
 IDS = 200
 
@@ -32,12 +32,14 @@ def test_parallel_searches_during_replacing_writes(braid):
     stop = threading.Event()
     problems: list[str] = []
     searches = Counter()
+    writes: list[int] = []  # the versions the writer had acknowledged
 
     def writer() -> None:
         version = 1
         while not stop.is_set():
             batch = [version_doc(i, version) for i in range(0, IDS, 3)]
-            braid.client.upsert("docs", batch)
+            assert braid.client.upsert("docs", batch) == len(batch)
+            writes.append(version)
             version += 1
 
     def reader(kind: str) -> None:
@@ -67,12 +69,26 @@ def test_parallel_searches_during_replacing_writes(braid):
     ]
     for t in threads:
         t.start()
-    time.sleep(4)
+    # Until every thread has done some work (a loaded machine gets there later), and at least 4 s.
+    began = time.monotonic()
+
+    def enough() -> bool:
+        if not all(t.is_alive() for t in threads):
+            return True  # a thread died: conftest.py fails the test with its exception
+        worked = len(writes) >= 5 and min(searches[kind] for kind in ("dense", "bm25", "sparse")) >= 5
+        return worked and time.monotonic() - began >= 4
+
+    wait_for(enough, timeout=120, what="5 writes and 5 searches of each kind")
     stop.set()
     for t in threads:
         t.join(timeout=60)
+    # A thread that died failed the test already (conftest.py); one that hangs is caught here.
+    assert not any(t.is_alive() for t in threads), "a writer or reader did not stop"
     assert not problems, problems[:5]
-    assert min(searches.values()) >= 5, searches
+    assert len(writes) >= 5 and min(searches[kind] for kind in ("dense", "bm25", "sparse")) >= 5, (writes, searches)
+    # The last acknowledged version is what Get returns.
+    got = {d.id: d.payload["v"].int for d in braid.client.get("docs", [f"d{i}" for i in range(0, IDS, 3)])}
+    assert set(got.values()) == {writes[-1]}, (writes[-1], set(got.values()))
 
 
 def test_a_hit_replaced_between_ranking_and_materializing_gets_the_current_text(tmp_path):
