@@ -158,15 +158,22 @@ def query_sets(collection: str, seed: int = 7, per_kind: int = 12) -> dict[str, 
 # ------------------------------------------------------------------ comparisons
 
 
+def same_floats(a: list[float], b: list[float]) -> bool:
+    """Equal to the last bit as the wire's float32 (the README's promise), NaN equal to NaN."""
+    return np.array_equal(np.array(a, np.float32), np.array(b, np.float32), equal_nan=True)
+
+
 def assert_same_hits(got: list[pb.Hit], want: list[pb.Hit], where: str) -> None:
     assert [h.id for h in got] == [h.id for h in want], where
-    assert np.allclose([h.score for h in got], [h.score for h in want], rtol=1e-6), where
+    assert same_floats([h.score for h in got], [h.score for h in want]), (
+        f"{where}: scores {[h.score for h in got]} != {[h.score for h in want]}"
+    )
     for a, b in zip(got, want, strict=True):
         assert dict(a.payload) == dict(b.payload), f"{where}: payload of {a.id}"
         assert dict(a.text) == dict(b.text), f"{where}: text of {a.id}"
         assert [(e.query, e.rank) for e in a.explain] == [(e.query, e.rank) for e in b.explain], where
-        assert np.allclose([e.score for e in a.explain], [e.score for e in b.explain], rtol=1e-6, equal_nan=True), (
-            f"{where}: explain of {a.id}"
+        assert same_floats([e.score for e in a.explain], [e.score for e in b.explain]), (
+            f"{where}: explain of {a.id}: {list(a.explain)} != {list(b.explain)}"
         )
 
 
