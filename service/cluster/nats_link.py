@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -38,14 +39,53 @@ CONNECT_TIMEOUT_S = 2.0
 WATCH_RETRY_S = 0.5
 # A consumer nobody pulls from for this long is removed by JetStream (a replica that died).
 CONSUMER_IDLE_S = 30.0
-# A publish that failed this way may be retried (with the same message id: it may have been stored):
-# no answer, no responders, or a stream electing a new leader after a NATS node died.
-_RETRYABLE_PUBLISH = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-)
+PUBLISH_TRY_S = 2.0  # one publish try waits this long for JetStream's answer, then it is sent again
+PUBLISH_RETRY_S = 0.05  # the first pause between tries (doubling up to PUBLISH_RETRY_MAX_S)
+PUBLISH_RETRY_MAX_S = 0.5
+PUBLISH_MARGIN_S = 0.2  # publish_many answers this long before its timeout (the caller's deadline)
+PUBLISH_GRACE_S = 1.0  # how long past its timeout publish_many's caller waits for the last answers
+CONNECT_POLL_S = 0.05
+# A call made while the link reconnects waits this long for it (nats-py tries the next node
+# every reconnect_time_wait, so a link whose node died is back on another one well within it).
+RECONNECT_WAIT_S = 3.0
+# JetStream error codes of a publish refused for good: the record was not stored, and a retry
+# would be refused again (wrong expected stream, message over max_payload, stream not found).
+_REFUSED_ERR_CODES = {10060, 10054, 10059}
+
+
+class NatsUnreachable(Unavailable):
+    """Not connected to NATS for the whole of a call: nothing was sent."""
+
+
+class NatsNoAnswer(Unavailable):
+    """A call sent to NATS got no answer in time: what it asked for may have happened."""
+
+
+class NotStored(Exception):
+    """A record JetStream refused, with no earlier try that may have stored it."""
+
+
+class MaybeStored(Exception):
+    """A record JetStream did not confirm storing: it may be in the stream or not."""
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _refusal(err: BaseException) -> bool:
+    """JetStream answered a publish with a refusal that a retry would get again."""
+    if isinstance(err, nats.js.errors.BadRequestError | nats.js.errors.NotFoundError):
+        return True
+    return isinstance(err, nats.js.errors.APIError) and err.err_code in _REFUSED_ERR_CODES
+
+
+def _never_sent(err: BaseException) -> bool:
+    """A failed try that cannot have stored the record: nobody listened on the subject (no stream
+    leader took it), or the connection was closed before it was sent."""
+    return isinstance(
+        err, nats.errors.NoRespondersError | nats.js.errors.NoStreamResponseError | nats.errors.ConnectionClosedError
+    )
 
 
 class NatsLink:
@@ -110,17 +150,27 @@ class NatsLink:
     def max_payload(self) -> int:
         return int(self.nc.max_payload) if self.nc is not None else 1 << 20
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        """Run ``coro`` on the link's loop; NATS failures become Unavailable."""
-        if not self.connected:
-            coro.close()
-            raise Unavailable(f"NATS unreachable at {','.join(self.urls)}")
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float, grace: float = 1.0) -> T:
+        """Run ``coro`` on the link's loop within ``timeout``; NATS failures become Unavailable.
+
+        While the link is reconnecting (its NATS node died, the others are up), the call waits up
+        to RECONNECT_WAIT_S (and half its ``timeout``) for the connection instead of failing at
+        once; NatsUnreachable when it did not come back (nothing was sent), early enough for the
+        caller to answer before its own deadline. NatsNoAnswer when ``coro`` did not finish."""
+        began = time.monotonic()
+        patience = min(RECONNECT_WAIT_S, timeout / 2)
+        while not self.connected:
+            if self._closed or time.monotonic() - began >= patience:
+                coro.close()
+                raise NatsUnreachable(f"NATS unreachable at {','.join(self.urls)}")
+            time.sleep(CONNECT_POLL_S)
+        timeout = max(timeout - (time.monotonic() - began), 0.05)
         future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop)
         try:
-            return future.result(timeout + 1.0)
+            return future.result(timeout + grace)
         except TimeoutError as err:
             future.cancel()
-            raise Unavailable(f"NATS did not answer within {timeout:.1f} s") from err
+            raise NatsNoAnswer(f"NATS did not answer within {timeout:.1f} s") from err
         except (nats.errors.Error, ConnectionError, OSError) as err:
             if isinstance(err, nats.js.errors.APIError) and not isinstance(err, nats.js.errors.ServiceUnavailableError):
                 # JetStream answered and said no (a stream setting it cannot meet, a missing consumer)
@@ -334,31 +384,55 @@ class NatsLink:
         self, items: list[tuple[str, bytes, int, str]], stream: str, timeout: float
     ) -> list[int | BaseException]:
         """Publish several records concurrently: (subject, payload, kind, msg_id) each; the
-        sequence of each, or the exception that kept it from being stored."""
+        sequence of each, or why it has none: ``NotStored`` when JetStream refused it and no
+        earlier try may have stored it, else ``MaybeStored`` (no answer within ``timeout``).
+
+        Any failure that does not prove the record absent is retried, with the same message id
+        (JetStream drops a duplicate and answers with the first one's sequence), until
+        ``timeout``: a paused or killed NATS node, a stream electing a leader, a node answering
+        after a pause that it no longer leads. NatsUnreachable when not connected all along
+        (nothing was sent)."""
 
         async def one(subject: str, payload: bytes, kind: int, msg_id: str) -> int:
             headers = {"Nats-Msg-Id": msg_id, KIND_HEADER: str(kind)}
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+            deadline = loop.time() + max(timeout - PUBLISH_MARGIN_S, timeout / 2)  # an answer before the caller's
+            maybe = False  # a try whose outcome is unknown: the record may be in the stream
+            pause = PUBLISH_RETRY_S
             while True:
                 try:
                     ack = await self.js.publish(
                         subject,
                         payload,
-                        timeout=max(min(deadline - loop.time(), 2.0), 0.05),
+                        timeout=max(min(deadline - loop.time(), PUBLISH_TRY_S), 0.05),
                         stream=stream,
-                        headers=headers,
+                        headers=dict(headers),
                     )
                     return int(ack.seq)
-                except _RETRYABLE_PUBLISH:
-                    if loop.time() + 0.1 >= deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    refused = _refusal(err)
+                    if refused and not maybe:
+                        raise NotStored(f"JetStream refused it: {_describe(err)}") from err
+                    maybe = maybe or not _never_sent(err)
+                    if refused:
+                        raise MaybeStored(
+                            f"JetStream refused a retry ({_describe(err)}) after a try that may have stored it"
+                        ) from err
+                    if loop.time() + pause >= deadline:
+                        if not maybe:  # every try went unheard: no stream leader took it
+                            raise NotStored(f"no JetStream stream leader took it ({_describe(err)})") from err
+                        raise MaybeStored(
+                            f"no confirmation from JetStream within {timeout:.1f} s (last: {_describe(err)})"
+                        ) from err
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, PUBLISH_RETRY_MAX_S)
 
         async def all_of() -> list[int | BaseException]:
             return await asyncio.gather(*(one(*item) for item in items), return_exceptions=True)
 
-        return self.call(all_of(), timeout + 0.5)
+        return self.call(all_of(), timeout, grace=PUBLISH_GRACE_S)
 
     def last_seqs(self, stream: str, subjects: list[str], timeout: float) -> list[int]:
         """The stream sequence of the last record on each subject (0 for none)."""

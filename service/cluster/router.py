@@ -77,7 +77,7 @@ from braid.index.validate import Limits, check_documents, check_plan
 from braid.v1 import braid_pb2 as pb
 
 from .. import convert
-from ..admission import call_deadline
+from ..admission import TimedOut, call_deadline
 from ..config import ServerConfig
 from ..errors import STATUS_OF
 from ..logs import forward_metadata
@@ -93,7 +93,7 @@ from .meta import (
     parse_collection,
     place,
 )
-from .nats_link import NatsLink
+from .nats_link import NatsLink, NatsUnreachable, NotStored
 from .view import ClusterState, RouterStats, ShardClients
 
 log = logging.getLogger("braid.router")
@@ -104,6 +104,8 @@ PIPELINE_BATCHES = 16  # a BulkUpsert stream waits for the replicas at least thi
 ALIAS_WAIT_S = 5.0  # how long an alias change waits for this router's view to reflect it
 ALIAS_TRIES = 8  # compare-and-set attempts of an alias change racing others on the same alias
 FRESH_READ_S = 2.0  # a read of one key from NATS when the view does not know a name
+APPLIED_RETRY_S = 0.05  # a replica that failed a WaitApplied is asked again after this (doubling)...
+APPLIED_RETRY_MAX_S = 0.5  # ...up to this
 _RETRY_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -113,6 +115,22 @@ _RETRY_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _ERROR_OF = {code: cls for cls, code in reversed(list(STATUS_OF.items())) if issubclass(cls, BraidError)}
+
+
+class OutcomeUnknown(Unavailable):
+    """UNAVAILABLE for a write that may or may not have been stored (the message says so)."""
+
+
+class OutcomeUnknownDeadline(TimedOut):
+    """DEADLINE_EXCEEDED for a write that may or may not have been stored (the message says so)."""
+
+
+class AppliedUnknown(TimedOut):
+    """DEADLINE_EXCEEDED for a write the log stored that no replica reported applying in time."""
+
+
+def _publish_failure(err: BaseException) -> str:
+    return str(err) or type(err).__name__
 
 
 def _deadline() -> float:
@@ -146,17 +164,22 @@ class _Tries:
         self.failures: list[str] = []
 
     def each(self, deadline: float) -> Iterator[tuple[str, str, float]]:
-        """(node, address, timeout) for each replica worth trying before ``deadline``."""
-        for i, (node, address) in enumerate(self.order):
+        """(node, address, timeout) for each replica worth trying before ``deadline``: the live
+        ones, each with its share of the time left; then, when none of them answered, those the
+        view has not heard from lately (a stalled heartbeat bucket says little about a server)."""
+        for i, (node, address, live) in enumerate(self.order):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.failures.append("the deadline passed")
                 return
             if address is None:
-                self.failures.append(f"{node}: not live")
+                self.failures.append(f"{node}: never heard of")
                 continue
-            left = sum(1 for _, later in self.order[i:] if later is not None)
-            yield node, address, remaining / left
+            later = self.order[i:]
+            left = sum(1 for _, at, up in later if at is not None and (up or not live))
+            if not live:
+                self.failures.append(f"{node}: not live (tried at its last address)")
+            yield node, address, remaining / max(left, 1)
 
     def failed(self, node: str, err: grpc.RpcError) -> None:
         if err.code() not in _RETRY_CODES:
@@ -635,8 +658,12 @@ class RemoteCollection:
         return self.wait_applied(by_shard, deadline, results=True)
 
     def publish(self, parts: list[tuple[int, int, bytes]], deadline: float) -> dict[int, list[int]]:
-        """Store (shard, kind, payload) records in the log; {shard: their sequences}. Unavailable
-        unless every part was stored (saying which were)."""
+        """Store (shard, kind, payload) records in the log; {shard: their sequences}.
+
+        Unless every part was stored, the answer says what Braid knows: Unavailable "not stored"
+        only when no part may have been stored by this call's failed parts (JetStream refused
+        them, or NATS was unreachable all along); otherwise OutcomeUnknown (UNAVAILABLE, or
+        DEADLINE_EXCEEDED once the deadline passed) saying the write may have been stored."""
         if not parts:
             return {}
         write_id = uuid.uuid4().hex
@@ -644,14 +671,25 @@ class RemoteCollection:
             (self.meta.subject(shard), payload, kind, f"{write_id}.{i}")
             for i, (shard, kind, payload) in enumerate(parts)
         ]
-        seqs = self.catalog.link.publish_many(items, self.meta.stream, max(deadline - time.monotonic(), 0.1))
+        try:
+            seqs = self.catalog.link.publish_many(items, self.meta.stream, max(deadline - time.monotonic(), 0.1))
+        except NatsUnreachable as err:
+            raise Unavailable(f"the log (NATS JetStream) did not store the write: {err}; it was not stored") from None
+        except Unavailable as err:
+            raise self._unknown(f"the log (NATS JetStream) did not answer: {err}", deadline) from None
         failed = [(parts[i][0], seq) for i, seq in enumerate(seqs) if isinstance(seq, BaseException)]
         if failed:
             stored = sorted({parts[i][0] for i, seq in enumerate(seqs) if not isinstance(seq, BaseException)})
-            shards = ", ".join(str(shard) for shard, _ in failed)
-            raise Unavailable(
-                f"the log (NATS JetStream) did not store the write for shard {shards}: {failed[0][1]!r}; it is not "
-                f"acknowledged (parts for shards {stored or 'none'} were stored and will apply; retrying is safe)"
+            shards = ", ".join(str(shard) for shard in sorted({shard for shard, _ in failed}))
+            why = _publish_failure(failed[0][1])
+            also = f"parts for shards {stored} were stored and will apply" if stored else "no part was stored"
+            if all(isinstance(err, NotStored) for _, err in failed):
+                raise Unavailable(
+                    f"the log (NATS JetStream) did not store the write for shard {shards}: {why}; it was not stored "
+                    f"({also}; retrying is safe)"
+                )
+            raise self._unknown(
+                f"the log (NATS JetStream) did not confirm the write for shard {shards}: {why}", deadline
             )
         by_shard: dict[int, list[int]] = {}
         for (shard, _, _), seq in zip(parts, seqs, strict=True):
@@ -659,6 +697,16 @@ class RemoteCollection:
         for shard, shard_seqs in by_shard.items():
             self.catalog.note_acked(self.meta.uid, shard, max(shard_seqs))
         return by_shard
+
+    @staticmethod
+    def _unknown(what: str, deadline: float) -> BaseException:
+        """A write whose outcome Braid cannot know: DEADLINE_EXCEEDED once the deadline passed, else
+        UNAVAILABLE; either way saying it may have been stored, and that a retry is safe."""
+        message = (
+            f"{what}; the write may have been stored (and will then apply) or not: retrying the same write is "
+            f"safe (an upsert or delete applied twice leaves the same documents)"
+        )
+        return OutcomeUnknownDeadline(message) if time.monotonic() >= deadline - 0.5 else OutcomeUnknown(message)
 
     def wait_applied(self, by_shard: dict[int, list[int]], deadline: float, results: bool = False) -> int:
         """Until one replica of each shard has applied its sequences; with ``results``, the sum of
@@ -684,45 +732,64 @@ class RemoteCollection:
         return total
 
     def _first_applied(self, shard: int, seq: int, deadline: float) -> tuple[Any, str]:
-        """Ask every live replica of ``shard`` to report once it applied ``seq``; the first answer
-        wins, so a replica that is down or still catching up delays nothing."""
-        live = self.catalog.state.live_nodes()
+        """Ask every replica of ``shard`` to report once it applied ``seq``; the first answer wins,
+        so a replica that is down or still catching up delays nothing. A replica whose call
+        fails (down, restarting, still opening its shard) is asked again after a pause, at the
+        address the view has for it then, until ``deadline``: the write is stored, and the
+        wait is for its deadline, not for the first failure."""
         request = spb.WaitAppliedRequest(replica=self._ref(shard), seq=seq)
         done = threading.Condition()
-        calls = []
+        calls: dict[str, tuple[str, Any]] = {}  # node -> (address, call in flight)
+        next_try: dict[str, float] = {}
+        pauses: dict[str, float] = {}
+        failures: dict[str, str] = {}
+
+        def notify(_: Any) -> None:
+            with done:
+                done.notify_all()
+
+        try:
+            with done:
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        break
+                    known = self.catalog.state.addresses()
+                    for node in self.meta.placement[shard]:
+                        if node in calls or next_try.get(node, 0.0) > now:
+                            continue
+                        address = known.get(node)
+                        if address is None:
+                            failures[node] = "never heard of"
+                            next_try[node] = now + APPLIED_RETRY_MAX_S
+                            continue
+                        call = self.catalog.clients.stub(address).WaitApplied.future(
+                            request, timeout=max(deadline - now, 0.001)
+                        )
+                        calls[node] = (address, call)
+                        call.add_done_callback(notify)
+                    for node, (address, call) in list(calls.items()):
+                        if not call.done():
+                            continue
+                        error = call.exception()
+                        if error is None:
+                            return call.result(), address
+                        del calls[node]
+                        failures[node] = f"{error.code().name} {error.details()}"
+                        pause = pauses[node] = min(pauses.get(node, APPLIED_RETRY_S / 2) * 2, APPLIED_RETRY_MAX_S)
+                        next_try[node] = now + pause
+                    wake = min([deadline, *(at for node, at in next_try.items() if node not in calls)])
+                    done.wait(min(max(wake - time.monotonic(), 0.001), 1.0))
+        finally:
+            for _, call in calls.values():
+                call.cancel()
         for node in self.meta.placement[shard]:
-            address = live.get(node)
-            if address is not None:
-                timeout = max(deadline - time.monotonic(), 0.001)
-                call = self.catalog.clients.stub(address).WaitApplied.future(request, timeout=timeout)
-                calls.append((node, address, call))
-
-                def notify(_: Any) -> None:
-                    with done:
-                        done.notify_all()
-
-                call.add_done_callback(notify)
-        failures = [f"{node}: not live" for node in self.meta.placement[shard] if node not in live]
-        with done:
-            while True:
-                finished = [(node, address, call) for node, address, call in calls if call.done()]
-                for _node, address, call in finished:
-                    if call.exception() is None:
-                        for _, _, other in calls:
-                            other.cancel()
-                        return call.result(), address
-                if len(finished) == len(calls) or time.monotonic() >= deadline:
-                    break
-                done.wait(min(max(deadline - time.monotonic(), 0.001), 1.0))
-        for node, _, call in calls:
-            error = call.exception() if call.done() else None
-            failures.append(
-                f"{node}: {error.code().name} {error.details()}" if error is not None else f"{node}: no answer"
-            )
-            call.cancel()
-        raise Unavailable(
+            if node in calls:
+                failures[node] = "no answer"
+        why = "; ".join(f"{node}: {failures.get(node, 'not asked')}" for node in self.meta.placement[shard])
+        raise AppliedUnknown(
             f"collection {self.name!r} shard {shard}: the write is stored in the log (sequence {seq}) but no replica "
-            f"reported applying it before the deadline ({'; '.join(failures)}); it will apply when a replica can"
+            f"reported applying it before the deadline ({why}); it will apply when a replica can"
         )
 
     def flush(self) -> None:

@@ -3,8 +3,11 @@
 - ``ClusterState``: collections, aliases and shard-server membership, watched from the NATS
   KV buckets (service/cluster/meta.py) into memory, with the aliases bucket's revision the
   view has reached (a router waits for its own alias writes); which servers are live
-  (judged against the freshest heartbeat, so a stalled bucket never makes healthy servers
-  look dead); the order in which a shard's replicas are tried.
+  (judged against the freshest heartbeat, less the windows in which no heartbeat arrived
+  from anyone, so a stalled bucket or a NATS leader election never makes healthy servers
+  look dead); the order in which a shard's replicas are tried (live ones first, then the
+  ones not heard from lately at their last known address: a read tries every replica it
+  knows before failing).
 - ``ShardClients``: one gRPC channel per shard-server address (sync and grpc.aio), each
   call carrying the current request id (and trace context) to the shard server.
 - ``RouterStats``: what /metrics reports of the router's calls to replicas.
@@ -38,6 +41,10 @@ from .meta import (
 from .nats_link import NatsLink
 
 SUSPECT_S = 1.0  # a replica that failed is tried last for this long
+# No heartbeat from any shard server for this long is a stall of the bucket (NATS electing its
+# leader, a watch being restarted), not of the servers: live_nodes does not count it against them.
+STALL_S = 2 * HEARTBEAT_S
+STALLS_KEPT = 8  # the most recent stalls remembered (older ones are further back than any TTL)
 
 
 class ClusterState:
@@ -55,6 +62,8 @@ class ClusterState:
         self._nodes_synced = threading.Event()
         self._collections_synced = threading.Event()
         self._suspect: dict[str, float] = {}
+        self._last_beat = 0.0  # time.monotonic() of the last heartbeat heard from anyone
+        self._stalls: list[tuple[float, float]] = []  # (start, end) of recent windows with none
 
     def start(self) -> None:
         self.link.watch(COLLECTIONS_BUCKET, self._collections_snapshot, self._collection_changed)
@@ -91,8 +100,16 @@ class ClusterState:
     def _collection_changed(self, key: str, value: bytes | None) -> None:
         self.metas = changed(self.metas, key, value)
 
-    def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
+    def _heard(self) -> float:
+        """A heartbeat (or a snapshot of them) arrived: note a stall it ends; the time now."""
         now = time.monotonic()
+        if self._last_beat and now - self._last_beat > STALL_S:
+            self._stalls = [*self._stalls[-(STALLS_KEPT - 1) :], (self._last_beat, now)]
+        self._last_beat = now
+        return now
+
+    def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
+        now = self._heard()
         # Nodes missing from the snapshot keep their last heartbeat: entries expire from the bucket
         # (TTL) while its leader is re-elected and nobody can write; live_nodes ages them out
         # against the freshest heartbeat once heartbeats land again.
@@ -107,32 +124,46 @@ class ClusterState:
         if info is None:
             nodes.pop(key, None)
         else:
-            nodes[key] = (info, time.monotonic())
+            nodes[key] = (info, self._heard())
         self.nodes = nodes
 
     def live_nodes(self) -> dict[str, str]:
         """Node id -> address of the shard servers whose heartbeat is at most the TTL older than
-        the freshest heartbeat of any node. Measured against the freshest, not the clock: while
-        the bucket itself is stalled (NATS unreachable, its leader being re-elected, a watch
-        being restarted) no heartbeat arrives from anyone, and that says nothing about the
-        shard servers; a server that stopped while the others kept beating drops out."""
-        nodes = self.nodes
+        the freshest heartbeat of any node, not counting the stalls in between. Measured against
+        the freshest, not the clock: while the bucket itself is stalled (NATS unreachable, its
+        leader being re-elected, a watch being restarted) no heartbeat arrives from anyone, and
+        that says nothing about the shard servers; nor does it once heartbeats land again, in
+        whatever order the servers' next beats arrive. A server that stopped while the others
+        kept beating drops out."""
+        nodes, stalls = self.nodes, self._stalls
         if not nodes:
             return {}
-        horizon = max(seen for _, seen in nodes.values()) - NODE_TTL_S
-        return {node: info.address for node, (info, seen) in nodes.items() if seen >= horizon}
+        freshest = max(seen for _, seen in nodes.values())
+        live = {}
+        for node, (info, seen) in nodes.items():
+            silent = freshest - seen - sum(end - start for start, end in stalls if start >= seen)
+            if silent <= NODE_TTL_S:
+                live[node] = info.address
+        return live
 
     def suspect(self, node: str) -> None:
         self._suspect[node] = time.monotonic() + SUSPECT_S
 
-    def order(self, nodes: tuple[str, ...], turn: int) -> list[tuple[str, str | None]]:
-        """The replicas to try, live and unsuspected first, rotated by ``turn`` for balance."""
+    def addresses(self) -> dict[str, str]:
+        """Node id -> last known address of every shard server the view has heard of."""
+        return {node: info.address for node, (info, _) in self.nodes.items()}
+
+    def order(self, nodes: tuple[str, ...], turn: int) -> list[tuple[str, str | None, bool]]:
+        """The replicas to try: (node, address, live). Live and unsuspected first, rotated by
+        ``turn`` for balance; then those not live, at their last known address (None: never
+        heard of), for a read to try before it fails."""
         live = self.live_nodes()
+        known = self.addresses()
         now = time.monotonic()
         rotated = [nodes[(turn + i) % len(nodes)] for i in range(len(nodes))]
         rank = {node: (live.get(node) is None, self._suspect.get(node, 0.0) > now) for node in rotated}
         ordered = sorted(rotated, key=lambda node: rank[node])
-        return [(node, live.get(node)) for node in ordered]
+        return [(node, live.get(node) or known.get(node), node in live) for node in ordered]
 
 
 class RouterStats:
