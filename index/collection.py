@@ -160,6 +160,15 @@ class Collection:
                     log.warning("collection %r shard %d: checkpoint at close failed: %s", self.name, shard.number, err)
             shard.close(error)
 
+    def read_problem(self) -> str | None:
+        """Why some shard refuses reads now (its recovery did not finish, e.g. a full disk), or
+        None when every shard serves its data. Cheap (see Shard.read_problem)."""
+        problems = [problem for shard in self.shards if (problem := shard.read_problem()) is not None]
+        if not problems:
+            return None
+        more = f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""
+        return f"collection {self.name!r}: {problems[0]}{more}"
+
     def write_problem(self) -> str | None:
         """Why writes to some shard are refused now (e.g. "disk full: ..."), or None when every
         shard takes writes. Cheap: no I/O beyond a cached free-space reading per shard."""
@@ -170,7 +179,7 @@ class Collection:
         return problems[0] + more
 
     def heal(self) -> None:
-        """Reopen shards a full disk made read-only, where room is back (see Shard.heal)."""
+        """Reopen shards a full disk made read-only or left unrecovered, where room is back (Shard.heal)."""
         for shard in self.shards:
             shard.heal()
 

@@ -10,18 +10,21 @@ Scores are "higher is better" for every metric:
 
 On disk (written by ``save``): ``<name>.hnsw``, hnswlib's own serialisation
 (header with M / ef_construction / counts, then the level-0 link lists and
-vectors, then upper levels), which ``load`` reads back with the same space and dim.
+vectors, then upper levels; layout in index/hnswfile.py), which ``load`` checks by
+structure and reads back with the same space and dim. hnswlib never reports a failed
+write, so ``save`` goes through index/hnswfile.py, which does not publish a cut file.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
+from . import hnswfile
+from .errors import DataLoss
 from .labelmask import LabelMask
 from .schema import DenseFieldSpec, Metric
 
@@ -201,10 +204,8 @@ class DenseIndex:
     # ------------------------------------------------------------- persistence
 
     def save(self, directory: Path) -> None:
-        path = directory / f"{self.spec.name}.hnsw"
-        self._index.save_index(str(path))
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+        """Write ``<name>.hnsw``: through a temporary name, fsynced, checked whole (index/hnswfile.py)."""
+        hnswfile.save(self._index, directory / f"{self.spec.name}.hnsw", self.spec.dim)
 
     @classmethod
     def load(cls, directory: Path, spec: DenseFieldSpec, present: list[int]) -> DenseIndex:
@@ -212,6 +213,9 @@ class DenseIndex:
         path = directory / f"{spec.name}.hnsw"
         if not path.exists():
             return cls(spec)
+        problem = hnswfile.check(path, spec.dim)  # hnswlib trusts its input: a cut file must not reach it
+        if problem is not None:
+            raise DataLoss(f"{path}: {problem}")
         index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
         index.load_index(str(path), allow_replace_deleted=True)
         dense = cls(spec, index)

@@ -93,6 +93,11 @@ class FreeSpace:
             free = self._estimate_locked(fresh=False)
         return self._message(free, 0) if free < self.floor else None
 
+    def reading(self) -> int:
+        """Free bytes now (a cached reading, at most ``CACHE_S`` old), for messages."""
+        with self._lock:
+            return max(self._estimate_locked(fresh=False), 0)
+
     def exhausted(self) -> bool:
         """A fresh reading is below the floor (below SLACK_BYTES when the check is off).
 

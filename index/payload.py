@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import durable
 from .columns import BOUNDS, INT64_MAX, INT64_MIN, Column, is_int, new_column
 from .errors import DataLoss, InvalidArgument
 from .filters import Condition, Exists, Filter, Match, MatchAny, Range
@@ -388,14 +388,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
+    durable.write_npy(path, array)  # a temporary name, fsynced, read back, renamed (index/durable.py)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    durable.write_bytes(path, data)

@@ -67,9 +67,19 @@ A full disk (ENOSPC/EDQUOT) is an ordinary error, answered DiskFull (RESOURCE_EX
   searches use the old state -> swap its state in under the write lock. A write answered
   "disk full" after its record was logged is then applied (so it may appear after all);
   retrying it is safe, because upsert replaces by id and deletes are idempotent;
-- ``open`` on a full disk opens read-only instead of failing, and ``close`` never needs
-  disk (a tantivy commit that cannot succeed is skipped or rolled back, and logged), so
-  deleting a collection always frees its space and shutdown is bounded.
+- ``open`` on a full disk does not fail: when the whole log was replayed (only tantivy's
+  closing commit failed) the shard opens read-only; when the disk stopped the replay part
+  way, it opens *unrecovered*: every read is refused (Unavailable, ``read_problem``: memory
+  holds part of the log at most, and an answer from it would hide acknowledged writes) until
+  a reopen (``heal`` or a write, once there is room) recovers the whole log. ``close`` never
+  needs disk (a tantivy commit that cannot succeed is skipped or rolled back, and logged),
+  so deleting a collection always frees its space and shutdown is bounded.
+
+A checkpoint never publishes a file a full disk cut short: each file is written under a
+temporary name, fsynced and read back (index/durable.py; hnswlib's files, whose writer
+reports no error, are checked by structure, index/hnswfile.py) before CHECKSUMS is computed
+and the generation renamed into place; a failed checkpoint leaves the previous generation
+and the whole log in force.
 """
 
 from __future__ import annotations
@@ -89,7 +99,7 @@ from typing import Any
 
 import numpy as np
 
-from . import records
+from . import durable, records
 from .checksums import verify_directory, write_checksums
 from .dense import DenseIndex
 from .diskspace import FreeSpace, is_disk_full
@@ -191,6 +201,10 @@ class Shard:
         # after a full disk holds it exclusively, so no write straddles the swap.
         self._write_path = ReadWriteLock()
         self._failed_disk_full = False  # _failed was caused by a full disk: a write reopens the shard
+        # Why recovery did not finish (replay stopped part way): set, reads are refused with it, since
+        # memory holds only part of the log; a reopen that recovers the whole log clears it.
+        self._unrecovered: str | None = None
+        self._replayed_whole = False  # _recover read and applied the log to its end
         self._next_reopen = 0.0  # time.monotonic() before which no reopen is tried again
         self._space = FreeSpace(directory, policy.min_free_bytes)
         self.stats = ShardStats()  # what operators see (index/stats.py); kept across a reopen
@@ -222,7 +236,8 @@ class Shard:
             shard._recover(progress)
         except BaseException as err:  # incl. tantivy's PanicException
             shard._open_read_only_or_raise(err)
-        shard._remove_unreferenced()
+        if shard._unrecovered is None:  # else the checkpoint may not even be loaded: keep every file
+            shard._remove_unreferenced()
         if not shard._failed:
             shard.merger.maybe_start()
         return shard
@@ -263,6 +278,7 @@ class Shard:
                 replayed = 0
         if progress is not None and replayed:
             progress(replayed)
+        self._replayed_whole = True
         # The replayed tail counts as unchecked-pointed log: the next checkpoint comes as soon as
         # it would have before the restart, and a clean shutdown checkpoints it.
         replayed_any = self._applied_seq > start_seq
@@ -284,14 +300,30 @@ class Shard:
             strand.bind_stats(self.stats.spann_for(name))
 
     def _open_read_only_or_raise(self, err: BaseException) -> None:
-        """Recovery failed. When only a full disk stopped it, after the log was read, the shard
-        opens read-only (reads see what was replayed, and BM25 what tantivy last committed;
-        the first write once there is room reopens it); otherwise it lets go of its files and raises."""
+        """Recovery failed. When a full disk stopped it after the whole log was replayed (only
+        tantivy's closing commit failed: every acknowledged write was committed there before
+        its acknowledgement), the shard opens read-only: reads see every write, the first write
+        or heal once there is room reopens it. When a full disk stopped it before, memory holds
+        part of the log at most: the shard opens unrecovered, every read refused (Unavailable,
+        ``read_problem``), until a reopen with room recovers the whole log. Otherwise it lets
+        go of its files and raises."""
         usable = self.wal is not None and (self.text is not None or not self.schema.text_fields)
         disk_full = self._disk_full(err)
-        if usable and disk_full:
+        if usable and disk_full and self._replayed_whole:
             log.warning("shard %d (%s): opened read-only, the disk is full: %s", self.number, self.directory, err)
             self._fail(f"recovery could not write: {err}", err)
+            return
+        if disk_full:
+            self._unrecovered = f"recovery stopped part way through its log: {err}"
+            log.warning(
+                "shard %d (%s): not serving: a full disk stopped recovery (%d bytes free); it retries once "
+                "there is room: %s",
+                self.number,
+                self.directory,
+                self._space.reading(),
+                err,
+            )
+            self._fail(f"recovery could not finish: {err}", err)
             return
         self._release_files(commit=False)
         if disk_full and not isinstance(err, BraidError):
@@ -516,6 +548,18 @@ class Shard:
             )
         return Unavailable(f"shard {self.number}: {self._failed}")
 
+    def read_problem(self) -> str | None:
+        """Why reads are refused now (the Unavailable they get), or None when the shard serves its
+        data: recovery did not finish (the disk filled while it replayed the log). Cheap."""
+        reason = self._unrecovered
+        if reason is None:
+            return None
+        full = " (disk full: " if self._failed_disk_full else " ("
+        return (
+            f"shard {self.number} under {self.directory} is not serving: {reason}{full}"
+            f"{self._space.reading()} bytes free); it recovers by itself once there is room"
+        )
+
     def write_problem(self) -> str | None:
         """Why writes are refused now (the message they get), or None when they are accepted.
 
@@ -692,6 +736,8 @@ class Shard:
                 if not self._disk_full(err):
                     with self._apply_cond:
                         self._failed, self._failed_disk_full = f"reopening after a full disk failed: {err}", False
+                    if self._unrecovered is not None:
+                        self._unrecovered = f"recovery failed: {err}"
                 return
         log.info("shard %d: reopened after a full disk; writes resume", self.number)
 
@@ -727,6 +773,7 @@ class Shard:
                 setattr(self, name, getattr(fresh, name))
             for seq, result in fresh._results.items():  # what the replay applied (a follower's)
                 self._remember(seq, result)
+            self._unrecovered = None  # the whole log is replayed: reads are answered again
         with self._apply_cond:
             self._failed, self._failed_disk_full = None, False
             self._apply_cond.notify_all()
@@ -942,16 +989,24 @@ class Shard:
         """Checkpoint; a failed one (a full disk) removes the generation it did not publish, so a
         retry can complete it, and fails the shard only when tantivy's commit broke its writer."""
         started = time.perf_counter()
+        dirty_since, logged = self._dirty_since, self._logged_bytes
+        generation = self._generation
         try:
             self._checkpoint()
             self.stats.checkpoints.record("checkpoint", "ok", time.perf_counter() - started)
         except BaseException as err:  # incl. tantivy's PanicException
             self.stats.checkpoints.record("checkpoint", "failed", time.perf_counter() - started)
+            # Judged before the unpublished files go: removing them frees the space that ran out.
+            disk_full = not isinstance(err, BraidError) and self._disk_full(err)
             self._discard_unpublished()
+            if self._generation == generation:  # not published: the log still needs a checkpoint
+                self._logged_bytes += logged
+                if dirty_since is not None and (self._dirty_since is None or dirty_since < self._dirty_since):
+                    self._dirty_since = dirty_since
             if self.text is not None and self.text.broken is not None:
                 self._fail(f"tantivy commit in a checkpoint failed: {err}", err)
                 raise self._refusal() from err
-            if not isinstance(err, BraidError) and self._disk_full(err):
+            if disk_full:
                 raise DiskFull(f"disk full: shard {self.number}: checkpoint failed, nothing changed: {err}") from err
             raise
 
@@ -988,13 +1043,16 @@ class Shard:
                 "ids": [self._label_ids[label] for label in live_labels],
                 "has_vector": {name: index.present_labels().tolist() for name, index in self.dense.items()},
             }
-            (staging / "ids.json").write_text(json.dumps(ids, ensure_ascii=False))
+            # Every file goes through a temporary name, is fsynced and checked by reading it back
+            # (index/durable.py; hnswlib's by its structure, index/hnswfile.py), so a write a full
+            # disk cut short fails the checkpoint here instead of being checksummed and published.
+            durable.write_bytes(staging / "ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8"))
             self.payload.save(staging)
             for index in self.dense.values():
                 index.save(staging)
             for sparse in self.sparse.values():
                 sparse.save(staging)
-            write_checksums(staging)  # read back from the page cache; before the fsyncs and the rename
+            write_checksums(staging)  # read back from the page cache; fsyncs the staging directory
             for path in staging.iterdir():
                 _fsync_file(path)
             final = segments / str(generation)
@@ -1068,6 +1126,9 @@ class _ReadGuard:
         if shard._closed:  # close sets it under the write lock: no reader sees a half-closed shard
             shard._lock.release_read()
             raise shard._gate.error()
+        if shard._unrecovered is not None:  # memory holds part of the log at most: never answer from it
+            shard._lock.release_read()
+            raise Unavailable(shard.read_problem())
 
     def __exit__(self, *exc: object) -> None:
         self._shard._lock.release_read()

@@ -45,7 +45,6 @@ and freed; the OS page cache, not the process, holds hot lists.
 from __future__ import annotations
 
 import math
-import os
 import time
 import zlib
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
+from . import hnswfile
 from .checksums import Problem, crc32_file
 from .closure import closure_assign
 from .dense import hnsw_memory_bytes
@@ -182,6 +182,9 @@ class SpannSegment:
                 "with a matching crc32"
             )
         del raw
+        problem = hnswfile.check(path, int(meta["dim"]), int(meta["lists"]))  # a cut file published before the check
+        if problem is not None:
+            raise DataLoss(f"{path}: {problem}")
         try:
             postings = PostingFile(directory / POSTINGS)
         except FileNotFoundError as err:
@@ -390,14 +393,10 @@ def _centroid_index(centroids: np.ndarray, params: SpannParams) -> hnswlib.Index
 
 
 def _save_centroids(index: hnswlib.Index, path: Path) -> tuple[int, int]:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    index.save_index(str(tmp))
-    raw = tmp.read_bytes()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Save the centroid index (checked whole before it is renamed: index/hnswfile.py); its (size, crc32)."""
+    hnswfile.save(index, path, index.dim)
     fsync_dir(path.parent)
-    return len(raw), zlib.crc32(raw)
+    return crc32_file(path)
 
 
 def _members(assigned: np.ndarray, n_lists: int) -> tuple[list[np.ndarray], np.ndarray]:

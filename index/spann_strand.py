@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import durable
 from .dense import DenseIndex
 from .errors import DataLoss
 from .labelmask import LabelMask
@@ -340,7 +341,7 @@ class SpannStrand:
             "sealed": [segment.directory.name for segment in self.sealed],
             "growing": self.growing.present_labels().tolist(),
         }
-        (directory / f"{self.spec.name}.strand.json").write_bytes(dumps_checked(meta))
+        durable.write_bytes(directory / f"{self.spec.name}.strand.json", dumps_checked(meta))
 
     @classmethod
     def load(cls, directory: Path, segments: Path, spec: DenseFieldSpec, present: list[int]) -> SpannStrand:

@@ -23,11 +23,12 @@ On disk (``save``), in the segment directory, prefix ``<name>.sparse``:
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from . import durable
 
 TOKEN_BASE = 1 << 32
 
@@ -189,10 +190,7 @@ class SparseIndex:
         prefix = directory / f"{self.name}.sparse"
         for suffix, array in (("terms", terms), ("offsets", offsets), ("labels", labels), ("weights", weights)):
             _save_npy(Path(f"{prefix}.{suffix}.npy"), array)
-        vocab_path = Path(f"{prefix}.vocab.json")
-        vocab_path.write_text(json.dumps(self._tokens))
-        with open(vocab_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        durable.write_bytes(Path(f"{prefix}.vocab.json"), json.dumps(self._tokens).encode("utf-8"))
 
     @classmethod
     def load(cls, directory: Path, name: str) -> SparseIndex:
@@ -221,7 +219,4 @@ class SparseIndex:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
+    durable.write_npy(path, array)  # a temporary name, fsynced, read back, renamed (index/durable.py)

@@ -5,9 +5,10 @@ every alias points at a collection that exists), and per collection (``verify_co
 
     collection.json           its embedded crc32 (index/manifest.py), and that it parses
     shard-NNN/MANIFEST.json   crc32, fields, the generation directory exists (index/shard.py)
-    segments/<gen>/           every file against CHECKSUMS (index/checksums.py)
+    segments/<gen>/           every file against CHECKSUMS (index/checksums.py), then each
+                              hnswlib file's structure (index/hnswfile.py)
     segments/spann-*/         each sealed segment a generation names: spann.json's crc32,
-                              centroids.hnsw's crc32, the posting file's header, offset table,
+                              centroids.hnsw's crc32 and structure, the posting file's header, offset table,
                               every list, the locator and its whole-file crc32 (index/spann.py)
     wal/                      every record's CRC, contiguity, that the log reaches the
                               checkpoint's wal_seq and agrees with its wal_crc32 (index/wal.py)
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dirlock, text, wal
+from . import dirlock, hnswfile, text, wal
 from .aliases import AliasTable
 from .checksums import Problem, check_directory
 from .errors import DataLoss, FailedPrecondition
@@ -136,10 +137,22 @@ def verify_shard(directory: Path, schema: Schema) -> list[Problem]:
         generation_problems = check_directory(generation, required=manifest["format"] >= 2)
         problems += generation_problems
         if not generation_problems:
+            problems += _check_hnsw(generation, schema)
             problems += _check_sealed(directory, generation, schema)
     problems += wal.check(directory / "wal", checkpoint_seq, checkpoint_crc)
     if schema.text_fields and (directory / "text").is_dir():
         problems += text.check(directory / "text", schema.text_fields)
+    return problems
+
+
+def _check_hnsw(generation: Path, schema: Schema) -> list[Problem]:
+    """The structure of each hnswlib file (index/hnswfile.py): a file a full disk cut short
+    before checkpoints checked it carries a CHECKSUMS entry of its cut bytes, which matches."""
+    problems: list[Problem] = []
+    for spec in schema.dense_fields:
+        path = generation / f"{spec.name}.hnsw"
+        if path.exists() and (problem := hnswfile.check(path, spec.dim)) is not None:
+            problems.append(Problem(str(path), problem))
     return problems
 
 

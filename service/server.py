@@ -57,6 +57,8 @@ STREAM_END_SECONDS = 1.0
 MAX_CALLS_PER_CONNECTION = 256
 # Health service whose status says whether writes are accepted everywhere, and how often it is refreshed.
 WRITES_HEALTH_NAME = "braid.writes"
+# Per collection: NOT_SERVING while one of its shards could not finish recovery (service ``<prefix><name>``).
+COLLECTION_HEALTH_PREFIX = "braid.collection."
 STORAGE_WATCH_S = 1.0
 # How long shutdown waits for work already running on a worker thread.
 WORK_DRAIN_SECONDS = 30.0
@@ -190,36 +192,16 @@ class BraidServer:
         seconds = time.monotonic() - self.catalog.recovery.started
         replayed = self.catalog.recovery.log_bytes_replayed / 1e6
         log.info("recovery done in %.1f s, %.1f MB of log replayed (quarantined: %s)", seconds, replayed, quarantined)
-        self._call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        watch = _StorageWatch()
+        if not watch.round(self):  # health SERVING, unless a shard could not recover its log
+            return
         self._recovered.set()
-        self._watch_storage()
-
-    def _watch_storage(self) -> None:
-        """Until shutdown: health service ``braid.writes`` says whether every collection takes
-        writes (NOT_SERVING while one refuses them, e.g. a full disk; reads go on and the
-        overall status stays SERVING), and shards a full disk made read-only reopen once room is back."""
-        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        last = None
-        while not self._stopping.is_set():
-            try:
-                problems = []
-                for collection in self.catalog.list():
-                    if collection.write_problem() is not None:
-                        collection.heal()
-                        if (problem := collection.write_problem()) is not None:
-                            problems.append(f"{collection.name}: {problem}")
-            except BraidError:  # the catalog closed under us: shutting down
-                return
-            status = not_serving if problems else serving
-            if status != last:
-                if problems:
-                    log.warning("writes refused: %s", "; ".join(problems))
-                self._call(self.health.set(WRITES_HEALTH_NAME, status))
-                last = status
-            self._stopping.wait(STORAGE_WATCH_S)
+        while not self._stopping.wait(STORAGE_WATCH_S) and watch.round(self):
+            pass
 
     def wait_recovered(self, timeout: float | None = None) -> bool:
-        """True once every collection is open (or quarantined) and health says SERVING."""
+        """True once every collection is open (or quarantined) and health is set: SERVING, or
+        NOT_SERVING while a shard waits for room to finish its recovery (_StorageWatch)."""
         return self._recovered.wait(timeout)
 
     def stop(self, grace: float | None = None) -> None:
@@ -283,6 +265,56 @@ def create_server(config: ServerConfig, catalog: Catalog | None = None) -> Braid
             remote.close()
             raise
     return BraidServer(config, catalog)
+
+
+class _StorageWatch:
+    """Health from the shards' state, refreshed every STORAGE_WATCH_S until shutdown:
+
+    - ``""`` and ``braid.v1.Braid``: NOT_SERVING while some shard could not finish recovery
+      (a full disk stopped its replay: it refuses reads rather than answer from part of its
+      log), SERVING otherwise;
+    - ``braid.collection.<name>``: the same for one collection;
+    - ``braid.writes``: NOT_SERVING while some collection refuses writes (a full disk, a
+      failed log; reads go on).
+
+    Shards that a full disk made read-only or left unrecovered are healed (reopened) each
+    round once there is room.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def round(self, server: BraidServer) -> bool:
+        """One refresh; False once the catalog is closed (shutting down)."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        statuses: dict[str, int] = {}
+        read_problems, write_problems = [], []
+        try:
+            for collection in server.catalog.list():
+                if collection.write_problem() is not None or collection.read_problem() is not None:
+                    collection.heal()
+                read_problem = collection.read_problem()
+                statuses[f"{COLLECTION_HEALTH_PREFIX}{collection.name}"] = not_serving if read_problem else serving
+                if read_problem is not None:
+                    read_problems.append(read_problem)
+                if (problem := collection.write_problem()) is not None:
+                    write_problems.append(f"{collection.name}: {problem}")
+        except BraidError:  # the catalog closed under us: shutting down
+            return False
+        overall = not_serving if read_problems else serving
+        statuses[""] = statuses[SERVICE_NAME] = overall
+        statuses[WRITES_HEALTH_NAME] = not_serving if write_problems else serving
+        if read_problems and self._last.get("") != not_serving:
+            log.warning("not serving: %s", "; ".join(read_problems))
+        if write_problems and self._last.get(WRITES_HEALTH_NAME) != not_serving:
+            log.warning("writes refused: %s", "; ".join(write_problems))
+        for name, status in statuses.items():
+            if self._last.get(name) != status:
+                if server._stopping.is_set():  # shutdown owns the overall status now
+                    return False
+                server._call(server.health.set(name, status))
+                self._last[name] = status
+        return True
 
 
 def serve(config: ServerConfig, ready: Callable[[int], None] | None = None) -> None:

@@ -16,6 +16,12 @@ start when BRAID_TEST_DISK_FAULTS names the flag directory.
 | apply          | ``DenseIndex.add``                     | the apply step (and replay)             |
 | checkpoint     | ``DenseIndex.save``                    | a checkpoint's file writes (Flush)      |
 | merge          | ``SpannSegment.build``                 | a SPANN seal or compaction              |
+
+One more flag frees space instead of failing: while ``flags/free_after_save`` exists, the
+file it names is deleted right after a ``DenseIndex.save`` returns or raises (once: the flag
+goes too), as a concurrent writer undoing its own failed write would free space on a real
+full disk; the checkpoint's later files then find room, as they did when a truncated
+``.hnsw`` was published (issue 20, finding 1).
 """
 
 from __future__ import annotations
@@ -93,6 +99,22 @@ def _wrap(owner: Any, name: str, flags: Path, step: str) -> None:
     setattr(owner, name, faulty)
 
 
+def _free_after_save(owner: Any, name: str, flags: Path) -> None:
+    real = getattr(owner, name)
+
+    def freeing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(*args, **kwargs)
+        finally:
+            flag = flags / "free_after_save"
+            if flag.exists():
+                Path(flag.read_text().strip()).unlink(missing_ok=True)
+                flag.unlink(missing_ok=True)
+
+    _undo.append((owner, name, real))
+    setattr(owner, name, freeing)
+
+
 def install(flags: Path) -> None:
     """Wrap every seam; each fails while ``flags/<step>`` exists. Idempotent per process."""
     if _undo:
@@ -108,6 +130,7 @@ def install(flags: Path) -> None:
     _wrap_text_writers(flags)
     _wrap(DenseIndex, "add", flags, "apply")
     _wrap(DenseIndex, "save", flags, "checkpoint")
+    _free_after_save(DenseIndex, "save", flags)
     _wrap(SpannSegment, "build", flags, "merge")
 
 

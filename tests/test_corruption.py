@@ -431,3 +431,24 @@ def test_json_manifest_checksums(tmp_path, content, needle):
             read_json(path)
     write_json_atomic(path, {"a": 1})
     assert read_json(path, require_checksum=True) == {"a": 1}
+
+
+@pytest.mark.parametrize("cut", ["level0", "links"])
+def test_a_cut_hnsw_file_whose_checksums_match_is_refused(image, tmp_path, cut):
+    """What a checkpoint on a full disk once published (issue 20, finding 1): ``emb.hnsw`` cut
+    short by hnswlib's silent failure, with a CHECKSUMS entry computed over the cut bytes.
+    Every checksum matches, so ``braid verify`` said so (exit 0) and hnswlib read the cut
+    file; now its structure is walked (index/hnswfile.py): verify reports it BAD, and an open
+    is refused with DATA_LOSS naming it, never served."""
+    from braid.index.checksums import write_checksums
+
+    data = _copy(image, tmp_path)
+    path = _target(data, f"{SHARD}/segments/[0-9]*/emb.hnsw")
+    raw = path.read_bytes()
+    keep = len(raw) // 2 if cut == "level0" else len(raw) - 3  # inside the vectors, or the last link list
+    path.write_bytes(raw[:keep])
+    write_checksums(path.parent)  # as the old checkpoint did: a checksum of what was there
+    status, report = verify_output(data)
+    assert status == 1 and "emb.hnsw" in report and "truncated" in report, report
+    result = probe(data)
+    assert judge(result, image["expected"], ["emb.hnsw"]) == "refused", result
