@@ -13,6 +13,11 @@ deadline they were given, and reads keep answering while the shard servers are h
    (the router must not call healthy replicas "not live" because NATS elected a leader).
 3. A WRITE_ACK_APPLIED write to a shard whose only replica is down, or restarting, waits for
    it within its deadline instead of failing at once.
+4. Both replicas of a shard stop heartbeating (their NATS node is paused) but serve reads: the
+   router, which calls them "not live", still tries them before failing a read.
+5. The router's view of liveness (service/cluster/view.py) on a real NATS: heartbeats that stop
+   for everyone (a NATS election) and resume in any order never make a server look dead; a
+   server that stops while the others beat drops out, and is still tried last, at its address.
 
 Fixtures and helpers come from tests/clusterkit.py and tests/test_cluster_faults.py.
 """
@@ -20,9 +25,11 @@ Fixtures and helpers come from tests/clusterkit.py and tests/test_cluster_faults
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -31,8 +38,12 @@ import pytest
 
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.meta import ALIASES_BUCKET, COLLECTIONS_BUCKET, NODE_TTL_S, NODES_BUCKET, NodeInfo
+from braid.service.cluster.nats_link import NatsLink
+from braid.service.cluster.natsproc import NatsCluster, free_ports
+from braid.service.cluster.view import ClusterState
 from braid.v1 import braid_pb2 as pb
-from tests.clusterkit import local_cluster  # noqa: F401
+from tests.clusterkit import local_cluster, nats1  # noqa: F401
 from tests.test_cluster_faults import (
     COLLECTION,
     DIM,
@@ -52,6 +63,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 WRITE_TIMEOUT_S = 30.0  # a deadline that outlasts any pause or election here by far
 READ_TIMEOUT_S = 10.0
+PAUSE_S = 16.0  # test 4's pause of a NATS node: long past the TTL, with any stall of the bucket discounted
 UNKNOWN = "may have been stored"  # what an answer whose outcome Braid cannot know says
 
 
@@ -338,3 +350,138 @@ def test_applied_write_waits_through_a_replica_restart(local_cluster) -> None:  
     ids = [f"down-{i}" for i in range(4)] + [f"starting-{i}" for i in range(4)]
     assert set(_router_versions(client.stub, ids)) == set(ids)
     client.close()
+
+
+# ------------------------------------------------------------------ 4. reads from replicas not heard from lately
+
+
+def test_reads_try_replicas_whose_heartbeats_stopped(local_cluster) -> None:  # noqa: F811
+    """Shard servers 0 and 1 (the two replicas of the collection's one shard) talk to NATS node 0 only,
+    server 2 and the router to node 1. Node 0 is paused for 12 s: 0 and 1 stop heartbeating while 2
+    beats on, so the router calls them "not live"; they still serve reads (DEFAULT consistency needs
+    no NATS), and no read may fail."""
+    cluster = local_cluster(shard_servers=3, routers=1, nats_nodes=3)
+    assert cluster.nats is not None
+    urls = [node.url for node in cluster.nats.nodes]
+    # every shard server and the router on a NATS node of our choice: each is restarted with one url
+    for child, url in ((cluster.shards[0], urls[0]), (cluster.shards[1], urls[0]), (cluster.shards[2], urls[1])):
+        child.command[child.command.index("--nats") + 1] = url
+        child.restart()
+    router = cluster.routers[0]
+    router.command[router.command.index("--nats") + 1] = urls[1]
+    metrics_port = free_ports(1)[0]
+    router.command += ["--metrics-port", str(metrics_port)]
+    router.restart()
+    client = BraidClient(cluster.router_address, timeout=READ_TIMEOUT_S)
+    info = client.create_collection(COLLECTION, _schema(), shards=1, replication_factor=2)
+    assert info.replication_factor == 2
+    seeded = [f"seed-{i}" for i in range(200)]
+    _bulk(client, Ledger(), seeded)
+    victim = cluster.nats.nodes[0]
+    assert victim.pid is not None
+
+    ok = [0]
+    failures: list[tuple[float, str, str]] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            ids = [seeded[j] for j in rng.choice(len(seeded), 8, replace=False)]
+            try:
+                got = client.stub.Get(pb.GetRequest(collection=COLLECTION, ids=ids), timeout=READ_TIMEOUT_S)
+                assert len(got.documents) == len(ids), f"Get found {len(got.documents)} of {len(ids)}"
+                ok[0] += 1
+            except grpc.RpcError as err:
+                failures.append((time.monotonic(), err.code().name, err.details() or ""))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=reader, args=(s,), daemon=True) for s in range(2)]
+    for thread in threads:
+        thread.start()
+    paused_at = time.monotonic()
+    live_counts = []
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        while time.monotonic() < paused_at + PAUSE_S:
+            live_counts.append(_gauge(metrics_port, "braid_router_shard_servers_live"))
+            time.sleep(0.5)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=READ_TIMEOUT_S + 5)
+    assert not any(thread.is_alive() for thread in threads), "a reader did not end"
+    print(
+        f"\n[heartbeats stopped] paused {victim.name} for {PAUSE_S:.0f} s: {ok[0]} reads ok, {len(failures)} failed; "
+        f"the router's count of live shard servers every 0.5 s: {live_counts}"
+        + "".join(f"\n  {t - paused_at:+.2f} s: {c} {d[:300]}" for t, c, d in failures[:10])
+    )
+    client.close()
+    assert ok[0] >= 20, "the readers made too little progress to test anything"
+    assert not failures, f"{len(failures)} reads failed while both replicas could answer"
+    assert 1 in live_counts, f"the router never called the two replicas not live: {live_counts}"
+
+
+def _gauge(port: int, name: str) -> float | None:
+    """One unlabelled metric's value from a /metrics page (None when absent or unreachable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+# ------------------------------------------------------------------ 5. liveness through a heartbeat stall
+
+
+def _wait(condition, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_liveness_survives_a_heartbeat_stall(nats1: NatsCluster) -> None:  # noqa: F811
+    """Three shard servers' heartbeats (written here, as shard servers write them) stop for 10 s, as
+    while NATS elects the bucket's leader (their entries expire; the router's watch restarts), then
+    only c's resumes: a and b are still live (a stall says nothing about them). Once c alone has beaten
+    for longer than the TTL, a and b are not live, and are still offered last, at their address."""
+    link = NatsLink(nats1.urls, "braid-router-test")
+    try:
+        assert link.wait_connected(10)
+        for bucket, ttl in ((COLLECTIONS_BUCKET, None), (NODES_BUCKET, NODE_TTL_S), (ALIASES_BUCKET, None)):
+            link.ensure_bucket(bucket, 1, ttl=ttl)
+        addresses = {node: f"127.0.0.1:{7000 + i}" for i, node in enumerate("abc")}
+
+        def beat(*nodes: str) -> None:
+            for node in nodes:
+                link.kv_put(NODES_BUCKET, node, NodeInfo(node, addresses[node], 0.0).to_json())
+
+        beat("a", "b", "c")
+        state = ClusterState(link)
+        state.start()
+        assert state.synced.wait(20)
+        _wait(lambda: set(state.live_nodes()) == {"a", "b", "c"}, "the three nodes to be live")
+        stall_ends = time.monotonic() + 10.0
+        while time.monotonic() < stall_ends:  # nobody beats: the bucket is stalled
+            assert set(state.live_nodes()) == {"a", "b", "c"}, "a stall made a node look dead"
+            time.sleep(0.2)
+        seen_c = state.nodes.get("c", (None, 0.0))[1]
+        beat("c")
+        _wait(lambda: state.nodes.get("c", (None, 0.0))[1] > seen_c, "c's heartbeat to reach the view")
+        assert set(state.live_nodes()) == {"a", "b", "c"}, (
+            f"healthy nodes look dead once heartbeats resume after a stall: live {sorted(state.live_nodes())}"
+        )
+        resumed = time.monotonic()
+        while time.monotonic() < resumed + NODE_TTL_S + 2.0:  # c beats, a and b have stopped
+            beat("c")
+            time.sleep(0.5)
+        assert set(state.live_nodes()) == {"c"}, f"stopped nodes still look live: {sorted(state.live_nodes())}"
+        order = state.order(("a", "b", "c"), 0)
+        assert order[0] == ("c", addresses["c"], True), order
+        assert sorted(order[1:]) == [("a", addresses["a"], False), ("b", addresses["b"], False)], order
+    finally:
+        link.close()

@@ -109,7 +109,7 @@ class ClusterState:
         return now
 
     def _nodes_snapshot(self, items: dict[str, bytes]) -> None:
-        now = self._heard()
+        now = self._heard() if items else time.monotonic()  # an empty one (every entry expired) is no beat
         # Nodes missing from the snapshot keep their last heartbeat: entries expire from the bucket
         # (TTL) while its leader is re-elected and nobody can write; live_nodes ages them out
         # against the freshest heartbeat once heartbeats land again.
