@@ -51,6 +51,7 @@ directory fsynced, so a crash leaves either no file or a complete one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import threading
@@ -179,6 +180,9 @@ def write_postings(
             fh.write(table_bytes)
             fh.flush()
             os.fsync(fh.fileno())
+            expected = offset + len(locator_bytes)
+            if os.fstat(fh.fileno()).st_size != expected:  # a write that failed without saying so
+                raise OSError(errno.EIO, f"{path}: {os.fstat(fh.fileno()).st_size} bytes written, expected {expected}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -150,6 +150,7 @@ _RECOVERED_STATE = (
     "_prepared_seq",
     "_applied_seq",
     "_committed_seq",
+    "_replayed_whole",
 )
 
 
@@ -693,8 +694,10 @@ class Shard:
     def wait_applied(self, seq: int, timeout_s: float) -> bool:
         """Block until record ``seq`` is applied (True) or ``timeout_s`` passes (False).
 
-        Raises the close error once the shard is closing, and the write refusal (Unavailable,
-        DiskFull) while it is failed.
+        Raises the close error once the shard is closing, and Unavailable while it is failed,
+        quoting the write refusal ("disk full: ..."): the record is in the log, this shard
+        cannot apply it now, and a reader (or a writer waiting for the apply) may ask another
+        replica; RESOURCE_EXHAUSTED would read as a refused write.
         """
         deadline = time.monotonic() + timeout_s
         with self._apply_cond:
@@ -702,7 +705,10 @@ class Shard:
                 if self._gate.closed:
                     raise self._gate.error()
                 if self._failed:
-                    raise self._refusal()
+                    raise Unavailable(
+                        f"shard {self.number} cannot apply log record {seq} now (applied to "
+                        f"{self._applied_seq}): {self._refusal()}"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

@@ -7,6 +7,10 @@ the subject after it. A follower thread then pulls new records in batches and ap
 them in stream order (``Shard.apply_logged``); a failure (NATS away, a full disk) is retried
 with backoff from the sequence the shard has applied, so nothing is skipped or applied twice.
 
+A replica whose files fail their checks at open (DataLoss) is quarantined: its directory is
+moved aside (``<dir>.quarantined-<time>``) and it rebuilds from the subject, never serving
+from the damaged files.
+
 A replica serves reads once it has read its subject to the end once since it opened
 (``caught_up``): a replica rebuilding from the log never answers with half its documents.
 ``lag_records`` (for /metrics) is how many records of the subject it has not applied yet.
@@ -21,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from braid.index.errors import FailedPrecondition, Unavailable
+from braid.index.errors import DataLoss, FailedPrecondition, Unavailable
 from braid.index.policy import StoragePolicy
 from braid.index.schema import Schema
 from braid.index.shard import Shard
@@ -87,6 +91,7 @@ class Replica:
         self.problem: str | None = "opening"
         self.lag_records: int | None = None  # records of the subject not applied yet (None: not known yet)
         self._stop = threading.Event()
+        self._quarantined = False  # a corrupt directory was moved aside once (_quarantine)
         self._thread = threading.Thread(target=self._run, name=f"braid-replica-{meta.name}-{number}", daemon=True)
 
     def start(self) -> None:
@@ -100,6 +105,14 @@ class Replica:
         while not self._stop.is_set() and self.shard is None:
             try:
                 shard = Shard.open(self.directory, self.schema, self.number, self.policy, log_opener=self._open_log)
+            except DataLoss as err:
+                self.problem = f"cannot open: {err}"
+                if not self._quarantined and self.directory.exists():
+                    self._quarantine(err)  # the stream holds every record: rebuild from it, now
+                    continue
+                log.warning("replica %s/%d: %s", self.meta.name, self.number, self.problem)
+                self._stop.wait(RETRY_S * 4)
+                continue
             except BaseException as err:
                 self.problem = f"cannot open: {err}"
                 log.warning("replica %s/%d: %s", self.meta.name, self.number, self.problem)
@@ -138,6 +151,22 @@ class Replica:
                     self._stop.wait(RETRY_S)
         finally:
             reader.close()
+
+    def _quarantine(self, err: BaseException) -> None:
+        """A corrupt replica directory (DataLoss at open) is moved aside, kept for operators, and the
+        replica rebuilt from its subject, which holds every record (the stream is never trimmed):
+        it never serves from the damaged files. Once per replica: a second DataLoss (the log itself)
+        is retried like any other failure."""
+        self._quarantined = True
+        aside = self.directory.with_name(f"{self.directory.name}.quarantined-{int(time.time())}")
+        self.directory.rename(aside)
+        log.error(
+            "replica %s/%d: %s; moved its files aside to %s and rebuilding it from the log",
+            self.meta.name,
+            self.number,
+            err,
+            aside,
+        )
 
     @property
     def applied_seq(self) -> int:
