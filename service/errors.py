@@ -1,4 +1,5 @@
-"""The single table that maps index-layer and encoder errors to gRPC status codes."""
+"""The single table that maps index-layer and encoder errors to gRPC status codes, and the
+codes a call may be retried on."""
 
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     encoder_errors.TextTooLong: grpc.StatusCode.INVALID_ARGUMENT,
     TimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+# Codes a failed call to a replica (or a client's call) may be retried on: the call may not have
+# reached its server, or the server could not answer in time. A write answered with one of them
+# may or may not have happened (its message says which it knows); sending the same write again
+# is safe, as an upsert or delete applied twice leaves the same documents. The other codes are
+# answers about the request itself, the same from every replica.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:

@@ -5,9 +5,10 @@ A write's answer must be true: OK means stored; "not stored" only when Braid kno
 (UNAVAILABLE or DEADLINE_EXCEEDED saying the write may have been stored). Waits use the
 deadline they were given, and reads keep answering while the shard servers are healthy.
 
-1. SIGSTOP the NATS node leading the collection's stream for ~2 s during writes (both ack
-   modes, generous deadlines): no write is refused, and every write's answer agrees with what
-   is read back afterwards.
+1. SIGSTOP the NATS node leading the collection's stream for 4 s during writes (both ack
+   modes, generous deadlines and short ones): no write with a generous deadline is refused, no
+   write is called "not stored" when it may have been, and every write's answer agrees with
+   what is read back afterwards.
 2. kill -9 the NATS node leading both the collection's stream and the braid-nodes bucket, with
    3 shard servers (replication factor 2): reads and WRITE_ACK_APPLIED writes keep answering
    (the router must not call healthy replicas "not live" because NATS elected a leader).
@@ -63,6 +64,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 WRITE_TIMEOUT_S = 30.0  # a deadline that outlasts any pause or election here by far
 READ_TIMEOUT_S = 10.0
+SHORT_TIMEOUT_S = 1.5  # a deadline a paused NATS node outlasts: such a write's outcome is unknown
 PAUSE_S = 16.0  # test 4's pause of a NATS node: long past the TTL, with any stall of the bucket discounted
 UNKNOWN = "may have been stored"  # what an answer whose outcome Braid cannot know says
 
@@ -170,8 +172,10 @@ def _failures(outcomes: list[Outcome], since: float) -> str:
 
 
 def test_writes_through_a_paused_stream_leader_answer_truly(local_cluster) -> None:  # noqa: F811
-    """SIGSTOP the NATS node leading the collection's stream (not the router's node) for 2 s while 3
-    writers upsert: with 30 s deadlines none is refused, and each answer agrees with the data."""
+    """SIGSTOP the NATS node leading the collection's stream (not the router's node) for 4 s while 3
+    writers upsert with 30 s deadlines and one with 1.5 s deadlines: none of the first is refused,
+    none of the second is called "not stored" (the pause outlasts them: their outcome is unknown),
+    and each answer agrees with the data read back."""
     cluster = local_cluster(shard_servers=2, routers=1, nats_nodes=3)
     assert cluster.nats is not None
     client = BraidClient(cluster.router_address, timeout=READ_TIMEOUT_S)
@@ -182,8 +186,10 @@ def test_writes_through_a_paused_stream_leader_answer_truly(local_cluster) -> No
     victim = cluster.nats.nodes[index]
     assert victim.pid is not None
     writers = Writers(client, "p")
+    hasty = Writers(client, "q", threads=1, timeout=SHORT_TIMEOUT_S)  # deadlines the pause outlasts
     began = time.monotonic()
     writers.start()
+    hasty.start()
     time.sleep(1.5)
     paused_at = time.monotonic()
     os.kill(victim.pid, signal.SIGSTOP)
@@ -194,20 +200,25 @@ def test_writes_through_a_paused_stream_leader_answer_truly(local_cluster) -> No
     resumed_at = time.monotonic()
     time.sleep(max(0.0, began + 9.0 - time.monotonic()))
     writers.finish()
+    hasty.finish()
     outcomes = writers.outcomes
     kinds = _check_outcomes(client, outcomes, paused_at)
+    hasty_kinds = _check_outcomes(client, hasty.outcomes, paused_at)
     print(
         f"\n[paused stream leader] SIGSTOP {victim.name} (router on {router_node}) for {resumed_at - paused_at:.1f} s: "
-        f"{len(outcomes)} writes, {kinds}; longest write {max(o.ended - o.began for o in outcomes):.2f} s"
-        + _failures(outcomes, paused_at)
+        f"{len(outcomes)} writes, {kinds}; longest write {max(o.ended - o.began for o in outcomes):.2f} s; "
+        f"with {SHORT_TIMEOUT_S} s deadlines: {len(hasty.outcomes)} writes, {hasty_kinds}"
+        + _failures(outcomes + hasty.outcomes, paused_at)
     )
     client.close()
     assert sum(1 for o in outcomes if o.ended > resumed_at and o.code == grpc.StatusCode.OK) >= 3, (
         "too few writes succeeded after the pause to test anything"
     )
     assert kinds.get("ok") == len(outcomes), (
-        f"writes with a {WRITE_TIMEOUT_S:.0f} s deadline failed through a 2 s pause:" + _failures(outcomes, paused_at)
+        f"writes with a {WRITE_TIMEOUT_S:.0f} s deadline failed through the pause:" + _failures(outcomes, paused_at)
     )
+    refused = [o for o in hasty.outcomes if o.kind == "not_stored"]
+    assert not refused, "writes the pause cut short were called not stored:" + _failures(refused, paused_at)
 
 
 # ------------------------------------------------------------------ 2. the stream and nodes-bucket leader killed

@@ -9,8 +9,13 @@ the few RPC bodies that forward protobuf messages as they are.
 Writes: validate and encode here (replicas never run a model), split by shard with the same
 hash as standalone, publish each shard's part as one record per message (split further to
 fit NATS's max_payload) with a message id, and acknowledge once JetStream stored every part
-and, by default (WRITE_ACK_APPLIED), one replica of each affected shard applied it. A part
-the log did not store fails the call (UNAVAILABLE): nothing unstored is acknowledged.
+and, by default (WRITE_ACK_APPLIED), one replica of each affected shard applied it. Nothing
+unstored is acknowledged, and a failure says only what Braid knows: a publish is retried with
+the same message id (JetStream keeps one copy) across a paused or killed NATS node until the
+call's deadline; "it was not stored" (UNAVAILABLE) only when no try may have stored it; else
+UNAVAILABLE, or DEADLINE_EXCEEDED once the deadline passed, saying the write may have been
+stored (sending it again is safe). The wait for a replica's apply retries a replica that is
+down or restarting until the deadline, then DEADLINE_EXCEEDED saying the write is stored.
 
 Aliases: watched from their own bucket (service/cluster/meta.py) like collections; a request
 resolves a name once, from one snapshot of the view. A name the view does not know is read
@@ -19,7 +24,8 @@ alias change answers once this router's view reflects it, so it reads its own ch
 
 Reads: one replica of every shard, chosen round robin among the live ones, answers over
 braid.cluster.v1.Shard; a failed or slow replica is retried on the next inside the call's
-deadline (each try gets a share of the time left). Each strand is merged across shards and
+deadline (each try gets a share of the time left), and replicas not heard from lately are
+tried last, at their last address, before a read fails. Each strand is merged across shards and
 fused exactly as a collection does (index/collection.py ``combine``), so the hits equal a
 standalone collection's with the same shard count. Consistency: DEFAULT waits for the
 writes this router acknowledged, STRONG for the last record of each shard's subject at the
@@ -79,7 +85,7 @@ from braid.v1 import braid_pb2 as pb
 from .. import convert
 from ..admission import TimedOut, call_deadline
 from ..config import ServerConfig
-from ..errors import STATUS_OF
+from ..errors import RETRYABLE_CODES, STATUS_OF
 from ..logs import forward_metadata
 from ..rpcs import BraidRpcs
 from .meta import (
@@ -106,14 +112,6 @@ ALIAS_TRIES = 8  # compare-and-set attempts of an alias change racing others on 
 FRESH_READ_S = 2.0  # a read of one key from NATS when the view does not know a name
 APPLIED_RETRY_S = 0.05  # a replica that failed a WaitApplied is asked again after this (doubling)...
 APPLIED_RETRY_MAX_S = 0.5  # ...up to this
-_RETRY_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 _ERROR_OF = {code: cls for cls, code in reversed(list(STATUS_OF.items())) if issubclass(cls, BraidError)}
 
 
@@ -182,7 +180,7 @@ class _Tries:
             yield node, address, remaining / max(left, 1)
 
     def failed(self, node: str, err: grpc.RpcError) -> None:
-        if err.code() not in _RETRY_CODES:
+        if err.code() not in RETRYABLE_CODES:
             raise _error_from(err) from None
         self.collection.catalog.state.suspect(node)
         self.collection.catalog.stats.retried(err.code())
@@ -512,6 +510,10 @@ class RemoteCollection:
     def write_problem(self) -> str | None:
         if not self.catalog.link.connected:
             return f"NATS unreachable at {','.join(self.catalog.link.urls)}: writes are refused"
+        return None
+
+    def read_problem(self) -> str | None:
+        """None: a router holds no data; a shard with no live replica fails its reads by itself."""
         return None
 
     def heal(self) -> None:
@@ -1004,7 +1006,7 @@ class RemoteCollection:
             try:  # the replica that ranked these labels; another one has the same labels (same log, same order)
                 response = stub.Fetch(message, timeout=max(deadline - time.monotonic(), 0.001))
             except grpc.RpcError as err:
-                if err.code() not in _RETRY_CODES:
+                if err.code() not in RETRYABLE_CODES:
                     raise _error_from(err) from None
                 response, _ = self._call(shard, lambda stub, t, m=message: stub.Fetch(m, timeout=t), deadline)
             for position, hit in zip(where, response.hits, strict=True):
