@@ -206,6 +206,7 @@ class Shard:
         # memory holds only part of the log; a reopen that recovers the whole log clears it.
         self._unrecovered: str | None = None
         self._replayed_whole = False  # _recover read and applied the log to its end
+        self._healing = threading.Event()  # a _heal_in_background thread runs
         self._next_reopen = 0.0  # time.monotonic() before which no reopen is tried again
         self._space = FreeSpace(directory, policy.min_free_bytes)
         self.stats = ShardStats()  # what operators see (index/stats.py); kept across a reopen
@@ -717,6 +718,23 @@ class Shard:
 
     # ------------------------------------------------------------- reopening
 
+    def _heal_in_background(self) -> None:
+        """``heal`` on a thread of its own (one at a time, at most one try a REOPEN_BACKOFF_S), so
+        the read that asks for it is answered at once."""
+        if self._healing.is_set() or time.monotonic() < self._next_reopen or self._gate.closed:
+            return
+        self._healing.set()
+
+        def run() -> None:
+            try:
+                self.heal()
+            except BaseException as err:  # incl. tantivy's PanicException; the next read tries again
+                log.warning("shard %d: healing failed: %s", self.number, err)
+            finally:
+                self._healing.clear()
+
+        threading.Thread(target=run, name=f"braid-heal-{self.number}", daemon=True).start()
+
     def heal(self) -> None:
         """A watchdog's nudge: reopen now if a full disk made the shard read-only and room is back."""
         if self._failed_disk_full:
@@ -1134,6 +1152,7 @@ class _ReadGuard:
             raise shard._gate.error()
         if shard._unrecovered is not None:  # memory holds part of the log at most: never answer from it
             shard._lock.release_read()
+            shard._heal_in_background()  # a follower may get no write to heal it: a read asks too
             raise Unavailable(shard.read_problem())
 
     def __exit__(self, *exc: object) -> None:

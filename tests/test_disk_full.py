@@ -28,7 +28,7 @@ from braid.index.shard import _RECOVERED_STATE, Shard
 from braid.v1 import braid_pb2 as pb
 
 from . import diskfaults
-from .conftest import schema, start_in_process, stop_in_process
+from .conftest import schema, start_in_process, stop_in_process, wait_for
 
 DIM = 8
 DEADLINE_S = 15.0  # every call of these tests: a hang shows up as DEADLINE_EXCEEDED, not a stuck test
@@ -390,6 +390,42 @@ def test_a_checkpoint_whose_tantivy_commit_fails(faults, no_backoff, tmp_path):
     reopened = Shard.open(tmp_path / "s", text_schema(), 0)
     assert reopened.label_of("d14") is not None and reopened.count(None) in (10, 15)
     reopened.close()
+
+
+def test_a_replay_a_full_disk_stopped_part_way_refuses_reads_until_it_heals(faults, no_backoff, tmp_path):
+    """Issue 20, finding 2, in process: the replay stops at its first record (ENOSPC while
+    applying it), so memory holds none of the log. Before the fix the shard opened read-only
+    and Count said 0 of 30; now every read is refused with Unavailable naming the shard and
+    why, and the first read once there is room starts a reopen (no write, no watchdog needed:
+    a follower may get neither), after which every document is served."""
+    from braid.index.errors import Unavailable
+
+    shard = Shard.open(tmp_path / "s", text_schema(), 0)
+    for start in range(0, 30, 10):
+        shard.upsert(shard_docs(range(start, start + 10)))
+    shard.close()  # no checkpoint: the log holds all 30
+    (faults / "apply").touch()
+    shard = Shard.open(tmp_path / "s", text_schema(), 0)
+    try:
+        for read in (lambda: shard.count(None), lambda: shard.read().__enter__()):
+            with pytest.raises(Unavailable) as info:
+                read()
+            message = str(info.value)
+            assert "shard 0" in message and "recovery stopped part way" in message and "disk full" in message, message
+        assert shard.read_problem() is not None and shard.write_problem() is not None
+        (faults / "apply").unlink()
+
+        def served() -> bool:
+            try:
+                return shard.count(None) == 30
+            except Unavailable:
+                return False
+
+        wait_for(served, timeout=30, what="the shard to recover once the disk has room")
+        assert shard.read_problem() is None and shard.write_problem() is None
+        assert shard.label_of("d29") is not None
+    finally:
+        shard.close()
 
 
 def test_reopen_takes_every_attribute_recovery_builds(tmp_path):
