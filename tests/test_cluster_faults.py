@@ -28,11 +28,13 @@ Replicas are also read directly over braid.cluster.v1.Shard (``Status`` and ``Ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 import zlib
@@ -47,10 +49,12 @@ import pytest
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
 from braid.index.collection import shard_of
+from braid.index.errors import Unavailable
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.nats_link import LogReader, NatsLink
 from braid.v1 import braid_pb2 as pb
-from tests.clusterkit import local_cluster  # noqa: F401
+from tests.clusterkit import local_cluster, nats1  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -934,3 +938,165 @@ def test_sigterm_router_mid_stream(local_cluster) -> None:  # noqa: F811
     assert client.count(COLLECTION) >= 50 * applied
     _check_replicas(cluster, ledger)
     client.close()
+
+
+# ------------------------------------------------------------------ 6. a record lost in flight to a replica
+
+
+class _Relay:
+    """A TCP relay on loopback between NATS clients and one ``nats-server``: a real network hop
+    that a test can fault. ``hold()``: bytes from the server are kept back from then on (they
+    wait in the relay); ``cut()``: every connection is closed and what was held is dropped, as a
+    NATS node dying or a network fault does to a delivery in flight. New connections relay again."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.held_bytes = 0
+        self._hold = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_server and self._hold.is_set():
+                    with self._lock:
+                        self.held_bytes += len(data)  # kept back, dropped by cut()
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def hold(self) -> None:
+        self._hold.set()
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._hold.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self.cut()
+
+
+def _consumer_state(node, stream: str) -> dict:  # type: ignore[no-untyped-def]
+    """The one consumer of ``stream`` as the node's /jsz reports it ({} when there is none)."""
+    jsz = node.get_json("/jsz?consumers=true&accounts=true") or {}
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream and detail.get("consumer_detail"):
+                return detail["consumer_detail"][0]  # type: ignore[no-any-return]
+    return {}
+
+
+def _wait_until(condition: Callable[[], object], what: str, timeout: float = CATCH_UP_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("then", ["another record follows", "nothing follows"])
+def test_log_reader_rereads_a_record_lost_in_flight(nats1, then: str) -> None:  # noqa: F811
+    """A replica's reader (an ephemeral pull consumer that acknowledges nothing) loses a delivery in
+    flight: the consumer sent record m1 to a pending fetch, the connection was cut before it
+    arrived. JetStream counts m1 as delivered and never sends it again, and the subject's stream
+    sequences cannot show the hole (another subject's records lie between). The reader must
+    re-read m1 rather than advance past it: when another record follows (it would have returned
+    it after m0) and when nothing follows (it would have reported itself at the end without m1).
+    Deterministic: the waits are on the consumer's own state, as nats-server reports it."""
+    node = nats1.nodes[0]
+    relay = _Relay(node.port)
+    writer = NatsLink([node.url], "test-writer")
+    reader_link = NatsLink([relay.url], "test-reader")
+    reader = LogReader(reader_link, "LOST", "lost.0")
+    try:
+        assert writer.wait_connected(10) and reader_link.wait_connected(10)
+        writer.add_stream("LOST", ["lost.*"], 1)
+
+        def publish(subject: str, name: str) -> int:
+            seq = writer.publish_many([(subject, name.encode(), 0, name)], "LOST", 5.0)[0]
+            assert isinstance(seq, int), seq
+            return seq
+
+        m0 = publish("lost.0", "m0")
+        publish("lost.1", "other-a")
+        assert [seq for seq, _, _ in reader.fetch(0, 16, 1.0)] == [m0]
+
+        # A fetch waits on the consumer for the next record; the relay then holds back what the
+        # server sends, m1 is published and delivered into the relay, and the connection is cut.
+        pending: dict[str, object] = {}
+
+        def fetch_in_background() -> None:
+            try:
+                pending["records"] = reader.fetch(m0, 16, 4.0)
+            except Exception as err:  # checked in the main thread
+                pending["error"] = err
+
+        waiting = threading.Thread(target=fetch_in_background, daemon=True)
+        waiting.start()
+        _wait_until(lambda: _consumer_state(node, "LOST").get("num_waiting", 0) >= 1, "the fetch waits")
+        relay.hold()
+        m1 = publish("lost.0", "m1")
+        _wait_until(
+            lambda: (_consumer_state(node, "LOST").get("delivered") or {}).get("stream_seq", 0) >= m1,
+            "the consumer delivered m1",
+        )
+        _wait_until(lambda: relay.held_bytes > 0, "m1 reached the relay")
+        relay.cut()
+        waiting.join(timeout=30)
+        assert not waiting.is_alive(), "the fetch did not return"
+        got: list[int] = [seq for seq, _, _ in pending.get("records") or []]  # type: ignore[union-attr]
+        publish("lost.1", "other-b")
+        last = publish("lost.0", "m2") if then == "another record follows" else m1
+
+        # Read on as a replica does: from the last record taken, retrying what fails.
+        after = got[-1] if got else m0
+        deadline = time.monotonic() + CATCH_UP_S
+        while after < last and time.monotonic() < deadline:
+            try:
+                batch = reader.fetch(after, 16, 1.0)
+            except Unavailable:  # the link reconnecting, or a gap the reader found: retried
+                time.sleep(0.2)
+                continue
+            got += [seq for seq, _, _ in batch]
+            if batch:
+                after = batch[-1][0]
+        wanted = [m1] if then == "nothing follows" else [m1, last]
+        assert got == wanted, (
+            f"after record {m0} the reader returned {got}, the subject holds {wanted}: "
+            f"{'it skipped' if m1 not in got else 'it read'} m1 (lost in flight); "
+            f"{getattr(reader, 'gaps', 0)} gaps found"
+        )
+        assert reader.gaps >= 1, "the reader re-read m1 without finding a gap"
+        reader.fetch(after, 16, 0.5, check_end=True)
+        assert reader.at_end, "the reader does not know it holds the subject's last record"
+    finally:
+        reader.close()
+        reader_link.close()
+        writer.close()
+        relay.close()

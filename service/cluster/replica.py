@@ -6,13 +6,17 @@ checkpoint, whose manifest's ``wal_seq`` is the last stream sequence applied, th
 the subject after it. A follower thread then pulls new records in batches and applies
 them in stream order (``Shard.apply_logged``); a failure (NATS away, a full disk) is retried
 with backoff from the sequence the shard has applied, so nothing is skipped or applied twice.
+The reader (nats_link.py ``LogReader``) vouches that no record of the subject is missing before
+any it returns, checking doubtful deliveries against the stream, and re-reads instead (a record
+lost in flight across a NATS node's death is read again, never skipped).
 
 A replica whose files fail their checks at open (DataLoss) is quarantined: its directory is
 moved aside (``<dir>.quarantined-<time>``) and it rebuilds from the subject, never serving
 from the damaged files.
 
 A replica serves reads once it has read its subject to the end once since it opened
-(``caught_up``): a replica rebuilding from the log never answers with half its documents.
+(``caught_up``): to the last sequence the stream holds for the subject, not to where a consumer
+says it ends, so a replica rebuilding from the log never answers with half its documents.
 ``lag_records`` (for /metrics) is how many records of the subject it has not applied yet.
 """
 
@@ -31,13 +35,14 @@ from braid.index.schema import Schema
 from braid.index.shard import Shard
 
 from .meta import CollectionMeta
-from .nats_link import LogReader, NatsLink
+from .nats_link import LogGap, LogReader, NatsLink
 
 log = logging.getLogger("braid.replica")
 FETCH_BATCH = 256
 FOLLOW_WAIT_S = 1.0  # a fetch waits this long for a new record before asking again
 REPLAY_WAIT_S = 0.2  # while recovering: an empty fetch this long means the subject's end was reached
 RETRY_S = 0.5
+REPLAY_GAP_RETRIES = 10  # gaps re-read in a row before a replay gives up (and the open is retried)
 
 
 class JetStreamLog:
@@ -49,13 +54,26 @@ class JetStreamLog:
         self.reader = reader
 
     def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
-        """Every record after ``after_seq`` that the subject holds now (recovery's replay)."""
-        while True:
-            batch = self.reader.fetch(after_seq, FETCH_BATCH, REPLAY_WAIT_S)
+        """Every record after ``after_seq`` that the subject holds now (recovery's replay): read
+        until the last sequence the stream itself holds for the subject once the consumer says it
+        has nothing more (a consumer's pending count alone can come from a node whose copy lags).
+        A gap the reader found is re-read a few times before recovery gives up (and is retried)."""
+        target: int | None = None
+        gaps = 0
+        while target is None or after_seq < target:
+            try:
+                batch = self.reader.fetch(after_seq, FETCH_BATCH, REPLAY_WAIT_S)
+            except LogGap:
+                gaps += 1
+                if gaps > REPLAY_GAP_RETRIES:
+                    raise
+                time.sleep(RETRY_S)
+                continue
             yield from batch
-            if not batch or self.reader.pending == 0:
-                return
-            after_seq = batch[-1][0]
+            if batch:
+                after_seq = batch[-1][0]
+            if target is None and (not batch or self.reader.pending == 0):
+                target = self.reader.link.last_seqs(self.reader.stream, [self.reader.subject], timeout=5.0)[0]
 
     def append(self, kind: int, payload: bytes) -> int:
         raise FailedPrecondition("a replica's log is written by the router, never by the replica")
@@ -139,8 +157,6 @@ class Replica:
                         self.shard.apply_logged(batch)
                     if reader.pending >= 0:
                         self.lag_records = reader.pending
-                    if reader.pending == 0:
-                        self.caught_up.set()
                     self.problem = None
                 except Exception as err:  # NATS away, a consumer lost, a failed apply: retry
                     if self._stop.is_set():
