@@ -301,6 +301,9 @@ class _StorageWatch:
                     write_problems.append(f"{collection.name}: {problem}")
         except BraidError:  # the catalog closed under us: shutting down
             return False
+        except Exception:  # never let one bad round stop the health updates: the next one tries again
+            log.exception("storage health check failed")
+            return True
         overall = not_serving if read_problems else serving
         statuses[""] = statuses[SERVICE_NAME] = overall
         statuses[WRITES_HEALTH_NAME] = not_serving if write_problems else serving
