@@ -441,13 +441,25 @@ class NatsLink:
         return self.call(all_of(), timeout, grace=PUBLISH_GRACE_S)
 
     def last_seqs(self, stream: str, subjects: list[str], timeout: float) -> list[int]:
-        """The stream sequence of the last record on each subject (0 for none)."""
+        """The stream sequence of the last record on each subject (0 for none), asked again while
+        the stream cannot answer (a leader being elected) until ``timeout``."""
 
         async def last(subject: str) -> int:
-            try:
-                return int((await self.js.get_last_msg(stream, subject)).seq)
-            except nats.js.errors.NotFoundError:
-                return 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max(timeout - PUBLISH_MARGIN_S, timeout / 2)
+            while True:
+                try:
+                    try_s = max(min(deadline - loop.time(), PUBLISH_TRY_S), 0.05)
+                    return int((await asyncio.wait_for(self.js.get_last_msg(stream, subject), try_s)).seq)
+                except nats.js.errors.NotFoundError:
+                    return 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:
+                    if _refusal(err) or loop.time() + PUBLISH_RETRY_MAX_S >= deadline:
+                        raise
+                    log.debug("last sequence of %s: retrying after %s", subject, _describe(err))
+                    await asyncio.sleep(PUBLISH_RETRY_MAX_S)
 
         async def all_of() -> list[int]:
             return list(await asyncio.gather(*(last(subject) for subject in subjects)))

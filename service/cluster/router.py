@@ -595,7 +595,8 @@ class RemoteCollection:
             return [0] * len(self.shards)
         if consistency == pb.CONSISTENCY_STRONG:
             subjects = [self.meta.subject(s) for s in self.shards]
-            return self.catalog.link.last_seqs(self.meta.stream, subjects, timeout=5.0)
+            timeout = max(_deadline() - time.monotonic(), 0.1)  # the call's deadline: a NATS election may take seconds
+            return self.catalog.link.last_seqs(self.meta.stream, subjects, timeout=timeout)
         return [self.catalog.acked.get((self.meta.uid, s), 0) for s in self.shards]
 
     # ------------------------------------------------------------- writes
@@ -795,18 +796,18 @@ class RemoteCollection:
         )
 
     def flush(self) -> None:
-        """Checkpoint every live replica; Unavailable naming a shard none of whose replicas could."""
+        """Checkpoint every replica; Unavailable naming a shard none of whose replicas could."""
         deadline = _deadline()
-        live = self.catalog.state.live_nodes()
+        known = self.catalog.state.addresses()  # live or not: a stalled heartbeat says little about a server
         for shard, nodes in enumerate(self.meta.placement):
             failures, flushed = [], 0
             for node in nodes:
-                if node not in live:
-                    failures.append(f"{node}: not live")
+                if node not in known:
+                    failures.append(f"{node}: never heard of")
                     continue
                 try:
                     timeout = max(deadline - time.monotonic(), 0.001)
-                    self.catalog.clients.stub(live[node]).Flush(
+                    self.catalog.clients.stub(known[node]).Flush(
                         spb.FlushRequest(replica=self._ref(shard)), timeout=timeout
                     )
                     flushed += 1
