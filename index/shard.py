@@ -280,10 +280,13 @@ class Shard:
                 replayed = 0
         if progress is not None and replayed:
             progress(replayed)
-        self._replayed_whole = True
         # The replayed tail counts as unchecked-pointed log: the next checkpoint comes as soon as
         # it would have before the restart, and a clean shutdown checkpoints it.
         replayed_any = self._applied_seq > start_seq
+        # The whole log is in memory: enough to serve reads even if tantivy's commit below fails,
+        # since a local write reaches tantivy's commit before it is acknowledged. Not a follower's:
+        # its replay may hold records it never applied before, whose text no commit holds yet.
+        self._replayed_whole = not (self._external and replayed_any and self.text is not None)
         self._logged_bytes = self.wal.size_bytes() if replayed_any else 0
         self._dirty_since = time.monotonic() if replayed_any else None
         self._prepared_seq = self._applied_seq
@@ -291,6 +294,7 @@ class Shard:
         stale = self.text is not None and self.text.remove_from(self._next_label)
         if self.text is not None and (replayed_any or stale):  # nothing replayed: nothing to commit (nor disk)
             self.text.commit()
+        self._replayed_whole = True
         self._committed_seq = self._applied_seq
         self._bind_stats()
 
@@ -303,9 +307,10 @@ class Shard:
 
     def _open_read_only_or_raise(self, err: BaseException) -> None:
         """Recovery failed. When a full disk stopped it after the whole log was replayed (only
-        tantivy's closing commit failed: every acknowledged write was committed there before
-        its acknowledgement), the shard opens read-only: reads see every write, the first write
-        or heal once there is room reopens it. When a full disk stopped it before, memory holds
+        tantivy's closing commit failed: every acknowledged local write was committed there
+        before its acknowledgement; a follower's replay must be committed too, ``_recover``),
+        the shard opens read-only: reads see every write, the first write or heal once there
+        is room reopens it. When a full disk stopped it before, memory holds
         part of the log at most: the shard opens unrecovered, every read refused (Unavailable,
         ``read_problem``), until a reopen with room recovers the whole log. Otherwise it lets
         go of its files and raises."""

@@ -428,6 +428,43 @@ def test_a_replay_a_full_disk_stopped_part_way_refuses_reads_until_it_heals(faul
         shard.close()
 
 
+def test_a_follower_whose_replay_tantivy_cannot_commit_refuses_reads(faults, no_backoff, tmp_path):
+    """A follower restarts behind its log (records 4 and 6 were never applied here, so tantivy
+    never committed their text); the replay reaches the log's end but tantivy's commit meets a
+    full disk. Unlike a local log's shard (whose every acknowledged write was committed to
+    tantivy before its acknowledgement), memory now holds documents whose text no commit has:
+    Get would return them without their text and BM25 would miss them. So the shard refuses
+    reads until a reopen with room commits them; then BM25 finds them."""
+    from braid.index.errors import Unavailable
+
+    from .test_shard_log import ListLog, bm25_top, follower, upsert
+
+    log = ListLog()
+    shard = follower(tmp_path / "s", log)
+    shard.apply_logged([upsert(log, 2, range(5))])
+    shard.close()
+    upsert(log, 4, range(5, 8))
+    upsert(log, 6, range(8, 10))
+    (faults / "tantivy_commit").touch()
+    shard = follower(tmp_path / "s", log)
+    try:
+        with pytest.raises(Unavailable, match="recovery stopped part way"):
+            shard.count(None)
+        (faults / "tantivy_commit").unlink()
+
+        def served() -> bool:
+            try:
+                return shard.count(None) == 10  # a refused read starts the heal
+            except Unavailable:
+                return False
+
+        wait_for(served, timeout=30, what="the follower to recover with room")
+        assert shard.read_problem() is None and shard.applied_seq == 6
+        assert bm25_top(shard, 9)[0] == "d9"
+    finally:
+        shard.close()
+
+
 def test_reopen_takes_every_attribute_recovery_builds(tmp_path):
     """``_RECOVERED_STATE`` must name all that ``_recover`` sets, or a reopen would keep stale state."""
     shard = Shard.open(tmp_path / "s", text_schema(), 0)
