@@ -13,7 +13,9 @@ from tests.history.checker import Final, Report, check
 from tests.history.model import ABSENT, DELETE, FAIL, INFO, OK, READ, UPSERT, Op, outcome_of
 from tests.history.standalone import run_standalone
 
-SEED = 20261206
+# Draws kill -9, ENOSPC at the tantivy commit, ENOSPC at the log fsync (then kill -9), the disk
+# filling and emptying, and kill -9 on a full disk with the restart on it, in that order.
+SEED = 20261241
 
 
 def _w(key: str, version: int, start: float, end: float, status: str = OK) -> Op:
