@@ -129,6 +129,12 @@ def parser() -> argparse.ArgumentParser:
     fm.add_argument("--rates", type=_rates, help="explicit comma-separated rates instead of the geometric ramp")
     fm.add_argument("--step", type=_duration, help="measured seconds per step (default: scenario's)")
     fm.add_argument("--refine", type=int, help="bisection steps after the first failure (default: scenario's)")
+    fm.add_argument(
+        "--min-achieved",
+        type=float,
+        default=0.9,
+        help="a step passes only if it achieved this share of its rate (default 0.9)",
+    )
 
     soak = commands.add_parser("soak", parents=[common], help="a long run at one rate; fails on p99 or RSS drift")
     soak.add_argument("--rate", type=_positive, help="calls/s (default: 70%% of --from-find-max, or load.rate)")
@@ -195,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             rates = args.rates or ramp(args.start or f.start, args.factor or f.factor, args.max_rate or f.max_rate)
             refine = f.refine if args.refine is None else args.refine
             code, _ = runner.command_find_max(
-                session, rates, args.step or f.step_s, args.p99_ms, args.max_errors, refine
+                session, rates, args.step or f.step_s, args.p99_ms, args.max_errors, refine, args.min_achieved
             )
         else:
             s = scenario.soak

@@ -218,6 +218,7 @@ def command_find_max(
     p99_ms: float,
     max_errors: float,
     refine: int,
+    min_achieved: float = 0.9,
     pause_s: float = 1.0,
 ) -> tuple[int, Path]:
     warmup = session.options.warmup_s if session.options.warmup_s is not None else session.scenario.load.warmup_s
@@ -241,7 +242,7 @@ def command_find_max(
             generator_limited=summary["generator"]["limited"],
         )
 
-    result = findmax.find_max(run_step, rates, p99_ms, max_errors, refine)
+    result = findmax.find_max(run_step, rates, p99_ms, max_errors, refine, min_achieved)
     steps = []
     for step in result.steps:
         s = summaries[step.rate]
@@ -256,7 +257,14 @@ def command_find_max(
                 "series": s["series"],
             }
         )
-    data = {**session.envelope("find-max"), **result.to_dict(), "steps": steps, "step_s": step_s, "warmup_s": warmup}
+    data = {
+        **session.envelope("find-max"),
+        **result.to_dict(),
+        "min_achieved": min_achieved,
+        "steps": steps,
+        "step_s": step_s,
+        "warmup_s": warmup,
+    }
     stem = session.stem("find-max")
     path = _write(stem, data)
     best = f"{result.best_rate:g}/s" if result.best_rate is not None else "none"

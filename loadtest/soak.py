@@ -202,6 +202,10 @@ def _interval_use(server: list[dict[str, Any]], start: float, end: float, calls:
     if wall <= 0:
         return {}
     capacity = wall * (psutil.cpu_count() or 1)
+    if "machine_total_s" in a and "machine_total_s" in b and b["machine_total_s"] > a["machine_total_s"]:
+        # The CPU time all cores accounted between the two readings: on a loaded machine the
+        # sample's timestamp and its CPU reading drift apart, and busy/wall came out above 100%.
+        capacity = b["machine_total_s"] - a["machine_total_s"]
     return {
         "server_cpu_ms_per_call": round((b["cpu_s"] - a["cpu_s"]) * 1000 / calls, 4) if calls else 0.0,
         "machine_busy_percent": round(100 * (b["machine_busy_s"] - a["machine_busy_s"]) / capacity, 1),

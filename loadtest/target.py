@@ -82,6 +82,7 @@ class ProcessWatch:
             # so a soak can tell a server that got slower from a machine that got busier.
             "machine_busy_s": sum(machine) - machine.idle - getattr(machine, "iowait", 0.0),
             "machine_steal_s": getattr(machine, "steal", 0.0),
+            "machine_total_s": sum(machine),  # the shares' denominator, read with them (not a wall clock)
             "per_process": per,
         }
 
