@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
-from loadtest import findmax, report, stats
+from loadtest import findmax, report, soak, stats
 from loadtest.__main__ import EXIT_USAGE, main
 from loadtest.generator import LoadResult, run_load
 from loadtest.scenario import ScenarioError, bundled_scenarios, load_scenario, parse_duration
@@ -301,6 +302,19 @@ def test_soak_fails_when_rss_grows() -> None:
     assert check_soak(leaking, warmup_s=0, max_rss_growth=0.1).ok
     # Growth during the warm-up does not count.
     assert check_soak(samples([10] * 6, [50 * MIB] * 3 + [100 * MIB] * 3), warmup_s=30).ok
+
+
+def test_machine_busy_share_is_of_the_cpu_time_the_cores_accounted() -> None:
+    """A sample's timestamp is taken before its CPU reading; on a loaded machine they drift apart
+    (a late reading): busy seconds over the wall time between timestamps read 120% here."""
+    cores = psutil.cpu_count() or 1
+    server = [
+        {"t": 0.0, "cpu_s": 0.0, "machine_busy_s": 0.0, "machine_steal_s": 0.0, "machine_total_s": 0.0},
+        {"t": 10.0, "cpu_s": 1.0, "machine_busy_s": 12.0 * cores, "machine_steal_s": 0.6 * cores,
+         "machine_total_s": 12.0 * cores},
+    ]  # fmt: skip
+    use = soak._interval_use(server, 0.0, 10.0, calls=500)
+    assert use == {"server_cpu_ms_per_call": 2.0, "machine_busy_percent": 100.0, "steal_percent": 5.0}
 
 
 def test_soak_fails_on_errors_and_on_too_few_samples() -> None:
