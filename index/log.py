@@ -9,7 +9,11 @@ Two kinds of log satisfy it:
 - external (``external`` True): a replicated log kept elsewhere (a JetStream consumer,
   service/); records are appended through the router, and the shard only follows them
   (``Shard.apply_logged``) and replays them after its checkpoint on open. Seqs increase
-  but may skip numbers. ``append`` and ``sync`` are never called, and ``record_crc`` may
+  but may skip numbers (those of other shards' records in a shared stream), so the shard
+  cannot see a record missing from what it is given: the external log vouches that it skips
+  none of this shard's (service/cluster/nats_link.py ``LogReader`` checks against the
+  stream), and its ``read_from`` reads to the end the log holds, not to where a reader's
+  position happens to stop. ``append`` and ``sync`` are never called, and ``record_crc`` may
   return None and ``truncate_prefix`` do nothing.
 
 index/ holds no network code: an external log is built outside it and handed to
@@ -40,7 +44,8 @@ class ShardLog(Protocol):
         ...
 
     def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
-        """(seq, kind, payload) of every record with seq > ``after_seq`` the log holds, seqs increasing."""
+        """(seq, kind, payload) of every record with seq > ``after_seq`` the log holds, seqs
+        increasing, none of the shard's left out (a log that cannot vouch for one raises)."""
         ...
 
     def record_crc(self, seq: int) -> int | None:
