@@ -41,6 +41,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import nats
@@ -50,11 +51,18 @@ import pytest
 
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
+from braid.index import records
 from braid.index.collection import shard_of
 from braid.index.errors import Unavailable
+from braid.index.policy import StoragePolicy
+from braid.index.records import DocumentWrite
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.meta import CollectionMeta
 from braid.service.cluster.nats_link import LogReader, NatsLink
+from braid.service.cluster.natsproc import NatsNode
+from braid.service.cluster.replica import Replica
+from braid.service.convert import schema_from_proto
 from braid.v1 import braid_pb2 as pb
 from tests.clusterkit import local_cluster, nats1  # noqa: F401
 
@@ -1069,21 +1077,47 @@ class _Relay:
         self.cut()
 
 
-def _consumer_state(node, stream: str) -> dict:  # type: ignore[no-untyped-def]
-    """The one consumer of ``stream`` as the node's /jsz reports it ({} when there is none)."""
+def _consumers(node: NatsNode, stream: str) -> list[dict]:
+    """The consumers of ``stream`` as the node's /jsz reports them."""
     jsz = node.get_json("/jsz?consumers=true&accounts=true") or {}
     for account in jsz.get("account_details") or []:
         for detail in account.get("stream_detail") or []:
-            if detail.get("name") == stream and detail.get("consumer_detail"):
-                return detail["consumer_detail"][0]  # type: ignore[no-any-return]
-    return {}
+            if detail.get("name") == stream:
+                return list(detail.get("consumer_detail") or [])
+    return []
 
 
 def _wait_until(condition: Callable[[], object], what: str, timeout: float = CATCH_UP_S) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting until {what}")
         time.sleep(0.02)
+
+
+def _lose_in_flight(node: NatsNode, relay: _Relay, stream: str, publish: Callable[[], int]) -> int:
+    """Once a fetch waits on a consumer of ``stream`` (its client connected through ``relay``), hold
+    what the server sends, ``publish`` a record, wait until the consumer has delivered it (into the
+    relay), and cut the connection: the record is lost in flight. Returns its sequence. Each wait
+    is on the consumer's own state as nats-server reports it, so the loss is certain."""
+    waiting: dict = {}
+
+    def a_fetch_waits() -> bool:
+        waiting.update(next((c for c in _consumers(node, stream) if c.get("num_waiting", 0) >= 1), {}))
+        return bool(waiting)
+
+    _wait_until(a_fetch_waits, "a fetch waits on the consumer")
+    relay.hold()
+    seq = publish()
+
+    def delivered() -> bool:
+        consumer = next((c for c in _consumers(node, stream) if c.get("name") == waiting["name"]), {})
+        return int((consumer.get("delivered") or {}).get("stream_seq", 0)) >= seq
+
+    _wait_until(delivered, f"the consumer delivered record {seq}")
+    _wait_until(lambda: relay.held_bytes > 0, f"record {seq} reached the relay")
+    relay.cut()
+    return seq
 
 
 @pytest.mark.parametrize("then", ["another record follows", "nothing follows"])
@@ -1125,15 +1159,7 @@ def test_log_reader_rereads_a_record_lost_in_flight(nats1, then: str) -> None:  
 
         waiting = threading.Thread(target=fetch_in_background, daemon=True)
         waiting.start()
-        _wait_until(lambda: _consumer_state(node, "LOST").get("num_waiting", 0) >= 1, "the fetch waits")
-        relay.hold()
-        m1 = publish("lost.0", "m1")
-        _wait_until(
-            lambda: (_consumer_state(node, "LOST").get("delivered") or {}).get("stream_seq", 0) >= m1,
-            "the consumer delivered m1",
-        )
-        _wait_until(lambda: relay.held_bytes > 0, "m1 reached the relay")
-        relay.cut()
+        m1 = _lose_in_flight(node, relay, "LOST", lambda: publish("lost.0", "m1"))
         waiting.join(timeout=30)
         assert not waiting.is_alive(), "the fetch did not return"
         error = pending.get("error")
@@ -1166,5 +1192,45 @@ def test_log_reader_rereads_a_record_lost_in_flight(nats1, then: str) -> None:  
     finally:
         reader.close()
         reader_link.close()
+        writer.close()
+        relay.close()
+
+
+def test_replica_rereads_a_record_lost_in_flight(nats1, tmp_path: Path) -> None:  # noqa: F811
+    """The same loss one level up: a Replica (a follower Shard fed by its reader; service/cluster/
+    replica.py) whose connection is cut with its record m1 in flight, and nothing written after it
+    on its subject (another shard's record moves the stream on). It must apply m1 and hold its
+    document; before, it stayed at m0 for good, caught up as far as its consumer could tell."""
+    node = nats1.nodes[0]
+    relay = _Relay(node.port)
+    writer = NatsLink([node.url], "test-writer")
+    link = NatsLink([relay.url], "test-replica")
+    schema_json = schema_from_proto(_schema()).to_json()
+    meta = CollectionMeta("lost", "lostuid", schema_json, 2, 1, time.time(), (("here",), ("here",)))
+    replica = Replica(meta, 0, tmp_path / "replica", link, StoragePolicy(min_free_bytes=0))
+    try:
+        assert writer.wait_connected(10) and link.wait_connected(10)
+        writer.add_stream(meta.stream, [f"braid.{meta.uid}.*"], 1)
+
+        def publish(shard: int, doc_id: str) -> int:
+            vector = _VECTORS[zlib.crc32(doc_id.encode()) % len(_VECTORS)]
+            doc = DocumentWrite(id=doc_id, dense={"emb": vector}, payload={"tag": f"{doc_id}@0"})
+            item = (meta.subject(shard), records.encode_upsert([doc]), records.UPSERT, doc_id)
+            seq = writer.publish_many([item], meta.stream, 5.0)[0]
+            assert isinstance(seq, int), seq
+            return seq
+
+        m0 = publish(0, "d0")
+        publish(1, "x0")
+        replica.start()
+        _wait_until(lambda: replica.caught_up.is_set() and replica.applied_seq >= m0, "the replica opened")
+        m1 = _lose_in_flight(node, relay, meta.stream, lambda: publish(0, "d1"))
+        publish(1, "x1")
+        _wait_until(lambda: replica.applied_seq >= m1, f"the replica applied record {m1} (lost in flight)")
+        shard = replica.serving(need_caught_up=True)
+        assert shard.label_of("d1") is not None and shard.count(None) == 2
+    finally:
+        replica.close()
+        link.close()
         writer.close()
         relay.close()
