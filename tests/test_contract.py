@@ -3,13 +3,14 @@ generated code matches proto/ (the install step regenerates it).
 
 "Read" is decided by a small type-flow walk of the service's source (``ast``), not by
 grepping for a field's name: a field ``M.f`` counts as read only where ``.f`` (or
-``HasField("f")``, ``getattr(x, "f")``, a ``WhichOneof`` result compared with ``"f"``) is
-taken on an expression known to be an ``M``. Types come from annotations (``pb.M``,
-``list[pb.M]``, ``pb.A | pb.B``), flow through assignments, loops, comprehensions, field
-access, indexing, ``.items()``/``.values()`` of map fields and ``enumerate``, and into the
-parameters of the service's own functions from their call sites. So ``request.name`` in
-``GetCollection`` says nothing about ``CreateCollectionRequest.name``, and a ``name=``
-keyword or a ``"name"`` string elsewhere reads nothing.
+``getattr(x, "f")``, or a ``WhichOneof`` result compared with ``"f"``) is taken on an
+expression known to be an ``M``; ``HasField("f")`` alone tells presence, not the value, and
+reads nothing. Types come from annotations (``pb.M``, ``list[pb.M]``, ``pb.A | pb.B``), flow
+through assignments, loops, comprehensions, field access, indexing, ``.items()``/``.values()``
+of map fields and ``enumerate``, and into the parameters of the service's own functions from
+their call sites. So ``request.name`` in ``GetCollection`` says nothing about
+``CreateCollectionRequest.name``, and a ``name=`` keyword or a ``"name"`` string elsewhere
+reads nothing.
 """
 
 from __future__ import annotations
@@ -313,9 +314,7 @@ class FieldReads:
             receiver = self._expr(func.value, env)
             strings = {part[1] for t in args[:1] for part in t if part[0] == "str"}
             if func.attr == "HasField":
-                for name in strings:
-                    self._mark(receiver, name)
-                return NONE
+                return NONE  # a presence test reads no value: the field must be read elsewhere too
             if func.attr == "WhichOneof":
                 return frozenset(
                     ("oneof", message, name)
@@ -372,6 +371,12 @@ def test_a_field_read_nowhere_else_fails_the_check():
     assert read in sources[rpcs]
     sources[rpcs] = sources[rpcs].replace(read, 'self.catalog.create("x",')
     assert "CreateCollectionRequest.name" in unread_fields(sources)
+    # A presence test alone is no read.
+    convert = SERVICE_SOURCES.index(ROOT / "service" / "convert.py")
+    read = "msg.score_threshold if msg.HasField"
+    assert read in sources[convert]
+    sources[convert] = sources[convert].replace(read, "0.5 if msg.HasField")
+    assert "SearchRequest.score_threshold" in unread_fields(sources)
 
 
 def test_generated_code_matches_the_proto():
