@@ -499,7 +499,8 @@ class LogReader:
       consumer numbers its deliveries 1, 2, 3, ...), it was delivered once, and its stream
       sequence increases;
     - the first record of each new consumer is, by the stream (its leader), the next record on
-      the subject after ``after_seq`` (``_next_in_stream``);
+      the subject after ``after_seq`` (``_next_in_stream``); records up to ``after_seq`` that a
+      consumer on a lagging node sends first are passed over;
     - an empty fetch asks the stream whether the subject holds a record after ``after_seq``
       (the consumer may have lost the last delivery, or run on a node whose copy lags); after
       BEHIND_FETCHES such fetches in a row the consumer is replaced and the range re-read.
@@ -516,7 +517,8 @@ class LogReader:
         self.link, self.stream, self.subject = link, stream, subject
         self._sub: Any = None
         self._next_seq = 0  # the stream sequence of the last record the consumer delivered (or its start - 1)
-        self._delivered = 0  # the consumer sequence of that record (0: none delivered yet)
+        self._delivered = 0  # the consumer sequence of the last record it delivered (0: none yet)
+        self._started = False  # the consumer delivered a record after its start (checked against the stream)
         self._behind = 0  # empty fetches in a row while the stream held a record after the caller's position
         self.pending = -1  # records left after the last fetch, as the consumer counts them (-1: unknown)
         self.at_end = False  # the stream said nothing follows the last record returned
@@ -544,9 +546,14 @@ class LogReader:
                     doubt = f"the consumer's delivery {delivered} follows its delivery {self._delivered}"
                 elif int(meta.num_delivered or 1) != 1:
                     doubt = f"record {seq} was delivered {meta.num_delivered} times"
+                elif seq <= self._next_seq and not self._started:
+                    # a new consumer on a node whose copy ends before its start sequence starts at
+                    # that copy's end: records the caller holds, sent again; passed over
+                    self._delivered = delivered
+                    continue
                 elif seq <= self._next_seq:
                     doubt = f"record {seq} follows record {self._next_seq}"
-                elif self._delivered == 0:  # a new consumer: its start is checked against the stream
+                elif not self._started:  # a new consumer: its start is checked against the stream
                     try:
                         first = await self._next_in_stream(self._next_seq)
                     except Exception as err:  # the stream cannot vouch now (electing a leader): re-read later
@@ -559,7 +566,7 @@ class LogReader:
                 if doubt is not None:
                     return await self._doubt(doubt, out)
                 out.append((seq, int((msg.headers or {}).get(KIND_HEADER, "0")), msg.data))
-                self._next_seq, self._delivered = seq, delivered
+                self._next_seq, self._delivered, self._started = seq, delivered, True
                 self.pending = int(meta.num_pending)
             if out and (self.pending > 0 or not check_end):
                 self._behind = 0
@@ -630,7 +637,7 @@ class LogReader:
             mem_storage=True,
         )
         self._sub = await self.link.js.pull_subscribe(self.subject, stream=self.stream, config=config)
-        self._next_seq, self._delivered, self._behind = after_seq, 0, 0
+        self._next_seq, self._delivered, self._behind, self._started = after_seq, 0, 0, False
 
     async def _unsubscribe(self) -> None:
         if self._sub is not None:
