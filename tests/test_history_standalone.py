@@ -102,8 +102,11 @@ def test_history_outcomes_of_errors() -> None:
     assert outcome_of(_Error(unavailable, "failed to connect to all addresses; Connection refused")) == FAIL
     assert outcome_of(_Error(unavailable, "it is not acknowledged (parts for shards none were stored and")) == FAIL
     assert outcome_of(_Error(unavailable, "not acknowledged; it may have been stored")) == INFO
+    assert outcome_of(_Error(unavailable, "did not store the write: it was not stored (no part was stored)")) == FAIL
     assert outcome_of(_Error(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk full: 1 bytes free, below the floor")) == FAIL
     assert outcome_of(_Error(grpc.StatusCode.RESOURCE_EXHAUSTED, "disk full: shard 0 is read-only")) == INFO
+    full_log = "disk full: write-ahead log append to /d/wal failed: [Errno 28] No space left on device"
+    assert outcome_of(_Error(grpc.StatusCode.RESOURCE_EXHAUSTED, full_log)) == FAIL
     assert outcome_of(_Error(grpc.StatusCode.INVALID_ARGUMENT, "documents: bad")) == FAIL
 
 
@@ -115,7 +118,7 @@ def test_history_outcomes_of_errors() -> None:
 def test_history_standalone_under_kill9_and_a_full_disk(tmp_path) -> None:
     report = run_standalone(tmp_path / "run", SEED, faults=5, keys=30, min_run_s=15.0)
     print("\n" + report.text())
-    assert report.acknowledged_writes() >= 50, "the writers made too little progress to test anything"
-    assert report.ops.get(f"{READ} {OK}", 0) >= 50, "the readers made too little progress to test anything"
+    assert report.acknowledged_writes() >= 30, "the writers made too little progress to test anything"
+    assert report.ops.get(f"{READ} {OK}", 0) >= 30, "the readers made too little progress to test anything"
     assert len(report.faults) == 5
     assert report.ok, report.text()

@@ -64,7 +64,7 @@ class Recorder:
 
     def note_error(self, kind: str, outcome: str, err: grpc.RpcError) -> None:
         message = re.sub(r"[0-9]+", "N", re.sub(r"/\S+", "<path>", details(err)))
-        shape = f"{kind} {outcome} {code_name(err)} {message[:140]}"
+        shape = f"{kind} {outcome} {code_name(err)} {message[:240]}"
         with self.lock:
             self.errors[shape] = self.errors.get(shape, 0) + 1
             if kind == READ:
@@ -87,8 +87,15 @@ def details(err: grpc.RpcError) -> str:
 # The client never reached a server: nothing was sent, so nothing was applied.
 _NOT_SENT = ("failed to connect", "connection refused", "connections to all backends failing", "dns resolution")
 # A server said it stored nothing. Braid's words for it: the free-space floor refuses a write
-# before logging it; a router whose publish stored no part says "none were stored".
-_NOT_STORED = ("below the floor", "parts for shards none were stored")
+# before logging it; a failed log append leaves the log as it was (index/shard.py); a router
+# whose publish stored no part says so ("none were stored", later "it was not stored (no part was stored").
+_NOT_STORED = (
+    "below the floor",
+    "write-ahead log append to",
+    "parts for shards none were stored",
+    "it was not stored",
+    "no part was stored",
+)
 # Codes a server answers only before it does anything (validation, routing, auth).
 _REFUSED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -106,10 +113,10 @@ def outcome_of(err: grpc.RpcError) -> str:
     """FAIL when the error proves the write was not applied, else INFO.
 
     A RESOURCE_EXHAUSTED "disk full" counts as not applied only when the floor refused it
-    before logging: a write whose record was logged before the disk filled may be applied
-    after all (index/shard.py). An UNAVAILABLE counts as not applied only when the call never
-    left this process or the router said no part was stored, and the message does not also
-    say it may have been stored."""
+    before logging or the log append itself failed: a write whose record was logged before
+    the disk filled may be applied after all (index/shard.py). An UNAVAILABLE counts as not
+    applied only when the call never left this process or the router said no part was
+    stored, and the message does not also say it may have been stored."""
     code = err.code() if hasattr(err, "code") else None
     text = details(err).lower()
     if code in _REFUSED:
