@@ -217,6 +217,18 @@ def check(
                     f"{sure}..{maybe}",
                 )
 
+    # Indeterminate upserts whose version was seen: they were stored after all.
+    seen_values: dict[str, set[int]] = {}
+    for op in ops:
+        if op.kind == READ and op.status == OK:
+            seen_values.setdefault(op.key, set()).add(op.value)
+    for final in finals:
+        for key, value in final.values.items():
+            seen_values.setdefault(key, set()).add(value)
+    unknown = [op for op in ops if op.kind == UPSERT and op.status == INFO]
+    landed = sum(1 for op in unknown if op.value in seen_values.get(op.key, set()))
+    report.notes.append(f"indeterminate upserts: {len(unknown)}, of which seen applied later: {landed}")
+
     # Copies of one shard hold the same state.
     by_where = {final.where: final for final in finals}
     for group, places in (replicas_of or {}).items():

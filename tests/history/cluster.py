@@ -56,6 +56,7 @@ class ClusterRun:
     ) -> None:
         self.directory = directory
         self.seed, self.faults, self.keys, self.shards = seed, faults, keys_of(keys), shards
+        self.writers, self.readers = writers, readers
         self.recorder = Recorder()
         self.report = Report(seed=seed, mode="cluster")
         self.cluster = LocalCluster(
@@ -65,6 +66,13 @@ class ClusterRun:
             nats_nodes=3,
             shard_args=["--checkpoint-interval-s", "2"],
         )
+        try:
+            self._setup()
+        except BaseException:
+            self.cluster.stop()
+            raise
+
+    def _setup(self) -> None:
         cluster = self.cluster
         self.endpoints = Endpoints(
             [
@@ -73,9 +81,15 @@ class ClusterRun:
             ]
         )
         self.workload = Workload(
-            self.endpoints, self.recorder, self.keys, seed, cluster=True, writers=writers, readers=readers
+            self.endpoints,
+            self.recorder,
+            self.keys,
+            self.seed,
+            cluster=True,
+            writers=self.writers,
+            readers=self.readers,
         )
-        self.injector = f.Injector(self._menu(), seed, faults, gap_s=(1.0, 3.0))
+        self.injector = f.Injector(self._menu(), self.seed, self.faults, gap_s=(1.0, 3.0))
         self.injector.healers.append(lambda: f.continue_all(self._pids()))
 
     # ------------------------------------------------------------- faults
