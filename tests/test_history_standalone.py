@@ -74,6 +74,11 @@ def test_history_checker_reports_phantoms_and_failed_writes_that_were_applied() 
     report = _check(ops, [Final("node", {"a": 9, "b": ABSENT, "c": 1})])
     assert report.count("phantom") == 3, report.text()  # v7 never written, v3 only after, final v9
     assert report.count("failed_visible") == 2, report.text()  # c's failed v1 read, and held at the end
+    # A delete answered as not applied, then the key absent although its last acknowledged write is v1.
+    ops = [_w("d", 1, 0, 1), _w("d", ABSENT, 2, 3, FAIL), _r("d", ABSENT, 4, 5)]
+    report = _check(ops, [Final("node", {"d": ABSENT})])
+    assert report.count("failed_visible") == 2 and "only delete #2" in report.violations["failed_visible"][0]
+    assert report.count("stale") == report.count("lost") == 0, report.text()
 
 
 def test_history_checker_reports_diverged_replicas_and_wrong_counts() -> None:

@@ -143,6 +143,10 @@ class _Key:
         for i in range(low, high + 1):
             if self.writes[i].value == ABSENT and self.writes[i].status != FAIL:
                 return i, ""
+        failed = [i for i in range(low, high + 1) if self.writes[i].value == ABSENT]
+        if failed:  # only a delete answered as not applied explains it
+            detail = self.writes[failed[0]].detail[:160]
+            return None, f"failed_visible: absent, as only delete #{failed[0]} would make it ({detail})"
         return None, f"absent, but every write from #{low} on that may hold is an upsert"
 
     def history(self, since: float, around: int, width: int = 3) -> str:
