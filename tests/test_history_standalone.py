@@ -1,5 +1,6 @@
 """The history checker (tests/history/): its unit tests on hand-made histories, and a short
-seeded run against a real standalone server under kill -9 and a disk that fills and empties.
+seeded run against a real standalone server under kill -9 and a disk that fills and empties
+(a tmpfs of its own, filled to the last byte, when the tests run as root).
 
 The long runs are ``python bench/history.py --mode standalone --faults 50 --seed N``.
 """
@@ -13,9 +14,10 @@ from tests.history.checker import Final, Report, check
 from tests.history.model import ABSENT, DELETE, FAIL, INFO, OK, READ, UPSERT, Op, outcome_of
 from tests.history.standalone import run_standalone
 
-# Draws kill -9, ENOSPC at the tantivy commit, ENOSPC at the log fsync (then kill -9), the disk
-# filling and emptying, and kill -9 on a full disk with the restart on it, in that order.
-SEED = 20261241
+# Draws ENOSPC at the log fsync (then kill -9), kill -9, the disk full to the last byte (below the
+# floor where the run cannot mount a tmpfs), kill -9 on a full disk with the restart on it, and the
+# disk filling below the floor, in that order.
+SEED = 20261471
 
 
 def _w(key: str, version: int, start: float, end: float, status: str = OK) -> Op:

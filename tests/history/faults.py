@@ -11,10 +11,11 @@ Faults:
 * ``kill9(process)``: SIGKILL, then start it again (same data directory, same command) and
   wait until it serves;
 * ``pause(process)``: SIGSTOP, then SIGCONT (a process that hangs: calls to it time out);
-* ``DiskFiller``: a disk that fills and empties for real. The server runs with a free-space
-  floor (``--min-free-bytes``) a little below the free space at the start; filling
-  allocates a file (``posix_fallocate``, so the blocks are taken at once) that leaves less
-  free than the floor, emptying deletes it;
+* ``DiskFiller``: a disk that fills and empties for real: filling allocates a file
+  (``posix_fallocate``, so the blocks are taken at once), emptying deletes it. On a small
+  tmpfs of the run's own (when it may mount one: root) it fills below the server's free-space
+  floor (``--min-free-bytes``) or to the last byte; on the machine's disk, the server's floor
+  sits a little below the free space at the start and a fill leaves less than the floor;
 * ``enospc(step)``: ENOSPC at one write step (tests/diskfaults.py: the server's seam fails
   while its flag file exists).
 """
@@ -126,43 +127,55 @@ def continue_all(pids: list[int | None]) -> None:
 
 
 class DiskFiller:
-    """A real full disk for a server whose floor is ``floor`` bytes: ``fill`` leaves less free
-    than the floor on the file system of ``directory``, ``empty`` gives it back."""
+    """A real full disk for a server whose floor is ``floor`` bytes: ``fill(leave)`` allocates a file
+    that leaves ``leave`` bytes free on the file system of ``directory``, ``empty`` deletes it.
 
-    HEADROOM = 1 << 30  # the floor sits this far below the free space at the start
+    Without a file system of its own (``floor`` None: the machine's disk), the floor sits
+    HEADROOM below the free space at the start and a fill leaves 256 MiB less than the floor;
+    on a small tmpfs of its own, a fill may leave nothing at all (a real ENOSPC at every step)."""
 
-    def __init__(self, directory: Path) -> None:
+    HEADROOM = 1 << 30
+
+    def __init__(self, directory: Path, floor: int | None = None) -> None:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "fill.bin"
-        self.floor = max(self._free() - self.HEADROOM, 64 << 20)
+        self.floor = floor if floor is not None else max(self._free() - self.HEADROOM, 64 << 20)
+        self.below_floor = max(self.floor - (256 << 20), 0) if floor is None else self.floor // 4
 
     def _free(self) -> int:
         st = os.statvfs(self.directory)
         return st.f_bavail * st.f_frsize
 
-    def fill(self) -> int:
-        """Allocate enough that free space drops 256 MiB below the floor; returns the bytes taken."""
-        size = self._free() - self.floor + (256 << 20)
-        if size <= 0:
-            return 0
-        with open(self.path, "wb") as out:
-            os.posix_fallocate(out.fileno(), 0, size)
-        return size
+    def fill(self, leave: int | None = None) -> int:
+        """Allocate what leaves ``leave`` bytes free (default: well below the floor); the bytes taken."""
+        leave = self.below_floor if leave is None else leave
+        size = self._free() - leave
+        with open(self.path, "ab") as out:
+            while size > 0:
+                try:
+                    os.posix_fallocate(out.fileno(), out.tell(), size)
+                    return size
+                except OSError:  # a file system that cannot give it all at once: take a little less
+                    size -= 64 << 10
+        return 0
 
     def empty(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def fault(self, hold_s: tuple[float, float], name: str = "the data directory's disk") -> FaultFn:
+    def fault(self, hold_s: tuple[float, float], leave: int | None = None) -> FaultFn:
         def run(rng: random.Random) -> Fault:
             began = time.monotonic()
-            size = self.fill()
+            size = self.fill(leave)
             try:
                 time.sleep(rng.uniform(*hold_s))
             finally:
                 self.empty()
-            return Fault("disk full", name, began, time.monotonic(), f"{size >> 20} MiB fill under a floor")
+            what = "to the last byte" if leave == 0 else "below the floor"
+            return Fault(
+                "disk full", what, began, time.monotonic(), f"{size >> 20} MiB fill, floor {self.floor >> 20} MiB"
+            )
 
         return run
 

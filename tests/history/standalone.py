@@ -1,18 +1,22 @@
 """One seeded history run against a standalone ``braid serve`` in a child process.
 
-The server runs with a free-space floor just below the disk's free space (so a fill file
-makes the disk full for real), ENOSPC seams it reads from flag files (tests/diskfaults.py)
-and frequent checkpoints. Writers and readers (tests/history/workload.py) run while the
-faults hit: kill -9 and a restart on the same data directory, the disk filling and emptying,
-ENOSPC at the log's write, its fsync (then a restart, as an operator would: the log refuses
-writes after a failed fsync), a checkpoint or tantivy's commit, and kill -9 on a full disk
-with the restart on it. After healing, every key is read back, then once more after a last
-kill -9 and restart; the history and both readings are checked (tests/history/checker.py).
+The server's data lives on a small tmpfs of the run's own where it may mount one (root), else
+on the machine's disk; it runs with a free-space floor (on the machine's disk, just below its
+free space), so a fill file makes the disk full for real (tests/history/faults.py), with
+ENOSPC seams it reads from flag files (tests/diskfaults.py) and frequent checkpoints.
+Writers and readers (tests/history/workload.py) run while the faults hit: kill -9 and a
+restart on the same data directory, the disk filling and emptying, ENOSPC at the log's
+write, its fsync (then a restart, as an operator would: the log refuses writes after a
+failed fsync), a checkpoint or tantivy's commit, kill -9 on a full disk with the restart on
+it, and (on the tmpfs) a disk full to the last byte. After healing, every key is read back,
+then once more after a last kill -9 and restart; the history and both readings are checked
+(tests/history/checker.py).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,10 +37,32 @@ SERVING = r"serving braid\.v1\.Braid on [\d.]+:(\d+)"
 HEAL_S = 120.0  # a restarted server answers within this (a loaded 2-core machine included)
 
 
-def _server(directory: Path, floor: int, flags: Path) -> Child:
+TMPFS_SIZE = "128m"
+TMPFS_FLOOR = 8 << 20  # the server's --min-free-bytes on its own tmpfs
+
+
+def _mount_tmpfs(directory: Path) -> Path | None:
+    """A small tmpfs at ``directory`` for the data (a disk the run may fill to the last byte), or
+    None where it cannot be mounted (not root, no mount): the run then fills the machine's disk
+    only below the server's floor."""
+    if os.geteuid() != 0:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(directory)], capture_output=True
+    )
+    return directory if mounted.returncode == 0 else None
+
+
+def _unmount(directory: Path) -> None:
+    if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def _server(directory: Path, data: Path, floor: int, flags: Path) -> Child:
     site = diskfaults.sitecustomize_dir(directory / "site")
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    command = [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(directory / "data")]
+    command = [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data)]
     command += ["--port", "0", "--min-free-bytes", str(floor), "--checkpoint-interval-s", "2"]
     env = child_env({diskfaults.ENV: str(flags), "PYTHONPATH": path})
     return Child("braid", command, SERVING, env=env, log_path=directory / "server.log", start=False)
@@ -74,8 +100,13 @@ class StandaloneRun:
         self.seed, self.faults, self.keys = seed, faults, keys_of(keys)
         self.flags = directory / "flags"
         self.flags.mkdir(exist_ok=True)
-        self.filler = f.DiskFiller(directory / "fill")
-        self.server = _server(directory, self.filler.floor, self.flags)
+        self.mount = _mount_tmpfs(directory / "disk")
+        if self.mount is not None:
+            self.filler = f.DiskFiller(self.mount, floor=TMPFS_FLOOR)
+        else:
+            self.filler = f.DiskFiller(directory / "fill")
+        data = (self.mount or directory) / "data"
+        self.server = _server(directory, data, self.filler.floor, self.flags)
         self.recorder = Recorder()
         self.report = Report(seed=seed, mode="standalone")
         self.endpoints = Endpoints([Endpoint("server", lambda: self.server.address if self.server.port else None)])
@@ -93,11 +124,14 @@ class StandaloneRun:
             (1, f.enospc(flags, "checkpoint", (1.0, 3.0))),
             (1, f.enospc(flags, "tantivy_commit", hold)),
             (1, f.sequence("kill -9 on a full disk", "braid serve", [
-                lambda _: f"{filler.fill() >> 20} MiB fill",
+                lambda _: f"{filler.fill(0 if self.mount else None) >> 20} MiB fill",
                 lambda _: self.restart(),
                 lambda rng: time.sleep(rng.uniform(0.5, 2.0)),
                 lambda _: filler.empty(),
             ])),
+            # Without a tmpfs of its own the run never fills the machine's disk to the last byte:
+            # below the floor instead (the same draws from a seed either way).
+            (1, filler.fault((1.0, 3.0), leave=0 if self.mount else None)),
         ]  # fmt: skip
         self.injector = f.Injector(menu, seed, faults)
         self.injector.healers += [filler.empty, self._clear_flags]
@@ -156,6 +190,8 @@ class StandaloneRun:
         self.injector.heal_all()
         self.server.stop()
         self.endpoints.close()
+        if self.mount is not None:
+            _unmount(self.mount)
 
 
 def run_standalone(
