@@ -321,7 +321,7 @@ def test_router_failover_and_request_id_forwarding() -> None:
 
     stats = view.RouterStats()
     live = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
-    state = SimpleNamespace(order=lambda nodes, turn: [(n, live[n]) for n in nodes], suspect=lambda node: None)
+    state = SimpleNamespace(order=lambda nodes, turn: [(n, live[n], True) for n in nodes], suspect=lambda node: None)
     catalog = SimpleNamespace(stats=stats, state=state, turn=lambda: 0)
     collection = SimpleNamespace(catalog=catalog, meta=SimpleNamespace(placement=[("a", "b")]), name="c")
 
