@@ -378,7 +378,7 @@ def test_a_full_disk_makes_a_follower_read_only_until_heal_rereads_the_log(fault
         with pytest.raises(DiskFull, match="disk full: shard 0"):
             shard.apply_logged(batch)
         assert shard.count(None) in (8, 10)  # reads go on (the failed apply may be partly visible)
-        with pytest.raises(Unavailable, match="cannot apply log record 7 now .*disk full"):
+        with pytest.raises(Unavailable, match=r"cannot apply log record 7 now .*disk full"):
             shard.wait_applied(7, 5)  # the record is logged: a waiter may ask another replica
         with pytest.raises(DiskFull):
             shard.apply_logged(batch)  # no room yet: still read-only
