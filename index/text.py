@@ -44,13 +44,23 @@ it: one too low hides documents, one too high panics), and the schema must be th
 one Braid asks for (tantivy refuses a different one). What is left unchecked: a flip
 that changes ``num_deleted_docs`` or a setting and still parses (not seen to change an
 answer). Files of segments meta.json does not name (an interrupted commit or merge)
-are not checked; tantivy deletes them.
+are not checked.
+
+Leftovers: a commit that a full disk or a kill -9 stopped between writing a segment's
+``<segment>.<opstamp>.del`` and publishing meta.json leaves that file behind, unnamed. A
+replay of the same log reaches the same opstamp, and tantivy refuses to create a file that
+exists (``FileAlreadyExists``), so the commit would fail at every reopen and restart.
+tantivy deletes such files only after a successful commit, so ``remove_unreferenced``
+deletes them (and unnamed segment files, and its atomic writes' ``.tmp`` files) at every
+open, before the writer exists; meta.json must have passed ``check_files`` first.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import struct
 import threading
 import zlib
@@ -66,6 +76,8 @@ from .checksums import Problem
 from .errors import DataLoss, InvalidArgument, Unavailable
 from .schema import TextFieldSpec
 from .validate import MAX_QUERY_TERMS
+
+log = logging.getLogger("braid.text")
 
 LABEL = "_label"
 # Up to this many allowed labels, the filter is pushed into tantivy as a term set.
@@ -119,6 +131,7 @@ class TextIndex:
         problems = check_files(directory)
         if problems:
             raise problems[0].error()
+        remove_unreferenced(directory)
         self.schema = build_schema(fields)
         self.fields = fields
         self.field_names = [f.name for f in fields]
@@ -330,6 +343,41 @@ _COLUMNAR_V2_TAIL = struct.pack("<I", 2) + bytes([2, 113, 119, 66])
 _CHUNK = 1 << 20
 
 
+# The names of tantivy's own files: a segment's components and deletes, and an atomic write's temporary file.
+_TANTIVY_FILE = re.compile(r"[0-9a-f]{32}\.(?:idx|pos|term|store|fast|fieldnorm|\d+\.del)|\.tmp\w+")
+
+
+def _segment_names(segment: dict[str, Any]) -> list[str]:
+    """The file names of one meta.json segment entry (whether or not they exist)."""
+    if segment.keys() != _SEGMENT_KEYS:  # tantivy ignores an unknown key: a renamed "deletes" revives documents
+        raise ValueError(f"segment entry has keys {sorted(segment)}, expected {sorted(_SEGMENT_KEYS)}")
+    name = str(segment["segment_id"]).replace("-", "")
+    names = [f"{name}.{ext}" for ext in _COMPONENTS]
+    if segment["deletes"] is not None:
+        names.append(f"{name}.{int(segment['deletes']['opstamp'])}.del")
+    return names
+
+
+def remove_unreferenced(directory: Path) -> list[str]:
+    """Delete tantivy's files under ``directory`` that meta.json does not name (see the module
+    doc, "Leftovers"); the names deleted. Nothing without a meta.json. Only while no writer is
+    open: a writer's unpublished files are unnamed too. A searcher still reading a deleted file
+    keeps it (an unlinked file lives while it is mapped)."""
+    try:
+        meta = json.loads((directory / "meta.json").read_bytes())
+    except FileNotFoundError:
+        return []
+    keep = {name for segment in meta["segments"] for name in _segment_names(segment)}
+    removed = []
+    for path in directory.iterdir():
+        if path.name not in keep and _TANTIVY_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        log.info("%s: removed %d tantivy files meta.json does not name: %s", directory, len(removed), removed[:5])
+    return removed
+
+
 def segment_files(directory: Path) -> tuple[list[Path], list[Problem]]:
     """The files of every segment tantivy's meta.json names that exist, and meta.json's problems."""
     meta_path = directory / "meta.json"
@@ -345,14 +393,7 @@ def segment_files(directory: Path) -> tuple[list[Path], list[Problem]]:
     files: list[Path] = []
     try:
         for segment in meta["segments"]:
-            # tantivy ignores a key it does not know: a renamed "deletes" would revive deleted documents
-            if segment.keys() != _SEGMENT_KEYS:
-                raise ValueError(f"segment entry has keys {sorted(segment)}, expected {sorted(_SEGMENT_KEYS)}")
-            name = str(segment["segment_id"]).replace("-", "")
-            names = [f"{name}.{ext}" for ext in _COMPONENTS]
-            if segment["deletes"] is not None:
-                names.append(f"{name}.{int(segment['deletes']['opstamp'])}.del")
-            files += [directory / n for n in names if (directory / n).exists()]
+            files += [directory / n for n in _segment_names(segment) if (directory / n).exists()]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         return files, [Problem(str(meta_path), f"malformed tantivy meta.json: {type(err).__name__}: {err}")]
     return files, []

@@ -10,8 +10,10 @@ Both run ``braid serve`` in a child process on a small tmpfs (root only), filled
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from braid.index.shard import Shard
 from braid.service.verify import run_verify
 
 from . import diskfaults
@@ -190,3 +193,72 @@ def _answers(client) -> bool:  # type: ignore[no-untyped-def]
             raise
         time.sleep(0.1)
         return False
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")  # tmpfs hands out space by the page
+
+
+def test_a_replay_a_real_full_disk_stops_at_any_page_recovers_and_reopens(tmp_path, monkeypatch):
+    """A shard whose log replay meets a real full disk (a tmpfs with 0, 1, 2, ... pages free),
+    at every point tantivy's replay commit can fail, recovers by itself once there is room,
+    takes writes, and opens again on a restart with every document.
+
+    Before the fix, with a few pages free, the replay commit created ``<segment>.<opstamp>.del``
+    (the deletes that re-adding replayed labels makes in the committed segments) and failed
+    before naming it in meta.json; every later replay reached the same opstamp, and tantivy
+    refused to create the file again (``FileAlreadyExists``): the reopen failed for good and the
+    next start quarantined the collection (seen in the standalone history run, seed 2)."""
+    from braid.index import shard as shard_module
+    from braid.index.errors import Unavailable
+    from braid.index.policy import StoragePolicy
+
+    from .test_disk_full import shard_docs, text_schema
+
+    monkeypatch.setattr(shard_module, "REOPEN_BACKOFF_S", 0.0)
+    policy = StoragePolicy(min_free_bytes=0)
+    source = tmp_path / "source"
+    shard = Shard.open(source, text_schema(), 0, policy)
+    for start in range(0, 60, 20):  # three tantivy commits: three segments a replay deletes from
+        shard.upsert(shard_docs(range(start, start + 20)))
+    shard.delete_ids(["d3", "d33"])
+    shard.close()  # no checkpoint: the next open replays every write into the committed segments
+    expected = 58
+
+    def served(shard: Shard, count: int) -> bool:
+        try:
+            return shard.count(None) == count
+        except Unavailable:
+            return False
+
+    with small_tmpfs(tmp_path / "mnt", "8m") as mnt:
+        data, filler, pad = mnt / "s", mnt / "filler", mnt / "pad"
+        # Recovery writes at most what the shard holds again (a segment of every replayed
+        # document, a checkpoint's files), and a file takes at least a page: past that bound
+        # it finds room at every step.
+        files = [p for p in source.rglob("*") if p.is_file()]
+        needed = 2 * sum(-(-p.stat().st_size // PAGE) for p in files) + 16
+        for pages in range(needed):
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.copytree(source, data)
+            pad.write_bytes(b"\0" * (pages * PAGE))
+            fill(filler)
+            pad.unlink()  # exactly ``pages`` pages free
+            shard = Shard.open(data, text_schema(), 0, policy)  # never raises for a full disk
+            try:
+                filler.unlink()
+                wait_for(
+                    functools.partial(served, shard, expected), timeout=30, what=f"recovery with {pages} pages free"
+                )
+                shard.upsert(shard_docs(range(60, 61)))  # a read-only shard reopens on it
+                assert shard.count(None) == expected + 1, pages
+            finally:
+                shard.close()
+            shard = Shard.open(data, text_schema(), 0, policy)  # a restart with room
+            try:
+                assert shard.read_problem() is None and shard.write_problem() is None, pages
+                assert shard.count(None) == expected + 1, pages
+                assert shard.label_of("d3") is None and shard.label_of("d59") is not None, pages
+                assert shard.text is not None
+                assert shard.text.stored([shard.label_of("d59")]) == {shard.label_of("d59"): {"body": "w59"}}, pages
+            finally:
+                shard.close()
