@@ -9,15 +9,22 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
 * ``local_cluster(shard_servers=2, routers=1, nats_nodes=1, **options)``: a factory that starts a
   :class:`LocalCluster` (NATS, shard servers, routers) and returns it once every child is serving;
   every cluster it made is stopped at teardown.
+* ``log_ends(cluster, collection, shards, timeout)``: a collection's uid and the last stream
+  sequence of each shard's subject, read from NATS itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
+import nats.js.errors
 import pytest
 
 from braid.service.cluster.local import LocalCluster
@@ -63,3 +70,39 @@ def local_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
     finally:
         for cluster in reversed(started):
             cluster.stop()
+
+
+def log_ends(cluster: LocalCluster, collection: str, shards: int, timeout: float) -> tuple[str, list[int]]:
+    """The collection's uid (from the ``braid-collections`` bucket) and the sequence of the last record
+    of each shard's subject in its stream, read from NATS itself (retried while NATS settles, up to
+    ``timeout``)."""
+    assert cluster.nats is not None
+    urls = [node.url for node in cluster.nats.nodes if node.alive]
+
+    async def main() -> tuple[str, list[int]]:
+        async def quiet(err: Exception) -> None:
+            pass
+
+        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3, error_cb=quiet)
+        try:
+            js = nc.jetstream()
+            entry = await (await js.key_value("braid-collections")).get(collection)
+            uid = json.loads(entry.value)["uid"]
+            ends = []
+            for n in range(shards):
+                try:
+                    ends.append(int((await js.get_last_msg(f"BRAID_{uid}", f"braid.{uid}.{n}")).seq))
+                except nats.js.errors.NotFoundError:
+                    ends.append(0)
+            return uid, ends
+        finally:
+            await nc.close()
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return asyncio.run(asyncio.wait_for(main(), 10))
+        except Exception as err:  # a NATS node just restarted, a leader being elected: bounded retries
+            if time.monotonic() > deadline:
+                raise AssertionError(f"cannot read the collection's log ends from NATS: {err!r}") from err
+            time.sleep(0.5)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import random
 import re
 import shutil
@@ -64,7 +63,7 @@ from braid.service.cluster.natsproc import NatsNode
 from braid.service.cluster.replica import Replica
 from braid.service.convert import schema_from_proto
 from braid.v1 import braid_pb2 as pb
-from tests.clusterkit import local_cluster, nats1  # noqa: F401
+from tests.clusterkit import local_cluster, log_ends, nats1  # noqa: F401
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -258,38 +257,7 @@ def _statuses(cluster: LocalCluster) -> list[dict[int, spb.ReplicaStatus]]:
 
 
 def _log_ends(cluster: LocalCluster) -> tuple[str, list[int]]:
-    """The collection's uid (from the ``braid-collections`` bucket) and the sequence of the last record
-    of each shard's subject in its stream, read from NATS itself (retried while NATS settles)."""
-    assert cluster.nats is not None
-    urls = [node.url for node in cluster.nats.nodes if node.alive]
-
-    async def main() -> tuple[str, list[int]]:
-        async def quiet(err: Exception) -> None:
-            pass
-
-        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3, error_cb=quiet)
-        try:
-            js = nc.jetstream()
-            entry = await (await js.key_value("braid-collections")).get(COLLECTION)
-            uid = json.loads(entry.value)["uid"]
-            ends = []
-            for n in range(SHARDS):
-                try:
-                    ends.append(int((await js.get_last_msg(f"BRAID_{uid}", f"braid.{uid}.{n}")).seq))
-                except nats.js.errors.NotFoundError:
-                    ends.append(0)
-            return uid, ends
-        finally:
-            await nc.close()
-
-    deadline = time.monotonic() + CATCH_UP_S
-    while True:
-        try:
-            return asyncio.run(asyncio.wait_for(main(), 10))
-        except Exception as err:  # a NATS node just restarted, a leader being elected: bounded retries
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cannot read the collection's log ends from NATS: {err!r}") from err
-            time.sleep(0.5)
+    return log_ends(cluster, COLLECTION, SHARDS, CATCH_UP_S)
 
 
 def _wait_replicas_agree(cluster: LocalCluster, timeout: float = CATCH_UP_S) -> tuple[float, str, list[dict]]:

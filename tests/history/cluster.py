@@ -12,16 +12,12 @@ every router (a STRONG search, Get and Count); the history and all of it are che
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
 
 import grpc
-import nats
-import nats.js.errors
 
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
@@ -30,6 +26,7 @@ from braid.service.cluster.local import LocalCluster
 from braid.v1 import braid_pb2 as pb
 from braid.v1 import braid_pb2_grpc
 
+from ..clusterkit import log_ends
 from . import faults as f
 from .checker import Fault, Final, Report, check
 from .model import ABSENT, Recorder
@@ -150,27 +147,15 @@ class ClusterRun:
 
     def run(self, min_run_s: float) -> Report:
         report = self.report
-        try:
+
+        def setup() -> None:
             with grpc.insecure_channel(self.cluster.router_address) as channel:
                 request = pb.CreateCollectionRequest(
                     name=COLLECTION, schema=schema(), shards=self.shards, replication_factor=2
                 )
                 braid_pb2_grpc.BraidStub(channel).CreateCollection(request, timeout=60)
-            began = report.since = time.monotonic()
-            self.workload.start()
-            self.injector.start()
-            if not self.injector.join(timeout=self.faults * 120.0 + 60):
-                report.problems.append("the faults did not finish in time")
-            time.sleep(max(0.0, began + min_run_s - time.monotonic()))
-        finally:
-            self.injector.stop.set()
-            self.injector.join(timeout=120)
-            self.injector.heal_all()
-            self.workload.finish()
-            self.endpoints.close()
-        report.faults = self.injector.faults
-        report.problems += [self.injector.error] if self.injector.error else []
-        report.problems += self.workload.crashes
+
+        f.drive(report, setup, self.workload, self.injector, self.endpoints, 120.0, 120.0, min_run_s)
         finals: list[Final] = []
         replicas: dict[str, list[str]] = {}
         try:
@@ -308,37 +293,7 @@ def _stream_leader(cluster: LocalCluster) -> str | None:
 
 
 def _log_ends(cluster: LocalCluster, shards: int) -> tuple[str, list[int]]:
-    """The collection's uid and the sequence of the last record of each shard's subject, from NATS."""
-    assert cluster.nats is not None
-    urls = [node.url for node in cluster.nats.nodes if node.alive]
-
-    async def main() -> tuple[str, list[int]]:
-        async def quiet(err: Exception) -> None:
-            pass
-
-        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3, error_cb=quiet)
-        try:
-            js = nc.jetstream()
-            entry = await (await js.key_value("braid-collections")).get(COLLECTION)
-            uid = json.loads(entry.value)["uid"]
-            ends = []
-            for n in range(shards):
-                try:
-                    ends.append(int((await js.get_last_msg(f"BRAID_{uid}", f"braid.{uid}.{n}")).seq))
-                except nats.js.errors.NotFoundError:
-                    ends.append(0)
-            return uid, ends
-        finally:
-            await nc.close()
-
-    deadline = time.monotonic() + HEAL_S
-    while True:
-        try:
-            return asyncio.run(asyncio.wait_for(main(), 10))
-        except Exception as err:  # a NATS node just restarted, a leader being elected: bounded retries
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cannot read the collection's log ends from NATS: {err!r}") from err
-            time.sleep(0.5)
+    return log_ends(cluster, COLLECTION, shards, HEAL_S)
 
 
 def run_cluster(

@@ -84,6 +84,39 @@ class Injector:
                 heal()
 
 
+def drive(
+    report: Any,
+    setup: Callable[[], None],
+    workload: Any,
+    injector: Injector,
+    endpoints: Any,
+    per_fault_s: float,
+    stop_join_s: float,
+    min_run_s: float,
+) -> None:
+    """One run's common course: ``setup`` (create the collection), then the workload and the
+    faults together for at least ``min_run_s``; whatever happened, the faults stop, every
+    process is healed and the workload drains. Fills ``report`` (checker.Report) with the
+    run's start, the faults injected and the problems met."""
+    try:
+        setup()
+        began = report.since = time.monotonic()
+        workload.start()
+        injector.start()
+        if not injector.join(timeout=injector.count * per_fault_s + 60):
+            report.problems.append("the faults did not finish in time")
+        time.sleep(max(0.0, began + min_run_s - time.monotonic()))  # the load's window, not a wait
+    finally:
+        injector.stop.set()
+        injector.join(timeout=stop_join_s)
+        injector.heal_all()
+        workload.finish()
+        endpoints.close()
+    report.faults = injector.faults
+    report.problems += [injector.error] if injector.error else []
+    report.problems += workload.crashes
+
+
 def kill9(name: str, kill: Callable[[], None], start: Callable[[], None], hold_s: tuple[float, float]) -> FaultFn:
     """SIGKILL (``kill``), hold, then ``start`` (which waits until the process serves)."""
 

@@ -150,26 +150,14 @@ class StandaloneRun:
 
     def run(self, min_run_s: float) -> Report:
         report = self.report
-        try:
+
+        def setup() -> None:
             self.start()
             with grpc.insecure_channel(self.server.address) as channel:
                 request = pb.CreateCollectionRequest(name=COLLECTION, schema=schema(), shards=2)
                 braid_pb2_grpc.BraidStub(channel).CreateCollection(request, timeout=30)
-            began = report.since = time.monotonic()
-            self.workload.start()
-            self.injector.start()
-            if not self.injector.join(timeout=self.faults * 90.0 + 60):
-                report.problems.append("the faults did not finish in time")
-            time.sleep(max(0.0, began + min_run_s - time.monotonic()))
-        finally:
-            self.injector.stop.set()
-            self.injector.join(timeout=60)
-            self.injector.heal_all()
-            self.workload.finish()
-            self.endpoints.close()
-        report.faults = self.injector.faults
-        report.problems += [self.injector.error] if self.injector.error else []
-        report.problems += self.workload.crashes
+
+        f.drive(report, setup, self.workload, self.injector, self.endpoints, 90.0, 60.0, min_run_s)
         finals: list[Final] = []
         try:
             if not self.server.alive:
