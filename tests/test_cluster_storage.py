@@ -170,6 +170,11 @@ def test_a_replicas_disk_fills_up(local_cluster, tmp_path: Path) -> None:  # noq
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:
                     _replica_answers_correctly_or_refuses(view, uid, ledger, [0] * SHARDS)
+                    # Status tells the truth too: a replica whose replay the disk stopped is not caught up.
+                    for n, status in view.status().items():
+                        assert not status.caught_up or status.applied_seq >= ends[n], (
+                            f"shard {n}: says caught up at seq {status.applied_seq} of {ends[n]} ({status.problem})"
+                        )
                     time.sleep(0.5)
                 _replica_answers_correctly_or_refuses(view, uid, ledger, ends)
             _check_router_reads(client, ledger)

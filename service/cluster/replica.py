@@ -140,8 +140,11 @@ class Replica:
                 shard.close()
                 return
             self.shard = shard
-        self.problem = None
-        self.caught_up.set()  # open replayed the subject to its end
+        # Open replayed the subject to its end, unless a full disk stopped the replay part way: then
+        # the shard refuses reads (read_problem) and the replica is not caught up until it recovers.
+        self.problem = self.shard.read_problem()
+        if self.problem is None:
+            self.caught_up.set()
         log.info("replica %s/%d open at log sequence %d", self.meta.name, self.number, self.applied_seq)
         self._follow()
 
@@ -157,7 +160,9 @@ class Replica:
                         self.shard.apply_logged(batch)
                     if reader.pending >= 0:
                         self.lag_records = reader.pending
-                    self.problem = None
+                    self.problem = self.shard.read_problem()
+                    if self.problem is None and not self.caught_up.is_set() and reader.at_end:
+                        self.caught_up.set()  # recovered (a full disk had stopped its replay) and read to the end
                 except Exception as err:  # NATS away, a consumer lost, a failed apply: retry
                     if self._stop.is_set():
                         return
