@@ -360,7 +360,8 @@ def _segment_names(segment: dict[str, Any]) -> list[str]:
 
 def remove_unreferenced(directory: Path) -> list[str]:
     """Delete tantivy's files under ``directory`` that meta.json does not name (see the module
-    doc, "Leftovers"); the names deleted. Nothing without a meta.json. Only while no writer is
+    doc, "Leftovers"); the names deleted. Nothing without a meta.json, nor when a file it names
+    is missing (then it is damaged, and the open fails naming it). Only while no writer is
     open: a writer's unpublished files are unnamed too. A searcher still reading a deleted file
     keeps it (an unlinked file lives while it is mapped)."""
     try:
@@ -368,6 +369,8 @@ def remove_unreferenced(directory: Path) -> list[str]:
     except FileNotFoundError:
         return []
     keep = {name for segment in meta["segments"] for name in _segment_names(segment)}
+    if not all((directory / name).exists() for name in keep):
+        return []  # a damaged meta.json (a flipped segment id) must not cost the files it lost: opening fails
     removed = []
     for path in directory.iterdir():
         if path.name not in keep and _TANTIVY_FILE.fullmatch(path.name) and path.is_file():
