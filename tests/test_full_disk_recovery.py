@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import shutil
 import time
@@ -262,3 +263,51 @@ def test_a_replay_a_real_full_disk_stops_at_any_page_recovers_and_reopens(tmp_pa
                 assert shard.text.stored([shard.label_of("d59")]) == {shard.label_of("d59"): {"body": "w59"}}, pages
             finally:
                 shard.close()
+
+
+def _text_ops(index, labels: range) -> None:  # type: ignore[no-untyped-def]
+    for label in labels:
+        index.add(label, {"body": f"w{label} common"})
+
+
+def test_a_commit_stopped_after_writing_its_del_file_does_not_block_the_next(tmp_path):
+    """The same leftover without root: a commit that wrote ``<segment>.<opstamp>.del`` and
+    stopped before meta.json (a kill -9 or a full disk between the two). Replaying the same
+    writes reaches the same opstamp; before the fix tantivy refused the commit for good
+    (``FileAlreadyExists``). A damaged meta.json that no longer names a segment's files
+    costs none of them: the open fails (DataLoss) and the files stay for a restore."""
+    from braid.index.errors import DataLoss
+    from braid.index.schema import TextFieldSpec
+    from braid.index.text import TextIndex
+
+    fields = (TextFieldSpec("body"),)
+    before, after = tmp_path / "before", tmp_path / "after"
+    index = TextIndex(before, fields)
+    _text_ops(index, range(20))
+    index.commit()
+    index.close()
+    shutil.copytree(before, after)
+    index = TextIndex(after, fields)
+    _text_ops(index, range(10))  # re-adding a label deletes its old version: a .del for the segment
+    index.commit()
+    index.close()
+    (leftover,) = {p.name for p in after.glob("*.del")} - {p.name for p in before.glob("*.del")}
+    shutil.copy(after / leftover, before / leftover)  # the commit's .del, without its meta.json
+
+    index = TextIndex(before, fields)
+    assert not (before / leftover).exists()
+    _text_ops(index, range(10))
+    index.commit()
+    assert (before / leftover).exists()
+    index.close()
+    index = TextIndex(before, fields)
+    assert sorted(index.stored(list(range(20)))) == list(range(20))
+    index.close()
+
+    meta = before / "meta.json"
+    segment = json.loads(meta.read_text())["segments"][0]["segment_id"]
+    files = sorted(p.name for p in before.iterdir())
+    meta.write_text(meta.read_text().replace(segment, segment[:-1] + ("0" if segment[-1] != "0" else "1")))
+    with pytest.raises(DataLoss):
+        TextIndex(before, fields)
+    assert sorted(p.name for p in before.iterdir()) == files
