@@ -197,6 +197,18 @@ class Child:
             self.proc.wait(timeout=STOP_TIMEOUT_S)
         self._join_reader()
 
+    def wait_exit(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Wait up to ``timeout`` for the process to end by itself (after a signal already sent);
+        its exit status, or None when it is still running (or never started)."""
+        if self.proc is None:
+            return None
+        try:
+            status = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._join_reader()
+        return status
+
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL; returns the exit status (None if never started)."""
         if self.proc is None:
