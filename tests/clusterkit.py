@@ -9,6 +9,7 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
 * ``local_cluster(shard_servers=2, routers=1, nats_nodes=1, **options)``: a factory that starts a
   :class:`LocalCluster` (NATS, shard servers, routers) and returns it once every child is serving;
   every cluster it made is stopped at teardown.
+* ``print_logs(cluster)``: the last lines of every child's log (for a test that failed).
 * ``log_ends(cluster, collection, shards, timeout)``: a collection's uid and the last stream
   sequence of each shard's subject, read from NATS itself.
 """
@@ -106,3 +107,9 @@ def log_ends(cluster: LocalCluster, collection: str, shards: int, timeout: float
             if time.monotonic() > deadline:
                 raise AssertionError(f"cannot read the collection's log ends from NATS: {err!r}") from err
             time.sleep(0.5)
+
+
+def print_logs(cluster: LocalCluster, lines: int = 60) -> None:
+    """The last ``lines`` of every child's log, for a failed test's captured output."""
+    for child in cluster.children:
+        print(f"----- {child.name}:\n{child.tail(lines)}")

@@ -24,7 +24,7 @@ from braid.cluster.v1 import shard_pb2 as spb
 from braid.index.collection import shard_of
 from braid.service.client import BraidClient
 from braid.v1 import braid_pb2 as pb
-from tests.clusterkit import local_cluster  # noqa: F401
+from tests.clusterkit import local_cluster, print_logs  # noqa: F401
 
 from .test_cluster_faults import (
     COLLECTION,
@@ -181,8 +181,7 @@ def test_a_replicas_disk_fills_up(local_cluster, tmp_path: Path) -> None:  # noq
             (disk / "filler").unlink()
             _check_replicas(cluster, ledger)
         except BaseException:
-            for child in cluster.children:
-                print(f"----- {child.name}:\n{child.tail(60)}")
+            print_logs(cluster)
             raise
         finally:
             client.close()
@@ -230,8 +229,7 @@ def test_a_flipped_byte_in_a_replicas_checkpoint_is_quarantined_and_rebuilt(loca
         log = cluster.shards[1].tail(400)
         assert all(path.name in log for path in flipped), log
     except BaseException:
-        for child in cluster.children:
-            print(f"----- {child.name}:\n{child.tail(60)}")
+        print_logs(cluster)
         raise
     finally:
         client.close()

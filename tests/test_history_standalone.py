@@ -125,7 +125,4 @@ def test_history_outcomes_of_errors() -> None:
 def test_history_standalone_under_kill9_and_a_full_disk(tmp_path) -> None:
     report = run_standalone(tmp_path / "run", SEED, faults=5, keys=30, min_run_s=15.0)
     print("\n" + report.text())
-    assert report.acknowledged_writes() >= 30, "the writers made too little progress to test anything"
-    assert report.ops.get(f"{READ} {OK}", 0) >= 30, "the readers made too little progress to test anything"
-    assert len(report.faults) == 5
-    assert report.ok, report.text()
+    report.assert_held(faults=5)

@@ -80,6 +80,15 @@ class Report:
     def acknowledged_writes(self) -> int:
         return self.ops.get(f"{UPSERT} {OK}", 0) + self.ops.get(f"{DELETE} {OK}", 0)
 
+    def assert_held(self, faults: int, min_writes: int = 30, min_reads: int = 30) -> None:
+        """A short run's verdict: it made progress enough to test anything, injected its
+        ``faults``, read states back after healing, and the check found nothing."""
+        assert self.acknowledged_writes() >= min_writes, "the writers made too little progress to test anything"
+        assert self.ops.get(f"{READ} {OK}", 0) >= min_reads, "the readers made too little progress to test anything"
+        assert len(self.faults) == faults
+        assert self.finals > 0, "nothing was read back after healing"
+        assert self.ok, self.text()
+
     def text(self, examples: int = 8) -> str:
         lines = [
             f"history check ({self.mode}, seed {self.seed}): {'PASSED' if self.ok else 'FAILED'}",
