@@ -2,7 +2,8 @@
 
     python bench/dense.py [--n 100000] [--dim 384] [--queries 1000] [--efs 32,64,128]
 
-Uses the shared vector set (../shared/bench/make_vectors.py, cached under bench/results/).
+Uses the shared vector set (../shared/bench/make_vectors.py, cached under bench/results/; without
+../shared the project's identical generator, loadtest/vectors.py).
 For every ef it prints recall@10 and single-client QPS of
   raw      hnswlib in this process (same M / ef_construction / ef), one query per call,
   echo     a bare grpcio service (separate process) that receives the same SearchRequest bytes
@@ -32,37 +33,19 @@ import hnswlib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_VECTORS = ROOT.parent / "shared" / "bench" / "make_vectors.py"
 RESULTS = ROOT / "bench" / "results"
 M, EF_CONSTRUCTION = 16, 200
 sys.path.insert(0, str(ROOT))
 
 from braid.service.client import BraidClient, dense_vector  # noqa: E402
 from braid.v1 import braid_pb2 as pb  # noqa: E402
-
-
-def vectors_dir(n: int, dim: int, queries: int) -> Path:
-    return RESULTS / f"vectors-{n}x{dim}-q{queries}"
+from loadtest.vectors import load_vectors, set_dir  # noqa: E402
 
 
 def shared_vectors(n: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    out = vectors_dir(n, dim, queries)
-    if not (out / "gt.npy").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                str(SHARED_VECTORS),
-                str(out),
-                "--n",
-                str(n),
-                "--dim",
-                str(dim),
-                "--queries",
-                str(queries),
-            ],
-            check=True,
-        )
-    return np.load(out / "base.npy"), np.load(out / "queries.npy"), np.load(out / "gt.npy")
+    """(base, queries, gt) of the shared set, cached under bench/results/ (loadtest/vectors.py: made by
+    ../shared/bench/make_vectors.py, or by the project's identical copy of it when ../shared is absent)."""
+    return load_vectors(n, dim, queries, log=print)
 
 
 def recall_at_10(found: list[list[int]], gt: np.ndarray) -> float:
@@ -144,7 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     efs = [int(x) for x in args.efs.split(",")]
     base, queries, gt = shared_vectors(args.n, args.dim, args.queries)
-    base_path = vectors_dir(args.n, args.dim, args.queries) / "base.npy"
+    base_path = set_dir(args.n, args.dim, args.queries) / "base.npy"
     n = len(base)
     print(f"shared set: {n} x {args.dim}, {len(queries)} queries; M={M} ef_construction={EF_CONSTRUCTION}")
 

@@ -4,7 +4,8 @@
                           [--probes 2:0.1,4:0.5,16:0.5] [--cold-queries 1000]
                           [--target 64] [--replicas 8] [--eps-build 0.15]
 
-Uses the shared vector set (../shared/bench/make_vectors.py, cached under bench/results/).
+Uses the shared vector set (../shared/bench/make_vectors.py, cached under bench/results/; without
+../shared the project's identical generator, loadtest/vectors.py).
 Builds (or reuses, cached next to the vectors) a raw hnswlib index (M=16,
 ef_construction=200, cosine) and a SPANN segment (index/spann.py) with the given build
 parameters, then serves each from a fresh subprocess so resident memory is the index's
@@ -35,22 +36,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_VECTORS = ROOT.parent / "shared" / "bench" / "make_vectors.py"
 RESULTS = ROOT / "bench" / "results"
 M, EF_CONSTRUCTION = 16, 200
 TARGET_RECALL = 0.90
+sys.path.insert(0, str(ROOT))
 
-
-def vectors_dir(n: int, dim: int, queries: int) -> Path:
-    return RESULTS / f"vectors-{n}x{dim}-q{queries}"
+from loadtest.vectors import vector_set  # noqa: E402  (numpy only: the worker's RSS baseline stays)
 
 
 def ensure_vectors(n: int, dim: int, queries: int) -> Path:
-    out = vectors_dir(n, dim, queries)
-    if not (out / "gt.npy").exists():
-        command = [sys.executable, str(SHARED_VECTORS), str(out), "--n", str(n), "--dim", str(dim)]
-        subprocess.run([*command, "--queries", str(queries)], check=True)
-    return out
+    """The shared set's folder (loadtest/vectors.py, as dense.shared_vectors), where the builds are cached too."""
+    return vector_set(n, dim, queries, log=print).path
 
 
 def rss_kib() -> int:

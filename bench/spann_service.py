@@ -5,7 +5,7 @@
 bench/spann.py measures the index alone; this runs the whole service. For each index type
 of one dense field (``hnsw``, ``spann``) it starts ``braid serve`` on a fresh data
 directory, bulk-upserts the shared vector set (../shared/bench/make_vectors.py, cached under
-bench/results/) through BulkUpsert, flushes until no merge is running, stops the server,
+bench/results/; see dense.shared_vectors) through BulkUpsert, flushes until no merge is running, stops the server,
 and starts a fresh one on the same directory: the process a restarted node would be. It
 then sends every query through Search (k=10, one client, one query per call), once to warm
 up and once timed per setting, and reads the server's VmRSS. An empty server's RSS is the
@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dense import shared_vectors
 from ir_data import BraidProcess
-from spann import ensure_vectors
 
 from braid.service.client import BraidClient, dense_vector
 from braid.v1 import braid_pb2 as pb
@@ -91,8 +91,7 @@ def main() -> None:
     parser.add_argument("--efs", default="32,64")
     parser.add_argument("--probes", default="2:0.5,4:0.5,16:0.5")
     args = parser.parse_args()
-    data = ensure_vectors(args.n, args.dim, args.queries)
-    base, queries, gt = (np.load(data / f) for f in ("base.npy", "queries.npy", "gt.npy"))
+    base, queries, gt = shared_vectors(args.n, args.dim, args.queries)
     with tempfile.TemporaryDirectory() as tmp:
         empty = Server(Path(tmp) / "empty")
         baseline = empty.rss_mib()

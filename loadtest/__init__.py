@@ -16,12 +16,36 @@ Modules, from the bottom up:
   soak       the soak's drift and RSS verdict (pure)
   report     JSON summaries and PNG plots
   runner     the run / find-max / soak commands over one Session
+  vectors    the seeded vector set for loadtest/ and bench/ (the shared script's, or the same arrays
+             from the project's copy of its generator when ../shared is absent)
+
+The names below are imported on first use, so ``import loadtest.vectors`` (bench scripts, the
+spann worker whose RSS is measured) costs numpy alone, not grpc, hdrh and psutil.
 """
 
-from .findmax import FindMaxResult, find_max
-from .generator import LoadResult, run_load
-from .scenario import Scenario, load_scenario
-from .soak import SoakSample, SoakVerdict, check_soak
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "FindMaxResult": "findmax",
+    "find_max": "findmax",
+    "LoadResult": "generator",
+    "run_load": "generator",
+    "Scenario": "scenario",
+    "load_scenario": "scenario",
+    "SoakSample": "soak",
+    "SoakVerdict": "soak",
+    "check_soak": "soak",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
 
 __all__ = [
     "FindMaxResult",

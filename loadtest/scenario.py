@@ -7,7 +7,7 @@ takes seconds or a duration string (``"90s"``, ``"2m"``, ``"1h"``)::
     name = "dense"
     description = "what it measures"
     [collection]  name, shards, replication_factor, m, ef_construction, tags, encoder, analyzer
-    [data]        kind = "vectors" (the shared vector set: n, dim, queries)
+    [data]        kind = "vectors" (the seeded vector set, loadtest/vectors.py: n >= 100, dim, queries)
                   | "beir" (a ../shared/data collection: collection, max_docs, max_queries)
     [search]      strands = ["dense"] | ["bm25"] | ["bm25", "dense_text"] ..., limit, ef, filter
     [mix]         search, upsert (shares of the arrivals), upsert_batch, upsert_pool
@@ -75,7 +75,7 @@ class CollectionSpec:
 @dataclass(frozen=True)
 class DataSpec:
     kind: str = "vectors"
-    n: int = 20_000  # vectors: base vectors (../shared/bench/make_vectors.py)
+    n: int = 20_000  # vectors: base vectors (loadtest/vectors.py)
     dim: int = 384
     queries: int = 2000
     collection: str = "scifact"  # beir: a folder of ../shared/data
@@ -227,7 +227,9 @@ def _validate(s: Scenario) -> None:
     check(s.load.arrivals in ARRIVALS, f"load.arrivals {s.load.arrivals!r}; valid: {', '.join(ARRIVALS)}")
     check(s.find_max.start > 0 and s.find_max.factor > 1, "find_max: start > 0 and factor > 1")
     check(s.soak.sample_s > 0, "soak.sample_s must be > 0")
-    check(s.data.n >= 1 and s.data.queries >= 1 and s.data.dim >= 1, "data: n, dim and queries must be >= 1")
+    check(s.data.queries >= 1 and s.data.dim >= 1, "data: dim and queries must be >= 1")
+    # The vector set's ground truth is each query's exact top 100 (loadtest/vectors.py).
+    check(s.data.kind != "vectors" or s.data.n >= 100, "data.n must be >= 100 for the vector set")
 
 
 def scenario_path(name_or_path: str) -> Path:

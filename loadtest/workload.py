@@ -4,8 +4,9 @@
     prepare_collection(client, scenario, workload, mode)
 
 Data kinds:
-  vectors  the shared vector set (../shared/bench/make_vectors.py, seeded; cached under
-           bench/results/vectors-NxDIM-qQ/ exactly as bench/dense.py caches it). Documents
+  vectors  the seeded vector set (loadtest/vectors.py: ../shared/bench/make_vectors.py's output,
+           or the same arrays from the project's copy of its generator when ../shared is
+           absent; cached under bench/results/vectors-NxDIM-qQ/, shared with bench/). Documents
            "0".."n-1" with dense field ``emb`` (cosine, HNSW); searches use the query vectors.
   beir     a BEIR-layout collection under ../shared/data (corpus.jsonl, queries.jsonl,
            qrels/test.tsv; read by braid eval's loader). Text field ``body`` = title + text;
@@ -24,8 +25,6 @@ Requests are serialized once here, so the client processes only send bytes:
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,11 +36,9 @@ from braid.service.client import BraidClient, dense_vector
 from braid.v1 import braid_pb2 as pb
 
 from .scenario import Scenario
+from .vectors import CACHE_DIR, SHARED_DIR, vector_set
 from .worker import BulkPlan
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = ROOT.parent / "shared"
-CACHE_DIR = ROOT / "bench" / "results"
 LOAD_BATCH = 500  # documents per BulkUpsert message while loading
 LOAD_TIMEOUT_S = 3600.0
 METHODS = {"search": "/braid.v1.Braid/Search", "upsert": "/braid.v1.Braid/Upsert"}
@@ -78,15 +75,10 @@ class Workload:
 
 
 def shared_vectors(n: int, dim: int, queries: int, paths: Paths = Paths()) -> tuple[np.ndarray, np.ndarray]:
-    """(base, queries) of the shared vector set, made once by ../shared/bench/make_vectors.py and cached."""
-    out = paths.cache / f"vectors-{n}x{dim}-q{queries}"
-    if not (out / "queries.npy").exists():
-        script = paths.shared / "bench" / "make_vectors.py"
-        if not script.exists():
-            raise ScenarioSkipped(f"the shared vector set's script {script} is missing (and no cache in {out})")
-        command = [sys.executable, str(script), str(out), "--n", str(n), "--dim", str(dim), "--queries", str(queries)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=3600)
-    return np.load(out / "base.npy"), np.load(out / "queries.npy")
+    """(base, queries) of the seeded vector set (loadtest/vectors.py: the shared script's, else the same
+    arrays from the project's generator), cached under ``paths.cache``."""
+    base, query, _ = vector_set(n, dim, queries, cache=paths.cache, shared=paths.shared).load()
+    return base, query
 
 
 def _beir(scenario: Scenario, paths: Paths) -> tuple[list[tuple[str, str]], list[str], Path]:
@@ -199,10 +191,11 @@ def build_workload(scenario: Scenario, paths: Paths = Paths()) -> Workload:
     """The collection's schema and documents and every request of ``scenario``; no server needed."""
     if scenario.data.kind == "vectors":
         d = scenario.data
-        base, queries = shared_vectors(d.n, d.dim, d.queries, paths)
+        made = vector_set(d.n, d.dim, d.queries, cache=paths.cache, shared=paths.shared)
+        base, queries, _ = made.load()
         docs = _Docs(scenario, base, None)
         searches = _searches(scenario, queries, None)
-        source = f"shared vector set {d.n}x{d.dim}, {d.queries} queries"
+        source = f"vector set {d.n}x{d.dim}, {d.queries} queries ({made.origin})"
     else:
         corpus, texts, directory = _beir(scenario, paths)
         docs = _Docs(scenario, None, corpus)

@@ -138,6 +138,17 @@ def test_dense_smoke(server: Standalone, tmp_path: Path) -> None:
     assert data["scenario"]["collection"]["loaded"] == 2000
 
 
+def test_dense_smoke_without_the_shared_folder(server: Standalone, tmp_path: Path) -> None:
+    """A clone on its own: the vector set comes from the project's copy of the shared generator."""
+    alone = ["--shared", str(tmp_path / "nowhere"), "--cache", str(tmp_path / "cache")]
+    size = ["--set", "data.n=1000", "--set", "data.queries=100"]
+    code, data, path = run_cli(tmp_path / "out", "run", "dense", *against(server), *alone, *size, *RUN, "--rate", "60")
+    assert_smoke(code, data, path, 60)
+    assert "made by the project generator" in data["scenario"]["data"], data["scenario"]
+    assert data["scenario"]["collection"]["loaded"] == 1000
+    assert (tmp_path / "cache" / "vectors-1000x384-q100" / "gt.npy").exists()
+
+
 def test_bm25_smoke(server: Standalone, tmp_path: Path) -> None:
     need_shared("cranfield")
     code, data, path = run_cli(tmp_path, "run", "bm25", *against(server), *CRANFIELD, *RUN, "--rate", "60")
