@@ -28,7 +28,7 @@ from .errors import DataLoss
 from .labelmask import LabelMask
 from .schema import DenseFieldSpec, Metric
 
-_SPACES = {Metric.COSINE: "cosine", Metric.DOT: "ip", Metric.L2: "l2"}
+SPACES = {Metric.COSINE: "cosine", Metric.DOT: "ip", Metric.L2: "l2"}
 _INITIAL_CAPACITY = 1024
 # Above this many matching vectors a filtered HNSW walk beats gathering and scanning them.
 EXACT_SCAN_MAX = 4096
@@ -65,7 +65,7 @@ class DenseIndex:
     def __init__(self, spec: DenseFieldSpec, index: hnswlib.Index | None = None) -> None:
         self.spec = spec
         if index is None:
-            index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
+            index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
             index.init_index(
                 max_elements=_INITIAL_CAPACITY,
                 M=spec.hnsw.m,
@@ -178,19 +178,9 @@ class DenseIndex:
         """Brute-force top-k of each query over the given live labels."""
         labels = labels.astype(np.int64, copy=False)
         vectors = np.asarray(self._index.get_items(labels, return_type="numpy"), dtype=np.float32)
-        queries = np.asarray(queries, dtype=np.float32)
-        if self.spec.metric is Metric.L2:
-            sq = (vectors * vectors).sum(axis=1)[None, :] - 2.0 * queries @ vectors.T
-            sq += (queries * queries).sum(axis=1)[:, None]
-            scores = -np.sqrt(np.maximum(sq, 0.0))
-        else:
-            if self.spec.metric is Metric.COSINE:
-                norms = np.linalg.norm(queries, axis=1, keepdims=True)
-                queries = queries / np.where(norms == 0, 1.0, norms)
-            scores = queries @ vectors.T
         out = []
-        for row in scores:
-            top = _top_indices(row, k)
+        for row in score_rows(self.spec.metric, queries, vectors):
+            top = top_indices(row, k)
             out.append((labels[top], row[top].astype(np.float32)))
         return out
 
@@ -216,14 +206,28 @@ class DenseIndex:
         problem = hnswfile.check(path, spec.dim)  # hnswlib trusts its input: a cut file must not reach it
         if problem is not None:
             raise DataLoss(f"{path}: {problem}")
-        index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
+        index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
         index.load_index(str(path), allow_replace_deleted=True)
         dense = cls(spec, index)
         dense._present = LabelMask(np.asarray(present, dtype=np.int64))
         return dense
 
 
-def _top_indices(row: np.ndarray, k: int) -> np.ndarray:
+def score_rows(metric: Metric, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Exact higher-is-better scores of each query against each vector (as stored: cosine ones
+    normalised), one row a query."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if metric is Metric.L2:
+        sq = (vectors * vectors).sum(axis=1)[None, :] - 2.0 * queries @ vectors.T
+        sq += (queries * queries).sum(axis=1)[:, None]
+        return -np.sqrt(np.maximum(sq, 0.0))
+    if metric is Metric.COSINE:
+        norms = np.linalg.norm(queries, axis=1, keepdims=True)
+        queries = queries / np.where(norms == 0, 1.0, norms)
+    return queries @ vectors.T
+
+
+def top_indices(row: np.ndarray, k: int) -> np.ndarray:
     if k >= len(row):
         return np.argsort(-row, kind="stable")
     part = np.argpartition(-row, k - 1)[:k]

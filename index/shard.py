@@ -101,10 +101,10 @@ import numpy as np
 
 from . import durable, records
 from .checksums import verify_directory, write_checksums
-from .dense import DenseIndex
 from .diskspace import FreeSpace, is_disk_full
 from .errors import BraidError, DataLoss, DiskFull, FailedPrecondition, Unavailable
 from .filters import Filter
+from .hnsw_strand import HnswStrand
 from .locks import Gate, ReadWriteLock
 from .log import LogOpener, ShardLog, open_local_wal, opens_external
 from .manifest import fsync_dir, load_json, read_json, write_json_atomic
@@ -188,7 +188,7 @@ class Shard:
         self._size = 0  # labels covered by applied writes: the range searches look at
         self._generation = 0
         self.payload = PayloadStore(schema.payload_fields)
-        self.dense: dict[str, DenseIndex | SpannStrand] = {f.name: _new_dense(f) for f in schema.dense_fields}
+        self.dense: dict[str, HnswStrand | SpannStrand] = {f.name: _new_dense(f) for f in schema.dense_fields}
         self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
         self.text: TextIndex | None = None
         self._log_opener: LogOpener = log_opener or open_local_wal
@@ -238,6 +238,7 @@ class Shard:
             shard._recover(progress)
         except BaseException as err:  # incl. tantivy's PanicException
             shard._open_read_only_or_raise(err)
+        shard._start_strands()
         if shard._unrecovered is None:  # else the checkpoint may not even be loaded: keep every file
             shard._remove_unreferenced()
         if not shard._failed:
@@ -340,6 +341,24 @@ class Shard:
     def _spann_strands(self) -> dict[str, SpannStrand]:
         return {name: index for name, index in self.dense.items() if isinstance(index, SpannStrand)}
 
+    def _hnsw_strands(self) -> list[HnswStrand]:
+        return [index for index in self.dense.values() if isinstance(index, HnswStrand)]
+
+    def _start_strands(self) -> None:
+        """Recovery merged in place; from now on HNSW fields merge in the background (index/hnsw_strand.py)."""
+        for strand in self._hnsw_strands():
+            strand.start(self._lock, self.stats.merges)
+
+    def _wait_for_room(self) -> None:
+        """Hold a write back (no lock held) while an HNSW field's maintainer is far behind."""
+        for strand in self._hnsw_strands():
+            strand.wait_for_room()
+
+    def wait_merged(self, timeout_s: float) -> bool:
+        """Whether every HNSW field merged its frozen rows into its graph within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        return all(strand.wait_merged(max(0.0, deadline - time.monotonic())) for strand in self._hnsw_strands())
+
     def _remove_unreferenced(self) -> None:
         """Delete segment directories the current generation does not use (old ones, unfinished merges)."""
         segments = self.directory / "segments"
@@ -377,7 +396,7 @@ class Shard:
             if spec.index is DenseIndexType.SPANN:
                 self.dense[spec.name] = SpannStrand.load(segment, self.directory / "segments", spec, present)
             else:
-                self.dense[spec.name] = DenseIndex.load(segment, spec, present)
+                self.dense[spec.name] = HnswStrand.load(segment, spec, present)
         for spec in self.schema.sparse_fields:
             self.sparse[spec.name] = SparseIndex.load(segment, spec.name)
 
@@ -395,6 +414,8 @@ class Shard:
         with self._apply_cond:
             self._apply_cond.notify_all()  # wait_applied callers get the close error now
         self.merger.close()
+        for strand in self._hnsw_strands():  # before the lock: a maintainer may wait for it to swap
+            strand.close()
         with self._flush_lock, self._lock.write():
             self._closed = True
             self._release_files(commit=not self._failed)
@@ -449,6 +470,7 @@ class Shard:
         op = _decode(kind, payload)
         if kind == records.UPSERT:  # deletes pass: they are tiny, and freeing space needs them
             self._space.check(len(payload) + RECORD_OVERHEAD)
+            self._wait_for_room()
         try:
             seq = self.wal.append(kind, payload)  # DiskFull leaves the log as it was: the shard goes on
         except WalError as err:  # a failed roll's fsync, or an append that could not be undone
@@ -649,6 +671,7 @@ class Shard:
             return []
         if upserted_bytes:  # below the floor: refused before anything changes (deletes pass, as locally)
             self._space.check(upserted_bytes)
+            self._wait_for_room()
         last = ops[-1][0]
         self._logged_bytes += logged_bytes
         try:
@@ -797,6 +820,7 @@ class Shard:
             fresh._release_files(commit=False)
             raise
         old_strands = self._spann_strands()
+        old_hnsw = self._hnsw_strands()
         with self._lock.write():
             for name in _RECOVERED_STATE:
                 setattr(self, name, getattr(fresh, name))
@@ -808,6 +832,9 @@ class Shard:
             self._apply_cond.notify_all()
         for strand in old_strands.values():
             strand.close()
+        for old in old_hnsw:
+            old.close()
+        self._start_strands()
         self._remove_unreferenced()
 
     def _prepare(self, op: _Op) -> None:
@@ -1077,8 +1104,12 @@ class Shard:
             # disk cut short fails the checkpoint here instead of being checksummed and published.
             durable.write_bytes(staging / "ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8"))
             self.payload.save(staging)
+            previous = segments / str(self._generation)  # unchanged HNSW graphs are linked from it
             for index in self.dense.values():
-                index.save(staging)
+                if isinstance(index, HnswStrand):
+                    index.save(staging, previous)
+                else:
+                    index.save(staging)
             for sparse in self.sparse.values():
                 sparse.save(staging)
             write_checksums(staging)  # read back from the page cache; fsyncs the staging directory
@@ -1185,8 +1216,8 @@ def _decode(kind: int, payload: bytes) -> _Op:
     raise DataLoss(f"unknown write-ahead log record kind {kind}")
 
 
-def _new_dense(spec: DenseFieldSpec) -> DenseIndex | SpannStrand:
-    return SpannStrand(spec) if spec.index is DenseIndexType.SPANN else DenseIndex(spec)
+def _new_dense(spec: DenseFieldSpec) -> HnswStrand | SpannStrand:
+    return SpannStrand(spec) if spec.index is DenseIndexType.SPANN else HnswStrand(spec)
 
 
 def _resized(array: np.ndarray, capacity: int) -> np.ndarray:

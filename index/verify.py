@@ -149,9 +149,10 @@ def _check_hnsw(generation: Path, schema: Schema) -> list[Problem]:
     """The structure of each hnswlib file (index/hnswfile.py): a file a full disk cut short
     before checkpoints checked it carries a CHECKSUMS entry of its cut bytes, which matches."""
     problems: list[Problem] = []
-    for spec in schema.dense_fields:
-        path = generation / f"{spec.name}.hnsw"
-        if path.exists() and (problem := hnswfile.check(path, spec.dim)) is not None:
+    dims = {spec.name: spec.dim for spec in schema.dense_fields}
+    for path in sorted(generation.glob("*.hnsw")):  # <field>.hnsw (before segments) or <field>.g<id>.hnsw
+        dim = dims.get(path.name.split(".", 1)[0])
+        if dim is not None and (problem := hnswfile.check(path, dim)) is not None:
             problems.append(Problem(str(path), problem))
     return problems
 
