@@ -552,6 +552,7 @@ def main() -> None:
     payload = draw_payload(n, seed=21)
     print(f"shared set: {n:,} x {args.dim}; {args.queries} searches per measurement; one client", flush=True)
     results: dict[str, Any] = {"n": n, "dim": args.dim, "queries": args.queries, "quick": args.quick}
+    results["loadavg_start"] = os.getloadavg()  # others' load on a shared machine: read ratios, not ms
     filters: list[dict[str, Any]] = []
     ingest: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -604,6 +605,13 @@ def main() -> None:
         print_bm25(bm25)
     else:
         print("not measured")
+    results["loadavg_end"] = os.getloadavg()
+    print(
+        "\nload average (1, 5, 15 min) at the start "
+        + ", ".join(f"{x:.1f}" for x in results["loadavg_start"])
+        + "; at the end "
+        + ", ".join(f"{x:.1f}" for x in results["loadavg_end"])
+    )
     goals = targets(filters, ingest, bm25)
     print("\n### Targets (issue 21)\n")
     print_targets(goals)
