@@ -1,11 +1,12 @@
 """BM25 search speed through Braid's gRPC API against tantivy used directly and a bare gRPC echo, in one run.
 
-    python bench/bm25_speed.py [--docs 50000] [--queries 2000] [--shards 1,2] [--rounds 5]
-                               [--beir scifact] [--data ../shared/data]
+    python bench/bm25_speed.py [--docs 50000] [--queries 2000] [--shards 1,2] [--rounds 40]
+                               [--beir scifact] [--data ../shared/data] [--baseline REV]
 
-Single client, top 10, interleaved: every round runs the same block of queries against each
-reference and each Braid server in turn, so a machine others load slows them alike. It prints
-the QPS of
+Single client, top 10, interleaved: the queries are cut into ``--rounds`` blocks, and each
+block runs against every reference and every Braid server in turn, so a machine others load
+slows them alike; a system's QPS is the median of its blocks' rates (robust to a burst of
+load landing on one block). It prints the QPS of
 
   tantivy   tantivy in this process, one thread, on the same text with the same analyzer
             Braid uses (index/analyzers.py): analyze the query, one boosted term query per
@@ -19,6 +20,9 @@ the QPS of
             sub-query and limit 10, for each shard count given;
 
 and ideal = 1 / (1/tantivy + 1/echo): a server that added nothing to tantivy and gRPC.
+With ``--baseline REV`` a second ``braid serve`` runs the code of that git revision (its
+tree exported, its protos compiled) on the same data, interleaved too: before and after a
+change, in one run.
 Target (issue 21): braid on one shard >= 0.8 x ideal. On several shards Braid also runs its
 DFS phase (collection-wide IDF), so those rows show what it costs.
 
@@ -34,14 +38,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import grpc_tools
 import numpy as np
 import tantivy
 
@@ -56,6 +65,7 @@ from braid.index.schema import Analyzer  # noqa: E402
 from braid.service.client import BraidClient  # noqa: E402
 from braid.v1 import braid_pb2 as pb  # noqa: E402
 
+ROOT = BENCH.parent
 DENSE_SCRIPT = BENCH / "dense.py"
 LIMIT = 10
 ANALYZER = Analyzer.DEFAULT
@@ -147,6 +157,42 @@ def aio_echo_main(port_file: str, response_hex: str) -> None:
     asyncio.run(serve())
 
 
+# ---------------------------------------------------------------- baseline
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The ``braid`` package of git revision ``rev`` under ``into`` (laid out as pyproject.toml's
+    package-dir says, protos compiled); the directory to put on PYTHONPATH."""
+    tree = into / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    protos = sorted(str(p.relative_to(tree / "proto")) for p in (tree / "proto" / "braid").rglob("*.proto"))
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    command = [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"-I{include}", "--python_out=proto"]
+    subprocess.run([*command, "--grpc_python_out=proto", *protos], cwd=tree, check=True)
+    package = into / "path" / "braid"
+    shutil.copytree(tree / "proto" / "braid", package)
+    for name in ("service", "index", "encoders"):
+        (package / name).symlink_to(tree / name)
+    return into / "path"
+
+
+@contextlib.contextmanager
+def python_path(path: Path | None) -> Iterator[None]:
+    """Child processes started inside import ``braid`` from ``path`` (None: this checkout's)."""
+    before = os.environ.get("PYTHONPATH")
+    if path is not None:
+        os.environ["PYTHONPATH"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
 # -------------------------------------------------------------------- runs
 
 
@@ -162,28 +208,42 @@ def _timed(call: Callable[[object], object], items: list) -> float:
     return time.perf_counter() - started
 
 
-def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 5) -> dict:
-    """Index ``docs`` in tantivy and in one Braid server (a collection per shard count), then time
-    ``queries`` against every system, interleaved over ``rounds`` rounds; QPS and ratios."""
-    out: dict = {"docs": len(docs), "queries": len(queries), "shards": shards}
+def _load(client: BraidClient, docs: list[str], shards: list[int]) -> dict[int, float]:
+    """A collection ``bm25-<n>`` per shard count holding ``docs``; ingest docs/s of each."""
+    ingest = {}
+    for count in shards:
+        name = f"bm25-{count}"
+        schema = pb.Schema(text_fields=[pb.TextField(name="body", analyzer=ANALYZER.value)])
+        client.create_collection(name, schema, shards=count)
+        started = time.perf_counter()
+        client.bulk_upsert(name, ({"id": str(i), "text": {"body": t}} for i, t in enumerate(docs)))
+        ingest[count] = len(docs) / (time.perf_counter() - started)
+    return ingest
+
+
+def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40, baseline: str = "") -> dict:
+    """Index ``docs`` in tantivy and in one Braid server (a collection per shard count; with
+    ``baseline``, a git revision, in a second server running that code too), then time ``queries``
+    against every system, interleaved over ``rounds`` rounds; QPS and ratios."""
+    out: dict = {"docs": len(docs), "queries": len(queries), "shards": shards, "baseline": baseline}
     direct = DirectTantivy(docs)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         braid = BraidProcess(tmp_path / "data")
+        old = None
+        if baseline:
+            with python_path(export_revision(baseline, tmp_path / "baseline")):
+                old = BraidProcess(tmp_path / "baseline-data")
         processes = []
         channels = []
         try:
             client = BraidClient(f"127.0.0.1:{braid.port}", timeout=600)
             channels.append(client)
-            ingest = {}
-            for count in shards:
-                name = f"bm25-{count}"
-                schema = pb.Schema(text_fields=[pb.TextField(name="body", analyzer=ANALYZER.value)])
-                client.create_collection(name, schema, shards=count)
-                started = time.perf_counter()
-                client.bulk_upsert(name, ({"id": str(i), "text": {"body": t}} for i, t in enumerate(docs)))
-                ingest[count] = len(docs) / (time.perf_counter() - started)
-            out["ingest_docs_per_s"] = ingest
+            out["ingest_docs_per_s"] = _load(client, docs, shards)
+            if old is not None:
+                old_client = BraidClient(f"127.0.0.1:{old.port}", timeout=600)
+                channels.append(old_client)
+                _load(old_client, docs, shards)
             # The echo answers with the response Braid gives to a typical query.
             response_hex = client.stub.Search(_bm25_request(f"bm25-{shards[0]}", queries[0])).SerializeToString().hex()
             echoes = {}
@@ -205,15 +265,16 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 5)
             systems: dict[str, tuple[Callable, list]] = {"tantivy": (direct.search, queries)}
             systems |= {kind: (call, requests[shards[0]]) for kind, call in echoes.items()}
             systems |= {f"braid-{count}": (client.stub.Search, requests[count]) for count in shards}
+            if old is not None:
+                systems |= {f"baseline-{count}": (old_client.stub.Search, requests[count]) for count in shards}
             for call, items in systems.values():  # warm up every path
                 for item in items[:200]:
                     call(item)
-            seconds = dict.fromkeys(systems, 0.0)
-            blocks = np.array_split(np.arange(len(queries)), rounds)
-            for block in blocks:
+            rates: dict[str, list[float]] = {name: [] for name in systems}
+            for block in np.array_split(np.arange(len(queries)), rounds):
                 for name, (call, items) in systems.items():
-                    seconds[name] += _timed(call, [items[i] for i in block.tolist()])
-            qps = {name: len(queries) / s for name, s in seconds.items()}
+                    rates[name].append(len(block) / _timed(call, [items[i] for i in block.tolist()]))
+            qps = {name: float(np.median(r)) for name, r in rates.items()}
             out["qps"] = qps
             out["same_hits"] = _same_hits(direct, client, queries[:200], shards)
         finally:
@@ -223,10 +284,14 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 5)
                 proc.kill()
                 proc.wait()
             braid.stop()
+            if old is not None:
+                old.stop()
     echo = max(qps["echo-sync"], qps["echo-aio"])
     ideal = 1 / (1 / qps["tantivy"] + 1 / echo)
     out["echo_qps"], out["ideal_qps"] = echo, ideal
     out["braid_vs_ideal"] = {count: qps[f"braid-{count}"] / ideal for count in shards}
+    if baseline:
+        out["baseline_vs_ideal"] = {count: qps[f"baseline-{count}"] / ideal for count in shards}
     return out
 
 
@@ -245,11 +310,13 @@ def _same_hits(direct: DirectTantivy, client: BraidClient, queries: list[str], s
     return out
 
 
-def measure(n_docs: int = 50_000, n_queries: int = 2_000, shards: tuple[int, ...] = (1,), rounds: int = 5) -> dict:
+def measure(
+    n_docs: int = 50_000, n_queries: int = 2_000, shards: tuple[int, ...] = (1,), rounds: int = 40, baseline: str = ""
+) -> dict:
     """The synthetic run, for other bench scripts: QPS per system (``qps``), ``ideal_qps`` and
     ``braid_vs_ideal`` per shard count."""
     docs, queries = synthetic(n_docs, n_queries)
-    return run(docs, queries, list(shards), rounds)
+    return run(docs, queries, list(shards), rounds, baseline)
 
 
 def print_table(label: str, result: dict) -> None:
@@ -270,6 +337,11 @@ def print_table(label: str, result: dict) -> None:
             f"| braid, {count} shard{'s' if count > 1 else ''} | {qps[f'braid-{count}']:,.0f} "
             f"| {result['braid_vs_ideal'][count]:.2f} | {result['same_hits'][count]:.3f} |"
         )
+    for count in result["shards"] if result["baseline"] else ():
+        print(
+            f"| baseline {result['baseline']}, {count} shard{'s' if count > 1 else ''} "
+            f"| {qps[f'baseline-{count}']:,.0f} | {result['baseline_vs_ideal'][count]:.2f} | |"
+        )
 
 
 def main() -> None:
@@ -277,17 +349,18 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=50_000)
     parser.add_argument("--queries", type=int, default=2_000)
     parser.add_argument("--shards", default="1,2")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--beir", default="", help="comma-separated BEIR collections under --data to run as well")
     parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--baseline", default="", help="a git revision to run as a second server, for before/after")
     args = parser.parse_args()
     shards = tuple(int(s) for s in args.shards.split(","))
-    print_table("synthetic (Zipf words)", measure(args.docs, args.queries, shards, args.rounds))
+    print_table("synthetic (Zipf words)", measure(args.docs, args.queries, shards, args.rounds, args.baseline))
     if args.beir:
         for name, corpus, queries, _ in collections(args.data, args.beir):
             texts = list(queries.values())
             texts = (texts * (args.queries // len(texts) + 1))[: args.queries]
-            print_table(name, run(list(corpus.values()), texts, list(shards), args.rounds))
+            print_table(name, run(list(corpus.values()), texts, list(shards), args.rounds, args.baseline))
 
 
 if __name__ == "__main__":

@@ -297,15 +297,24 @@ class Collection:
 
     def _gather_bm25_idf(self, plan: SearchPlan, where: str) -> None:
         """The DFS phase: each BM25 sub-query gets the collection's IDF of its terms, summed over
-        every shard's statistics, so a multi-shard collection scores BM25 as one shard would."""
+        every shard's statistics, so a multi-shard collection scores BM25 as one shard would.
+        One pass: every BM25 text is analyzed once, each shard reads the document frequencies of
+        all their terms at once, and the IDF is computed over the summed counts in one step."""
+        text = self.shards[0].text
+        if text is None:
+            return
+        wanted: list[tuple[Bm25Query, list[tuple[str, str]]]] = []
         for i, sub in enumerate(plan.queries):
             query = sub.query
-            if not isinstance(query, Bm25Query) or self.shards[0].text is None:
-                continue
-            text = self.shards[0].text
-            keys = list(text.terms(query.text, query.fields or text.field_names, f"{where}queries[{i}].bm25.text"))
-            stats = [shard_text_stats(shard, keys) for shard in self.shards]
-            query.idf = global_bm25_idf(keys, stats)
+            if isinstance(query, Bm25Query):
+                fields = query.fields or text.field_names
+                wanted.append((query, list(text.terms(query.text, fields, f"{where}queries[{i}].bm25.text"))))
+        every = list(dict.fromkeys(key for _, keys in wanted for key in keys))
+        if not every:
+            return
+        idf = global_bm25_idf(every, [shard_text_stats(shard, every) for shard in self.shards])
+        for query, keys in wanted:
+            query.idf = {key: idf[key] for key in keys}
 
     def _materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
         wants_payload = plan.include_payload or bool(plan.payload_fields)
@@ -496,9 +505,11 @@ def shard_text_stats(shard: Shard, terms: list[tuple[str, str]]) -> tuple[list[i
 
 def global_bm25_idf(terms: list[tuple[str, str]], stats: list[tuple[list[int], int]]) -> dict[tuple[str, str], float]:
     """The IDF of each term over every shard's statistics (tantivy's formula, index/text.py)."""
+    if not terms:
+        return {}
     documents = sum(total for _, total in stats)
-    frequencies = np.sum([np.asarray(df, np.int64) for df, _ in stats], axis=0) if terms else []
-    return {key: float(bm25_idf(int(n), documents)) for key, n in zip(terms, frequencies, strict=True)}
+    frequencies = np.sum([np.asarray(df, np.int64) for df, _ in stats], axis=0)
+    return dict(zip(terms, bm25_idf(frequencies, documents).tolist(), strict=True))
 
 
 def sparse_term_stats(shard: Shard, field: str, term_ids: list[int]) -> tuple[np.ndarray, int]:

@@ -259,19 +259,34 @@ class TextIndex:
         a shard scores as if it held every document (the average field length stays the shard's).
         """
         terms = self.terms(text, fields, where)
-        scale = dict.fromkeys(terms, 1.0)
+        if not terms:
+            return None
+        weights = [boosts.get(name, 1.0) * count for (name, _), count in terms.items()]
         if idf is not None:
-            keys = list(terms)
-            frequencies, total = self.term_stats(keys)
-            for key, frequency in zip(keys, frequencies, strict=True):
-                if frequency > 0 and key in idf:
-                    scale[key] = idf[key] / bm25_idf(frequency, total)
-        clauses = []
-        for (name, term), count in terms.items():
-            query = tantivy.Query.term_query(self.schema, name, term)
-            boost = boosts.get(name, 1.0) * count * scale[(name, term)]
-            clauses.append((tantivy.Occur.Should, tantivy.Query.boost_query(query, boost)))
-        return tantivy.Query.boolean_query(clauses) if clauses else None
+            weights = self._rescaled(list(terms), weights, idf)
+        clauses = [
+            (tantivy.Occur.Should, tantivy.Query.boost_query(tantivy.Query.term_query(self.schema, name, term), weight))
+            for (name, term), weight in zip(terms, weights, strict=True)
+        ]
+        return tantivy.Query.boolean_query(clauses)
+
+    def _rescaled(self, keys: list[tuple[str, str]], weights: list[float], idf: dict[tuple[str, str], float]) -> list:
+        """Each term's weight times global / local IDF, in one pass over the terms (the DFS phase's
+        shard side). A term this shard lacks (no document to score) or ``idf`` does not name keeps its weight."""
+        frequencies, total = self.term_stats(keys)
+        df = np.asarray(frequencies, np.int64)
+        wanted = np.array([idf.get(key, np.nan) for key in keys], np.float64)
+        scale = np.where((df > 0) & ~np.isnan(wanted), wanted / bm25_idf(df, total), 1.0)
+        return (np.asarray(weights, np.float64) * scale).tolist()
+
+    def postings(self, text: str, fields: list[str]) -> int:
+        """The most postings a BM25 query of ``text`` over ``fields`` makes tantivy read: the sum of
+        its distinct terms' document frequencies, which bounds the search's work (for the
+        service's choice of quick searches; no limit on the number of terms is checked here)."""
+        searcher = self._searcher
+        return sum(
+            searcher.doc_freq(name, term) for name in fields for term in set(self._analyzers[name].analyze(text))
+        )
 
     def search(
         self, query: tantivy.Query, k: int, allowed: np.ndarray, allowed_count: int, filtered: bool = True
@@ -301,12 +316,16 @@ class TextIndex:
             hits = result.hits
             if not hits:
                 return _empty()
-            scores = np.fromiter((h[0] for h in hits), np.float32, len(hits))
-            labels = np.asarray(searcher.fast_field_values(LABEL, [h[1] for h in hits]), np.int64)
-            inside = labels < len(allowed)
-            keep = inside & allowed[np.where(inside, labels, 0)]
-            if keep.sum() >= k or len(hits) < depth:
-                labels, scores = labels[keep][:k], scores[keep][:k]
+            labels = np.array(searcher.fast_field_values(LABEL, [h[1] for h in hits]), np.int64)
+            scores = np.array([h[0] for h in hits], np.float32)
+            size = len(allowed)
+            # A label past the mask is a document written since the mask was taken: not allowed.
+            keep = allowed[labels] if labels.max() < size else (labels < size) & allowed[np.minimum(labels, size - 1)]
+            kept = int(np.count_nonzero(keep))
+            if kept >= k or len(hits) < depth:
+                if kept < len(labels):
+                    labels, scores = labels[keep], scores[keep]
+                labels, scores = labels[:k], scores[:k]
                 order = np.lexsort((labels, -scores))  # ties by label: deterministic
                 return labels[order], scores[order]
             depth *= 4

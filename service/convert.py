@@ -438,7 +438,9 @@ def result_to_proto(
     result: SearchResult, types: dict[str, PayloadType], max_bytes: int | None = None
 ) -> pb.SearchResponse:
     """The response of a search; ResourceExhausted as soon as the hits built pass ``max_bytes`` (None: no check)."""
-    scores = np.clip(result.scores, -_F32_MAX, _F32_MAX).tolist()
+    scores = result.scores.tolist()
+    if not all(-_F32_MAX <= score <= _F32_MAX for score in scores):  # rare (NaN too: clip keeps it)
+        scores = np.clip(result.scores, -_F32_MAX, _F32_MAX).tolist()
     if result.payloads is None and result.texts is None and result.ranks is None:
         # Hot path: ids and scores only (add() in place is about twice as fast as building Hit objects).
         response = pb.SearchResponse()

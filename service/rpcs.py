@@ -211,9 +211,17 @@ class BraidRpcs:
         return None
 
     def quick(self, request: Any) -> bool:
-        """A Search cheap and bounded enough to run on the event loop itself (sub-millisecond):
-        a plain dense query by vector on an in-memory HNSW field, few hits, a modest beam."""
-        if not _plain_dense(request) or request.limit > QUICK_MAX_LIMIT:
+        """A Search cheap and bounded enough to run on the event loop itself (about a millisecond
+        at most): few hits, and either a plain dense query by vector on an in-memory HNSW field
+        with a modest beam, or a plain BM25 query on a one-shard collection whose terms' postings
+        are few (tantivy's work is bounded by the postings it may read; the estimate costs a
+        query analysis and a dictionary look-up per term, a few microseconds)."""
+        if request.limit > QUICK_MAX_LIMIT or not _plain(request):
+            return False
+        kind = request.queries[0].WhichOneof("query")
+        if kind == "bm25":
+            return self._quick_bm25(request)
+        if kind != "dense":
             return False
         dense = request.queries[0].dense
         if not dense.HasField("vector") or dense.ef > QUICK_MAX_EF:
@@ -221,6 +229,19 @@ class BraidRpcs:
         collection = self.catalog.peek(request.collection)
         spec = collection.schema.dense(dense.field) if collection is not None else None
         return spec is not None and spec.index is DenseIndexType.HNSW and spec.hnsw.ef_search <= QUICK_MAX_EF
+
+    def _quick_bm25(self, request: Any) -> bool:
+        bm25 = request.queries[0].bm25
+        if len(bm25.text) > QUICK_MAX_QUERY_CHARS:
+            return False
+        collection = self.catalog.peek(request.collection)
+        if collection is None or len(collection.shards) != 1 or collection.shards[0].text is None:
+            return False  # several shards fan out to threads anyway
+        text = collection.shards[0].text
+        fields = list(bm25.fields) or text.field_names
+        if not set(fields) <= set(text.field_names):
+            return False  # the worker answers with the error
+        return text.postings(bm25.text, fields) <= QUICK_MAX_POSTINGS
 
     def _batched_dense(self, searches: Any) -> list[pb.SearchResponse] | None:
         """One batched HNSW call when every search is a plain dense query of one shape, else None."""
@@ -276,6 +297,10 @@ _NO_TYPES: dict = {}
 # What a quick Search may ask for (see BraidRpcs.quick).
 QUICK_MAX_LIMIT = 100
 QUICK_MAX_EF = 256
+# A quick BM25 query: its text's length, and its terms' document frequencies summed (tantivy
+# reads about 10 ns per posting here: 100,000 postings take well under a millisecond).
+QUICK_MAX_QUERY_CHARS = 1024
+QUICK_MAX_POSTINGS = 100_000
 
 
 def _quarantined_info(bad: Quarantined) -> pb.CollectionInfo:
@@ -303,9 +328,13 @@ def _dense_shape(request: pb.SearchRequest) -> tuple:
 
 def _plain_dense(request: pb.SearchRequest) -> bool:
     """One dense sub-query with nothing that needs fusion, filtering or materializing."""
+    return _plain(request) and request.queries[0].WhichOneof("query") == "dense"
+
+
+def _plain(request: pb.SearchRequest) -> bool:
+    """One sub-query with nothing that needs fusion, filtering or materializing."""
     return (
         len(request.queries) == 1
-        and request.queries[0].WhichOneof("query") == "dense"
         and not request.queries[0].depth
         and not request.HasField("filter")
         and not request.HasField("fusion")
