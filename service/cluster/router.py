@@ -22,14 +22,19 @@ resolves a name once, from one snapshot of the view. A name the view does not kn
 from NATS before NOT_FOUND (an alias made through another router a moment ago), and an
 alias change answers once this router's view reflects it, so it reads its own changes.
 
-Reads: one replica of every shard, chosen round robin among the live ones, answers over
-braid.cluster.v1.Shard; a failed or slow replica is retried on the next inside the call's
-deadline (each try gets a share of the time left), and replicas not heard from lately are
-tried last, at their last address, before a read fails. Each strand is merged across shards and
-fused exactly as a collection does (index/collection.py ``combine``), so the hits equal a
-standalone collection's with the same shard count. Consistency: DEFAULT waits for the
-writes this router acknowledged, STRONG for the last record of each shard's subject at the
-start of the search, EVENTUAL for nothing (but a replica still catching up never answers).
+Reads: when some live server holds a replica of every shard (replication factor as large as
+the server count, or one shard), one of them, chosen round robin, runs the whole search as a
+standalone collection of those replicas would (Shard/SearchCollection: DFS, fusion, payload and
+text in one call), so the hop costs one round trip whatever the search's shape; if it fails
+retryably, the search falls back to the fan-out. Otherwise one replica of every shard, chosen
+round robin among the live ones, answers over braid.cluster.v1.Shard; a failed or slow
+replica is retried on the next inside the call's deadline (each try gets a share of the time
+left), and replicas not heard from lately are tried last, at their last address, before a read
+fails. Each strand is merged across shards and fused exactly as a collection does
+(index/collection.py ``combine``), so the hits equal a standalone collection's with the same
+shard count. Consistency: DEFAULT waits for the writes this router acknowledged, STRONG for
+the last record of each shard's subject at the start of the search, EVENTUAL for nothing
+(but a replica still catching up never answers).
 
 Every call to a replica carries the client call's request id (``x-request-id``), and
 ``RouterStats`` counts retries and failovers for /metrics (docs/operations.md).
@@ -499,6 +504,9 @@ class RemoteCollection:
         self.limits = catalog.limits
         self.payload = PayloadStore(self.schema.payload_fields)  # types for validation; holds nothing
         self._analyzers = {spec.name: analyzers.build(spec.analyzer) for spec in self.schema.text_fields}
+        self._refs = [self._ref(shard) for shard in self.shards]
+        # The servers holding a replica of every shard: each can answer a whole search alone.
+        self._coverers = tuple(n for n in meta.placement[0] if all(n in nodes for nodes in meta.placement[1:]))
 
     # Validation is a collection's own (duck-typed: it reads schema, limits and payload types).
     check_dense = Collection.check_dense
@@ -574,6 +582,73 @@ class RemoteCollection:
         for node, address, timeout in attempts:
             return node, address, call(shard, self.catalog.clients.stub(address), timeout)
         return None
+
+    # A server holding a replica of every shard answers a whole search in one call (SearchCollection).
+
+    def _coverer(self, turn: int) -> tuple[str, str] | None:
+        """(node, address) of a live, unsuspected server holding a replica of every shard, chosen
+        round robin by ``turn``; None when there is none (the search fans out per shard)."""
+        if not self._coverers:
+            return None
+        state = self.catalog.state
+        for node, address, live in state.order(self._coverers, turn):
+            if live and address is not None and not state.suspected(node):
+                return node, address
+        return None
+
+    def _covering_request(
+        self, request: pb.SearchRequest, min_seqs: list[int], max_response_bytes: int | None
+    ) -> spb.CollectionSearchRequest:
+        return spb.CollectionSearchRequest(
+            replicas=self._refs, min_seqs=min_seqs, request=request, max_response_bytes=max_response_bytes or 0
+        )
+
+    def _covering_timeout(self, deadline: float) -> float:
+        """The covering server's share of the time left: half, when a fan-out to other replicas could follow."""
+        remaining = max(deadline - time.monotonic(), 0.001)
+        return remaining / 2 if self.replication_factor > 1 else remaining
+
+    def _covering_failed(self, node: str, err: grpc.RpcError) -> bool:
+        """A refusal of the request itself is raised; otherwise the server is suspect and the
+        search falls back to the fan-out (True: a failover once that answers). A server that
+        does not know SearchCollection (an older version) is no failure."""
+        code = err.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return False
+        if code not in RETRYABLE_CODES:
+            raise _error_from(err) from None
+        self.catalog.state.suspect(node)
+        self.catalog.stats.retried(code)
+        return True
+
+    def search_response(
+        self, request: pb.SearchRequest, plan: SearchPlan, types: dict, max_response_bytes: int | None
+    ) -> pb.SearchResponse:
+        """A checked, encoded plan's response: from one server holding every shard when there is
+        one (a single call), else (or when it fails retryably) from the fan-out."""
+        self.check(plan)
+        min_seqs = self._min_seqs(plan.consistency)
+        failed_over = False
+        found = self._coverer(self.catalog.turn())
+        if found is not None:
+            node, address = found
+            message = self._covering_request(_encoded_request(request, plan, whole=True), min_seqs, max_response_bytes)
+            trace = current_trace()
+            started = time.perf_counter()
+            try:
+                stub = self.catalog.clients.stub(address)
+                response = stub.SearchCollection(message, timeout=self._covering_timeout(_deadline()))
+            except grpc.RpcError as err:
+                failed_over = self._covering_failed(node, err)
+            else:
+                if trace is not None:
+                    seconds = time.perf_counter() - started
+                    trace.stage("shards", seconds, time.time_ns() - int(seconds * 1e9))
+                return response
+        result = self.search_request(request, plan, min_seqs=min_seqs)
+        if failed_over:
+            self.catalog.stats.failed_over()
+        return convert.result_to_proto(result, types, max_response_bytes)
 
     def wait_open(self, deadline: float) -> None:
         """Until one replica of every shard is open and has read its log (a fresh collection)."""
@@ -904,6 +979,18 @@ class RemoteCollection:
         eps = dense.eps if dense.HasField("eps") else None
         self.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
         min_seqs = self._min_seqs(request.consistency)
+        failed_over = False
+        found = self._coverer(self.catalog.turn())
+        if found is not None:  # the request as it came: it names no text to embed
+            node, address = found
+            message = self._covering_request(request, min_seqs, max_response_bytes)
+            try:
+                stub = self.catalog.clients.aio_stub(address)
+                return await stub.SearchCollection(
+                    message, timeout=self._covering_timeout(deadline), metadata=forward_metadata()
+                )
+            except grpc.aio.AioRpcError as err:
+                failed_over = self._covering_failed(node, err)
         packed = np.ascontiguousarray(vector, "<f4").tobytes()
 
         async def one(shard: int, turn: int) -> Any:
@@ -927,18 +1014,23 @@ class RemoteCollection:
 
         turn = self.catalog.turn()
         responses = await asyncio.gather(*(one(shard, turn) for shard in self.shards))
+        if failed_over:
+            self.catalog.stats.failed_over()
         parts = [_ranked(response.results[0]) for response in responses]
         ranked = merge_ranked(parts, limit) if len(parts) > 1 else parts[0]
         result = SearchResult(ids=ranked.ids, scores=ranked.scores)
         return convert.result_to_proto(result, {}, max_response_bytes)
 
-    def search_request(self, request: pb.SearchRequest, plan: SearchPlan, where: str = "") -> SearchResult:
+    def search_request(
+        self, request: pb.SearchRequest, plan: SearchPlan, where: str = "", min_seqs: list[int] | None = None
+    ) -> SearchResult:
         """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
         self.check(plan, where)
         shard_request = _encoded_request(request, plan)
         trace = current_trace()  # the slow-query log: strands run on the shard servers, so only the stages here
         started = time.perf_counter()
-        min_seqs = self._min_seqs(plan.consistency)
+        if min_seqs is None:
+            min_seqs = self._min_seqs(plan.consistency)
         idf = self._bm25_idf(plan, min_seqs, where) if len(self.shards) > 1 else []
         answers = self._fan_out(
             self.shards,
@@ -1021,13 +1113,15 @@ class RemoteCollection:
             result.texts = texts
 
 
-def _encoded_request(request: pb.SearchRequest, plan: SearchPlan) -> pb.SearchRequest:
-    """The request for the shards: every text sub-query replaced by the vector the router encoded."""
+def _encoded_request(request: pb.SearchRequest, plan: SearchPlan, whole: bool = False) -> pb.SearchRequest:
+    """The request for the shards: every text sub-query replaced by the vector the router encoded;
+    the payload and text wanted only for a ``whole`` search (else the router fetches them)."""
     out = pb.SearchRequest()
     out.CopyFrom(request)
-    out.ClearField("payload_fields")
-    out.ClearField("text_fields")
-    out.include_payload = False
+    if not whole:
+        out.ClearField("payload_fields")
+        out.ClearField("text_fields")
+        out.include_payload = False
     for sub, planned in zip(out.queries, plan.queries, strict=True):
         query = planned.query
         if isinstance(query, DenseQuery) and sub.dense.text and query.vector is not None:
@@ -1100,6 +1194,14 @@ class RouterRpcs(BraidRpcs):
         if flt is not None:
             collection.payload.validate_filter(flt)
         return pb.CountResponse(count=collection.count(flt, request))
+
+    def Search(self, request: pb.SearchRequest) -> Any:
+        if _plain(request):
+            return super().Search(request)
+        collection = self.catalog.get(request.collection)
+        plan = convert.plan_from_proto(request)
+        self.encoding.fill_plans([(collection, plan, "")])
+        return collection.search_response(request, plan, self._types(collection), self.max_response_bytes)
 
     def _search(self, collection: Any, plan: SearchPlan, where: str, request: pb.SearchRequest) -> SearchResult:
         return collection.search_request(request, plan, where)

@@ -8,7 +8,9 @@ What it does:
   shard whose placement names this node; a collection deleted from the bucket is closed and
   its files removed (also when the delete happened while this server was down);
 - answers braid.cluster.v1.Shard on its gRPC port: searches, fetches, gets and counts on
-  a replica, each only once the replica has applied the caller's ``min_seq``;
+  a replica, each only once the replica has applied the caller's ``min_seq``; and, when it
+  holds a replica of every shard of a collection, whole searches (SearchCollection) over a
+  collection of those replicas, as standalone runs them, so the router's hop is one call;
 - with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics.
 
 Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
@@ -40,6 +42,7 @@ from braid.index.collection import (
     Collection,
     Ranked,
     dense_batch_shard,
+    merge_ranked,
     search_shard,
     shard_text_stats,
     sparse_term_stats,
@@ -59,7 +62,7 @@ from ..errors import describe
 from ..handlers import Undecodable, _deadline, _parser
 from ..metrics import ReplicaState, ServerMetrics, Sources
 from ..observe import CallObserver
-from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT
+from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT, _plain_dense
 from ..server import _event_loop
 from ..tracing import Tracing, make_tracing
 from .meta import (
@@ -134,6 +137,8 @@ class ShardRpcs:
     def quick(self, request: Any) -> bool:
         """A SearchDense cheap enough to run on the event loop (as standalone's quick searches): one
         or a few vectors on an in-memory HNSW field of a replica that needs no wait."""
+        if isinstance(request, spb.CollectionSearchRequest):
+            return self._quick_collection(request)
         if not isinstance(request, spb.ShardDenseRequest) or request.k > QUICK_MAX_LIMIT or request.ef > QUICK_MAX_EF:
             return False
         replica = self.server.replicas.get((request.replica.uid, request.replica.shard))
@@ -147,6 +152,68 @@ class ShardRpcs:
             and spec.hnsw.ef_search <= QUICK_MAX_EF
             and len(request.vectors) <= QUICK_MAX_VECTORS * spec.dim * 4
         )
+
+    def SearchCollection(self, request: spb.CollectionSearchRequest) -> Any:
+        """A whole search on this server's replicas of every shard: what standalone's Search does
+        with a collection of that many shards (service/rpcs.py), so the hits are the same."""
+        view = self._covering(request)
+        search = request.request
+        max_bytes = request.max_response_bytes or None
+        if _plain_dense(search) and search.queries[0].dense.HasField("vector"):
+            dense = search.queries[0].dense  # standalone's hot path: no plan, no fusion
+            vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
+            limit = search.limit or 10
+            eps = dense.eps if dense.HasField("eps") else None
+            view.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
+            knobs = (dense.ef, dense.max_lists, eps)
+            # As Collection.search_dense_batch, with the shards searched at once (hnswlib lets go of
+            # the GIL): the parallelism a fan-out to one server per shard would have had.
+            pool = self.server._executor
+            others = [
+                pool.submit(dense_batch_shard, shard, dense.field, vector[None, :], limit, knobs)
+                for shard in view.shards[1:]
+            ]
+            parts = [dense_batch_shard(view.shards[0], dense.field, vector[None, :], limit, knobs)[0]]
+            parts += [future.result()[0] for future in others]
+            ranked = merge_ranked(parts, limit) if len(parts) > 1 else parts[0]
+            return convert.result_to_proto(SearchResult(ids=ranked.ids, scores=ranked.scores), {}, max_bytes)
+        result = view.search(convert.plan_from_proto(search))
+        types = {f.name: f.type for f in view.schema.payload_fields}
+        return convert.result_to_proto(result, types, max_bytes)
+
+    def _covering(self, request: spb.CollectionSearchRequest) -> Collection:
+        """A collection of this server's replica of every shard, once each applied its min_seq."""
+        refs = request.replicas
+        if not refs or len(request.min_seqs) != len(refs) or any(ref.shard != i for i, ref in enumerate(refs)):
+            raise InvalidArgument.field("replicas", "one replica of every shard, in shard order, each with a min_seq")
+        if any(ref.uid != refs[0].uid for ref in refs):
+            raise InvalidArgument.field("replicas", "replicas of more than one collection")
+        replicas = [self._replica(ref) for ref in refs]
+        if len(replicas) != replicas[0].meta.shards:
+            raise InvalidArgument.field(
+                "replicas", f"{len(replicas)} replicas of a collection of {replicas[0].meta.shards} shards"
+            )
+        deadline = call_deadline()
+        shards = [replica.wait_applied(seq, deadline) for replica, seq in zip(replicas, request.min_seqs, strict=True)]
+        return self.server.collection_view(replicas[0], shards)
+
+    def _quick_collection(self, request: spb.CollectionSearchRequest) -> bool:
+        """A SearchCollection that is a quick plain dense search (standalone's rule, service/rpcs.py)
+        on replicas that need no wait."""
+        search = request.request
+        if not _plain_dense(search) or search.limit > QUICK_MAX_LIMIT:
+            return False
+        dense = search.queries[0].dense
+        if not dense.HasField("vector") or dense.ef > QUICK_MAX_EF or len(request.min_seqs) != len(request.replicas):
+            return False
+        spec = None
+        for ref, min_seq in zip(request.replicas, request.min_seqs, strict=True):
+            replica = self.server.replicas.get((ref.uid, ref.shard))
+            shard = replica.shard if replica is not None else None
+            if shard is None or not replica.caught_up.is_set() or shard.applied_seq < min_seq:  # type: ignore[union-attr]
+                return False
+            spec = shard.schema.dense(dense.field)
+        return spec is not None and spec.index is DenseIndexType.HNSW and spec.hnsw.ef_search <= QUICK_MAX_EF
 
     def Fetch(self, request: spb.FetchRequest) -> Any:
         shard = self._replica(request.replica).serving(need_caught_up=False)
@@ -395,6 +462,7 @@ class ShardServer:
             for key in [key for key in self.replicas if key not in wanted]:
                 replica = self.replicas.pop(key)
                 self._views.pop(key, None)
+                self._views.pop((key[0], -1), None)
                 log.info("collection %r shard %d deleted: removing its replica", replica.meta.name, key[1])
                 replica.close(remove=True)
             if not cleaned:  # directories of collections deleted while this server was down
@@ -423,6 +491,21 @@ class ShardServer:
             view = Collection(
                 replica.meta.name, replica.schema, [shard], replica.meta.created_at, self._executor, self.config.limits
             )
+            self._views[key] = view
+        return view
+
+    def collection_view(self, replica: Replica, shards: list[Any]) -> Collection:
+        """A Collection over this server's replicas of every shard of ``replica``'s collection
+        (``shards``, in shard order), for whole searches (SearchCollection)."""
+        key = (replica.meta.uid, -1)
+        view = self._views.get(key)
+        if (
+            view is None
+            or len(view.shards) != len(shards)
+            or any(a is not b for a, b in zip(view.shards, shards, strict=True))
+        ):
+            meta = replica.meta
+            view = Collection(meta.name, replica.schema, shards, meta.created_at, self._executor, self.config.limits)
             self._views[key] = view
         return view
 

@@ -149,6 +149,10 @@ class ClusterState:
     def suspect(self, node: str) -> None:
         self._suspect[node] = time.monotonic() + SUSPECT_S
 
+    def suspected(self, node: str) -> bool:
+        """Whether ``node`` failed a call within the last SUSPECT_S."""
+        return self._suspect.get(node, 0.0) > time.monotonic()
+
     def addresses(self) -> dict[str, str]:
         """Node id -> last known address of every shard server the view has heard of."""
         return {node: info.address for node, (info, _) in self.nodes.items()}
