@@ -566,8 +566,12 @@ class HnswStrand:
         graph.load_index(str(path))
         graph.set_ef(1)
         labels = np.sort(np.asarray(graph.get_ids_list(), np.int64))
-        vectors = np.asarray(graph.get_items(labels, return_type="numpy"), np.float32).reshape(-1, self.spec.dim)
-        for label in labels[~_inside(self._present.mask, labels)].tolist():
+        live = _inside(self._present.mask, labels)
+        # hnswlib hands out no vector of a label marked deleted; dead rows are never scanned, so zeros do.
+        vectors = np.zeros((len(labels), self.spec.dim), np.float32)
+        if live.any():
+            vectors[live] = np.asarray(graph.get_items(labels[live], return_type="numpy"), np.float32)
+        for label in labels[~live].tolist():
             _mark(graph, label)  # deleted after the graph was saved (or before: already marked)
         return _Base(graph, labels, vectors, None)
 

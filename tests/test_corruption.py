@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from braid.index import hnsw_strand
 from braid.index.catalog import Catalog
 from braid.index.errors import DataLoss
 from braid.index.manifest import write_json_atomic
@@ -176,6 +177,12 @@ def _quiet(server) -> None:  # type: ignore[no-untyped-def]
 def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The image (checkpoint + sealed SPANN segments + a log tail) and the answers it must give."""
     base = tmp_path_factory.mktemp("corruption")
+    with pytest.MonkeyPatch.context() as small:
+        small.setattr(hnsw_strand, "SEAL_ROWS", 128)  # so the HNSW field has a base graph as well as rows
+        return _build_image(base)
+
+
+def _build_image(base: Path) -> dict[str, Any]:
     server, running = start_in_process(base / "live")
     client = running.client
     try:
@@ -183,7 +190,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for start in range(0, N_DOCS, 60):
             client.upsert("c", [make_doc(i) for i in range(start, start + 60)])
         client.delete("c", ids=["d3", "d4", "d150"])  # tombstones in tantivy and in a sealed segment
+        assert server.catalog.get("c").shards[0].wait_merged(60)
         _settle(server, client)
+        assert (server.catalog.get("c").shards[0].dense["emb"].segments()["base"]) >= 128
         strand = server.catalog.get("c").shards[0].dense["sp"]
         assert len(strand.sealed) >= 1 and strand.growing.live < THRESHOLD - 40
         # The log tail, replayed at the next open: new documents, a replacement, a delete.
@@ -261,7 +270,10 @@ FILES = [
     ("payload.json", f"{SHARD}/segments/[0-9]*/payload.json"),
     ("payload column", f"{SHARD}/segments/[0-9]*/payload-n.values.npy"),
     ("payload keyword codes", f"{SHARD}/segments/[0-9]*/payload-tag.codes.npy"),
-    ("hnsw index", f"{SHARD}/segments/[0-9]*/emb.hnsw"),
+    ("hnsw base graph", f"{SHARD}/segments/[0-9]*/emb.g*.hnsw"),
+    ("hnsw rows", f"{SHARD}/segments/[0-9]*/emb.rows.npy"),
+    ("hnsw row labels", f"{SHARD}/segments/[0-9]*/emb.rows-labels.npy"),
+    ("hnsw.json", f"{SHARD}/segments/[0-9]*/emb.hnsw.json"),
     ("spann growing hnsw", f"{SHARD}/segments/[0-9]*/sp.hnsw"),
     ("strand.json", f"{SHARD}/segments/[0-9]*/sp.strand.json"),
     ("sparse labels", f"{SHARD}/segments/[0-9]*/splade.sparse.labels.npy"),
@@ -358,10 +370,10 @@ def test_verify_command_exit_status_and_refusal_while_served(image, tmp_path):
     cli = [sys.executable, "-m", "braid.service.cli", "verify", str(data)]
     clean = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0, clean.stdout + clean.stderr
-    _flip(_target(data, f"{SHARD}/segments/[0-9]*/emb.hnsw"), 100)
+    _flip(_target(data, f"{SHARD}/segments/[0-9]*/emb.g*.hnsw"), 100)
     _flip(_target(data, f"{SHARD}/text/*.store"), 10)
     bad = subprocess.run([*cli, "--collection", "c"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "emb.hnsw" in bad.stdout and ".store" in bad.stdout, bad.stdout
+    assert bad.returncode == 1 and "emb.g" in bad.stdout and ".store" in bad.stdout, bad.stdout
     assert bad.stdout.count("BAD ") == 2
     # A running server holds each shard's tantivy writer lock: the scrub refuses.
     live = tmp_path / "live"
@@ -443,12 +455,12 @@ def test_a_cut_hnsw_file_whose_checksums_match_is_refused(image, tmp_path, cut):
     from braid.index.checksums import write_checksums
 
     data = _copy(image, tmp_path)
-    path = _target(data, f"{SHARD}/segments/[0-9]*/emb.hnsw")
+    path = _target(data, f"{SHARD}/segments/[0-9]*/emb.g*.hnsw")
     raw = path.read_bytes()
     keep = len(raw) // 2 if cut == "level0" else len(raw) - 3  # inside the vectors, or the last link list
     path.write_bytes(raw[:keep])
     write_checksums(path.parent)  # as the old checkpoint did: a checksum of what was there
     status, report = verify_output(data)
-    assert status == 1 and "emb.hnsw" in report and "truncated" in report, report
+    assert status == 1 and "emb.g" in report and "truncated" in report, report
     result = probe(data)
-    assert judge(result, image["expected"], ["emb.hnsw"]) == "refused", result
+    assert judge(result, image["expected"], [path.name]) == "refused", result
