@@ -53,6 +53,7 @@ graph that ``present`` (the checkpoint's live labels with a vector) leaves out.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -504,11 +505,12 @@ class HnswStrand:
     # ------------------------------------------------------------- persistence
 
     def save(self, directory: Path, previous: Path | None = None) -> None:
-        """Write the strand into checkpoint ``directory`` (the shard's read lock is held): the base
-        graph once (linked from ``previous``, the last generation, while it is unchanged), the live
-        frozen and growing rows, and ``<field>.hnsw.json``."""
+        """Write the strand into checkpoint ``directory`` (the shard holds writes off; searches and
+        the maintainer go on): the base graph once (linked from ``previous``, the last generation,
+        while it is unchanged), the live frozen and growing rows, and ``<field>.hnsw.json``."""
         name = self.spec.name
-        base = self._base
+        with self._lock.read() if self._lock is not None else contextlib.nullcontext():
+            base, blocks = self._base, (*self._frozen, self._growing.view())  # one merge's swap: both or neither
         meta: dict = {"format": FORMAT_VERSION, "base": None}
         if base is not None:
             file = base.file or f"{name}.g{self._next_id}.hnsw"
@@ -518,7 +520,6 @@ class HnswStrand:
                 hnswfile.save(base.graph, directory / file, self.spec.dim)
             base.file = meta["base"] = file
         meta["next_id"] = self._next_id
-        blocks = (*self._frozen, self._growing.view())
         present = self._present.mask
         keep = [_inside(present, block.labels) for block in blocks]
         labels = np.concatenate([block.labels[m] for block, m in zip(blocks, keep, strict=True)])

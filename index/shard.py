@@ -176,6 +176,9 @@ class Shard:
         self._apply_cond = threading.Condition()
         self._commit_lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        # Applying a write takes this, then the write lock; a checkpoint takes only this, so it sees
+        # no write land while it saves, yet searches (the read lock) go on beside it.
+        self._apply_lock = threading.Lock()
         self._failed: str | None = None
         self.policy = policy
         self._checkpointing = threading.Event()
@@ -543,7 +546,7 @@ class Shard:
         return result or 0
 
     def _apply_locked(self, op: _Op) -> int:
-        with self._lock.write():
+        with self._apply_lock, self._lock.write():
             return self._apply(op)
 
     def _fail(self, reason: str, err: BaseException | None = None) -> None:
@@ -683,7 +686,7 @@ class Shard:
         self._commit_text(last)  # compares seqs only: gaps between them are fine
         results: list[int] = []
         try:
-            with self._lock.write():
+            with self._apply_lock, self._lock.write():
                 for seq, op in ops:
                     result = self._apply(op)
                     results.append(result)
@@ -1080,9 +1083,9 @@ class Shard:
             shutil.rmtree(self.directory / "segments" / name, ignore_errors=True)
 
     def _checkpoint(self) -> None:
-        """The checkpoint itself (caller holds the flush lock and no merge is running)."""
+        """The checkpoint itself (caller holds the flush lock and no SPANN merge is running)."""
         assert self.wal is not None
-        with self._lock.read():
+        with self._apply_lock:  # no write lands meanwhile; searches go on (HNSW strands snapshot their parts)
             if self._failed:
                 raise self._refusal()
             wal_seq = self._applied_seq
