@@ -140,6 +140,24 @@ def test_whole_searches_take_one_call_and_match_standalone(loaded: Hop, standalo
     searches = sum(len(requests) for requests in sets.values())
     calls = loaded.calls_during(lambda: assert_same_searches(loaded.router.stub, standalone.stub, sets))
     assert calls == {**dict.fromkeys(SHARD_METHODS, 0.0), "SearchCollection": searches}, calls
+    # Plain dense searches that take the worker path (STRONG consistency; a batch of one) too.
+    strong = []
+    for request in sets["dense"][:4]:
+        copy = pb.SearchRequest()
+        copy.CopyFrom(request)
+        copy.consistency = pb.CONSISTENCY_STRONG
+        strong.append(copy)
+
+    def worker_path() -> None:
+        for i, request in enumerate(strong):
+            want = list(standalone.stub.Search(request, timeout=T).hits)
+            assert_same_hits(list(loaded.router.stub.Search(request, timeout=T).hits), want, f"strong[{i}]")
+            batch = pb.BatchSearchRequest(searches=[request])
+            got = loaded.router.stub.BatchSearch(batch, timeout=T).results[0].hits
+            assert_same_hits(list(got), want, f"batch of one [{i}]")
+
+    calls = loaded.calls_during(worker_path)
+    assert calls == {**dict.fromkeys(SHARD_METHODS, 0.0), "SearchCollection": 2 * len(strong)}, calls
     # Round robin over the servers that hold every shard: both answer.
     per_server = [_calls(port)["SearchCollection"] for port in loaded.ports]
     assert min(per_server) > 0, per_server

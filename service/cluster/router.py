@@ -628,27 +628,34 @@ class RemoteCollection:
         one (a single call), else (or when it fails retryably) from the fan-out."""
         self.check(plan)
         min_seqs = self._min_seqs(plan.consistency)
-        failed_over = False
-        found = self._coverer(self.catalog.turn())
-        if found is not None:
-            node, address = found
-            message = self._covering_request(_encoded_request(request, plan, whole=True), min_seqs, max_response_bytes)
-            trace = current_trace()
-            started = time.perf_counter()
-            try:
-                stub = self.catalog.clients.stub(address)
-                response = stub.SearchCollection(message, timeout=self._covering_timeout(_deadline()))
-            except grpc.RpcError as err:
-                failed_over = self._covering_failed(node, err)
-            else:
-                if trace is not None:
-                    seconds = time.perf_counter() - started
-                    trace.stage("shards", seconds, time.time_ns() - int(seconds * 1e9))
-                return response
+        trace = current_trace()
+        started = time.perf_counter()
+        response, failed_over = self._whole(_encoded_request(request, plan, whole=True), min_seqs, max_response_bytes)
+        if response is not None:
+            if trace is not None:
+                seconds = time.perf_counter() - started
+                trace.stage("shards", seconds, time.time_ns() - int(seconds * 1e9))
+            return response
         result = self.search_request(request, plan, min_seqs=min_seqs)
         if failed_over:
             self.catalog.stats.failed_over()
         return convert.result_to_proto(result, types, max_response_bytes)
+
+    def _whole(
+        self, request: pb.SearchRequest, min_seqs: list[int], max_response_bytes: int | None
+    ) -> tuple[pb.SearchResponse | None, bool]:
+        """(the response of one server holding every shard, or None when there is none or it
+        failed retryably; whether it failed: a fan-out that answers then is a failover)."""
+        found = self._coverer(self.catalog.turn())
+        if found is None:
+            return None, False
+        node, address = found
+        message = self._covering_request(request, min_seqs, max_response_bytes)
+        try:
+            stub = self.catalog.clients.stub(address)
+            return stub.SearchCollection(message, timeout=self._covering_timeout(_deadline())), False
+        except grpc.RpcError as err:
+            return None, self._covering_failed(node, err)
 
     def wait_open(self, deadline: float) -> None:
         """Until one replica of every shard is open and has read its log (a fresh collection)."""
@@ -951,6 +958,16 @@ class RemoteCollection:
     ) -> list[SearchResult]:
         min_seqs = self._min_seqs(consistency)
         packed = np.ascontiguousarray(vectors, "<f4").tobytes()
+        failed_over = False
+        if len(vectors) == 1:  # one query (by text, or STRONG): whole, on a server holding every shard
+            dense = pb.DenseQuery(field=field, vector=pb.DenseVector(packed=packed), ef=ef, max_lists=max_lists)
+            if eps is not None:
+                dense.eps = eps
+            request = pb.SearchRequest(collection=self.name, queries=[pb.SubQuery(dense=dense)], limit=k)
+            response, failed_over = self._whole(request, min_seqs, None)
+            if response is not None:
+                ids = [hit.id for hit in response.hits]
+                return [SearchResult(ids=ids, scores=np.array([hit.score for hit in response.hits], np.float32))]
 
         def call(shard: int, stub: Any, timeout: float) -> Any:
             message = spb.ShardDenseRequest(
@@ -962,6 +979,8 @@ class RemoteCollection:
             return stub.SearchDense.future(message, timeout=timeout)
 
         answers = self._fan_out(self.shards, call, _deadline())
+        if failed_over:
+            self.catalog.stats.failed_over()
         parts = [[_ranked(r) for r in answers[s][0].results] for s in self.shards]
         results = []
         for i in range(len(vectors)):
