@@ -357,6 +357,10 @@ class Shard:
         for strand in self._hnsw_strands():
             strand.wait_for_room()
 
+    def hnsw_parts(self) -> dict[str, dict[str, int]]:
+        """Rows of each HNSW field by part (``HnswStrand.segments``), for operators. No lock."""
+        return {name: index.segments() for name, index in list(self.dense.items()) if isinstance(index, HnswStrand)}
+
     def wait_merged(self, timeout_s: float) -> bool:
         """Whether every HNSW field merged its frozen rows into its graph within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s

@@ -198,6 +198,7 @@ class BraidCollector(Collector):
         lists: dict[tuple[str, ...], float] = {}
         read_bytes: dict[tuple[str, ...], float] = {}
         per_query: dict[tuple[str, ...], _Hist] = {}
+        hnsw_rows: dict[tuple[str, ...], float] = {}
         for name, shard in list(self.sources.shards()):
             key = (name,)
             documents[key] = documents.get(key, 0) + shard.live_count
@@ -217,6 +218,9 @@ class BraidCollector(Collector):
                 for what, histogram in list(job.seconds.items()):
                     at = (name,) if kind == "checkpoints" else (name, what)
                     job_seconds[kind].setdefault(at, _Hist()).add(histogram)
+            for field, parts in shard.hnsw_parts().items():
+                for part, rows in parts.items():
+                    hnsw_rows[(name, field, part)] = hnsw_rows.get((name, field, part), 0) + rows
             for field, spann in list(stats.spann.items()):
                 at = (name, field)
                 lists[at] = lists.get(at, 0) + spann.lists_read
@@ -243,6 +247,15 @@ class BraidCollector(Collector):
             "Estimated resident bytes of each index (docs/operations.md says how).",
             [*f, "index"],
             memory,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "braid_hnsw_rows",
+            "Rows of each HNSW field by part: base (in the graph, dead included), dead (deleted, still in the "
+            "graph), frozen (waiting to be merged into the graph), growing (taking writes); "
+            "frozen and growing are searched exactly.",
+            [*f, "part"],
+            hnsw_rows,
         )
         yield _family(
             GaugeMetricFamily,

@@ -13,12 +13,12 @@ start when BRAID_TEST_DISK_FAULTS names the flag directory.
 | wal_write      | ``os`` as index/wal.py sees it         | half the record is written, then ENOSPC |
 | wal_fsync      | index/wal.py's ``_fsync_data``         | the group fsync                         |
 | tantivy_commit | each TextIndex's tantivy IndexWriter   | its commit, as tantivy-py reports ENOSPC|
-| apply          | ``DenseIndex.add``                     | the apply step (and replay)             |
-| checkpoint     | ``DenseIndex.save``                    | a checkpoint's file writes (Flush)      |
+| apply          | ``HnswStrand.add``, ``DenseIndex.add`` | the apply step (and replay)             |
+| checkpoint     | ``HnswStrand.save``, ``DenseIndex.save``| a checkpoint's file writes (Flush)     |
 | merge          | ``SpannSegment.build``                 | a SPANN seal or compaction              |
 
 One more flag frees space instead of failing: while ``flags/free_after_save`` exists, the
-file it names is deleted right after a ``DenseIndex.save`` returns or raises (once: the flag
+file it names is deleted right after a ``HnswStrand.save`` (or ``DenseIndex.save``) returns or raises (once: the flag
 goes too), as a concurrent writer undoing its own failed write would free space on a real
 full disk; the checkpoint's later files then find room, as they did when a truncated
 ``.hnsw`` was published (issue 20, finding 1).
@@ -121,6 +121,7 @@ def install(flags: Path) -> None:
         return
     from braid.index import wal
     from braid.index.dense import DenseIndex
+    from braid.index.hnsw_strand import HnswStrand
     from braid.index.spann import SpannSegment
 
     flags.mkdir(parents=True, exist_ok=True)
@@ -128,9 +129,10 @@ def install(flags: Path) -> None:
     wal.os = _OsWithFaults(flags)  # type: ignore[assignment]
     _wrap(wal, "_fsync_data", flags, "wal_fsync")
     _wrap_text_writers(flags)
-    _wrap(DenseIndex, "add", flags, "apply")
-    _wrap(DenseIndex, "save", flags, "checkpoint")
-    _free_after_save(DenseIndex, "save", flags)
+    for dense in (HnswStrand, DenseIndex):  # an HNSW field's strand; a SPANN field's growing graph
+        _wrap(dense, "add", flags, "apply")
+        _wrap(dense, "save", flags, "checkpoint")
+        _free_after_save(dense, "save", flags)
     _wrap(SpannSegment, "build", flags, "merge")
 
 
