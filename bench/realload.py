@@ -19,8 +19,11 @@ are the shared set (bench/dense.py's loader). Sections (``--sections``):
    vectors (matmul + argpartition), p50.
 2. ingest: Search p50/p99 quiet, then while another process streams BulkUpsert at full speed
    (pre-serialized requests of fresh vectors: noisy copies of the base vectors, with payload)
-   into the searched collection; the ingest rate during it against the same stream alone into
-   a fresh collection ("solo", the target's reference) and into the loaded collection.
+   into the searched collection; the ingest rate during it against the same amount streamed
+   alone into a fresh collection ("solo", the target's reference; filled from empty) and alone
+   into the loaded collection (the same graph size, so only the searches differ). ``--rounds``
+   rounds of quiet / fresh / loaded / during, the streams split between them, so load drift
+   hits all four alike.
 3. bm25: bench/bm25_speed.py's ``measure`` (BM25 via gRPC against tantivy + echo), if present.
 
 Prints one markdown table per section and a targets table (issue 21); results go to
@@ -339,6 +342,13 @@ def fresh_vectors(base: np.ndarray, m: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def stream(port: int, block: Path, batch: int) -> dict[str, Any]:
+    """One BulkUpsert stream of a block by an ingest worker, nothing else running on this side."""
+    worker = IngestWorker(port, block, batch)
+    worker.go()
+    return worker.finish()
+
+
 def ingest_section(
     stub: Any,
     client: BraidClient,
@@ -349,49 +359,59 @@ def ingest_section(
     n_queries: int,
     m: int,
     batch: int,
+    rounds: int,
     tmp: Path,
 ) -> dict[str, Any]:
+    """``rounds`` rounds, each: quiet searches, then m / rounds documents streamed alone into a fresh
+    collection ("solo", filled round by round), alone into the loaded collection, and into the loaded
+    collection while one client searches; rates are summed over the rounds (load drift hits all)."""
     requests = [search_request(collection, q) for q in queries]
     for request in requests[:50]:
         stub.Search(request, timeout=CALL_TIMEOUT_S)
-    quiet = [
-        timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0]
-        for i in range(n_queries)
-    ]
-    print(f"  quiet search p50 {pct(quiet, 50):.2f} ms p99 {pct(quiet, 99):.2f} ms", flush=True)
-
-    vectors = fresh_vectors(base, 2 * m, seed=2101)
-    client.create_collection("solo", schema(base.shape[1]))
-    solo_block = write_block(tmp / "solo.npz", "solo", "a", vectors[:m], seed=3000)
-    solo = IngestWorker(port, solo_block, batch)
-    solo.go()
-    solo_fresh = solo.finish()
-    print(f"  solo BulkUpsert into a fresh collection: {solo_fresh['rate']:,.0f} docs/s", flush=True)
-
-    loaded = IngestWorker(port, write_block(tmp / "a.npz", collection, "a", vectors[:m], seed=3000), batch)
-    loaded.go()
-    solo_loaded = loaded.finish()
-    print(f"  solo BulkUpsert into the loaded collection: {solo_loaded['rate']:,.0f} docs/s", flush=True)
-
-    worker = IngestWorker(port, write_block(tmp / "b.npz", collection, "b", vectors[m:], seed=4000), batch)
+    vectors = fresh_vectors(base, 3 * m, seed=2101)
+    dim = base.shape[1]
+    client.create_collection("solo", schema(dim))
+    quiet: list[float] = []
     during: list[float] = []
-    worker.go()
-    i = 0
-    while not worker.done.is_set():
-        during.append(timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0])
-        i += 1
-    busy = worker.finish()
-    print(
-        f"  during: {len(during)} searches p50 {pct(during, 50):.2f} ms p99 {pct(during, 99):.2f} ms; "
-        f"ingest {busy['rate']:,.0f} docs/s",
-        flush=True,
-    )
+    totals = {kind: {"upserted": 0, "seconds": 0.0} for kind in ("fresh", "loaded", "during")}
+    step = -(-m // rounds)
+    for k in range(rounds):
+        lo, hi = k * step, min(m, (k + 1) * step)
+        for i in range(k * n_queries // rounds, (k + 1) * n_queries // rounds):
+            quiet.append(timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0])
+        blocks = {
+            "fresh": write_block(tmp / "fresh.npz", "solo", f"f{k}-", vectors[lo:hi], seed=3000 + k),
+            "loaded": write_block(tmp / "loaded.npz", collection, f"a{k}-", vectors[m + lo : m + hi], seed=4000 + k),
+        }
+        for kind, block in blocks.items():
+            result = stream(port, block, batch)
+            totals[kind]["upserted"] += result["upserted"]
+            totals[kind]["seconds"] += result["seconds"]
+        block = write_block(tmp / "during.npz", collection, f"b{k}-", vectors[2 * m + lo : 2 * m + hi], seed=5000 + k)
+        worker = IngestWorker(port, block, batch)
+        worker.go()
+        i = 0
+        while not worker.done.is_set():
+            during.append(timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0])
+            i += 1
+        result = worker.finish()
+        totals["during"]["upserted"] += result["upserted"]
+        totals["during"]["seconds"] += result["seconds"]
+        rates = {kind: t["upserted"] / t["seconds"] for kind, t in totals.items()}
+        print(
+            f"  round {k + 1}/{rounds}: quiet p50 {pct(quiet, 50):.2f} ms p99 {pct(quiet, 99):.2f} ms; during "
+            f"{len(during)} searches p50 {pct(during, 50):.2f} ms p99 {pct(during, 99):.2f} ms; docs/s so far: "
+            f"solo fresh {rates['fresh']:,.0f}, solo loaded {rates['loaded']:,.0f}, during {rates['during']:,.0f}",
+            flush=True,
+        )
+    rates = {kind: t["upserted"] / t["seconds"] for kind, t in totals.items()}
     count = client.count(collection)
     expected = len(base) + 2 * m
     if count != expected:
         print(f"WRONG: Count {count} after the ingest, expected {expected}")
     return {
         "docs_streamed": m,
+        "rounds": rounds,
         "batch": batch,
         "quiet_searches": len(quiet),
         "quiet_p50_ms": pct(quiet, 50),
@@ -401,11 +421,11 @@ def ingest_section(
         "during_p99_ms": pct(during, 99),
         "p50_ratio": pct(during, 50) / pct(quiet, 50),
         "p99_ratio": pct(during, 99) / pct(quiet, 99),
-        "solo_fresh_rate": solo_fresh["rate"],
-        "solo_loaded_rate": solo_loaded["rate"],
-        "during_rate": busy["rate"],
-        "rate_vs_solo": busy["rate"] / solo_fresh["rate"],
-        "rate_vs_solo_loaded": busy["rate"] / solo_loaded["rate"],
+        "solo_fresh_rate": rates["fresh"],
+        "solo_loaded_rate": rates["loaded"],
+        "during_rate": rates["during"],
+        "rate_vs_solo": rates["during"] / rates["fresh"],
+        "rate_vs_solo_loaded": rates["during"] / rates["loaded"],
         "count_after": count,
         "count_expected": expected,
     }
@@ -427,7 +447,8 @@ def print_ingest(r: dict[str, Any]) -> None:
     print(f"| BulkUpsert alone, loaded collection | — | — | — | — | — | {r['solo_loaded_rate']:,.0f} |")
     print(
         f"\ningest rate while searched / solo: {r['rate_vs_solo']:.2f}x (fresh collection), "
-        f"{r['rate_vs_solo_loaded']:.2f}x (loaded collection); requests of {r['batch']} documents"
+        f"{r['rate_vs_solo_loaded']:.2f}x (loaded collection); requests of {r['batch']} documents, "
+        f"{r['rounds']} rounds of the three streams"
     )
 
 
@@ -540,6 +561,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="searches per measurement")
     parser.add_argument("--ingest", type=int, default=20_000, help="documents in each BulkUpsert stream")
     parser.add_argument("--batch", type=int, default=500, help="documents per BulkUpsert request")
+    parser.add_argument("--rounds", type=int, default=4, help="ingest rounds (streams split, interleaved)")
     parser.add_argument("--sections", default="filters,ingest,bm25")
     parser.add_argument("--quick", action="store_true", help="20,000 x 384, 100 queries, 10,000-document streams")
     args = parser.parse_args()
@@ -584,6 +606,7 @@ def main() -> None:
                         args.queries,
                         args.ingest,
                         args.batch,
+                        args.rounds,
                         Path(tmp),
                     )
             finally:
@@ -618,7 +641,10 @@ def main() -> None:
 
     results.update(filters=filters, ingest=ingest, bm25=bm25, targets=goals)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("realload-quick.json" if args.quick else f"realload-{n}x{args.dim}.json")
+    name = "realload-quick" if args.quick else f"realload-{n}x{args.dim}"
+    if sections != {"filters", "ingest", "bm25"}:
+        name += "-" + "+".join(sorted(sections))
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwrote {out}")
 
