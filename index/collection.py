@@ -508,7 +508,7 @@ def global_bm25_idf(terms: list[tuple[str, str]], stats: list[tuple[list[int], i
     if not terms:
         return {}
     documents = sum(total for _, total in stats)
-    frequencies = np.sum([np.asarray(df, np.int64) for df, _ in stats], axis=0)
+    frequencies = np.array([df for df, _ in stats], np.int64).sum(axis=0)  # shards x terms, summed
     return dict(zip(terms, bm25_idf(frequencies, documents).tolist(), strict=True))
 
 

@@ -271,13 +271,16 @@ class TextIndex:
         return tantivy.Query.boolean_query(clauses)
 
     def _rescaled(self, keys: list[tuple[str, str]], weights: list[float], idf: dict[tuple[str, str], float]) -> list:
-        """Each term's weight times global / local IDF, in one pass over the terms (the DFS phase's
-        shard side). A term this shard lacks (no document to score) or ``idf`` does not name keeps its weight."""
+        """Each term's weight times global / local IDF (the DFS phase's shard side): this shard's
+        statistics are read here, under the same read lock as the search, so the scale matches
+        the searcher that scores. One numpy call for every local IDF; a term this shard lacks
+        (no document to score) or ``idf`` does not name keeps its weight."""
         frequencies, total = self.term_stats(keys)
-        df = np.asarray(frequencies, np.int64)
-        wanted = np.array([idf.get(key, np.nan) for key in keys], np.float64)
-        scale = np.where((df > 0) & ~np.isnan(wanted), wanted / bm25_idf(df, total), 1.0)
-        return (np.asarray(weights, np.float64) * scale).tolist()
+        local = bm25_idf(np.asarray(frequencies, np.int64), total).tolist()
+        return [
+            weight * (idf[key] / own) if frequency > 0 and key in idf else weight
+            for key, weight, frequency, own in zip(keys, weights, frequencies, local, strict=True)
+        ]
 
     def postings(self, text: str, fields: list[str]) -> int:
         """The most postings a BM25 query of ``text`` over ``fields`` makes tantivy read: the sum of
@@ -318,9 +321,11 @@ class TextIndex:
                 return _empty()
             labels = np.array(searcher.fast_field_values(LABEL, [h[1] for h in hits]), np.int64)
             scores = np.array([h[0] for h in hits], np.float32)
-            size = len(allowed)
-            # A label past the mask is a document written since the mask was taken: not allowed.
-            keep = allowed[labels] if labels.max() < size else (labels < size) & allowed[np.minimum(labels, size - 1)]
+            try:
+                keep = allowed[labels]  # labels are >= 0
+            except IndexError:  # a label past the mask: a document written since the mask was taken
+                size = len(allowed)
+                keep = (labels < size) & allowed[np.minimum(labels, size - 1)]
             kept = int(np.count_nonzero(keep))
             if kept >= k or len(hits) < depth:
                 if kept < len(labels):

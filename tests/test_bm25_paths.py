@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from braid.index.query import SearchResult
+from braid.index.schema import Analyzer, TextFieldSpec
+from braid.index.text import TextIndex
 from braid.service import convert
 from braid.service import rpcs as rpcs_module
 from braid.v1 import braid_pb2 as pb
@@ -150,3 +152,22 @@ def test_scores_past_float32_are_clipped_on_the_wire() -> None:
     assert [h.score for h in convert.result_to_proto(result, {}).hits] == pytest.approx([big, big, 2.5, -big, -big])
     nan = convert.result_to_proto(SearchResult(ids=["a", "b"], scores=np.array([1.0, math.nan])), {})
     assert nan.hits[0].score == 1.0 and math.isnan(nan.hits[1].score)
+
+
+def test_hits_past_the_mask_are_left_out_and_ties_break_by_label(tmp_path: Path) -> None:
+    """TextIndex.search on its own: labels written after the mask was taken are not allowed, equal
+    scores come in label order, and a filtered search gives the top k allowed hits."""
+    index = TextIndex(tmp_path / "text", (TextFieldSpec("body", Analyzer.DEFAULT),))
+    try:
+        for label in range(8):
+            index.add(label, {"body": "same words" if label % 2 else "same other words here"})
+        index.commit()
+        query = index.parse("same", ["body"], {})
+        labels, scores = index.search(query, 10, np.ones(5, bool), 5, filtered=False)  # labels 5..7 are newer
+        assert labels.tolist() == [1, 3, 0, 2, 4] and scores[0] == scores[1] > scores[2] == scores[4]
+        allowed = np.zeros(8, bool)
+        allowed[[2, 6, 7]] = True
+        labels, _ = index.search(query, 2, allowed, 3, filtered=True)
+        assert labels.tolist() == [7, 2]
+    finally:
+        index.close()
