@@ -35,6 +35,7 @@ from .test_cluster import (
     assert_same_searches,
     dense_sub,
     make_docs,
+    outcome,
     query_sets,
     the_schema,
     upsert,
@@ -171,6 +172,45 @@ def test_split_searches_fan_out_and_match_standalone(loaded: Hop, standalone: Ru
     assert calls["SearchCollection"] == 0 and calls["Search"] > 0 and calls["SearchDense"] > 0, calls
     assert calls["TextStats"] > 0 and calls["Fetch"] > 0, calls  # BM25's DFS phase, payload and text
     assert_same_batches(loaded.router.stub, standalone.stub, sets)
+
+
+def _bad_plain_dense(collection: str) -> list[pb.SearchRequest]:
+    """Plain dense searches by vector (the router's event-loop path), each refused by standalone."""
+    q = np.ones(DIM, np.float32)
+
+    def req(vector: pb.DenseVector | None = None, field: str = "emb", **kw: object) -> pb.SearchRequest:
+        dense = pb.DenseQuery(field=field, vector=vector or pb.DenseVector(packed=q.tobytes()))
+        for name in ("ef", "max_lists"):
+            if name in kw:
+                setattr(dense, name, kw.pop(name))
+        return pb.SearchRequest(collection=collection, queries=[pb.SubQuery(dense=dense)], **kw)  # type: ignore[arg-type]
+
+    return [
+        req(field="nope"),
+        req(pb.DenseVector(packed=np.ones(DIM + 1, np.float32).tobytes())),  # wrong dimension
+        req(pb.DenseVector(packed=b"abc")),  # not float32s
+        req(pb.DenseVector(packed=q.tobytes(), values=[1.0])),  # both
+        req(pb.DenseVector(packed=np.full(DIM, np.inf, np.float32).tobytes())),
+        req(pb.DenseVector(packed=np.full(DIM, 1e30, np.float32).tobytes())),  # scores would overflow
+        req(limit=20_000),
+        req(limit=20_000, field="nope"),  # two faults: the one standalone names first
+        req(ef=1_000_000),
+        req(pb.DenseVector(packed=b"abc"), ef=1_000_000),
+        req(max_lists=3),  # an HNSW field has no lists
+    ]
+
+
+@pytest.mark.parametrize("collection", [WHOLE, SPLIT])
+def test_bad_plain_dense_searches_answer_as_standalone(loaded: Hop, standalone: Running, collection: str) -> None:
+    """A plain dense query the router hands whole to one server is checked there, as standalone
+    checks it: the same code and message for every fault, and first the fault standalone names first."""
+    stubs = (loaded.router.stub, standalone.stub)
+    for i, request in enumerate(_bad_plain_dense(collection)):
+        for consistency in (pb.CONSISTENCY_DEFAULT, pb.CONSISTENCY_STRONG):  # the event loop; a worker
+            request.consistency = consistency
+            got, want = (outcome(lambda s=s, r=request: [h.id for h in s.Search(r, timeout=T).hits]) for s in stubs)
+            assert want[0] != "OK", f"search {i} should be refused: {request}"
+            assert got == want, f"search {i} ({collection}, consistency {consistency}): {request}"
 
 
 def test_search_collection_refuses_what_it_cannot_answer(loaded: Hop) -> None:

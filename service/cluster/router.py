@@ -993,14 +993,16 @@ class RemoteCollection:
     ) -> pb.SearchResponse:
         """search_dense_batch for one plain dense query by vector, on the event loop (grpc.aio)."""
         dense = request.queries[0].dense
-        vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
         limit = request.limit or 10
         eps = dense.eps if dense.HasField("eps") else None
-        self.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
         min_seqs = self._min_seqs(request.consistency)
         failed_over = False
         found = self._coverer(self.catalog.turn())
-        if found is not None:  # the request as it came: it names no text to embed
+        # The request as it came (it names no text to embed). The server checks the query as
+        # standalone does (the same checks, in the same order, with the same messages), so it is
+        # not checked twice; only a limit past this router's maximum is refused here, and first
+        # whatever standalone would say first.
+        if found is not None and 1 <= limit <= self.limits.max_limit:
             node, address = found
             message = self._covering_request(request, min_seqs, max_response_bytes)
             try:
@@ -1010,6 +1012,8 @@ class RemoteCollection:
                 )
             except grpc.aio.AioRpcError as err:
                 failed_over = self._covering_failed(node, err)
+        vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
+        self.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
         packed = np.ascontiguousarray(vector, "<f4").tobytes()
 
         async def one(shard: int, turn: int) -> Any:
