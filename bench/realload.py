@@ -617,17 +617,15 @@ def main() -> None:
         print("## bm25", flush=True)
         bm25 = bm25_section(args.quick)
 
-    print(f"\n### Filtered vs unfiltered dense search ({n:,} x {args.dim}, {args.queries} searches each)\n")
     if filters:
+        print(f"\n### Filtered vs unfiltered dense search ({n:,} x {args.dim}, {args.queries} searches each)\n")
         print_filters(filters)
     if ingest:
         print(f"\n### Search while ingesting ({n:,} x {args.dim})\n")
         print_ingest(ingest)
-    print("\n### BM25 via gRPC vs tantivy + echo\n")
     if bm25:
+        print("\n### BM25 via gRPC vs tantivy + echo\n")
         print_bm25(bm25)
-    else:
-        print("not measured")
     results["loadavg_end"] = os.getloadavg()
     print(
         "\nload average (1, 5, 15 min) at the start "
