@@ -183,9 +183,11 @@ class HnswStrand:
 
     # ------------------------------------------------------------------ writes
 
-    def add(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        """New vectors under fresh (ascending, larger than any held) labels go to the growing block."""
-        vectors = self._stored_form(np.asarray(vectors, np.float32))
+    def add(self, labels: np.ndarray, vectors: np.ndarray, stored: bool = False) -> None:
+        """New vectors under fresh (ascending, larger than any held) labels go to the growing block;
+        ``stored``: they already went through ``stored_form`` (outside the write lock)."""
+        if not stored:
+            vectors = self.stored_form(np.asarray(vectors, np.float32))
         self._present.add(labels)
         if len(labels) > self._growing.room():
             if self._growing.n:
@@ -217,7 +219,7 @@ class HnswStrand:
                     return
                 self._cond.wait(remaining)
 
-    def _stored_form(self, vectors: np.ndarray) -> np.ndarray:
+    def stored_form(self, vectors: np.ndarray) -> np.ndarray:
         if self.spec.metric is not Metric.COSINE:
             return vectors
         return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + np.float32(1e-30))  # as hnswlib does
@@ -291,7 +293,7 @@ class HnswStrand:
         own candidates, then scores its best ones the same exact way (``_exact_scores``),
         so a document's score never depends on which part holds it.
         """
-        queries = self._stored_form(np.asarray(queries, np.float32).reshape(-1, self.spec.dim))
+        queries = self.stored_form(np.asarray(queries, np.float32).reshape(-1, self.spec.dim))
         if self.live <= 0 or k <= 0:
             return [_EMPTY for _ in range(len(queries))]
         present = self._present.mask

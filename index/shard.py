@@ -853,25 +853,40 @@ class Shard:
         """
         if op.kind != records.UPSERT:
             return
-        op.first_label = self._next_label
+        op.first_label = first = self._next_label
         self._next_label += len(op.docs)
         if self.text is not None:
             for offset, doc in enumerate(op.docs):
                 if doc.text:
-                    self.text.add(op.first_label + offset, doc.text)
+                    self.text.add(first + offset, doc.text)
+        # Staged here, outside the write lock, for labels no search looks at yet (past ``_size``):
+        # the payload columns, and each dense field's vectors as one array in stored form.
+        batches: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        for offset, doc in enumerate(op.docs):
+            self.payload.set(first + offset, doc.payload)
+            for name, vector in doc.dense.items():
+                labels, vectors = batches.setdefault(name, ([], []))
+                labels.append(first + offset)
+                vectors.append(vector)
+        for name, (labels, vectors) in batches.items():
+            index = self.dense[name]
+            stacked = np.stack(vectors).astype(np.float32, copy=False)
+            if isinstance(index, HnswStrand):
+                stacked = index.stored_form(stacked)
+            op.dense[name] = (np.asarray(labels, np.int64), stacked)
 
     def _apply(self, op: _Op) -> int:
         """Make a prepared write visible to every strand at once (caller holds the write lock)."""
         if op.kind == records.UPSERT:
-            return self._apply_upsert(op.docs, op.first_label)
+            return self._apply_upsert(op)
         if op.kind == records.DELETE_IDS:
             return self._remove_ids(op.ids)
         mask = self._allowed(op.filter)
         return self._remove_ids([self._label_ids[int(label)] for label in np.flatnonzero(mask)])
 
-    def _apply_upsert(self, docs: list[DocumentWrite], first: int) -> int:
+    def _apply_upsert(self, op: _Op) -> int:
+        docs, first = op.docs, op.first_label
         self._grow(first + len(docs))
-        dense_batches: dict[str, tuple[list[int], list[np.ndarray]]] = {name: ([], []) for name in self.dense}
         for offset, doc in enumerate(docs):
             label = first + offset
             old = self._ids.get(doc.id)
@@ -880,10 +895,6 @@ class Shard:
             self._ids[doc.id] = label
             self._label_ids[label] = doc.id
             self._alive[label] = True
-            self.payload.set(label, doc.payload)
-            for name, vector in doc.dense.items():
-                dense_batches[name][0].append(label)
-                dense_batches[name][1].append(vector)
             for name, value in doc.sparse.items():
                 index = self.sparse[name]
                 keys = index.keys_for(
@@ -891,9 +902,12 @@ class Shard:
                 )
                 index.add(label, keys, value.values)
         self._size = first + len(docs)
-        for name, (labels, vectors) in dense_batches.items():
-            if labels:
-                self.dense[name].add(np.asarray(labels, np.int64), np.stack(vectors))
+        for name, (labels, vectors) in op.dense.items():
+            index = self.dense[name]
+            if isinstance(index, HnswStrand):
+                index.add(labels, vectors, stored=True)
+            else:
+                index.add(labels, vectors)
         return len(docs)
 
     def _remove_ids(self, ids: list[str]) -> int:
@@ -1211,6 +1225,7 @@ class _Op:
     ids: list[str] = field(default_factory=list)
     filter: Filter | None = None
     first_label: int = -1
+    dense: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # staged by _prepare
 
 
 def _decode(kind: int, payload: bytes) -> _Op:

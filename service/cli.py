@@ -30,6 +30,11 @@ import os
 import sys
 from pathlib import Path
 
+# A search runs on one thread: OpenBLAS threads inside its small matrix products (the exact
+# scans of index/hnsw_strand.py) only spin against the other searches, 2-5x slower on a busy
+# machine. Set before numpy loads OpenBLAS; an operator may still set another value.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from .auth import add_keys_command
 from .cluster.local import add_cluster_command
 from .jobs.index_job import add_job_command
