@@ -2,11 +2,12 @@
 the hits stay standalone's whichever way the router takes.
 
 One module-scoped cluster (1 NATS node, 2 shard servers with /metrics, 1 router) and a
-standalone in-process server hold the same documents in two collections of 2 shards:
-``whole`` with replication factor 2 (each shard server holds a replica of every shard, so one
-server answers a whole search: Shard/SearchCollection), and ``split`` with replication
-factor 1 (no server holds both shards, so the router fans out per shard and merges). The shard
-servers' call counts (``braid_rpc_requests_total``) say which calls each search made.
+standalone in-process server hold the same documents in three collections: ``whole``, 2
+shards with replication factor 2 (each shard server holds a replica of every shard, so one
+server answers a whole search: Shard/SearchCollection), ``split``, 2 shards with replication
+factor 1 (no server holds both shards, so the router fans out per shard and merges), and
+``one``, 1 shard. The shard servers' call counts (``braid_rpc_requests_total``) say which
+calls each search made.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .test_cluster import (
 
 pytestmark = pytest.mark.timeout(180)
 
-WHOLE, SPLIT = "whole", "split"
+WHOLE, SPLIT, ONE = "whole", "split", "one"
 SHARD_METHODS = ("Search", "SearchDense", "SearchCollection", "TextStats", "TermStats", "Fetch")
 
 
@@ -112,10 +113,10 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 @pytest.fixture(scope="module")
 def loaded(hop: Hop, standalone: Running) -> Hop:
     docs = make_docs(N_DOCS, seed=1)
-    for name, factor in ((WHOLE, 2), (SPLIT, 1)):
-        info = hop.router.create_collection(name, the_schema(), shards=2, replication_factor=factor)
+    for name, shards, factor in ((WHOLE, 2, 2), (SPLIT, 2, 1), (ONE, 1, 1)):
+        info = hop.router.create_collection(name, the_schema(), shards=shards, replication_factor=factor)
         assert info.replication_factor == factor
-        standalone.client.create_collection(name, the_schema(), shards=2)
+        standalone.client.create_collection(name, the_schema(), shards=shards)
         assert upsert(hop.router.stub, name, docs) == upsert(standalone.stub, name, docs) == N_DOCS
     return hop
 
@@ -162,6 +163,15 @@ def test_whole_searches_take_one_call_and_match_standalone(loaded: Hop, standalo
     # Round robin over the servers that hold every shard: both answer.
     per_server = [_calls(port)["SearchCollection"] for port in loaded.ports]
     assert min(per_server) > 0, per_server
+
+
+def test_one_shard_searches_take_one_call_and_match_standalone(loaded: Hop, standalone: Running) -> None:
+    """A one-shard collection: its replica's server holds every shard, so each search is one
+    SearchCollection call (plain BM25 ones run on the shard server's event loop, as standalone)."""
+    sets = _renamed(query_sets(ONE, seed=3, per_kind=6), ONE)
+    searches = sum(len(requests) for requests in sets.values())
+    calls = loaded.calls_during(lambda: assert_same_searches(loaded.router.stub, standalone.stub, sets))
+    assert calls == {**dict.fromkeys(SHARD_METHODS, 0.0), "SearchCollection": searches}, calls
 
 
 def test_split_searches_fan_out_and_match_standalone(loaded: Hop, standalone: Running) -> None:

@@ -988,6 +988,37 @@ class RemoteCollection:
             results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
         return results
 
+    @property
+    def coverable(self) -> bool:
+        """Whether some server holds a replica of every shard (live or not)."""
+        return bool(self._coverers)
+
+    async def search_whole_on_loop(
+        self, request: pb.SearchRequest, deadline: float, max_response_bytes: int | None, types: dict
+    ) -> pb.SearchResponse:
+        """search_response for a request with nothing to encode, on the event loop (grpc.aio). When
+        no server holding every shard is live or the one asked fails retryably, the fan-out runs
+        on a thread (it blocks)."""
+        plan = convert.plan_from_proto(request)
+        self.check(plan)
+        min_seqs = self._min_seqs(plan.consistency)
+        failed_over = False
+        found = self._coverer(self.catalog.turn())
+        if found is not None:
+            node, address = found
+            message = self._covering_request(request, min_seqs, max_response_bytes)
+            try:
+                stub = self.catalog.clients.aio_stub(address)
+                return await stub.SearchCollection(
+                    message, timeout=self._covering_timeout(deadline), metadata=forward_metadata()
+                )
+            except grpc.aio.AioRpcError as err:
+                failed_over = self._covering_failed(node, err)
+        result = await asyncio.to_thread(_within, deadline, lambda: self.search_request(request, plan, "", min_seqs))
+        if failed_over:
+            self.catalog.stats.failed_over()
+        return convert.result_to_proto(result, types, max_response_bytes)
+
     async def search_dense_on_loop(
         self, request: pb.SearchRequest, deadline: float, max_response_bytes: int | None
     ) -> pb.SearchResponse:
@@ -1185,18 +1216,27 @@ class RouterRpcs(BraidRpcs):
         return False  # every search is a network fan-out: see on_loop
 
     def on_loop(self, request: Any, deadline: float | None) -> Any:
-        """Plain dense searches by vector fan out with grpc.aio on the event loop itself: the hop
-        to a worker thread and back would cost as much as the shard's own search."""
-        if not _plain(request) or not request.queries[0].dense.HasField("vector"):
+        """Searches that need no encoder run with grpc.aio on the event loop itself: the hop to a
+        worker thread and back would cost as much as the shard's own search. Plain dense ones by
+        vector always (whole on one server, or fanned out); any other shape when some server
+        holds a replica of every shard (whole on it)."""
+        plain = _plain(request)
+        if plain and not request.queries[0].dense.HasField("vector"):
+            return None  # text to embed: on a worker
+        if not plain and not _vectors_only(request):
             return None
         if request.consistency == pb.CONSISTENCY_STRONG or not self.catalog.state.synced.is_set():
             return None  # STRONG asks NATS first (blocking); a starting router answers on a worker
         meta = self.catalog.known(request.collection)  # an alias resolved once, from the view
         if meta is None:
             return None  # NOT_FOUND (or a fresh read of NATS) from the worker path
-        return self.catalog._collection(meta).search_dense_on_loop(
-            request, deadline or time.monotonic() + DEFAULT_TIMEOUT_S, self.max_response_bytes
-        )
+        collection = self.catalog._collection(meta)
+        deadline = deadline or time.monotonic() + DEFAULT_TIMEOUT_S
+        if plain:
+            return collection.search_dense_on_loop(request, deadline, self.max_response_bytes)
+        if not collection.coverable:
+            return None  # fanned out and fetched on a worker (it blocks)
+        return collection.search_whole_on_loop(request, deadline, self.max_response_bytes, self._types(collection))
 
     def stream_writer(self) -> Any:
         return _PipelinedWriter(self)
@@ -1278,3 +1318,30 @@ def _plain(request: pb.SearchRequest) -> bool:
     from ..rpcs import _plain_dense
 
     return _plain_dense(request)
+
+
+def _within(deadline: float, work: Callable[[], Any]) -> Any:
+    """``work`` on this thread as an admitted worker runs it: with the call's deadline (the
+    request id comes with the thread's copy of the context: asyncio.to_thread)."""
+    from ..admission import _call_deadline
+
+    _call_deadline.value = deadline
+    try:
+        return work()
+    finally:
+        _call_deadline.value = None
+
+
+def _vectors_only(request: pb.SearchRequest) -> bool:
+    """Every dense and sparse sub-query gives its vector (and no text): nothing to encode."""
+    for sub in request.queries:
+        kind = sub.WhichOneof("query")
+        if kind == "dense":
+            if sub.dense.text or not sub.dense.HasField("vector"):
+                return False
+        elif kind == "sparse":
+            if sub.sparse.text or not sub.sparse.HasField("vector"):
+                return False
+        elif kind != "bm25":
+            return False
+    return bool(request.queries)

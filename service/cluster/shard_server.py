@@ -62,7 +62,14 @@ from ..errors import describe
 from ..handlers import Undecodable, _deadline, _parser
 from ..metrics import ReplicaState, ServerMetrics, Sources
 from ..observe import CallObserver
-from ..rpcs import QUICK_MAX_EF, QUICK_MAX_LIMIT, _plain_dense
+from ..rpcs import (
+    QUICK_MAX_EF,
+    QUICK_MAX_LIMIT,
+    QUICK_MAX_POSTINGS,
+    QUICK_MAX_QUERY_CHARS,
+    _plain,
+    _plain_dense,
+)
 from ..server import _event_loop
 from ..tracing import Tracing, make_tracing
 from .meta import (
@@ -198,21 +205,32 @@ class ShardRpcs:
         return self.server.collection_view(replicas[0], shards)
 
     def _quick_collection(self, request: spb.CollectionSearchRequest) -> bool:
-        """A SearchCollection that is a quick plain dense search (standalone's rule, service/rpcs.py)
-        on replicas that need no wait."""
+        """A SearchCollection standalone would run on its event loop (service/rpcs.py ``quick``: a
+        plain dense query by vector on HNSW with a modest beam, or a plain BM25 query on one shard
+        with few postings), on replicas that need no wait."""
         search = request.request
-        if not _plain_dense(search) or search.limit > QUICK_MAX_LIMIT:
+        if search.limit > QUICK_MAX_LIMIT or not _plain(search) or len(request.min_seqs) != len(request.replicas):
             return False
-        dense = search.queries[0].dense
-        if not dense.HasField("vector") or dense.ef > QUICK_MAX_EF or len(request.min_seqs) != len(request.replicas):
-            return False
-        spec = None
+        shards = []
         for ref, min_seq in zip(request.replicas, request.min_seqs, strict=True):
             replica = self.server.replicas.get((ref.uid, ref.shard))
             shard = replica.shard if replica is not None else None
             if shard is None or not replica.caught_up.is_set() or shard.applied_seq < min_seq:  # type: ignore[union-attr]
                 return False
-            spec = shard.schema.dense(dense.field)
+            shards.append(shard)
+        if not shards:
+            return False
+        kind = search.queries[0].WhichOneof("query")
+        if kind == "bm25":
+            bm25, text = search.queries[0].bm25, shards[0].text
+            if len(shards) != 1 or text is None or len(bm25.text) > QUICK_MAX_QUERY_CHARS:
+                return False  # several shards search on threads anyway
+            fields = list(bm25.fields) or text.field_names
+            return set(fields) <= set(text.field_names) and text.postings(bm25.text, fields) <= QUICK_MAX_POSTINGS
+        dense = search.queries[0].dense
+        if kind != "dense" or not dense.HasField("vector") or dense.ef > QUICK_MAX_EF:
+            return False
+        spec = shards[0].schema.dense(dense.field)
         return spec is not None and spec.index is DenseIndexType.HNSW and spec.hnsw.ef_search <= QUICK_MAX_EF
 
     def Fetch(self, request: spb.FetchRequest) -> Any:
