@@ -26,7 +26,9 @@ load landing on one block). It prints the QPS of
 and ideal = 1 / (1/tantivy + 1/echo): a server that added nothing to tantivy and gRPC.
 With ``--baseline REV`` a second ``braid serve`` runs the code of that git revision (its
 tree exported, its protos compiled) on the same data, interleaved too: before and after a
-change, in one run.
+change, in one run. The first server then runs HEAD exported the same way (commit first):
+a server run from the editable checkout measured some 10% faster than the same commit
+exported, so both sides of a comparison are exported.
 Target (issue 21): braid on one shard >= 0.8 x ideal. On several shards Braid also runs its
 DFS phase (collection-wide IDF), so those rows show what it costs.
 
@@ -255,11 +257,14 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40
     segmented = DirectTantivy(docs, commit_every=BATCH)
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        braid = BraidProcess(tmp_path / "data")
         old = None
         if baseline:
+            with python_path(export_revision("HEAD", tmp_path / "head")):
+                braid = BraidProcess(tmp_path / "data")
             with python_path(export_revision(baseline, tmp_path / "baseline")):
                 old = BraidProcess(tmp_path / "baseline-data")
+        else:
+            braid = BraidProcess(tmp_path / "data")
         processes = []
         channels = []
         try:
@@ -299,8 +304,10 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40
                 for item in items[:200]:
                     call(item)
             rates: dict[str, list[float]] = {name: [] for name in systems}
-            for block in np.array_split(np.arange(len(queries)), rounds):
-                for name, (call, items) in systems.items():
+            names = list(systems)
+            for n, block in enumerate(np.array_split(np.arange(len(queries)), rounds)):
+                for name in names if n % 2 == 0 else reversed(names):  # no system always follows the same one
+                    call, items = systems[name]
                     rates[name].append(len(block) / _timed(call, [items[i] for i in block.tolist()]))
             qps = {name: float(np.median(r)) for name, r in rates.items()}
             out["qps"] = qps
@@ -361,9 +368,10 @@ def print_table(label: str, result: dict) -> None:
         f"| echo, grpc.aio | {qps['echo-aio']:,.0f} | | |\n"
         f"| ideal = 1/(1/tantivy + 1/faster echo) | {result['ideal_qps']:,.0f} | 1.00 | |"
     )
+    current = "braid HEAD" if result["baseline"] else "braid"
     for count in result["shards"]:
         print(
-            f"| braid, {count} shard{'s' if count > 1 else ''} | {qps[f'braid-{count}']:,.0f} "
+            f"| {current}, {count} shard{'s' if count > 1 else ''} | {qps[f'braid-{count}']:,.0f} "
             f"| {result['braid_vs_ideal'][count]:.2f} | {result['same_hits'][count]:.3f} |"
         )
     for count in result["shards"] if result["baseline"] else ():

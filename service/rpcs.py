@@ -297,9 +297,10 @@ _NO_TYPES: dict = {}
 # What a quick Search may ask for (see BraidRpcs.quick).
 QUICK_MAX_LIMIT = 100
 QUICK_MAX_EF = 256
-# A quick BM25 query: its text's length, and its terms' document frequencies summed (tantivy
-# reads about 10 ns per posting here: 100,000 postings take well under a millisecond).
-QUICK_MAX_QUERY_CHARS = 1024
+# A quick BM25 query: its text's length (each term costs tantivy a look-up in every segment:
+# some 40 words at most), and its terms' document frequencies summed (tantivy reads about
+# 10 ns per posting here: 100,000 postings take well under a millisecond).
+QUICK_MAX_QUERY_CHARS = 256
 QUICK_MAX_POSTINGS = 100_000
 
 
