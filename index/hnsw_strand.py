@@ -1,65 +1,75 @@
 """The dense strand of an HNSW field in one shard: searches never wait for writes.
 
-hnswlib cannot search a graph while it inserts into it (nmslib/hnswlib#562), so no
-write ever touches a graph that searches read. The strand has three kinds of part:
+hnswlib cannot search a graph while it inserts into it (nmslib/hnswlib#562), and it holds
+Python's GIL while it copies, saves or loads one, so no write ever touches a graph that
+searches read, and graphs are only ever built by ``add_items`` (which releases the GIL)
+into a graph nobody searches yet. The strand has three kinds of part:
 
 * ``growing``: an appendable block of rows (labels ascending, float32 vectors in one
-  contiguous array; cosine rows normalised as hnswlib stores them). A write copies its
+  contiguous array; cosine rows normalised once, ``stored_form``). A write copies its
   vectors in under the shard's write lock (microseconds); searches scan it exactly.
-  At SEAL_ROWS rows it is frozen and a fresh block starts.
-* ``frozen``: full growing blocks, immutable, scanned exactly until the maintainer
-  merges them into the base.
-* ``base``: one hnswlib graph over every older label, plus a contiguous copy of its
-  vectors (the filter planner's exact scans read it: hnswlib hands vectors out only one
-  label at a time). Searched without a lock of its own: the only change it sees is a
-  delete mark, which writers set under the shard's write lock, which searches exclude by
-  holding the read lock.
+  At SEAL_ROWS rows it is frozen and a fresh one starts.
+* ``frozen``: full growing blocks, immutable, scanned exactly until the sealer builds
+  them into a graph.
+* ``graphs``: sealed segments, oldest first, over disjoint ascending label ranges; each an
+  hnswlib graph plus a contiguous copy of its vectors (the filter planner's exact scans
+  read it: hnswlib hands vectors out only one label at a time). Immutable while searched
+  except for delete marks, which writers set under the shard's write lock (searches hold
+  the read lock).
 
-Labels only grow, so base labels < frozen labels < growing labels, each part sorted.
+Labels only grow, so graph labels < frozen labels < growing labels.
 
-The maintainer (a thread per strand, alive while blocks are frozen) merges every frozen
-block into a *copy* of the base, off every lock: searches keep reading the old base and
-the frozen blocks, writes keep landing in the growing block. It then swaps the new
-base in under the write lock and marks the deletes made meanwhile. Once deletes reach
-TOMBSTONE_RATIO of the base, the merge builds the graph afresh from the live vectors
-instead (compaction). Writers wait, before they log anything or take a lock, while more
-than MAX_PENDING_ROWS rows are frozen: ingest slows to what the maintainer builds and
-searches scan a bounded number of rows exactly. During recovery (before ``start``) there
-are no searches, so frozen blocks are merged into the base in place, in the replaying
-thread.
+Two background threads per strand, each alive only while it has work:
 
-Search (``search``), one query batch: the base's graph walk, an exact scan of each
-frozen and growing block, and the best k of them. With a filter (a bool mask over
-labels), the planner picks per part, from the number of matching live labels ``count``:
-an exact scan of just those rows from the contiguous vectors when ``count`` is below
-what the walk would visit (WALK_COST per candidate asked for), else an unfiltered walk
-asking for enough candidates that about ``ef`` of them should match (the beam an
-unfiltered search gets), filtered afterwards (a query row left with fewer than k matches is scanned exactly). No Python
-callback runs per visited node.
+* the **sealer** builds every frozen block's live rows into a new graph (no lock held),
+  then appends it under the write lock, marking the deletes made meanwhile. Writers wait,
+  before they log anything or take a lock, while more than MAX_PENDING_ROWS rows are
+  frozen or more than MAX_GRAPHS graphs wait for the merger: ingest slows to what the
+  threads build, and a search scans and walks a bounded number of parts.
+* the **merger** keeps the graph count small, as an LSM tree does: TIER_FANOUT adjacent
+  graphs of one size tier (tier t: live rows in [TIER_UNIT x 4^t, TIER_UNIT x 4^(t+1))) are
+  rebuilt into one; a graph whose deletes reach TOMBSTONE_RATIO is rebuilt alone; and
+  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one, so a quiet strand
+  is searched as one graph. It builds in chunks and stops between them when the strand
+  closes. The merged graph replaces its inputs under the write lock.
+
+During recovery (before ``start``) nothing searches, so frozen rows go straight into the
+newest graph recovery made (in place, in the replaying thread): replay inserts each
+vector once.
+
+Search (``search``), one query batch: each graph's walk, an exact scan of each frozen and
+growing block, then every part's best candidates are scored the same exact way and the
+best k kept. With a filter (a bool mask over labels), the planner picks per graph, from
+the number ``count`` of matching live labels in it: an exact scan of just those rows
+from the contiguous vectors when that costs less than the walk would (WALK_COST rows a
+candidate), else an unfiltered walk asking for OVERSAMPLE x ef / selectivity
+candidates, filtered afterwards (a query left with fewer than k matches is scanned
+exactly). No Python callback runs per visited node.
 
 In a checkpoint generation directory (``save`` / ``load``)::
 
-    <field>.g<id>.hnsw       the base graph (hnswlib's serialisation, checked by index/hnswfile.py).
-                             Named once and never rewritten: while the base is unchanged a later
-                             checkpoint hard-links the file from the previous generation.
+    <field>.g<id>.hnsw       a graph (hnswlib's serialisation, checked by index/hnswfile.py). Named
+                             once and never rewritten: while a graph is unchanged, later
+                             checkpoints hard-link its file from the previous generation.
     <field>.rows.npy         the live frozen and growing rows' vectors (float32, n x dim; absent when none)
     <field>.rows-labels.npy  their labels (int64, ascending)
-    <field>.hnsw.json        {"format": 1, "base": "<field>.g<id>.hnsw" | null, "next_id": N, "crc32"}
+    <field>.hnsw.json        {"format": 1, "graphs": ["<field>.g<id>.hnsw", ...] (oldest first),
+                              "next_id": N, "crc32"}
 
-A checkpoint written before segments (a single ``<field>.hnsw``, no ``.hnsw.json``) loads
-as the base. Delete marks are not part of the files: ``load`` marks every label of the
-graph that ``present`` (the checkpoint's live labels with a vector) leaves out.
+A checkpoint written before segments (one ``<field>.hnsw``, no ``.hnsw.json``) loads as
+one graph. Delete marks are not part of the files: ``load`` marks every label of a graph
+that ``present`` (the checkpoint's live labels with a vector) leaves out.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hnswlib
@@ -79,11 +89,18 @@ log = logging.getLogger("braid.hnsw")
 FORMAT_VERSION = 1
 SEAL_ROWS = 2048  # a growing block this full is frozen; an exact scan of it costs about one graph walk
 MAX_PENDING_ROWS = 8 * SEAL_ROWS  # writers wait while more rows than this are frozen
-TOMBSTONE_RATIO = 0.25  # a base with this share of its labels deleted is rebuilt from its live vectors
-WALK_COST = 8.0  # a graph walk asking for n candidates costs about as much as scanning WALK_COST x n rows
+TIER_UNIT = 4 * SEAL_ROWS  # graphs below 4 x this many live rows are tier 0
+TIER_FACTOR = 4
+TIER_FANOUT = 4  # this many adjacent graphs of one tier are merged into one
+MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
+TOMBSTONE_RATIO = 0.25  # a graph with this share of its labels deleted is rebuilt from its live vectors
+IDLE_MERGE_S = 5.0  # after this long without a seal, every graph is merged into one
+BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
+WALK_COST = 12.0  # a graph walk asking for n candidates costs about as much as scanning WALK_COST x n rows
+OVERSAMPLE = 3.0  # a filtered walk asks for this many times ef / selectivity candidates (recall >= 0.95)
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
-ROOM_WAIT_S = 60.0  # a writer waits at most this long for the maintainer before it goes on anyway
-# Cosine rows are normalised here, once (``_stored_form``), and searched as inner products: a
+ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
+# Cosine rows are normalised here, once (``stored_form``), and searched as inner products: a
 # cosine-space graph would normalise them again and store slightly different floats.
 _SPACES = {Metric.COSINE: "ip", Metric.DOT: "ip", Metric.L2: "l2"}
 Hit = tuple[np.ndarray, np.ndarray]
@@ -91,7 +108,7 @@ _EMPTY: Hit = (np.empty(0, np.int64), np.empty(0, np.float32))
 
 
 class _Block:
-    """Rows of the strand outside the base: labels ascending, vectors row by row."""
+    """Rows of the strand outside the graphs: labels ascending, vectors row by row."""
 
     __slots__ = ("labels", "n", "vectors")
 
@@ -120,17 +137,22 @@ class _Block:
         return _Block.of(self.labels[: self.n], self.vectors[: self.n])
 
 
-class _Base:
-    """The strand's graph: every label it holds (ascending) and their vectors in the same order."""
+class _Graph:
+    """A sealed segment: an hnswlib graph, every label it holds (ascending) and their vectors in that order."""
 
-    __slots__ = ("dead", "file", "graph", "labels", "vectors")
+    __slots__ = ("dead", "file", "graph", "labels", "mutable", "vectors")
 
-    def __init__(self, graph: hnswlib.Index, labels: np.ndarray, vectors: np.ndarray, file: str | None) -> None:
+    def __init__(self, graph: hnswlib.Index, labels: np.ndarray, vectors: np.ndarray) -> None:
         self.graph = graph
         self.labels = labels
         self.vectors = vectors
-        self.file = file  # its checkpoint file once it has one (immutable, so later checkpoints link it)
+        self.file: str | None = None  # its checkpoint file once it has one (immutable: later checkpoints link it)
         self.dead = 0  # labels of the graph marked deleted
+        self.mutable = False  # made by this recovery: frozen rows may still go into it in place
+
+    @property
+    def first(self) -> int:
+        return int(self.labels[0]) if len(self.labels) else -1
 
     @property
     def top(self) -> int:
@@ -147,39 +169,46 @@ class HnswStrand:
     def __init__(self, spec: DenseFieldSpec, present: LabelMask | None = None) -> None:
         self.spec = spec
         self._present = present if present is not None else LabelMask()
-        self._base: _Base | None = None
+        self._graphs: tuple[_Graph, ...] = ()
         self._frozen: tuple[_Block, ...] = ()
         self._growing = _Block(spec.dim, SEAL_ROWS)
-        self._next_id = 0  # the next base file's id
-        self._cond = threading.Condition()  # guards the maintainer's state below; writers wait on it for room
-        self._pending = 0  # rows frozen and not yet merged
-        self._thread: threading.Thread | None = None
+        self._next_id = 0  # the next graph file's id
+        self._cond = threading.Condition()  # guards the threads' state below; writers wait on it for room
+        self._pending = 0  # rows frozen and not yet sealed
+        self._sealer: threading.Thread | None = None
+        self._merger: threading.Thread | None = None
         self._closing = False
-        self._failures = 0  # merges failed in a row (writers stop waiting for room meanwhile)
-        self._merge_deletes: list[int] | None = None  # labels deleted while a merge builds
-        self._lock: ReadWriteLock | None = None  # the shard's, once started (None: recovering, merge in place)
+        self._failures = 0  # seals failed in a row (writers stop waiting for room meanwhile)
+        self._last_seal = time.monotonic()
+        self._recording: list[list[int]] = []  # per build in flight: labels deleted since it started
+        self._lock: ReadWriteLock | None = None  # the shard's, once started (None: recovering, build in place)
         self.stats = JobStats()
 
     # ------------------------------------------------------------- lifecycle
 
     def start(self, lock: ReadWriteLock, stats: JobStats | None = None) -> None:
-        """Serve: from now on merges run in the background and swap under ``lock`` (the shard's)."""
+        """Serve: from now on seals and merges run in the background and swap under ``lock`` (the shard's)."""
         if stats is not None:
             self.stats = stats
+        for graph in self._graphs:
+            graph.mutable = False
         with self._cond:
             self._lock = lock
             if self._frozen:
-                self._start_maintainer()
+                self._start("sealer")
+            if len(self._graphs) > 1:
+                self._start("merger")
 
     def close(self) -> None:
-        """Stop the maintainer (a running merge is abandoned) and wait for it. Never call it
-        holding the shard's lock: the maintainer may be waiting for it to swap."""
+        """Stop both threads (a running merge is abandoned at its next chunk) and wait for them.
+        Never call it holding the shard's lock: a thread may be waiting for it to swap."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            threads = [t for t in (self._sealer, self._merger) if t is not None]
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     # ------------------------------------------------------------------ writes
 
@@ -202,27 +231,34 @@ class HnswStrand:
         """Delete the label's vector; False when it has none here."""
         if not self._present.discard(label):
             return False
-        base = self._base
-        if base is not None and label <= base.top and _mark(base.graph, label):
-            base.dead += 1
-        if self._merge_deletes is not None:
-            self._merge_deletes.append(label)
+        for graph in self._graphs:
+            if graph.first <= label <= graph.top:
+                if _mark(graph.graph, label):
+                    graph.dead += 1
+                break
+        for deleted in self._recording:
+            deleted.append(label)
         return True
 
     def wait_for_room(self, timeout_s: float = ROOM_WAIT_S) -> None:
-        """Block (holding no lock) while more than MAX_PENDING_ROWS rows wait for the maintainer."""
+        """Block (holding no lock) while more than MAX_PENDING_ROWS rows wait for the sealer, or more
+        than MAX_GRAPHS graphs for the merger: searches scan and walk a bounded number of parts."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._pending > MAX_PENDING_ROWS and self._thread is not None and not self._failures:
+            while not self._failures and (
+                (self._pending > MAX_PENDING_ROWS and self._sealer is not None)
+                or (len(self._graphs) > MAX_GRAPHS and self._merger is not None)
+            ):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closing:
                     return
                 self._cond.wait(remaining)
 
     def stored_form(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the strand keeps and scores them: cosine ones normalised (as hnswlib would)."""
         if self.spec.metric is not Metric.COSINE:
             return vectors
-        return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + np.float32(1e-30))  # as hnswlib does
+        return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + np.float32(1e-30))
 
     def _freeze(self, block: _Block) -> None:
         with self._cond:
@@ -230,9 +266,9 @@ class HnswStrand:
             self._pending += block.n
             if self._lock is None:
                 if self._pending > MAX_PENDING_ROWS:
-                    self._merge_in_place()
+                    self._seal_in_place()
             else:
-                self._start_maintainer()
+                self._start("sealer")
 
     # ------------------------------------------------------------------- reads
 
@@ -247,25 +283,26 @@ class HnswStrand:
         return self._present.count
 
     def memory_bytes(self) -> int:
-        """Estimated resident bytes: the base graph (``hnsw_memory_bytes``) and its vectors' copy,
-        the frozen and growing blocks and the live-label mask."""
+        """Estimated resident bytes: every graph (``hnsw_memory_bytes``) and its vectors' copy, the
+        frozen and growing blocks and the live-label mask."""
         total = self._present.mask.nbytes + self._growing.vectors.nbytes + self._growing.labels.nbytes
         total += sum(block.vectors.nbytes + block.labels.nbytes for block in self._frozen)
-        base = self._base
-        if base is not None:
-            graph = base.graph
-            spec = self.spec
-            total += hnsw_memory_bytes(graph.get_max_elements(), graph.get_current_count(), spec.dim, spec.hnsw.m)
-            total += base.vectors.nbytes + base.labels.nbytes
+        spec = self.spec
+        for graph in self._graphs:
+            index = graph.graph
+            total += hnsw_memory_bytes(index.get_max_elements(), index.get_current_count(), spec.dim, spec.hnsw.m)
+            total += graph.vectors.nbytes + graph.labels.nbytes
         return total
 
     def segments(self) -> dict[str, int]:
-        """Rows in each kind of part (for operators and tests): base, frozen, growing, dead."""
-        base = self._base
+        """For operators and tests: graphs (how many), and rows by part: sealed (in graphs, dead
+        included), dead (deleted, still in a graph), frozen (waiting for the sealer), growing."""
+        graphs, frozen = self._graphs, self._frozen
         return {
-            "base": 0 if base is None else len(base.labels),
-            "dead": 0 if base is None else base.dead,
-            "frozen": sum(block.n for block in self._frozen),
+            "graphs": len(graphs),
+            "sealed": sum(len(graph.labels) for graph in graphs),
+            "dead": sum(graph.dead for graph in graphs),
+            "frozen": sum(block.n for block in frozen),
             "growing": self._growing.n,
         }
 
@@ -277,19 +314,17 @@ class HnswStrand:
         return out
 
     def _row(self, label: int) -> np.ndarray:
-        base = self._base
-        if base is not None and label <= base.top:
-            return base.vectors[int(np.searchsorted(base.labels, label))]
-        for block in (*self._frozen, self._growing.view()):
-            if block.n and label <= block.labels[-1]:
-                return block.vectors[int(np.searchsorted(block.labels, label))]
+        for part in (*self._graphs, *self._frozen, self._growing.view()):
+            labels = part.labels
+            if len(labels) and labels[0] <= label <= labels[-1]:
+                return part.vectors[int(np.searchsorted(labels, label))]
         raise KeyError(label)
 
     def search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None = None) -> list[Hit]:
         """k best live vectors of each query row, as (labels int64, scores float32) best first.
 
         ``allowed`` is a bool mask over labels (labels past its end are excluded); the
-        planner in the module doc decides how each part honours it. Every part ranks its
+        planner in the module doc decides how each graph honours it. Every part ranks its
         own candidates, then scores its best ones the same exact way (``_exact_scores``),
         so a document's score never depends on which part holds it.
         """
@@ -301,71 +336,61 @@ class HnswStrand:
             size = min(len(allowed), len(present))
             allowed = allowed[:size] & present[:size]
         parts: list[list[Hit]] = []
-        base = self._base
-        if base is not None and base.live > 0:
-            parts.append(self._search_base(base, queries, k, ef, allowed))
+        for graph in self._graphs:
+            if graph.live > 0:
+                parts.append(self._search_graph(graph, queries, k, ef, allowed))
         for block in (*self._frozen, self._growing.view()):
             if block.n:
                 mask = allowed if allowed is not None else present
                 parts.append(self._scan(block.labels, block.vectors, queries, k, _inside(mask, block.labels)))
+        if not parts:
+            return [_EMPTY for _ in range(len(queries))]
         if len(parts) == 1:
             return parts[0]
         return [_best(k, [part[i] for part in parts]) for i in range(len(queries))]
 
-    def _search_base(self, base: _Base, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None) -> list[Hit]:
+    def _search_graph(
+        self, graph: _Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
+    ) -> list[Hit]:
         if allowed is None:
-            want = min(max(k, ef), base.live)
-            found = self._walk(base, queries, want)
+            want = min(max(k, ef), graph.live)
+            found = _walk(graph, queries, want)
             if found is None:  # hnswlib found fewer than `want` live neighbours: scan instead
-                return self._scan(base.labels, base.vectors, queries, k, _inside(self._present.mask, base.labels))
-            return [
-                self._rescored(base, query, labels[: k + _SLACK], k)
-                for query, labels in zip(queries, found, strict=True)
-            ]
-        window = allowed[: base.top + 1]
+                return self._scan(graph.labels, graph.vectors, queries, k, _inside(self._present.mask, graph.labels))
+            return [self._rescored(graph, q, labels[: k + _SLACK], k) for q, labels in zip(queries, found, strict=True)]
+        window = allowed[graph.first : graph.top + 1]
         count = int(np.count_nonzero(window))
         if count == 0:
             return [_EMPTY for _ in range(len(queries))]
-        # As many candidates as keep about ef matching ones: the beam an unfiltered search gets.
-        want = min(base.live, math.ceil(max(k, ef) * base.live / count))
+        want = min(graph.live, math.ceil(OVERSAMPLE * max(k, ef) * graph.live / count))
         if count <= WALK_COST * want:  # scanning the matching rows costs less than the walk
-            return self._scan_rows(base, queries, k, self._base_rows(base, window))
-        found = self._walk(base, queries, want)
+            return self._scan_rows(graph, queries, k, self._rows(graph, window))
+        found = _walk(graph, queries, want)
         out: list[Hit] = []
         rows = None
         for i, query in enumerate(queries):
             if found is not None:
                 labels = found[i]
-                labels = labels[_inside(window, labels)]
+                labels = labels[_inside(window, labels - graph.first)]
                 if len(labels) >= min(k, count):
-                    out.append(self._rescored(base, query, labels[: k + _SLACK], k))
+                    out.append(self._rescored(graph, query, labels[: k + _SLACK], k))
                     continue
             if rows is None:  # the walk came back short: the exact scan is always right
-                rows = self._base_rows(base, window)
-            out.append(self._scan_rows(base, query[None, :], k, rows)[0])
+                rows = self._rows(graph, window)
+            out.append(self._scan_rows(graph, query[None, :], k, rows)[0])
         return out
 
-    @staticmethod
-    def _walk(base: _Base, queries: np.ndarray, want: int) -> list[np.ndarray] | None:
-        """The graph's ``want`` nearest labels of each query, nearest first; None when it cannot find that many."""
-        try:
-            # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
-            labels, _ = base.graph.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
-        except RuntimeError:
-            return None
-        return list(labels.astype(np.int64))
-
-    def _rescored(self, base: _Base, query: np.ndarray, labels: np.ndarray, k: int) -> Hit:
-        rows = np.searchsorted(base.labels, labels)
-        return _best_exact(self.spec.metric, query, labels, base.vectors[rows], k)
+    def _rescored(self, graph: _Graph, query: np.ndarray, labels: np.ndarray, k: int) -> Hit:
+        rows = np.searchsorted(graph.labels, labels)
+        return _best_exact(self.spec.metric, query, labels, graph.vectors[rows], k)
 
     @staticmethod
-    def _base_rows(base: _Base, mask: np.ndarray) -> np.ndarray:
-        """Rows of the base whose labels the mask allows."""
-        return np.searchsorted(base.labels, np.flatnonzero(mask[: base.top + 1]))
+    def _rows(graph: _Graph, window: np.ndarray) -> np.ndarray:
+        """Rows of the graph whose labels ``window`` (a mask from the graph's first label) allows."""
+        return np.searchsorted(graph.labels, np.flatnonzero(window) + graph.first)
 
-    def _scan_rows(self, base: _Base, queries: np.ndarray, k: int, rows: np.ndarray) -> list[Hit]:
-        return self._scan(base.labels[rows], base.vectors[rows], queries, k, None)
+    def _scan_rows(self, graph: _Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> list[Hit]:
+        return self._scan(graph.labels[rows], graph.vectors[rows], queries, k, None)
 
     def _scan(
         self, labels: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, keep: np.ndarray | None
@@ -385,73 +410,144 @@ class HnswStrand:
             out.append(_best_exact(self.spec.metric, query, labels[top], vectors[top], k))
         return out
 
-    # --------------------------------------------------------------- merging
+    # ------------------------------------------------------- sealing, merging
 
-    def _start_maintainer(self) -> None:
-        """Caller holds ``_cond``."""
-        if self._thread is None and not self._closing:
-            self._thread = threading.Thread(target=self._maintain, name=f"braid-hnsw-{self.spec.name}", daemon=True)
-            self._thread.start()
+    def _start(self, which: str) -> None:
+        """Start the sealer or the merger unless it runs (caller holds ``_cond``)."""
+        if self._closing:
+            return
+        if which == "sealer" and self._sealer is None:
+            self._sealer = _thread(self._seal_loop, f"braid-seal-{self.spec.name}")
+        elif which == "merger" and self._merger is None:
+            self._merger = _thread(self._merge_loop, f"braid-merge-{self.spec.name}")
         self._cond.notify_all()
 
-    def _maintain(self) -> None:
+    def _seal_loop(self) -> None:
         while True:
             with self._cond:
                 if not self._frozen or self._closing:
-                    self._thread = None
+                    self._sealer = None
                     self._cond.notify_all()
                     return
                 if self._failures:  # back off after a failure: 1 s, 2 s, ... at most a minute
                     self._cond.wait(min(60.0, 2.0 ** (self._failures - 1)))
                     if self._closing:
                         continue
-            started = time.perf_counter()
-            try:
-                merged = self._merge_in_background()
-            except Exception:
-                log.exception("merging frozen rows of field %s failed; it is tried again", self.spec.name)
-                self.stats.record("hnsw-merge", "failed", time.perf_counter() - started)
-                with self._cond:
-                    self._failures += 1
-                    self._cond.notify_all()  # writers waiting for room go on
-                continue
-            self.stats.record("hnsw-merge", "ok" if merged else "cancelled", time.perf_counter() - started)
+            ok = self._job("seal", self._seal)
             with self._cond:
-                self._failures = 0
+                self._failures = 0 if ok else self._failures + 1
+                self._last_seal = time.monotonic()
+                self._cond.notify_all()  # writers waiting for room (they go on after a failure too)
+                self._start("merger")
 
-    def _merge_in_background(self) -> bool:
-        """One merge of every frozen block into a copy of the base; False when closing stopped it."""
+    def _merge_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing:
+                    self._merger = None
+                    self._cond.notify_all()
+                    return
+                plan = _plan(self._graphs)
+                if plan is None and len(self._graphs) > 1:
+                    idle = IDLE_MERGE_S - (time.monotonic() - self._last_seal)
+                    if idle > 0 or self._sealer is not None:  # not yet quiet: look again then
+                        self._cond.wait(max(idle, 0.05))
+                        continue
+                    plan = (0, len(self._graphs))
+                if plan is None:
+                    self._merger = None
+                    self._cond.notify_all()
+                    return
+            if not self._job("merge", lambda plan=plan: self._merge(*plan)):
+                with self._cond:  # a failed merge is tried again by the next seal, not in a loop
+                    self._merger = None
+                    self._cond.notify_all()
+                    return
+
+    def _job(self, kind: str, run: Callable[[], bool]) -> bool:
+        started = time.perf_counter()
+        try:
+            done = run()
+        except Exception:
+            log.exception("HNSW %s of field %s failed; it is tried again later", kind, self.spec.name)
+            self.stats.record(f"hnsw-{kind}", "failed", time.perf_counter() - started)
+            return False
+        self.stats.record(f"hnsw-{kind}", "ok" if done else "cancelled", time.perf_counter() - started)
+        return True
+
+    def _seal(self) -> bool:
+        """Build every frozen block into one new graph and append it; False when closing stopped it."""
         lock = self._lock
         assert lock is not None
         with lock.write():
-            base, blocks = self._base, self._frozen
-            self._merge_deletes = []
+            blocks = self._frozen
+            deleted: list[int] = []
+            self._recording.append(deleted)
+        fresh = None
         try:
-            fresh = self._build(base, blocks, copy_base=True)
-        except BaseException:
+            labels, vectors = self._live_rows(blocks)
+            fresh = self._build(labels, vectors)
+        finally:
             with lock.write():
-                self._merge_deletes = None
-            raise
-        with lock.write():
-            deleted, self._merge_deletes = self._merge_deletes, None
-            if self._closing:
-                return False
-            self._install(fresh, deleted)
-            self._frozen = self._frozen[len(blocks) :]
-        with self._cond:
-            self._pending -= sum(block.n for block in blocks)
-            self._cond.notify_all()
-        return True
+                self._recording = [r for r in self._recording if r is not deleted]  # by identity
+                done = fresh is not None and not self._closing
+                if done:
+                    assert fresh is not None
+                    self._install(fresh, deleted)
+                    self._graphs += (fresh,)
+                    self._frozen = self._frozen[len(blocks) :]
+        if done:
+            with self._cond:
+                self._pending -= sum(block.n for block in blocks)
+        return done
 
-    def _merge_in_place(self) -> None:
-        """Recovery's merge (no searches run yet): the frozen blocks go straight into the base graph.
-        Caller holds ``_cond``."""
-        fresh = self._build(self._base, self._frozen, copy_base=False)
-        self._install(fresh, [])
+    def _merge(self, start: int, end: int) -> bool:
+        """Rebuild graphs[start:end] (adjacent) from their live rows into one; False when closing stopped it."""
+        lock = self._lock
+        assert lock is not None
+        with lock.write():
+            inputs = self._graphs[start:end]
+            deleted: list[int] = []
+            self._recording.append(deleted)
+        merged = None
+        try:
+            present = self._present.mask
+            keep = [_inside(present, graph.labels) for graph in inputs]
+            labels = np.concatenate([graph.labels[m] for graph, m in zip(inputs, keep, strict=True)])
+            vectors = np.concatenate([graph.vectors[m] for graph, m in zip(inputs, keep, strict=True)])
+            merged = self._build(labels, vectors)
+        finally:
+            with lock.write():
+                self._recording = [r for r in self._recording if r is not deleted]  # by identity
+                swap = merged is not None and not self._closing and self._graphs[start:end] == inputs
+                if swap:
+                    assert merged is not None
+                    self._install(merged, deleted)
+                    self._graphs = (*self._graphs[:start], merged, *self._graphs[end:])
+        with self._cond:
+            self._cond.notify_all()  # writers waiting for the graph count to fall
+        return swap
+
+    def _seal_in_place(self) -> None:
+        """Recovery's seal (nothing searches yet): frozen rows go into the graph this recovery made,
+        or a new one. Caller holds ``_cond``."""
+        labels, vectors = self._live_rows(self._frozen)
+        newest = self._graphs[-1] if self._graphs else None
+        if newest is not None and newest.mutable:
+            index = newest.graph
+            if len(labels):
+                index.resize_index(index.get_current_count() + len(labels))
+                index.add_items(vectors, labels, num_threads=-1)
+            grown = _Graph(index, np.concatenate([newest.labels, labels]), np.concatenate([newest.vectors, vectors]))
+            grown.dead, grown.mutable = newest.dead, True
+            self._graphs = (*self._graphs[:-1], grown)
+        else:
+            fresh = self._build(labels, vectors)
+            fresh.mutable = True
+            self._graphs += (fresh,)
         self._frozen, self._pending = (), 0
 
-    def _build(self, base: _Base | None, blocks: tuple[_Block, ...], copy_base: bool) -> _Base:
-        """A base holding ``base``'s graph plus the live rows of ``blocks`` (no lock held)."""
+    def _live_rows(self, blocks: tuple[_Block, ...]) -> tuple[np.ndarray, np.ndarray]:
         present = self._present.mask
         keep = [_inside(present, block.labels) for block in blocks]
         labels = np.concatenate([block.labels[m] for block, m in zip(blocks, keep, strict=True)] or [_EMPTY[0]])
@@ -459,45 +555,37 @@ class HnswStrand:
             [block.vectors[m] for block, m in zip(blocks, keep, strict=True)]
             or [np.empty((0, self.spec.dim), np.float32)]
         )
-        if base is None or base.dead > TOMBSTONE_RATIO * len(base.labels):
-            if base is not None:  # compaction: the live rows of the base first, then the new ones
-                live = _inside(present, base.labels)
-                labels = np.concatenate([base.labels[live], labels])
-                vectors = np.concatenate([base.vectors[live], vectors])
-            graph = self._new_graph(len(labels))
-            if len(labels):
-                graph.add_items(vectors, labels, num_threads=-1)
-            return _Base(graph, labels, vectors, None)
-        graph = copy.deepcopy(base.graph) if copy_base else base.graph
-        if len(labels):
-            graph.resize_index(graph.get_current_count() + len(labels))
-            graph.add_items(vectors, labels, num_threads=-1)
-        return _Base(graph, np.concatenate([base.labels, labels]), np.concatenate([base.vectors, vectors]), None)
+        return labels, vectors
 
-    def _install(self, fresh: _Base, deleted: list[int] | None) -> None:
-        """Make ``fresh`` the base (caller excludes searches), marking the labels deleted while it
-        was built, and count its dead labels."""
-        top = fresh.top
-        for label in deleted or ():
-            if label <= top:
-                _mark(fresh.graph, label)
-        fresh.dead = len(fresh.labels) - int(np.count_nonzero(_inside(self._present.mask, fresh.labels)))
-        self._base = fresh
-
-    def _new_graph(self, capacity: int) -> hnswlib.Index:
+    def _build(self, labels: np.ndarray, vectors: np.ndarray) -> _Graph:
+        """A new graph of these rows, built off every lock in chunks (hnswlib releases the GIL while it
+        inserts); stops early, unfinished, when the strand closes (the caller then drops it)."""
         spec = self.spec
-        graph = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
-        graph.init_index(max_elements=max(capacity, 1), M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
+        index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
+        index.init_index(max_elements=max(len(labels), 1), M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
         # The index-wide ef stays tiny: a query raises its own beam by asking for more
         # neighbours (hnswlib searches with max(ef, k)); set_ef is state concurrent queries would race on.
-        graph.set_ef(1)
-        return graph
+        index.set_ef(1)
+        for start in range(0, len(labels), BUILD_CHUNK):
+            if self._closing:
+                break
+            index.add_items(vectors[start : start + BUILD_CHUNK], labels[start : start + BUILD_CHUNK], num_threads=-1)
+        return _Graph(index, labels, vectors)
 
-    def wait_merged(self, timeout_s: float) -> bool:
-        """Block until no rows are frozen (True) or ``timeout_s`` passes (False). For benchmarks and tests."""
+    def _install(self, fresh: _Graph, deleted: list[int]) -> None:
+        """Mark in ``fresh`` the labels deleted while it was built (caller excludes searches) and count its dead."""
+        first, top = fresh.first, fresh.top
+        for label in deleted:
+            if first <= label <= top:
+                _mark(fresh.graph, label)
+        fresh.dead = len(fresh.labels) - int(np.count_nonzero(_inside(self._present.mask, fresh.labels)))
+
+    def wait_merged(self, timeout_s: float, settled: bool = False) -> bool:
+        """Block until no rows are frozen (and, with ``settled``, no merge is due or running) or
+        ``timeout_s`` passes; whether it got there. For benchmarks and tests."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._frozen and self._thread is not None:
+            while (self._frozen and self._sealer is not None) or (settled and self._merger is not None):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -508,20 +596,21 @@ class HnswStrand:
 
     def save(self, directory: Path, previous: Path | None = None) -> None:
         """Write the strand into checkpoint ``directory`` (the shard holds writes off; searches and
-        the maintainer go on): the base graph once (linked from ``previous``, the last generation,
-        while it is unchanged), the live frozen and growing rows, and ``<field>.hnsw.json``."""
+        the threads go on): each graph once (linked from ``previous``, the last generation, while it
+        is unchanged), the live frozen and growing rows, and ``<field>.hnsw.json``."""
         name = self.spec.name
         with self._lock.read() if self._lock is not None else contextlib.nullcontext():
-            base, blocks = self._base, (*self._frozen, self._growing.view())  # one merge's swap: both or neither
-        meta: dict = {"format": FORMAT_VERSION, "base": None}
-        if base is not None:
-            file = base.file or f"{name}.g{self._next_id}.hnsw"
-            if base.file is None:
+            graphs, blocks = self._graphs, (*self._frozen, self._growing.view())  # a swap: both or neither
+        files = []
+        for graph in graphs:
+            file = graph.file or f"{name}.g{self._next_id}.hnsw"
+            if graph.file is None:
                 self._next_id += 1
-            if not _link(previous / file if previous is not None and base.file else None, directory / file):
-                hnswfile.save(base.graph, directory / file, self.spec.dim)
-            base.file = meta["base"] = file
-        meta["next_id"] = self._next_id
+            if not _link(previous / file if previous is not None and graph.file else None, directory / file):
+                hnswfile.save(graph.graph, directory / file, self.spec.dim)
+            if not graph.mutable:  # a graph recovery may still grow is saved again next time
+                graph.file = file
+            files.append(file)
         present = self._present.mask
         keep = [_inside(present, block.labels) for block in blocks]
         labels = np.concatenate([block.labels[m] for block, m in zip(blocks, keep, strict=True)])
@@ -529,6 +618,7 @@ class HnswStrand:
             vectors = np.concatenate([block.vectors[m] for block, m in zip(blocks, keep, strict=True)])
             durable.write_npy(directory / f"{name}.rows.npy", vectors)
             durable.write_npy(directory / f"{name}.rows-labels.npy", labels)
+        meta = {"format": FORMAT_VERSION, "graphs": files, "next_id": self._next_id}
         durable.write_bytes(directory / f"{name}.hnsw.json", dumps_checked(meta))
 
     @classmethod
@@ -540,15 +630,20 @@ class HnswStrand:
         if meta is None:  # written before segments: one graph, or nothing yet
             legacy = directory / f"{spec.name}.hnsw"
             if legacy.exists():
-                strand._install(strand._load_graph(legacy), None)
+                strand._graphs = (strand._load_graph(legacy),)
             return strand
-        if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("next_id"), int):
-            raise DataLoss(f"{path}: unsupported format {meta.get('format')!r} or no next_id")
+        graphs = meta.get("graphs")
+        if (
+            meta.get("format") != FORMAT_VERSION
+            or not isinstance(meta.get("next_id"), int)
+            or not isinstance(graphs, list)
+        ):
+            raise DataLoss(f"{path}: unsupported format {meta.get('format')!r}, or no next_id or graphs")
         strand._next_id = meta["next_id"]
-        if meta.get("base"):
-            base = strand._load_graph(directory / str(meta["base"]))
-            base.file = str(meta["base"])
-            strand._install(base, None)
+        for file in graphs:
+            graph = strand._load_graph(directory / str(file))
+            graph.file = str(file)
+            strand._graphs += (graph,)
         rows = directory / f"{spec.name}.rows.npy"
         if rows.exists():
             vectors = np.load(rows, allow_pickle=False)
@@ -561,32 +656,69 @@ class HnswStrand:
                 strand._pending += block.n
         return strand
 
-    def _load_graph(self, path: Path) -> _Base:
+    def _load_graph(self, path: Path) -> _Graph:
         problem = hnswfile.check(path, self.spec.dim)  # hnswlib trusts its input: a cut file must not reach it
         if problem is not None:
             raise DataLoss(f"{path}: {problem}")
-        graph = hnswlib.Index(space=_SPACES[self.spec.metric], dim=self.spec.dim)
-        graph.load_index(str(path))
-        graph.set_ef(1)
-        labels = np.sort(np.asarray(graph.get_ids_list(), np.int64))
+        index = hnswlib.Index(space=_SPACES[self.spec.metric], dim=self.spec.dim)
+        index.load_index(str(path))
+        index.set_ef(1)
+        labels = np.sort(np.asarray(index.get_ids_list(), np.int64))
         live = _inside(self._present.mask, labels)
         # hnswlib hands out no vector of a label marked deleted; dead rows are never scanned, so zeros do.
         vectors = np.zeros((len(labels), self.spec.dim), np.float32)
         if live.any():
-            vectors[live] = np.asarray(graph.get_items(labels[live], return_type="numpy"), np.float32)
+            vectors[live] = np.asarray(index.get_items(labels[live], return_type="numpy"), np.float32)
         for label in labels[~live].tolist():
-            _mark(graph, label)  # deleted after the graph was saved (or before: already marked)
-        return _Base(graph, labels, vectors, None)
+            _mark(index, label)  # deleted after the graph was saved (or before: already marked)
+        graph = _Graph(index, labels, vectors)
+        graph.dead = int(np.count_nonzero(~live))
+        return graph
+
+
+def _plan(graphs: tuple[_Graph, ...]) -> tuple[int, int] | None:
+    """The next merge (graphs[start:end]) the tier policy wants, or None."""
+    for i, graph in enumerate(graphs):
+        if graph.dead and graph.dead >= TOMBSTONE_RATIO * len(graph.labels):
+            return i, i + 1
+    tiers = [_tier(graph.live) for graph in graphs]
+    for tier in sorted(set(tiers)):
+        run = 0
+        for i, t in enumerate(tiers):
+            run = run + 1 if t == tier else 0
+            if run == TIER_FANOUT:
+                return i + 1 - TIER_FANOUT, i + 1
+    return None
+
+
+def _tier(rows: int) -> int:
+    return max(0, int(math.log(max(rows, 1) / TIER_UNIT, TIER_FACTOR))) if rows >= TIER_UNIT else 0
+
+
+def _walk(graph: _Graph, queries: np.ndarray, want: int) -> list[np.ndarray] | None:
+    """The graph's ``want`` nearest labels of each query, nearest first; None when it cannot find that many."""
+    try:
+        # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
+        labels, _ = graph.graph.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
+    except RuntimeError:
+        return None
+    return list(labels.astype(np.int64))
+
+
+def _thread(target: Callable[[], None], name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 def _inside(mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """mask[labels], False for labels past the mask's end."""
+    """mask[labels], False for labels past the mask's end (or below 0)."""
     if not len(labels):
         return np.zeros(0, bool)
-    if int(labels.max()) < len(mask):
+    if int(labels.max()) < len(mask) and int(labels.min()) >= 0:
         return mask[labels]
     out = np.zeros(len(labels), bool)
-    inside = labels < len(mask)
+    inside = (labels >= 0) & (labels < len(mask))
     out[inside] = mask[labels[inside]]
     return out
 

@@ -358,13 +358,16 @@ class Shard:
             strand.wait_for_room()
 
     def hnsw_parts(self) -> dict[str, dict[str, int]]:
-        """Rows of each HNSW field by part (``HnswStrand.segments``), for operators. No lock."""
+        """Each HNSW field's graph count and rows by part (``HnswStrand.segments``), for operators. No lock."""
         return {name: index.segments() for name, index in list(self.dense.items()) if isinstance(index, HnswStrand)}
 
-    def wait_merged(self, timeout_s: float) -> bool:
-        """Whether every HNSW field merged its frozen rows into its graph within ``timeout_s``."""
+    def wait_merged(self, timeout_s: float, settled: bool = False) -> bool:
+        """Whether every HNSW field sealed its frozen rows into graphs (and, with ``settled``, no
+        merge is due or running) within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        return all(strand.wait_merged(max(0.0, deadline - time.monotonic())) for strand in self._hnsw_strands())
+        return all(
+            strand.wait_merged(max(0.0, deadline - time.monotonic()), settled) for strand in self._hnsw_strands()
+        )
 
     def _remove_unreferenced(self) -> None:
         """Delete segment directories the current generation does not use (old ones, unfinished merges)."""

@@ -199,6 +199,7 @@ class BraidCollector(Collector):
         read_bytes: dict[tuple[str, ...], float] = {}
         per_query: dict[tuple[str, ...], _Hist] = {}
         hnsw_rows: dict[tuple[str, ...], float] = {}
+        graphs: dict[tuple[str, ...], float] = {}
         for name, shard in list(self.sources.shards()):
             key = (name,)
             documents[key] = documents.get(key, 0) + shard.live_count
@@ -219,6 +220,7 @@ class BraidCollector(Collector):
                     at = (name,) if kind == "checkpoints" else (name, what)
                     job_seconds[kind].setdefault(at, _Hist()).add(histogram)
             for field, parts in shard.hnsw_parts().items():
+                graphs[(name, field)] = graphs.get((name, field), 0) + parts.pop("graphs")
                 for part, rows in parts.items():
                     hnsw_rows[(name, field, part)] = hnsw_rows.get((name, field, part), 0) + rows
             for field, spann in list(stats.spann.items()):
@@ -251,11 +253,19 @@ class BraidCollector(Collector):
         yield _family(
             GaugeMetricFamily,
             "braid_hnsw_rows",
-            "Rows of each HNSW field by part: base (in the graph, dead included), dead (deleted, still in the "
-            "graph), frozen (waiting to be merged into the graph), growing (taking writes); "
+            "Rows of each HNSW field by part: sealed (in graphs, dead included), dead (deleted, still in a "
+            "graph), frozen (waiting to be built into a graph), growing (taking writes); "
             "frozen and growing are searched exactly.",
             [*f, "part"],
             hnsw_rows,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "braid_hnsw_graphs",
+            "Sealed graphs of each HNSW field (summed over shards): each is walked by every search; "
+            "merges keep the count small and make it one when writes stop.",
+            f,
+            graphs,
         )
         yield _family(
             GaugeMetricFamily,

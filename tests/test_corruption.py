@@ -192,7 +192,7 @@ def _build_image(base: Path) -> dict[str, Any]:
         client.delete("c", ids=["d3", "d4", "d150"])  # tombstones in tantivy and in a sealed segment
         assert server.catalog.get("c").shards[0].wait_merged(60)
         _settle(server, client)
-        assert (server.catalog.get("c").shards[0].dense["emb"].segments()["base"]) >= 128
+        assert (server.catalog.get("c").shards[0].dense["emb"].segments()["sealed"]) >= 128
         strand = server.catalog.get("c").shards[0].dense["sp"]
         assert len(strand.sealed) >= 1 and strand.growing.live < THRESHOLD - 40
         # The log tail, replayed at the next open: new documents, a replacement, a delete.

@@ -37,6 +37,8 @@ DIM = 16
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hnsw_strand, "SEAL_ROWS", 64)
     monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 256)
+    monkeypatch.setattr(hnsw_strand, "TIER_UNIT", 256)
+    monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 0.2)
 
 
 def _spec(metric: Metric = Metric.COSINE) -> DenseFieldSpec:
@@ -107,13 +109,16 @@ def test_every_state_answers_as_brute_force(small_blocks: None, metric: Metric) 
         fill.remove(rng.choice(fill.next, 5, replace=False).tolist())
     check("while blocks are frozen and merged")
     assert fill.strand.wait_merged(60)
-    assert fill.strand.segments()["base"] > 0
+    assert fill.strand.segments()["sealed"] > 0
     check("after the merges")
-    fill.remove(np.flatnonzero(fill.live)[::2].tolist())  # half the base: the next merge compacts
+    assert fill.strand.wait_merged(60, settled=True)
+    assert fill.strand.segments()["graphs"] == 1, "a quiet strand is one graph"
+    check("after the idle merge")
+    fill.remove(np.flatnonzero(fill.live)[::2].tolist())  # half of every graph: they are compacted
     fill.add(200)
-    assert fill.strand.wait_merged(60)
+    assert fill.strand.wait_merged(60, settled=True)
     segments = fill.strand.segments()
-    assert segments["dead"] < 0.25 * segments["base"], segments
+    assert segments["dead"] < 0.25 * segments["sealed"], segments
     check("after a compaction")
     fill.strand.close()
 
@@ -125,7 +130,6 @@ def test_filters_match_brute_force_at_every_selectivity(small_blocks: None, shar
         fill.add(500)
     fill.remove(list(range(0, 6000, 7)))
     assert fill.strand.wait_merged(60)
-    fill.add(0)
     rng = np.random.default_rng(int(share * 1000))
     allowed = rng.random(6000) < share
     allowed[rng.choice(6000, 3, replace=False)] = True  # at least a few
@@ -185,6 +189,22 @@ def test_searches_run_while_writes_and_merges_go_on(small_blocks: None) -> None:
     fill.strand.close()
 
 
+def test_merges_keep_the_graph_count_small(small_blocks: None) -> None:
+    """Ingest one block at a time: the tier policy keeps the graphs few, and once writes stop the
+    strand is one graph holding every live row."""
+    fill = _Fill(Metric.L2, 8000, seed=8)
+    most = 0
+    for _ in range(8000 // 64):
+        fill.add(64)
+        fill.strand.wait_for_room()
+        most = max(most, fill.strand.segments()["graphs"])
+    assert fill.strand.wait_merged(60, settled=True)
+    segments = fill.strand.segments()
+    assert segments == {"graphs": 1, "sealed": 8000 - segments["growing"], "dead": 0, "frozen": 0, "growing": 0}
+    assert most <= 3 * 4 + 2, f"{most} graphs at once"  # (fanout - 1) per tier, three tiers, a seal or two
+    fill.strand.close()
+
+
 def _shard_schema() -> Schema:
     return Schema(dense_fields=[_spec()])
 
@@ -199,7 +219,7 @@ def test_a_checkpoint_links_an_unchanged_base_and_a_reopen_answers_the_same(smal
     for start in range(0, 1500, 100):
         shard.upsert(_docs(start, 100))
     shard.delete_ids([str(i) for i in range(0, 1500, 9)])
-    assert shard.wait_merged(60)
+    assert shard.wait_merged(60, settled=True)
     shard.flush()
     first = sorted((tmp_path / "s" / "segments").glob("*/emb.g*.hnsw"))
     assert len(first) == 1
