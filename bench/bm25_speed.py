@@ -23,7 +23,10 @@ load landing on one block). It prints the QPS of
   braid     ``braid serve`` (another process, defaults), one text field, Search with one BM25
             sub-query and limit 10, for each shard count given;
 
-and ideal = 1 / (1/tantivy + 1/echo): a server that added nothing to tantivy and gRPC.
+and ideal = 1 / (1/tantivy + 1/echo): a server that added nothing to tantivy and gRPC; and
+  bare      the echo server, but decoding each request and running the tantivy search above
+            on it (as bench/dense.py's bare reference does with hnswlib): the floor for any
+            Python gRPC server around tantivy, where the two costs share two cores.
 With ``--baseline REV`` a second ``braid serve`` runs the code of that git revision (its
 tree exported, its protos compiled) on the same data, interleaved too: before and after a
 change, in one run. The first server then runs HEAD exported the same way (commit first):
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -166,6 +170,30 @@ def aio_echo_main(port_file: str, response_hex: str) -> None:
     asyncio.run(serve())
 
 
+def bare_server_main(port_file: str, response_hex: str, docs_path: str) -> None:
+    """The "bare" reference: bench/dense.py's kind of gRPC server (grpcio's thread pool) that
+    decodes each Search and runs ``DirectTantivy`` on its text, answering fixed bytes: what any
+    Python gRPC server around tantivy must do, and nothing more."""
+    from concurrent import futures
+
+    response = bytes.fromhex(response_hex)
+    direct = DirectTantivy(json.loads(Path(docs_path).read_text()))
+
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        direct.search(pb.SearchRequest.FromString(request).queries[0].bm25.text)
+        return response
+
+    handler = grpc.method_handlers_generic_handler(
+        "braid.v1.Braid", {"Search": grpc.unary_unary_rpc_method_handler(handle, lambda b: b, lambda b: b)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Path(port_file).write_text(str(port))
+    server.wait_for_termination()
+
+
 # ---------------------------------------------------------------- baseline
 
 
@@ -279,12 +307,14 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40
             # The echo answers with the response Braid gives to a typical query.
             response_hex = client.stub.Search(_bm25_request(f"bm25-{shards[0]}", queries[0])).SerializeToString().hex()
             echoes = {}
-            for kind, args in (
-                ("echo-sync", [str(DENSE_SCRIPT), "--echo-server"]),
-                ("echo-aio", [str(Path(__file__).resolve()), "--aio-echo-server"]),
+            (tmp_path / "docs.json").write_text(json.dumps(docs))
+            for kind, args, extra in (
+                ("echo-sync", [str(DENSE_SCRIPT), "--echo-server"], []),
+                ("echo-aio", [str(Path(__file__).resolve()), "--aio-echo-server"], []),
+                ("bare", [str(Path(__file__).resolve()), "--bare-server"], [str(tmp_path / "docs.json")]),
             ):
                 port_file = tmp_path / kind
-                proc, port = start_process([*args, str(port_file), response_hex], port_file)
+                proc, port = start_process([*args, str(port_file), response_hex, *extra], port_file)
                 processes.append(proc)
                 channel = grpc.insecure_channel(f"127.0.0.1:{port}")
                 channels.append(channel)
@@ -325,6 +355,7 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40
     ideal = 1 / (1 / qps["tantivy"] + 1 / echo)
     out["echo_qps"], out["ideal_qps"] = echo, ideal
     out["braid_vs_ideal"] = {count: qps[f"braid-{count}"] / ideal for count in shards}
+    out["braid_vs_bare"] = {count: qps[f"braid-{count}"] / qps["bare"] for count in shards}
     if baseline:
         out["baseline_vs_ideal"] = {count: qps[f"baseline-{count}"] / ideal for count in shards}
     return out
@@ -366,13 +397,16 @@ def print_table(label: str, result: dict) -> None:
         f"| tantivy direct, a commit per {BATCH} docs (not in the ideal) | {qps['tantivy-segmented']:,.0f} | | |\n"
         f"| echo, grpcio thread pool | {qps['echo-sync']:,.0f} | | |\n"
         f"| echo, grpc.aio | {qps['echo-aio']:,.0f} | | |\n"
-        f"| ideal = 1/(1/tantivy + 1/faster echo) | {result['ideal_qps']:,.0f} | 1.00 | |"
+        f"| ideal = 1/(1/tantivy + 1/faster echo) | {result['ideal_qps']:,.0f} | 1.00 | |\n"
+        f"| bare gRPC + tantivy (decode, search, fixed answer) | {qps['bare']:,.0f} "
+        f"| {qps['bare'] / result['ideal_qps']:.2f} | |"
     )
     current = "braid HEAD" if result["baseline"] else "braid"
     for count in result["shards"]:
         print(
             f"| {current}, {count} shard{'s' if count > 1 else ''} | {qps[f'braid-{count}']:,.0f} "
-            f"| {result['braid_vs_ideal'][count]:.2f} | {result['same_hits'][count]:.3f} |"
+            f"| {result['braid_vs_ideal'][count]:.2f} (vs bare {result['braid_vs_bare'][count]:.2f}) "
+            f"| {result['same_hits'][count]:.3f} |"
         )
     for count in result["shards"] if result["baseline"] else ():
         print(
@@ -403,5 +437,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--aio-echo-server":
         aio_echo_main(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--bare-server":
+        bare_server_main(*sys.argv[2:])
     else:
         main()
