@@ -29,8 +29,9 @@ Two background threads per strand, each alive only while it has work:
 * the **merger** keeps the graph count small, as an LSM tree does: TIER_FANOUT adjacent
   graphs of one size tier (tier t: live rows in [TIER_UNIT x 4^t, TIER_UNIT x 4^(t+1))) are
   rebuilt into one; a graph whose deletes reach TOMBSTONE_RATIO is rebuilt alone; and
-  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one, so a quiet strand
-  is searched as one graph. It builds in chunks and stops between them when the strand
+  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one (when the others
+  hold IDLE_MERGE_SHARE of the rows besides the largest), so a strand that was loaded
+  and then queried is searched as one graph. It builds in chunks and stops between them when the strand
   closes. The merged graph replaces its inputs under the write lock.
 
 During recovery (before ``start``) nothing searches, so frozen rows go straight into the
@@ -94,7 +95,8 @@ TIER_FACTOR = 4
 TIER_FANOUT = 4  # this many adjacent graphs of one tier are merged into one
 MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
 TOMBSTONE_RATIO = 0.25  # a graph with this share of its labels deleted is rebuilt from its live vectors
-IDLE_MERGE_S = 5.0  # after this long without a seal, every graph is merged into one
+IDLE_MERGE_S = 5.0  # after this long without a seal, every graph is merged into one ...
+IDLE_MERGE_SHARE = 0.1  # ... when the graphs besides the largest hold this share of the live rows
 BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
 WALK_COST = 12.0  # a graph walk asking for n candidates costs about as much as scanning WALK_COST x n rows
 OVERSAMPLE = 3.0  # a filtered walk asks for this many times ef / selectivity candidates (recall >= 0.95)
@@ -448,7 +450,7 @@ class HnswStrand:
                     self._cond.notify_all()
                     return
                 plan = _plan(self._graphs)
-                if plan is None and len(self._graphs) > 1:
+                if plan is None and _worth_one_graph(self._graphs):
                     idle = IDLE_MERGE_S - (time.monotonic() - self._last_seal)
                     if idle > 0 or self._sealer is not None:  # not yet quiet: look again then
                         self._cond.wait(max(idle, 0.05))
@@ -689,6 +691,15 @@ def _plan(graphs: tuple[_Graph, ...]) -> tuple[int, int] | None:
             if run == TIER_FANOUT:
                 return i + 1 - TIER_FANOUT, i + 1
     return None
+
+
+def _worth_one_graph(graphs: tuple[_Graph, ...]) -> bool:
+    """Whether merging every graph into one pays: a trickle of writes must not rebuild a big graph
+    for every small one it seals (the tiers bound those)."""
+    if len(graphs) < 2:
+        return False
+    lives = [graph.live for graph in graphs]
+    return sum(lives) - max(lives) >= IDLE_MERGE_SHARE * sum(lives)
 
 
 def _tier(rows: int) -> int:
