@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/realload.py                       # shared set 100,000 x 384
     .venv/bin/python bench/realload.py --n 1000000 --dim 128
-    .venv/bin/python bench/realload.py --quick               # 20,000 x 384, fewer queries: a few minutes
+    .venv/bin/python bench/realload.py --quick               # 20,000 x 384, fewer queries: ~3 minutes
 
 One ``braid serve`` child process with its defaults (loopback, free port, fresh data directory),
 every call through the public gRPC API, one client issuing one request at a time. The vectors
@@ -27,7 +27,8 @@ are the shared set (bench/dense.py's loader). Sections (``--sections``):
 3. bm25: bench/bm25_speed.py's ``measure`` (BM25 via gRPC against tantivy + echo), if present.
 
 Prints one markdown table per section and a targets table (issue 21); results go to
-bench/results/realload-<n>x<dim>.json (realload-quick.json with --quick).
+bench/results/realload-<n>x<dim>.json (realload-quick.json with --quick; with ``--sections``
+short of all three, the sections run are added to the name).
 """
 
 from __future__ import annotations
