@@ -276,7 +276,9 @@ class TextIndex:
         the searcher that scores. One numpy call for every local IDF; a term this shard lacks
         (no document to score) or ``idf`` does not name keeps its weight."""
         frequencies, total = self.term_stats(keys)
-        local = bm25_idf(np.asarray(frequencies, np.int64), total).tolist()
+        # bm25_idf's formula: the ratios in plain floats, one log1p over them all (a handful of
+        # terms: numpy's per-call cost outweighs the arithmetic)
+        local = np.log1p([(total - n + 0.5) / (n + 0.5) for n in frequencies]).tolist()
         return [
             weight * (idf[key] / own) if frequency > 0 and key in idf else weight
             for key, weight, frequency, own in zip(keys, weights, frequencies, local, strict=True)
