@@ -176,7 +176,7 @@ class BraidHandlers:
                     return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
                 if name == "Search" and self.admission.outstanding == 0 and self.rpcs.quick(request):
                     # The thread hop costs as much as a quick search itself (~10% of a single
-                    # client's dense throughput, ~25% of its BM25): run it here while no worker is
+                    # client's dense throughput, 15-30% of its BM25): run it here while no worker is
                     # busy. A health check then waits at most for the quick searches ahead of it,
                     # each about a millisecond at most (BraidRpcs.quick).
                     return work()
