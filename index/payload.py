@@ -325,15 +325,18 @@ class PayloadStore:
 
     # ----------------------------------------------------------- persistence
 
-    def save(self, directory: Path) -> None:
-        """Write every column (truncated to ``size``) and ``payload.json`` into ``directory``, fsyncing each."""
+    def save(self, directory: Path, size: int | None = None) -> None:
+        """Write every column (truncated to ``size``, default all labels set) and ``payload.json`` into
+        ``directory``, fsyncing each. Writes may prepare labels past ``size`` meanwhile (index/shard.py):
+        they are left out, and every file agrees on ``size``."""
         directory = Path(directory)
+        size = self._size if size is None else min(size, self._size)
         meta_fields: dict[str, Any] = {}
         for name, column in self._columns.items():
-            for part, array in column.arrays(self._size).items():
+            for part, array in column.arrays(size).items():
                 _write_npy(directory / _column_file(name, part), array)
             meta_fields[name] = column.meta()
-        meta = {"format": FORMAT_VERSION, "size": self._size, "fields": meta_fields}
+        meta = {"format": FORMAT_VERSION, "size": size, "fields": meta_fields}
         _write_bytes(directory / _META_FILE, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
     @classmethod

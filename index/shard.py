@@ -1127,7 +1127,7 @@ class Shard:
             # (index/durable.py; hnswlib's by its structure, index/hnswfile.py), so a write a full
             # disk cut short fails the checkpoint here instead of being checksummed and published.
             durable.write_bytes(staging / "ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8"))
-            self.payload.save(staging)
+            self.payload.save(staging, self._size)  # a write being prepared may set labels past it
             previous = segments / str(self._generation)  # unchanged HNSW graphs are linked from it
             for index in self.dense.values():
                 if isinstance(index, HnswStrand):
