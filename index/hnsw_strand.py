@@ -88,9 +88,9 @@ from .stats import JobStats
 log = logging.getLogger("braid.hnsw")
 
 FORMAT_VERSION = 1
-SEAL_ROWS = 2048  # a growing block this full is frozen; an exact scan of it costs about one graph walk
-MAX_PENDING_ROWS = 8 * SEAL_ROWS  # writers wait while more rows than this are frozen
-TIER_UNIT = 4 * SEAL_ROWS  # graphs below 4 x this many live rows are tier 0
+SEAL_ROWS = 1024  # a growing block this full is frozen; every search scans it (384 dims: ~0.1 ms)
+MAX_PENDING_ROWS = 16 * SEAL_ROWS  # writers wait while more rows than this are frozen
+TIER_UNIT = 8 * SEAL_ROWS  # graphs below 4 x this many live rows are tier 0
 TIER_FACTOR = 4
 TIER_FANOUT = 4  # this many adjacent graphs of one tier are merged into one
 MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
