@@ -124,11 +124,12 @@ def upsert_requests(
         yield pb.UpsertRequest(collection=collection, documents=docs)
 
 
-def search_request(collection: str, query: np.ndarray, flt: pb.Filter | None = None) -> pb.SearchRequest:
+def search_request(collection: str, query: np.ndarray, ef: int, flt: pb.Filter | None = None) -> pb.SearchRequest:
+    """Top 10 of ``query`` in the dense field; ef 0 = the field's default."""
     request = pb.SearchRequest(
         collection=collection,
         limit=10,
-        queries=[pb.SubQuery(dense=pb.DenseQuery(field=FIELD, vector=dense_vector(query)))],
+        queries=[pb.SubQuery(dense=pb.DenseQuery(field=FIELD, vector=dense_vector(query), ef=ef))],
     )
     if flt is not None:
         request.filter.CopyFrom(flt)
@@ -185,10 +186,16 @@ def numpy_floor(gathered: np.ndarray, q: np.ndarray) -> float:
 
 
 def filters_section(
-    stub: Any, collection: str, base: np.ndarray, payload: dict[str, np.ndarray], queries: np.ndarray, n_queries: int
+    stub: Any,
+    collection: str,
+    base: np.ndarray,
+    payload: dict[str, np.ndarray],
+    queries: np.ndarray,
+    n_queries: int,
+    ef: int,
 ) -> list[dict[str, Any]]:
     qs = queries[:n_queries]
-    unfiltered = [search_request(collection, q) for q in qs]
+    unfiltered = [search_request(collection, q, ef) for q in qs]
     for request in unfiltered[:50]:  # warm the channel and the server
         stub.Search(request, timeout=CALL_TIMEOUT_S)
     rows = []
@@ -200,7 +207,7 @@ def filters_section(
                 print(f"  {kind} {label(sel)}%: no document matches at this size, skipped")
                 continue
             flt = make_filter(sel)
-            filtered = [search_request(collection, q, flt) for q in qs]
+            filtered = [search_request(collection, q, ef, flt) for q in qs]
             for request in filtered[:3]:
                 stub.Search(request, timeout=CALL_TIMEOUT_S)
             gathered = np.ascontiguousarray(base[match])
@@ -358,6 +365,7 @@ def ingest_section(
     base: np.ndarray,
     queries: np.ndarray,
     n_queries: int,
+    ef: int,
     m: int,
     batch: int,
     rounds: int,
@@ -366,7 +374,7 @@ def ingest_section(
     """``rounds`` rounds, each: quiet searches, then m / rounds documents streamed alone into a fresh
     collection ("solo", filled round by round), alone into the loaded collection, and into the loaded
     collection while one client searches; rates are summed over the rounds (load drift hits all)."""
-    requests = [search_request(collection, q) for q in queries]
+    requests = [search_request(collection, q, ef) for q in queries]
     for request in requests[:50]:
         stub.Search(request, timeout=CALL_TIMEOUT_S)
     vectors = fresh_vectors(base, 3 * m, seed=2101)
@@ -562,6 +570,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="searches per measurement")
     parser.add_argument("--ingest", type=int, default=20_000, help="documents in each BulkUpsert stream")
     parser.add_argument("--batch", type=int, default=500, help="documents per BulkUpsert request")
+    parser.add_argument("--ef", type=int, default=0, help="HNSW ef of every search; 0 = the field's default (64)")
     parser.add_argument("--rounds", type=int, default=4, help="ingest rounds (streams split, interleaved)")
     parser.add_argument("--sections", default="filters,ingest,bm25")
     parser.add_argument("--quick", action="store_true", help="20,000 x 384, 100 queries, 10,000-document streams")
@@ -574,7 +583,7 @@ def main() -> None:
     n = len(base)
     payload = draw_payload(n, seed=21)
     print(f"shared set: {n:,} x {args.dim}; {args.queries} searches per measurement; one client", flush=True)
-    results: dict[str, Any] = {"n": n, "dim": args.dim, "queries": args.queries, "quick": args.quick}
+    results: dict[str, Any] = {"n": n, "dim": args.dim, "queries": args.queries, "quick": args.quick, "ef": args.ef}
     results["loadavg_start"] = os.getloadavg()  # others' load on a shared machine: read ratios, not ms
     filters: list[dict[str, Any]] = []
     ingest: dict[str, Any] | None = None
@@ -589,12 +598,15 @@ def main() -> None:
                 load_s = time.perf_counter() - started
                 results["load_s"] = load_s
                 print(f"loaded {n:,} documents in {load_s:.1f} s ({n / load_s:,.0f} docs/s)", flush=True)
-                probe = [client.stub.Search(search_request("load", q), timeout=CALL_TIMEOUT_S) for q in queries[:200]]
+                probe = [
+                    client.stub.Search(search_request("load", q, args.ef), timeout=CALL_TIMEOUT_S)
+                    for q in queries[:200]
+                ]
                 results["unfiltered_recall_at_10"] = recall_at_10([hit_ids(r) for r in probe], gt[:200])
                 print(f"unfiltered recall@10 {results['unfiltered_recall_at_10']:.3f}", flush=True)
                 if "filters" in sections:
                     print("## filters", flush=True)
-                    filters = filters_section(client.stub, "load", base, payload, queries, args.queries)
+                    filters = filters_section(client.stub, "load", base, payload, queries, args.queries, args.ef)
                 if "ingest" in sections:
                     print("## ingest while searching", flush=True)
                     ingest = ingest_section(
@@ -605,6 +617,7 @@ def main() -> None:
                         base,
                         queries,
                         args.queries,
+                        args.ef,
                         args.ingest,
                         args.batch,
                         args.rounds,
@@ -637,6 +650,11 @@ def main() -> None:
     goals = targets(filters, ingest, bm25)
     print("\n### Targets (issue 21)\n")
     print_targets(goals)
+    if "unfiltered_recall_at_10" in results:
+        print(
+            f"\nunfiltered recall@10 at ef {args.ef or 'default'}: {results['unfiltered_recall_at_10']:.3f} "
+            "(no target: what the recall inside a broad filter can reach at this ef; --ef raises it)"
+        )
 
     results.update(filters=filters, ingest=ingest, bm25=bm25, targets=goals)
     RESULTS.mkdir(parents=True, exist_ok=True)
