@@ -34,6 +34,7 @@ from .test_cluster import (
     assert_same_batches,
     assert_same_hits,
     assert_same_searches,
+    bm25_sub,
     dense_sub,
     make_docs,
     outcome,
@@ -221,6 +222,28 @@ def test_bad_plain_dense_searches_answer_as_standalone(loaded: Hop, standalone: 
             got, want = (outcome(lambda s=s, r=request: [h.id for h in s.Search(r, timeout=T).hits]) for s in stubs)
             assert want[0] != "OK", f"search {i} should be refused: {request}"
             assert got == want, f"search {i} ({collection}, consistency {consistency}): {request}"
+
+
+def test_bad_whole_searches_answer_as_standalone(loaded: Hop, standalone: Running) -> None:
+    """Searches with nothing to encode run whole from the router's event loop: refused as standalone
+    refuses them, the oversized query text first (standalone checks every text's size before the rest)."""
+    q = np.ones(DIM, np.float32)
+    huge = "apple " * 20_000  # past max_query_bytes (64 KiB)
+    bad = [
+        pb.SearchRequest(queries=[pb.SubQuery(bm25=pb.Bm25Query(text=huge))]),
+        pb.SearchRequest(queries=[dense_sub(q), pb.SubQuery(bm25=pb.Bm25Query(text=huge))], limit=20_000),
+        pb.SearchRequest(
+            queries=[pb.SubQuery(dense=pb.DenseQuery(field="nope", vector=dense_sub(q).dense.vector)), bm25_sub(huge)]
+        ),
+        pb.SearchRequest(queries=[dense_sub(q), bm25_sub("apple")], offset=-1 & 0xFFFFFFFF),
+        pb.SearchRequest(queries=[dense_sub(q), bm25_sub("   ")]),
+    ]
+    stubs = (loaded.router.stub, standalone.stub)
+    for i, request in enumerate(bad):
+        request.collection = WHOLE
+        got, want = (outcome(lambda s=s, r=request: [h.id for h in s.Search(r, timeout=T).hits]) for s in stubs)
+        assert want[0] != "OK", f"search {i} should be refused"
+        assert got == want, f"search {i}"
 
 
 def test_search_collection_refuses_what_it_cannot_answer(loaded: Hop) -> None:

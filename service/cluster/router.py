@@ -84,7 +84,7 @@ from braid.index.records import DocumentWrite
 from braid.index.schema import NAME_PATTERN, Schema, validate_collection_name
 from braid.index.stats import current_trace
 from braid.index.text import query_terms
-from braid.index.validate import Limits, check_documents, check_plan
+from braid.index.validate import Limits, check_documents, check_plan, check_query_text
 from braid.v1 import braid_pb2 as pb
 
 from .. import convert
@@ -1000,6 +1000,9 @@ class RemoteCollection:
         no server holding every shard is live or the one asked fails retryably, the fan-out runs
         on a thread (it blocks)."""
         plan = convert.plan_from_proto(request)
+        for i, sub in enumerate(plan.queries):  # sizes first, as the encoding step checks them (service/encoding.py)
+            if isinstance(sub.query, Bm25Query):
+                check_query_text(sub.query.text, f"queries[{i}].bm25.text", self.limits.max_query_bytes)
         self.check(plan)
         min_seqs = self._min_seqs(plan.consistency)
         failed_over = False
