@@ -357,6 +357,29 @@ def stream(port: int, block: Path, batch: int) -> dict[str, Any]:
     return worker.finish()
 
 
+def settle(pid: int, quiet_s: float = 7.0, timeout_s: float = 1800.0) -> float:
+    """Wait until the server used under 5% of a core for ``quiet_s`` in a row (background seals and
+    merges of HNSW graphs, tantivy merges: a merge of every graph into one starts 5 s after the last
+    seal, so a shorter window could end just before it); returns the seconds waited."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    started = time.monotonic()
+    idle_since = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        before = cpu()
+        time.sleep(0.5)
+        if cpu() - before >= 0.025:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= quiet_s:
+            return time.monotonic() - started
+    print(f"server still busy after {timeout_s:.0f} s; measuring anyway", flush=True)
+    return time.monotonic() - started
+
+
 def ingest_section(
     stub: Any,
     client: BraidClient,
@@ -370,10 +393,12 @@ def ingest_section(
     batch: int,
     rounds: int,
     tmp: Path,
+    pid: int,
 ) -> dict[str, Any]:
-    """``rounds`` rounds, each: quiet searches, then m / rounds documents streamed alone into a fresh
-    collection ("solo", filled round by round), alone into the loaded collection, and into the loaded
-    collection while one client searches; rates are summed over the rounds (load drift hits all)."""
+    """``rounds`` rounds, each: quiet searches (once the server settled), then m / rounds documents
+    streamed alone into a fresh collection ("solo", filled round by round), alone into the loaded
+    collection, and into the loaded collection while one client searches; rates are summed over the
+    rounds (load drift hits all)."""
     requests = [search_request(collection, q, ef) for q in queries]
     for request in requests[:50]:
         stub.Search(request, timeout=CALL_TIMEOUT_S)
@@ -386,6 +411,7 @@ def ingest_section(
     step = -(-m // rounds)
     for k in range(rounds):
         lo, hi = k * step, min(m, (k + 1) * step)
+        settle(pid)
         for i in range(k * n_queries // rounds, (k + 1) * n_queries // rounds):
             quiet.append(timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0])
         blocks = {
@@ -598,6 +624,8 @@ def main() -> None:
                 load_s = time.perf_counter() - started
                 results["load_s"] = load_s
                 print(f"loaded {n:,} documents in {load_s:.1f} s ({n / load_s:,.0f} docs/s)", flush=True)
+                results["settle_s"] = settle(server.proc.pid)  # the background graph builds, then quiet
+                print(f"background builds settled {results['settle_s']:.1f} s after the load returned", flush=True)
                 probe = [
                     client.stub.Search(search_request("load", q, args.ef), timeout=CALL_TIMEOUT_S)
                     for q in queries[:200]
@@ -622,6 +650,7 @@ def main() -> None:
                         args.batch,
                         args.rounds,
                         Path(tmp),
+                        server.proc.pid,
                     )
             finally:
                 client.close()
