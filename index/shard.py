@@ -29,13 +29,18 @@ of one id. ``alive`` (a bool mask over labels) is the single source of truth
 for visibility that every strand consults.
 
 Write path (per operation), each step in sequence order across concurrent writers:
-encode -> WAL append -> group fsync -> prepare (hand out labels, stage new versions
-in tantivy, still invisible) -> group tantivy commit -> apply under the write lock
-(the new versions become alive and the old ones dead in every strand at once; old
-versions leave tantivy at a later commit) -> acknowledge.
+[an upsert waits, holding no lock, while an HNSW field's background builds are far behind]
+-> encode -> WAL append -> group fsync -> prepare (hand out labels, stage new versions
+in tantivy, the payload columns and the dense vectors, still invisible) -> group tantivy
+commit -> apply under the apply lock and the write lock (the new versions become alive
+and the old ones dead in every strand at once; an HNSW field only copies vectors into its
+growing block; old versions leave tantivy at a later commit) -> acknowledge.
+A checkpoint holds the apply lock (no write lands while it saves), not the read lock:
+searches go on beside it.
 Close: refuse new writes, flushes and reads with the close error (NotFound for a deleted
 collection, Unavailable at shutdown) -> wait for the writes and flushes already admitted ->
-stop merges -> close tantivy, the WAL and the SPANN strands under the write lock.
+stop merges and the HNSW fields' background builds -> close tantivy, the WAL and the SPANN
+strands under the write lock.
 Recovery: load the manifest's checkpoint, replay WAL records after its
 ``wal_seq`` (the WAL itself truncates a torn last record), commit tantivy (only if
 something was replayed), remove segment directories the manifest does not name (an
@@ -848,7 +853,8 @@ class Shard:
         self._remove_unreferenced()
 
     def _prepare(self, op: _Op) -> None:
-        """Hand out labels and stage new versions in tantivy; nothing becomes visible yet.
+        """Hand out labels and stage new versions in tantivy, the payload columns and the dense
+        vectors; nothing becomes visible yet (the labels are past ``_size``).
 
         The new labels are not alive until ``_apply``, so searches skip them even after
         the tantivy commit; old versions leave tantivy only after apply hides them, so a
