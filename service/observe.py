@@ -29,7 +29,7 @@ from .tracing import end_rpc_span, start_rpc_span
 
 log = logging.getLogger("braid.service")
 Handler = Callable[[Any, grpc.aio.ServicerContext], Coroutine[Any, Any, Any]]
-TRACED = ("Search", "BatchSearch")
+TRACED = ("Search", "BatchSearch", "SearchCollection")  # SearchCollection: a shard server runs a whole search
 
 
 class CallObserver:

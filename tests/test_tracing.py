@@ -145,12 +145,13 @@ def test_a_shard_servers_span_joins_the_routers_trace(receiver, local_cluster: C
     wait_for(lambda: bool(store.named("Search", "braid-router")), what="the router's Search span")
     routed = next(s for s in store.named("Search", "braid-router") if attributes(s)["braid.request_id"] == "routed-1")
     assert [s for s in store.named("fanout", "braid-router") if s.parent_span_id == routed.span_id]
-    on_shards = [s for s in store.named("Search", "braid-shard") if s.trace_id == routed.trace_id]
-    assert len(on_shards) == 2  # one per shard, each a child of the router's span
+    # The one shard server holds both shards: it runs the whole search in one call (SearchCollection).
+    on_shards = [s for s in store.named("SearchCollection", "braid-shard") if s.trace_id == routed.trace_id]
+    assert len(on_shards) == 1  # a child of the router's span
     assert all(s.parent_span_id == routed.span_id for s in on_shards)
     assert all(attributes(s)["braid.request_id"] == "routed-1" for s in on_shards)
     shard_strands = [s for s in store.named("strand", "braid-shard") if s.trace_id == routed.trace_id]
-    assert len(shard_strands) == 4  # two strands on each of two shards
+    assert len(shard_strands) == 2, shard_strands  # the search's two strands (each over both shards)
 
 
 def test_tracing_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -507,6 +507,8 @@ class RemoteCollection:
         self._refs = [self._ref(shard) for shard in self.shards]
         # The servers holding a replica of every shard: each can answer a whole search alone.
         self._coverers = tuple(n for n in meta.placement[0] if all(n in nodes for nodes in meta.placement[1:]))
+        # Every replica is on one of them: a fan-out could only ask the same servers.
+        self._covered_only = all(set(nodes) <= set(self._coverers) for nodes in meta.placement)
 
     # Validation is a collection's own (duck-typed: it reads schema, limits and payload types).
     check_dense = Collection.check_dense
@@ -587,14 +589,19 @@ class RemoteCollection:
 
     def _coverer(self, turn: int) -> tuple[str, str] | None:
         """(node, address) of a live, unsuspected server holding a replica of every shard, chosen
-        round robin by ``turn``; None when there is none (the search fans out per shard)."""
+        round robin by ``turn``; a suspected one when every replica is on such servers (a fan-out
+        would ask them too); None otherwise (the search fans out per shard)."""
         if not self._coverers:
             return None
         state = self.catalog.state
+        suspected = None
         for node, address, live in state.order(self._coverers, turn):
-            if live and address is not None and not state.suspected(node):
+            if not live or address is None:
+                continue
+            if not state.suspected(node):
                 return node, address
-        return None
+            suspected = suspected or (node, address)
+        return suspected if self._covered_only else None
 
     def _covering_request(
         self, request: pb.SearchRequest, min_seqs: list[int], max_response_bytes: int | None
@@ -1010,13 +1017,20 @@ class RemoteCollection:
         if found is not None:
             node, address = found
             message = self._covering_request(request, min_seqs, max_response_bytes)
+            trace = current_trace()  # the slow-query log's and the tracer's "shards" stage
+            started = time.perf_counter()
             try:
                 stub = self.catalog.clients.aio_stub(address)
-                return await stub.SearchCollection(
+                response = await stub.SearchCollection(
                     message, timeout=self._covering_timeout(deadline), metadata=forward_metadata()
                 )
             except grpc.aio.AioRpcError as err:
                 failed_over = self._covering_failed(node, err)
+            else:
+                if trace is not None:
+                    seconds = time.perf_counter() - started
+                    trace.stage("shards", seconds, time.time_ns() - int(seconds * 1e9))
+                return response
         result = await asyncio.to_thread(_within, deadline, lambda: self.search_request(request, plan, "", min_seqs))
         if failed_over:
             self.catalog.stats.failed_over()
