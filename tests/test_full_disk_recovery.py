@@ -136,7 +136,8 @@ def health_of(port: int, service: str) -> int:
 def test_a_restart_on_a_full_disk_answers_unavailable_until_recovery_finishes(child_server, tmp_path):
     """Finding 2. The server is killed with many acknowledged documents in the log only, then
     restarted with the disk full: replaying needs disk (tantivy writes segments as it indexes
-    and commits at the end), so recovery stops part way. Before the fix the shard opened
+    and commits at the end), so recovery stops part way (or, when tantivy meets the full disk
+    only at its closing commit, opens read-only with the whole log). Before the fix the shard opened
     read-only and answered Count/Get/Search OK with most documents missing, and health said
     SERVING. Now every read answers UNAVAILABLE naming the shard and why, health is
     NOT_SERVING (overall and for the collection), and once space is freed the shard recovers
@@ -159,19 +160,29 @@ def test_a_restart_on_a_full_disk_answers_unavailable_until_recovery_finishes(ch
             servers.append(server)
             server.client.timeout = DEADLINE_S
             client = server.client
-            for call in (
-                lambda: client.count("docs"),
-                lambda: client.get("docs", ["doc-0", f"doc-{count - 1}"]),
-                lambda: client.search("docs", dense=("emb", vector(0)), limit=3),
-                lambda: client.search("docs", bm25="common", limit=3),
-            ):
-                with pytest.raises(grpc.RpcError) as info:
-                    call()
-                assert info.value.code() is grpc.StatusCode.UNAVAILABLE, (info.value.code(), info.value.details())
-                details = info.value.details()
-                assert "shard 0" in details and "recovery" in details and "disk full" in details, details
-            for service in ("", "braid.v1.Braid", "braid.collection.docs"):
-                assert health_of(server.port, service) == health_pb2.HealthCheckResponse.NOT_SERVING, service
+            # Where the full disk stops recovery depends on whether tantivy's indexing thread meets it
+            # before the replay ends (then the replay stops part way) or only at the closing commit
+            # (then the whole log is in memory, and tantivy's last commit holds every acknowledged
+            # write: the shard serves reads, read-only). Either way no read is answered from part of
+            # the log. tests/test_disk_full.py stops a replay part way deterministically.
+            if _answers(client):
+                assert_serves_all(client, count)
+                assert [h.id for h in client.search("docs", bm25=f"word{count - 1}", limit=1)] == [f"doc-{count - 1}"]
+                assert "opened read-only" in "".join(server.output), "".join(server.output)[-3000:]
+            else:
+                for call in (
+                    lambda: client.count("docs"),
+                    lambda: client.get("docs", ["doc-0", f"doc-{count - 1}"]),
+                    lambda: client.search("docs", dense=("emb", vector(0)), limit=3),
+                    lambda: client.search("docs", bm25="common", limit=3),
+                ):
+                    with pytest.raises(grpc.RpcError) as info:
+                        call()
+                    assert info.value.code() is grpc.StatusCode.UNAVAILABLE, (info.value.code(), info.value.details())
+                    details = info.value.details()
+                    assert "shard 0" in details and "recovery" in details and "disk full" in details, details
+                for service in ("", "braid.v1.Braid", "braid.collection.docs"):
+                    assert health_of(server.port, service) == health_pb2.HealthCheckResponse.NOT_SERVING, service
 
             (mnt / "filler").unlink()
             _wait_health(server.port, "", health_pb2.HealthCheckResponse.SERVING, timeout=60)
