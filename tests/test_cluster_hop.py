@@ -30,6 +30,7 @@ from .conftest import Running, start_in_process, stop_in_process
 from .test_cluster import (
     DIM,
     N_DOCS,
+    SETTLE,
     T,
     assert_same_batches,
     assert_same_hits,
@@ -38,6 +39,7 @@ from .test_cluster import (
     dense_sub,
     make_docs,
     outcome,
+    poll,
     query_sets,
     the_schema,
     upsert,
@@ -161,9 +163,15 @@ def test_whole_searches_take_one_call_and_match_standalone(loaded: Hop, standalo
 
     calls = loaded.calls_during(worker_path)
     assert calls == {**dict.fromkeys(SHARD_METHODS, 0.0), "SearchCollection": 2 * len(strong)}, calls
-    # Round robin over the servers that hold every shard: both answer.
-    per_server = [_calls(port)["SearchCollection"] for port in loaded.ports]
-    assert min(per_server) > 0, per_server
+    # Round robin over the live, unsuspected servers that hold every shard: both answer (a
+    # server whose heartbeat lags on a loaded machine sits out meanwhile, so: within SETTLE).
+    before = [_calls(port)["SearchCollection"] for port in loaded.ports]
+
+    def both_answer() -> bool:
+        loaded.router.stub.Search(sets["dense"][0], timeout=T)
+        return all(_calls(port)["SearchCollection"] > was for port, was in zip(loaded.ports, before, strict=True))
+
+    poll(both_answer, SETTLE, "both shard servers answer whole searches", every=0.01)
 
 
 def test_one_shard_searches_take_one_call_and_match_standalone(loaded: Hop, standalone: Running) -> None:
