@@ -98,6 +98,10 @@ TOMBSTONE_RATIO = 0.25  # a graph with this share of its labels deleted is rebui
 IDLE_MERGE_S = 5.0  # after this long without a seal, every graph is merged into one ...
 IDLE_MERGE_SHARE = 0.1  # ... when the graphs besides the largest hold this share of the live rows
 BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
+COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384 dims)
+# Background builds leave a core to searches: on every core they would slow searches by the
+# CPU they take (recovery, which nothing searches, builds on every core).
+BUILD_THREADS = max(1, (os.cpu_count() or 2) - 1)
 WALK_COST = 12.0  # a graph walk asking for n candidates costs about as much as scanning WALK_COST x n rows
 OVERSAMPLE = 3.0  # a filtered walk asks for this many times ef / selectivity candidates (recall >= 0.95)
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
@@ -513,11 +517,7 @@ class HnswStrand:
             self._recording.append(deleted)
         merged = None
         try:
-            present = self._present.mask
-            keep = [_inside(present, graph.labels) for graph in inputs]
-            labels = np.concatenate([graph.labels[m] for graph, m in zip(inputs, keep, strict=True)])
-            vectors = np.concatenate([graph.vectors[m] for graph, m in zip(inputs, keep, strict=True)])
-            merged = self._build(labels, vectors)
+            merged = self._build(*self._live_rows(inputs))
         finally:
             with lock.write():
                 self._recording = [r for r in self._recording if r is not deleted]  # by identity
@@ -549,14 +549,22 @@ class HnswStrand:
             self._graphs += (fresh,)
         self._frozen, self._pending = (), 0
 
-    def _live_rows(self, blocks: tuple[_Block, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _live_rows(self, parts: tuple[_Block, ...] | tuple[_Graph, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The live rows of ``parts``, in order, copied COPY_CHUNK rows at a time: numpy holds the GIL
+        while it copies, and one copy of a merge's tens of MB would stall every search that long."""
         present = self._present.mask
-        keep = [_inside(present, block.labels) for block in blocks]
-        labels = np.concatenate([block.labels[m] for block, m in zip(blocks, keep, strict=True)] or [_EMPTY[0]])
-        vectors = np.concatenate(
-            [block.vectors[m] for block, m in zip(blocks, keep, strict=True)]
-            or [np.empty((0, self.spec.dim), np.float32)]
-        )
+        keeps = [_inside(present, part.labels) for part in parts]
+        total = sum(int(np.count_nonzero(keep)) for keep in keeps)
+        labels = np.empty(total, np.int64)
+        vectors = np.empty((total, self.spec.dim), np.float32)
+        at = 0
+        for part, keep in zip(parts, keeps, strict=True):
+            for start in range(0, len(keep), COPY_CHUNK):
+                chunk = keep[start : start + COPY_CHUNK]
+                rows = int(np.count_nonzero(chunk))
+                labels[at : at + rows] = part.labels[start : start + COPY_CHUNK][chunk]
+                vectors[at : at + rows] = part.vectors[start : start + COPY_CHUNK][chunk]
+                at += rows
         return labels, vectors
 
     def _build(self, labels: np.ndarray, vectors: np.ndarray) -> _Graph:
@@ -571,7 +579,8 @@ class HnswStrand:
         for start in range(0, len(labels), BUILD_CHUNK):
             if self._closing:
                 break
-            index.add_items(vectors[start : start + BUILD_CHUNK], labels[start : start + BUILD_CHUNK], num_threads=-1)
+            chunk = slice(start, start + BUILD_CHUNK)
+            index.add_items(vectors[chunk], labels[chunk], num_threads=BUILD_THREADS)
         return _Graph(index, labels, vectors)
 
     def _install(self, fresh: _Graph, deleted: list[int]) -> None:
@@ -613,11 +622,8 @@ class HnswStrand:
             if not graph.mutable:  # a graph recovery may still grow is saved again next time
                 graph.file = file
             files.append(file)
-        present = self._present.mask
-        keep = [_inside(present, block.labels) for block in blocks]
-        labels = np.concatenate([block.labels[m] for block, m in zip(blocks, keep, strict=True)])
+        labels, vectors = self._live_rows(blocks)
         if len(labels):
-            vectors = np.concatenate([block.vectors[m] for block, m in zip(blocks, keep, strict=True)])
             durable.write_npy(directory / f"{name}.rows.npy", vectors)
             durable.write_npy(directory / f"{name}.rows-labels.npy", labels)
         meta = {"format": FORMAT_VERSION, "graphs": files, "next_id": self._next_id}
