@@ -69,6 +69,7 @@ sys.path.insert(0, str(BENCH))
 
 from dense import start_process  # noqa: E402  # bench/dense.py: its echo server and process starter
 from ir_data import DATA, BraidProcess, collections  # noqa: E402
+from settle import settle  # noqa: E402
 
 from braid.index import analyzers  # noqa: E402
 from braid.index.schema import Analyzer  # noqa: E402
@@ -233,24 +234,6 @@ def python_path(path: Path | None) -> Iterator[None]:
 # -------------------------------------------------------------------- runs
 
 
-def _settle(pids: list[int], timeout: float = 180.0) -> None:
-    """Wait until the servers are idle (under 5% of a core for a second each): tantivy merges
-    the segments of a fresh bulk load in the background, and would be timed with the searches."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu(pid: int) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        before = [cpu(pid) for pid in pids]
-        time.sleep(1.0)
-        if all(cpu(pid) - b < 0.05 for pid, b in zip(pids, before, strict=True)):
-            return
-    print(f"servers still busy after {timeout:.0f} s; timing anyway", flush=True)
-
-
 def _bm25_request(collection: str, text: str) -> pb.SearchRequest:
     return pb.SearchRequest(collection=collection, limit=LIMIT, queries=[pb.SubQuery(bm25=pb.Bm25Query(text=text))])
 
@@ -303,7 +286,7 @@ def run(docs: list[str], queries: list[str], shards: list[int], rounds: int = 40
                 old_client = BraidClient(f"127.0.0.1:{old.port}", timeout=600)
                 channels.append(old_client)
                 _load(old_client, docs, shards)
-            _settle([braid.proc.pid] + ([old.proc.pid] if old is not None else []))
+            settle([braid.proc.pid] + ([old.proc.pid] if old is not None else []))
             # The echo answers with the response Braid gives to a typical query.
             response_hex = client.stub.Search(_bm25_request(f"bm25-{shards[0]}", queries[0])).SerializeToString().hex()
             echoes = {}

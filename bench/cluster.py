@@ -56,6 +56,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dense import recall_at_10, shared_vectors  # noqa: E402
+from settle import settle  # noqa: E402
 
 from braid.cluster.v1 import shard_pb2 as spb  # noqa: E402
 from braid.cluster.v1 import shard_pb2_grpc  # noqa: E402
@@ -396,6 +397,8 @@ def run_standalone(
             result["bulk_upsert"] = {"seconds": seconds, "docs_per_s": n / seconds}
             print(f"standalone: BulkUpsert {n} in {seconds:.1f} s", flush=True)
             assert client.count(COLLECTION) == n
+            assert server.proc is not None
+            result["settle_s"] = settle([server.proc.pid])  # background graph builds, before timing searches
             result["search"] = single_client(client, queries, gt, COLLECTION)
             print(f"standalone: single client {result['search']}", flush=True)
         result["concurrent"] = concurrent(server.address, queries, args.clients, args.client_procs, args.seconds)
@@ -428,6 +431,7 @@ def run_cluster(
                 assert client.count(COLLECTION) == n
                 # the second replica of each shard may still be applying: let it finish first
                 applied_everywhere(cluster, COLLECTION, n, time.perf_counter(), args.replication_factor)
+                result["settle_s"] = settle([c.proc.pid for c in cluster.children if c.proc is not None])
                 result["search"] = single_client(client, queries, gt, COLLECTION)
                 print(f"cluster: single client {result['search']}", flush=True)
             result["concurrent"] = concurrent(address, queries, args.clients, args.client_procs, args.seconds)

@@ -61,6 +61,7 @@ sys.path.insert(0, str(BENCH))
 
 from dense import recall_at_10, shared_vectors  # noqa: E402
 from ir_data import BraidProcess  # noqa: E402
+from settle import settle  # noqa: E402
 
 from braid.service.client import BraidClient, dense_vector  # noqa: E402
 from braid.v1 import braid_pb2 as pb  # noqa: E402
@@ -357,29 +358,6 @@ def stream(port: int, block: Path, batch: int) -> dict[str, Any]:
     return worker.finish()
 
 
-def settle(pid: int, quiet_s: float = 7.0, timeout_s: float = 1800.0) -> float:
-    """Wait until the server used under 5% of a core for ``quiet_s`` in a row (background seals and
-    merges of HNSW graphs, tantivy merges: a merge of every graph into one starts 5 s after the last
-    seal, so a shorter window could end just before it); returns the seconds waited."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-
-    started = time.monotonic()
-    idle_since = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        before = cpu()
-        time.sleep(0.5)
-        if cpu() - before >= 0.025:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since >= quiet_s:
-            return time.monotonic() - started
-    print(f"server still busy after {timeout_s:.0f} s; measuring anyway", flush=True)
-    return time.monotonic() - started
-
-
 def ingest_section(
     stub: Any,
     client: BraidClient,
@@ -411,7 +389,7 @@ def ingest_section(
     step = -(-m // rounds)
     for k in range(rounds):
         lo, hi = k * step, min(m, (k + 1) * step)
-        settle(pid)
+        settle([pid])
         for i in range(k * n_queries // rounds, (k + 1) * n_queries // rounds):
             quiet.append(timed(lambda r: stub.Search(r, timeout=CALL_TIMEOUT_S), requests[i % len(requests)])[0])
         blocks = {
@@ -624,7 +602,7 @@ def main() -> None:
                 load_s = time.perf_counter() - started
                 results["load_s"] = load_s
                 print(f"loaded {n:,} documents in {load_s:.1f} s ({n / load_s:,.0f} docs/s)", flush=True)
-                results["settle_s"] = settle(server.proc.pid)  # the background graph builds, then quiet
+                results["settle_s"] = settle([server.proc.pid])  # the background graph builds, then quiet
                 print(f"background builds settled {results['settle_s']:.1f} s after the load returned", flush=True)
                 probe = [
                     client.stub.Search(search_request("load", q, args.ef), timeout=CALL_TIMEOUT_S)
