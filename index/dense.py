@@ -25,7 +25,7 @@ import numpy as np
 
 from . import hnswfile
 from .errors import DataLoss
-from .labelmask import LabelMask
+from .labelmask import HoldsLabels, LabelMask
 from .schema import DenseFieldSpec, Metric
 
 SPACES = {Metric.COSINE: "cosine", Metric.DOT: "ip", Metric.L2: "l2"}
@@ -59,7 +59,7 @@ def distances_to_scores(metric: Metric, distances: np.ndarray) -> np.ndarray:
     return 1.0 - distances
 
 
-class DenseIndex:
+class DenseIndex(HoldsLabels):
     """One hnswlib index with filtered search and an exact-scan fallback."""
 
     def __init__(self, spec: DenseFieldSpec, index: hnswlib.Index | None = None) -> None:
@@ -107,17 +107,6 @@ class DenseIndex:
         index, spec = self._index, self.spec
         estimate = hnsw_memory_bytes(index.get_max_elements(), index.get_current_count(), spec.dim, spec.hnsw.m)
         return estimate + self._present.mask.nbytes
-
-    def has(self, label: int) -> bool:
-        return label in self._present
-
-    def present_labels(self) -> np.ndarray:
-        return self._present.labels()
-
-    @property
-    def live(self) -> int:
-        """How many live vectors the index holds."""
-        return self._present.count
 
     # ----------------------------------------------------------------- queries
 

@@ -79,7 +79,7 @@ import numpy as np
 from . import durable, hnswfile
 from .dense import hnsw_memory_bytes, score_rows, top_indices
 from .errors import DataLoss
-from .labelmask import LabelMask
+from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
 from .schema import DenseFieldSpec, Metric
@@ -169,7 +169,7 @@ class _Graph:
         return len(self.labels) - self.dead
 
 
-class HnswStrand:
+class HnswStrand(HoldsLabels):
     """One HNSW field of one shard (module doc). Writes hold the shard's write lock, searches its read lock."""
 
     def __init__(self, spec: DenseFieldSpec, present: LabelMask | None = None) -> None:
@@ -277,16 +277,6 @@ class HnswStrand:
                 self._start("sealer")
 
     # ------------------------------------------------------------------- reads
-
-    def has(self, label: int) -> bool:
-        return label in self._present
-
-    def present_labels(self) -> np.ndarray:
-        return self._present.labels()
-
-    @property
-    def live(self) -> int:
-        return self._present.count
 
     def memory_bytes(self) -> int:
         """Estimated resident bytes: every graph (``hnsw_memory_bytes``) and its vectors' copy, the

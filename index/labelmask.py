@@ -41,3 +41,21 @@ class LabelMask:
 
     def labels(self) -> np.ndarray:
         return np.flatnonzero(self.mask)
+
+
+class HoldsLabels:
+    """``has``, ``present_labels`` and ``live`` over ``self._present``: what every dense strand
+    (index/dense.py, index/hnsw_strand.py, index/spann_strand.py) answers the same way."""
+
+    _present: LabelMask
+
+    def has(self, label: int) -> bool:
+        return label in self._present
+
+    def present_labels(self) -> np.ndarray:
+        return self._present.labels()
+
+    @property
+    def live(self) -> int:
+        """How many live vectors the strand holds."""
+        return self._present.count

@@ -60,7 +60,7 @@ import numpy as np
 from . import durable
 from .dense import DenseIndex
 from .errors import DataLoss
-from .labelmask import LabelMask
+from .labelmask import HoldsLabels, LabelMask
 from .manifest import dumps_checked, read_json
 from .schema import DenseFieldSpec
 from .spann import SpannSegment
@@ -94,7 +94,7 @@ class MergeJob:
     kind: str = field(default="seal")
 
 
-class SpannStrand:
+class SpannStrand(HoldsLabels):
     """One SPANN field of one shard: writes and merge steps hold the shard's write lock, searches its read lock."""
 
     def __init__(self, spec: DenseFieldSpec, growing: DenseIndex | None = None) -> None:
@@ -141,17 +141,6 @@ class SpannStrand:
         if not in_memory and label < len(self._owner) and self._owner[label] != _NO_OWNER:
             self._dead[self._owner[label]] += 1
         return True
-
-    def has(self, label: int) -> bool:
-        return label in self._present
-
-    def present_labels(self) -> np.ndarray:
-        return self._present.labels()
-
-    @property
-    def live(self) -> int:
-        """How many live vectors the field holds in this shard, over every segment."""
-        return self._present.count
 
     def dead(self, segment: SpannSegment) -> int:
         """Tombstones in a sealed segment: rows whose label is no longer live."""
