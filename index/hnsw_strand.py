@@ -29,10 +29,14 @@ Two background threads per strand, each alive only while it has work:
 * the **merger** keeps the graph count small, as an LSM tree does: TIER_FANOUT adjacent
   graphs of one size tier (tier t: live rows in [TIER_UNIT x 4^t, TIER_UNIT x 4^(t+1))) are
   rebuilt into one; a graph whose deletes reach TOMBSTONE_RATIO is rebuilt alone; and
-  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one (when the others
-  hold IDLE_MERGE_SHARE of the rows besides the largest), so a strand that was loaded
-  and then queried is searched as one graph. It builds in chunks and stops between them when the strand
-  closes. The merged graph replaces its inputs under the write lock.
+  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one (when the graphs
+  besides the largest hold IDLE_MERGE_SHARE of the live rows), so a strand that was
+  loaded and then queried is searched as one graph. It builds in chunks and stops
+  between them when the strand closes. The merged graph replaces its inputs under the
+  write lock.
+
+Both build on BUILD_THREADS threads (every core but one: searches keep a core) and copy
+rows COPY_CHUNK at a time (numpy holds the GIL while it copies).
 
 During recovery (before ``start``) nothing searches, so frozen rows go straight into the
 newest graph recovery made (in place, in the replaying thread): replay inserts each
