@@ -20,7 +20,7 @@ from braid.service.client import StreamFailed
 from braid.service.handlers import BATCHES_APPLIED_KEY
 from braid.v1 import braid_pb2 as pb
 
-from .conftest import random_vectors, schema, start_in_process, stop_in_process
+from .conftest import random_vectors, schema, start_in_process, stop_in_process, wait_for
 
 
 def _docs(n: int, start: int = 0) -> list[pb.Document]:
@@ -47,6 +47,7 @@ def server(tmp_path: Path):  # type: ignore[no-untyped-def]
         running.client.create_collection("c", schema(payload={"n": pb.INT}))
         return running
 
+    start.started = started  # type: ignore[attr-defined]  # the servers, for a test that looks inside
     yield start
     for srv, running in started:
         stop_in_process(srv, running)
@@ -146,6 +147,8 @@ def test_client_that_never_reads_acks_is_ended_and_frees_its_stream(server) -> N
 
     writer = threading.Thread(target=keep_sending, daemon=True)
     writer.start()
+    admission = server.started[-1][0].admission
+    wait_for(lambda: admission.open_streams == 1, 10, "the stream that reads no acks holding its slot")
     try:
         # It holds the peer's only stream slot until the server gives up on its acks
         # (stream_idle_timeout_s after the first ack it cannot send); then the slot is free
