@@ -17,7 +17,8 @@ into a graph nobody searches yet. The strand has three kinds of part:
   except for delete marks, which writers set under the shard's write lock (searches hold
   the read lock).
 
-Labels only grow, so graph labels < frozen labels < growing labels.
+Labels only grow, so graph labels < frozen labels < growing labels. The parts and their exact
+scoring live in index/hnsw_parts.py.
 
 Two background threads per strand, each alive only while it has work:
 
@@ -83,6 +84,7 @@ import numpy as np
 from . import durable, hnswfile
 from .dense import hnsw_memory_bytes, score_rows, top_indices
 from .errors import DataLoss
+from .hnsw_parts import EMPTY, SPACES, Block, Graph, Hit, best, best_exact, inside, mark, walk
 from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
@@ -110,67 +112,6 @@ WALK_COST = 12.0  # a graph walk asking for n candidates costs about as much as 
 OVERSAMPLE = 3.0  # a filtered walk asks for this many times ef / selectivity candidates (recall >= 0.95)
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
 ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
-# Cosine rows are normalised here, once (``stored_form``), and searched as inner products: a
-# cosine-space graph would normalise them again and store slightly different floats.
-_SPACES = {Metric.COSINE: "ip", Metric.DOT: "ip", Metric.L2: "l2"}
-Hit = tuple[np.ndarray, np.ndarray]
-_EMPTY: Hit = (np.empty(0, np.int64), np.empty(0, np.float32))
-
-
-class _Block:
-    """Rows of the strand outside the graphs: labels ascending, vectors row by row."""
-
-    __slots__ = ("labels", "n", "vectors")
-
-    def __init__(self, dim: int, capacity: int) -> None:
-        self.labels = np.empty(capacity, np.int64)
-        self.vectors = np.empty((capacity, dim), np.float32)
-        self.n = 0
-
-    @classmethod
-    def of(cls, labels: np.ndarray, vectors: np.ndarray) -> _Block:
-        block = cls.__new__(cls)
-        block.labels, block.vectors, block.n = labels, vectors, len(labels)
-        return block
-
-    def room(self) -> int:
-        return len(self.labels) - self.n
-
-    def append(self, labels: np.ndarray, vectors: np.ndarray) -> None:
-        end = self.n + len(labels)
-        self.vectors[self.n : end] = vectors
-        self.labels[self.n : end] = labels
-        self.n = end  # last: a reader that sees n sees the rows
-
-    def view(self) -> _Block:
-        """The rows so far, immutable from here on (appends only write past them)."""
-        return _Block.of(self.labels[: self.n], self.vectors[: self.n])
-
-
-class _Graph:
-    """A sealed segment: an hnswlib graph, every label it holds (ascending) and their vectors in that order."""
-
-    __slots__ = ("dead", "file", "graph", "labels", "mutable", "vectors")
-
-    def __init__(self, graph: hnswlib.Index, labels: np.ndarray, vectors: np.ndarray) -> None:
-        self.graph = graph
-        self.labels = labels
-        self.vectors = vectors
-        self.file: str | None = None  # its checkpoint file once it has one (immutable: later checkpoints link it)
-        self.dead = 0  # labels of the graph marked deleted
-        self.mutable = False  # made by this recovery: frozen rows may still go into it in place
-
-    @property
-    def first(self) -> int:
-        return int(self.labels[0]) if len(self.labels) else -1
-
-    @property
-    def top(self) -> int:
-        return int(self.labels[-1]) if len(self.labels) else -1
-
-    @property
-    def live(self) -> int:
-        return len(self.labels) - self.dead
 
 
 class HnswStrand(HoldsLabels):
@@ -179,9 +120,9 @@ class HnswStrand(HoldsLabels):
     def __init__(self, spec: DenseFieldSpec, present: LabelMask | None = None) -> None:
         self.spec = spec
         self._present = present if present is not None else LabelMask()
-        self._graphs: tuple[_Graph, ...] = ()
-        self._frozen: tuple[_Block, ...] = ()
-        self._growing = _Block(spec.dim, SEAL_ROWS)
+        self._graphs: tuple[Graph, ...] = ()
+        self._frozen: tuple[Block, ...] = ()
+        self._growing = Block(spec.dim, SEAL_ROWS)
         self._next_id = 0  # the next graph file's id
         self._cond = threading.Condition()  # guards the threads' state below; writers wait on it for room
         self._pending = 0  # rows frozen and not yet sealed
@@ -231,11 +172,11 @@ class HnswStrand(HoldsLabels):
         if len(labels) > self._growing.room():
             if self._growing.n:
                 self._freeze(self._growing.view())
-            self._growing = _Block(self.spec.dim, max(SEAL_ROWS, len(labels)))
+            self._growing = Block(self.spec.dim, max(SEAL_ROWS, len(labels)))
         self._growing.append(labels, vectors)
         if not self._growing.room():
             self._freeze(self._growing.view())
-            self._growing = _Block(self.spec.dim, SEAL_ROWS)
+            self._growing = Block(self.spec.dim, SEAL_ROWS)
 
     def remove(self, label: int) -> bool:
         """Delete the label's vector; False when it has none here."""
@@ -243,7 +184,7 @@ class HnswStrand(HoldsLabels):
             return False
         for graph in self._graphs:
             if graph.first <= label <= graph.top:
-                if _mark(graph.graph, label):
+                if mark(graph.graph, label):
                     graph.dead += 1
                 break
         for deleted in self._recording:
@@ -270,7 +211,7 @@ class HnswStrand(HoldsLabels):
             return vectors
         return vectors / (np.linalg.norm(vectors, axis=1, keepdims=True) + np.float32(1e-30))
 
-    def _freeze(self, block: _Block) -> None:
+    def _freeze(self, block: Block) -> None:
         with self._cond:
             self._frozen += (block,)
             self._pending += block.n
@@ -325,12 +266,12 @@ class HnswStrand(HoldsLabels):
 
         ``allowed`` is a bool mask over labels (labels past its end are excluded); the
         planner in the module doc decides how each graph honours it. Every part ranks its
-        own candidates, then scores its best ones the same exact way (``_exact_scores``),
+        own candidates, then scores its best ones the same exact way (``exact_scores``),
         so a document's score never depends on which part holds it.
         """
         queries = self.stored_form(np.asarray(queries, np.float32).reshape(-1, self.spec.dim))
         if self.live <= 0 or k <= 0:
-            return [_EMPTY for _ in range(len(queries))]
+            return [EMPTY for _ in range(len(queries))]
         present = self._present.mask
         if allowed is not None:
             size = min(len(allowed), len(present))
@@ -342,36 +283,36 @@ class HnswStrand(HoldsLabels):
         for block in (*self._frozen, self._growing.view()):
             if block.n:
                 mask = allowed if allowed is not None else present
-                parts.append(self._scan(block.labels, block.vectors, queries, k, _inside(mask, block.labels)))
+                parts.append(self._scan(block.labels, block.vectors, queries, k, inside(mask, block.labels)))
         if not parts:
-            return [_EMPTY for _ in range(len(queries))]
+            return [EMPTY for _ in range(len(queries))]
         if len(parts) == 1:
             return parts[0]
-        return [_best(k, [part[i] for part in parts]) for i in range(len(queries))]
+        return [best(k, [part[i] for part in parts]) for i in range(len(queries))]
 
     def _search_graph(
-        self, graph: _Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
+        self, graph: Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
     ) -> list[Hit]:
         if allowed is None:
             want = min(max(k, ef), graph.live)
-            found = _walk(graph, queries, want)
+            found = walk(graph, queries, want)
             if found is None:  # hnswlib found fewer than `want` live neighbours: scan instead
-                return self._scan(graph.labels, graph.vectors, queries, k, _inside(self._present.mask, graph.labels))
+                return self._scan(graph.labels, graph.vectors, queries, k, inside(self._present.mask, graph.labels))
             return [self._rescored(graph, q, labels[: k + _SLACK], k) for q, labels in zip(queries, found, strict=True)]
         window = allowed[graph.first : graph.top + 1]
         count = int(np.count_nonzero(window))
         if count == 0:
-            return [_EMPTY for _ in range(len(queries))]
+            return [EMPTY for _ in range(len(queries))]
         want = min(graph.live, math.ceil(OVERSAMPLE * max(k, ef) * graph.live / count))
         if count <= WALK_COST * want:  # scanning the matching rows costs less than the walk
             return self._scan_rows(graph, queries, k, self._rows(graph, window))
-        found = _walk(graph, queries, want)
+        found = walk(graph, queries, want)
         out: list[Hit] = []
         rows = None
         for i, query in enumerate(queries):
             if found is not None:
                 labels = found[i]
-                labels = labels[_inside(window, labels - graph.first)]
+                labels = labels[inside(window, labels - graph.first)]
                 if len(labels) >= min(k, count):
                     out.append(self._rescored(graph, query, labels[: k + _SLACK], k))
                     continue
@@ -380,16 +321,16 @@ class HnswStrand(HoldsLabels):
             out.append(self._scan_rows(graph, query[None, :], k, rows)[0])
         return out
 
-    def _rescored(self, graph: _Graph, query: np.ndarray, labels: np.ndarray, k: int) -> Hit:
+    def _rescored(self, graph: Graph, query: np.ndarray, labels: np.ndarray, k: int) -> Hit:
         rows = np.searchsorted(graph.labels, labels)
-        return _best_exact(self.spec.metric, query, labels, graph.vectors[rows], k)
+        return best_exact(self.spec.metric, query, labels, graph.vectors[rows], k)
 
     @staticmethod
-    def _rows(graph: _Graph, window: np.ndarray) -> np.ndarray:
+    def _rows(graph: Graph, window: np.ndarray) -> np.ndarray:
         """Rows of the graph whose labels ``window`` (a mask from the graph's first label) allows."""
         return np.searchsorted(graph.labels, np.flatnonzero(window) + graph.first)
 
-    def _scan_rows(self, graph: _Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> list[Hit]:
+    def _scan_rows(self, graph: Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> list[Hit]:
         return self._scan(graph.labels[rows], graph.vectors[rows], queries, k, None)
 
     def _scan(
@@ -398,16 +339,16 @@ class HnswStrand(HoldsLabels):
         """Exact top k of each query over the rows ``keep`` allows (None: all of them)."""
         if keep is not None:
             if not keep.any():
-                return [_EMPTY for _ in range(len(queries))]
+                return [EMPTY for _ in range(len(queries))]
             if not keep.all():
                 labels, vectors = labels[keep], vectors[keep]
         if not len(labels):
-            return [_EMPTY for _ in range(len(queries))]
+            return [EMPTY for _ in range(len(queries))]
         metric = Metric.DOT if self.spec.metric is Metric.COSINE else self.spec.metric  # queries are normalised
         out = []
         for query, scores in zip(queries, score_rows(metric, queries, vectors), strict=True):
             top = top_indices(scores, k + _SLACK)
-            out.append(_best_exact(self.spec.metric, query, labels[top], vectors[top], k))
+            out.append(best_exact(self.spec.metric, query, labels[top], vectors[top], k))
         return out
 
     # ------------------------------------------------------- sealing, merging
@@ -534,7 +475,7 @@ class HnswStrand(HoldsLabels):
             if len(labels):
                 index.resize_index(index.get_current_count() + len(labels))
                 index.add_items(vectors, labels, num_threads=-1)
-            grown = _Graph(index, np.concatenate([newest.labels, labels]), np.concatenate([newest.vectors, vectors]))
+            grown = Graph(index, np.concatenate([newest.labels, labels]), np.concatenate([newest.vectors, vectors]))
             grown.dead, grown.mutable = newest.dead, True
             self._graphs = (*self._graphs[:-1], grown)
         else:
@@ -543,11 +484,11 @@ class HnswStrand(HoldsLabels):
             self._graphs += (fresh,)
         self._frozen, self._pending = (), 0
 
-    def _live_rows(self, parts: tuple[_Block, ...] | tuple[_Graph, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def _live_rows(self, parts: tuple[Block, ...] | tuple[Graph, ...]) -> tuple[np.ndarray, np.ndarray]:
         """The live rows of ``parts``, in order, copied COPY_CHUNK rows at a time: numpy holds the GIL
         while it copies, and one copy of a merge's tens of MB would stall every search that long."""
         present = self._present.mask
-        keeps = [_inside(present, part.labels) for part in parts]
+        keeps = [inside(present, part.labels) for part in parts]
         total = sum(int(np.count_nonzero(keep)) for keep in keeps)
         labels = np.empty(total, np.int64)
         vectors = np.empty((total, self.spec.dim), np.float32)
@@ -561,11 +502,11 @@ class HnswStrand(HoldsLabels):
                 at += rows
         return labels, vectors
 
-    def _build(self, labels: np.ndarray, vectors: np.ndarray) -> _Graph:
+    def _build(self, labels: np.ndarray, vectors: np.ndarray) -> Graph:
         """A new graph of these rows, built off every lock in chunks (hnswlib releases the GIL while it
         inserts); stops early, unfinished, when the strand closes (the caller then drops it)."""
         spec = self.spec
-        index = hnswlib.Index(space=_SPACES[spec.metric], dim=spec.dim)
+        index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
         index.init_index(max_elements=max(len(labels), 1), M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
         # The index-wide ef stays tiny: a query raises its own beam by asking for more
         # neighbours (hnswlib searches with max(ef, k)); set_ef is state concurrent queries would race on.
@@ -575,15 +516,15 @@ class HnswStrand(HoldsLabels):
                 break
             chunk = slice(start, start + BUILD_CHUNK)
             index.add_items(vectors[chunk], labels[chunk], num_threads=BUILD_THREADS)
-        return _Graph(index, labels, vectors)
+        return Graph(index, labels, vectors)
 
-    def _install(self, fresh: _Graph, deleted: list[int]) -> None:
+    def _install(self, fresh: Graph, deleted: list[int]) -> None:
         """Mark in ``fresh`` the labels deleted while it was built (caller excludes searches) and count its dead."""
         first, top = fresh.first, fresh.top
         for label in deleted:
             if first <= label <= top:
-                _mark(fresh.graph, label)
-        fresh.dead = len(fresh.labels) - int(np.count_nonzero(_inside(self._present.mask, fresh.labels)))
+                mark(fresh.graph, label)
+        fresh.dead = len(fresh.labels) - int(np.count_nonzero(inside(self._present.mask, fresh.labels)))
 
     def wait_merged(self, timeout_s: float, settled: bool = False) -> bool:
         """Block until no rows are frozen (and, with ``settled``, no merge is due or running) or
@@ -653,32 +594,32 @@ class HnswStrand(HoldsLabels):
             if vectors.shape != (len(labels), spec.dim) or labels.dtype != np.int64:
                 raise DataLoss(f"{rows}: {vectors.shape} rows for {labels.shape} {labels.dtype} labels, dim {spec.dim}")
             for start in range(0, len(labels), SEAL_ROWS):
-                block = _Block.of(labels[start : start + SEAL_ROWS], vectors[start : start + SEAL_ROWS])
+                block = Block.of(labels[start : start + SEAL_ROWS], vectors[start : start + SEAL_ROWS])
                 strand._frozen += (block,)
                 strand._pending += block.n
         return strand
 
-    def _load_graph(self, path: Path) -> _Graph:
+    def _load_graph(self, path: Path) -> Graph:
         problem = hnswfile.check(path, self.spec.dim)  # hnswlib trusts its input: a cut file must not reach it
         if problem is not None:
             raise DataLoss(f"{path}: {problem}")
-        index = hnswlib.Index(space=_SPACES[self.spec.metric], dim=self.spec.dim)
+        index = hnswlib.Index(space=SPACES[self.spec.metric], dim=self.spec.dim)
         index.load_index(str(path))
         index.set_ef(1)
         labels = np.sort(np.asarray(index.get_ids_list(), np.int64))
-        live = _inside(self._present.mask, labels)
+        live = inside(self._present.mask, labels)
         # hnswlib hands out no vector of a label marked deleted; dead rows are never scanned, so zeros do.
         vectors = np.zeros((len(labels), self.spec.dim), np.float32)
         if live.any():
             vectors[live] = np.asarray(index.get_items(labels[live], return_type="numpy"), np.float32)
         for label in labels[~live].tolist():
-            _mark(index, label)  # deleted after the graph was saved (or before: already marked)
-        graph = _Graph(index, labels, vectors)
+            mark(index, label)  # deleted after the graph was saved (or before: already marked)
+        graph = Graph(index, labels, vectors)
         graph.dead = int(np.count_nonzero(~live))
         return graph
 
 
-def _plan(graphs: tuple[_Graph, ...]) -> tuple[int, int] | None:
+def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
     """The next merge (graphs[start:end]) the tier policy wants, or None."""
     for i, graph in enumerate(graphs):
         if graph.dead and graph.dead >= TOMBSTONE_RATIO * len(graph.labels):
@@ -693,7 +634,7 @@ def _plan(graphs: tuple[_Graph, ...]) -> tuple[int, int] | None:
     return None
 
 
-def _worth_one_graph(graphs: tuple[_Graph, ...]) -> bool:
+def _worth_one_graph(graphs: tuple[Graph, ...]) -> bool:
     """Whether merging every graph into one pays: a trickle of writes must not rebuild a big graph
     for every small one it seals (the tiers bound those)."""
     if len(graphs) < 2:
@@ -706,41 +647,10 @@ def _tier(rows: int) -> int:
     return max(0, int(math.log(max(rows, 1) / TIER_UNIT, TIER_FACTOR))) if rows >= TIER_UNIT else 0
 
 
-def _walk(graph: _Graph, queries: np.ndarray, want: int) -> list[np.ndarray] | None:
-    """The graph's ``want`` nearest labels of each query, nearest first; None when it cannot find that many."""
-    try:
-        # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
-        labels, _ = graph.graph.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
-    except RuntimeError:
-        return None
-    return list(labels.astype(np.int64))
-
-
 def _thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
-
-
-def _inside(mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """mask[labels], False for labels past the mask's end (or below 0)."""
-    if not len(labels):
-        return np.zeros(0, bool)
-    if int(labels.max()) < len(mask) and int(labels.min()) >= 0:
-        return mask[labels]
-    out = np.zeros(len(labels), bool)
-    inside = (labels >= 0) & (labels < len(mask))
-    out[inside] = mask[labels[inside]]
-    return out
-
-
-def _mark(graph: hnswlib.Index, label: int) -> bool:
-    """Mark a label of the graph deleted; False when it already was (or is not in the graph)."""
-    try:
-        graph.mark_deleted(int(label))
-    except RuntimeError:
-        return False
-    return True
 
 
 def _link(source: Path | None, target: Path) -> bool:
@@ -752,28 +662,3 @@ def _link(source: Path | None, target: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _exact_scores(metric: Metric, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Scores of one query against a few stored vectors, computed the same way whatever part
-    holds them (float64, a pairwise sum along each row): BLAS and hnswlib's SIMD round
-    differently for different batch shapes, and results must not depend on the shard count."""
-    rows = vectors.astype(np.float64)
-    q = query.astype(np.float64)
-    if metric is Metric.L2:
-        return -np.sqrt(((rows - q) ** 2).sum(axis=1))
-    return (rows * q).sum(axis=1)
-
-
-def _best_exact(metric: Metric, query: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> Hit:
-    scores = _exact_scores(metric, query, vectors).astype(np.float32)
-    order = np.lexsort((labels, -scores))[:k]
-    return labels[order], scores[order]
-
-
-def _best(k: int, hits: list[Hit]) -> Hit:
-    """Best k of several parts' hits (their labels are disjoint)."""
-    labels = np.concatenate([h[0] for h in hits])
-    scores = np.concatenate([h[1] for h in hits])
-    order = np.lexsort((labels, -scores))[:k]
-    return labels[order], scores[order].astype(np.float32)
