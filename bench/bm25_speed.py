@@ -67,7 +67,7 @@ import tantivy
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from dense import start_process  # noqa: E402  # bench/dense.py: its echo server and process starter
+from dense import serve_search, start_process  # noqa: E402  # bench/dense.py: its echo server and process starter
 from ir_data import DATA, BraidProcess, collections  # noqa: E402
 from settle import settle  # noqa: E402
 
@@ -175,8 +175,6 @@ def bare_server_main(port_file: str, response_hex: str, docs_path: str) -> None:
     """The "bare" reference: bench/dense.py's kind of gRPC server (grpcio's thread pool) that
     decodes each Search and runs ``DirectTantivy`` on its text, answering fixed bytes: what any
     Python gRPC server around tantivy must do, and nothing more."""
-    from concurrent import futures
-
     response = bytes.fromhex(response_hex)
     direct = DirectTantivy(json.loads(Path(docs_path).read_text()))
 
@@ -184,15 +182,7 @@ def bare_server_main(port_file: str, response_hex: str, docs_path: str) -> None:
         direct.search(pb.SearchRequest.FromString(request).queries[0].bm25.text)
         return response
 
-    handler = grpc.method_handlers_generic_handler(
-        "braid.v1.Braid", {"Search": grpc.unary_unary_rpc_method_handler(handle, lambda b: b, lambda b: b)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    Path(port_file).write_text(str(port))
-    server.wait_for_termination()
+    serve_search(handle, port_file)
 
 
 # ---------------------------------------------------------------- baseline

@@ -27,6 +27,7 @@ import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import hnswlib
@@ -80,6 +81,12 @@ def echo_server_main(port_file: str, response_hex: str, base_path: str = "") -> 
             index.knn_query(np.frombuffer(dense.vector.packed, "<f4"), k=message.limit, num_threads=1)
         return response
 
+    serve_search(handle, port_file)
+
+
+def serve_search(handle: Any, port_file: str) -> None:
+    """A bare grpcio (thread pool) server whose braid.v1.Braid/Search is ``handle`` on raw bytes; its
+    port goes into ``port_file``. Serves until killed."""
     handler = grpc.method_handlers_generic_handler(
         "braid.v1.Braid",
         {"Search": grpc.unary_unary_rpc_method_handler(handle, lambda b: b, lambda b: b)},
