@@ -47,7 +47,9 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
-    "metrics_port", "log_format", "slow_query_ms", "otlp_endpoint", "trace_sample_ratio",
+    "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key",
+    "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "log_format", "slow_query_ms", "otlp_endpoint",
+    "trace_sample_ratio",
 )  # fmt: skip
 
 
@@ -372,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--node-id", help="a shard server's identity (BRAID_NODE_ID, default: the host name)")
     cluster.add_argument("--advertise", help="host:port routers use to reach this shard server (default host:port)")
     cluster.add_argument("--nats-replicas", type=int, help="replicas of Braid's streams and buckets (0 = auto)")
+    cluster.add_argument("--nats-creds", help="NATS credentials: a .creds file or an nkey seed file (BRAID_NATS_CREDS)")
+    cluster.add_argument("--nats-tls-ca", help="PEM CA of the NATS servers: TLS to NATS (BRAID_NATS_TLS_CA)")
+    cluster.add_argument("--nats-tls-cert", help="PEM client certificate for NATS (BRAID_NATS_TLS_CERT)")
+    cluster.add_argument("--nats-tls-key", help="PEM key of --nats-tls-cert (BRAID_NATS_TLS_KEY)")
+    cluster.add_argument(
+        "--cluster-tls-cert", help="PEM certificate for mutual TLS between routers and shards (BRAID_CLUSTER_TLS_CERT)"
+    )
+    cluster.add_argument("--cluster-tls-key", help="PEM key of --cluster-tls-cert (BRAID_CLUSTER_TLS_KEY)")
+    cluster.add_argument(
+        "--cluster-tls-ca", help="PEM internal CA: the only one the other side trusts (BRAID_CLUSTER_TLS_CA)"
+    )
+    cluster.add_argument(
+        "--cluster-tls-server-name", help="name a router checks shard certificates against (default: advertised host)"
+    )
     observability = serve.add_argument_group("observability (docs/operations.md)")
     observability.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (BRAID_METRICS_PORT, 0 = off)"

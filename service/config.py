@@ -34,6 +34,14 @@ Precedence: command-line flag, then environment variable, then default.
 | node_id                | BRAID_NODE_ID                | the host name     |
 | advertise              | BRAID_ADVERTISE              | host:port         |
 | nats_replicas          | BRAID_NATS_REPLICAS          | 0 = auto          |
+| nats_creds             | BRAID_NATS_CREDS             | (no credentials)  |
+| nats_tls_ca            | BRAID_NATS_TLS_CA            | (plaintext NATS)  |
+| nats_tls_cert          | BRAID_NATS_TLS_CERT          | (no client cert)  |
+| nats_tls_key           | BRAID_NATS_TLS_KEY           | (no client cert)  |
+| cluster_tls_cert       | BRAID_CLUSTER_TLS_CERT       | (plaintext)       |
+| cluster_tls_key        | BRAID_CLUSTER_TLS_KEY        | (plaintext)       |
+| cluster_tls_ca         | BRAID_CLUSTER_TLS_CA         | (plaintext)       |
+| cluster_tls_server_name| BRAID_CLUSTER_TLS_SERVER_NAME| the advertised host |
 | metrics_port           | BRAID_METRICS_PORT           | 0 = off           |
 | log_format             | BRAID_LOG_FORMAT             | text              |
 | slow_query_ms          | BRAID_SLOW_QUERY_MS          | 0 = off           |
@@ -54,6 +62,18 @@ default: the host name, so a StatefulSet pod's ordinal names it) and ``advertise
 (BRAID_ADVERTISE, the host:port routers call; default host:port). ``nats_replicas``
 (BRAID_NATS_REPLICAS, 0 = as many NATS URLs as given, at most 3) is the replica count
 of the streams and buckets Braid creates.
+
+Security inside a cluster (docs/security.md, docs/deploy.md): ``cluster_tls_cert``,
+``cluster_tls_key`` and ``cluster_tls_ca`` (all three or none) put mutual TLS on the
+internal braid.cluster.v1.Shard service: a shard server serves it with that certificate
+and accepts only clients whose certificate ``cluster_tls_ca`` signed; a router presents
+the same kind of certificate and checks each shard server's against ``cluster_tls_ca``
+and ``cluster_tls_server_name`` (default: the host a shard server advertises). The
+client-facing settings (``tls_*``, ``api_keys``) are refused on a shard server, which
+serves no client API; cluster and NATS settings are refused on a standalone server.
+``nats_creds`` is a NATS credentials file (a ``.creds`` file, JWT and seed, or a bare
+nkey seed file); ``nats_tls_ca`` turns on TLS to NATS (the server checked against it),
+``nats_tls_cert`` + ``nats_tls_key`` add a client certificate.
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
@@ -81,7 +101,12 @@ from .cluster.meta import check_node_id, node_id_from_host
 
 DEFAULT_DATA_DIR = "./braid-data"
 ROLES = ("standalone", "router", "shard")
-_PATHS = ("data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys")
+_PATHS = (
+    "data_dir", "models_dir", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "nats_creds", "nats_tls_ca",
+    "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key", "cluster_tls_ca",
+)  # fmt: skip
+_CLIENT_API = ("tls_cert", "tls_key", "tls_client_ca", "api_keys")
+_CLUSTER_ONLY = ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key")
 _FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio")
 LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -119,6 +144,14 @@ class ServerConfig:
     node_id: str = ""
     advertise: str = ""
     nats_replicas: int = 0
+    nats_creds: Path | None = None
+    nats_tls_ca: Path | None = None
+    nats_tls_cert: Path | None = None
+    nats_tls_key: Path | None = None
+    cluster_tls_cert: Path | None = None
+    cluster_tls_key: Path | None = None
+    cluster_tls_ca: Path | None = None
+    cluster_tls_server_name: str = ""
     metrics_port: int = 0
     log_format: str = "text"
     slow_query_ms: float = 0.0
@@ -154,6 +187,7 @@ class ServerConfig:
             raise ValueError(f"role {self.role} needs nats (--nats URL[,URL...] or BRAID_NATS)")
         if self.node_id:
             check_node_id(self.node_id)
+        self._check_security_for_role()
         if not 0 <= self.nats_replicas <= 5:
             raise ValueError(f"nats_replicas must be in 0..5, got {self.nats_replicas}")
         if not 0 <= self.metrics_port <= 65535:
@@ -175,6 +209,35 @@ class ServerConfig:
             raise ValueError("need min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0")
         storage = StoragePolicy(self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s)
         object.__setattr__(self, "storage", storage)
+
+    def _check_security_for_role(self) -> None:
+        """Refuse a security setting this role cannot honour, rather than run without it."""
+        if self.role == "shard":
+            given = [name for name in _CLIENT_API if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{given[0]} (BRAID_{given[0].upper()}) secures the client API, which a shard server does not "
+                    "serve; secure braid.cluster.v1.Shard with cluster_tls_cert, cluster_tls_key and cluster_tls_ca"
+                )
+        if self.role == "standalone":
+            given = [name for name in (*_CLUSTER_ONLY, "cluster_tls_ca") if getattr(self, name) is not None]
+            if given or self.cluster_tls_server_name:
+                name = given[0] if given else "cluster_tls_server_name"
+                raise ValueError(f"{name} (BRAID_{name.upper()}) needs role router or shard (a standalone server)")
+        cluster_tls = (self.cluster_tls_cert, self.cluster_tls_key, self.cluster_tls_ca)
+        if any(value is not None for value in cluster_tls) and None in cluster_tls:
+            raise ValueError("cluster_tls_cert, cluster_tls_key and cluster_tls_ca must be given together")
+        if self.cluster_tls_server_name and self.cluster_tls_cert is None:
+            raise ValueError("cluster_tls_server_name needs cluster_tls_cert, cluster_tls_key and cluster_tls_ca")
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("nats_tls_cert and nats_tls_key must be given together")
+        if self.nats_tls_cert is not None and self.nats_tls_ca is None:
+            raise ValueError("nats_tls_cert (a client certificate for NATS) needs nats_tls_ca")
+
+    @property
+    def cluster_tls(self) -> bool:
+        """Mutual TLS on braid.cluster.v1.Shard, between routers and shard servers."""
+        return self.cluster_tls_cert is not None
 
     @property
     def models_path(self) -> Path:
@@ -209,7 +272,7 @@ class ServerConfig:
 def _parse(name: str, value: object) -> object:
     if name in _PATHS:
         return Path(str(value))
-    if name in ("host", "role", "nats", "node_id", "advertise", "otlp_endpoint"):
+    if name in ("host", "role", "nats", "node_id", "advertise", "otlp_endpoint", "cluster_tls_server_name"):
         return str(value)
     if name == "log_format":
         return str(value).strip().lower()
