@@ -48,8 +48,8 @@ SERVE_SETTINGS = (
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
     "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key",
-    "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "log_format", "slow_query_ms", "otlp_endpoint",
-    "trace_sample_ratio",
+    "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "health_port", "log_format", "slow_query_ms",
+    "otlp_endpoint", "trace_sample_ratio",
 )  # fmt: skip
 
 
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     observability = serve.add_argument_group("observability (docs/operations.md)")
     observability.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (BRAID_METRICS_PORT, 0 = off)"
+    )
+    observability.add_argument(
+        "--health-port", type=int, help="plaintext grpc.health.v1 only, for probes (BRAID_HEALTH_PORT, 0 = off)"
     )
     observability.add_argument(
         "--log-format", choices=("text", "json"), help="text, or json: one object per line (BRAID_LOG_FORMAT)"

@@ -43,6 +43,7 @@ Precedence: command-line flag, then environment variable, then default.
 | cluster_tls_ca         | BRAID_CLUSTER_TLS_CA         | (plaintext)       |
 | cluster_tls_server_name| BRAID_CLUSTER_TLS_SERVER_NAME| the advertised host |
 | metrics_port           | BRAID_METRICS_PORT           | 0 = off           |
+| health_port            | BRAID_HEALTH_PORT            | 0 = main port only|
 | log_format             | BRAID_LOG_FORMAT             | text              |
 | slow_query_ms          | BRAID_SLOW_QUERY_MS          | 0 = off           |
 | otlp_endpoint          | BRAID_OTLP_ENDPOINT          | (none: no tracing)|
@@ -77,6 +78,10 @@ nkey seed file); ``nats_tls_ca`` turns on TLS to NATS (the server checked agains
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
+
+``health_port`` serves grpc.health.v1.Health alone, in plaintext, on a second port (every
+role; 0 = off, health is then on the main port only): Kubernetes' native gRPC probes
+present no certificate and no key, so a TLS or mutual-TLS port cannot answer them.
 
 Observability (docs/operations.md): ``metrics_port`` serves Prometheus metrics at
 ``http://<host>:<metrics_port>/metrics`` (every role; 0 = off); ``log_format`` is text or
@@ -153,6 +158,7 @@ class ServerConfig:
     cluster_tls_ca: Path | None = None
     cluster_tls_server_name: str = ""
     metrics_port: int = 0
+    health_port: int = 0
     log_format: str = "text"
     slow_query_ms: float = 0.0
     otlp_endpoint: str = ""
@@ -192,6 +198,8 @@ class ServerConfig:
             raise ValueError(f"nats_replicas must be in 0..5, got {self.nats_replicas}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0..65535 (0 = off), got {self.metrics_port}")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in 0..65535 (0 = off), got {self.health_port}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not self.slow_query_ms >= 0:

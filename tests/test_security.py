@@ -7,8 +7,6 @@ and a client certificate; a second, unrelated CA signs a rogue client certificat
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import logging
 import time
@@ -19,10 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from braid.service.auth import generate_key, hash_key, write_keys_file
@@ -31,6 +25,7 @@ from braid.service.client import BraidClient
 from braid.service.tls import channel_credentials, server_credentials
 from braid.v1 import braid_pb2 as pb
 
+from .certs import make_ca, make_leaf, write_cert, write_key
 from .conftest import random_vectors, schema, start_in_process, stop_in_process
 
 READ_KEY, WRITE_KEY, ADMIN_KEY, SCOPED_KEY = (generate_key() for _ in range(4))
@@ -51,97 +46,22 @@ class Certs:
     rogue_key: Path
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.write_bytes(pem)
-    return path
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    key_cert_sign=True,
-    crl_sign=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    encipher_only=False,
-    decipher_only=False,
-)
-
-
-def _ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _leaf(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, server: bool
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-    )
-    if server:
-        names = [
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.DNSName("localhost"),
-            x509.DNSName("braid.test"),
-        ]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     folder = tmp_path_factory.mktemp("tls")
-    ca_key, ca_cert = _ca("braid test CA")
-    server_key, server_cert = _leaf(ca_key, ca_cert, "braid server", server=True)
-    client_key, client_cert = _leaf(ca_key, ca_cert, "braid client", server=False)
-    rogue_ca_key, rogue_ca_cert = _ca("someone else's CA")
-    rogue_key, rogue_cert = _leaf(rogue_ca_key, rogue_ca_cert, "rogue client", server=False)
+    ca_key, ca_cert = make_ca("braid test CA")
+    server_key, server_cert = make_leaf(ca_key, ca_cert, "braid server", server=True)
+    client_key, client_cert = make_leaf(ca_key, ca_cert, "braid client", server=False)
+    rogue_ca_key, rogue_ca_cert = make_ca("someone else's CA")
+    rogue_key, rogue_cert = make_leaf(rogue_ca_key, rogue_ca_cert, "rogue client", server=False)
     return Certs(
-        ca=_write_cert(folder / "ca.pem", ca_cert),
-        server_cert=_write_cert(folder / "server.pem", server_cert),
-        server_key=_write_key(folder / "server.key", server_key),
-        client_cert=_write_cert(folder / "client.pem", client_cert),
-        client_key=_write_key(folder / "client.key", client_key),
-        rogue_cert=_write_cert(folder / "rogue.pem", rogue_cert),
-        rogue_key=_write_key(folder / "rogue.key", rogue_key),
+        ca=write_cert(folder / "ca.pem", ca_cert),
+        server_cert=write_cert(folder / "server.pem", server_cert),
+        server_key=write_key(folder / "server.key", server_key),
+        client_cert=write_cert(folder / "client.pem", client_cert),
+        client_key=write_key(folder / "client.key", client_key),
+        rogue_cert=write_cert(folder / "rogue.pem", rogue_cert),
+        rogue_key=write_key(folder / "rogue.key", rogue_key),
     )
 
 
