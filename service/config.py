@@ -241,6 +241,10 @@ class ServerConfig:
             raise ValueError("nats_tls_cert and nats_tls_key must be given together")
         if self.nats_tls_cert is not None and self.nats_tls_ca is None:
             raise ValueError("nats_tls_cert (a client certificate for NATS) needs nats_tls_ca")
+        if self.nats_creds is not None or self.nats_tls_ca is not None:
+            from .cluster.nats_auth import NatsSecurity
+
+            NatsSecurity.from_config(self)  # an unreadable or unrecognised file is refused now, not retried
 
     @property
     def cluster_tls(self) -> bool:

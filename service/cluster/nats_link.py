@@ -11,6 +11,11 @@ buckets hold), reads from the bucket's stream leader and compare-and-set writes 
 a duplicate id inside its window, so a retried publish is stored once), the last sequence
 of a subject, and ``LogReader``: an ephemeral pull consumer that reads one subject in
 stream order from a given sequence, checking against the stream that it skips no record.
+
+Security (service/cluster/nats_auth.py): a link made ``for_config`` presents the server's
+nats_creds and verifies NATS with nats_tls_* (TLS, a client certificate). NATS refusing them (an
+authorization violation, a certificate it does not trust) is logged as an error naming the
+setting, and the link keeps trying: a router or shard server stays NOT_SERVING meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -32,6 +38,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 from braid.index.errors import AlreadyExists, FailedPrecondition, Unavailable
 
 from .meta import KIND_HEADER
+from .nats_auth import NatsSecurity
 
 log = logging.getLogger("braid.nats")
 T = TypeVar("T")
@@ -53,6 +60,8 @@ CONNECT_POLL_S = 0.05
 # A call made while the link reconnects waits this long for it (nats-py tries the next node
 # every reconnect_time_wait, so a link whose node died is back on another one well within it).
 RECONNECT_WAIT_S = 3.0
+# A connection failure repeated word for word is logged again after this long (not every second).
+REPEAT_LOG_S = 30.0
 # JetStream error codes of a publish refused for good: the record was not stored, and a retry
 # would be refused again (wrong expected stream, message over max_payload, stream not found).
 _REFUSED_ERR_CODES = {10060, 10054, 10059}
@@ -93,12 +102,40 @@ def _never_sent(err: BaseException) -> bool:
     )
 
 
-class NatsLink:
-    """A nats-py connection on its own loop thread; blocking calls with timeouts."""
+def _connect_failure(err: BaseException) -> str:
+    """Why a connection attempt failed, saying which setting to check when NATS refused us."""
+    text = _describe(err)
+    lowered = text.lower()
+    if "authorization violation" in lowered or "authentication" in lowered or "user authentication" in lowered:
+        return f"NATS refused the credentials ({text}): check nats_creds (BRAID_NATS_CREDS)"
+    if isinstance(err, ssl.SSLError) or "certificate" in lowered or "ssl" in lowered or "tls" in lowered:
+        return f"TLS to NATS failed ({text}): check nats_tls_ca / nats_tls_cert / nats_tls_key (BRAID_NATS_TLS_*)"
+    return text
 
-    def __init__(self, urls: list[str], name: str) -> None:
+
+def _refused(err: BaseException) -> bool:
+    """NATS or TLS said no: retrying will not help until an operator changes something."""
+    return _connect_failure(err) != _describe(err)
+
+
+class NatsLink:
+    """A nats-py connection on its own loop thread; blocking calls with timeouts.
+
+    ``security`` (credentials, TLS) is what the link presents to NATS; :meth:`for_config` takes it
+    from a ServerConfig's nats_creds and nats_tls_*."""
+
+    @classmethod
+    def for_config(cls, config: Any, name: str) -> NatsLink:
+        """A link to ``config.nats_urls`` with its nats_creds and nats_tls_* (ValueError for a bad file)."""
+        return cls(config.nats_urls, name, NatsSecurity.from_config(config))
+
+    def __init__(self, urls: list[str], name: str, security: NatsSecurity | None = None) -> None:
         self.urls = urls
         self.name = name
+        self.security = security or NatsSecurity()
+        self._connect_options = self.security.connect_options()  # built once: a bad file fails here
+        self.last_error = ""  # why the last connection attempt failed ("" once connected)
+        self._logged, self._logged_at = "", 0.0  # the last failure logged, and when
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="braid-nats", daemon=True)
         self._thread.start()
@@ -112,7 +149,10 @@ class NatsLink:
     # ------------------------------------------------------------ connection
 
     async def _connect_forever(self) -> None:
-        """Connect (retrying until the link closes); nats-py then reconnects by itself."""
+        """Connect (retrying until the link closes); nats-py then reconnects by itself.
+
+        A refusal (bad credentials, an untrusted certificate) is logged as an error naming the
+        setting; the same failure again is logged every REPEAT_LOG_S, not every second."""
         while not self._closed:
             try:
                 self.nc = await nats.connect(
@@ -125,17 +165,31 @@ class NatsLink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
+                    **self._connect_options,
                 )
                 self.js = self.nc.jetstream()
+                self.last_error = ""
                 self._connected.set()
                 log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
                 return
             except Exception as err:
-                log.warning("cannot reach NATS at %s: %s; retrying", ",".join(self.urls), err)
+                self.last_error = _connect_failure(err)
+                self._report(err, f"cannot connect to NATS at {','.join(self.urls)}: {self.last_error}; retrying")
                 await asyncio.sleep(1.0)
 
+    def _report(self, err: BaseException, message: str, quiet: bool = False) -> None:
+        """Log a connection failure: an error when NATS refused us, else a warning (a debug line
+        when ``quiet``); the same message again only after REPEAT_LOG_S."""
+        now = time.monotonic()
+        if message == self._logged and now - self._logged_at < REPEAT_LOG_S:
+            return
+        self._logged, self._logged_at = message, now
+        level = logging.ERROR if _refused(err) else logging.DEBUG if quiet else logging.WARNING
+        log.log(level, "%s", message)
+
     async def _on_error(self, err: Exception) -> None:
-        log.debug("NATS: %s", err)
+        # while reconnecting too: a rotated credential or certificate NATS refuses is an error
+        self._report(err, f"NATS: {_connect_failure(err)}", quiet=True)
 
     async def _on_disconnected(self) -> None:
         if not self._closed:

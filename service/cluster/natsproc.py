@@ -8,7 +8,10 @@ This module owns the NATS side of a local cluster and nothing else:
   the JetStream ``store_dir``), started, SIGKILLed, stopped and restarted on the same ports and
   the same store;
 * :class:`NatsCluster`: one node (standalone JetStream) or three (a JetStream cluster with a
-  meta leader), on free loopback ports, ready when it returns.
+  meta leader), on free loopback ports, ready when it returns;
+* :class:`NatsServerSecurity`: optional TLS on the client port and the cluster routes (client
+  certificates required with ``verify``) and authorization by nkey users (:class:`NatsUser`,
+  with optional permissions). Without it (the default) a node takes any client in plaintext.
 
 Every wait is bounded and every failure says why, with the tail of the node's log. Servers
 listen on 127.0.0.1 only. Nothing here knows about Braid's streams or buckets: the router and
@@ -28,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -38,6 +42,69 @@ STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL after this
 _POLL_S = 0.05
 _HTTP_TIMEOUT_S = 1.0
 _START_ATTEMPTS = 3  # fresh ports when another process grabbed one between picking and binding
+
+
+TLS_HANDSHAKE_S = 5.0  # nats-server's default (0.5 s) is short for a loaded machine
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """A user of ``authorization { users = [...] }``: its public nkey ("U...") and, optionally, a
+    nats-server ``permissions`` map (``{"publish": {"allow": [...]}, "subscribe": {...}}``)."""
+
+    nkey: str
+    permissions: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NatsServerSecurity:
+    """TLS and authorization of a node. ``tls_cert``/``tls_key``/``tls_ca`` put TLS on the client
+    port and on the cluster routes (a route always presents and checks a certificate, so the
+    certificate needs serverAuth and clientAuth); ``verify`` also requires client certificates
+    the CA signed. ``users``: only these nkey users may connect (none: no authorization)."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    verify: bool = False
+    users: tuple[NatsUser, ...] = ()
+
+    def __post_init__(self) -> None:
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(value is not None for value in tls) and None in tls:
+            raise ValueError("tls_cert, tls_key and tls_ca must be given together")
+        if self.verify and self.tls_cert is None:
+            raise ValueError("verify (client certificates) needs tls_cert, tls_key and tls_ca")
+        for user in self.users:
+            if not user.nkey.startswith("U"):
+                raise ValueError(f"a NATS user's nkey is a public user key (U...), not {user.nkey[:2]}...")
+
+    def tls_block(self, indent: str, verify: bool) -> list[str]:
+        """``tls { ... }`` for the client port or (``verify`` True) a cluster's routes."""
+        if self.tls_cert is None:
+            return []
+        lines = [
+            f"{indent}tls {{",
+            f"{indent}  cert_file: {json.dumps(str(Path(self.tls_cert).absolute()))}",
+            f"{indent}  key_file: {json.dumps(str(Path(self.tls_key or '').absolute()))}",
+            f"{indent}  ca_file: {json.dumps(str(Path(self.tls_ca or '').absolute()))}",
+            f"{indent}  timeout: {TLS_HANDSHAKE_S:g}",
+        ]
+        if verify:
+            lines.append(f"{indent}  verify: true")
+        return [*lines, f"{indent}}}"]
+
+    def authorization_block(self) -> list[str]:
+        """``authorization { users = [ { nkey: U... } ] }`` (nothing when there are no users)."""
+        if not self.users:
+            return []
+        lines = ["authorization {", "  users = ["]
+        for user in self.users:
+            fields = [f"nkey: {json.dumps(user.nkey)}"]
+            if user.permissions is not None:
+                fields.append(f"permissions: {json.dumps(user.permissions)}")
+            lines.append(f"    {{ {', '.join(fields)} }}")
+        return [*lines, "  ]", "}"]
 
 
 class NatsServerNotFound(RuntimeError):
@@ -112,6 +179,7 @@ class NatsNode:
 
     ``routes`` are the cluster ports of the other nodes; with ``cluster_port`` set the node
     joins the cluster ``cluster_name``. Ports stay the same across :meth:`restart`.
+    ``security``: TLS and nkey users (:class:`NatsServerSecurity`); none by default.
     """
 
     def __init__(
@@ -125,8 +193,10 @@ class NatsNode:
         cluster_name: str = "braid",
         binary: str | None = None,
         new_session: bool = False,
+        security: NatsServerSecurity | None = None,
     ) -> None:
         self.directory = Path(directory).absolute()
+        self.security = security or NatsServerSecurity()
         self.name = name
         self.port = port
         self.http_port = http_port
@@ -172,6 +242,8 @@ class NatsNode:
             "jetstream {",
             f"  store_dir: {json.dumps(str(self.store_dir))}",
             "}",
+            *self.security.tls_block("", self.security.verify),
+            *self.security.authorization_block(),
         ]
         if self.cluster_port is not None:
             routes = ", ".join(f'"nats-route://{HOST}:{port}"' for port in self.routes)
@@ -180,6 +252,7 @@ class NatsNode:
                 f"  name: {json.dumps(self.cluster_name)}",
                 f'  listen: "{HOST}:{self.cluster_port}"',
                 f"  routes: [{routes}]",
+                *self.security.tls_block("  ", True),
                 "}",
             ]
         return "\n".join(lines) + "\n"
@@ -320,6 +393,7 @@ class NatsCluster:
     so a client can create a stream with ``num_replicas=3`` straight away. ``stop()`` or the
     context manager ends every node. ``new_session`` puts the servers in their own session, out of
     reach of a terminal's Ctrl-C (``braid cluster up`` stops them itself, in order).
+    ``security`` (TLS, nkey users) applies to every node.
     """
 
     def __init__(
@@ -331,6 +405,7 @@ class NatsCluster:
         timeout: float = READY_TIMEOUT_S,
         new_session: bool = False,
         start: bool = True,
+        security: NatsServerSecurity | None = None,
     ) -> None:
         if nodes not in (1, 3):
             raise ValueError(f"nodes must be 1 or 3 (a JetStream cluster wants an odd size), not {nodes}")
@@ -339,6 +414,7 @@ class NatsCluster:
         self.binary = binary or find_nats_server()
         self.timeout = timeout
         self.new_session = new_session
+        self.security = security
         self.nodes: list[NatsNode] = []
         self.started_in_s: float | None = None  # how long start() took
         if start:
@@ -373,6 +449,7 @@ class NatsCluster:
                 routes=[p for j, p in enumerate(route) if j != i] if clustered else (),
                 binary=self.binary,
                 new_session=self.new_session,
+                security=self.security,
             )
             for i in range(self.size)
         ]
