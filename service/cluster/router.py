@@ -209,7 +209,7 @@ class RemoteCatalog:
         self.config = config
         self.limits: Limits = config.limits
         self.recovery = Recovery()
-        self.link = NatsLink(config.nats_urls, "braid-router")
+        self.link = NatsLink.for_config(config, "braid-router")
         self.state = ClusterState(self.link)
         self.clients = ShardClients(config.max_message_bytes)
         self.stats = RouterStats()

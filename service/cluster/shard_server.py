@@ -403,7 +403,7 @@ class ShardServer:
 
     def start(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
-        self.link = NatsLink(self.config.nats_urls, f"braid-shard-{self.node_id}")
+        self.link = NatsLink.for_config(self.config, f"braid-shard-{self.node_id}")
         threading.Thread(target=self._join, name="braid-join", daemon=True).start()
         threading.Thread(target=self._reconcile_loop, name="braid-reconcile", daemon=True).start()
 
