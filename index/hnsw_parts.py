@@ -2,10 +2,13 @@
 
 ``Block``: rows outside the graphs (growing or frozen), labels ascending, vectors in one
 contiguous array. ``Graph``: a sealed segment, an hnswlib graph with its labels (ascending)
-and a contiguous copy of its vectors. ``walk`` asks a graph for its nearest labels;
+and a contiguous copy of its vectors. ``walk`` asks a graph for a batch's nearest labels;
 ``exact_scores`` / ``best_exact`` / ``best`` score and rank candidates the same way whatever
-part holds them, so a document's score does not depend on the shard count; ``inside`` and
-``mark`` are the label-mask and delete-mark helpers the strand shares.
+part holds them and however many queries share the call, so a document's score depends
+neither on the shard count nor on the batch. A batch is ranked at once: its hits are padded
+matrices (``Hits``, a row a query), scored with one gather and one float64 product per part
+and merged with one sort. ``inside`` and ``mark`` are the label-mask and delete-mark helpers
+the strand shares.
 """
 
 from __future__ import annotations
@@ -18,8 +21,13 @@ from .schema import Metric
 # Cosine rows are normalised once, by the strand (``HnswStrand.stored_form``), and searched as
 # inner products: a cosine-space graph would normalise them again and store slightly different floats.
 SPACES = {Metric.COSINE: "ip", Metric.DOT: "ip", Metric.L2: "l2"}
-Hit = tuple[np.ndarray, np.ndarray]
+Hit = tuple[np.ndarray, np.ndarray]  # one query's (labels int64, scores float32), best first
 EMPTY: Hit = (np.empty(0, np.int64), np.empty(0, np.float32))
+# A batch's hits: labels (int64) and scores (float32), B x k, a row a query, best first; a row with
+# fewer than k hits is padded with PAD labels scored -inf, so rows of different lengths sort as one matrix.
+Hits = tuple[np.ndarray, np.ndarray]
+PAD = np.iinfo(np.int64).max
+SCORE_CHUNK = 64  # queries whose candidates are scored in float64 at once
 
 
 class Block:
@@ -78,23 +86,24 @@ class Graph:
         return len(self.labels) - self.dead
 
 
-def walk(graph: Graph, queries: np.ndarray, want: int) -> list[np.ndarray] | None:
-    """The graph's ``want`` nearest labels of each query, nearest first; None when it cannot find that many."""
+def walk(graph: Graph, queries: np.ndarray, want: int) -> np.ndarray | None:
+    """The graph's ``want`` nearest labels of each query (one row each, nearest first); None when it
+    cannot find that many."""
     try:
         # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
         labels, _ = graph.graph.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
     except RuntimeError:
         return None
-    return list(labels.astype(np.int64))
+    return labels.astype(np.int64)
 
 
 def inside(mask: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """mask[labels], False for labels past the mask's end (or below 0)."""
-    if not len(labels):
-        return np.zeros(0, bool)
+    """mask[labels] (any shape of labels), False for labels past the mask's end (or below 0)."""
+    if not labels.size:
+        return np.zeros(labels.shape, bool)
     if int(labels.max()) < len(mask) and int(labels.min()) >= 0:
         return mask[labels]
-    out = np.zeros(len(labels), bool)
+    out = np.zeros(labels.shape, bool)
     inside = (labels >= 0) & (labels < len(mask))
     out[inside] = mask[labels[inside]]
     return out
@@ -109,26 +118,50 @@ def mark(graph: hnswlib.Index, label: int) -> bool:
     return True
 
 
-def exact_scores(metric: Metric, query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Scores of one query against a few stored vectors, computed the same way whatever part
-    holds them (float64, a pairwise sum along each row): BLAS and hnswlib's SIMD round
-    differently for different batch shapes, and results must not depend on the shard count."""
-    rows = vectors.astype(np.float64)
-    q = query.astype(np.float64)
-    if metric is Metric.L2:
-        return -np.sqrt(((rows - q) ** 2).sum(axis=1))
-    return (rows * q).sum(axis=1)
+def exact_scores(metric: Metric, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Scores (B x c, float64) of each query (B x dim) against its own candidates' vectors (B x c x dim),
+    computed the same way whatever part holds them and however many queries a batch has: float64,
+    a pairwise sum along each row (numpy reduces every row of the last axis alone, so a row's score
+    is the same bits in any batch shape). BLAS and hnswlib's SIMD round differently for different
+    batch shapes, and results must depend neither on the shard count nor on the batch."""
+    out = np.empty(vectors.shape[:2], np.float64)
+    for start in range(0, len(queries), SCORE_CHUNK):  # bounds the float64 temporaries of a big batch
+        at = slice(start, start + SCORE_CHUNK)
+        rows = vectors[at]  # float32: numpy widens each element exactly as it multiplies by a float64
+        q = queries[at, None, :].astype(np.float64)
+        if metric is Metric.L2:
+            diff = np.subtract(rows, q)
+            out[at] = -np.sqrt(np.square(diff, out=diff).sum(axis=2))
+        else:
+            out[at] = np.multiply(rows, q).sum(axis=2)
+    return out
 
 
-def best_exact(metric: Metric, query: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> Hit:
-    scores = exact_scores(metric, query, vectors).astype(np.float32)
-    order = np.lexsort((labels, -scores))[:k]
-    return labels[order], scores[order]
+def best_exact(metric: Metric, queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> Hits:
+    """Each query's best k of its candidates (``labels`` B x c, PAD where a row has fewer; ``vectors``
+    their rows B x c x dim, anything under PAD) by exact score."""
+    scores = exact_scores(metric, queries, vectors).astype(np.float32)
+    scores[labels == PAD] = -np.inf
+    return ranked(labels, scores, k)
 
 
-def best(k: int, hits: list[Hit]) -> Hit:
-    """Best k of several parts' hits (their labels are disjoint)."""
-    labels = np.concatenate([h[0] for h in hits])
-    scores = np.concatenate([h[1] for h in hits])
-    order = np.lexsort((labels, -scores))[:k]
-    return labels[order], scores[order].astype(np.float32)
+def ranked(labels: np.ndarray, scores: np.ndarray, k: int) -> Hits:
+    """Each row's best k (higher score first, then smaller label), padded to exactly k columns."""
+    if labels.shape[1] < k:
+        fill = k - labels.shape[1]
+        labels = np.pad(labels, ((0, 0), (0, fill)), constant_values=PAD)
+        scores = np.pad(scores, ((0, 0), (0, fill)), constant_values=-np.inf)
+    order = np.lexsort((labels, -scores), axis=-1)[:, :k]
+    return np.take_along_axis(labels, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def best(k: int, parts: list[Hits]) -> Hits:
+    """Each query's best k over several parts' hits (their labels are disjoint): one sort of the padded rows."""
+    return ranked(np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts], axis=1), k)
+
+
+def unpadded(hits: Hits) -> list[Hit]:
+    """One (labels, scores) pair per query, without the padding."""
+    labels, scores = hits
+    counts = np.count_nonzero(labels != PAD, axis=1).tolist()
+    return [(labels[i, :n], scores[i, :n]) for i, n in enumerate(counts)]

@@ -82,9 +82,9 @@ import hnswlib
 import numpy as np
 
 from . import durable, hnswfile
-from .dense import hnsw_memory_bytes, score_rows, top_indices
+from .dense import hnsw_memory_bytes, score_rows
 from .errors import DataLoss
-from .hnsw_parts import EMPTY, SPACES, Block, Graph, Hit, best, best_exact, inside, mark, walk
+from .hnsw_parts import EMPTY, PAD, SPACES, Block, Graph, Hit, Hits, best, best_exact, inside, mark, unpadded, walk
 from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
@@ -276,7 +276,7 @@ class HnswStrand(HoldsLabels):
         if allowed is not None:
             size = min(len(allowed), len(present))
             allowed = allowed[:size] & present[:size]
-        parts: list[list[Hit]] = []
+        parts: list[Hits | None] = []
         for graph in self._graphs:
             if graph.live > 0:
                 parts.append(self._search_graph(graph, queries, k, ef, allowed))
@@ -284,72 +284,77 @@ class HnswStrand(HoldsLabels):
             if block.n:
                 mask = allowed if allowed is not None else present
                 parts.append(self._scan(block.labels, block.vectors, queries, k, inside(mask, block.labels)))
-        if not parts:
+        found = [part for part in parts if part is not None]
+        if not found:
             return [EMPTY for _ in range(len(queries))]
-        if len(parts) == 1:
-            return parts[0]
-        return [best(k, [part[i] for part in parts]) for i in range(len(queries))]
+        return unpadded(found[0] if len(found) == 1 else best(k, found))
 
     def _search_graph(
         self, graph: Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
-    ) -> list[Hit]:
+    ) -> Hits | None:
+        """The graph's best k of each query (None: none allowed); one walk for the whole batch."""
         if allowed is None:
             want = min(max(k, ef), graph.live)
             found = walk(graph, queries, want)
             if found is None:  # hnswlib found fewer than `want` live neighbours: scan instead
                 return self._scan(graph.labels, graph.vectors, queries, k, inside(self._present.mask, graph.labels))
-            return [self._rescored(graph, q, labels[: k + _SLACK], k) for q, labels in zip(queries, found, strict=True)]
+            return self._rescored(graph, queries, found[:, : k + _SLACK], k)
         window = allowed[graph.first : graph.top + 1]
         count = int(np.count_nonzero(window))
         if count == 0:
-            return [EMPTY for _ in range(len(queries))]
+            return None
         want = min(graph.live, math.ceil(OVERSAMPLE * max(k, ef) * graph.live / count))
         if count <= WALK_COST * want:  # scanning the matching rows costs less than the walk
             return self._scan_rows(graph, queries, k, self._rows(graph, window))
         found = walk(graph, queries, want)
-        out: list[Hit] = []
-        rows = None
-        for i, query in enumerate(queries):
-            if found is not None:
-                labels = found[i]
-                labels = labels[inside(window, labels - graph.first)]
-                if len(labels) >= min(k, count):
-                    out.append(self._rescored(graph, query, labels[: k + _SLACK], k))
-                    continue
-            if rows is None:  # the walk came back short: the exact scan is always right
-                rows = self._rows(graph, window)
-            out.append(self._scan_rows(graph, query[None, :], k, rows)[0])
-        return out
+        if found is None:  # the exact scan is always right
+            return self._scan_rows(graph, queries, k, self._rows(graph, window))
+        keep = inside(window, found - graph.first)
+        # Each row's first k + _SLACK allowed labels, in walk order (a stable sort puts them first).
+        first = np.argsort(~keep, axis=1, kind="stable")[:, : k + _SLACK]
+        labels = np.take_along_axis(found, first, 1)
+        labels[~np.take_along_axis(keep, first, 1)] = PAD
+        hits = self._rescored(graph, queries, labels, k)
+        short = np.flatnonzero(np.count_nonzero(keep, axis=1) < min(k, count))
+        if len(short):  # those walks came back short: the exact scan is always right
+            scanned = self._scan_rows(graph, queries[short], k, self._rows(graph, window))
+            assert scanned is not None  # count > 0 rows are allowed
+            hits[0][short], hits[1][short] = scanned
+        return hits
 
-    def _rescored(self, graph: Graph, query: np.ndarray, labels: np.ndarray, k: int) -> Hit:
+    def _rescored(self, graph: Graph, queries: np.ndarray, labels: np.ndarray, k: int) -> Hits:
+        """Best k of each query's candidate labels of the graph (B x c, PAD allowed) by exact score."""
         rows = np.searchsorted(graph.labels, labels)
-        return best_exact(self.spec.metric, query, labels, graph.vectors[rows], k)
+        np.minimum(rows, len(graph.labels) - 1, out=rows)  # PAD's row: any row, its score is dropped
+        return best_exact(self.spec.metric, queries, labels, graph.vectors[rows], k)
 
     @staticmethod
     def _rows(graph: Graph, window: np.ndarray) -> np.ndarray:
         """Rows of the graph whose labels ``window`` (a mask from the graph's first label) allows."""
         return np.searchsorted(graph.labels, np.flatnonzero(window) + graph.first)
 
-    def _scan_rows(self, graph: Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> list[Hit]:
+    def _scan_rows(self, graph: Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> Hits | None:
         return self._scan(graph.labels[rows], graph.vectors[rows], queries, k, None)
 
     def _scan(
         self, labels: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, keep: np.ndarray | None
-    ) -> list[Hit]:
-        """Exact top k of each query over the rows ``keep`` allows (None: all of them)."""
+    ) -> Hits | None:
+        """Exact top k of each query over the rows ``keep`` allows (None: all of them); None when none is."""
         if keep is not None:
             if not keep.any():
-                return [EMPTY for _ in range(len(queries))]
+                return None
             if not keep.all():
                 labels, vectors = labels[keep], vectors[keep]
         if not len(labels):
-            return [EMPTY for _ in range(len(queries))]
+            return None
         metric = Metric.DOT if self.spec.metric is Metric.COSINE else self.spec.metric  # queries are normalised
-        out = []
-        for query, scores in zip(queries, score_rows(metric, queries, vectors), strict=True):
-            top = top_indices(scores, k + _SLACK)
-            out.append(best_exact(self.spec.metric, query, labels[top], vectors[top], k))
-        return out
+        scores = score_rows(metric, queries, vectors)  # float32, one matrix product: a first ranking
+        want = k + _SLACK
+        if want < len(labels):
+            top = np.argpartition(-scores, want - 1, axis=1)[:, :want]
+        else:
+            top = np.broadcast_to(np.arange(len(labels)), (len(queries), len(labels)))
+        return best_exact(self.spec.metric, queries, labels[top], vectors[top], k)
 
     # ------------------------------------------------------- sealing, merging
 
