@@ -10,7 +10,10 @@ Building (``BraidServer(config)``, which binds the port) stays apart from runnin
    encoders; index errors are mapped to status codes once, in service/errors.py.
 
 Health (grpc.health.v1) answers on the event loop and never waits for a worker, so
-probes stay fast under load. Every server in a process shares one event-loop thread.
+probes stay fast under load. With ``health_port``, the same health servicer (so the same
+statuses) is also served alone, in plaintext, on that port (``health_only_server``): for
+Kubernetes' native gRPC probes, which cannot present the client certificate or API key the
+main port may need. Every server in a process shares one event-loop thread.
 
 Shutdown (``stop``): health turns NOT_SERVING, new calls are refused, in-flight calls get
 ``shutdown_grace_s``; then open BulkUpsert streams end with UNAVAILABLE and the count of
@@ -67,6 +70,16 @@ _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
 
 
+def health_only_server(servicer: health.aio.HealthServicer, host: str, port: int) -> grpc.aio.Server:
+    """A bound (not started) plaintext server with grpc.health.v1 and nothing else, on ``host:port``
+    (``health_port``): every other service answers UNIMPLEMENTED there."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"health_port {port}: cannot bind {host}:{port} (in use?)")
+    return server
+
+
 def _event_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for gRPC servers, running on a daemon thread."""
     global _loop
@@ -98,6 +111,7 @@ class BraidServer:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._hurry: asyncio.Event | None = None
+        self.health_server: grpc.aio.Server | None = None  # health_port: health alone, plaintext
         self.metrics: ServerMetrics | None = None
         self.tracing: Tracing | None = None
         try:
@@ -171,6 +185,8 @@ class BraidServer:
             port = self.server.add_insecure_port(config.address)
         if port == 0:
             raise OSError(f"cannot bind {config.address}")
+        if config.health_port:
+            self.health_server = health_only_server(self.health, config.host, config.health_port)
         return port
 
     async def _set_health(self, status: int) -> None:
@@ -180,6 +196,8 @@ class BraidServer:
     def start(self) -> None:
         """Start answering, then recover the catalog on a thread; health says SERVING once it is done."""
         self._call(self.server.start())
+        if self.health_server is not None:
+            self._call(self.health_server.start())
         threading.Thread(target=self._recover, name="braid-recovery", daemon=True).start()
 
     def _recover(self) -> None:
@@ -235,6 +253,8 @@ class BraidServer:
                 await self.server.stop(0)
             await stopping
         hurry.cancel()
+        if self.health_server is not None:  # last: probes read NOT_SERVING for the whole drain
+            await self.health_server.stop(0)
 
     def _close_resources(self) -> None:
         if not self.admission.close(WORK_DRAIN_SECONDS):

@@ -209,9 +209,10 @@ class RemoteCatalog:
         self.config = config
         self.limits: Limits = config.limits
         self.recovery = Recovery()
+        # First: a bad internal TLS file stops the router before it connects to anything.
+        self.clients = ShardClients.for_config(config)
         self.link = NatsLink.for_config(config, "braid-router")
         self.state = ClusterState(self.link)
-        self.clients = ShardClients(config.max_message_bytes)
         self.stats = RouterStats()
         self.acked: dict[tuple[str, int], int] = {}  # (uid, shard) -> highest sequence this router acknowledged
         self._acked_lock = threading.Lock()

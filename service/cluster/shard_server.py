@@ -11,6 +11,13 @@ What it does:
   a replica, each only once the replica has applied the caller's ``min_seq``; and, when it
   holds a replica of every shard of a collection, whole searches (SearchCollection) over a
   collection of those replicas, as standalone runs them, so the router's hop is one call;
+  with ``cluster_tls_*`` that port is mutual TLS: only callers presenting a certificate the
+  cluster's internal CA signed get past the handshake (docs/security.md);
+- health (grpc.health.v1, on the main port and, with ``health_port``, alone in plaintext on
+  that port): ``""`` and ``braid.cluster.v1.Shard`` turn SERVING only once the server is
+  registered and every replica it hosts has caught up with its log (read its subject to the
+  stream's last sequence as of its open: ``Replica.caught_up``), so a readiness probe holds a
+  rolling restart back while this server still replays; NOT_SERVING again from shutdown on;
 - with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics.
 
 Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
@@ -70,7 +77,7 @@ from ..rpcs import (
     _plain,
     _plain_dense,
 )
-from ..server import _event_loop
+from ..server import _event_loop, health_only_server
 from ..tracing import Tracing, make_tracing
 from .meta import (
     COLLECTIONS_BUCKET,
@@ -320,7 +327,10 @@ class ShardServer:
         self._changed = threading.Event()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._serving = threading.Event()
+        self._announced = threading.Event()  # registered in the nodes bucket: the ready line
+        self._reconciled = threading.Event()  # the replicas of the first collections snapshot exist
+        self._health_lock = threading.Lock()  # readiness never sets SERVING once stop() began
+        self.health_server: grpc.aio.Server | None = None
         self._views: dict[tuple[str, int], Collection] = {}
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="braid-shard-search")
         self.admission = Admission(config.workers, config.max_queue, config.max_streams, config.max_streams_per_peer)
@@ -366,9 +376,22 @@ class ShardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        port = self.server.add_insecure_port(config.address)
+        if config.cluster_tls:
+            from ..tls import server_credentials
+
+            # require_client_auth: a caller without a certificate the internal CA signed fails the handshake.
+            credentials = server_credentials(
+                config.cluster_tls_cert,  # type: ignore[arg-type]
+                config.cluster_tls_key,  # type: ignore[arg-type]
+                client_ca=config.cluster_tls_ca,
+            )
+            port = self.server.add_secure_port(config.address, credentials)
+        else:
+            port = self.server.add_insecure_port(config.address)
         if port == 0:
             raise OSError(f"cannot bind {config.address}")
+        if config.health_port:
+            self.health_server = health_only_server(self.health, config.host, config.health_port)
         return port
 
     def _generic_handler(self) -> grpc.GenericRpcHandler:
@@ -403,9 +426,12 @@ class ShardServer:
 
     def start(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        if self.health_server is not None:
+            asyncio.run_coroutine_threadsafe(self.health_server.start(), self._loop).result()
         self.link = NatsLink.for_config(self.config, f"braid-shard-{self.node_id}")
         threading.Thread(target=self._join, name="braid-join", daemon=True).start()
         threading.Thread(target=self._reconcile_loop, name="braid-reconcile", daemon=True).start()
+        threading.Thread(target=self._readiness, name="braid-readiness", daemon=True).start()
 
     def _join(self) -> None:
         """Wait for NATS, make the buckets, watch the collections, then heartbeat until stopped."""
@@ -428,8 +454,7 @@ class ShardServer:
                 self.link.kv_put(NODES_BUCKET, self.node_id, info)
                 if not announced and self._synced.is_set():
                     announced = True
-                    self._set_health(health_pb2.HealthCheckResponse.SERVING)
-                    self._serving.set()
+                    self._announced.set()  # health follows once the replicas caught up (_readiness)
             except Exception as err:  # NATS away: keep serving reads, retry
                 log.debug("heartbeat failed: %s", err)
             if announced:
@@ -437,8 +462,35 @@ class ShardServer:
             else:  # announce as soon as the collections are read, not a heartbeat later
                 self._synced.wait(HEARTBEAT_S)
 
-    def wait_serving(self, timeout: float | None = None) -> bool:
-        return self._serving.wait(timeout)
+    def wait_announced(self, timeout: float | None = None) -> bool:
+        """Until the server is registered (routers may call it) with the collections read."""
+        return self._announced.wait(timeout)
+
+    def _pending_replicas(self) -> list[Replica]:
+        """Replicas this server hosts that have not caught up with their log yet."""
+        return [replica for replica in list(self.replicas.values()) if not replica.caught_up.is_set()]
+
+    def _readiness(self) -> None:
+        """Health SERVING once registered and every replica hosted has caught up with its log.
+
+        Until then a probe reads NOT_SERVING: a restarted server replaying its subjects must hold
+        a rolling restart back, or the next server goes down while this one cannot answer yet. A
+        replica that cannot catch up (a full disk stopped its replay) keeps it NOT_SERVING; the
+        replicas of collections created later do not turn a ready server back."""
+        while not self._stopping.is_set():
+            if not (self._announced.is_set() and self._reconciled.is_set()):
+                self._stopping.wait(0.1)
+                continue
+            pending = self._pending_replicas()
+            if pending:
+                pending[0].caught_up.wait(0.5)
+                continue
+            with self._health_lock:
+                if self._stopping.is_set():
+                    return
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: %d replica(s) caught up with the log", len(self.replicas))
+            return
 
     def _set_health(self, status: int) -> None:
         async def set_all() -> None:
@@ -489,6 +541,7 @@ class ShardServer:
                 for path in self.root.iterdir():
                     if path.name not in keep:
                         shutil.rmtree(path, ignore_errors=True)
+            self._reconciled.set()
 
     def _replica_shards(self) -> list[tuple[str, Any]]:
         """(collection, shard) of every open replica, for /metrics."""
@@ -534,12 +587,14 @@ class ShardServer:
             return
         self._stopping.set()
         grace = self.config.shutdown_grace_s if grace is None else grace
-        with contextlib.suppress(Exception):
+        with self._health_lock, contextlib.suppress(Exception):
             self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.link is not None:
             with contextlib.suppress(Exception):  # else the TTL removes it
                 self.link.kv_delete(NODES_BUCKET, self.node_id, timeout=2.0)  # routers stop choosing us now
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        if self.health_server is not None:  # after the drain: probes read NOT_SERVING throughout
+            asyncio.run_coroutine_threadsafe(self.health_server.stop(0), self._loop).result()
         self.admission.close(30.0)
         for replica in list(self.replicas.values()):
             shard = replica.shard
@@ -575,7 +630,7 @@ def serve_shard(config: ServerConfig, ready: Callable[[int], None] | None = None
     )
 
     def announce() -> None:
-        if server.wait_serving() and ready is not None:
+        if server.wait_announced() and ready is not None:
             ready(server.port)
 
     threading.Thread(target=announce, daemon=True).start()

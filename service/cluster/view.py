@@ -9,7 +9,8 @@
   ones not heard from lately at their last known address: a read tries every replica it
   knows before failing).
 - ``ShardClients``: one gRPC channel per shard-server address (sync and grpc.aio), each
-  call carrying the current request id (and trace context) to the shard server.
+  call carrying the current request id (and trace context) to the shard server; mutual TLS
+  when the cluster has its internal certificates (``cluster_tls_*``, docs/security.md).
 - ``RouterStats``: what /metrics reports of the router's calls to replicas.
 """
 
@@ -22,6 +23,7 @@ import grpc
 
 from braid.cluster.v1 import shard_pb2_grpc
 
+from ..config import ServerConfig
 from ..logs import REQUEST_ID_KEY, forward_metadata
 from .meta import (
     ALIASES_BUCKET,
@@ -198,17 +200,43 @@ class _ForwardRequestId(grpc.UnaryUnaryClientInterceptor):
 
 
 class ShardClients:
-    """One gRPC channel per shard-server address."""
+    """One gRPC channel per shard-server address: plaintext, or mutual TLS with ``credentials``
+    (the server checked against the internal CA under ``server_name``, default the address's host)."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
+    ) -> None:
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if credentials is not None and server_name:
+            self._options.append(("grpc.ssl_target_name_override", server_name))
+        self._credentials = credentials
         self._stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._aio_stubs: dict[str, shard_pb2_grpc.ShardStub] = {}
         self._channels: list[grpc.Channel] = []
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> ShardClients:
+        """The channels a router (or any other caller of shard servers) opens under ``config``:
+        mutual TLS when ``cluster_tls_*`` is set. The files are read and checked now, so a bad
+        one stops the process at start with a message naming it, not at the first search."""
+        credentials = None
+        if config.cluster_tls:
+            from ..tls import channel_credentials
+
+            credentials = channel_credentials(config.cluster_tls_ca, config.cluster_tls_cert, config.cluster_tls_key)
+        return cls(config.max_message_bytes, credentials, config.cluster_tls_server_name)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(address, options=self._options)
+        return grpc.secure_channel(address, self._credentials, options=self._options)
 
     def stub(self, address: str) -> shard_pb2_grpc.ShardStub:
         stub = self._stubs.get(address)
@@ -216,7 +244,7 @@ class ShardClients:
             with self._lock:
                 stub = self._stubs.get(address)
                 if stub is None:
-                    channel = grpc.insecure_channel(address, options=self._options)
+                    channel = self._channel(address)
                     self._channels.append(channel)
                     forwarding = grpc.intercept_channel(channel, _ForwardRequestId())
                     stub = self._stubs[address] = shard_pb2_grpc.ShardStub(forwarding)
@@ -226,7 +254,10 @@ class ShardClients:
         """A grpc.aio stub (for the server's event loop, the only loop that uses them)."""
         stub = self._aio_stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             stub = self._aio_stubs[address] = shard_pb2_grpc.ShardStub(channel)
         return stub
 
