@@ -6,6 +6,9 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
 
 * ``nats1``: a 1-node NATS (JetStream) in ``tmp_path``, ready; stopped at teardown.
 * ``nats3``: a 3-node JetStream cluster with a meta leader, ready for ``num_replicas=3``.
+* ``secure_nats1``: a 1-node NATS with TLS (client certificates required) and one nkey user
+  (:class:`SecureNats`: its files, and ``client()``: what a Braid client presents to it);
+  ``secure_nats(directory, nodes)`` makes one of 1 or 3 nodes (routes over TLS too).
 * ``local_cluster(shard_servers=2, routers=1, nats_nodes=1, **options)``: a factory that starts a
   :class:`LocalCluster` (NATS, shard servers, routers) and returns it once every child is serving;
   every cluster it made is stopped at teardown.
@@ -21,6 +24,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,9 @@ import nats.js.errors
 import pytest
 
 from braid.service.cluster.local import LocalCluster
-from braid.service.cluster.natsproc import NatsCluster
+from braid.service.cluster.nats_auth import NatsSecurity, write_user_seed
+from braid.service.cluster.natsproc import NatsCluster, NatsServerSecurity, NatsUser
+from tests.certs import make_ca, make_leaf, write_cert, write_key
 
 
 @pytest.fixture
@@ -50,6 +56,67 @@ def nats3(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@dataclass
+class SecureNats:
+    """A NATS that takes only TLS clients with a certificate its CA signed, presenting the nkey
+    user ``seed`` (public key ``user``). ``tls_cert`` serves the nodes and is a client certificate too."""
+
+    cluster: NatsCluster
+    security: NatsServerSecurity
+    ca: Path
+    tls_cert: Path
+    tls_key: Path
+    seed: Path
+    user: str
+
+    def client(self, seed: Path | None = None, cert: bool = True) -> NatsSecurity:
+        """What a client presents: ``seed`` (default the configured user's) over TLS, with the
+        client certificate unless ``cert`` is False."""
+        chosen = self.seed if seed is None else seed
+        if cert:
+            return NatsSecurity.of(chosen, self.ca, self.tls_cert, self.tls_key)
+        return NatsSecurity.of(chosen, self.ca)
+
+    def serve_args(self) -> list[str]:
+        """The ``braid serve`` flags of a client with every credential."""
+        flags = ["--nats-creds", self.seed, "--nats-tls-ca", self.ca]
+        return [str(flag) for flag in (*flags, "--nats-tls-cert", self.tls_cert, "--nats-tls-key", self.tls_key)]
+
+
+def secure_material(directory: Path) -> tuple[NatsServerSecurity, Path]:
+    """A throwaway CA, a node certificate (serverAuth and clientAuth, SAN 127.0.0.1) and a user nkey
+    seed in ``directory``: the nodes' security (TLS with client certificates, that one user) and the seed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = make_ca("braid-nats-test-ca")
+    key, cert = make_leaf(ca_key, ca, "braid-nats", server=True, client=True)
+    ca_path = write_cert(directory / "ca.crt", ca)
+    cert_path = write_cert(directory / "tls.crt", cert)
+    key_path = write_key(directory / "tls.key", key)
+    seed = directory / "braid.nk"
+    user = write_user_seed(seed)
+    security = NatsServerSecurity(cert_path, key_path, ca_path, verify=True, users=(NatsUser(user),))
+    return security, seed
+
+
+def secure_nats(directory: Path, nodes: int = 1) -> SecureNats:
+    """A started NATS of ``nodes`` nodes secured by :func:`secure_material` (stop it yourself)."""
+    security, seed = secure_material(directory / "secrets")
+    cluster = NatsCluster(directory / "nats", nodes=nodes, security=security)
+    assert security.tls_ca and security.tls_cert and security.tls_key
+    user = security.users[0].nkey
+    return SecureNats(cluster, security, security.tls_ca, security.tls_cert, security.tls_key, seed, user)
+
+
+@pytest.fixture
+def secure_nats1(tmp_path: Path) -> Iterator[SecureNats]:
+    """A single ``nats-server`` with TLS (client certificates required) and one nkey user, ready."""
+    secured = secure_nats(tmp_path / "secure-nats1")
+    try:
+        yield secured
+    finally:
+        secured.cluster.stop()
 
 
 @pytest.fixture
@@ -79,12 +146,20 @@ def log_ends(cluster: LocalCluster, collection: str, shards: int, timeout: float
     ``timeout``)."""
     assert cluster.nats is not None
     urls = [node.url for node in cluster.nats.nodes if node.alive]
+    security = cluster.nats_security
+    creds = cluster.nats_creds
+    if security is not None and security.tls_ca is not None and security.verify:
+        options = NatsSecurity.of(creds, security.tls_ca, security.tls_cert, security.tls_key).connect_options()
+    elif security is not None or creds is not None:
+        options = NatsSecurity.of(creds, security.tls_ca if security else None).connect_options()
+    else:
+        options = {}
 
     async def main() -> tuple[str, list[int]]:
         async def quiet(err: Exception) -> None:
             pass
 
-        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3, error_cb=quiet)
+        nc = await nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=3, error_cb=quiet, **options)
         try:
             js = nc.jetstream()
             entry = await (await js.key_value("braid-collections")).get(collection)

@@ -4,7 +4,13 @@
 ``nats-server`` nodes), then the shard servers (``braid serve --role shard``), then the routers
 (``braid serve --role router``), each in its own child process on a free loopback port, and
 waits until each prints its ready line. :func:`cluster_up` is ``braid cluster up``: it runs one
-until SIGINT/SIGTERM. :func:`add_cluster_command` registers that command on the CLI.
+until SIGINT/SIGTERM; :func:`cluster_nkey` is ``braid cluster nkey`` (a new NATS user nkey).
+:func:`add_cluster_command` registers both on the CLI.
+
+A secured NATS (``nats_security``: TLS on the client port and routes, nkey users) gets clients
+to match: every child is given ``--nats-tls-ca`` (and, when the nodes want client certificates,
+the nodes' own certificate as ``--nats-tls-cert``/``--nats-tls-key``: it must carry clientAuth)
+and ``--nats-creds`` for ``nats_creds``.
 
 Layout under the cluster's directory::
 
@@ -29,7 +35,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from .natsproc import NatsCluster
+from .nats_auth import read_creds, write_user_seed
+from .natsproc import NatsCluster, NatsServerSecurity, NatsUser
 
 # What each role prints once it serves (group 1 is the port).
 SHARD_READY = r"serving braid\.cluster\.v1\.Shard on [\d.]+:(\d+)"
@@ -62,6 +69,20 @@ def serve_args(
     if node_id is not None:
         args += ["--node-id", node_id]
     return [*args, "--data-dir", str(data_dir), "--host", host, "--port", "0"]
+
+
+def nats_client_args(security: NatsServerSecurity | None, creds: Path | None) -> list[str]:
+    """The ``braid serve`` flags a client of NATS secured with ``security`` needs: the CA (TLS), the
+    nodes' certificate as a client certificate when they verify clients, the credentials file."""
+    args: list[str] = []
+    if security is not None and security.tls_ca is not None:
+        args += ["--nats-tls-ca", str(Path(security.tls_ca).absolute())]
+        if security.verify:
+            args += ["--nats-tls-cert", str(Path(security.tls_cert or "").absolute())]
+            args += ["--nats-tls-key", str(Path(security.tls_key or "").absolute())]
+    if creds is not None:
+        args += ["--nats-creds", str(Path(creds).absolute())]
+    return args
 
 
 class Child:
@@ -237,7 +258,9 @@ class LocalCluster:
     """NATS, ``shard_servers`` shard servers and ``routers`` routers, all on this machine; ready when built.
 
     ``extra_args`` go to every ``braid serve``, ``shard_args`` / ``router_args`` to one role only;
-    ``env`` adds to each child's environment (:func:`child_env`). ``new_session`` puts every child
+    ``env`` adds to each child's environment (:func:`child_env`). ``nats_security`` secures the
+    NATS nodes (TLS, nkey users) and ``nats_creds`` is the file every child presents to them
+    (:func:`nats_client_args` says which flags each child gets). ``new_session`` puts every child
     in its own session, out of reach of a terminal's Ctrl-C (``braid cluster up`` stops them in
     order itself). On any failure while starting, whatever started is stopped again.
     """
@@ -256,19 +279,25 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
         new_session: bool = False,
+        nats_security: NatsServerSecurity | None = None,
+        nats_creds: Path | None = None,
     ) -> None:
         if shard_servers < 1 or routers < 0:
             raise ValueError("a cluster needs at least one shard server, and routers >= 0")
         self.directory = Path(directory).absolute()
         self.host = host
         self.nats: NatsCluster | None = None
+        self.nats_security, self.nats_creds = nats_security, nats_creds
         self.shards: list[Child] = []
         self.routers: list[Child] = []
         self.started_in_s: float | None = None
         began = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.nats = NatsCluster(self.directory / "nats", nats_nodes, new_session=new_session)
+            self.nats = NatsCluster(
+                self.directory / "nats", nats_nodes, new_session=new_session, security=nats_security
+            )
+            extra_args = [*nats_client_args(nats_security, nats_creds), *extra_args]
             environment = child_env(env)
             python = [sys.executable, "-m", "braid.service.cli"]
 
@@ -408,6 +437,7 @@ def cluster_up(args: argparse.Namespace) -> int:
             flush=True,
         )
         try:
+            security, creds = _nats_security(args)
             cluster = LocalCluster(
                 directory,
                 shard_servers=args.shard_servers,
@@ -415,6 +445,8 @@ def cluster_up(args: argparse.Namespace) -> int:
                 nats_nodes=args.nats_nodes,
                 host=args.host,
                 new_session=True,  # Ctrl-C reaches only us; we stop the children in order
+                nats_security=security,
+                nats_creds=creds,
             )
         except KeyboardInterrupt:
             print("braid cluster: interrupted while starting; stopped", file=sys.stderr)
@@ -442,6 +474,46 @@ def cluster_up(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+def _nats_security(args: argparse.Namespace) -> tuple[NatsServerSecurity | None, Path | None]:
+    """``braid cluster up``'s NATS security flags: TLS files for the nodes (the children trust the
+    CA and, with --nats-verify, present the same certificate) and a user nkey seed (the nodes take
+    only its public key; the children present it). ValueError for a bad combination or file."""
+    tls = [args.nats_tls_cert, args.nats_tls_key, args.nats_tls_ca]
+    if any(tls) and not all(tls):
+        raise ValueError("--nats-tls-cert, --nats-tls-key and --nats-tls-ca go together")
+    creds = Path(args.nats_creds) if args.nats_creds else None
+    if not any(tls) and creds is None:
+        if args.nats_verify:
+            raise ValueError("--nats-verify needs --nats-tls-cert, --nats-tls-key and --nats-tls-ca")
+        return None, None
+    users: tuple[NatsUser, ...] = ()
+    if creds is not None:
+        kind, public = read_creds(creds)
+        if kind != "seed":
+            raise ValueError(f"--nats-creds {creds}: a local cluster's NATS takes a bare nkey seed, not a .creds file")
+        users = (NatsUser(public),)
+    paths = [Path(p) for p in tls] if all(tls) else [None, None, None]
+    security = NatsServerSecurity(*paths, verify=bool(args.nats_verify), users=users)
+    return security, creds
+
+
+def cluster_nkey(args: argparse.Namespace) -> int:
+    """``braid cluster nkey OUT``: write a new user nkey seed to OUT (mode 0600) and print its public
+    key, for nats-server's ``authorization { users = [ { nkey: U... } ] }``. 2 if OUT exists (unless
+    --force) or cannot be written."""
+    path = Path(args.out)
+    try:
+        public = write_user_seed(path, force=args.force)
+    except FileExistsError:
+        print(f"braid cluster nkey: {path} exists (--force replaces it)", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"braid cluster nkey: cannot write {path}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    print(public, flush=True)
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -451,7 +523,8 @@ def _positive(text: str) -> int:
 
 def add_cluster_command(commands: Any) -> None:
     """Register ``braid cluster up [--shard-servers N] [--routers M] [--nats-nodes 1|3] [--data-dir DIR]``
-    on the argparse subparsers object."""
+    (and its --nats-tls-*/--nats-verify/--nats-creds) and ``braid cluster nkey OUT`` on the argparse
+    subparsers object."""
     cluster = commands.add_parser("cluster", help="run a whole cluster (NATS, shard servers, routers) locally")
     actions = cluster.add_subparsers(dest="action", required=True)
     up = actions.add_parser(
@@ -473,4 +546,27 @@ def add_cluster_command(commands: Any) -> None:
         "reused on the next run",
     )
     up.add_argument("--host", default="127.0.0.1", help="listen address of the routers and shard servers")
+    secured = up.add_argument_group("a secured NATS (docs/security.md)")
+    secured.add_argument("--nats-tls-cert", help="PEM certificate of the NATS nodes: TLS on clients and routes")
+    secured.add_argument("--nats-tls-key", help="PEM key of --nats-tls-cert")
+    secured.add_argument("--nats-tls-ca", help="PEM CA that signed --nats-tls-cert (the children trust it)")
+    secured.add_argument(
+        "--nats-verify",
+        action="store_true",
+        help="NATS requires client certificates; the children present --nats-tls-cert (it needs clientAuth)",
+    )
+    secured.add_argument(
+        "--nats-creds",
+        help="a user nkey seed file (braid cluster nkey): NATS takes only this user, the children use it",
+    )
     up.set_defaults(run=cluster_up)
+    nkey = actions.add_parser(
+        "nkey",
+        help="write a new NATS user nkey seed file and print its public key",
+        description="Write a new NATS user nkey seed (SU...) to OUT, readable by its owner only (0600), and print "
+        "its public key (U...). The seed is what Braid presents (--nats-creds / BRAID_NATS_CREDS); the public key "
+        "goes into nats-server's config: authorization { users = [ { nkey: U... } ] }.",
+    )
+    nkey.add_argument("out", help="the seed file to write (refused if it exists)")
+    nkey.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    nkey.set_defaults(run=cluster_nkey)

@@ -43,6 +43,11 @@ def _check_seed(seed: str, where: str) -> str:
         kind = "an nkey seed of another kind (not a user's: SU...)" if seed.startswith("S") else "no nkey seed"
         raise ValueError(f"{CREDS_SETTING}: {where} holds {kind}")
     try:
+        prefix, raw = nkeys.decode_seed(bytearray(seed.encode()))
+        # decode_seed checks neither the length nor the checksum: a seed that does not encode
+        # back to itself is a typo or a truncated copy, which NATS would refuse at every connect
+        if len(raw) != 32 or nkeys.encode_seed(bytes(raw), prefix).decode() != seed:
+            raise nkeys.ErrInvalidSeed()
         pair = nkeys.from_seed(bytearray(seed.encode()))
     except Exception as err:  # nkeys' errors carry no message: say what is wrong
         raise ValueError(f"{CREDS_SETTING}: {where} holds a malformed nkey seed ({type(err).__name__})") from None
