@@ -13,7 +13,9 @@ Health (grpc.health.v1) answers on the event loop and never waits for a worker, 
 probes stay fast under load. With ``health_port``, the same health servicer (so the same
 statuses) is also served alone, in plaintext, on that port (``health_only_server``): for
 Kubernetes' native gRPC probes, which cannot present the client certificate or API key the
-main port may need. Every server in a process shares one event-loop thread.
+main port may need. ``braid.live`` is SERVING from the first moment the server answers (a
+liveness probe's service: recovery, a full disk or a replay are not hangs); ``""`` is
+readiness (_StorageWatch). Every server in a process shares one event-loop thread.
 
 Shutdown (``stop``): health turns NOT_SERVING, new calls are refused, in-flight calls get
 ``shutdown_grace_s``; then open BulkUpsert streams end with UNAVAILABLE and the count of
@@ -60,6 +62,9 @@ STREAM_END_SECONDS = 1.0
 MAX_CALLS_PER_CONNECTION = 256
 # Health service whose status says whether writes are accepted everywhere, and how often it is refreshed.
 WRITES_HEALTH_NAME = "braid.writes"
+# Liveness: SERVING as soon as the event loop answers, whatever recovery or the disk say, so a
+# liveness probe restarts a wedged process but never one that waits for room or replays a log.
+LIVE_HEALTH_NAME = "braid.live"
 # Per collection: NOT_SERVING while one of its shards could not finish recovery (service ``<prefix><name>``).
 COLLECTION_HEALTH_PREFIX = "braid.collection."
 STORAGE_WATCH_S = 1.0
@@ -173,6 +178,7 @@ class BraidServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVE_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         if config.reflection:
             names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)

@@ -374,7 +374,15 @@ def test_a_restarted_shard_server_is_ready_only_once_its_replicas_caught_up(
         restarted = time.monotonic()
         shard.start()
         seen: list[int] = []
-        _wait(lambda: seen.append(_health_or_none(health_port) or -1) or seen[-1] == SERVING, "SERVING", every=0.02)
+        live: list[int | None] = []
+
+        def ready() -> bool:
+            seen.append(_health_or_none(health_port) or -1)
+            if seen[-1] == NOT_SERVING and len(live) < 3:  # liveness holds while readiness does not
+                live.append(_health_or_none(health_port, "braid.live"))
+            return seen[-1] == SERVING
+
+        _wait(ready, "SERVING", every=0.02)
         took = time.monotonic() - restarted
         print(
             f"\n[readiness] SERVING {took:.1f} s after the restart, {seen.count(NOT_SERVING)} NOT_SERVING reads before"
@@ -389,6 +397,7 @@ def test_a_restarted_shard_server_is_ready_only_once_its_replicas_caught_up(
                 total += _shard_call(channel, "Count")(spb.ShardCountRequest(replica=replica.replica), timeout=T).count
             assert total == DOCS
         assert NOT_SERVING in seen, f"the replay was over before the health port answered: {seen[:20]}"
+        assert live and all(status == SERVING for status in live), live
         with BraidClient(cluster.router_address, timeout=T) as client:
             _wait(lambda: client.count("c") == DOCS, "the router to count every document")
     except BaseException:
@@ -408,8 +417,9 @@ def test_a_router_is_ready_only_once_it_has_read_the_metadata(tmp_path: Path) ->
         router = Child("router", [*PYTHON, *args], ROUTER_READY, env=child_env(), start=False)
         router.start()
         _wait(lambda: _health_or_none(health_port) is not None, "the router's health port")
-        for _ in range(5):  # stays so while NATS is away
+        for _ in range(5):  # stays so while NATS is away; alive all the same (no restart by liveness)
             assert _health(health_port) == NOT_SERVING
+            assert _health(health_port, "braid.live") == SERVING
             time.sleep(0.2)
         nats.nodes[0].start()
         _wait(lambda: _health(health_port) == SERVING, "SERVING once NATS is back")

@@ -18,6 +18,7 @@ What it does:
   registered and every replica it hosts has caught up with its log (read its subject to the
   stream's last sequence as of its open: ``Replica.caught_up``), so a readiness probe holds a
   rolling restart back while this server still replays; NOT_SERVING again from shutdown on;
+  ``braid.live`` is SERVING from the start (the liveness probe's: a replay is not a hang);
 - with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics.
 
 Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
@@ -77,7 +78,7 @@ from ..rpcs import (
     _plain,
     _plain_dense,
 )
-from ..server import _event_loop, health_only_server
+from ..server import LIVE_HEALTH_NAME, _event_loop, health_only_server
 from ..tracing import Tracing, make_tracing
 from .meta import (
     COLLECTIONS_BUCKET,
@@ -376,6 +377,7 @@ class ShardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVE_HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
         if config.cluster_tls:
             from ..tls import server_credentials
 
