@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -260,3 +262,40 @@ def test_cluster_with_nats_credentials_and_tls_end_to_end(local_cluster, tmp_pat
     # the log is in the secured NATS (read with the credentials), written through it by Braid
     _, ends = log_ends(cluster, "docs", 2, timeout=T)
     assert sum(1 for end in ends if end > 0) >= 1
+
+
+def test_braid_cluster_up_with_a_secured_three_node_nats(tmp_path: Path) -> None:
+    """`braid cluster up` with the NATS security flags: 3 nodes whose routes run over TLS too, the
+    seed's public key the only user, and a router and shard server that use them."""
+    security, seed = secure_material(tmp_path / "secrets")
+    assert security.tls_cert and security.tls_key and security.tls_ca
+    flags = ["--nats-tls-cert", security.tls_cert, "--nats-tls-key", security.tls_key, "--nats-tls-ca"]
+    flags += [security.tls_ca, "--nats-verify", "--nats-creds", seed]
+    command = [*BRAID, "cluster", "up", "--data-dir", str(tmp_path / "c"), "--shard-servers", "1", "--nats-nodes", "3"]
+    proc = subprocess.Popen(
+        [*command, *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env()
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:  # bounded by the test's timeout; cluster up exits 2 if it cannot start
+            lines.append(line)
+            if "stops everything" in line:
+                break
+        text = "".join(lines)
+        found = re.search(r"braid cluster: router on (127\.0\.0\.1:\d+)", text)
+        assert found, text
+        conf = (tmp_path / "c" / "nats" / "n1" / "nats.conf").read_text()
+        assert security.users[0].nkey in conf and conf.count("verify: true") == 2, conf
+        with BraidClient(found.group(1), timeout=T) as client:
+            client.create_collection("docs", schema(dim=8, text=True, sparse=False), shards=1)
+            vector = np.ones(8, dtype=np.float32)
+            assert client.upsert("docs", [{"id": "a", "dense": {"emb": vector}, "text": {"title": "hello"}}]) == 1
+            assert [hit.id for hit in client.search("docs", bm25="hello", limit=1)] == ["a"]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, text + out
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
