@@ -702,6 +702,54 @@ def test_every_secret_and_config_map_exists(
             assert volume["persistentVolumeClaim"]["claimName"] == "braid-corpus", "the only PVC users provide"
 
 
+def _names(cert_path: Path) -> tuple[Any, list[str]]:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return cert, sans.get_values_for_type(x509.DNSName)
+
+
+def _matches(host: str, names: list[str]) -> bool:
+    """TLS host name matching: exact, or a wildcard for exactly the leftmost label."""
+    return any(
+        host == name or (name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]) for name in names
+    )
+
+
+def _issued_by(secret: Path) -> Any:
+    from cryptography import x509
+
+    cert, names = _names(secret / "tls.crt")
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((secret / "ca.crt").read_bytes()))
+    return cert, names
+
+
+def test_certificates_name_the_addresses(rendered: dict[str, Objects], secrets_dir: Path) -> None:
+    """Each certificate make-secrets.sh makes is signed by the CA the clients get and names the
+    host they check: routers check shard servers against BRAID_CLUSTER_TLS_SERVER_NAME (one
+    certificate for both ends of mutual TLS), Braid checks NATS at every BRAID_NATS host (and
+    NATS routes check each other at their route hosts), the job checks the Service `braid`."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    router = pod_env(rendered, "cluster", "braid-router")
+    _, internal = _issued_by(secrets_dir / "braid-internal-tls")
+    assert _matches(router["BRAID_CLUSTER_TLS_SERVER_NAME"], internal)
+    cert, _ = _names(secrets_dir / "braid-internal-tls" / "tls.crt")
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages, "both ends of mutual TLS"
+    _, nats_names = _issued_by(secrets_dir / "braid-nats-tls")
+    for url in router["BRAID_NATS"].split(","):
+        assert _matches(url.split("://", 1)[1].rsplit(":", 1)[0], nats_names), url
+    for host, _port in re.findall(r"nats-route://([a-z0-9.-]+):(\d+)", _nats_conf(rendered)):
+        assert _matches(host, nats_names), host
+    _, api_names = _issued_by(secrets_dir / "braid-tls")
+    job = pod_env(rendered, "bulk-job", "braid-index")
+    assert _matches(job["BRAID_ADDRESS"].rsplit(":", 1)[0], api_names)
+    assert _matches(f"braid.{NAMESPACE}.svc", api_names) and _matches("braid", api_names)
+
+
 def test_nats_conf_is_valid_for_the_pod(rendered: dict[str, Objects], secrets_dir: Path, tmp_path: Path) -> None:
     """nats-server accepts the ConfigMap's nats.conf with the pod's environment and the files its
     mounts hold (TLS from make-secrets.sh, the nkey user's public key), and refuses it without
