@@ -163,6 +163,10 @@ def test_names_and_shapes(rendered: dict[str, Objects]) -> None:
         sts = cluster.get("StatefulSet", name)
         assert sts["spec"]["serviceName"] == name
         assert cluster.get("Service", name)["spec"]["clusterIP"] == "None"
+        # Peers that do their own readiness: NATS routes form before any server is ready, and
+        # routers call a restarted shard server's new address at once (it says itself what it
+        # can serve).
+        assert cluster.get("Service", name)["spec"]["publishNotReadyAddresses"] is True
         claims = [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]]
         assert claims == ["data"], f"{name}: a PVC each"
     assert standalone.get("StatefulSet", "braid")["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
