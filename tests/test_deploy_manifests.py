@@ -181,6 +181,16 @@ def test_names_and_shapes(rendered: dict[str, Objects]) -> None:
             assert obj["metadata"].get("namespace") == "braid", f"{overlay}: {obj['metadata']['name']}"
 
 
+@pytest.mark.parametrize("server", ["cluster", "standalone"])
+def test_bulk_job_applies_beside_a_server(rendered: dict[str, Objects], server: str) -> None:
+    """The bulk job is applied into the namespace of a running cluster or standalone server: an
+    object both overlays hold must be the same object, or one apply would change the other's."""
+    mine = {(o["kind"], o["metadata"]["name"]): o for o in rendered["bulk-job"]}
+    for obj in rendered[server]:
+        other = mine.get((obj["kind"], obj["metadata"]["name"]))
+        assert other is None or other == obj, f"{obj['kind']}/{obj['metadata']['name']} differs"
+
+
 def test_one_image_everywhere(rendered: dict[str, Objects]) -> None:
     """One image name and tag in every container, the tag the pyproject version."""
     version = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())["project"]["version"]
