@@ -25,6 +25,10 @@ Roles are ordered, each including the ones below it:
 | admin | write + CreateCollection, DeleteCollection, CreateAlias, UpdateAlias,       |
 |       | DeleteAlias (and any method not named)                                      |
 
+One exception: creating the system collection ``_braid_jobs`` (the bulk jobs' checkpoints,
+docs/jobs.md) needs only ``write`` on it, so a job's least-privilege key can run the first job
+on a fresh server; deleting it still needs ``admin``.
+
 A scoped key (``collections``) gets PERMISSION_DENIED for any other collection, and
 ListCollections shows it only its own. Names are checked as the request gives them: an
 alias is a name of its own (a key scoped to the alias may use it, whatever it points at),
@@ -97,6 +101,10 @@ ROLE_OF_METHOD: dict[str, Role] = {
     "UpdateAlias": Role.ADMIN,
     "DeleteAlias": Role.ADMIN,
 }
+
+
+# Collections a write key may create (in scope): system collections whose schema the client fixes.
+WRITER_CREATES = frozenset({"_braid_jobs"})
 
 
 def role_needed(method: str) -> Role:
@@ -263,6 +271,9 @@ class ApiKeys:
         """PermissionDenied unless the principal's role covers ``method`` and its scope every collection."""
         needed = role_needed(method)
         short = method.rsplit("/", 1)[-1]
+        collections = list(collections)
+        if short == "CreateCollection" and collections and set(collections) <= WRITER_CREATES:
+            needed = Role.WRITE
         if principal.role < needed:
             raise PermissionDenied(
                 f"API key {principal.name!r} has role {principal.role.label}; {short} needs role {needed.label}"

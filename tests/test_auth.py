@@ -235,6 +235,21 @@ def test_scoped_keys_stay_in_their_collections(key_file: Path):
     assert SCOPED_KEY not in str(info.value)
 
 
+def test_write_keys_create_only_the_jobs_system_collection(key_file: Path):
+    keys = ApiKeys(key_file)
+    writer, scoped = keys.authenticate(bearer(WRITE_KEY)), keys.authenticate(bearer(SCOPED_KEY))
+    keys.authorize(writer, "CreateCollection", ["_braid_jobs"])
+    for principal, method, names in (
+        (writer, "CreateCollection", ["articles"]),
+        (writer, "CreateCollection", ["_braid_jobs", "articles"]),
+        (writer, "DeleteCollection", ["_braid_jobs"]),
+        (scoped, "CreateCollection", ["_braid_jobs"]),  # out of its scope
+        (keys.authenticate(bearer(READ_KEY)), "CreateCollection", ["_braid_jobs"]),
+    ):
+        with pytest.raises(PermissionDenied):
+            keys.authorize(principal, method, names)
+
+
 # ---------------------------------------------------------------------- reload
 
 

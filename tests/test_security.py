@@ -594,3 +594,23 @@ def test_search_options_over_tls(secure: Secure):
         [pb.SearchRequest(collection="articles", queries=[pb.SubQuery(bm25=pb.Bm25Query(text="word4"))])] * 2
     )
     assert [[h.id for h in r.hits] for r in batch] == [["d4"], ["d4"]]
+
+
+def test_a_write_key_may_create_the_jobs_system_collection_and_nothing_else(secure: Secure):
+    """A bulk job's least-privilege key (write) runs the first job on a fresh server: it may create
+    ``_braid_jobs`` (and use it), but no other collection, and it may not delete that one."""
+    from braid.service.jobs.checkpoint import SYSTEM_COLLECTION, CheckpointStore
+
+    writer = secure.connect(WRITE_KEY)
+    with pytest.raises(grpc.RpcError) as info:
+        writer.create_collection("other", schema(dim=4))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:  # scoped to other collections: not this one either
+        CheckpointStore(secure.connect(SCOPED_KEY)).ensure()
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and SYSTEM_COLLECTION in info.value.details()
+    CheckpointStore(writer).ensure()
+    CheckpointStore(writer).ensure()  # a second pod finds it there
+    assert writer.get_collection(SYSTEM_COLLECTION).name == SYSTEM_COLLECTION
+    with pytest.raises(grpc.RpcError) as info:
+        writer.delete_collection(SYSTEM_COLLECTION)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED

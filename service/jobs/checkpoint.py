@@ -18,7 +18,8 @@ written with an ordinary Upsert after every acknowledged batch. Its payload:
 
 The data write and the checkpoint write are two calls: a kill between them replays one
 batch on resume, and an upsert replayed is the same document, so nothing is lost or
-doubled. An API key for a job needs the write role on ``_braid_jobs`` as well.
+doubled. An API key for a job needs the write role on ``_braid_jobs`` as well (enough to
+create it: service/auth.py ``WRITER_CREATES``).
 """
 
 from __future__ import annotations
