@@ -312,8 +312,9 @@ class HnswStrand(HoldsLabels):
         keep = inside(window, found - graph.first)
         # Each row's first k + _SLACK allowed labels, in walk order (a stable sort puts them first).
         first = np.argsort(~keep, axis=1, kind="stable")[:, : k + _SLACK]
-        labels = np.take_along_axis(found, first, 1)
-        labels[~np.take_along_axis(keep, first, 1)] = PAD
+        rows = np.arange(len(found))[:, None]
+        labels = found[rows, first]
+        labels[~keep[rows, first]] = PAD
         hits = self._rescored(graph, queries, labels, k)
         short = np.flatnonzero(np.count_nonzero(keep, axis=1) < min(k, count))
         if len(short):  # those walks came back short: the exact scan is always right
@@ -351,7 +352,7 @@ class HnswStrand(HoldsLabels):
         scores = score_rows(metric, queries, vectors)  # float32, one matrix product: a first ranking
         want = k + _SLACK
         if want < len(labels):
-            top = np.argpartition(-scores, want - 1, axis=1)[:, :want]
+            top = np.argpartition(scores, len(labels) - want, axis=1)[:, len(labels) - want :]
         else:
             top = np.broadcast_to(np.arange(len(labels)), (len(queries), len(labels)))
         return best_exact(self.spec.metric, queries, labels[top], vectors[top], k)
