@@ -47,9 +47,9 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
-    "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key",
-    "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "health_port", "log_format", "slow_query_ms",
-    "otlp_endpoint", "trace_sample_ratio",
+    "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_tls_server_name", "cluster_tls_cert",
+    "cluster_tls_key", "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "health_port", "log_format",
+    "slow_query_ms", "otlp_endpoint", "trace_sample_ratio",
 )  # fmt: skip
 
 
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--nats-tls-ca", help="PEM CA of the NATS servers: TLS to NATS (BRAID_NATS_TLS_CA)")
     cluster.add_argument("--nats-tls-cert", help="PEM client certificate for NATS (BRAID_NATS_TLS_CERT)")
     cluster.add_argument("--nats-tls-key", help="PEM key of --nats-tls-cert (BRAID_NATS_TLS_KEY)")
+    cluster.add_argument(
+        "--nats-tls-server-name", help="name NATS certificates are checked against (default: each URL's host)"
+    )
     cluster.add_argument(
         "--cluster-tls-cert", help="PEM certificate for mutual TLS between routers and shards (BRAID_CLUSTER_TLS_CERT)"
     )

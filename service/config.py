@@ -38,6 +38,7 @@ Precedence: command-line flag, then environment variable, then default.
 | nats_tls_ca            | BRAID_NATS_TLS_CA            | (plaintext NATS)  |
 | nats_tls_cert          | BRAID_NATS_TLS_CERT          | (no client cert)  |
 | nats_tls_key           | BRAID_NATS_TLS_KEY           | (no client cert)  |
+| nats_tls_server_name   | BRAID_NATS_TLS_SERVER_NAME   | each URL's host   |
 | cluster_tls_cert       | BRAID_CLUSTER_TLS_CERT       | (plaintext)       |
 | cluster_tls_key        | BRAID_CLUSTER_TLS_KEY        | (plaintext)       |
 | cluster_tls_ca         | BRAID_CLUSTER_TLS_CA         | (plaintext)       |
@@ -74,7 +75,8 @@ client-facing settings (``tls_*``, ``api_keys``) are refused on a shard server, 
 serves no client API; cluster and NATS settings are refused on a standalone server.
 ``nats_creds`` is a NATS credentials file (a ``.creds`` file, JWT and seed, or a bare
 nkey seed file); ``nats_tls_ca`` turns on TLS to NATS (the server checked against it),
-``nats_tls_cert`` + ``nats_tls_key`` add a client certificate.
+``nats_tls_cert`` + ``nats_tls_key`` add a client certificate, and ``nats_tls_server_name``
+is the name the NATS servers' certificate is checked against (default: each URL's host).
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
@@ -112,6 +114,7 @@ _PATHS = (
 )  # fmt: skip
 _CLIENT_API = ("tls_cert", "tls_key", "tls_client_ca", "api_keys")
 _CLUSTER_ONLY = ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key")
+_CLUSTER_NAMES = ("cluster_tls_server_name", "nats_tls_server_name")  # strings: "" is unset
 _FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio")
 LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -153,6 +156,7 @@ class ServerConfig:
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
+    nats_tls_server_name: str = ""
     cluster_tls_cert: Path | None = None
     cluster_tls_key: Path | None = None
     cluster_tls_ca: Path | None = None
@@ -229,8 +233,9 @@ class ServerConfig:
                 )
         if self.role == "standalone":
             given = [name for name in (*_CLUSTER_ONLY, "cluster_tls_ca") if getattr(self, name) is not None]
-            if given or self.cluster_tls_server_name:
-                name = given[0] if given else "cluster_tls_server_name"
+            given += [name for name in _CLUSTER_NAMES if getattr(self, name)]
+            if given:
+                name = given[0]
                 raise ValueError(f"{name} (BRAID_{name.upper()}) needs role router or shard (a standalone server)")
         cluster_tls = (self.cluster_tls_cert, self.cluster_tls_key, self.cluster_tls_ca)
         if any(value is not None for value in cluster_tls) and None in cluster_tls:
@@ -241,6 +246,8 @@ class ServerConfig:
             raise ValueError("nats_tls_cert and nats_tls_key must be given together")
         if self.nats_tls_cert is not None and self.nats_tls_ca is None:
             raise ValueError("nats_tls_cert (a client certificate for NATS) needs nats_tls_ca")
+        if self.nats_tls_server_name and self.nats_tls_ca is None:
+            raise ValueError("nats_tls_server_name (BRAID_NATS_TLS_SERVER_NAME) needs nats_tls_ca")
         if self.nats_creds is not None or self.nats_tls_ca is not None:
             from .cluster.nats_auth import NatsSecurity
 
@@ -284,7 +291,7 @@ class ServerConfig:
 def _parse(name: str, value: object) -> object:
     if name in _PATHS:
         return Path(str(value))
-    if name in ("host", "role", "nats", "node_id", "advertise", "otlp_endpoint", "cluster_tls_server_name"):
+    if name in ("host", "role", "nats", "node_id", "advertise", "otlp_endpoint", *_CLUSTER_NAMES):
         return str(value)
     if name == "log_format":
         return str(value).strip().lower()

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from braid.service.client import BraidClient
 from braid.service.cluster.local import Child, child_env
 from braid.service.cluster.nats_auth import NatsSecurity, read_creds, write_user_seed
+from braid.service.cluster.nats_link import NatsLink
 from braid.service.cluster.natsproc import HOST, NatsCluster, NatsServerSecurity, NatsUser, free_ports
 from tests.clusterkit import SecureNats, local_cluster, log_ends, secure_material, secure_nats1  # noqa: F401
 
@@ -299,3 +300,28 @@ def test_braid_cluster_up_with_a_secured_three_node_nats(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.terminate()
             proc.communicate(timeout=60)
+
+
+def test_nats_tls_server_name_is_what_the_certificate_is_checked_against(
+    secure_nats1: SecureNats,  # noqa: F811
+) -> None:
+    """nats_tls_server_name (BRAID_NATS_TLS_SERVER_NAME): a certificate naming the service, not each
+    URL's host (the test certificate names braid.test besides 127.0.0.1)."""
+    secured = secure_nats1
+    files = (secured.seed, secured.ca, secured.tls_cert, secured.tls_key)
+    wrong = NatsLink(secured.cluster.urls, "test-wrong-name", NatsSecurity.of(*files, tls_server_name="other.test"))
+    right = NatsLink(secured.cluster.urls, "test-right-name", NatsSecurity.of(*files, tls_server_name="braid.test"))
+    try:
+        assert right.wait_connected(SETTLE)
+        # a link that connected works: a bucket made and read back
+        right.ensure_bucket("names", replicas=1)
+        right.kv_put("names", "k", b"v")
+        assert right.kv_get("names", "k") == (b"v", 1)
+        deadline = time.monotonic() + SETTLE
+        while not wrong.last_error and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not wrong.connected and "TLS to NATS failed" in wrong.last_error, wrong.last_error
+        assert "other.test" in wrong.last_error or "mismatch" in wrong.last_error.lower(), wrong.last_error
+    finally:
+        wrong.close()
+        right.close()

@@ -11,7 +11,8 @@ itself (service/cluster/nats_link.py connects):
   ``braid serve`` exits 2 at start instead of retrying a connection NATS will never accept.
 * :class:`NatsSecurity`: the checked settings, and the keyword arguments for ``nats.connect``
   (an ``ssl.SSLContext`` that verifies the server against ``nats_tls_ca`` and presents
-  ``nats_tls_cert``/``nats_tls_key`` when set).
+  ``nats_tls_cert``/``nats_tls_key`` when set; ``tls_hostname`` from ``nats_tls_server_name``,
+  the name the servers' certificate carries when it is not each URL's host).
 * :func:`new_user_seed` / :func:`write_user_seed`: a fresh user nkey (``braid cluster nkey``).
 
 nats-py re-reads the file each time it signs a server's nonce, so a rotated file is used at the
@@ -109,13 +110,15 @@ def _tls_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContex
 
 @dataclass(frozen=True)
 class NatsSecurity:
-    """What a Braid NATS client presents: credentials (``creds``, of ``creds_kind``) and TLS."""
+    """What a Braid NATS client presents: credentials (``creds``, of ``creds_kind``) and TLS
+    (``tls_server_name``: the name to check the servers' certificate against; "" each URL's host)."""
 
     creds: Path | None = None
     creds_kind: CredsKind | None = None
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_server_name: str = ""
 
     @classmethod
     def of(
@@ -124,6 +127,7 @@ class NatsSecurity:
         tls_ca: Path | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        tls_server_name: str = "",
     ) -> NatsSecurity:
         """Checked settings: the credentials file read once (its kind), the TLS files loadable."""
         kind = read_creds(creds)[0] if creds is not None else None
@@ -131,14 +135,22 @@ class NatsSecurity:
             raise ValueError("nats_tls_cert and nats_tls_key must be given together")
         if tls_cert is not None and tls_ca is None:
             raise ValueError("nats_tls_cert (a client certificate for NATS) needs nats_tls_ca")
-        security = cls(creds, kind, tls_ca, tls_cert, tls_key)
+        if tls_server_name and tls_ca is None:
+            raise ValueError("nats_tls_server_name (BRAID_NATS_TLS_SERVER_NAME) needs nats_tls_ca")
+        security = cls(creds, kind, tls_ca, tls_cert, tls_key, tls_server_name)
         security.connect_options()  # a bad TLS file is refused now, not at the first connection
         return security
 
     @classmethod
     def from_config(cls, config: Any) -> NatsSecurity:
         """From a ServerConfig's nats_creds and nats_tls_* (duck-typed: config imports this module)."""
-        return cls.of(config.nats_creds, config.nats_tls_ca, config.nats_tls_cert, config.nats_tls_key)
+        return cls.of(
+            config.nats_creds,
+            config.nats_tls_ca,
+            config.nats_tls_cert,
+            config.nats_tls_key,
+            config.nats_tls_server_name,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -151,6 +163,8 @@ class NatsSecurity:
             options["user_credentials" if self.creds_kind == "creds" else "nkeys_seed"] = str(self.creds)
         if self.tls_ca is not None:
             options["tls"] = _tls_context(self.tls_ca, self.tls_cert, self.tls_key)
+            if self.tls_server_name:
+                options["tls_hostname"] = self.tls_server_name
         return options
 
 

@@ -41,6 +41,17 @@ from .meta import KIND_HEADER
 from .nats_auth import NatsSecurity
 
 log = logging.getLogger("braid.nats")
+
+
+class _QuietSslEof(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time a
+    TLS server closes a connection nats-py opened (every refused attempt); it means nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_QuietSslEof())
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 2.0
 WATCH_RETRY_S = 0.5
@@ -135,7 +146,8 @@ class NatsLink:
         self.security = security or NatsSecurity()
         self._connect_options = self.security.connect_options()  # built once: a bad file fails here
         self.last_error = ""  # why the last connection attempt failed ("" once connected)
-        self._logged, self._logged_at = "", 0.0  # the last failure logged, and when
+        self._logged: dict[str, float] = {}  # each failure logged, and when
+        self._refused_at = 0.0  # when NATS last refused the credentials or the certificate
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="braid-nats", daemon=True)
         self._thread.start()
@@ -173,7 +185,7 @@ class NatsLink:
                 log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
                 return
             except Exception as err:
-                self.last_error = _connect_failure(err)
+                self._failed(err)
                 self._report(err, f"cannot connect to NATS at {','.join(self.urls)}: {self.last_error}; retrying")
                 await asyncio.sleep(1.0)
 
@@ -181,15 +193,34 @@ class NatsLink:
         """Log a connection failure: an error when NATS refused us, else a warning (a debug line
         when ``quiet``); the same message again only after REPEAT_LOG_S."""
         now = time.monotonic()
-        if message == self._logged and now - self._logged_at < REPEAT_LOG_S:
+        if now - self._logged.get(message, -REPEAT_LOG_S) < REPEAT_LOG_S:
             return
-        self._logged, self._logged_at = message, now
+        if len(self._logged) > 64:  # error texts vary (ports, addresses): keep the memory small
+            self._logged.clear()
+        self._logged[message] = now
         level = logging.ERROR if _refused(err) else logging.DEBUG if quiet else logging.WARNING
         log.log(level, "%s", message)
 
+    def _failed(self, err: BaseException) -> None:
+        """Remember why connecting failed; a refusal is kept over the broken pipe that follows it
+        (NATS closes the connection after saying no)."""
+        now = time.monotonic()
+        if _refused(err):
+            self._refused_at = now
+        elif now - self._refused_at < 2 * CONNECT_TIMEOUT_S:
+            return
+        self.last_error = _connect_failure(err)
+
     async def _on_error(self, err: Exception) -> None:
-        # while reconnecting too: a rotated credential or certificate NATS refuses is an error
-        self._report(err, f"NATS: {_connect_failure(err)}", quiet=True)
+        # nats.connect retries a failed first connection itself (max_reconnect_attempts=-1), so
+        # its failures arrive here, as do those while reconnecting (a rotated credential NATS
+        # refuses): a refusal is logged as an error
+        if not self.connected:
+            self._failed(err)
+        if not self._connected.is_set():  # never connected yet: say so (a warning), not only at debug
+            self._report(err, f"cannot connect to NATS at {','.join(self.urls)}: {self.last_error}; retrying")
+        else:
+            self._report(err, f"NATS: {_connect_failure(err)}", quiet=True)
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
