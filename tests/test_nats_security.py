@@ -11,6 +11,7 @@ and stays NOT_SERVING; a bad credentials file stops ``braid serve`` at start (ex
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -325,3 +326,29 @@ def test_nats_tls_server_name_is_what_the_certificate_is_checked_against(
     finally:
         wrong.close()
         right.close()
+
+
+def test_a_link_nats_refused_connects_once_nats_lists_its_user(tmp_path: Path) -> None:
+    """The rollout case: Braid's pods start before NATS's new configuration lists their user. The
+    link says NATS refused it, keeps trying, and connects once NATS (restarted) lists the user."""
+    security, seed = secure_material(tmp_path / "secrets")
+    other = tmp_path / "other.nk"
+    without = dataclasses.replace(security, users=(NatsUser(write_user_seed(other)),))
+    cluster = NatsCluster(tmp_path / "nats", nodes=1, security=without)
+    files = (seed, security.tls_ca, security.tls_cert, security.tls_key)
+    link = NatsLink(cluster.urls, "test-rollout", NatsSecurity.of(*files))
+    try:
+        deadline = time.monotonic() + SETTLE
+        while "NATS refused the credentials" not in link.last_error and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "NATS refused the credentials" in link.last_error and not link.connected, link.last_error
+        node = cluster.nodes[0]
+        node.security = security  # the new configuration, on the same ports and store
+        node.restart()
+        assert link.wait_connected(SETTLE), link.last_error
+        link.ensure_bucket("rollout", replicas=1)
+        link.kv_put("rollout", "k", b"v")
+        assert link.kv_get("rollout", "k") == (b"v", 1)
+    finally:
+        link.close()
+        cluster.stop()
