@@ -221,7 +221,8 @@ def test_bad_credentials_file_stops_serve_at_start(tmp_path: Path, content: str 
     # nothing listens on the NATS URL: a serve that did not refuse at once would retry, not exit
     url = f"nats://{HOST}:{free_ports(1)[0]}"
     more = ["--port", "0", "--nats-creds", str(creds)]
-    for role in ("router", "shard"):
+    # the router for each file; the shard server (the same check) for one
+    for role in ("router", "shard") if content is None else ("router",):
         run = subprocess.run(
             [*BRAID, "serve", "--role", role, "--nats", url, "--data-dir", str(tmp_path / role), *more],
             capture_output=True,
