@@ -14,16 +14,29 @@ For every ef it prints recall@10 and single-client QPS of
 and ideal = 1 / (1/raw + 1/echo): what a server that adds nothing to hnswlib and gRPC could do.
 Then BatchSearch of 100 queries against raw hnswlib's batched knn_query.
 Targets (issue 3): braid >= 0.8 x ideal at recall@10 >= 0.95; batch >= 0.6 x raw batched.
+
+    python bench/dense.py --n 20000 --efs 64 --queries 2000 --code before=/tmp/wt-old --code after=.
+
+compares versions of Braid instead (on a busy machine, where back-to-back runs drift): one
+server per ``--code NAME=CHECKOUT`` (a checkout of any commit, e.g. ``git worktree add
+/tmp/wt-old <commit>``; its protos are compiled into a temporary copy of its ``braid``
+package), each loaded with the same vectors, then --rounds rounds, each timing every
+server's single Searches and BatchSearches, the bare gRPC+hnswlib server and raw batched
+hnswlib one after the other (the order rotating each round). It prints per server the
+median over rounds of each rate and of its ratio to the first server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -109,18 +122,43 @@ def start_process(args: list[str], port_file: Path) -> tuple[subprocess.Popen, i
     raise RuntimeError(f"{args} did not start")
 
 
-def start_braid(data_dir: Path) -> tuple[subprocess.Popen, int]:
+def start_braid(data_dir: Path, package: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """``braid serve`` in a child process; with ``package`` (``code_package``), that code's."""
+    env = None
+    if package is not None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "braid.service.cli", "serve", "--data-dir", str(data_dir), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
     for line in proc.stdout:
         if "serving braid.v1.Braid on" in line:
+            # Keep reading its log: a full pipe would stall the server mid-benchmark.
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, int(re.search(r"on [\d.]+:(\d+)", line).group(1))  # type: ignore[union-attr]
     raise RuntimeError("braid did not start")
+
+
+def code_package(checkout: Path, into: Path) -> Path:
+    """A directory to put first on PYTHONPATH to run ``checkout``'s Braid: its ``braid`` package laid
+    out as pyproject.toml maps it (proto/braid, with the protos compiled, plus index/, service/,
+    encoders/ linked in)."""
+    from grpc_tools import protoc
+
+    package = into / "braid"
+    shutil.copytree(checkout / "proto" / "braid", package, ignore=shutil.ignore_patterns("*_pb2*", "__pycache__"))
+    include = str(Path(protoc.__file__).parent / "_proto")
+    protos = sorted(str(path.relative_to(into)) for path in package.rglob("*.proto"))
+    args = ["protoc", f"-I{into}", f"-I{include}", f"--python_out={into}", f"--grpc_python_out={into}"]
+    if protoc.main(args + protos) != 0:
+        raise RuntimeError(f"protoc failed on {checkout}'s protos")
+    for name in ("index", "service", "encoders"):
+        (package / name).symlink_to((checkout / name).resolve())
+    return into
 
 
 # -------------------------------------------------------------------- main
@@ -133,7 +171,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--efs", default="32,64,128")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument(
+        "--code", action="append", default=[], metavar="NAME=CHECKOUT", help="compare versions (module doc)"
+    )
+    parser.add_argument("--rounds", type=int, default=6, help="with --code: rounds of interleaved timings")
     args = parser.parse_args()
+    if args.code:
+        compare(args)
+        return
     efs = [int(x) for x in args.efs.split(",")]
     base, queries, gt = shared_vectors(args.n, args.dim, args.queries)
     base_path = set_dir(args.n, args.dim, args.queries) / "base.npy"
@@ -287,6 +332,119 @@ def main() -> None:
             },
             indent=1,
         )
+    )
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Several versions of Braid side by side, interleaved round by round (module doc)."""
+    codes = [(name, Path(path)) for name, _, path in (item.partition("=") for item in args.code)]
+    ef = int(args.efs.split(",")[0])
+    base, queries, gt = shared_vectors(args.n, args.dim, args.queries)
+    base_path = set_dir(args.n, args.dim, args.queries) / "base.npy"
+    n = len(base)
+    print(f"shared set: {n} x {args.dim}, {len(queries)} queries, ef {ef}; versions: {', '.join(c for c, _ in codes)}")
+    raw = hnswlib.Index(space="cosine", dim=args.dim)
+    raw.init_index(max_elements=n, M=M, ef_construction=EF_CONSTRUCTION)
+    raw.add_items(base, np.arange(n))
+    raw.set_ef(ef)
+    schema = pb.Schema(
+        dense_fields=[
+            pb.DenseVectorField(
+                name="emb", dim=args.dim, metric=pb.COSINE, hnsw=pb.HnswParams(m=M, ef_construction=EF_CONSTRUCTION)
+            )
+        ]
+    )
+    requests = [
+        pb.SearchRequest(
+            collection="bench",
+            limit=10,
+            queries=[pb.SubQuery(dense=pb.DenseQuery(field="emb", vector=dense_vector(q), ef=ef))],
+        )
+        for q in queries
+    ]
+    batches = [
+        pb.BatchSearchRequest(searches=requests[i : i + args.batch]) for i in range(0, len(requests), args.batch)
+    ]
+    blocks = [queries[i : i + args.batch] for i in range(0, len(queries), args.batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        procs, clients = [], []
+        try:
+            for i, (_, checkout) in enumerate(codes):
+                package = code_package(checkout, tmp_path / f"code{i}")
+                proc, port = start_braid(tmp_path / f"data{i}", package)
+                procs.append(proc)
+                client = BraidClient(f"127.0.0.1:{port}", timeout=600)
+                clients.append(client)
+                client.create_collection("bench", schema)
+                client.bulk_upsert(
+                    "bench", ({"id": str(j), "dense": {"emb": base[j]}} for j in range(n)), batch_size=1000
+                )
+            settled = settle([proc.pid for proc in procs])
+            response_hex = clients[0].stub.Search(requests[0]).SerializeToString().hex()
+            bare_proc, bare_port = start_process(
+                [__file__, "--echo-server", str(tmp_path / "bare"), response_hex, str(base_path)], tmp_path / "bare"
+            )
+            procs.append(bare_proc)
+            channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}")
+            bare = channel.unary_unary(
+                "/braid.v1.Braid/Search",
+                request_serializer=pb.SearchRequest.SerializeToString,
+                response_deserializer=pb.SearchResponse.FromString,
+            )
+            found: dict[str, tuple[list, list]] = {}
+            for (name, _), client in zip(codes, clients, strict=True):  # recall, and a warm-up
+                singles = [[int(h.id) for h in client.stub.Search(r).hits] for r in requests]
+                batched = [[int(h.id) for h in r.hits] for b in batches for r in client.stub.BatchSearch(b).results]
+                found[name] = (singles, batched)
+            for request in requests[:200]:
+                bare(request)
+            # Each timing: (what, rate kind, a call, its items).
+            timings: list[tuple[str, str, Any, list]] = [("raw", "batch", lambda b: raw.knn_query(b, k=10), blocks)]
+            timings.append(("bare", "single", bare, requests))
+            for (name, _), client in zip(codes, clients, strict=True):
+                timings.append((name, "single", client.stub.Search, requests))
+                timings.append((name, "batch", client.stub.BatchSearch, batches))
+            rates: dict[tuple[str, str], list[float]] = {}
+            for r in range(args.rounds):
+                turn = timings[r % len(timings) :] + timings[: r % len(timings)]
+                for what, kind, call, items in turn:
+                    started = time.perf_counter()
+                    for item in items:
+                        call(item)
+                    rates.setdefault((what, kind), []).append(len(queries) / (time.perf_counter() - started))
+            channel.close()
+        finally:
+            for client in clients:
+                client.close()
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+    load = os.getloadavg()[0]
+    print(
+        f"{settled:.1f} s of background graph builds before the servers were idle; load average {load:.1f} at the end"
+    )
+    print(f"medians of {args.rounds} interleaved rounds (per round: every query once per row)")
+    header = (
+        f"| code | recall@10 Search | recall@10 BatchSearch | Search QPS | Search/bare | BatchSearch({args.batch}) QPS "
+        f"| batch/raw batched | Search vs {codes[0][0]} | BatchSearch vs {codes[0][0]} |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    first = codes[0][0]
+    for name, _ in codes:
+        single, batch = np.array(rates[(name, "single")]), np.array(rates[(name, "batch")])
+        print(
+            f"| {name} | {recall_at_10(found[name][0], gt):.3f} | {recall_at_10(found[name][1], gt):.3f} "
+            f"| {np.median(single):,.0f} | {np.median(single / np.array(rates[('bare', 'single')])):.2f} "
+            f"| {np.median(batch):,.0f} | {np.median(batch / np.array(rates[('raw', 'batch')])):.2f} "
+            f"| {np.median(single / np.array(rates[(first, 'single')])):.2f} "
+            f"| {np.median(batch / np.array(rates[(first, 'batch')])):.2f} |"
+        )
+    print(
+        f"bare gRPC+hnswlib {np.median(rates[('bare', 'single')]):,.0f} QPS, "
+        f"raw batched hnswlib {np.median(rates[('raw', 'batch')]):,.0f} QPS"
     )
 
 
