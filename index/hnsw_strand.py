@@ -43,14 +43,17 @@ During recovery (before ``start``) nothing searches, so frozen rows go straight 
 newest graph recovery made (in place, in the replaying thread): replay inserts each
 vector once.
 
-Search (``search``), one query batch: each graph's walk, an exact scan of each frozen and
-growing block, then every part's best candidates are scored the same exact way and the
-best k kept. With a filter (a bool mask over labels), the planner picks per graph, from
-the number ``count`` of matching live labels in it: an exact scan of just those rows
-from the contiguous vectors when that costs less than the walk would (WALK_COST rows a
-candidate), else an unfiltered walk asking for OVERSAMPLE x ef / selectivity
-candidates, filtered afterwards (a query left with fewer than k matches is scanned
-exactly). No Python callback runs per visited node.
+Search (``search``), a batch of queries at once (BatchSearch's plain dense queries reach
+it as one call): one walk of each graph for the whole batch, an exact scan of each frozen
+and growing block (one matrix product), then every part's best candidates are scored the
+same exact way (one gather and one float64 product per part) and the best k kept (one
+sort over the parts' padded rows): a query's hits are the same bits in any batch. With a
+filter (a bool mask over labels, one for the batch), the planner picks per graph, from the
+number ``count`` of matching live labels in it: an exact scan of just those rows from the
+contiguous vectors when that costs less than the walk would (WALK_COST rows a candidate),
+else an unfiltered walk asking for OVERSAMPLE x ef / selectivity candidates, filtered
+afterwards (the queries left with fewer than k matches are scanned exactly, together).
+No Python callback runs per visited node.
 
 In a checkpoint generation directory (``save`` / ``load``)::
 
