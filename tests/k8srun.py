@@ -47,6 +47,7 @@ import contextlib
 import copy
 import itertools
 import os
+import random
 import re
 import secrets
 import shutil
@@ -75,9 +76,17 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range: pods bind theirs only later, and a
+    port from the ephemeral range could meanwhile become some connection's source port."""
+    for _ in range(1000):
+        port = random.randrange(20000, 32700)
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32700")
 
 
 def image() -> tuple[list[str], list[str], dict[str, str]]:
