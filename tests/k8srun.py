@@ -499,7 +499,9 @@ class LocalKube:
             with self.lock:
                 pods = [p for p in self.pods.values() if p.workload.kind != "Job"]
             for pod in pods:
-                if pod.ready and not pod.terminating:
+                # Once started, a pod is probed all along: out of its Services after failureThreshold
+                # failures, back in at the next success.
+                if pod.started and not pod.terminating:
                     self.probe_once(pod)
 
     def wait_ready(self, pods: list[Pod], timeout: float) -> None:
