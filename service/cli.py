@@ -58,6 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
     # for the GIL gets it after the switch interval: 5 ms by default, which a search pays each time
     # it comes back from hnswlib or numpy while a bulk load runs Python; 0.5 ms bounds that.
     sys.setswitchinterval(0.0005)
+    from .memory import tune_malloc
+
+    tune_malloc()  # before the indexes load: service/memory.py
     from .config import load_config
     from .logs import configure_logging
     from .server import serve

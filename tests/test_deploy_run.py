@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from braid.service.client import BraidClient
-from braid.service.jobs.checkpoint import CheckpointStore
 from braid.v1 import braid_pb2 as pb
 
 from .k8s import render
@@ -241,9 +240,8 @@ def test_bulk_job_indexes_a_corpus_into_the_running_cluster(kube: LocalKube) -> 
             shards=2,
             replication_factor=2,
         )
-        # The job's key has the write role; the system collection is made once with an admin key
-        # (docs/jobs.md).
-        CheckpointStore(braid).ensure()
+        # The job's key has the write role only: it creates the jobs' system collection itself.
+        assert "_braid_jobs" not in {c.name for c in braid.list_collections()}
 
     exits = kube.run_job("braid-index", timeout=400)
     pods = list(kube.job_pods("braid-index"))
@@ -259,6 +257,7 @@ def test_bulk_job_indexes_a_corpus_into_the_running_cluster(kube: LocalKube) -> 
     assert sum(r["written"] for r in reports.values()) == len(rows)
 
     with client(kube) as braid:
+        assert braid.get_collection("_braid_jobs").name == "_braid_jobs"
         assert sorted(d.id for d in braid.get("articles", [r["_id"] for r in rows])) == sorted(r["_id"] for r in rows)
         assert braid.count("articles") == len(rows)
         hits = braid.search("articles", dense=("emb", "the largest animal in the ocean"), limit=6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,3 +85,15 @@ def test_cli_manages_ingests_and_searches(child_server, tmp_path):
     )
     assert failed.returncode == 1 and "NOT_FOUND" in failed.stderr
     server.stop()
+
+
+def test_braid_serve_fixes_the_malloc_settings_that_keep_freed_index_memory_resident() -> None:
+    """service/memory.py: on glibc, mallopt takes both settings (a child, so this process keeps its
+    own); an operator's MALLOC_* variable is left to glibc."""
+    code = "from braid.service.memory import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out
+    env["MALLOC_ARENA_MAX"] = "4"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out
