@@ -23,7 +23,8 @@ server per ``--code NAME=CHECKOUT`` (a checkout of any commit, e.g. ``git worktr
 package), each loaded with the same vectors, then --rounds rounds, each timing every
 server's single Searches and BatchSearches, the bare gRPC+hnswlib server and raw batched
 hnswlib one after the other (the order rotating each round). It prints per server the
-median over rounds of each rate and of its ratio to the first server.
+median over rounds of each rate, of its ratio to the first server, and of the CPU time the
+server process spent a query (less sensitive than rates to other work on the machine).
 """
 
 from __future__ import annotations
@@ -399,20 +400,24 @@ def compare(args: argparse.Namespace) -> None:
                 found[name] = (singles, batched)
             for request in requests[:200]:
                 bare(request)
-            # Each timing: (what, rate kind, a call, its items).
-            timings: list[tuple[str, str, Any, list]] = [("raw", "batch", lambda b: raw.knn_query(b, k=10), blocks)]
-            timings.append(("bare", "single", bare, requests))
-            for (name, _), client in zip(codes, clients, strict=True):
-                timings.append((name, "single", client.stub.Search, requests))
-                timings.append((name, "batch", client.stub.BatchSearch, batches))
+            # Each timing: (what, rate kind, a call, its items, the process that does the work).
+            timings: list[tuple[str, str, Any, list, int]] = [
+                ("raw", "batch", lambda b: raw.knn_query(b, k=10), blocks, os.getpid())
+            ]
+            timings.append(("bare", "single", bare, requests, bare_proc.pid))
+            for (name, _), client, proc in zip(codes, clients, procs[: len(codes)], strict=True):
+                timings.append((name, "single", client.stub.Search, requests, proc.pid))
+                timings.append((name, "batch", client.stub.BatchSearch, batches, proc.pid))
             rates: dict[tuple[str, str], list[float]] = {}
+            cpu: dict[tuple[str, str], list[float]] = {}  # the working process's CPU seconds a query
             for r in range(args.rounds):
                 turn = timings[r % len(timings) :] + timings[: r % len(timings)]
-                for what, kind, call, items in turn:
-                    started = time.perf_counter()
+                for what, kind, call, items, pid in turn:
+                    cpu_before, started = cpu_seconds(pid), time.perf_counter()
                     for item in items:
                         call(item)
                     rates.setdefault((what, kind), []).append(len(queries) / (time.perf_counter() - started))
+                    cpu.setdefault((what, kind), []).append((cpu_seconds(pid) - cpu_before) / len(queries))
             channel.close()
         finally:
             for client in clients:
@@ -428,7 +433,8 @@ def compare(args: argparse.Namespace) -> None:
     print(f"medians of {args.rounds} interleaved rounds (per round: every query once per row)")
     header = (
         f"| code | recall@10 Search | recall@10 BatchSearch | Search QPS | Search/bare | BatchSearch({args.batch}) QPS "
-        f"| batch/raw batched | Search vs {codes[0][0]} | BatchSearch vs {codes[0][0]} |"
+        f"| batch/raw batched | Search vs {codes[0][0]} | BatchSearch vs {codes[0][0]} "
+        "| server CPU us/query Search | server CPU us/query BatchSearch |"
     )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -440,12 +446,21 @@ def compare(args: argparse.Namespace) -> None:
             f"| {np.median(single):,.0f} | {np.median(single / np.array(rates[('bare', 'single')])):.2f} "
             f"| {np.median(batch):,.0f} | {np.median(batch / np.array(rates[('raw', 'batch')])):.2f} "
             f"| {np.median(single / np.array(rates[(first, 'single')])):.2f} "
-            f"| {np.median(batch / np.array(rates[(first, 'batch')])):.2f} |"
+            f"| {np.median(batch / np.array(rates[(first, 'batch')])):.2f} "
+            f"| {np.median(cpu[(name, 'single')]) * 1e6:,.0f} | {np.median(cpu[(name, 'batch')]) * 1e6:,.0f} |"
         )
     print(
-        f"bare gRPC+hnswlib {np.median(rates[('bare', 'single')]):,.0f} QPS, "
-        f"raw batched hnswlib {np.median(rates[('raw', 'batch')]):,.0f} QPS"
+        f"bare gRPC+hnswlib {np.median(rates[('bare', 'single')]):,.0f} QPS "
+        f"({np.median(cpu[('bare', 'single')]) * 1e6:,.0f} us CPU a query), "
+        f"raw batched hnswlib {np.median(rates[('raw', 'batch')]):,.0f} QPS "
+        f"({np.median(cpu[('raw', 'batch')]) * 1e6:,.0f} us CPU a query)"
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
