@@ -5,10 +5,8 @@
         braid.upsert("docs", [{"id": "a", "text": {"body": "hello"}, "dense": {"emb": vec}}])
         hits = braid.search("docs", bm25="hello", dense=("emb", vec), limit=5)
 
-Documents may be given as braid.v1 ``Document`` messages or as dicts with the
-keys id, text, dense (field -> list or numpy array), sparse (field -> {term: weight}
-or (indices, values)) and payload (field -> str | int | float | bool | datetime).
-Vectors are sent in the packed float32 form.
+Documents may be given as braid.v1 ``Document`` messages or as dicts (service/messages.py,
+which builds every request this client and the asyncio one, service/aio.py, send).
 
 Security (docs/security.md): any of ``tls_ca``, ``tls_cert``, ``tls_key`` or
 ``server_name`` makes the channel TLS (``tls_cert`` + ``tls_key`` for mutual TLS), and
@@ -26,78 +24,27 @@ progress bars count.
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from braid.v1 import braid_pb2 as pb
 from braid.v1 import braid_pb2_grpc
 
-from .tls import channel_credentials
-
-# The deadline of a BulkUpsert stream when none is given: generous, as a stream may carry
-# a whole corpus, but finite, so a client never waits forever on a dead connection.
-STREAM_TIMEOUT_S = 6 * 3600.0
-MESSAGE_BYTES = 64 << 20
-# Fusion by name, as in braid eval: search(..., fusion="rrf").
-FUSIONS: dict[str, pb.Fusion] = {
-    "rrf": pb.Fusion(rrf=pb.ReciprocalRankFusion(k=60)),
-    "minmax": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.MIN_MAX)),
-    "zscore": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.Z_SCORE)),
-    "dbsf": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.DBSF)),
-    "sum": pb.Fusion(weighted=pb.WeightedSumFusion(normalization=pb.NONE)),
-}
-STRANDS = ("dense", "bm25", "sparse")
-
-
-def dense_vector(values: Any) -> pb.DenseVector:
-    return pb.DenseVector(packed=np.asarray(values, dtype="<f4").tobytes())
-
-
-def sparse_vector(value: Any) -> pb.SparseVector:
-    if isinstance(value, pb.SparseVector):
-        return value
-    if isinstance(value, Mapping):
-        keys, weights = list(value.keys()), list(value.values())
-        if keys and all(isinstance(k, int) for k in keys):
-            return pb.SparseVector(indices=keys, values=weights)
-        return pb.SparseVector(tokens=[str(k) for k in keys], values=weights)
-    indices, values = value
-    return pb.SparseVector(indices=list(indices), values=list(values))
-
-
-def value(item: Any) -> pb.Value:
-    if isinstance(item, pb.Value):
-        return item
-    if isinstance(item, bool):
-        return pb.Value(bool=item)
-    if isinstance(item, int):
-        return pb.Value(int=item)
-    if isinstance(item, float):
-        return pb.Value(float=item)
-    if isinstance(item, dt.datetime):
-        out = pb.Value()
-        out.datetime.FromDatetime(item if item.tzinfo else item.replace(tzinfo=dt.UTC))
-        return out
-    return pb.Value(keyword=str(item))
-
-
-def document(doc: Any) -> pb.Document:
-    if isinstance(doc, pb.Document):
-        return doc
-    out = pb.Document(id=str(doc["id"]), text=doc.get("text", {}))
-    for name, vec in doc.get("dense", {}).items():
-        out.dense[name].CopyFrom(dense_vector(vec))
-    for name, vec in doc.get("sparse", {}).items():
-        out.sparse[name].CopyFrom(sparse_vector(vec))
-    for name, item in doc.get("payload", {}).items():
-        out.payload[name].CopyFrom(value(item))
-    return out
+from . import messages
+from .messages import (  # noqa: F401  (re-exported: the names callers import from here)
+    FUSIONS,
+    MESSAGE_BYTES,
+    STRANDS,
+    STREAM_TIMEOUT_S,
+    dense_vector,
+    document,
+    sparse_vector,
+    value,
+)
 
 
 class _CallDetails(
@@ -127,7 +74,7 @@ class _Metadata(
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
         metadata = list(details.metadata or ())
         names = {name for name, _ in metadata}
-        metadata += [(name, value) for name, value in self.pairs if name not in names]
+        metadata += [(name, item) for name, item in self.pairs if name not in names]
         return _CallDetails(
             details.method,
             details.timeout,
@@ -162,30 +109,6 @@ class StreamFailed(Exception):
         return self.error.code()
 
 
-def _check_api_key(api_key: str) -> None:
-    # gRPC rejects such metadata with an obscure error; never echo the key itself.
-    if not api_key or any(c.isspace() or not c.isprintable() or not c.isascii() for c in api_key):
-        raise ValueError("api_key must be non-empty printable ASCII without spaces")
-
-
-def _strand(request: pb.SearchRequest, kind: str, query: Any, weights: Mapping[str, float], depth: Any) -> None:
-    sub = request.queries.add()
-    getattr(sub, kind).CopyFrom(query)
-    if kind in weights:
-        sub.weight = weights[kind]
-    strand_depth = depth.get(kind) if isinstance(depth, Mapping) else depth
-    if strand_depth:
-        sub.depth = strand_depth
-
-
-def _fusion(fusion: pb.Fusion | str) -> pb.Fusion:
-    if isinstance(fusion, pb.Fusion):
-        return fusion
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion: unknown value {fusion!r}; valid: {', '.join(sorted(FUSIONS))}")
-    return FUSIONS[fusion]
-
-
 class BraidClient:
     """Thin wrapper over the generated stub; every method raises grpc.RpcError on a non-OK status.
 
@@ -210,28 +133,16 @@ class BraidClient:
         api_key: str | None = None,
         server_name: str | None = None,
     ) -> None:
-        if timeout is None or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if api_key is not None:
-            _check_api_key(api_key)
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MESSAGE_BYTES),
-        ]
-        if any(option is not None for option in (tls_ca, tls_cert, tls_key, server_name)):
-            credentials = channel_credentials(
-                Path(tls_ca) if tls_ca is not None else None,
-                Path(tls_cert) if tls_cert is not None else None,
-                Path(tls_key) if tls_key is not None else None,
-            )
-            if server_name is not None:
-                options.append(("grpc.ssl_target_name_override", server_name))
+        messages.check_timeout(timeout)
+        key_metadata = messages.api_key_metadata(api_key) if api_key is not None else None
+        options, credentials = messages.channel_setup(tls_ca, tls_cert, tls_key, server_name)
+        if credentials is not None:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self.channel: grpc.Channel = self._channel
-        if api_key is not None:
-            self.channel = grpc.intercept_channel(self._channel, _Metadata([("authorization", f"Bearer {api_key}")]))
+        if key_metadata is not None:
+            self.channel = grpc.intercept_channel(self._channel, _Metadata(key_metadata))
         self.stub = braid_pb2_grpc.BraidStub(self.channel)
         self.timeout = timeout
 
@@ -253,9 +164,7 @@ class BraidClient:
         self, name: str, schema: pb.Schema, shards: int = 1, replication_factor: int = 0
     ) -> pb.CollectionInfo:
         """``replication_factor`` 0: the server's default (1 standalone, 2 in a cluster of 2+ shard servers)."""
-        request = pb.CreateCollectionRequest(
-            name=name, schema=schema, shards=shards, replication_factor=replication_factor
-        )
+        request = messages.create_collection(name, schema, shards, replication_factor)
         return self.stub.CreateCollection(request, timeout=self.timeout)
 
     def get_collection(self, name: str) -> pb.CollectionInfo:
@@ -288,7 +197,7 @@ class BraidClient:
     # --------------------------------------------------------------- documents
 
     def upsert(self, collection: str, docs: Iterable[Any]) -> int:
-        request = pb.UpsertRequest(collection=collection, documents=[document(d) for d in docs])
+        request = messages.upsert(collection, docs)
         return self.stub.Upsert(request, timeout=self.timeout).upserted
 
     def bulk_upsert(
@@ -301,14 +210,12 @@ class BraidClient:
         """
 
         def batches() -> Iterator[pb.UpsertRequest]:
-            batch: list[pb.Document] = []
+            batcher = messages.Batcher(collection, batch_size)
             for doc in docs:
-                batch.append(document(doc))
-                if len(batch) >= batch_size:
-                    yield pb.UpsertRequest(collection=collection, documents=batch)
-                    batch = []
-            if batch:
-                yield pb.UpsertRequest(collection=collection, documents=batch)
+                if (batch := batcher.add(doc)) is not None:
+                    yield batch
+            if (batch := batcher.rest()) is not None:
+                yield batch
 
         return self.stub.BulkUpsert(batches(), timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
 
@@ -384,19 +291,15 @@ class BraidClient:
             call.cancel()
 
     def delete(self, collection: str, ids: Iterable[str] = (), filter: pb.Filter | None = None) -> int:
-        request = pb.DeleteRequest(collection=collection, ids=list(ids))
-        if filter is not None:
-            request.filter.CopyFrom(filter)
+        request = messages.delete(collection, ids, filter)
         return self.stub.Delete(request, timeout=self.timeout).deleted
 
     def get(self, collection: str, ids: Iterable[str], include_vectors: bool = False) -> list[pb.Document]:
-        request = pb.GetRequest(collection=collection, ids=list(ids), include_vectors=include_vectors)
+        request = messages.get(collection, ids, include_vectors)
         return list(self.stub.Get(request, timeout=self.timeout).documents)
 
     def count(self, collection: str, filter: pb.Filter | None = None) -> int:
-        request = pb.CountRequest(collection=collection)
-        if filter is not None:
-            request.filter.CopyFrom(filter)
+        request = messages.count(collection, filter)
         return self.stub.Count(request, timeout=self.timeout).count
 
     def flush(self, collection: str) -> None:
@@ -447,47 +350,24 @@ class BraidClient:
         Returns:
             The hits, best first. ``search_request`` takes a whole SearchRequest.
         """
-        weights = dict(weights or {})
-        depths = depth if isinstance(depth, Mapping) else {}
-        unknown = sorted((set(weights) | set(depths)) - set(STRANDS))
-        if unknown:
-            raise ValueError(f"weights/depth: unknown strand(s) {unknown}; valid: {', '.join(STRANDS)}")
-        request = pb.SearchRequest(
-            collection=collection,
+        request = messages.search(
+            collection,
+            dense=dense,
+            bm25=bm25,
+            sparse=sparse,
+            queries=queries,
+            filter=filter,
+            fusion=fusion,
+            weights=weights,
+            depth=depth,
             limit=limit,
             offset=offset,
-            payload_fields=list(payload_fields),
+            score_threshold=score_threshold,
+            payload_fields=payload_fields,
             include_payload=include_payload,
-            text_fields=list(text_fields or []),
+            text_fields=text_fields,
             explain=explain,
         )
-        if dense is not None:
-            if not isinstance(dense, pb.DenseQuery):
-                field, query = dense
-                if isinstance(query, str):  # text for a field with an encoder
-                    dense = pb.DenseQuery(field=field, text=query)
-                else:
-                    dense = pb.DenseQuery(field=field, vector=dense_vector(query))
-            _strand(request, "dense", dense, weights, depth)
-        if bm25 is not None:
-            _strand(
-                request, "bm25", bm25 if isinstance(bm25, pb.Bm25Query) else pb.Bm25Query(text=bm25), weights, depth
-            )
-        if sparse is not None:
-            if not isinstance(sparse, pb.SparseQuery):
-                field, query = sparse
-                if isinstance(query, str):
-                    sparse = pb.SparseQuery(field=field, text=query)
-                else:
-                    sparse = pb.SparseQuery(field=field, vector=sparse_vector(query))
-            _strand(request, "sparse", sparse, weights, depth)
-        request.queries.extend(queries)
-        if filter is not None:
-            request.filter.CopyFrom(filter)
-        if fusion is not None:
-            request.fusion.CopyFrom(_fusion(fusion))
-        if score_threshold is not None:
-            request.score_threshold = score_threshold
         return list(self.search_request(request, timeout=timeout).hits)
 
     def search_request(self, request: pb.SearchRequest, timeout: float | None = None) -> pb.SearchResponse:
@@ -498,7 +378,5 @@ class BraidClient:
         self, requests: Iterable[pb.SearchRequest], timeout: float | None = None
     ) -> list[pb.SearchResponse]:
         """Several searches in one round trip; one SearchResponse per request, in order."""
-        response = self.stub.BatchSearch(
-            pb.BatchSearchRequest(searches=list(requests)), timeout=self._deadline(timeout)
-        )
+        response = self.stub.BatchSearch(messages.batch_search(requests), timeout=self._deadline(timeout))
         return list(response.results)
