@@ -55,6 +55,30 @@ def render_text(overlay: str | Path) -> str:
     return done.stdout
 
 
+@functools.cache
+def make_secrets(namespace: str = "braid") -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """deploy/k8s/make-secrets.sh run once per process (real CAs, certificates, an nkey, API keys)
+    into a temporary directory removed at exit, with this environment's braid on PATH: the
+    directory (one sub-directory per Secret, a file per key) and the script's run. Read-only."""
+    import atexit
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="braid-secrets-"))
+    atexit.register(shutil.rmtree, root, True)
+    out = root / namespace
+    bin_dir = str(Path(sys.executable).parent)
+    done = subprocess.run(
+        ["bash", str(K8S / "make-secrets.sh"), "--namespace", namespace, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"make-secrets.sh failed ({done.returncode}): {done.stderr}")
+    return out, done
+
+
 def render(overlay: str | Path) -> Objects:
     """The objects of a rendered overlay."""
     return Objects([doc for doc in yaml.safe_load_all(render_text(overlay)) if doc])

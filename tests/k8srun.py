@@ -684,16 +684,6 @@ class LocalKube:
         return "\n".join(f"----- {p.name}:\n{p.tail(lines)}" for p in pods)
 
 
-def make_secrets(directory: Path) -> Path:
-    """deploy/k8s/make-secrets.sh into ``directory`` (real CAs, certificates, an nkey, API keys)."""
-    script = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "make-secrets.sh"
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    done = subprocess.run(["bash", str(script), str(directory)], env=env, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        raise RuntimeError(f"make-secrets.sh failed ({done.returncode}): {done.stderr}")
-    return directory
-
-
 def with_env(workload: Workload, name: str, value: str) -> Workload:
     """A copy of ``workload`` whose first container has env ``name`` set to ``value`` (a manifest
     made wrong on purpose)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import fields
@@ -587,24 +586,10 @@ def test_job_reaches_the_client_service(rendered: dict[str, Objects]) -> None:
 # ---------------------------------------------------------------- Secrets and ConfigMaps
 
 
-def make_secrets(out: Path) -> subprocess.CompletedProcess[str]:
-    """deploy/k8s/make-secrets.sh into ``out``, with this environment's braid on PATH."""
-    bin_dir = str(Path(sys.executable).parent)
-    return subprocess.run(
-        ["bash", str(k8s.K8S / "make-secrets.sh"), "--namespace", NAMESPACE, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
-    )
-
-
 @pytest.fixture(scope="module")
-def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def secrets_dir() -> Path:
     """What deploy/k8s/make-secrets.sh makes: a directory per Secret, a file per key."""
-    out = tmp_path_factory.mktemp("secrets") / "braid"
-    done = make_secrets(out)
-    assert done.returncode == 0, done.stderr
+    out, done = k8s.make_secrets(NAMESPACE)
     made = {d.name for d in out.iterdir() if d.is_dir() and d.name != "private"}
     # The commands it prints load exactly these directories.
     printed = re.findall(r"create secret generic (\S+) --from-file=(\S+)", done.stdout)

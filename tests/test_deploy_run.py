@@ -18,6 +18,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,8 +27,8 @@ import pytest
 from braid.service.client import BraidClient
 from braid.v1 import braid_pb2 as pb
 
-from .k8s import render
-from .k8srun import LocalKube, make_secrets, with_env
+from .k8s import make_secrets, render
+from .k8srun import LocalKube, with_env
 
 READY_S = 180.0  # a pod's startup on a loaded 2-core machine, NATS catch-up and shard recovery included
 RETRY_S = 60.0  # how long the load's client keeps retrying one call through the Service
@@ -38,13 +39,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKube]:
-    from braid.encoders.export import export_builtin
-
+def kube(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalKube]:
     root = tmp_path_factory.mktemp("k8s")
-    models = root / "models"
-    export_builtin("all-minilm-l6-v2", models)  # the image's /opt/braid/models
-    secrets = make_secrets(root / "secrets")
+    models = models_dir  # the image's /opt/braid/models (exported once per session)
+    secrets, _ = make_secrets()
     corpus = root / "corpus"
     corpus.mkdir()
     objects = render("cluster")
