@@ -253,7 +253,14 @@ class Collection:
 
     @staticmethod
     def _document(shard: Shard, doc_id: str, label: int, text: dict, include_vectors: bool) -> dict:
-        doc: dict = {"id": doc_id, "text": text, "payload": shard.payload.get(label), "dense": {}, "sparse": {}}
+        doc: dict = {
+            "id": doc_id,
+            "text": text,
+            "payload": shard.payload.get(label),
+            "metadata": shard.metadata.get(label),
+            "dense": {},
+            "sparse": {},
+        }
         for name, index in shard.sparse.items():
             stored = index.get(label)
             if stored is not None:
@@ -324,6 +331,8 @@ class Collection:
         located = [(self.shards[key >> SHARD_SHIFT], key & _LABEL_MASK) for key in keys]
         if wants_payload:
             result.payloads = [shard.payload.get(label, fields) for shard, label in located]
+        if plan.include_payload:
+            result.metadata = [shard.metadata.get(label) for shard, label in located]
         if plan.text_fields:
             result.texts = self._stored_texts(located, result.ids, plan.text_fields)
 

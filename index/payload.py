@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import durable
+from . import metadata as meta
 from .columns import BOUNDS, INT64_MAX, INT64_MIN, Column, is_int, new_column
 from .errors import DataLoss, InvalidArgument
 from .filters import Condition, Exists, Filter, Match, MatchAny, Range
@@ -174,6 +175,10 @@ class PayloadStore:
     def _validate_condition(self, cond: Condition, where: str, depth: int) -> None:
         if isinstance(cond, Filter):
             self._validate_filter(cond, f"{where}.filter", depth + 1)
+        elif isinstance(cond, (Match, MatchAny, Range, Exists)) and cond.field not in self._types:
+            # Not a declared field: a path into the schemaless metadata (index/metadata.py).
+            kind = {Match: "match", MatchAny: "any", Range: "range", Exists: "exists"}[type(cond)]
+            meta.check_condition(cond, f"{where}.{kind}.{cond.field}")
         elif isinstance(cond, Match):
             self._validate_match(cond, f"{where}.match.{cond.field}")
         elif isinstance(cond, MatchAny):
@@ -278,36 +283,37 @@ class PayloadStore:
                     out[name] = value
         return out
 
-    def evaluate(self, flt: Filter, size: int) -> np.ndarray:
+    def evaluate(self, flt: Filter, size: int, metadata: meta.MetadataStore | None = None) -> np.ndarray:
         """Bool mask of length ``size``: the labels passing ``flt`` (call ``validate_filter`` first).
 
-        Labels at or beyond ``self.size`` are absent in every field. Unknown fields raise
-        InvalidArgument; values that cannot occur in the field (unseen keywords, wrong types) match nothing.
+        Labels at or beyond ``self.size`` are absent in every field. A field that is not declared
+        is a path into ``metadata`` (absent everywhere without one); values that cannot occur in
+        the field (unseen keywords, wrong types) match nothing.
         """
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        return self._filter_mask(flt, size)
+        return self._filter_mask(flt, size, metadata)
 
-    def _filter_mask(self, flt: Filter, size: int) -> np.ndarray:
+    def _filter_mask(self, flt: Filter, size: int, metadata: meta.MetadataStore | None) -> np.ndarray:
         out = np.ones(size, dtype=bool)
         for cond in flt.must:
-            np.logical_and(out, self._condition_mask(cond, size), out=out)
+            np.logical_and(out, self._condition_mask(cond, size, metadata), out=out)
         if flt.should:
             any_of = np.zeros(size, dtype=bool)
             for cond in flt.should:
-                np.logical_or(any_of, self._condition_mask(cond, size), out=any_of)
+                np.logical_or(any_of, self._condition_mask(cond, size, metadata), out=any_of)
             np.logical_and(out, any_of, out=out)
         for cond in flt.must_not:
-            out &= ~self._condition_mask(cond, size)
+            out &= ~self._condition_mask(cond, size, metadata)
         return out
 
-    def _condition_mask(self, cond: Condition, size: int) -> np.ndarray:
+    def _condition_mask(self, cond: Condition, size: int, metadata: meta.MetadataStore | None) -> np.ndarray:
         """Mask of length ``size`` for one condition; may be a view of a column: never modify it."""
         if isinstance(cond, Filter):
-            return self._filter_mask(cond, size)
+            return self._filter_mask(cond, size, metadata)
         column = self._columns.get(cond.field)
         if column is None:
-            raise self._unknown(f"filter.{cond.field}", cond.field)
+            return metadata.mask(cond, size) if metadata is not None else np.zeros(size, dtype=bool)
         n = min(size, self._size)
         if isinstance(cond, Match):
             mask = column.match(cond.value, n)

@@ -72,6 +72,7 @@ class SearchResult:
     ids: list[str]
     scores: np.ndarray
     payloads: list[dict] | None = None
+    metadata: list[str] | None = None  # canonical metadata text of each hit ("" = none), with payloads
     texts: list[dict[str, str]] | None = None
     # explain: strand names, and (n_hits, n_strands) ranks (0 = absent) and raw scores (NaN = absent)
     strand_names: list[str] | None = None

@@ -8,11 +8,12 @@ Record kinds (the ``u8 kind`` of a WAL record):
 
 UPSERT payload, little-endian:
   ``u32 header_len | header (UTF-8 JSON) | blob``
-The JSON header is ``{"docs": [{"id", "text", "payload", "dense": {field: [offset, dim]},
+The JSON header is ``{"docs": [{"id", "text", "payload", "metadata", "dense": {field: [offset, dim]},
 "sparse": {field: {"indices": [offset, n] | "tokens": [...], "values": [offset, n]}}}]}``;
 offsets are byte offsets into ``blob``, which holds float32 vectors and weights and
 uint32 term ids back to back. Vectors stay binary so a 384-dim vector costs
-1,536 bytes, not a JSON float list.
+1,536 bytes, not a JSON float list. ``metadata`` is the document's canonical metadata
+text (index/metadata.py), absent when it has none (older records replay unchanged).
 
 DELETE_IDS and DELETE_FILTER payloads are UTF-8 JSON: ``{"ids": [...]}`` and
 ``{"filter": <filter as nested lists>}``.
@@ -54,6 +55,7 @@ class DocumentWrite:
     dense: dict[str, np.ndarray] = field(default_factory=dict)
     sparse: dict[str, SparseValue] = field(default_factory=dict)
     payload: dict[str, Any] = field(default_factory=dict)
+    metadata: str = ""  # JSON object text, canonical once validated (index/metadata.py); "" = none
 
 
 # --------------------------------------------------------------------- upsert
@@ -75,6 +77,8 @@ def encode_upsert(docs: list[DocumentWrite]) -> bytes:
             entry["text"] = doc.text
         if doc.payload:
             entry["payload"] = doc.payload
+        if doc.metadata:
+            entry["metadata"] = doc.metadata
         if doc.dense:
             entry["dense"] = {name: put(vector, "<f4") for name, vector in doc.dense.items()}
         if doc.sparse:
@@ -117,6 +121,7 @@ def decode_upsert(payload: bytes) -> list[DocumentWrite]:
                 dense={name: take(span, "<f4").astype(np.float32) for name, span in entry.get("dense", {}).items()},
                 sparse=sparse,
                 payload=entry.get("payload", {}),
+                metadata=entry.get("metadata", ""),
             )
         )
     return docs

@@ -15,7 +15,7 @@ Directory layout::
     wal/                  write-ahead log segments (index/wal.py)
     segments/<gen>/       checkpoint of generation <gen>: ids.json (live labels, their ids, and
                           per dense field the labels holding a vector),
-                          payload columns, <field>.hnsw, <field>.sparse.* files,
+                          payload columns, metadata.bin (index/metadata.py), <field>.hnsw, <field>.sparse.* files,
                           <field>.strand.json for SPANN fields (index/spann_strand.py),
                           CHECKSUMS (size and crc32 of each of them, index/checksums.py)
     segments/spann-<field>-<id>/  a sealed SPANN segment (index/spann.py), named by the
@@ -114,6 +114,8 @@ from .locks import Gate, ReadWriteLock
 from .log import LogOpener, ShardLog, open_local_wal, opens_external
 from .manifest import fsync_dir, load_json, read_json, write_json_atomic
 from .merger import Merger
+from .metadata import FILE as METADATA_FILE
+from .metadata import MetadataStore
 from .payload import PayloadStore
 from .policy import StoragePolicy
 from .records import DocumentWrite
@@ -196,6 +198,7 @@ class Shard:
         self._size = 0  # labels covered by applied writes: the range searches look at
         self._generation = 0
         self.payload = PayloadStore(schema.payload_fields)
+        self.metadata = MetadataStore()
         self.dense: dict[str, HnswStrand | SpannStrand] = {f.name: _new_dense(f) for f in schema.dense_fields}
         self.sparse = {f.name: SparseIndex(f.name) for f in schema.sparse_fields}
         self.text: TextIndex | None = None
@@ -406,6 +409,7 @@ class Shard:
             self._label_ids[label] = doc_id
             self._alive[label] = True
         self.payload = PayloadStore.load(segment, self.schema.payload_fields)
+        self.metadata = MetadataStore.load(segment)
         for spec in self.schema.dense_fields:
             present = live.get("has_vector", {}).get(spec.name, [])
             if spec.index is DenseIndexType.SPANN:
@@ -873,6 +877,7 @@ class Shard:
         batches: dict[str, tuple[list[int], list[np.ndarray]]] = {}
         for offset, doc in enumerate(op.docs):
             self.payload.set(first + offset, doc.payload)
+            self.metadata.set(first + offset, doc.metadata)
             for name, vector in doc.dense.items():
                 labels, vectors = batches.setdefault(name, ([], []))
                 labels.append(first + offset)
@@ -931,6 +936,7 @@ class Shard:
     def _remove_label(self, label: int) -> None:
         self._alive[label] = False
         self._label_ids.pop(label, None)
+        self.metadata.remove(label)
         for index in self.dense.values():
             index.remove(label)
         for index in self.sparse.values():
@@ -961,7 +967,7 @@ class Shard:
         alive = self._alive[:size]
         if flt is None or flt.is_empty():
             return alive
-        return self.payload.evaluate(flt, size) & alive
+        return self.payload.evaluate(flt, size, self.metadata) & alive
 
     def allowed(self, flt: Filter | None) -> tuple[np.ndarray, int]:
         """Mask of live labels passing the filter, and how many there are (call under read())."""
@@ -1011,6 +1017,8 @@ class Shard:
             add((name, "sparse"), sparse.memory_bytes())
         for name, nbytes in self.payload.memory_bytes().items():
             add((name, "payload"), nbytes)
+        if len(self.metadata):
+            add(("", "metadata"), self.metadata.memory_bytes())
         if self.text is not None:
             add(("", "bm25"), WRITER_HEAP_BYTES)
         add(("", "ids"), 200 * len(self._ids) + self._alive.nbytes)  # two dict entries and an id string a document
@@ -1035,6 +1043,8 @@ class Shard:
                 return directory[len("spann-") :].rpartition("-")[0], "spann"
             if directory != generation:
                 return "", "other"
+            if name == METADATA_FILE:
+                return "", "metadata"
             if name == "payload.json":
                 return "", "ids"  # the payload columns' metadata
             if name.startswith("payload-"):  # payload-<field>.<part>.npy
@@ -1134,6 +1144,7 @@ class Shard:
             # disk cut short fails the checkpoint here instead of being checksummed and published.
             durable.write_bytes(staging / "ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8"))
             self.payload.save(staging, self._size)  # a write being prepared may set labels past it
+            self.metadata.save(staging, self._size)
             previous = segments / str(self._generation)  # unchanged HNSW graphs are linked from it
             for index in self.dense.values():
                 if isinstance(index, HnswStrand):

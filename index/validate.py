@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import metadata
 from .errors import InvalidArgument, ResourceExhausted
 from .payload import PayloadStore
 from .query import Bm25Query, DenseQuery, SearchPlan, SparseQuery
@@ -41,6 +42,7 @@ class Limits:
     max_depth: int = 10_000
     max_sparse_terms: int = 4_096
     max_query_bytes: int = 64 * 1024
+    max_metadata_bytes: int = metadata.MAX_BYTES  # a document's metadata, as UTF-8 JSON text
 
 
 def check_id(doc_id: str, where: str) -> None:
@@ -99,6 +101,10 @@ def check_documents(docs: list[DocumentWrite], schema: Schema, payload: PayloadS
                 raise unknown_field(f"{where}.sparse.{name}", "sparse", [f.name for f in schema.sparse_fields])
             check_sparse(value, f"{where}.sparse.{name}", limits.max_sparse_terms)
         payload.validate(doc.payload, where=f"{where}.payload")
+        # Stored (and logged) as the canonical text, so replicas and replays agree byte for byte.
+        doc.metadata = metadata.canonical(
+            doc.metadata, f"{where}.metadata", {f.name for f in schema.payload_fields}, limits.max_metadata_bytes
+        )
 
 
 def check_plan(plan: SearchPlan, schema: Schema, payload: PayloadStore, limits: Limits, where: str = "") -> None:

@@ -268,6 +268,7 @@ def document_from_proto(msg: pb.Document, where: str) -> DocumentWrite:
         dense={name: dense_from_proto(v, f"{where}.dense.{name}") for name, v in msg.dense.items()},
         sparse={name: sparse_from_proto(v, f"{where}.sparse.{name}") for name, v in msg.sparse.items()},
         payload={name: value_from_proto(v, f"{where}.payload.{name}") for name, v in msg.payload.items()},
+        metadata=msg.metadata,
     )
 
 
@@ -276,7 +277,7 @@ def documents_from_proto(msgs: list[pb.Document]) -> list[DocumentWrite]:
 
 
 def document_to_proto(doc: dict, types: dict[str, PayloadType]) -> pb.Document:
-    out = pb.Document(id=doc["id"], text=doc["text"])
+    out = pb.Document(id=doc["id"], text=doc["text"], metadata=doc.get("metadata", ""))
     for name, value in doc["payload"].items():
         out.payload[name].CopyFrom(value_to_proto(value, types[name]))
     for name, vector in doc["dense"].items():
@@ -441,7 +442,7 @@ def result_to_proto(
     scores = result.scores.tolist()
     if not all(-_F32_MAX <= score <= _F32_MAX for score in scores):  # rare (NaN too: clip keeps it)
         scores = np.clip(result.scores, -_F32_MAX, _F32_MAX).tolist()
-    if result.payloads is None and result.texts is None and result.ranks is None:
+    if result.payloads is None and result.metadata is None and result.texts is None and result.ranks is None:
         # Hot path: ids and scores only (add() in place is about twice as fast as building Hit objects).
         response = pb.SearchResponse()
         add = response.hits.add
@@ -457,6 +458,8 @@ def result_to_proto(
         if result.payloads is not None:
             for name, value in result.payloads[n].items():
                 hit.payload[name].CopyFrom(value_to_proto(value, types[name]))
+        if result.metadata is not None:
+            hit.metadata = result.metadata[n]
         if result.texts is not None:
             hit.text.update(result.texts[n])
         if result.ranks is not None and result.raw is not None and result.strand_names is not None:

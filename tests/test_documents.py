@@ -253,10 +253,12 @@ def test_bad_delete_get_count_requests(docs):
         ),
         (
             lambda: stub.Delete(
-                pb.DeleteRequest(collection="docs", filter=pb.Filter(must=[pb.Condition(exists=pb.Exists(field="zz"))]))
+                pb.DeleteRequest(
+                    collection="docs", filter=pb.Filter(must=[pb.Condition(exists=pb.Exists(field="z..z"))])
+                )
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "zz",
+            "z..z",  # an undeclared field is a metadata path: this one has an empty key
         ),
         (
             lambda: stub.Count(

@@ -411,10 +411,12 @@ def test_validate_filter_accepts_good_filters(store):
     ("flt", "path", "words"),
     [
         (Filter(must=(Exists("tag"), Range("price"))), "filter.must[1].range.price", ["at least one"]),
-        (Filter(must=(Match("nope", 1),)), "filter.must[0].match.nope", ["unknown", "tag, count, price, flag, ts"]),
-        (Filter(should=(Exists("nope"),)), "filter.should[0].exists.nope", ["unknown"]),
-        (Filter(must_not=(MatchAny("nope", (1,)),)), "filter.must_not[0].any.nope", ["unknown"]),
-        (Filter(must=(Range("nope", gt=1),)), "filter.must[0].range.nope", ["unknown"]),
+        # An undeclared field is a metadata path (index/metadata.py), checked as one.
+        (Filter(must=(Match("no..pe", 1),)), "filter.must[0].match.no..pe", ["empty key"]),
+        (Filter(should=(Exists(""),)), "filter.should[0].exists.", ["must not be empty"]),
+        (Filter(must_not=(MatchAny("nope", ()),)), "filter.must_not[0].any.nope", ["at least one value"]),
+        (Filter(must=(Range("nope"),)), "filter.must[0].range.nope", ["at least one of"]),
+        (Filter(must=(Range("nope", gt="1"),)), "filter.must[0].range.nope.gt", ["finite number"]),
         (Filter(must=(Range("tag", gt=1),)), "filter.must[0].range.tag", ["keyword"]),
         (Filter(must=(Range("flag", gt=0),)), "filter.must[0].range.flag", ["bool"]),
         (Filter(must=(Range("count", gt="1"),)), "filter.must[0].range.count.gt", ["str"]),
@@ -430,9 +432,9 @@ def test_validate_filter_accepts_good_filters(store):
         (Filter(must=(Match("price", math.nan),)), "filter.must[0].match.price", ["finite"]),
         (Filter(must=(Match("ts", 1.5),)), "filter.must[0].match.ts", ["int", "float"]),
         (
-            Filter(should=(Filter(must_not=(Exists("tag"), Match("nope", 1))),)),
+            Filter(should=(Filter(must_not=(Exists("tag"), Match("nope", math.nan))),)),
             "filter.should[0].filter.must_not[1].match.nope",
-            ["unknown"],
+            ["finite"],
         ),
         (Filter(must=("tag",)), "filter.must[0]", ["unknown condition", "str"]),
     ],
@@ -448,8 +450,8 @@ def test_validate_filter_rejects(store, flt, path, words):
 
 def test_validate_filter_allows_match_on_float_and_int_on_float(store):
     store.validate_filter(Filter(must=(Match("price", 0.5), Match("price", 2), MatchAny("price", (1, 1.5)))))
-    with pytest.raises(InvalidArgument, match=r"^search\.filter\.must\[0\]\.match\.nope: "):
-        store.validate_filter(Filter(must=(Match("nope", 1),)), where="search.filter")
+    with pytest.raises(InvalidArgument, match=r"^search\.filter\.must\[0\]\.match\.no\.\.pe: "):
+        store.validate_filter(Filter(must=(Match("no..pe", 1),)), where="search.filter")
 
 
 def test_validate_filter_limits_nesting(store):
@@ -460,9 +462,10 @@ def test_validate_filter_limits_nesting(store):
         store.validate_filter(flt)
 
 
-def test_evaluate_unknown_field_raises(store):
-    with pytest.raises(InvalidArgument, match="nope"):
-        store.evaluate(Filter(must=(Exists("nope"),)), 3)
+def test_evaluate_undeclared_field_without_metadata_matches_nothing(store):
+    # An undeclared field names metadata; a store evaluated without a MetadataStore has none.
+    assert store.evaluate(Filter(must=(Exists("nope"),)), 3).tolist() == [False] * 3
+    assert store.evaluate(Filter(must_not=(Match("nope", 1),)), 3).tolist() == [True] * 3
 
 
 def test_evaluate_on_empty_store(store):

@@ -1157,6 +1157,7 @@ class RemoteCollection:
         types = {f.name: f.type for f in self.schema.payload_fields}
         payloads: list[dict] = [{} for _ in keys]
         texts: list[dict[str, str]] = [{} for _ in keys]
+        metadata = [""] * len(keys)
         deadline = _deadline()
         for shard, where in positions.items():
             message = spb.FetchRequest(
@@ -1179,8 +1180,11 @@ class RemoteCollection:
                     name: convert.value_from_proto(value, f"payload.{name}") for name, value in hit.payload.items()
                 }
                 texts[position] = dict(hit.text)
+                metadata[position] = hit.metadata
         if wants_payload:
             result.payloads = [{name: p[name] for name in p if name in types} for p in payloads]
+        if plan.include_payload:
+            result.metadata = metadata
         if plan.text_fields:
             result.texts = texts
 

@@ -252,6 +252,8 @@ class ShardRpcs:
             fields = None if request.include_payload else payload_fields
             with shard.read():
                 result.payloads = [shard.payload.get(label, fields) for label in labels]
+                if request.include_payload:
+                    result.metadata = [shard.metadata.get(label) for label in labels]
         if request.text_fields:
             located = [(shard, label) for label in labels]
             result.texts = Collection._stored_texts(located, ids, list(request.text_fields))
