@@ -40,8 +40,10 @@ from .messages import (  # noqa: F401  (re-exported: the names callers import fr
     MESSAGE_BYTES,
     STRANDS,
     STREAM_TIMEOUT_S,
+    as_dict,
     dense_vector,
     document,
+    metadata_of,
     sparse_vector,
     value,
 )

@@ -7,13 +7,16 @@ only in how they send them.
 
 Documents may be given as braid.v1 ``Document`` messages or as dicts with the keys id,
 text, dense (field -> list or numpy array), sparse (field -> {term: weight} or
-(indices, values)) and payload (field -> str | int | float | bool | datetime). Vectors are
-sent in the packed float32 form.
+(indices, values)), payload (field -> str | int | float | bool | datetime) and metadata
+(undeclared keys: a dict of JSON values, nested dicts and lists included, or its JSON text).
+Vectors are sent in the packed float32 form. ``as_dict`` and ``metadata_of`` read a returned
+Document or Hit back into plain Python.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,45 @@ def document(doc: Any) -> pb.Document:
         out.sparse[name].CopyFrom(sparse_vector(vec))
     for name, item in doc.get("payload", {}).items():
         out.payload[name].CopyFrom(value(item))
+    out.metadata = metadata_text(doc.get("metadata"))
+    return out
+
+
+def metadata_text(item: Any) -> str:
+    """A document's metadata for the wire: a mapping as compact JSON text, a str as given, None as none.
+    NaN and infinities are refused here (ValueError), as the server would refuse them."""
+    if item is None:
+        return ""
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, Mapping):
+        raise TypeError(f"metadata must be a dict (or its JSON text), got {type(item).__name__}")
+    return json.dumps(item, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def metadata_of(msg: pb.Document | pb.Hit) -> dict[str, Any]:
+    """The metadata of a returned Document or Hit as a dict ({} when it has none)."""
+    return json.loads(msg.metadata) if msg.metadata else {}
+
+
+def value_of(msg: pb.Value) -> Any:
+    """A payload Value as Python: str, int, float, bool or an aware UTC datetime."""
+    kind = msg.WhichOneof("kind")
+    if kind == "datetime":
+        return msg.datetime.ToDatetime(tzinfo=dt.UTC)
+    return getattr(msg, kind) if kind is not None else None
+
+
+def as_dict(msg: pb.Document | pb.Hit) -> dict[str, Any]:
+    """A returned Document or Hit as plain Python: id, text, payload, metadata (and score for a Hit)."""
+    out: dict[str, Any] = {
+        "id": msg.id,
+        "text": dict(msg.text),
+        "payload": {name: value_of(v) for name, v in msg.payload.items()},
+        "metadata": metadata_of(msg),
+    }
+    if isinstance(msg, pb.Hit):
+        out["score"] = msg.score
     return out
 
 

@@ -379,3 +379,37 @@ def test_reference_semantics_spot_checks() -> None:
     assert not holds(cond("match", "tags", 1), meta, {})  # True is not 1
     assert not holds(cond("exists", "loc.x"), meta, {}) and holds(cond("exists", "loc"), meta, {})
     assert holds(cond("range", "tags", gt=1.5), meta, {}) and not math.isnan(3.0)
+
+
+def test_python_client_takes_and_gives_dicts(braid: Running) -> None:
+    from braid.service.client import as_dict, metadata_of
+
+    client = braid.client
+    client.create_collection("py", schema(dim=DIM, payload=PAYLOAD))
+    meta = {"source": "a.pdf", "page": 3, "score": 0.5, "tags": ["x", "y"], "loc": {"lines": {"from": 1}}}
+    vector = [1.0] * DIM
+    client.upsert(
+        "py",
+        [
+            {"id": "a", "dense": {"emb": vector}, "payload": {"tag": "t"}, "metadata": meta},
+            {"id": "b", "dense": {"emb": vector}, "metadata": '{"raw": true}'},  # JSON text passes as is
+            {"id": "c", "dense": {"emb": vector}},
+        ],
+    )
+    summary = client.bulk_upsert("py", [{"id": "d", "dense": {"emb": vector}, "metadata": {"page": 4}}])
+    assert summary.upserted == 1
+    docs = {d.id: as_dict(d) for d in client.get("py", ["a", "b", "c", "d"])}
+    assert docs["a"]["metadata"] == meta and docs["a"]["payload"] == {"tag": "t"}
+    assert type(docs["a"]["metadata"]["page"]) is int
+    assert [docs[i]["metadata"] for i in "bcd"] == [{"raw": True}, {}, {"page": 4}]
+    hits = client.search("py", dense=("emb", vector), limit=4, include_payload=True)
+    assert {h.id: metadata_of(h) for h in hits} == {i: d["metadata"] for i, d in docs.items()}
+    flt = pb.Filter(must=[cond("match", "page", 3), cond("match", "loc.lines.from", 1)])
+    assert [h.id for h in client.search("py", dense=("emb", vector), filter=flt)] == ["a"]
+    for bad in ({"x": math.nan}, ["not", "a", "dict"]):
+        try:
+            client.upsert("py", [{"id": "e", "metadata": bad}])
+        except (ValueError, TypeError):
+            pass
+        else:
+            raise AssertionError(f"{bad!r} was sent")
