@@ -75,6 +75,7 @@ def make_doc(i: int, version: int = 0) -> dict:
         },
         "sparse": {"splade": {f"t{i}": 1.0, f"g{i % 5}": 0.5}},
         "payload": {"n": i, "tag": f"tag{i % 4}"},
+        "metadata": {"page": i, "tags": [f"m{i % 3}"], "loc": {"v": version}},
     }
 
 
@@ -126,6 +127,8 @@ def answers(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         lambda: _hits(client.search("c", bm25="common w2", dense=("emb", np.ones(DIM)), filter=tag, limit=15))
     )
     out["count"] = _call(lambda: client.count("c"))
+    on_metadata = pb.Filter(must=[pb.Condition(match=pb.Match(field="tags", value=pb.Value(keyword="m1")))])
+    out["count-metadata"] = _call(lambda: client.count("c", on_metadata))
     return json.loads(json.dumps(out))  # as the child process reports it
 
 
@@ -270,6 +273,7 @@ FILES = [
     ("payload.json", f"{SHARD}/segments/[0-9]*/payload.json"),
     ("payload column", f"{SHARD}/segments/[0-9]*/payload-n.values.npy"),
     ("payload keyword codes", f"{SHARD}/segments/[0-9]*/payload-tag.codes.npy"),
+    ("metadata", f"{SHARD}/segments/[0-9]*/metadata.bin"),
     ("hnsw base graph", f"{SHARD}/segments/[0-9]*/emb.g*.hnsw"),
     ("hnsw rows", f"{SHARD}/segments/[0-9]*/emb.rows.npy"),
     ("hnsw row labels", f"{SHARD}/segments/[0-9]*/emb.rows-labels.npy"),
