@@ -28,6 +28,7 @@ EMPTY: Hit = (np.empty(0, np.int64), np.empty(0, np.float32))
 Hits = tuple[np.ndarray, np.ndarray]
 PAD = np.iinfo(np.int64).max
 SCORE_CHUNK = 64  # queries whose candidates are scored in float64 at once
+_ROWS = np.arange(1024)[:, None]  # row indices for picking each row's columns (made once)
 
 
 class Block:
@@ -124,24 +125,31 @@ def exact_scores(metric: Metric, queries: np.ndarray, vectors: np.ndarray) -> np
     a pairwise sum along each row (numpy reduces every row of the last axis alone, so a row's score
     is the same bits in any batch shape). BLAS and hnswlib's SIMD round differently for different
     batch shapes, and results must depend neither on the shard count nor on the batch."""
+    if len(queries) <= SCORE_CHUNK:
+        return _scores(metric, queries, vectors)
     out = np.empty(vectors.shape[:2], np.float64)
     for start in range(0, len(queries), SCORE_CHUNK):  # bounds the float64 temporaries of a big batch
         at = slice(start, start + SCORE_CHUNK)
-        rows = vectors[at]  # float32: numpy widens each element exactly as it multiplies by a float64
-        q = queries[at, None, :].astype(np.float64)
-        if metric is Metric.L2:
-            diff = np.subtract(rows, q)
-            out[at] = -np.sqrt(np.square(diff, out=diff).sum(axis=2))
-        else:
-            out[at] = np.multiply(rows, q).sum(axis=2)
+        out[at] = _scores(metric, queries[at], vectors[at])
     return out
 
 
-def best_exact(metric: Metric, queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int) -> Hits:
-    """Each query's best k of its candidates (``labels`` B x c, PAD where a row has fewer; ``vectors``
-    their rows B x c x dim, anything under PAD) by exact score."""
+def _scores(metric: Metric, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    q = queries[:, None, :].astype(np.float64)  # the float32 rows widen exactly as they meet it
+    if metric is Metric.L2:
+        diff = np.subtract(vectors, q)
+        return -np.sqrt(np.square(diff, out=diff).sum(axis=2))
+    return np.multiply(vectors, q).sum(axis=2)
+
+
+def best_exact(
+    metric: Metric, queries: np.ndarray, labels: np.ndarray, vectors: np.ndarray, k: int, padded: bool = False
+) -> Hits:
+    """Each query's best k of its candidates (``labels`` B x c; with ``padded``, PAD where a row has
+    fewer; ``vectors`` their rows B x c x dim, anything under PAD) by exact score."""
     scores = exact_scores(metric, queries, vectors).astype(np.float32)
-    scores[labels == PAD] = -np.inf
+    if padded:
+        scores[labels == PAD] = -np.inf
     return ranked(labels, scores, k)
 
 
@@ -152,8 +160,8 @@ def ranked(labels: np.ndarray, scores: np.ndarray, k: int) -> Hits:
         wide[0][:, : labels.shape[1]], wide[1][:, : labels.shape[1]] = labels, scores
         labels, scores = wide
     order = np.lexsort((labels, -scores), axis=-1)[:, :k]
-    rows = np.arange(len(labels))[:, None]  # plain indexing: take_along_axis costs more per call
-    return labels[rows, order], scores[rows, order]
+    rows = _ROWS[: len(labels)] if len(labels) <= len(_ROWS) else np.arange(len(labels))[:, None]
+    return labels[rows, order], scores[rows, order]  # plain indexing: take_along_axis costs more per call
 
 
 def best(k: int, parts: list[Hits]) -> Hits:
@@ -164,5 +172,5 @@ def best(k: int, parts: list[Hits]) -> Hits:
 def unpadded(hits: Hits) -> list[Hit]:
     """One (labels, scores) pair per query, without the padding."""
     labels, scores = hits
-    counts = np.count_nonzero(labels != PAD, axis=1).tolist()
+    counts = (labels != PAD).sum(axis=1).tolist()
     return [(labels[i, :n], scores[i, :n]) for i, n in enumerate(counts)]

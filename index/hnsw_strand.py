@@ -318,7 +318,7 @@ class HnswStrand(HoldsLabels):
         rows = np.arange(len(found))[:, None]
         labels = found[rows, first]
         labels[~keep[rows, first]] = PAD
-        hits = self._rescored(graph, queries, labels, k)
+        hits = self._rescored(graph, queries, labels, k, padded=True)
         short = np.flatnonzero(np.count_nonzero(keep, axis=1) < min(k, count))
         if len(short):  # those walks came back short: the exact scan is always right
             scanned = self._scan_rows(graph, queries[short], k, self._rows(graph, window))
@@ -326,11 +326,12 @@ class HnswStrand(HoldsLabels):
             hits[0][short], hits[1][short] = scanned
         return hits
 
-    def _rescored(self, graph: Graph, queries: np.ndarray, labels: np.ndarray, k: int) -> Hits:
-        """Best k of each query's candidate labels of the graph (B x c, PAD allowed) by exact score."""
+    def _rescored(self, graph: Graph, queries: np.ndarray, labels: np.ndarray, k: int, padded: bool = False) -> Hits:
+        """Best k of each query's candidate labels of the graph (B x c; PAD allowed with ``padded``) by exact score."""
         rows = np.searchsorted(graph.labels, labels)
-        np.minimum(rows, len(graph.labels) - 1, out=rows)  # PAD's row: any row, its score is dropped
-        return best_exact(self.spec.metric, queries, labels, graph.vectors[rows], k)
+        if padded:
+            np.minimum(rows, len(graph.labels) - 1, out=rows)  # PAD's row: any row, its score is dropped
+        return best_exact(self.spec.metric, queries, labels, graph.vectors[rows], k, padded)
 
     @staticmethod
     def _rows(graph: Graph, window: np.ndarray) -> np.ndarray:
