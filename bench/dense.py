@@ -25,6 +25,12 @@ server's single Searches and BatchSearches, the bare gRPC+hnswlib server and raw
 hnswlib one after the other (the order rotating each round). It prints per server the
 median over rounds of each rate, of its ratio to the first server, and of the CPU time the
 server process spent a query (less sensitive than rates to other work on the machine).
+With --strand it times index/hnsw_strand.py's search alone, no gRPC: one graph of all but
+the last 1,000 vectors (built here once, loaded by every version as a checkpoint from before
+segments) and those 1,000 in the strand's growing rows, as a settled server holds them after
+a bulk load; per round one child process per version (OPENBLAS_NUM_THREADS=1, as
+``braid serve``) times every query alone and in batches of --batch; it prints medians of
+time and CPU a query, and whether every version returned the same hits, bit for bit.
 """
 
 from __future__ import annotations
@@ -176,7 +182,11 @@ def main() -> None:
         "--code", action="append", default=[], metavar="NAME=CHECKOUT", help="compare versions (module doc)"
     )
     parser.add_argument("--rounds", type=int, default=6, help="with --code: rounds of interleaved timings")
+    parser.add_argument("--strand", action="store_true", help="with --code: time the HNSW strand alone (module doc)")
     args = parser.parse_args()
+    if args.code and args.strand:
+        compare_strands(args)
+        return
     if args.code:
         compare(args)
         return
@@ -463,8 +473,100 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def compare_strands(args: argparse.Namespace) -> None:
+    """HnswStrand.search of several versions, each in its own child process, round by round (module doc)."""
+    codes = [(name, Path(path)) for name, _, path in (item.partition("=") for item in args.code)]
+    ef = int(args.efs.split(",")[0])
+    base, queries, _ = shared_vectors(args.n, args.dim, args.queries)
+    growing = min(1000, len(base) // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        unit = base / np.linalg.norm(base, axis=1, keepdims=True)  # cosine fields are inner-product graphs
+        graph = hnswlib.Index(space="ip", dim=args.dim)
+        graph.init_index(max_elements=len(base) - growing, M=M, ef_construction=EF_CONSTRUCTION)
+        graph.add_items(unit[: len(base) - growing], np.arange(len(base) - growing))
+        graph.save_index(str(tmp_path / "emb.hnsw"))
+        np.save(tmp_path / "base.npy", base)
+        np.save(tmp_path / "queries.npy", queries)
+        packages = [code_package(checkout, tmp_path / f"code{i}") for i, (_, checkout) in enumerate(codes)]
+        runs: dict[str, list[dict]] = {}
+        for r in range(args.rounds):
+            for i in [(r + j) % len(codes) for j in range(len(codes))]:
+                env = dict(os.environ, PYTHONPATH=str(packages[i]), OPENBLAS_NUM_THREADS="1")
+                out = tmp_path / f"hits{i}.npz"
+                child = [__file__, "--strand-child", str(tmp_path), str(growing), str(ef), str(args.batch), str(out)]
+                line = subprocess.run(
+                    [sys.executable, *child], env=env, check=True, capture_output=True, text=True
+                ).stdout
+                runs.setdefault(codes[i][0], []).append(json.loads(line.strip().splitlines()[-1]))
+        hits = [np.load(tmp_path / f"hits{i}.npz") for i in range(len(codes))]
+        keys = ("single_labels", "single_scores", "batch_labels", "batch_scores")
+        same = all(h[key].tobytes() == hits[0][key].tobytes() for h in hits for key in keys)
+        same = same and all(
+            h[f"batch_{x}"].tobytes() == h[f"single_{x}"].tobytes() for h in hits for x in ("labels", "scores")
+        )
+    print(
+        f"HnswStrand.search, {len(base) - growing:,} vectors in one graph + {growing:,} growing, ef {ef}, "
+        f"{len(queries)} queries; medians of {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    header = (
+        f"| code | one query: us | one query: CPU us | batch of {args.batch}: us a query | batch: CPU us a query "
+        f"| one query vs {codes[0][0]} | batch vs {codes[0][0]} |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    first = runs[codes[0][0]]
+    for name, _ in codes:
+        run = runs[name]
+
+        def med(key: str, run: list[dict] = run) -> float:
+            return float(np.median([x[key] for x in run])) * 1e6
+
+        ratio_single = np.median([a["single"] / b["single"] for a, b in zip(first, run, strict=True)])
+        ratio_batch = np.median([a["batch"] / b["batch"] for a, b in zip(first, run, strict=True)])
+        print(
+            f"| {name} | {med('single'):.0f} | {med('single_cpu'):.0f} | {med('batch'):.0f} | {med('batch_cpu'):.0f} "
+            f"| {ratio_single:.2f}x | {ratio_batch:.2f}x |"
+        )
+    print(f"every version's hits equal, bit for bit, alone and in batches: {'yes' if same else 'NO'}")
+
+
+def strand_child(directory: str, growing: str, ef: str, batch: str, out: str) -> None:
+    """One version's timing (``compare_strands``), run with that version first on PYTHONPATH."""
+    from braid.index.hnsw_strand import HnswStrand
+    from braid.index.schema import DenseFieldSpec, HnswParams, Metric
+
+    folder = Path(directory)
+    base, queries = np.load(folder / "base.npy"), np.load(folder / "queries.npy")
+    n, dim, size = len(base), base.shape[1], int(batch)
+    spec = DenseFieldSpec(
+        name="emb", dim=dim, metric=Metric.COSINE, hnsw=HnswParams(m=M, ef_construction=EF_CONSTRUCTION)
+    )
+    strand = HnswStrand.load(folder, spec, list(range(n)))
+    strand.add(np.arange(n - int(growing), n), base[n - int(growing) :])
+    k, beam = 10, int(ef)
+    blocks = [queries[i : i + size] for i in range(0, len(queries), size)]
+    for query in queries[:100]:  # warm up
+        strand.search(query[None, :], k, beam)
+    times, hits = {}, {}
+    for kind in ("single", "batch"):
+        wall, cpu = time.perf_counter(), time.process_time()
+        if kind == "single":
+            found = [strand.search(query[None, :], k, beam)[0] for query in queries]
+        else:
+            found = [hit for block in blocks for hit in strand.search(block, k, beam)]
+        times[kind] = (time.perf_counter() - wall) / len(queries)
+        times[f"{kind}_cpu"] = (time.process_time() - cpu) / len(queries)
+        hits[f"{kind}_labels"] = np.stack([labels for labels, _ in found])
+        hits[f"{kind}_scores"] = np.stack([scores for _, scores in found])
+    np.savez(out, **hits)
+    print(json.dumps(times))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--echo-server":
         echo_server_main(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--strand-child":
+        strand_child(*sys.argv[2:])
     else:
         main()
