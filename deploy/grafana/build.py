@@ -734,7 +734,7 @@ def query_variable(name: str, label: str, query: str, all_value: str = ".+") -> 
         "type": "query",
         "datasource": DATASOURCE,
         "definition": query,
-        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "query": query,  # a plain string: every Grafana since 7 reads it (the object form varies by version)
         "refresh": 2,
         "multi": True,
         "includeAll": True,
@@ -780,9 +780,10 @@ def variables() -> list[dict[str, Any]]:
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
     roles = ", ".join(panel.roles)
     defaults: dict[str, Any] = {"unit": panel.unit}
-    if panel.thresholds:
-        steps = [{"color": color, "value": value} for value, color in panel.thresholds]
-        defaults["thresholds"] = {"mode": "absolute", "steps": steps}
+    # Without thresholds of its own a stat panel takes Grafana's default, red from 80: one green step instead.
+    thresholds = panel.thresholds or [(None, "green")]
+    steps = [{"color": color, "value": value} for value, color in thresholds]
+    defaults["thresholds"] = {"mode": "absolute", "steps": steps}
     if panel.kind == "timeseries":
         defaults["custom"] = {"drawStyle": "line", "fillOpacity": 10, "lineWidth": 1, "showPoints": "never"}
         options: dict[str, Any] = {
@@ -865,7 +866,7 @@ def render() -> dict[str, Any]:
         "tags": ["braid", "grpc", "search"],
         "editable": True,
         "graphTooltip": 1,
-        "schemaVersion": 39,
+        "schemaVersion": 38,  # Grafana 10.0; later versions migrate it on load
         "version": 1,
         "refresh": "30s",
         "time": {"from": "now-1h", "to": "now"},
