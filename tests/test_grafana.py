@@ -9,10 +9,13 @@ Live: a real standalone server and a real local cluster (one shard server, one r
 each with ``--metrics-port``, get a little traffic (create, upsert, search by vector and by text
 through the ONNX encoder, a SPANN seal, a flush, refused calls, a search while the shard server is
 down) so the labelled series exist; every process's /metrics is scraped once. Then every metric
-an expression names must have series on a role the panel says it shows, and be exported by every
-role it says; every label it matches, groups by or puts in a legend must be one those series
-carry. ``test_the_check_catches_a_wrong_dashboard`` feeds the same check a dashboard with a typo'd
-metric, a label no series has and a panel claiming the wrong role, and expects each reported.
+an expression names must have series on every role its panel names (the description's
+``Exported by:``; a variable's: every role, collections: the servers holding them); every label it
+matches, groups by or puts in a legend must be one those series carry; and a metric with a
+``collection`` label must be filtered by the collection variable.
+``test_the_check_catches_a_wrong_dashboard`` feeds the same check a dashboard with a typo'd metric,
+a grouping label and a legend label no series has, a missing collection filter and a panel claiming
+the wrong role, and expects each reported.
 """
 
 from __future__ import annotations
