@@ -210,17 +210,18 @@ def check_condition(cond: Condition, where: str) -> None:
 # --------------------------------------------------------------------- columns
 
 
-def _at(obj: Any, keys: list[str]) -> Any:
-    for key in keys:
-        if not isinstance(obj, dict):
-            return None
-        obj = obj.get(key)
-    return obj
+# The C scanner json.loads ends in, without its wrappers: stored texts are canonical JSON.
+_scan = json.JSONDecoder().scan_once
+
+
+def _parse(text: str) -> Any:
+    return _scan(text, 0)[0]
 
 
 class _Column:
     """One path's values as parallel entry arrays: label, kind, an int (int value, keyword code,
-    bool 0/1) and a float (numbers). A list value gives one entry per scalar element."""
+    bool 0/1) and a float (numbers). A list value gives one entry per scalar element. Writes
+    append to Python lists; ``flush`` (before a filter reads) moves them into the arrays."""
 
     def __init__(self, path: str) -> None:
         self.keys = path.split(".")
@@ -230,31 +231,49 @@ class _Column:
         self.kinds = np.empty(0, np.int8)
         self.ints = np.empty(0, np.int64)
         self.floats = np.empty(0, np.float64)
+        self._pending: tuple[list[int], list[int], list[int], list[float]] = ([], [], [], [])
         self.documents = 0  # labels that gave entries since the build (removed ones included)
 
-    def rows(self, label: int, obj: Any, out: list[tuple[int, int, int, float]]) -> None:
-        value = _at(obj, self.keys)
+    def add(self, label: int, obj: Any) -> None:
+        value = obj
+        for key in self.keys:
+            if not isinstance(value, dict):
+                return
+            value = value.get(key)
         if value is None:
             return
         self.documents += 1
-        before = len(out)
+        labels, kinds, ints, floats = self._pending
+        before = len(labels)
         for item in value if isinstance(value, list) else (value,):
-            if isinstance(item, bool):
-                out.append((label, _BOOL, int(item), 0.0))
-            elif isinstance(item, str):
-                code = self.codes.setdefault(item, len(self.codes))
-                out.append((label, _STR, code, 0.0))
+            if isinstance(item, str):
+                code = self.codes.get(item)
+                if code is None:
+                    code = self.codes[item] = len(self.codes)
+                kind, whole, real = _STR, code, 0.0
+            elif isinstance(item, bool):
+                kind, whole, real = _BOOL, int(item), 0.0
             elif isinstance(item, int):
-                out.append((label, _INT, item, float(item)))
+                kind, whole, real = _INT, item, float(item)
             elif isinstance(item, float):
-                out.append((label, _FLOAT, 0, item))
-        if len(out) == before:
-            out.append((label, _OTHER, 0, 0.0))
+                kind, whole, real = _FLOAT, 0, item
+            else:
+                continue
+            labels.append(label)
+            kinds.append(kind)
+            ints.append(whole)
+            floats.append(real)
+        if len(labels) == before:  # an object, an empty list, a list of non-scalars: only Exists sees it
+            labels.append(label)
+            kinds.append(_OTHER)
+            ints.append(0)
+            floats.append(0.0)
 
-    def extend(self, rows: list[tuple[int, int, int, float]]) -> None:
-        if not rows:
+    def flush(self) -> None:
+        labels, kinds, ints, floats = self._pending
+        if not labels:
             return
-        needed = self.size + len(rows)
+        needed = self.size + len(labels)
         if needed > len(self.labels):
             capacity = max(64, len(self.labels))
             while capacity < needed:
@@ -264,13 +283,12 @@ class _Column:
                 grown = np.empty(capacity, old.dtype)
                 grown[: self.size] = old[: self.size]
                 setattr(self, name, grown)
-        labels, kinds, ints, floats = zip(*rows, strict=True)
-        end = self.size + len(rows)
-        self.labels[self.size : end] = labels
-        self.kinds[self.size : end] = kinds
-        self.ints[self.size : end] = ints
-        self.floats[self.size : end] = floats
-        self.size = end
+        self.labels[self.size : needed] = labels
+        self.kinds[self.size : needed] = kinds
+        self.ints[self.size : needed] = ints
+        self.floats[self.size : needed] = floats
+        self.size = needed
+        self._pending = ([], [], [], [])
 
     def select(self, cond: Condition) -> np.ndarray:
         """Bool over entries: those satisfying ``cond``."""
@@ -302,9 +320,11 @@ class _Column:
                 if value.is_integer() and _INT64_MIN <= int(value) <= _INT64_MAX:
                     whole.append(int(value))
         out = np.zeros(n, dtype=bool)
-        for kind, wanted, column in ((_STR, codes, ints), (_BOOL, flags, ints), (_INT, whole, ints)):
-            if wanted:
-                out |= (kinds == kind) & np.isin(column, np.asarray(wanted, np.int64))
+        for kind, wanted in ((_STR, codes), (_BOOL, flags), (_INT, whole)):
+            if len(wanted) == 1:
+                out |= (kinds == kind) & (ints == wanted[0])
+            elif wanted:
+                out |= (kinds == kind) & np.isin(ints, np.asarray(wanted, np.int64))
         if reals:
             out |= (kinds == _FLOAT) & np.isin(floats, np.asarray(reals, np.float64))
         return out
@@ -332,11 +352,9 @@ class MetadataStore:
         with self._lock:
             self._texts[label] = text
             if self._columns:
-                obj = json.loads(text)
+                obj = _parse(text)
                 for column in self._columns.values():
-                    rows: list[tuple[int, int, int, float]] = []
-                    column.rows(label, obj, rows)
-                    column.extend(rows)
+                    column.add(label, obj)
 
     def remove(self, label: int) -> None:
         """Forget a label's metadata (its document was deleted or replaced)."""
@@ -361,6 +379,7 @@ class MetadataStore:
         out = np.zeros(size, dtype=bool)
         with self._lock:
             column = self._column(path)
+            column.flush()
             if column.size == 0:
                 return out
             selected = column.select(cond)
@@ -374,10 +393,14 @@ class MetadataStore:
             self._columns.move_to_end(path)
             return column
         column = _Column(path)  # first use, or mostly removed documents' entries: one pass over the texts
-        rows: list[tuple[int, int, int, float]] = []
-        for label in sorted(self._texts):
-            column.rows(label, json.loads(self._texts[label]), rows)
-        column.extend(rows)
+        # Stored texts are json.dumps output, which spells a key as json.dumps spells it alone: a text
+        # without '"<first key>":' cannot hold the path and is skipped unparsed.
+        first = json.dumps(column.keys[0], ensure_ascii=False) + ":"
+        texts = self._texts
+        for label in sorted(texts):
+            text = texts[label]
+            if first in text:
+                column.add(label, _parse(text))
         self._columns[path] = column
         self._columns.move_to_end(path)
         while len(self._columns) > MAX_COLUMNS:

@@ -165,6 +165,19 @@ def _alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _document_line(line: str) -> object:
+    """One JSONL line as a braid.v1 Document (protobuf JSON mapping); ``metadata`` may be a JSON
+    object rather than its text (docs/cli.md)."""
+    from google.protobuf import json_format
+
+    from braid.v1 import braid_pb2 as pb
+
+    data = json.loads(line)
+    if isinstance(data, dict) and isinstance(data.get("metadata"), dict):
+        data["metadata"] = json.dumps(data["metadata"], ensure_ascii=False, separators=(",", ":"))
+    return json_format.ParseDict(data, pb.Document())
+
+
 def _ingest(args: argparse.Namespace) -> int:
     """Stream a JSONL file; the server encodes. The bar counts documents the server acknowledged."""
     import time
@@ -186,8 +199,8 @@ def _ingest(args: argparse.Namespace) -> int:
                 if not line.strip():
                     continue
                 try:
-                    batch.append(json_format.Parse(line, pb.Document()))
-                except json_format.ParseError as err:
+                    batch.append(_document_line(line))
+                except (json_format.ParseError, ValueError) as err:
                     raise ValueError(f"{path.name}:{number}: {err}") from None
                 if len(batch) >= args.batch:
                     yield pb.UpsertRequest(collection=args.collection, documents=batch)

@@ -54,7 +54,14 @@ def test_cli_manages_ingests_and_searches(child_server, tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text(
         "\n".join(
-            json.dumps({"id": f"d{i}", "text": {"title": f"title {i}", "body": "tea" if i == 3 else "coffee"}})
+            json.dumps(
+                {
+                    "id": f"d{i}",
+                    "text": {"title": f"title {i}", "body": "tea" if i == 3 else "coffee"},
+                    # metadata as a JSON object, or (as the protobuf JSON mapping has it) its text
+                    **({"metadata": {"page": i, "loc": {"p": [i]}}} if i % 2 else {"metadata": f'{{"n": {i}}}'}),
+                }
+            )
             for i in range(10)
         )
     )
@@ -73,6 +80,8 @@ def test_cli_manages_ingests_and_searches(child_server, tmp_path):
 
     assert "created collection" in braid("collection", "create", "cli", "--schema", str(schema_file))
     assert "upserted 10 documents" in braid("ingest", "cli", str(docs), "--batch", "4")
+    stored = {d.id: d.metadata for d in server.client.get("cli", ["d1", "d2"])}
+    assert stored == {"d1": '{"page":1,"loc":{"p":[1]}}', "d2": '{"n":2}'}
     assert "cli" in braid("collection", "list")
     assert '"documents": "10"' in braid("collection", "describe", "cli")
     out = braid("search", "cli", "--text", "tea", "--show", "body")
