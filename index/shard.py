@@ -150,6 +150,7 @@ _RECOVERED_STATE = (
     "_size",
     "_generation",
     "payload",
+    "metadata",
     "dense",
     "sparse",
     "text",
@@ -563,7 +564,16 @@ class Shard:
 
     def _apply_locked(self, op: _Op) -> int:
         with self._apply_lock, self._lock.write():
-            return self._apply(op)
+            result = self._apply(op)
+            self._count_written(op, result)
+            return result
+
+    def _count_written(self, op: _Op, result: int) -> None:
+        """A live write's documents, for the ingest-rate metric (recovery's replay is not counted)."""
+        if op.kind == records.UPSERT:
+            self.stats.count_written("upsert", len(op.docs))
+        else:
+            self.stats.count_written("delete", result)
 
     def _fail(self, reason: str, err: BaseException | None = None) -> None:
         """Stop taking writes (the first reason wins) and wake every writer waiting its turn.
@@ -705,6 +715,7 @@ class Shard:
             with self._apply_lock, self._lock.write():
                 for seq, op in ops:
                     result = self._apply(op)
+                    self._count_written(op, result)
                     results.append(result)
                     self._remember(seq, result)  # before applied_seq: a waiter that sees it finds the result
                     self._applied_seq = seq
