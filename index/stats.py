@@ -101,6 +101,12 @@ class ShardStats:
     checkpoints: JobStats = field(default_factory=JobStats)
     merges: JobStats = field(default_factory=JobStats)
     spann: dict[str, SpannStats] = field(default_factory=dict)  # SPANN field -> its reads
+    # Documents written by writes applied since this process opened the shard (not by recovery's
+    # replay): "upsert" counts every document of an upsert, "delete" every document a delete removed.
+    written: dict[str, int] = field(default_factory=lambda: {"upsert": 0, "delete": 0})
+
+    def count_written(self, op: str, documents: int) -> None:
+        self.written[op] += documents  # under the shard's write lock: no lock of its own
 
     def spann_for(self, name: str) -> SpannStats:
         stats = self.spann.get(name)

@@ -191,6 +191,7 @@ class BraidCollector(Collector):
         memory: dict[tuple[str, ...], float] = {}
         disk: dict[tuple[str, ...], float] = {}
         appended: dict[tuple[str, ...], float] = {}
+        written: dict[tuple[str, ...], float] = {}
         wal_append: dict[tuple[str, ...], _Hist] = {}
         wal_fsync: dict[tuple[str, ...], _Hist] = {}
         jobs: dict[str, dict[tuple[str, ...], float]] = {"checkpoints": {}, "merges": {}}
@@ -210,6 +211,8 @@ class BraidCollector(Collector):
                 disk[at] = disk.get(at, 0) + nbytes
             stats = shard.stats
             appended[key] = appended.get(key, 0) + stats.wal.appended_bytes
+            for op, n in list(stats.written.items()):
+                written[(name, op)] = written.get((name, op), 0) + n
             wal_append.setdefault(key, _Hist()).add(stats.wal.append_seconds)
             wal_fsync.setdefault(key, _Hist()).add(stats.wal.fsync_seconds)
             for kind, job in (("checkpoints", stats.checkpoints), ("merges", stats.merges)):
@@ -276,6 +279,14 @@ class BraidCollector(Collector):
         )
         yield _family(
             CounterMetricFamily, "braid_wal_appended_bytes", "Bytes appended to the write-ahead logs.", c, appended
+        )
+        yield _family(
+            CounterMetricFamily,
+            "braid_documents_written",
+            "Documents written by applied writes since the process started (op upsert: every document of an "
+            "upsert; op delete: every document a delete removed); on a shard server, applied to its replicas.",
+            [*c, "op"],
+            written,
         )
         yield _histograms(
             "braid_wal_append_seconds", "Time of one write-ahead log append (one write call, no fsync).", c, wal_append

@@ -136,6 +136,8 @@ def test_metrics_move_with_a_workload(metered, tmp_path: Path) -> None:  # type:
     assert value(after, "braid_wal_append_seconds_count", collection="docs") == 1  # one upsert, one record
     assert value(after, "braid_wal_fsync_seconds_count", collection="docs") >= 1
     assert value(after, "braid_wal_appended_bytes_total", collection="docs") > N * DIM * 4
+    assert value(after, "braid_documents_written_total", collection="docs", op="upsert") == N
+    assert value(after, "braid_documents_written_total", collection="docs", op="delete") == 0
     assert value(after, "braid_checkpoints_total", collection="docs", outcome="ok") >= 1
     assert value(after, "braid_checkpoint_duration_seconds_count", collection="docs") >= 1
 

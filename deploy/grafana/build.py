@@ -283,18 +283,24 @@ ROWS: list[Row] = [
             Panel(
                 "Write calls/s",
                 "Acknowledged Upsert, BulkUpsert (one per stream), UpsertStream (one per stream) and Delete "
-                "calls on the client API. Braid exports no count of documents written: see 'Documents/s (net)'.",
+                "calls on the client API; 'Documents written/s' counts their documents.",
                 CLIENT_API,
                 [Q(f"sum by (method) ({rate(s('braid_rpc_requests_total', API, WRITES, OK))})", "{{method}}")],
                 "reqps",
                 width=6,
             ),
             Panel(
-                "Documents/s (net)",
-                "Change of live documents per second (new ids minus deletions; replacing a document does not "
-                "show), per collection, over the selected servers (each replica counts).",
+                "Documents written/s",
+                "Documents upserted and deleted per second by applied writes, per collection and op, over the "
+                "selected servers (in a cluster each replica applies every write of its shard: divide by the "
+                "replication factor for the ingest rate).",
                 STORAGE,
-                [Q(f"sum by (collection) (deriv({s('braid_collection_documents', c=True)}[{R}]))", "{{collection}}")],
+                [
+                    Q(
+                        f"sum by (collection, op) ({rate(s('braid_documents_written_total', c=True))})",
+                        "{{collection}} {{op}}",
+                    )
+                ],
                 width=6,
             ),
             Panel(
