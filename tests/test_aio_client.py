@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,13 @@ async def until(check: Any, what: str, within: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def busy(server: BraidServer) -> Iterator[None]:
-    """Every worker of ``server`` runs a call that lasts until the block ends."""
+def busy(server: BraidServer) -> Iterator[Callable[[], None]]:
+    """Every worker of ``server`` runs a call that lasts until the block ends (or the function it
+    gives is called)."""
     release = threading.Event()
     held = [server.admission._submit(release.wait, None) for _ in range(server.admission.workers)]
     try:
-        yield
+        yield release.set
     finally:
         release.set()
         for future in held:
@@ -434,6 +435,28 @@ def test_a_cancelled_bulk_upsert_reports_what_the_server_applied(shared: Running
             assert report is not None and report.applied == pb.BulkUpsertResponse(upserted=4, batches=2)
             assert [[doc.id for doc in batch.documents] for batch in report.unacked] == [["d24"]]
             assert sync.count("bulk") == 16
+
+    run(body())
+
+
+def test_a_bulk_upsert_cancelled_while_it_writes_still_gets_the_servers_count(
+    one_worker: tuple[BraidServer, Running],
+):
+    server, running = one_worker
+
+    async def body() -> None:
+        async with AsyncBraidClient(f"127.0.0.1:{running.port}") as braid:
+            with busy(server) as release:
+                upload = asyncio.ensure_future(braid.bulk_upsert("docs", _docs(6, start=200), batch_size=2))
+                await until(lambda: server.admission.outstanding == 2, "the first batch to queue on the server")
+                upload.cancel()  # lands in a write or in the wait for the answer: the call must go on
+                release()
+                with pytest.raises(asyncio.CancelledError) as info:
+                    await upload
+            report = interrupted(info.value)
+            assert report is not None and report.applied == pb.BulkUpsertResponse(upserted=6, batches=3)
+            assert report.unacked == []
+        assert running.client.count("docs") == 26
 
     run(body())
 
