@@ -370,6 +370,13 @@ def test_cluster_path_carries_metadata(local_cluster: Callable[..., LocalCluster
         assert {h.id for h in client.search("c", dense=("emb", np.ones(DIM)), filter=flt, limit=30)} == want
         assert client.delete("c", filter=flt) == len(want)
         assert client.count("c") == 30 - len(want)
+        # One replica a shard, on different servers: no server holds every shard, so the router
+        # ranks across servers and fetches the final hits' payload and metadata (Fetch).
+        client.create_collection("spread", schema(dim=DIM, payload=PAYLOAD), shards=2, replication_factor=1)
+        assert upsert(client.stub, "spread", docs[:-1]) == 30
+        hits = client.search("spread", dense=("emb", np.ones(DIM)), limit=30, include_payload=True)
+        assert len(hits) == 30 and all(json.loads(h.metadata) == metas[h.id] for h in hits)
+        assert all(h.metadata == "" for h in client.search("spread", dense=("emb", np.ones(DIM)), limit=5))
 
 
 def test_reference_semantics_spot_checks() -> None:
