@@ -6,7 +6,8 @@ every alias points at a collection that exists), and per collection (``verify_co
     collection.json           its embedded crc32 (index/manifest.py), and that it parses
     shard-NNN/MANIFEST.json   crc32, fields, the generation directory exists (index/shard.py)
     segments/<gen>/           every file against CHECKSUMS (index/checksums.py), then each
-                              hnswlib file's structure (index/hnswfile.py)
+                              hnswlib file's structure (index/hnswfile.py) and metadata.bin's
+                              (index/metadata.py)
     segments/spann-*/         each sealed segment a generation names: spann.json's crc32,
                               centroids.hnsw's crc32 and structure, the posting file's header, offset table,
                               every list, the locator and its whole-file crc32 (index/spann.py)
@@ -36,6 +37,8 @@ from .aliases import AliasTable
 from .checksums import Problem, check_directory
 from .errors import DataLoss, FailedPrecondition
 from .manifest import read_json
+from .metadata import FILE as METADATA_FILE
+from .metadata import MetadataStore
 from .schema import DenseIndexType, Schema
 from .shard import read_manifest
 from .spann import SpannSegment
@@ -138,6 +141,7 @@ def verify_shard(directory: Path, schema: Schema) -> list[Problem]:
         problems += generation_problems
         if not generation_problems:
             problems += _check_hnsw(generation, schema)
+            problems += _check_metadata(generation)
             problems += _check_sealed(directory, generation, schema)
     problems += wal.check(directory / "wal", checkpoint_seq, checkpoint_crc)
     if schema.text_fields and (directory / "text").is_dir():
@@ -155,6 +159,17 @@ def _check_hnsw(generation: Path, schema: Schema) -> list[Problem]:
         if dim is not None and (problem := hnswfile.check(path, dim)) is not None:
             problems.append(Problem(str(path), problem))
     return problems
+
+
+def _check_metadata(generation: Path) -> list[Problem]:
+    """The structure of metadata.bin (index/metadata.py): labels ascending, offsets within its text, UTF-8."""
+    if not (generation / METADATA_FILE).exists():
+        return []
+    try:
+        MetadataStore.load(generation)
+    except DataLoss as err:
+        return [Problem.from_message(str(err))]
+    return []
 
 
 def _check_sealed(shard: Path, generation: Path, schema: Schema) -> list[Problem]:

@@ -420,3 +420,41 @@ def test_python_client_takes_and_gives_dicts(braid: Running) -> None:
             pass
         else:
             raise AssertionError(f"{bad!r} was sent")
+
+
+def test_metadata_file_is_checked_when_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """metadata.bin whose CHECKSUMS entry matches but whose structure is wrong (a writer's bug, not a
+    flipped byte): loading it is DataLoss naming the file, and the scrub reports it."""
+    import struct
+
+    from braid.index.checksums import write_checksums
+    from braid.index.errors import DataLoss
+    from braid.index.metadata import FILE, MAGIC, MetadataStore
+    from braid.index.verify import _check_metadata
+
+    store = MetadataStore()
+    for label, text in ((0, '{"a":1}'), (5, '{"b":"ü"}'), (9, "{}")):
+        store.set(label, text)
+    store.save(tmp_path, size=8)  # label 9 is past the checkpoint's size: left out
+    loaded = MetadataStore.load(tmp_path)
+    assert [loaded.get(label) for label in (0, 5, 9)] == ['{"a":1}', '{"b":"ü"}', ""]
+    good = (tmp_path / FILE).read_bytes()
+    head = len(MAGIC) + 8
+    bad = {
+        "bad magic": b"XXXXXXXX" + good[8:],
+        "labels not ascending": good[:head] + struct.pack("<qq", 5, 0) + good[head + 16 :],  # were 0, 5
+        "offsets past the text": good[:-1],
+        "not UTF-8": good[: -len("ü".encode()) - 2] + b"\xff\xfe" + good[-2:],
+        "count too large": MAGIC + struct.pack("<Q", 1 << 40) + good[head:],
+    }
+    for case, data in bad.items():
+        (tmp_path / FILE).write_bytes(data)
+        write_checksums(tmp_path)
+        try:
+            MetadataStore.load(tmp_path)
+        except DataLoss as err:
+            assert FILE in str(err), case
+        else:
+            raise AssertionError(f"{case}: loaded")
+        problems = _check_metadata(tmp_path)
+        assert len(problems) == 1 and FILE in problems[0].file, (case, problems)
