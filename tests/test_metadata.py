@@ -319,7 +319,6 @@ def test_metadata_survives_kill_and_checkpoint(child_server) -> None:  # type: i
     metas = {str(i): {"i": i, "half": i / 2, "tags": [f"t{i % 3}"], "deep": {"x": {"y": i % 4}}} for i in range(40)}
     texts = {i: json.dumps(m, ensure_ascii=False) for i, m in metas.items()}
     flt = pb.Filter(must=[cond("match", "tags", "t1"), cond("range", "deep.x.y", gte=1)])
-    want = sum(1 for m in metas.values() if m["tags"] == ["t1"] and m["deep"]["x"]["y"] >= 1)
 
     def check(client: BraidClient, ids: list[str]) -> None:
         back = got(client, "d", ids)
@@ -345,7 +344,6 @@ def test_metadata_survives_kill_and_checkpoint(child_server) -> None:  # type: i
     server.kill()
     server = child_server(server.data_dir)
     check(server.client, sorted(metas))
-    assert server.client.count("d", flt) == want - (1 if metas.get("3") else 0)
 
 
 def test_cluster_path_carries_metadata(local_cluster: Callable[..., LocalCluster]) -> None:  # noqa: F811
