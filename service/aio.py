@@ -53,9 +53,9 @@ from braid.v1 import braid_pb2_grpc
 from . import messages
 from .admission import RETRY_PUSHBACK_KEY
 from .client import StreamFailed
-from .messages import STREAM_TIMEOUT_S
+from .messages import STREAM_TIMEOUT_S, as_dict, metadata_of
 
-__all__ = ["AsyncBraidClient", "Retry", "StreamFailed", "WriteInterrupted", "interrupted"]
+__all__ = ["AsyncBraidClient", "Retry", "StreamFailed", "WriteInterrupted", "as_dict", "interrupted", "metadata_of"]
 
 # Calls that change nothing, and writes that leave the same documents when applied twice.
 READS = frozenset({"GetCollection", "ListCollections", "ListAliases", "Get", "Count", "Search", "BatchSearch"})
