@@ -214,6 +214,7 @@ def test_an_overloaded_server_is_retried_after_its_pushback(tmp_path: Path):
     server, running = start_in_process(tmp_path / "data", workers=1, max_queue=0)
     try:
         running.client.create_collection("docs", SCHEMA)
+        running.client.create_collection("writes", SCHEMA)  # so the retried write cannot move the search's scores
         running.client.upsert("docs", _docs(20))
         expected = running.client.search("docs", bm25="alpha", limit=5)
         address = f"127.0.0.1:{running.port}"
@@ -231,10 +232,10 @@ def test_an_overloaded_server_is_retried_after_its_pushback(tmp_path: Path):
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert int(dict(info.value.trailing_metadata())["grpc-retry-pushback-ms"]) >= 10
                 with pytest.raises(grpc.aio.AioRpcError) as info:  # a write is not retried unless asked
-                    await reader.upsert("docs", _docs(1, start=50))
+                    await reader.upsert("writes", _docs(1, start=50))
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not reader.recent_retries
                 search = asyncio.ensure_future(reader.search("docs", bm25="alpha", limit=5))
-                upsert = asyncio.ensure_future(writer.upsert("docs", _docs(1, start=60)))
+                upsert = asyncio.ensure_future(writer.upsert("writes", _docs(1, start=60)))
                 await until(lambda: len(reader.recent_retries) >= 2 and writer.recent_retries, "retries")
                 assert not search.done() and not upsert.done()
             assert await search == expected
@@ -248,7 +249,7 @@ def test_an_overloaded_server_is_retried_after_its_pushback(tmp_path: Path):
                 await client.close()
 
         run(body())
-        assert [doc.id for doc in running.client.get("docs", ["d50", "d60"])] == ["d60"]
+        assert [doc.id for doc in running.client.get("writes", ["d50", "d60"])] == ["d60"]
     finally:
         stop_in_process(server, running)
 
