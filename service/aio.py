@@ -6,7 +6,8 @@
 Every method takes the same arguments, with the same defaults, as BraidClient's
 (service/client.py) and sends the same request, built by service/messages.py; TLS, mutual
 TLS and API keys are set up the same way. The streams take documents or batches from a
-plain or an async iterable, and ``upsert_stream`` is an async iterator.
+plain or an async iterable (a plain one is pulled on the event loop: keep its items cheap
+to make, or pass an async iterable), and ``upsert_stream`` is an async iterator.
 
 What an async caller needs on top:
 
