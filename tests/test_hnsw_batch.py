@@ -19,6 +19,7 @@ from braid.index.locks import ReadWriteLock
 from braid.index.schema import DenseFieldSpec, HnswParams, Metric
 
 from .conftest import random_vectors
+from .test_hnsw_segments import _truth
 
 DIM = 16
 N = 2600
@@ -30,17 +31,6 @@ def held_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 10**6)  # writers never wait for the sealer
     monkeypatch.setattr(hnsw_strand, "TIER_FANOUT", 100)  # no tier merge ...
     monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 1e6)  # ... and no idle merge: several graphs stay
-
-
-def _truth(vectors: np.ndarray, live: np.ndarray, query: np.ndarray, k: int, metric: Metric) -> set[int]:
-    rows = vectors[live]
-    if metric is Metric.L2:
-        scores = -np.linalg.norm(rows - query, axis=1)
-    elif metric is Metric.COSINE:
-        scores = (rows / np.linalg.norm(rows, axis=1, keepdims=True)) @ (query / np.linalg.norm(query))
-    else:
-        scores = rows @ query
-    return set(live[np.argsort(-scores, kind="stable")[:k]].tolist())
 
 
 @pytest.mark.parametrize("planner", ["default", "walks"])
@@ -100,7 +90,7 @@ def test_a_batch_answers_each_query_as_alone_bit_for_bit(
                         assert scores.tobytes() == alone_scores.tobytes(), f"query {i}, {where}: scores differ"
                         assert allowed_live[labels].all(), f"query {i}, {where}: a hit outside the filter or deleted"
                         assert len(labels) == min(k, int(allowed_live.sum())), where
-                        truth = _truth(vectors, np.flatnonzero(allowed_live), query, k, metric)
+                        truth = set(_truth(vectors, np.flatnonzero(allowed_live), query, k, metric))
                         found += len(truth & set(labels.tolist()))
                         total += len(truth)
                     if planner == "default":
