@@ -129,6 +129,8 @@ def test_mmr_trades_relevance_for_diversity(server: ChildServer) -> None:
         assert {diverse[0].id, diverse[1].id} != {"1", "2"} and diverse[1].id == "3"
         by_vector = asyncio.run(store.amax_marginal_relevance_search_by_vector(vector, k=2, fetch_k=3, lambda_mult=0.1))
         assert by_vector[1].id == "3"
+        # A second event loop (asyncio.run makes one each time) gets a client of its own.
+        assert asyncio.run(store.aget_by_ids(["3"])) == [Document(id="3", page_content="omega", metadata={})]
     finally:
         store.delete_collection()
         store.close()

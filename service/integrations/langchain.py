@@ -215,7 +215,8 @@ class BraidVectorStore(VectorStore):
         self.client = client or BraidClient(address, timeout, **client_options)
         self._own_client = client is None
         self._given_aclient = async_client
-        self._aclients: dict[int, AsyncBraidClient] = {}
+        self._aclient: AsyncBraidClient | None = None  # made for the loop _aloop
+        self._aloop: asyncio.AbstractEventLoop | None = None
         self.text_field = text_field
         self.dense_field = dense_field
         self.search_type = search_type
@@ -238,10 +239,12 @@ class BraidVectorStore(VectorStore):
         """The AsyncBraidClient of the running event loop (a grpc.aio channel belongs to one loop)."""
         if self._given_aclient is not None:
             return self._given_aclient
-        loop = id(asyncio.get_running_loop())
-        if loop not in self._aclients:
-            self._aclients[loop] = AsyncBraidClient(self.address, self.timeout, **self.client_options)
-        return self._aclients[loop]
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aloop is not loop:
+            # A new loop (each asyncio.run makes one): the old client's channel died with its loop.
+            # The loop is held, not its id, so a later loop at the same address is still a new one.
+            self._aloop, self._aclient = loop, AsyncBraidClient(self.address, self.timeout, **self.client_options)
+        return self._aclient
 
     def close(self) -> None:
         """Close the sync client this store made (async ones: ``aclose`` on their loop)."""
@@ -250,8 +253,8 @@ class BraidVectorStore(VectorStore):
 
     async def aclose(self) -> None:
         """Close the async client this store made for the running loop."""
-        aclient = self._aclients.pop(id(asyncio.get_running_loop()), None)
-        if aclient is not None:
+        if self._aclient is not None and self._aloop is asyncio.get_running_loop():
+            aclient, self._aclient, self._aloop = self._aclient, None, None
             await aclient.close()
 
     # ------------------------------------------------------------- collection
