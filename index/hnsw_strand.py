@@ -30,9 +30,10 @@ Two background threads per strand, each alive only while it has work:
 * the **merger** keeps the graph count small, as an LSM tree does: TIER_FANOUT adjacent
   graphs of one size tier (tier t: live rows in [TIER_UNIT x 4^t, TIER_UNIT x 4^(t+1))) are
   rebuilt into one; a graph whose deletes reach TOMBSTONE_RATIO is rebuilt alone; and
-  once no seal came for IDLE_MERGE_S, every graph is rebuilt into one (when the graphs
-  besides the largest hold IDLE_MERGE_SHARE of the live rows), so a strand that was
-  loaded and then queried is searched as one graph. It builds in chunks and stops
+  once neither a seal nor a write came for IDLE_MERGE_S, every graph is rebuilt into one
+  (when the graphs besides the largest hold IDLE_MERGE_SHARE of the live rows), so a strand
+  that was loaded and then queried is searched as one graph; a steady trickle of writes
+  (a seal a minute) keeps the tiers instead of rebuilding the whole field after each seal. It builds in chunks and stops
   between them when the strand closes. The merged graph replaces its inputs under the
   write lock.
 
@@ -104,7 +105,7 @@ TIER_FACTOR = 4
 TIER_FANOUT = 4  # this many adjacent graphs of one tier are merged into one
 MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
 TOMBSTONE_RATIO = 0.25  # a graph with this share of its labels deleted is rebuilt from its live vectors
-IDLE_MERGE_S = 5.0  # after this long without a seal, every graph is merged into one ...
+IDLE_MERGE_S = 5.0  # after this long without a seal or a write, every graph is merged into one ...
 IDLE_MERGE_SHARE = 0.1  # ... when the graphs besides the largest hold this share of the live rows
 BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
 COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384 dims)
@@ -134,6 +135,7 @@ class HnswStrand(HoldsLabels):
         self._closing = False
         self._failures = 0  # seals failed in a row (writers stop waiting for room meanwhile)
         self._last_seal = time.monotonic()
+        self._last_write = 0.0  # monotonic time of the last add: a plain float, set under the write lock
         self._recording: list[list[int]] = []  # per build in flight: labels deleted since it started
         self._lock: ReadWriteLock | None = None  # the shard's, once started (None: recovering, build in place)
         self.stats = JobStats()
@@ -171,6 +173,7 @@ class HnswStrand(HoldsLabels):
         ``stored``: they already went through ``stored_form`` (outside the write lock)."""
         if not stored:
             vectors = self.stored_form(np.asarray(vectors, np.float32))
+        self._last_write = time.monotonic()
         self._present.add(labels)
         if len(labels) > self._growing.room():
             if self._growing.n:
@@ -400,7 +403,7 @@ class HnswStrand(HoldsLabels):
                     return
                 plan = _plan(self._graphs)
                 if plan is None and _worth_one_graph(self._graphs):
-                    idle = IDLE_MERGE_S - (time.monotonic() - self._last_seal)
+                    idle = IDLE_MERGE_S - (time.monotonic() - max(self._last_seal, self._last_write))
                     if idle > 0 or self._sealer is not None:  # not yet quiet: look again then
                         self._cond.wait(max(idle, 0.05))
                         continue
