@@ -350,6 +350,11 @@ class BraidVectorStore(VectorStore):
             docs.append(doc)
         return docs
 
+    def _client_vectors(self, known: bool) -> bool:
+        """Whether documents carry vectors from the Embeddings: unless the (existing or to-be-made)
+        dense field has a server-side encoder."""
+        return (not self._encoded) if known else (self.encoder_model is None)
+
     def add_texts(
         self,
         texts: Iterable[str],
@@ -364,12 +369,7 @@ class BraidVectorStore(VectorStore):
         if not texts:
             return []
         known = self._known()
-        vectors = None
-        # Client-side vectors unless the (existing or to-be-made) dense field has an encoder.
-        if (not self._encoded) if known else (self.encoder_model is None):
-            if self.embedding is None:
-                raise ValueError("embedding= is needed: the collection has no server-side encoder")
-            vectors = self.embedding.embed_documents(texts)
+        vectors = self._embedding().embed_documents(texts) if self._client_vectors(known) else None
         if not known:
             self.ensure_collection(len(vectors[0]) if vectors else None)
         docs = self._docs(texts, metadatas, ids, vectors)
@@ -390,12 +390,7 @@ class BraidVectorStore(VectorStore):
         if not texts:
             return []
         known = await self._aknown()
-        vectors = None
-        # Client-side vectors unless the (existing or to-be-made) dense field has an encoder.
-        if (not self._encoded) if known else (self.encoder_model is None):
-            if self.embedding is None:
-                raise ValueError("embedding= is needed: the collection has no server-side encoder")
-            vectors = await self.embedding.aembed_documents(texts)
+        vectors = await self._embedding().aembed_documents(texts) if self._client_vectors(known) else None
         if not known:
             await self.aensure_collection(len(vectors[0]) if vectors else None)
         docs = self._docs(texts, metadatas, ids, vectors)
