@@ -14,7 +14,10 @@ for datetime.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .errors import InvalidArgument
 
 Scalar = str | int | float | bool
 
@@ -56,3 +59,14 @@ class Filter:
 
 
 Condition = Match | MatchAny | Range | Exists | Filter
+
+
+def match_any_values(cond: MatchAny, where: str) -> list[Scalar]:
+    """A MatchAny's values as a list; InvalidArgument at ``where`` unless they are a non-empty list
+    (each value's type is the caller's to check: a payload field's or a metadata scalar)."""
+    if isinstance(cond.values, (str, bytes)) or not isinstance(cond.values, Iterable):
+        raise InvalidArgument.field(where, f"values must be a list, received {type(cond.values).__name__}")
+    values = list(cond.values)
+    if not values:
+        raise InvalidArgument.field(where, "match any needs at least one value")
+    return values

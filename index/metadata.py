@@ -39,7 +39,7 @@ import math
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ import numpy as np
 
 from . import durable
 from .errors import DataLoss, InvalidArgument
-from .filters import Condition, Exists, Match, MatchAny, Range
+from .filters import Condition, Exists, Match, MatchAny, Range, match_any_values
 
 FILE = "metadata.bin"
 MAGIC = b"BRMETA1\0"
@@ -188,12 +188,7 @@ def check_condition(cond: Condition, where: str) -> None:
         if problem is not None:
             raise InvalidArgument.field(where, problem)
     elif isinstance(cond, MatchAny):
-        if isinstance(cond.values, (str, bytes)) or not isinstance(cond.values, Iterable):
-            raise InvalidArgument.field(where, f"values must be a list, received {type(cond.values).__name__}")
-        values = list(cond.values)
-        if not values:
-            raise InvalidArgument.field(where, "match any needs at least one value")
-        for i, value in enumerate(values):
+        for i, value in enumerate(match_any_values(cond, where)):
             problem = _scalar_problem(value)
             if problem is not None:
                 raise InvalidArgument.field(f"{where}.values[{i}]", problem)

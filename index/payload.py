@@ -44,7 +44,7 @@ from . import durable
 from . import metadata as meta
 from .columns import BOUNDS, INT64_MAX, INT64_MIN, Column, is_int, new_column
 from .errors import DataLoss, InvalidArgument
-from .filters import Condition, Exists, Filter, Match, MatchAny, Range
+from .filters import Condition, Exists, Filter, Match, MatchAny, Range, match_any_values
 from .schema import PayloadFieldSpec, PayloadType
 
 FORMAT_VERSION = 1
@@ -204,12 +204,7 @@ class PayloadStore:
 
     def _validate_match_any(self, cond: MatchAny, where: str) -> None:
         kind = self._field_type(cond.field, where)
-        if isinstance(cond.values, (str, bytes)) or not isinstance(cond.values, Iterable):
-            raise InvalidArgument.field(where, f"values must be a list, received {_type_name(cond.values)}")
-        values = list(cond.values)
-        if not values:
-            raise InvalidArgument.field(where, "match any needs at least one value")
-        for i, value in enumerate(values):
+        for i, value in enumerate(match_any_values(cond, where)):
             problem = _value_problem(kind, value)
             if problem is not None:
                 raise InvalidArgument.field(f"{where}.values[{i}]", problem)
