@@ -56,7 +56,6 @@ VOCABULARY = 2000
 
 def load(client: BraidClient, docs: int, dim: int, rng: np.random.Generator) -> list[str]:
     """The collection, filled; returns the vocabulary."""
-    words = [f"w{i}" for i in range(VOCABULARY)]
     schema = pb.Schema(
         text_fields=[pb.TextField(name="body")],
         dense_fields=[
@@ -65,18 +64,34 @@ def load(client: BraidClient, docs: int, dim: int, rng: np.random.Generator) -> 
             )
         ],
     )
+    return fill(client, schema, "body", docs, dim, rng)
+
+
+def fill(
+    client: BraidClient,
+    schema: pb.Schema,
+    text_field: str,
+    docs: int,
+    dim: int,
+    rng: np.random.Generator,
+    metadata: Callable[[int], dict[str, Any]] | None = None,
+) -> list[str]:
+    """COLLECTION made with ``schema`` and filled with ``docs`` documents: 12 random words of the
+    vocabulary in ``text_field``, a random unit vector in ``emb`` (and ``metadata(i)``); flushed.
+    Returns the vocabulary."""
+    words = [f"w{i}" for i in range(VOCABULARY)]
     client.create_collection(COLLECTION, schema)
     vectors = rng.standard_normal((docs, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     picks = rng.integers(0, VOCABULARY, size=(docs, 12))
-    client.bulk_upsert(
-        COLLECTION,
-        (
-            {"id": f"d{i}", "text": {"body": " ".join(words[j] for j in picks[i])}, "dense": {"emb": vectors[i]}}
-            for i in range(docs)
-        ),
-        batch_size=500,
-    )
+
+    def document(i: int) -> dict[str, Any]:
+        doc = {"id": f"d{i}", "text": {text_field: " ".join(words[j] for j in picks[i])}, "dense": {"emb": vectors[i]}}
+        if metadata is not None:
+            doc["metadata"] = metadata(i)
+        return doc
+
+    client.bulk_upsert(COLLECTION, (document(i) for i in range(docs)), batch_size=500)
     client.flush(COLLECTION)
     return words
 

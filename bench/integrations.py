@@ -45,14 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
+from bench.aio_client import COLLECTION, VOCABULARY, fill  # noqa: E402
 from bench.settle import settle  # noqa: E402
 from braid.integrations.langchain import BraidVectorStore, collection_schema  # noqa: E402
 from braid.service.aio import AsyncBraidClient  # noqa: E402
 from braid.service.client import BraidClient  # noqa: E402
 from braid.service.cluster.local import ROUTER_READY, Child, child_env  # noqa: E402
-
-COLLECTION = "bench"
-VOCABULARY = 2000
 
 
 class Lookup(Embeddings):
@@ -73,26 +71,13 @@ class Lookup(Embeddings):
 
 
 def load(client: BraidClient, docs: int, dim: int, rng: np.random.Generator) -> list[str]:
-    words = [f"w{i}" for i in range(VOCABULARY)]
-    client.create_collection(COLLECTION, collection_schema("text", "emb", dim))
-    vectors = rng.standard_normal((docs, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    picks = rng.integers(0, VOCABULARY, size=(docs, 12))
-    client.bulk_upsert(
-        COLLECTION,
-        (
-            {
-                "id": f"d{i}",
-                "text": {"text": " ".join(words[j] for j in picks[i])},
-                "dense": {"emb": vectors[i]},
-                "metadata": {"source": f"file{i % 50}.txt", "page": i % 300, "tags": ["a", "b"]},
-            }
-            for i in range(docs)
-        ),
-        batch_size=500,
-    )
-    client.flush(COLLECTION)
-    return words
+    """The store's collection (its own schema), filled as bench/aio_client.py fills its, with metadata."""
+    schema = collection_schema("text", "emb", dim)
+
+    def metadata(i: int) -> dict[str, Any]:
+        return {"source": f"file{i % 50}.txt", "page": i % 300, "tags": ["a", "b"]}
+
+    return fill(client, schema, "text", docs, dim, rng, metadata)
 
 
 def timed(work: Callable[[], Any], n: int) -> dict[str, float]:
