@@ -295,6 +295,9 @@ class FuzzTarget:
                 if err.code() is not grpc.StatusCode.NOT_FOUND:
                     raise
                 info = None
+            if info is not None and info.name != name:  # a fuzzed CreateAlias took a dropped target's name
+                stub.DeleteAlias(pb.DeleteAliasRequest(name=name), timeout=DEADLINE_S)
+                info = None
             if info is not None and name in self.schemas and info.schema != self.schemas[name]:
                 stub.DeleteCollection(pb.DeleteCollectionRequest(name=name), timeout=DEADLINE_S)
                 info = None
