@@ -19,6 +19,7 @@ docs/operations.md lists every metric, its labels, and the alerts worth setting.
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from braid import __version__
 
 log = logging.getLogger("braid.metrics")
 RPC_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -88,6 +91,7 @@ class Sources:
     replicas: Callable[[], Iterable[ReplicaState]] | None = None  # a shard server's
     router: Any = None  # service/cluster/router.py RouterStats
     live_shard_servers: Callable[[], int] | None = None  # a router's view of the cluster
+    role: str = "standalone"  # braid_build_info's role: standalone, router or shard
 
 
 class ServerMetrics:
@@ -177,11 +181,22 @@ class BraidCollector(Collector):
         return []  # names are not checked for clashes: this registry holds only Braid's metrics
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._collections, self._encoders, self._admission, self._disk, self._replicas, self._router):
+        parts = (self._build, self._collections, self._encoders, self._admission, self._disk, self._replicas)
+        for part in (*parts, self._router):
             try:
                 yield from part()
             except Exception as err:  # state changing under the scrape: report the rest
                 log.debug("metrics: %s skipped: %s", part.__name__, err)
+
+    def _build(self) -> Iterator[Metric]:
+        # Always 1: its labels tell a dashboard (or an alert) which version and role each target runs.
+        info = GaugeMetricFamily(
+            "braid_build_info",
+            "1, labelled with the server's version, role and Python.",
+            labels=["version", "role", "python"],
+        )
+        info.add_metric([__version__, self.sources.role, platform.python_version()], 1)
+        yield info
 
     # ----------------------------------------------------------- collections
 

@@ -132,17 +132,21 @@ class BraidServer:
     def _metric_sources(self) -> Sources:
         """What /metrics reads: a router's catalog keeps no shards, but counts retries and failovers."""
         catalog = self.catalog
-        common = {"encoding": self.encoding, "admission": self.admission, "data_dir": self.config.data_dir}
+        common = {"encoding": self.encoding, "admission": self.admission}
         router = getattr(catalog, "stats", None)
         if router is not None:  # service/cluster/router.py RemoteCatalog
-            return Sources(router=router, live_shard_servers=lambda: len(catalog.state.live_nodes()), **common)
+            # A router stores nothing: no disk metrics (its data directory may not even exist).
+            def live() -> int:
+                return len(catalog.state.live_nodes())
+
+            return Sources(router=router, live_shard_servers=live, role="router", **common)
 
         def shards() -> list[tuple[str, Any]]:
             if catalog.closed or not catalog.recovery.done:
                 return []
             return [(collection.name, shard) for collection in catalog.list() for shard in collection.shards]
 
-        return Sources(shards=shards, **common)
+        return Sources(shards=shards, data_dir=self.config.data_dir, **common)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

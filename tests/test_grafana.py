@@ -146,11 +146,14 @@ class Exported:
     """One role's /metrics: each series name with the label names its samples carry."""
 
     labels: dict[str, set[str]] = field(default_factory=dict)
+    roles: set[str] = field(default_factory=set)  # braid_build_info's role label (the role variable's values)
 
     def add(self, text: str) -> None:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 self.labels.setdefault(sample.name, set()).update(sample.labels)
+                if sample.name == "braid_build_info":
+                    self.roles.add(sample.labels["role"])
 
 
 def scrape(port: int) -> str:
@@ -294,7 +297,7 @@ def test_dashboard_structure() -> None:
             used.add(name[0] or name[1])
         for selector in selectors(node):
             assert selector.labels.get("job") == "$job" or where == "variable job", f"{where}: no job filter"
-            if where not in ("variable job", "variable instance"):
+            if where not in ("variable job", "variable role", "variable instance"):
                 assert selector.labels.get("instance") == "$instance", f"{where}: no instance filter"
     undefined = used - set(variables)
     assert not undefined, f"undefined variables: {sorted(undefined)}"
@@ -418,6 +421,11 @@ def test_every_expression_names_exported_metrics(exported: dict[str, Exported]) 
     assert "braid_router_failovers_total" in exported["router"].labels
     assert "braid_router_failovers_total" not in exported["shard"].labels
     assert "braid_replica_lag_records" not in exported["router"].labels
+    # Each process names its own role (the dashboard's role variable picks instances by it), and a
+    # router, which stores nothing, has no disk to report.
+    assert {role: one.roles for role, one in exported.items()} == {role: {role} for role in exported}
+    assert "braid_disk_free_bytes" not in exported["router"].labels
+    assert "braid_disk_free_bytes" in exported["shard"].labels
     assert "braid_collection_documents" not in exported["router"].labels
 
 

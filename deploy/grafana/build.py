@@ -767,9 +767,11 @@ def variables() -> list[dict[str, Any]]:
             "refresh": 1,
             "hide": 0,
         },
-        # braid_calls_queue_limit: every role exports it from the start, before any call.
-        query_variable("job", "job", "label_values(braid_calls_queue_limit, job)"),
-        query_variable("instance", "instance", 'label_values(braid_calls_queue_limit{job=~"$job"}, instance)'),
+        # braid_build_info: every role exports it from the start, before any call, labelled with its role.
+        query_variable("job", "job", "label_values(braid_build_info, job)"),
+        query_variable("role", "role", 'label_values(braid_build_info{job=~"$job"}, role)'),
+        # Every panel filters on instance: picking roles narrows the instances to theirs.
+        query_variable("instance", "instance", 'label_values(braid_build_info{job=~"$job",role=~"$role"}, instance)'),
         query_variable("collection", "collection", f"label_values(braid_collection_documents{{{where}}}, collection)"),
         query_variable("service", "API", f"label_values(braid_rpc_requests_total{{{where}}}, service)"),
         query_variable(

@@ -350,6 +350,7 @@ class ShardServer:
                         admission=self.admission,
                         data_dir=config.data_dir,
                         replicas=self._replica_states,
+                        role="shard",
                     )
                 )
                 self.metrics.serve(config.host, config.metrics_port)
