@@ -89,7 +89,7 @@ class Sources:
     admission: Any = None  # service/admission.py Admission
     data_dir: Path | None = None
     replicas: Callable[[], Iterable[ReplicaState]] | None = None  # a shard server's
-    router: Any = None  # service/cluster/router.py RouterStats
+    router: Any = None  # service/cluster/view.py RouterStats
     live_shard_servers: Callable[[], int] | None = None  # a router's view of the cluster
     role: str = "standalone"  # braid_build_info's role: standalone, router or shard
 

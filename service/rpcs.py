@@ -146,7 +146,7 @@ class BraidRpcs:
 
     def Search(self, request: pb.SearchRequest) -> Any:
         collection = self.catalog.get(request.collection)
-        if _plain_dense(request):
+        if plain_dense(request):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
             if convert.vector_or_text(dense.HasField("vector"), dense.text, "queries[0].dense"):
@@ -216,7 +216,7 @@ class BraidRpcs:
         with a modest beam, or a plain BM25 query on a one-shard collection whose terms' postings
         are few (tantivy's work is bounded by the postings it may read; the estimate costs a
         query analysis and a dictionary look-up per term, a few microseconds)."""
-        if request.limit > QUICK_MAX_LIMIT or not _plain(request):
+        if request.limit > QUICK_MAX_LIMIT or not plain(request):
             return False
         kind = request.queries[0].WhichOneof("query")
         if kind == "bm25":
@@ -248,11 +248,11 @@ class BraidRpcs:
         if not searches:
             return []
         first = searches[0]
-        if not _plain_dense(first):
+        if not plain_dense(first):
             return None
         shape = _dense_shape(first)
         for search in searches:
-            if not _plain_dense(search) or _dense_shape(search) != shape:
+            if not plain_dense(search) or _dense_shape(search) != shape:
                 return None
         collection = self.catalog.get(first.collection)
         texts = [s.queries[0].dense.text for s in searches]
@@ -327,12 +327,12 @@ def _dense_shape(request: pb.SearchRequest) -> tuple:
     return (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps, request.consistency)
 
 
-def _plain_dense(request: pb.SearchRequest) -> bool:
+def plain_dense(request: pb.SearchRequest) -> bool:
     """One dense sub-query with nothing that needs fusion, filtering or materializing."""
-    return _plain(request) and request.queries[0].WhichOneof("query") == "dense"
+    return plain(request) and request.queries[0].WhichOneof("query") == "dense"
 
 
-def _plain(request: pb.SearchRequest) -> bool:
+def plain(request: pb.SearchRequest) -> bool:
     """One sub-query with nothing that needs fusion, filtering or materializing."""
     return (
         len(request.queries) == 1

@@ -134,7 +134,7 @@ class BraidServer:
         catalog = self.catalog
         common = {"encoding": self.encoding, "admission": self.admission}
         router = getattr(catalog, "stats", None)
-        if router is not None:  # service/cluster/router.py RemoteCatalog
+        if router is not None:  # service/cluster/router/catalog.py RemoteCatalog
             # A router stores nothing: no disk metrics (its data directory may not even exist).
             def live() -> int:
                 return len(catalog.state.live_nodes())
@@ -283,7 +283,7 @@ class BraidServer:
 def create_server(config: ServerConfig, catalog: Catalog | None = None) -> BraidServer:
     """Build a server bound to ``config.address`` (port 0 picks a free one: see ``.port``); call start().
 
-    ``config.role`` router: the same braid.v1 server over a RemoteCatalog (service/cluster/router.py).
+    ``config.role`` router: the same braid.v1 server over a RemoteCatalog (service/cluster/router/).
     """
     if config.role == "router" and catalog is None:
         from .cluster.router import RemoteCatalog, RouterRpcs

@@ -334,14 +334,14 @@ def test_router_failover_and_request_id_forwarding() -> None:
         def details(self) -> str:
             return "down"
 
-    tries = router._Tries(collection, 0)  # type: ignore[arg-type]
+    tries = router.Tries(collection, 0)  # type: ignore[arg-type]
     attempts = tries.each(time.monotonic() + 10)
     node, _, _ = next(attempts)
     tries.failed(node, Failed())
     next(attempts)
     tries.answered()
     assert stats.retries == {"UNAVAILABLE": 1} and stats.failovers == 1
-    first_time = router._Tries(collection, 0)  # type: ignore[arg-type]
+    first_time = router.Tries(collection, 0)  # type: ignore[arg-type]
     first_time.answered()
     assert stats.failovers == 1
 

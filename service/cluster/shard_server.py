@@ -75,8 +75,8 @@ from ..rpcs import (
     QUICK_MAX_LIMIT,
     QUICK_MAX_POSTINGS,
     QUICK_MAX_QUERY_CHARS,
-    _plain,
-    _plain_dense,
+    plain,
+    plain_dense,
 )
 from ..server import LIVE_HEALTH_NAME, _event_loop, health_only_server
 from ..tracing import Tracing, make_tracing
@@ -174,7 +174,7 @@ class ShardRpcs:
         view = self._covering(request)
         search = request.request
         max_bytes = request.max_response_bytes or None
-        if _plain_dense(search) and search.queries[0].dense.HasField("vector"):
+        if plain_dense(search) and search.queries[0].dense.HasField("vector"):
             dense = search.queries[0].dense  # standalone's hot path: no plan, no fusion
             vector = convert.dense_from_proto(dense.vector, "queries[0].dense.vector")
             limit = search.limit or 10
@@ -217,7 +217,7 @@ class ShardRpcs:
         plain dense query by vector on HNSW with a modest beam, or a plain BM25 query on one shard
         with few postings), on replicas that need no wait."""
         search = request.request
-        if search.limit > QUICK_MAX_LIMIT or not _plain(search) or len(request.min_seqs) != len(request.replicas):
+        if search.limit > QUICK_MAX_LIMIT or not plain(search) or len(request.min_seqs) != len(request.replicas):
             return False
         shards = []
         for ref, min_seq in zip(request.replicas, request.min_seqs, strict=True):
