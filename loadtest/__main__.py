@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from .findmax import ramp
 from .scenario import ScenarioError, bundled_scenarios, load_scenario, parse_duration
+from .settle import SETTLE_QUIET_S
 from .target import TARGETS
 from .workload import MODES, CollectionExists, Paths, ScenarioSkipped
 
@@ -69,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="with --address: a pid to watch (RSS, fds); repeat for several",
+    )
+    where.add_argument(
+        "--settle",
+        type=_duration,
+        default=SETTLE_QUIET_S,
+        help="after loading, wait until the server processes stay idle this long (background graph builds) "
+        f"before measuring; 0: measure at once (default {SETTLE_QUIET_S:g}s)",
     )
     where.add_argument("--shard-servers", type=int, default=2, help="--target cluster: shard servers (default 2)")
     where.add_argument("--routers", type=int, default=1, help="--target cluster: routers (default 1)")
@@ -174,6 +182,7 @@ def _options(args: argparse.Namespace) -> Options:
         api_key=args.api_key,
         max_lag_ms=args.max_lag_ms,
         quiet=args.quiet,
+        settle_s=args.settle,
     )
 
 

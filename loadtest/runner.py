@@ -28,6 +28,7 @@ from . import findmax, report, soak, stats
 from .generator import LoadResult, Window, run_load
 from .scenario import Scenario, ScenarioError
 from .schedule import Profile
+from .settle import SETTLE_QUIET_S, SETTLE_TIMEOUT_S, settle
 from .target import ProcessWatch, Target, ensure_model, open_target
 from .worker import BULK_OP, Plan
 from .workload import Paths, Workload, build_workload, prepare_collection
@@ -60,6 +61,7 @@ class Options:
     api_key: str | None = None
     max_lag_ms: float = report.MAX_LAG_MS
     quiet: bool = False
+    settle_s: float = SETTLE_QUIET_S  # 0: measure right after loading
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -81,10 +83,23 @@ class Session:
             self.client = self._stack.enter_context(BraidClient(self.target.address, api_key=options.api_key))
             mode = options.collection_mode if options.address else "recreate"
             self.loaded = prepare_collection(self.client, scenario, self.workload, mode)
+            self.loaded["settle_s"] = self._settle()
             options.log(f"collection {self.loaded['collection']}: {self.loaded}")
         except BaseException:
             self._stack.close()
             raise
+
+    def _settle(self) -> float | None:
+        """Wait for the background work the load left (graph builds, merges): the seconds waited,
+        None when not waiting (``settle_s`` 0, or no server process this host can see)."""
+        pids = list(self.target.pids().values())
+        if self.options.settle_s <= 0:
+            return None
+        if not pids:
+            self.options.log("the server's processes are not visible here: measuring without waiting for them to idle")
+            return None
+        self.options.log(f"waiting for the server to idle for {self.options.settle_s:g} s (background builds)")
+        return round(settle(pids, quiet_s=self.options.settle_s, timeout_s=SETTLE_TIMEOUT_S), 1)
 
     def _open_target(self) -> Target:
         o = self.options

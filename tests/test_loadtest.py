@@ -42,7 +42,8 @@ from loadtest.workload import ScenarioSkipped
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMALL_VECTORS = ["--set", "data.n=2000", "--set", "data.queries=200"]
 CRANFIELD = ["--set", 'data.collection="cranfield"']
-RUN = ["--duration", "6s", "--warmup", "1s", "--quiet", "--procs", "2"]
+# --settle 0: these smoke loads leave the server nothing worth waiting for (test_dense_smoke waits once).
+RUN = ["--duration", "6s", "--warmup", "1s", "--quiet", "--procs", "2", "--settle", "0"]
 
 
 # -------------------------------------------------------------------- fixtures
@@ -132,10 +133,14 @@ def test_every_scenario_has_a_smoke_run() -> None:
 
 
 def test_dense_smoke(server: Standalone, tmp_path: Path) -> None:
-    code, data, path = run_cli(tmp_path, "run", "dense", *against(server), *SMALL_VECTORS, *RUN, "--rate", "80")
+    settle = ["--settle", "1s"]  # the load's background graph builds end before the clock starts
+    code, data, path = run_cli(
+        tmp_path, "run", "dense", *against(server), *SMALL_VECTORS, *RUN, *settle, "--rate", "80"
+    )
     assert_smoke(code, data, path, 80)
     assert data["generator"]["processes"] == 2 and len(data["generator"]["worker_cpu"]) == 2
     assert data["scenario"]["collection"]["loaded"] == 2000
+    assert data["scenario"]["collection"]["settle_s"] >= 1.0  # it waited for a whole idle window
 
 
 def test_dense_smoke_without_the_shared_folder(server: Standalone, tmp_path: Path) -> None:
