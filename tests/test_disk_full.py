@@ -24,7 +24,8 @@ from braid.index import diskspace
 from braid.index.errors import DiskFull
 from braid.index.records import DocumentWrite
 from braid.index.schema import DenseFieldSpec, Schema, TextFieldSpec
-from braid.index.shard import _RECOVERED_STATE, Shard
+from braid.index.shard import Shard
+from braid.index.shard.core import _RECOVERED_STATE
 from braid.v1 import braid_pb2 as pb
 
 from . import diskfaults
@@ -287,9 +288,9 @@ def faults(tmp_path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def no_backoff(monkeypatch):  # type: ignore[no-untyped-def]
     """A read-only shard tries to reopen on the very next write (not a second after its last try)."""
-    from braid.index import shard
+    from braid.index.shard import health
 
-    monkeypatch.setattr(shard, "REOPEN_BACKOFF_S", 0.0)
+    monkeypatch.setattr(health, "REOPEN_BACKOFF_S", 0.0)
 
 
 def text_schema() -> Schema:

@@ -222,13 +222,13 @@ def test_a_replay_a_real_full_disk_stops_at_any_page_recovers_and_reopens(tmp_pa
     before naming it in meta.json; every later replay reached the same opstamp, and tantivy
     refused to create the file again (``FileAlreadyExists``): the reopen failed for good and the
     next start quarantined the collection (seen in the standalone history run, seed 2)."""
-    from braid.index import shard as shard_module
     from braid.index.errors import Unavailable
     from braid.index.policy import StoragePolicy
+    from braid.index.shard import health
 
     from .test_disk_full import shard_docs, text_schema
 
-    monkeypatch.setattr(shard_module, "REOPEN_BACKOFF_S", 0.0)
+    monkeypatch.setattr(health, "REOPEN_BACKOFF_S", 0.0)
     policy = StoragePolicy(min_free_bytes=0)
     source = tmp_path / "source"
     shard = Shard.open(source, text_schema(), 0, policy)

@@ -199,9 +199,9 @@ def test_deletes_report_how_many_documents_they_removed(tmp_path: Path) -> None:
 
 
 def test_result_of_keeps_the_last_results_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from braid.index import shard as shard_module
+    from braid.index.shard import sequencer
 
-    monkeypatch.setattr(shard_module, "RESULTS_KEPT", 3)
+    monkeypatch.setattr(sequencer, "RESULTS_KEPT", 3)
     log = ListLog()
     shard = follower(tmp_path / "s", log)
     try:
@@ -357,9 +357,9 @@ def test_an_opener_whose_log_is_not_what_it_said_is_refused(tmp_path: Path) -> N
 
 @pytest.fixture
 def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    from braid.index import shard as shard_module
+    from braid.index.shard import health
 
-    monkeypatch.setattr(shard_module, "REOPEN_BACKOFF_S", 0.0)
+    monkeypatch.setattr(health, "REOPEN_BACKOFF_S", 0.0)
     flags = tmp_path / "faults"
     diskfaults.install(flags)
     yield flags
