@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 from llama_index.core.bridge.pydantic import PrivateAttr
-from llama_index.core.schema import BaseNode, MetadataMode, TextNode
+from llama_index.core.schema import BaseNode, ImageNode, IndexNode, MetadataMode, Node, TextNode
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
     FilterCondition,
@@ -58,6 +58,8 @@ from braid.v1 import braid_pb2 as pb
 BATCH = 256
 # The metadata key that names a node's source document (node_to_metadata_dict writes it).
 REF_DOC_KEY = "ref_doc_id"
+# Node classes that metadata_dict_to_node reads its own way (every other type is read as a TextNode).
+_OTHER_NODE_TYPES = frozenset(cls.class_name() for cls in (Node, IndexNode, ImageNode))
 MODES = (
     VectorStoreQueryMode.DEFAULT,
     VectorStoreQueryMode.HYBRID,
@@ -460,7 +462,12 @@ class BraidVectorStore(BasePydanticVectorStore):
     def _node(self, msg: pb.Hit | pb.Document) -> BaseNode:
         text = msg.text.get(self.text_field, "")
         metadata = metadata_of(msg)
-        if "_node_content" in metadata:
+        content = metadata.get("_node_content")
+        if isinstance(content, str) and metadata.get("_node_type") not in _OTHER_NODE_TYPES:
+            # metadata_dict_to_node's TextNode case with the text validated in the same pass
+            # (not set after): one pydantic validation a hit, most of what this adapter costs.
+            return TextNode.from_json(content, text=text)
+        if content is not None:
             return metadata_dict_to_node(metadata, text)
         # Written by something else than LlamaIndex: a text node of what is there.
         return TextNode(id_=msg.id, text=text, metadata=metadata)
