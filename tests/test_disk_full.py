@@ -25,7 +25,7 @@ from braid.index.errors import DiskFull
 from braid.index.records import DocumentWrite
 from braid.index.schema import DenseFieldSpec, Schema, TextFieldSpec
 from braid.index.shard import Shard
-from braid.index.shard.core import _RECOVERED_STATE
+from braid.index.shard.health import _RECOVERED_STATE
 from braid.v1 import braid_pb2 as pb
 
 from . import diskfaults

@@ -18,33 +18,31 @@ never published) are removed when the shard opens and after every checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import durable
 from ..checksums import write_checksums
+from ..errors import BraidError, DiskFull
 from ..hnsw_strand import HnswStrand
 from ..manifest import fsync_dir, read_json, write_json_atomic
-from ..metadata import MetadataStore
-from ..payload import PayloadStore
-from ..spann_strand import SpannStrand
-from ..sparse import SparseIndex
-from .labels import LabelTable
+from .indexes import Indexes
+
+if TYPE_CHECKING:
+    from .core import Shard
+
+log = logging.getLogger("braid.shard")
 
 FORMAT_VERSION = 2  # 2: the manifest carries crc32 and wal_crc32, a generation carries CHECKSUMS
 
 
-def write_generation(
-    segments: Path,
-    generation: int,
-    labels: LabelTable,
-    payload: PayloadStore,
-    metadata: MetadataStore,
-    dense: dict[str, HnswStrand | SpannStrand],
-    sparse: dict[str, SparseIndex],
-) -> None:
+def write_generation(segments: Path, generation: int, indexes: Indexes) -> None:
     """Save every index into ``segments/<generation>/``, durable and checksummed (not yet published).
 
     Caller holds the shard's apply lock: no write lands meanwhile, while searches go on
@@ -53,24 +51,25 @@ def write_generation(
     staging = segments / f"{generation}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    labels = indexes.labels
     ids = {
         **labels.saved(),
-        "has_vector": {name: index.present_labels().tolist() for name, index in dense.items()},
+        "has_vector": {name: index.present_labels().tolist() for name, index in indexes.dense.items()},
     }
     # Every file goes through a temporary name, is fsynced and checked by reading it back
     # (index/durable.py; hnswlib's by its structure, index/hnswfile.py), so a write a full
     # disk cut short fails the checkpoint here instead of being checksummed and published.
     durable.write_bytes(staging / "ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8"))
-    payload.save(staging, labels.size)  # a write being prepared may set labels past it
-    metadata.save(staging, labels.size)
+    indexes.payload.save(staging, labels.size)  # a write being prepared may set labels past it
+    indexes.metadata.save(staging, labels.size)
     previous = segments / str(generation - 1)  # unchanged HNSW graphs are linked from it
-    for index in dense.values():
+    for index in indexes.dense.values():
         if isinstance(index, HnswStrand):
             index.save(staging, previous)
         else:
             index.save(staging)
-    for index in sparse.values():
-        index.save(staging)
+    for sparse in indexes.sparse.values():
+        sparse.save(staging)
     write_checksums(staging)  # read back from the page cache; fsyncs the staging directory
     for path in staging.iterdir():
         fsync_file(path)
@@ -142,3 +141,116 @@ def files(directory: Path) -> list[tuple[Path, int]]:
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+class CheckpointMixin:
+    """When and how a ``Shard`` (index/shard/core.py) checkpoints: by itself once enough log
+    accumulated (``_maybe_checkpoint``), on ``flush``, and after a SPANN merge. A mixin, not an
+    object: a checkpoint takes the shard's gate, merge, flush and apply locks, its sequencer,
+    failure state, indexes and log, so an object would need the shard's internals everywhere."""
+
+    @property
+    def needs_checkpoint(self: Shard) -> bool:
+        """Writes were logged (or replayed) since the last checkpoint."""
+        return self._dirty_since is not None
+
+    def _maybe_checkpoint(self: Shard) -> None:
+        # Bytes logged since the last checkpoint, not the log's size: the active WAL
+        # segment is never deleted, so the size alone never falls below the threshold.
+        # The age bound keeps a slow trickle of writes from growing the replay for ever.
+        now = time.monotonic()
+        if self._dirty_since is None:
+            self._dirty_since = now
+        too_old = now - self._dirty_since >= self.policy.checkpoint_interval_s
+        if self._checkpointing.is_set() or (self._logged_bytes < self.policy.checkpoint_log_bytes and not too_old):
+            return
+        self._checkpointing.set()
+
+        def run() -> None:
+            try:
+                if not self._disk.failed and not self._gate.closed:
+                    self.flush()
+            except BraidError:
+                if not self._gate.closed:  # refused by a close that started meanwhile: nothing to do
+                    log.exception("shard %d: background checkpoint failed", self.number)
+            except Exception:  # a failed background checkpoint leaves the log intact
+                log.exception("shard %d: background checkpoint failed", self.number)
+            finally:
+                self._checkpointing.clear()
+
+        threading.Thread(target=run, name=f"braid-checkpoint-{self.number}", daemon=True).start()
+
+    def flush(self: Shard) -> None:
+        """Checkpoint: save every index into a new segment generation, publish it, trim the WAL.
+
+        A running SPANN merge is published first (the checkpoint waits for it).
+        """
+        with self._gate:
+            with self.merger.idle(), self._flush_lock:
+                self._checkpoint_or_fail()
+            self.merger.maybe_start()  # one that came due while the checkpoint held merges off
+
+    def _publish_merge(self: Shard, swap: Callable[[], None]) -> None:
+        """Swap a merged SPANN segment in and checkpoint, so the manifest names it."""
+        with self._flush_lock:
+            if self._disk.failed:
+                raise self._disk.refusal()
+            with self._lock.write():
+                swap()
+            self._checkpoint_or_fail()
+
+    def _checkpoint_or_fail(self: Shard) -> None:
+        """Checkpoint; a failed one (a full disk) removes the generation it did not publish, so a
+        retry can complete it, and fails the shard only when tantivy's commit broke its writer."""
+        started = time.perf_counter()
+        dirty_since, logged = self._dirty_since, self._logged_bytes
+        generation = self._generation
+        try:
+            self._checkpoint()
+            self.stats.checkpoints.record("checkpoint", "ok", time.perf_counter() - started)
+        except BaseException as err:  # incl. tantivy's PanicException
+            self.stats.checkpoints.record("checkpoint", "failed", time.perf_counter() - started)
+            # Judged before the unpublished files go: removing them frees the space that ran out.
+            disk_full = not isinstance(err, BraidError) and self._disk.disk_full(err)
+            # _checkpoint advances _generation only after the manifest
+            published = discard_unpublished(self.directory, self._generation + 1)
+            if published is not None:  # published; only the steps after it failed
+                self._generation = published
+            if self._generation == generation:  # not published: the log still needs a checkpoint
+                self._logged_bytes += logged
+                if dirty_since is not None and (self._dirty_since is None or dirty_since < self._dirty_since):
+                    self._dirty_since = dirty_since
+            if self.text is not None and self.text.broken is not None:
+                self._disk.fail(f"tantivy commit in a checkpoint failed: {err}", err)
+                raise self._disk.refusal() from err
+            if disk_full:
+                raise DiskFull(f"disk full: shard {self.number}: checkpoint failed, nothing changed: {err}") from err
+            raise
+
+    def _checkpoint(self: Shard) -> None:
+        """The checkpoint itself (caller holds the flush lock and no SPANN merge is running)."""
+        assert self.wal is not None
+        with self._apply_lock:  # no write lands meanwhile; searches go on (HNSW strands snapshot their parts)
+            if self._disk.failed:
+                raise self._disk.refusal()
+            sequencer = self._sequencer
+            wal_seq = sequencer.applied_seq
+            self._logged_bytes = 0
+            self._dirty_since = None
+            generation = self._generation + 1
+            write_generation(self.directory / "segments", generation, self.indexes)
+            if self.text is not None:
+                with sequencer.commit_lock:
+                    self.text.commit()
+                    sequencer.committed_seq = max(sequencer.committed_seq, wal_seq)
+            write_manifest(
+                self.directory,
+                self._version,
+                generation,
+                wal_seq,
+                self.labels.size,
+                self.wal.record_crc(wal_seq),  # lets recovery check the log agrees on where replay starts
+            )
+            self._generation = generation
+            self._remove_unreferenced()
+            self.wal.truncate_prefix(wal_seq)

@@ -12,28 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..hnsw_strand import HnswStrand
 from ..metadata import FILE as METADATA_FILE
-from ..metadata import MetadataStore
-from ..payload import PayloadStore
 from ..spann_strand import SpannStrand
-from ..sparse import SparseIndex
-from ..text import WRITER_HEAP_BYTES, TextIndex
+from ..text import WRITER_HEAP_BYTES
 from .checkpoint import files
-from .labels import LabelTable
+from .indexes import Indexes
 
 
-def footprint(
-    directory: Path,
-    generation: int,
-    labels: LabelTable,
-    payload: PayloadStore,
-    metadata: MetadataStore,
-    dense: dict[str, HnswStrand | SpannStrand],
-    sparse: dict[str, SparseIndex],
-    text: TextIndex | None,
-) -> dict[tuple[str, str], list[int]]:
+def footprint(directory: Path, generation: int, indexes: Indexes) -> dict[tuple[str, str], list[int]]:
     """{(field, index): [estimated memory bytes, disk bytes]} of one shard (module doc)."""
+    dense, sparse, payload, metadata = indexes.dense, indexes.sparse, indexes.payload, indexes.metadata
     out: dict[tuple[str, str], list[int]] = {}
 
     def add(key: tuple[str, str], memory: int = 0, disk: int = 0) -> None:
@@ -52,9 +40,9 @@ def footprint(
         add((name, "payload"), nbytes)
     if len(metadata):
         add(("", "metadata"), metadata.memory_bytes())
-    if text is not None:
+    if indexes.text is not None:
         add(("", "bm25"), WRITER_HEAP_BYTES)
-    add(("", "ids"), labels.memory_bytes())
+    add(("", "ids"), indexes.labels.memory_bytes())
     for key, nbytes in disk_usage(directory, generation, kinds).items():
         add(key, disk=nbytes)
     return out

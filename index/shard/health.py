@@ -37,14 +37,29 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..diskspace import FreeSpace, is_disk_full
 from ..errors import BraidError, DiskFull, Unavailable
 from ..locks import Gate
 
+if TYPE_CHECKING:
+    from .core import Shard
+
 log = logging.getLogger("braid.shard")
 
 REOPEN_BACKOFF_S = 1.0  # a shard read-only after a full disk tries to reopen at most this often
+# What recovery builds: the attributes ``_reopen`` takes from a freshly recovered shard (and
+# the sequencer's counters, ``Sequencer.adopt``). Everything else in __init__ (locks, gate,
+# merger, policy, failure state) stays.
+_RECOVERED_STATE = (
+    "_logged_bytes",
+    "_dirty_since",
+    "_generation",
+    "indexes",
+    "wal",
+    "_replayed_whole",
+)
 
 
 class DiskState:
@@ -195,3 +210,80 @@ class DiskState:
                 self._healing.clear()
 
         threading.Thread(target=run, name=f"braid-heal-{self.number}", daemon=True).start()
+
+
+class ReopenMixin:
+    """Reopening a read-only shard in place once there is room (a mixin of ``Shard``,
+    index/shard/core.py): it drains the shard's writes, flushes and merges, recovers a fresh
+    shard and swaps every index in, so an object would need the shard's internals everywhere."""
+
+    def heal(self: Shard) -> None:
+        """A watchdog's nudge: reopen now if a full disk made the shard read-only and room is back."""
+        if self._disk.failed_disk_full:
+            self._reopen_if_room()
+
+    def _reopen_if_room(self: Shard) -> None:
+        """Reopen a shard that a full disk made read-only, once free space is above the floor
+        (above diskspace.SLACK_BYTES when the floor is 0).
+
+        Called by a write before it takes the write path; at most one try a REOPEN_BACKOFF_S
+        (``DiskState.reopen_due``). A failed try leaves the shard read-only (with the new reason
+        when it was not the disk).
+        """
+        disk = self._disk
+        if not disk.reopen_due():
+            return
+        with self.merger.idle(), self._flush_lock, self._write_path.write():
+            if not disk.failed_disk_full or self._gate.closed:
+                return  # another write reopened it meanwhile, or a close is waiting
+            disk.reopen_tried()
+            try:
+                self._reopen()
+            except BaseException as err:  # incl. tantivy's PanicException
+                log.warning("shard %d: reopening after a full disk failed: %s", self.number, err)
+                if not disk.disk_full(err):
+                    disk.stop(f"reopening after a full disk failed: {err}")
+                    if disk.unrecovered is not None:
+                        disk.unrecovered = f"recovery failed: {err}"
+                return
+        log.info("shard %d: reopened after a full disk; writes resume", self.number)
+
+    def _reopen(self: Shard) -> None:
+        """Rebuild the shard from its files as ``open`` does and swap the result in.
+
+        Caller holds the merge lock, the flush lock and the write path exclusively, so no
+        write, checkpoint or merge runs. tantivy is closed without a commit first (its
+        writer may be broken; only one writer may exist), then a fresh shard recovers from
+        the last checkpoint and the log, with no lock held: searches go on meanwhile against
+        the old state (BM25 against tantivy's last commit). The swap itself happens under
+        the write lock, so a search sees the old shard or the new one, never a mix.
+        """
+        if self.text is not None:
+            self.text.close(commit=False)
+        if self.wal is not None:
+            try:
+                self.wal.close()
+            except BaseException as err:  # a failed fsync: the log is suspect, so only a restart may trust it
+                self._disk.stop(f"write-ahead log fsync failed: {err}")
+                raise
+        fresh = type(self)(self.directory, self.schema, self.number, self.policy, self._log_opener)
+        fresh.stats = self.stats  # counters go on across the reopen
+        try:
+            fresh._recover()
+        except BaseException:
+            fresh._release_files(commit=False)
+            raise
+        old_strands = self._spann_strands()
+        old_hnsw = self._hnsw_strands()
+        with self._lock.write():
+            for name in _RECOVERED_STATE:
+                setattr(self, name, getattr(fresh, name))
+            self._sequencer.adopt(fresh._sequencer)
+            self._disk.unrecovered = None  # the whole log is replayed: reads are answered again
+        self._disk.recovered()
+        for strand in old_strands.values():
+            strand.close()
+        for old in old_hnsw:
+            old.close()
+        self._start_strands()
+        self._remove_unreferenced()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from ..payload import PayloadStore
 from ..schema import DenseIndexType, Schema
 from ..spann_strand import SpannStrand
 from ..sparse import SparseIndex
+from .indexes import Indexes
 from .labels import LabelTable
 from .ops import RECORD_OVERHEAD, Op, decode
 
@@ -74,20 +74,9 @@ def read_manifest(directory: Path, local_log: bool = True) -> dict[str, Any] | N
     return manifest
 
 
-@dataclass
-class Checkpoint:
-    """What a checkpoint generation holds, loaded."""
-
-    generation: int
-    labels: LabelTable
-    payload: PayloadStore
-    metadata: MetadataStore
-    dense: dict[str, HnswStrand | SpannStrand]
-    sparse: dict[str, SparseIndex]
-
-
-def load_checkpoint(directory: Path, manifest: dict[str, Any], schema: Schema) -> Checkpoint:
-    """Load the checkpoint ``read_manifest`` checked, once its files pass their CHECKSUMS."""
+def load_checkpoint(directory: Path, manifest: dict[str, Any], schema: Schema) -> Indexes:
+    """Load the checkpoint ``read_manifest`` checked, once its files pass their CHECKSUMS (its
+    generation is the manifest's; tantivy is opened apart, by the shard)."""
     segment = directory / "segments" / str(int(manifest["generation"]))
     verify_directory(segment, required=manifest["format"] >= 2)
     try:
@@ -97,8 +86,7 @@ def load_checkpoint(directory: Path, manifest: dict[str, Any], schema: Schema) -
         raise DataLoss(f"{segment}: cannot load checkpoint generation: {type(err).__name__}: {err}") from err
 
 
-def _load_generation(directory: Path, manifest: dict[str, Any], segment: Path, schema: Schema) -> Checkpoint:
-    generation = int(manifest["generation"])
+def _load_generation(directory: Path, manifest: dict[str, Any], segment: Path, schema: Schema) -> Indexes:
     live = json.loads((segment / "ids.json").read_text())
     labels = LabelTable.load(live, int(manifest["next_label"]))
     payload = PayloadStore.load(segment, schema.payload_fields)
@@ -111,7 +99,7 @@ def _load_generation(directory: Path, manifest: dict[str, Any], segment: Path, s
         else:
             dense[spec.name] = HnswStrand.load(segment, spec, present)
     sparse = {spec.name: SparseIndex.load(segment, spec.name) for spec in schema.sparse_fields}
-    return Checkpoint(generation, labels, payload, metadata, dense, sparse)
+    return Indexes(labels, payload, metadata, dense, sparse)
 
 
 def replay(
