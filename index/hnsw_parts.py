@@ -16,6 +16,7 @@ from __future__ import annotations
 import hnswlib
 import numpy as np
 
+from .hnsw_views import VIEW_SHARE, Views
 from .schema import Metric
 
 # Cosine rows are normalised once, by the strand (``HnswStrand.stored_form``), and searched as
@@ -62,9 +63,10 @@ class Block:
 
 
 class Graph:
-    """A sealed segment: an hnswlib graph, every label it holds (ascending) and their vectors in that order."""
+    """A sealed segment: an hnswlib graph, every label it holds (ascending) and their vectors in that
+    order, and the filter views searches made of them (index/hnsw_views.py)."""
 
-    __slots__ = ("dead", "file", "graph", "labels", "mutable", "vectors")
+    __slots__ = ("dead", "dense", "file", "graph", "labels", "mutable", "vectors", "views")
 
     def __init__(self, graph: hnswlib.Index, labels: np.ndarray, vectors: np.ndarray) -> None:
         self.graph = graph
@@ -73,6 +75,9 @@ class Graph:
         self.file: str | None = None  # its checkpoint file once it has one (immutable: later checkpoints link it)
         self.dead = 0  # labels of the graph marked deleted
         self.mutable = False  # made by this recovery: frozen rows may still go into it in place
+        self.views = Views(int(VIEW_SHARE * len(labels)))
+        # Labels first..top without a gap: a label's row is label - first (no search needed).
+        self.dense = bool(len(labels)) and int(labels[-1]) - int(labels[0]) + 1 == len(labels)
 
     @property
     def first(self) -> int:

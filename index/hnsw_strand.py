@@ -48,13 +48,27 @@ Search (``search``), a batch of queries at once (BatchSearch's plain dense queri
 it as one call): one walk of each graph for the whole batch, an exact scan of each frozen
 and growing block (one matrix product), then every part's best candidates are scored the
 same exact way (one gather and one float64 product per part) and the best k kept (one
-sort over the parts' padded rows): a query's hits are the same bits in any batch. With a
-filter (a bool mask over labels, one for the batch), the planner picks per graph, from the
-number ``count`` of matching live labels in it: an exact scan of just those rows from the
-contiguous vectors when that costs less than the walk would (WALK_COST rows a candidate),
-else an unfiltered walk asking for OVERSAMPLE x ef / selectivity candidates, filtered
-afterwards (the queries left with fewer than k matches are scanned exactly, together).
-No Python callback runs per visited node.
+sort over the parts' padded rows): a query's hits are the same bits in any batch.
+
+With a filter (a bool mask over labels, one for the whole batch; the service still sends a
+filtered BatchSearch one query at a time), the planner picks per graph, from the number
+``count`` of matching live labels in it (share = count / live) and three costs in one unit,
+a row gathered and scanned:
+
+* a **view scan**, VIEW_COST a row: when a search with the same filter (the same matching
+  rows) made a filter view of the graph (index/hnsw_views.py), a contiguous copy of exactly
+  those rows, the scan reads it in place (gathering scattered rows is bound by memory latency,
+  about 4x reading them in order);
+* a **gather scan**, 1 a row: the matching rows copied out of the graph's contiguous vectors
+  (``label - first`` is the row when the graph's labels have no gap), then one matrix product;
+  the copy is kept as the filter's view when it fits the graph's view budget;
+* a **walk**, WALK_COST a candidate: an unfiltered walk asking for ``oversample(share)`` x ef /
+  share candidates (ef at least), filtered afterwards; the queries left with fewer than k
+  matches are scanned exactly, together.
+
+The cheapest wins; a filter seen before whose walk costs more than its view would gets the
+view made now (the gather once, then view scans). Both scans are exact; the walk keeps
+recall@10 inside the filter >= 0.95 (``oversample``). No Python callback runs per visited node.
 
 In a checkpoint generation directory (``save`` / ``load``)::
 
@@ -112,8 +126,10 @@ COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384
 # Background builds leave a core to searches: on every core they would slow searches by the
 # CPU they take (recovery, which nothing searches, builds on every core).
 BUILD_THREADS = max(1, (os.cpu_count() or 2) - 1)
-WALK_COST = 12.0  # a graph walk asking for n candidates costs about as much as scanning WALK_COST x n rows
-OVERSAMPLE = 3.0  # a filtered walk asks for this many times ef / selectivity candidates (recall >= 0.95)
+WALK_COST = (
+    14.0  # a graph walk asking for n candidates costs about as much as gathering and scanning WALK_COST x n rows
+)
+VIEW_COST = 0.25  # scanning a contiguous filter view costs this much a row, against gathering the rows first
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
 ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
 
@@ -230,7 +246,7 @@ class HnswStrand(HoldsLabels):
     # ------------------------------------------------------------------- reads
 
     def memory_bytes(self) -> int:
-        """Estimated resident bytes: every graph (``hnsw_memory_bytes``) and its vectors' copy, the
+        """Estimated resident bytes: every graph (``hnsw_memory_bytes``), its vectors' copy and filter views, the
         frozen and growing blocks and the live-label mask."""
         total = self._present.mask.nbytes + self._growing.vectors.nbytes + self._growing.labels.nbytes
         total += sum(block.vectors.nbytes + block.labels.nbytes for block in self._frozen)
@@ -238,7 +254,7 @@ class HnswStrand(HoldsLabels):
         for graph in self._graphs:
             index = graph.graph
             total += hnsw_memory_bytes(index.get_max_elements(), index.get_current_count(), spec.dim, spec.hnsw.m)
-            total += graph.vectors.nbytes + graph.labels.nbytes
+            total += graph.vectors.nbytes + graph.labels.nbytes + graph.views.nbytes
         return total
 
     def segments(self) -> dict[str, int]:
@@ -309,12 +325,21 @@ class HnswStrand(HoldsLabels):
         count = int(np.count_nonzero(window))
         if count == 0:
             return None
-        want = min(graph.live, math.ceil(OVERSAMPLE * max(k, ef) * graph.live / count))
-        if count <= WALK_COST * want:  # scanning the matching rows costs less than the walk
-            return self._scan_rows(graph, queries, k, self._rows(graph, window))
+        share = count / graph.live
+        beam = max(k, ef)
+        want = min(graph.live, max(beam, math.ceil(oversample(share) * beam / share)))
+        walk_cost = WALK_COST * want  # in rows gathered
+        key = graph.views.key(window) if graph.views.fits(count) else None
+        view = graph.views.get(key) if key is not None else None
+        if view is not None and VIEW_COST * count <= walk_cost:  # the filter came before: its rows lie contiguous
+            return self._scan(*view, queries, k, None)
+        if count <= walk_cost or (
+            key is not None and VIEW_COST * count <= walk_cost and graph.views.repeated(key)
+        ):  # scanning the matching rows costs less than the walk (now, or from the next search on)
+            return self._scan(*self._matching(graph, window, key), queries, k, None)
         found = walk(graph, queries, want)
         if found is None:  # the exact scan is always right
-            return self._scan_rows(graph, queries, k, self._rows(graph, window))
+            return self._scan(*self._matching(graph, window, key), queries, k, None)
         keep = inside(window, found - graph.first)
         # Each row's first k + _SLACK allowed labels, in walk order (a stable sort puts them first).
         first = np.argsort(~keep, axis=1, kind="stable")[:, : k + _SLACK]
@@ -324,10 +349,24 @@ class HnswStrand(HoldsLabels):
         hits = self._rescored(graph, queries, labels, k, padded=True)
         short = np.flatnonzero(np.count_nonzero(keep, axis=1) < min(k, count))
         if len(short):  # those walks came back short: the exact scan is always right
-            scanned = self._scan_rows(graph, queries[short], k, self._rows(graph, window))
+            scanned = self._scan(*self._matching(graph, window, key), queries[short], k, None)
             assert scanned is not None  # count > 0 rows are allowed
             hits[0][short], hits[1][short] = scanned
         return hits
+
+    @staticmethod
+    def _matching(graph: Graph, window: np.ndarray, key: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+        """The labels and vectors of the graph's rows ``window`` (a mask from its first label) allows,
+        one contiguous copy (from its filter view when ``key`` has one; kept as one when it fits)."""
+        view = graph.views.get(key) if key is not None else None
+        if view is not None:
+            return view
+        found = np.flatnonzero(window)
+        rows = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
+        labels, vectors = graph.labels[rows], graph.vectors[rows]
+        if key is not None:
+            graph.views.put(key, labels, vectors)
+        return labels, vectors
 
     def _rescored(self, graph: Graph, queries: np.ndarray, labels: np.ndarray, k: int, padded: bool = False) -> Hits:
         """Best k of each query's candidate labels of the graph (B x c; PAD allowed with ``padded``) by exact score."""
@@ -335,14 +374,6 @@ class HnswStrand(HoldsLabels):
         if padded:
             np.minimum(rows, len(graph.labels) - 1, out=rows)  # PAD's row: any row, its score is dropped
         return best_exact(self.spec.metric, queries, labels, graph.vectors[rows], k, padded)
-
-    @staticmethod
-    def _rows(graph: Graph, window: np.ndarray) -> np.ndarray:
-        """Rows of the graph whose labels ``window`` (a mask from the graph's first label) allows."""
-        return np.searchsorted(graph.labels, np.flatnonzero(window) + graph.first)
-
-    def _scan_rows(self, graph: Graph, queries: np.ndarray, k: int, rows: np.ndarray) -> Hits | None:
-        return self._scan(graph.labels[rows], graph.vectors[rows], queries, k, None)
 
     def _scan(
         self, labels: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, keep: np.ndarray | None
@@ -645,6 +676,16 @@ def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
             if run == TIER_FANOUT:
                 return i + 1 - TIER_FANOUT, i + 1
     return None
+
+
+def oversample(share: float) -> float:
+    """How many times ef / share candidates a filtered walk over a graph asks for when the filter
+    keeps ``share`` of it (E[matching candidates] = this x ef; the walk asks for ef at least). The walk
+    is exact near the query and rougher deeper down, and a rarer filter reaches deeper (its 10th
+    match lies near rank 10 / share): on the shared 100,000 x 384 set at ef 64, factor 1 held
+    recall@10 >= 0.97 at 30% but 0.94 at 20% (1.5: 0.95), and 0.5 held 0.97 from 40% up
+    (docs/benchmarks.md, "Filtered search at 5-90%")."""
+    return min(3.0, 0.3 / share)
 
 
 def _worth_one_graph(graphs: tuple[Graph, ...]) -> bool:

@@ -1,0 +1,209 @@
+"""The filter planner of the HNSW strand (index/hnsw_strand.py) and its filter views
+(index/hnsw_views.py): every plan answers right.
+
+The exact plans (a scan of the rows gathered, a scan of a filter view made by an earlier search)
+give brute force's answer, on a graph whose labels run without a gap and on one with gaps (a
+compaction); a view never answers for another filter, nor after a delete; views stay within their
+budget; a filtered batch answers as its queries one by one; the walk keeps recall@10 >= 0.95
+(fixed seed); and a shard's must / should / must_not filter, planned every way, matches brute force.
+The planner's cost constants are set per test to force one plan (module constants, as
+tests/test_hnsw_segments.py shrinks the block size). Real hnswlib graphs and a real shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from braid.index import hnsw_strand
+from braid.index.filters import Filter, Match, Range
+from braid.index.hnsw_views import Views
+from braid.index.records import DocumentWrite
+from braid.index.schema import Metric, PayloadFieldSpec, PayloadType, Schema
+from braid.index.shard import Shard
+
+from .conftest import random_vectors
+from .test_hnsw_segments import DIM, _Fill, _spec, _truth
+
+N = 4000
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hnsw_strand, "SEAL_ROWS", 256)
+    monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 1024)
+    monkeypatch.setattr(hnsw_strand, "TIER_UNIT", 512)
+    monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 0.1)
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, plan: str) -> None:
+    """Costs that make the planner pick ``plan`` for every filter of these tests."""
+    walk_cost, view_cost = {"scan": (1e9, 0.25), "walk": (1e-9, 1e9), "view on repeat": (1e-3, 1e-9)}[plan]
+    monkeypatch.setattr(hnsw_strand, "WALK_COST", walk_cost)
+    monkeypatch.setattr(hnsw_strand, "VIEW_COST", view_cost)
+
+
+def _one_graph(gaps: bool) -> _Fill:
+    """N vectors in one graph; with ``gaps``, a third of them deleted and compacted away."""
+    fill = _Fill(Metric.COSINE, N, seed=21)
+    for _ in range(N // 1000):
+        fill.add(1000)
+    if gaps:
+        fill.remove(list(range(0, N, 3)))
+    assert fill.strand.wait_merged(120, settled=True)
+    [graph] = fill.strand._graphs
+    assert graph.dense is not gaps and graph.dead == 0
+    return fill
+
+
+def _exact(fill: _Fill, allowed: np.ndarray, queries: np.ndarray) -> None:
+    live = np.flatnonzero(fill.live & allowed)
+    for query in queries:
+        assert fill.search(query, 10, ef=16, allowed=allowed) == _truth(fill.vectors, live, query, 10, Metric.COSINE)
+
+
+@pytest.mark.parametrize("gaps", [False, True], ids=["labels without gaps", "labels with gaps"])
+def test_scans_and_views_answer_as_brute_force(small_blocks: None, monkeypatch: pytest.MonkeyPatch, gaps: bool) -> None:
+    """A scan gathers the filter's rows and keeps them as a view; the next search scans the view:
+    both are brute force's answer, and a second filter keeping as many rows is not answered from
+    the first one's view."""
+    _plan(monkeypatch, "scan")
+    fill = _one_graph(gaps)
+    [graph] = fill.strand._graphs
+    rng = np.random.default_rng(5)
+    first = rng.random(N) < 0.05
+    second = np.roll(first, 1)  # as many rows, other ones
+    queries = random_vectors(8, DIM, seed=6)
+    _exact(fill, first, queries[:1])  # a miss: gathered, then kept
+    kept = int(np.count_nonzero(first & fill.live))
+    assert graph.views.rows == kept, "the scan's rows were not kept as a view"
+    _exact(fill, first, queries)  # hits
+    assert graph.views.rows == kept
+    _exact(fill, second, queries)
+    assert graph.views.rows == kept + int(np.count_nonzero(second & fill.live))
+    fill.strand.close()
+
+
+def test_a_delete_is_never_answered_from_a_view(small_blocks: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The view of a filter holds the rows live when it was made: after a delete, the same filter
+    (the same mask from the caller) must neither return the deleted label nor miss the next one."""
+    _plan(monkeypatch, "scan")
+    fill = _one_graph(gaps=False)
+    allowed = np.random.default_rng(8).random(N) < 0.1
+    query = random_vectors(1, DIM, seed=9)[0]
+    top = fill.search(query, 10, ef=16, allowed=allowed)
+    assert fill.search(query, 10, ef=16, allowed=allowed) == top  # from the view
+    fill.remove(top[:3])
+    _exact(fill, allowed, query[None, :])
+    assert not set(top[:3]) & set(fill.search(query, 10, ef=16, allowed=allowed))
+    fill.strand.close()
+
+
+def test_a_repeated_filter_gets_a_view_when_its_walk_costs_more(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a walk costs less than gathering the rows but more than scanning them contiguous, the
+    first search walks, the second makes the view, later ones scan it: those answer exactly."""
+    _plan(monkeypatch, "view on repeat")
+    fill = _one_graph(gaps=True)
+    [graph] = fill.strand._graphs
+    allowed = np.random.default_rng(10).random(N) < 0.2
+    queries = random_vectors(6, DIM, seed=11)
+    fill.search(queries[0], 10, ef=16, allowed=allowed)
+    assert graph.views.rows == 0, "a filter seen once should walk"
+    _exact(fill, allowed, queries)
+    assert graph.views.rows == int(np.count_nonzero(allowed & fill.live))
+    fill.strand.close()
+
+
+def test_views_stay_within_their_budget() -> None:
+    views = Views(budget=100)
+    rows = np.zeros((40, DIM), np.float32)
+    for i in range(10):
+        views.put(bytes([i]), np.arange(40), rows)
+        assert views.rows <= 100
+    assert views.get(bytes([9])) is not None and views.get(bytes([0])) is None  # least recently used first
+    views.put(b"big", np.arange(101), np.zeros((101, DIM), np.float32))
+    assert views.get(b"big") is None
+
+
+@pytest.mark.parametrize("plan", ["scan", "walk"])
+def test_a_filtered_batch_answers_as_its_queries_one_by_one(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, plan: str
+) -> None:
+    _plan(monkeypatch, plan)
+    fill = _one_graph(gaps=True)
+    allowed = np.random.default_rng(12).random(N) < 0.3
+    queries = random_vectors(20, DIM, seed=13)
+    with fill.lock.read():
+        batch = fill.strand.search(queries, 10, 64, allowed)
+        alone = [fill.strand.search(q[None, :], 10, 64, allowed)[0] for q in queries]
+    for (labels, scores), (one_labels, one_scores) in zip(batch, alone, strict=True):
+        assert labels.tolist() == one_labels.tolist() and scores.tobytes() == one_scores.tobytes()
+    fill.strand.close()
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.9])
+def test_walks_keep_recall_inside_the_filter(small_blocks: None, monkeypatch: pytest.MonkeyPatch, share: float) -> None:
+    """The walk asks for oversample(share) x ef / share candidates: recall@10 >= 0.95 inside the
+    filter (seeded), and never a row outside it."""
+    _plan(monkeypatch, "walk")
+    fill = _one_graph(gaps=True)
+    allowed = np.random.default_rng(14).random(N) < share
+    live = np.flatnonzero(fill.live & allowed)
+    found = 0
+    queries = random_vectors(40, DIM, seed=15)
+    for query in queries:
+        got = fill.search(query, 10, ef=64, allowed=allowed)
+        assert set(got) <= set(live.tolist()) and len(got) == 10
+        found += len(set(got) & set(_truth(fill.vectors, live, query, 10, Metric.COSINE)))
+    assert found / (10 * len(queries)) >= 0.95
+    assert fill.strand._graphs[0].views.rows == 0
+    fill.strand.close()
+
+
+def test_a_shard_filter_matches_brute_force_under_every_plan(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """must / should / must_not over a keyword and an int field, through the shard's mask: each
+    plan returns only matching documents, and the exact plans exactly the best ones."""
+    schema = Schema(
+        dense_fields=[_spec()],
+        payload_fields=[PayloadFieldSpec("tag", PayloadType.KEYWORD), PayloadFieldSpec("r", PayloadType.INT)],
+    )
+    rng = np.random.default_rng(16)
+    vectors = random_vectors(N, DIM, seed=17)
+    tags = rng.choice(["a", "b", "c", "d"], N)
+    r = rng.integers(0, 1000, N)
+    shard = Shard.open(tmp_path / "s", schema, 0)
+    docs = [
+        DocumentWrite(id=str(i), dense={"emb": vectors[i]}, payload={"tag": str(tags[i]), "r": int(r[i])})
+        for i in range(N)
+    ]
+    for start in range(0, N, 1000):
+        shard.upsert(docs[start : start + 1000])
+    assert shard.wait_merged(120, settled=True)
+    flt = Filter(
+        must=(Range("r", gte=100, lt=500),),
+        should=(Match("tag", "a"), Match("tag", "b")),
+        must_not=(Range("r", gte=300, lt=350),),
+    )
+    match = (r >= 100) & (r < 500) & np.isin(tags, ["a", "b"]) & ~((r >= 300) & (r < 350))
+    live = np.flatnonzero(match)
+    queries = random_vectors(10, DIM, seed=18)
+    assert len(live) <= shard.dense["emb"]._graphs[0].views.budget  # (the plans that make a view can)
+    for plan in ("walk", "view on repeat", "scan"):
+        _plan(monkeypatch, plan)
+        for attempt in range(2):  # "view on repeat" walks the first time, then makes the view
+            with shard.read():
+                mask, count = shard.allowed(flt)
+                assert count == len(live)
+                hits = shard.dense["emb"].search(queries, 10, 16, mask)
+            for query, (labels, _) in zip(queries, hits, strict=True):
+                ids = [int(i) for i in shard.ids_of(labels)]
+                assert set(ids) <= set(live.tolist()), plan
+                if plan == "scan" or (plan == "view on repeat" and attempt == 1):
+                    assert ids == _truth(vectors, live, query, 10, Metric.COSINE), plan
+    shard.close()
