@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fusion
-from .errors import BraidError, ResourceExhausted, Unavailable
+from .errors import BraidError, Unavailable
 from .filters import Filter
 from .locks import Gate
 from .policy import StoragePolicy
@@ -37,16 +37,7 @@ from .shard import DEFAULT_POLICY, Shard
 from .spann_strand import SpannStrand
 from .stats import SearchTiming, current_trace
 from .text import bm25_idf
-from .validate import (
-    MAX_EF,
-    Limits,
-    check_dense,
-    check_documents,
-    check_id,
-    check_plan,
-    check_spann_knobs,
-    unknown_field,
-)
+from .validate import Limits, check_dense_query, check_documents, check_ids, check_plan
 
 log = logging.getLogger("braid.collection")
 OPEN_THREADS = 4  # shards of one collection opened at once
@@ -207,10 +198,7 @@ class Collection:
         return sum(self._map(lambda item: self.shards[item[0]].delete_ids(item[1]), list(groups.items())))
 
     def _check_ids(self, ids: list[str]) -> None:
-        if len(ids) > self.limits.max_batch:
-            raise ResourceExhausted(f"ids: {len(ids)} ids exceed the maximum of {self.limits.max_batch}")
-        for i, doc_id in enumerate(ids):
-            check_id(doc_id, f"ids[{i}]")
+        check_ids(ids, self.limits)
 
     @_admitted
     def delete_filter(self, flt: Filter, ack: int = 0) -> int:
@@ -338,26 +326,7 @@ class Collection:
 
     @staticmethod
     def _stored_texts(located: list[tuple[Shard, int]], ids: list[str], fields: list[str]) -> list[dict[str, str]]:
-        """Stored text of each hit. A hit whose document was replaced after ranking (its label's
-        text is gone from tantivy) gets the text of the document's current version."""
-        texts: dict[tuple[int, int], dict[str, str]] = {}
-        for shard in {shard for shard, _ in located}:
-            assert shard.text is not None
-            with shard.read():
-                labels = [label for s, label in located if s is shard]
-                found = shard.text.stored(labels, fields)
-                for label in labels:
-                    texts[(shard.number, label)] = found.get(label, {})
-                replaced = {
-                    label: current
-                    for (s, label), doc_id in zip(located, ids, strict=True)
-                    if s is shard and label not in found and (current := shard.label_of(doc_id)) not in (None, label)
-                }
-                if replaced:
-                    current_texts = shard.text.stored(list(replaced.values()), fields)
-                    for label, current in replaced.items():
-                        texts[(shard.number, label)] = current_texts.get(current, {})
-        return [texts[(shard.number, label)] for shard, label in located]
+        return stored_texts(located, ids, fields)
 
     def check_dense(
         self,
@@ -370,17 +339,7 @@ class Collection:
         eps: float | None = None,
     ) -> None:
         """The checks check_plan makes, for one plain dense query."""
-        spec = self.schema.dense(field)
-        if spec is None:
-            raise unknown_field(
-                f"{where}queries[0].dense.field", "dense", [f.name for f in self.schema.dense_fields], field
-            )
-        check_dense(vector, spec.dim, f"{where}queries[0].dense.vector")
-        if not 1 <= limit <= self.limits.max_limit:
-            raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{self.limits.max_limit}")
-        if ef > MAX_EF:
-            raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
-        check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
+        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
 
     @_admitted
     def search_dense_batch(
@@ -503,6 +462,29 @@ def _run_strand(
     keys = index.keys_for(vector.indices.tolist() if vector.indices is not None else None, vector.tokens, intern=False)
     known = keys >= 0
     return index.search(keys[known], vector.values[known], depth, mask)
+
+
+def stored_texts(located: list[tuple[Shard, int]], ids: list[str], fields: list[str]) -> list[dict[str, str]]:
+    """Stored text of each hit. A hit whose document was replaced after ranking (its label's
+    text is gone from tantivy) gets the text of the document's current version."""
+    texts: dict[tuple[int, int], dict[str, str]] = {}
+    for shard in {shard for shard, _ in located}:
+        assert shard.text is not None
+        with shard.read():
+            labels = [label for s, label in located if s is shard]
+            found = shard.text.stored(labels, fields)
+            for label in labels:
+                texts[(shard.number, label)] = found.get(label, {})
+            replaced = {
+                label: current
+                for (s, label), doc_id in zip(located, ids, strict=True)
+                if s is shard and label not in found and (current := shard.label_of(doc_id)) not in (None, label)
+            }
+            if replaced:
+                current_texts = shard.text.stored(list(replaced.values()), fields)
+                for label, current in replaced.items():
+                    texts[(shard.number, label)] = current_texts.get(current, {})
+    return [texts[(shard.number, label)] for shard, label in located]
 
 
 def shard_text_stats(shard: Shard, terms: list[tuple[str, str]]) -> tuple[list[int], int]:

@@ -52,6 +52,14 @@ def check_id(doc_id: str, where: str) -> None:
         raise InvalidArgument.field(where, f"id is longer than {MAX_ID_BYTES} bytes")
 
 
+def check_ids(ids: list[str], limits: Limits) -> None:
+    """The ids of a delete or a get: at most ``max_batch``, each a valid id."""
+    if len(ids) > limits.max_batch:
+        raise ResourceExhausted(f"ids: {len(ids)} ids exceed the maximum of {limits.max_batch}")
+    for i, doc_id in enumerate(ids):
+        check_id(doc_id, f"ids[{i}]")
+
+
 def check_dense(vector: np.ndarray, dim: int, where: str) -> None:
     if vector.ndim != 1 or len(vector) != dim:
         raise InvalidArgument.dimension(where, dim, int(vector.size))
@@ -202,6 +210,29 @@ def check_spann_knobs(spec: DenseFieldSpec, max_lists: int, eps: float | None, w
         raise ResourceExhausted(f"{where}.max_lists: {max_lists} exceeds the maximum of {MAX_LISTS}")
     if eps is not None and not (math.isfinite(eps) and 0.0 <= eps <= MAX_EPS):
         raise InvalidArgument.field(f"{where}.eps", f"must be in 0..{MAX_EPS:g}, got {eps}")
+
+
+def check_dense_query(
+    schema: Schema,
+    limits: Limits,
+    field: str,
+    vector: np.ndarray,
+    limit: int,
+    ef: int,
+    where: str = "",
+    max_lists: int = 0,
+    eps: float | None = None,
+) -> None:
+    """The checks check_plan makes, for one plain dense query (a collection's and a router's)."""
+    spec = schema.dense(field)
+    if spec is None:
+        raise unknown_field(f"{where}queries[0].dense.field", "dense", [f.name for f in schema.dense_fields], field)
+    check_dense(vector, spec.dim, f"{where}queries[0].dense.vector")
+    if not 1 <= limit <= limits.max_limit:
+        raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{limits.max_limit}")
+    if ef > MAX_EF:
+        raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
+    check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
 
 
 def unknown_field(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:

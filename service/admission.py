@@ -53,6 +53,17 @@ def call_deadline() -> float | None:
     return getattr(_call_deadline, "value", None)
 
 
+@contextlib.contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[None]:
+    """Within it, ``call_deadline`` on this thread is ``deadline``: work run on a thread other than
+    an admitted worker (asyncio.to_thread) sees its call's deadline as a worker would."""
+    _call_deadline.value = deadline
+    try:
+        yield
+    finally:
+        _call_deadline.value = None
+
+
 def peer_host(peer: str) -> str:
     """The client address of a gRPC peer string, without the port: 'ipv4:10.0.0.7:5123' -> '10.0.0.7'."""
     kind, _, rest = peer.partition(":")
@@ -103,11 +114,10 @@ class Admission:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimedOut("deadline passed while the call waited for a worker")
             started = time.perf_counter()
-            _call_deadline.value = deadline
             try:
-                return context.run(work)
+                with deadline_scope(deadline):
+                    return context.run(work)
             finally:
-                _call_deadline.value = None
                 self._mean_seconds += 0.05 * (time.perf_counter() - started - self._mean_seconds)
 
         try:

@@ -64,7 +64,9 @@ class Undecodable:
         )
 
 
-def _parser(message_class: Any) -> Callable[[bytes], Any]:
+def parser(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: what protobuf cannot decode comes as ``Undecodable``."""
+
     def parse(data: bytes) -> Any:
         try:
             return message_class.FromString(data)
@@ -83,7 +85,8 @@ def _collections(request: Any) -> list[str]:
     return [getattr(request, name) for name in ("collection", "name") if name in fields]
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a time.monotonic() instant; None when the client set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -109,7 +112,7 @@ class BraidHandlers:
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
         for method in SERVICE.methods:
-            parse = _parser(getattr(pb, method.input_type.name))
+            parse = parser(getattr(pb, method.input_type.name))
             serialize = getattr(pb, method.output_type.name).SerializeToString
             if method.client_streaming and method.server_streaming:
                 assert method.name == "UpsertStream", method.name
@@ -172,7 +175,7 @@ class BraidHandlers:
                 work = functools.partial(body, request)
                 if name in ("ListCollections", "ListAliases") and principal is not None:
                     work = functools.partial(body, request, principal.allows)
-                if name == "Search" and (on_loop := self.rpcs.on_loop(request, _deadline(context))) is not None:
+                if name == "Search" and (on_loop := self.rpcs.on_loop(request, deadline_of(context))) is not None:
                     return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
                 if name == "Search" and self.admission.outstanding == 0 and self.rpcs.quick(request):
                     # The thread hop costs as much as a quick search itself (~10% of a single
@@ -180,7 +183,7 @@ class BraidHandlers:
                     # busy. A health check then waits at most for the quick searches ahead of it,
                     # each about a millisecond at most (BraidRpcs.quick).
                     return work()
-                return await self.admission.run(work, _deadline(context))
+                return await self.admission.run(work, deadline_of(context))
             except _PASS_THROUGH:
                 raise
             except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang
@@ -255,13 +258,13 @@ class BraidHandlers:
                     raise InvalidArgument(batch.problem())
                 if principal is not None:
                     self.keys.authorize(principal, method, [batch.collection])
-                upserted = await self.admission.run(functools.partial(writer.upsert, batch), _deadline(context))
+                upserted = await self.admission.run(functools.partial(writer.upsert, batch), deadline_of(context))
                 if acknowledge is not None:
                     await acknowledge(upserted)
                 applied.add(upserted)
                 if self._ending.is_set():
                     raise Unavailable("server shutting down")
-            await self.admission.run(writer.finish, _deadline(context))
+            await self.admission.run(writer.finish, deadline_of(context))
 
     async def _next_message(self, messages: AsyncIterator[Any]) -> Any:
         """The next message, or None at the end of the stream; raises on idle timeout or shutdown."""

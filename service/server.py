@@ -85,7 +85,7 @@ def health_only_server(servicer: health.aio.HealthServicer, host: str, port: int
     return server
 
 
-def _event_loop() -> asyncio.AbstractEventLoop:
+def event_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for gRPC servers, running on a daemon thread."""
     global _loop
     with _loop_lock:
@@ -112,7 +112,7 @@ class BraidServer:
             config.encoder_max_wait_ms / 1000,
         )
         self.admission = Admission(config.workers, config.max_queue, config.max_streams, config.max_streams_per_peer)
-        self._loop = _event_loop()
+        self._loop = event_loop()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._hurry: asyncio.Event | None = None

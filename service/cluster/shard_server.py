@@ -54,6 +54,7 @@ from braid.index.collection import (
     search_shard,
     shard_text_stats,
     sparse_term_stats,
+    stored_texts,
     strand_depths,
 )
 from braid.index.dirlock import DataDirLock
@@ -67,7 +68,7 @@ from .. import convert
 from ..admission import Admission, call_deadline
 from ..config import ServerConfig
 from ..errors import describe
-from ..handlers import Undecodable, _deadline, _parser
+from ..handlers import Undecodable, deadline_of, parser
 from ..metrics import ReplicaState, ServerMetrics, Sources
 from ..observe import CallObserver
 from ..rpcs import (
@@ -78,7 +79,7 @@ from ..rpcs import (
     plain,
     plain_dense,
 )
-from ..server import LIVE_HEALTH_NAME, _event_loop, health_only_server
+from ..server import LIVE_HEALTH_NAME, event_loop, health_only_server
 from ..tracing import Tracing, make_tracing
 from .meta import (
     COLLECTIONS_BUCKET,
@@ -256,7 +257,7 @@ class ShardRpcs:
                     result.metadata = [shard.metadata.get(label) for label in labels]
         if request.text_fields:
             located = [(shard, label) for label in labels]
-            result.texts = Collection._stored_texts(located, ids, list(request.text_fields))
+            result.texts = stored_texts(located, ids, list(request.text_fields))
         types = {f.name: f.type for f in shard.schema.payload_fields}
         return spb.FetchResponse(hits=convert.result_to_proto(result, types).hits)
 
@@ -338,7 +339,7 @@ class ShardServer:
         self._executor = ThreadPoolExecutor(4, thread_name_prefix="braid-shard-search")
         self.admission = Admission(config.workers, config.max_queue, config.max_streams, config.max_streams_per_peer)
         self.rpcs = ShardRpcs(self)
-        self._loop = _event_loop()
+        self._loop = event_loop()
         self.link: NatsLink | None = None
         self.metrics: ServerMetrics | None = None
         self.tracing: Tracing | None = None
@@ -402,7 +403,7 @@ class ShardServer:
     def _generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
         for method in SERVICE.methods:
-            parse = _parser(message_factory.GetMessageClass(method.input_type))
+            parse = parser(message_factory.GetMessageClass(method.input_type))
             serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
             handler = self.observer.unary(method.name, self._unary(getattr(self.rpcs, method.name)))
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -417,7 +418,7 @@ class ShardServer:
                     raise InvalidArgument(request.problem())
                 if self.admission.outstanding == 0 and self.rpcs.quick(request):
                     return body(request)  # the thread hop would cost as much as the search
-                return await self.admission.run(functools.partial(body, request), _deadline(context))
+                return await self.admission.run(functools.partial(body, request), deadline_of(context))
             except _PASS_THROUGH:
                 raise
             except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang

@@ -99,7 +99,7 @@ class RemoteCatalog:
         self._ready()
         meta = self.state.metas.get(name)
         if meta is not None:
-            return self._collection(meta)
+            return self.collection_of(meta)
         alias = self.state.aliases.get(name) or self._read_alias(name)
         if alias is None:
             raise NotFound(f"collection {name!r} not found")
@@ -111,7 +111,7 @@ class RemoteCatalog:
                 f"collection {alias.collection!r} (alias {name!r} points at it) does not exist (it was deleted; "
                 f"UpdateAlias points the alias at another collection)"
             )
-        return self._collection(meta)
+        return self.collection_of(meta)
 
     def known(self, name: str) -> CollectionMeta | None:
         """``get``'s collection from the view alone (never blocks, never raises), or None."""
@@ -149,7 +149,8 @@ class RemoteCatalog:
             return None
         return parse_collection(name, found[0]) if found is not None else None
 
-    def _collection(self, meta: CollectionMeta) -> RemoteCollection:
+    def collection_of(self, meta: CollectionMeta) -> RemoteCollection:
+        """The collection of ``meta`` (one object per incarnation, made on first use)."""
         collection = self._collections.get(meta.name)
         if collection is None or collection.meta.uid != meta.uid:
             collection = self._collections[meta.name] = RemoteCollection(self, meta)
@@ -161,7 +162,7 @@ class RemoteCatalog:
     def list(self) -> list[RemoteCollection]:
         self._ready()
         metas = self.state.metas  # one snapshot: a collection deleted meanwhile is simply not listed
-        return [self._collection(metas[name]) for name in sorted(metas)]
+        return [self.collection_of(metas[name]) for name in sorted(metas)]
 
     def quarantined(self) -> list:
         return []

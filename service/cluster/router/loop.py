@@ -20,6 +20,7 @@ from braid.index.validate import check_query_text
 from braid.v1 import braid_pb2 as pb
 
 from ... import convert
+from ...admission import deadline_scope
 from ...logs import forward_metadata
 from .reads import CollectionReads
 from .replicas import Tries, ranked_of
@@ -124,10 +125,5 @@ class LoopSearches(CollectionReads):
 def _within(deadline: float, work: Callable[[], Any]) -> Any:
     """``work`` on this thread as an admitted worker runs it: with the call's deadline (the
     request id comes with the thread's copy of the context: asyncio.to_thread)."""
-    from ...admission import _call_deadline
-
-    _call_deadline.value = deadline
-    try:
+    with deadline_scope(deadline):
         return work()
-    finally:
-        _call_deadline.value = None

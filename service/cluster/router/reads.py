@@ -21,6 +21,7 @@ from braid.index.filters import Filter
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery
 from braid.index.stats import current_trace
 from braid.index.text import query_terms
+from braid.index.validate import check_ids
 from braid.v1 import braid_pb2 as pb
 
 from ... import convert
@@ -60,7 +61,7 @@ class CollectionReads(CoveringSearch):
         return sparse_idf_of(np.asarray(df, np.int64), int(documents))
 
     def get_documents(self, request: pb.GetRequest) -> list[pb.Document]:
-        self._check_ids(list(request.ids))
+        check_ids(list(request.ids), self.limits)
         groups = self._group(list(request.ids), lambda doc_id: doc_id)
         min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
         answers = self._fan_out(

@@ -25,12 +25,12 @@ import numpy as np
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
 from braid.index import analyzers
-from braid.index.collection import Collection, Ranked
+from braid.index.collection import Ranked
 from braid.index.errors import BraidError, Unavailable
 from braid.index.payload import PayloadStore
 from braid.index.query import SearchPlan
 from braid.index.schema import Schema
-from braid.index.validate import check_plan
+from braid.index.validate import check_dense_query, check_plan
 from braid.v1 import braid_pb2 as pb
 
 from ...admission import call_deadline
@@ -131,12 +131,21 @@ class CollectionBase:
         # Every replica is on one of them: a fan-out could only ask the same servers.
         self._covered_only = all(set(nodes) <= set(self._coverers) for nodes in meta.placement)
 
-    # Validation is a collection's own (duck-typed: it reads schema, limits and payload types).
-    check_dense = Collection.check_dense
-    _check_ids = Collection._check_ids
-
+    # Validation: index/validate.py's, as a standalone collection's.
     def check(self, plan: SearchPlan, where: str = "") -> None:
         check_plan(plan, self.schema, self.payload, self.limits, where)
+
+    def check_dense(
+        self,
+        field: str,
+        vector: np.ndarray,
+        limit: int,
+        ef: int,
+        where: str = "",
+        max_lists: int = 0,
+        eps: float | None = None,
+    ) -> None:
+        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
 
     def write_problem(self) -> str | None:
         if not self.catalog.link.connected:

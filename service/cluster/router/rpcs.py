@@ -55,7 +55,7 @@ class RouterRpcs(BraidRpcs):
         meta = self.catalog.known(request.collection)  # an alias resolved once, from the view
         if meta is None:
             return None  # NOT_FOUND (or a fresh read of NATS) from the worker path
-        collection = self.catalog._collection(meta)
+        collection = self.catalog.collection_of(meta)
         deadline = deadline or time.monotonic() + DEFAULT_TIMEOUT_S
         if plain:
             return collection.search_dense_on_loop(request, deadline, self.max_response_bytes)

@@ -30,7 +30,7 @@ from braid.index import records
 from braid.index.errors import ResourceExhausted, Unavailable
 from braid.index.filters import Filter
 from braid.index.records import DocumentWrite
-from braid.index.validate import check_documents
+from braid.index.validate import check_documents, check_ids
 from braid.v1 import braid_pb2 as pb
 
 from ... import convert
@@ -83,7 +83,7 @@ class CollectionWrites(CollectionBase):
         return len(batch), self.publish(parts, default_deadline())
 
     def delete_ids(self, ids: list[str], ack: int = 0) -> int:
-        self._check_ids(ids)
+        check_ids(ids, self.limits)
         parts = [
             (shard, records.DELETE_IDS, records.encode_delete_ids(group))
             for shard, group in self._group(ids, lambda doc_id: doc_id).items()
