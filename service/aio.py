@@ -52,8 +52,8 @@ from braid.v1 import braid_pb2 as pb
 from braid.v1 import braid_pb2_grpc
 
 from . import messages
-from .admission import RETRY_PUSHBACK_KEY
 from .client import StreamFailed
+from .errors import CLIENT_RETRY_CODES, overloaded, pushback_s
 from .messages import STREAM_TIMEOUT_S, as_dict, metadata_of
 
 __all__ = ["AsyncBraidClient", "Retry", "StreamFailed", "WriteInterrupted", "as_dict", "interrupted", "metadata_of"]
@@ -98,18 +98,6 @@ class Retried(NamedTuple):
     code: grpc.StatusCode
     delay_s: float
     pushback_s: float | None  # the server's hint, None when it gave none
-
-
-def pushback_s(err: grpc.RpcError) -> float | None:
-    """The server's retry hint (``grpc-retry-pushback-ms``) in seconds; None when it gave none.
-    gRPC's convention: a negative value means do not retry."""
-    for key, text in err.trailing_metadata() or ():
-        if key == RETRY_PUSHBACK_KEY:
-            try:
-                return int(text) / 1000
-            except (TypeError, ValueError):
-                return None
-    return None
 
 
 class WriteInterrupted(Exception):
@@ -257,10 +245,10 @@ class AsyncBraidClient:
             return None
         code = err.code()
         hint = pushback_s(err)
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code in CLIENT_RETRY_CODES:
             delay = self.retry.delay(retry)
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None and hint >= 0:
-            delay = self.retry.delay(retry, hint)  # an overload turned the call away before any work
+        elif overloaded(err):
+            delay = self.retry.delay(retry, hint or 0.0)  # an overload turned the call away before any work
         else:
             return None
         self.recent_retries.append(Retried(method, code, delay, hint))

@@ -1,5 +1,5 @@
 """The single table that maps index-layer and encoder errors to gRPC status codes, and the
-codes a call may be retried on."""
+status codes a failed call may be tried again on (each caller's table, side by side)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import grpc
 from braid.encoders import errors as encoder_errors
 from braid.index import errors
 
-from .admission import TimedOut
+from .admission import RETRY_PUSHBACK_KEY, TimedOut
 
 log = logging.getLogger("braid.service")
 MAX_MESSAGE_BYTES = 1536
@@ -48,6 +48,37 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+# Codes a client sends the same unary call again on, after a pause inside the call's one
+# deadline (service/aio.py): the server did not take the call. Not DEADLINE_EXCEEDED: the
+# tries share that deadline, so its time is spent (or a write's outcome is unknown).
+CLIENT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+# Codes a bulk job resends its unacknowledged batches on over a new stream, after a backoff,
+# or exits retryable (service/jobs/sender.py): the server was away or the stream's time ran
+# out. Its writes are upserts: sending one again leaves the same document.
+RESEND_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+
+
+def pushback_s(err: grpc.RpcError) -> float | None:
+    """The server's retry hint (``grpc-retry-pushback-ms``) in seconds; None when it gave none.
+    gRPC's convention: a negative value means do not retry."""
+    for key, text in err.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return int(text) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def overloaded(err: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED with a retry hint: an overload turned the call away before any work
+    (service/admission.py), so it may be sent again after the hint (clients and jobs alike)."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    hint = pushback_s(err)
+    return hint is not None and hint >= 0
 
 
 def status_of(err: BaseException) -> grpc.StatusCode:

@@ -28,8 +28,9 @@ import grpc
 
 from braid.v1 import braid_pb2 as pb
 
-from ..admission import RETRY_PUSHBACK_KEY
 from ..client import BraidClient, StreamFailed
+from ..errors import RESEND_CODES, overloaded
+from ..errors import pushback_s as hint_s
 from .encode import Encoded, Reject, document_index
 
 EXIT_OK = 0
@@ -37,7 +38,6 @@ EXIT_FAILED = 1  # a server or job fault: look at the message
 EXIT_BAD_INPUT = 2  # the corpus, the options or the collection: rerunning as is fails again
 EXIT_RETRYABLE = 75  # EX_TEMPFAIL: the server was unavailable; rerun (resumes from the checkpoint)
 
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 _CONFIGURATION = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -69,21 +69,16 @@ def failure_of(err: grpc.RpcError, doing: str) -> JobFailed:
 
 
 def retryable(err: grpc.RpcError) -> bool:
-    code = err.code()
-    if code in _TRANSIENT:
+    """Worth a new stream later: service/errors.py's RESEND_CODES, an overload, or a full disk
+    (writes refused until space is freed)."""
+    if err.code() in RESEND_CODES or overloaded(err):
         return True
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        trailing = dict(err.trailing_metadata() or ())
-        return RETRY_PUSHBACK_KEY in trailing or "disk full" in (err.details() or "")
-    return False
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk full" in (err.details() or "")
 
 
 def pushback_s(err: grpc.RpcError) -> float:
     """The server's retry hint (grpc-retry-pushback-ms), 0 when it gave none."""
-    try:
-        return int(dict(err.trailing_metadata() or ()).get(RETRY_PUSHBACK_KEY, 0)) / 1000
-    except (TypeError, ValueError):
-        return 0.0
+    return hint_s(err) or 0.0
 
 
 @dataclass
