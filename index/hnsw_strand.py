@@ -325,10 +325,7 @@ class HnswStrand(HoldsLabels):
         count = int(np.count_nonzero(window))
         if count == 0:
             return None
-        share = count / graph.live
-        beam = max(k, ef)
-        want = min(graph.live, max(beam, math.ceil(oversample(share) * beam / share)))
-        walk_cost = WALK_COST * want  # in rows gathered
+        want, walk_cost = walk_plan(count, graph.live, k, ef)
         key = graph.views.key(window) if graph.views.fits(count) else None
         view = graph.views.get(key) if key is not None else None
         if view is not None and VIEW_COST * count <= walk_cost:  # the filter came before: its rows lie contiguous
@@ -676,6 +673,15 @@ def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
             if run == TIER_FANOUT:
                 return i + 1 - TIER_FANOUT, i + 1
     return None
+
+
+def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
+    """A filtered walk over a graph of ``live`` rows, ``count`` of them matching: the candidates it
+    asks for, and what it costs (WALK_COST a candidate, in rows gathered and scanned)."""
+    share = count / live
+    beam = max(k, ef)
+    want = min(live, max(beam, math.ceil(oversample(share) * beam / share)))
+    return want, WALK_COST * want
 
 
 def oversample(share: float) -> float:
