@@ -61,10 +61,12 @@ a row gathered and scanned:
   about 4x reading them in order);
 * a **gather scan**, 1 a row: the matching rows copied out of the graph's contiguous vectors
   (``label - first`` is the row when the graph's labels have no gap), then one matrix product;
-  the copy is kept as the filter's view when it fits the graph's view budget;
+  the copy is kept as the filter's view when it fits the graph's view budget (a quarter of its
+  rows); a filter keeping more than that is scanned in place instead, VIEW_COST a row of the
+  graph (every row scored, the others' scores dropped: reading in order costs less);
 * a **walk**, WALK_COST a candidate: an unfiltered walk asking for ``oversample(share)`` x ef /
-  share candidates (ef at least), filtered afterwards; the queries left with fewer than k
-  matches are scanned exactly, together.
+  share candidates (so that E[matches] >= ef), filtered afterwards; the queries left with
+  fewer than k matches are scanned exactly, together.
 
 The cheapest wins; a filter seen before whose walk costs more than its view would gets the
 view made now (the gather once, then view scans). Both scans are exact; the walk keeps
@@ -326,17 +328,23 @@ class HnswStrand(HoldsLabels):
         if count == 0:
             return None
         want, walk_cost = walk_plan(count, graph.live, k, ef)
+        # A filter keeping more rows than a view may hold (a quarter of the graph's) is scanned
+        # in place: reading every row in order costs less than gathering that many.
         key = graph.views.key(window) if graph.views.fits(count) else None
         view = graph.views.get(key) if key is not None else None
-        if view is not None and VIEW_COST * count <= walk_cost:  # the filter came before: its rows lie contiguous
-            return self._scan(*view, queries, k, None)
-        if count <= walk_cost or (
-            key is not None and VIEW_COST * count <= walk_cost and graph.views.repeated(key)
-        ):  # scanning the matching rows costs less than the walk (now, or from the next search on)
-            return self._scan(*self._matching(graph, window, key), queries, k, None)
+        if view is not None:
+            scan_cost = VIEW_COST * count
+        elif key is None:
+            scan_cost = VIEW_COST * len(graph.labels)
+        else:
+            scan_cost = count
+        if scan_cost <= walk_cost or (
+            view is None and key is not None and VIEW_COST * count <= walk_cost and graph.views.repeated(key)
+        ):  # scanning the matching rows costs less than the walk (now, or from the next search on, from the view)
+            return self._scan_graph(graph, window, key, queries, k)
         found = walk(graph, queries, want)
         if found is None:  # the exact scan is always right
-            return self._scan(*self._matching(graph, window, key), queries, k, None)
+            return self._scan_graph(graph, window, key, queries, k)
         keep = inside(window, found - graph.first)
         # Each row's first k + _SLACK allowed labels, in walk order (a stable sort puts them first).
         first = np.argsort(~keep, axis=1, kind="stable")[:, : k + _SLACK]
@@ -346,24 +354,30 @@ class HnswStrand(HoldsLabels):
         hits = self._rescored(graph, queries, labels, k, padded=True)
         short = np.flatnonzero(np.count_nonzero(keep, axis=1) < min(k, count))
         if len(short):  # those walks came back short: the exact scan is always right
-            scanned = self._scan(*self._matching(graph, window, key), queries[short], k, None)
+            scanned = self._scan_graph(graph, window, key, queries[short], k)
             assert scanned is not None  # count > 0 rows are allowed
             hits[0][short], hits[1][short] = scanned
         return hits
 
-    @staticmethod
-    def _matching(graph: Graph, window: np.ndarray, key: bytes | None) -> tuple[np.ndarray, np.ndarray]:
-        """The labels and vectors of the graph's rows ``window`` (a mask from its first label) allows,
-        one contiguous copy (from its filter view when ``key`` has one; kept as one when it fits)."""
+    def _scan_graph(self, graph: Graph, window: np.ndarray, key: bytes | None, queries: np.ndarray, k: int) -> Hits:
+        """Exact top k of each query over the graph's rows ``window`` (a mask from its first label)
+        allows: from the filter's view (``key``); with no key (more rows than a view may hold), every
+        row scored in place; else those rows gathered into one contiguous copy, kept as the view."""
         view = graph.views.get(key) if key is not None else None
         if view is not None:
-            return view
-        found = np.flatnonzero(window)
-        rows = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
-        labels, vectors = graph.labels[rows], graph.vectors[rows]
-        if key is not None:
+            hits = self._scan(*view, queries, k, None)
+        elif key is None:
+            dense = graph.dense and len(window) == len(graph.labels)
+            keep = window if dense else inside(window, graph.labels - graph.first)
+            hits = self._scan(graph.labels, graph.vectors, queries, k, keep)
+        else:
+            found = np.flatnonzero(window)
+            rows = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
+            labels, vectors = graph.labels[rows], graph.vectors[rows]
             graph.views.put(key, labels, vectors)
-        return labels, vectors
+            hits = self._scan(labels, vectors, queries, k, None)
+        assert hits is not None  # the caller saw allowed rows
+        return hits
 
     def _rescored(self, graph: Graph, queries: np.ndarray, labels: np.ndarray, k: int, padded: bool = False) -> Hits:
         """Best k of each query's candidate labels of the graph (B x c; PAD allowed with ``padded``) by exact score."""
@@ -376,16 +390,22 @@ class HnswStrand(HoldsLabels):
         self, labels: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int, keep: np.ndarray | None
     ) -> Hits | None:
         """Exact top k of each query over the rows ``keep`` allows (None: all of them); None when none is."""
+        allowed = len(labels)
         if keep is not None:
-            if not keep.any():
+            allowed = int(np.count_nonzero(keep))
+            if allowed == 0:
                 return None
-            if not keep.all():
-                labels, vectors = labels[keep], vectors[keep]
+            if allowed == len(labels):
+                keep = None
+            elif allowed < VIEW_COST * len(labels):  # few rows: copy them out rather than score them all
+                labels, vectors, keep = labels[keep], vectors[keep], None
         if not len(labels):
             return None
         metric = Metric.DOT if self.spec.metric is Metric.COSINE else self.spec.metric  # queries are normalised
         scores = score_rows(metric, queries, vectors)  # float32, one matrix product: a first ranking
-        want = k + _SLACK
+        if keep is not None:  # scored in place (reading rows in order costs less than copying them)
+            scores[:, ~keep] = -np.inf
+        want = min(k + _SLACK, allowed)  # every row with a finite score is allowed
         if want < len(labels):
             top = np.argpartition(scores, len(labels) - want, axis=1)[:, len(labels) - want :]
         else:
@@ -680,18 +700,19 @@ def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
     asks for, and what it costs (WALK_COST a candidate, in rows gathered and scanned)."""
     share = count / live
     beam = max(k, ef)
-    want = min(live, max(beam, math.ceil(oversample(share) * beam / share)))
+    want = min(live, math.ceil(oversample(share) * beam / share))
     return want, WALK_COST * want
 
 
 def oversample(share: float) -> float:
     """How many times ef / share candidates a filtered walk over a graph asks for when the filter
-    keeps ``share`` of it (E[matching candidates] = this x ef; the walk asks for ef at least). The walk
-    is exact near the query and rougher deeper down, and a rarer filter reaches deeper (its 10th
-    match lies near rank 10 / share): on the shared 100,000 x 384 set at ef 64, factor 1 held
-    recall@10 >= 0.97 at 30% but 0.94 at 20% (1.5: 0.95), and 0.5 held 0.97 from 40% up
-    (docs/benchmarks.md, "Filtered search at 5-90%")."""
-    return min(3.0, 0.3 / share)
+    keeps ``share`` of it: E[matching candidates] = this x ef, ef at least (fewer, and a small ef
+    lost recall: the k best matches are then about all the walk finds). The walk is exact near
+    the query and rougher deeper down, and a rarer filter reaches deeper (its 10th match lies
+    near rank 10 / share): on the shared 100,000 x 384 set at ef 64, factor 1 held recall@10 >=
+    0.97 from 30% up but 0.94 at 20%, where 1.5 held 0.95 (docs/benchmarks.md, "Filtered search:
+    filter views and a leaner walk")."""
+    return min(3.0, max(1.0, 0.3 / share))
 
 
 def _worth_one_graph(graphs: tuple[Graph, ...]) -> bool:

@@ -42,7 +42,7 @@ def test_a_batch_answers_each_query_as_alone_bit_for_bit(
     walks come back short and those queries alone are scanned (recall is not checked then)."""
     if planner == "walks":
         monkeypatch.setattr(hnsw_strand, "WALK_COST", 0.0)
-        monkeypatch.setattr(hnsw_strand, "OVERSAMPLE", 0.3)
+        monkeypatch.setattr(hnsw_strand, "oversample", lambda share: 0.3)
     lock = ReadWriteLock()
     strand = HnswStrand(DenseFieldSpec(name="emb", dim=DIM, metric=metric, hnsw=HnswParams(m=16, ef_construction=100)))
     strand.start(lock)
