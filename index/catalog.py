@@ -3,7 +3,7 @@
 Layout::
 
     <data_dir>/collections/<name>/collection.json   {"name", "schema", "shards", "created_at", "format"}
-    <data_dir>/collections/<name>/shard-000/ ...     one directory per shard (index/shard.py)
+    <data_dir>/collections/<name>/shard-000/ ...     one directory per shard (index/shard/)
 
     <data_dir>/aliases.json                         the alias table (index/aliases.py)
 

@@ -1,6 +1,6 @@
 """Whole-file checksums of a directory: the ``CHECKSUMS`` file of a checkpoint generation.
 
-A checkpoint generation (``segments/<gen>/``, index/shard.py) holds files written by
+A checkpoint generation (``segments/<gen>/``, index/shard/checkpoint.py) holds files written by
 several owners, some of which cannot carry a checksum of their own (hnswlib's index
 files, numpy's ``.npy``). After every file of the generation is written and before
 the directory is fsynced and renamed into place, the shard writes one ``CHECKSUMS``

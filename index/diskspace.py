@@ -8,7 +8,7 @@ The rule, per shard, for an upsert whose log record is ``b`` bytes::
 file system's reserved blocks, but Braid does not count on them). The floor keeps room
 for what a full disk would otherwise block: checkpoints, merges and the files of a
 collection being deleted. ``min_free_bytes = 0`` turns the check off; writes then meet
-the file system's own ENOSPC, which index/shard.py also turns into "disk full".
+the file system's own ENOSPC, which index/shard/ also turns into "disk full".
 
 "Disk full" is an error that says ENOSPC or EDQUOT (``is_disk_full``), or a failure that
 does not say why while free space is below the floor, or below SLACK_BYTES when the floor

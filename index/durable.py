@@ -1,6 +1,6 @@
 """Writing one checkpoint file so that a write that failed is never published.
 
-A checkpoint (index/shard.py) checksums its files by reading them back (index/checksums.py);
+A checkpoint (index/shard/checkpoint.py) checksums its files by reading them back (index/checksums.py);
 a file that a full disk cut short would get a checksum of its truncated bytes and be
 published as if whole. So every checkpoint file is written here:
 

@@ -49,7 +49,7 @@ class DiskFull(ResourceExhausted):
     """The disk has no room for a write (ENOSPC/EDQUOT, or below the free-space floor).
 
     The message starts with "disk full:". Writes resume by themselves once space is freed
-    (index/shard.py); reads keep working meanwhile.
+    (index/shard/health.py); reads keep working meanwhile.
     """
 
 

@@ -1,4 +1,4 @@
-"""The log a shard takes its records from: the one interface between index/shard.py and a log.
+"""The log a shard takes its records from: the one interface between index/shard/ and a log.
 
 This module owns that interface (``ShardLog``), how a shard is told which log to open
 (``LogOpener``) and the default opener, the shard's local write-ahead log (index/wal.py).
@@ -82,5 +82,5 @@ open_local_wal.external = False  # type: ignore[attr-defined]
 def opens_external(opener: LogOpener) -> bool:
     """Whether ``opener`` opens an external log: its ``external`` attribute, True when it has none
     (``open_local_wal`` says False). Known before the log is opened, so a shard knows whether its
-    manifest may expect a local ``wal/`` (index/shard.py ``read_manifest``)."""
+    manifest may expect a local ``wal/`` (index/shard/recovery.py ``read_manifest``)."""
     return bool(getattr(opener, "external", True))

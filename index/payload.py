@@ -328,7 +328,7 @@ class PayloadStore:
 
     def save(self, directory: Path, size: int | None = None) -> None:
         """Write every column (truncated to ``size``, default all labels set) and ``payload.json`` into
-        ``directory``, fsyncing each. Writes may prepare labels past ``size`` meanwhile (index/shard.py):
+        ``directory``, fsyncing each. Writes may prepare labels past ``size`` meanwhile (index/shard/indexes.py):
         they are left out, and every file agrees on ``size``."""
         directory = Path(directory)
         size = self._size if size is None else min(size, self._size)

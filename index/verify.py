@@ -4,7 +4,7 @@ What is checked, without changing a byte: ``aliases.json`` (its crc32, its entri
 every alias points at a collection that exists), and per collection (``verify_collection``):
 
     collection.json           its embedded crc32 (index/manifest.py), and that it parses
-    shard-NNN/MANIFEST.json   crc32, fields, the generation directory exists (index/shard.py)
+    shard-NNN/MANIFEST.json   crc32, fields, the generation directory exists (index/shard/recovery.py)
     segments/<gen>/           every file against CHECKSUMS (index/checksums.py), then each
                               hnswlib file's structure (index/hnswfile.py) and metadata.bin's
                               (index/metadata.py)

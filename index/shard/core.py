@@ -102,8 +102,8 @@ class Shard(FollowerMixin, ReopenMixin, CheckpointMixin):
             number, self._spann_strands, self._lock, directory / "segments", self._publish_merge, self.stats.merges
         )
 
-    # The indexes are the current ``Indexes``' (a reopen swaps them whole): collections and
-    # the servers read them through these names.
+    # Read through ``indexes`` each time, since a reopen swaps it whole: collections and the
+    # servers use these names.
 
     @property
     def labels(self) -> LabelTable:
@@ -249,8 +249,6 @@ class Shard(FollowerMixin, ReopenMixin, CheckpointMixin):
 
     def _remove_unreferenced(self) -> None:
         """Delete segment directories the current generation does not use (old ones, unfinished merges)."""
-        if not (self.directory / "segments").is_dir():
-            return
         keep = {str(self._generation)}
         for strand in self._spann_strands().values():
             keep |= strand.referenced()

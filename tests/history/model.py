@@ -87,7 +87,7 @@ def details(err: grpc.RpcError) -> str:
 # The client never reached a server: nothing was sent, so nothing was applied.
 _NOT_SENT = ("failed to connect", "connection refused", "connections to all backends failing", "dns resolution")
 # A server said it stored nothing. Braid's words for it: the free-space floor refuses a write
-# before logging it; a failed log append leaves the log as it was (index/shard.py); a router
+# before logging it; a failed log append leaves the log as it was (index/shard/); a router
 # whose publish stored no part says so ("none were stored", later "it was not stored (no part was stored").
 _NOT_STORED = (
     "below the floor",
@@ -114,7 +114,7 @@ def outcome_of(err: grpc.RpcError) -> str:
 
     A RESOURCE_EXHAUSTED "disk full" counts as not applied only when the floor refused it
     before logging or the log append itself failed: a write whose record was logged before
-    the disk filled may be applied after all (index/shard.py). An UNAVAILABLE counts as not
+    the disk filled may be applied after all (index/shard/health.py). An UNAVAILABLE counts as not
     applied only when the call never left this process or the router said no part was
     stored, and the message does not also say it may have been stored."""
     code = err.code() if hasattr(err, "code") else None
