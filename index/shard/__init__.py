@@ -46,8 +46,10 @@ A full disk (health.py: the rules) is an ordinary error, answered DiskFull; a fa
 a record is logged makes the shard read-only until a write (or ``heal``) finds room and
 reopens it in place.
 
-Modules: core.py (the ``Shard``), labels.py, sequencer.py, health.py, recovery.py,
-checkpoint.py, footprint.py, ops.py (decoded log records).
+Modules: core.py (the ``Shard``: lifecycle, local writes, reads), indexes.py (the indexes a
+write changes: prepare, apply), labels.py (the label table), sequencer.py (log order),
+health.py (failed, read-only, unrecovered; the reopen), follower.py (``apply_logged``),
+recovery.py, checkpoint.py, footprint.py, ops.py (decoded log records).
 """
 
 from .checkpoint import FORMAT_VERSION

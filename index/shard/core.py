@@ -1,7 +1,8 @@
-"""The ``Shard``: one shard's write path, reads, close, reopen and checkpoints, tying together
-its label table (labels.py), write sequencer (sequencer.py), failure state (health.py),
-recovery (recovery.py) and checkpoint files (checkpoint.py); the package doc has the
-overview.
+"""The ``Shard``: one shard's lifecycle (open, recover, close), local write path and reads,
+tying together its indexes and label table (indexes.py, labels.py), write sequencer
+(sequencer.py), failure state (health.py), recovery (recovery.py) and checkpoint files
+(checkpoint.py); the follower path, the reopen and the checkpoint schedule are mixins
+(follower.py, health.py, checkpoint.py). The package doc has the overview.
 
 Lock order (outer first): the gate (every write and flush) -> the merge lock
 (``merger.idle``) -> the flush lock -> the write path -> the sequencer's condition -> the
