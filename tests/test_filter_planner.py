@@ -12,6 +12,7 @@ tests/test_hnsw_segments.py shrinks the block size). Real hnswlib graphs and a r
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,37 @@ def test_a_shard_filter_matches_brute_force_under_every_plan(
                 if plan == "scan" or (plan == "view on repeat" and attempt == 1):
                     assert ids == _truth(vectors, live, query, 10, Metric.COSINE), plan
     shard.close()
+
+
+def test_concurrent_searches_share_and_evict_views_and_stay_exact(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four threads search six filters at once while their views are made and evicted (a budget
+    of about two views): every answer is brute force's."""
+    _plan(monkeypatch, "scan")
+    fill = _one_graph(gaps=False)
+    [graph] = fill.strand._graphs
+    rng = np.random.default_rng(19)
+    filters = [rng.random(N) < 0.05 for _ in range(6)]
+    graph.views = Views(int(0.11 * N))
+    queries = random_vectors(6, DIM, seed=20)
+    truths = [
+        [_truth(fill.vectors, np.flatnonzero(fill.live & f), q, 10, Metric.COSINE) for q in queries] for f in filters
+    ]
+    wrong: list[str] = []
+
+    def run(seed: int) -> None:
+        order = np.random.default_rng(seed)
+        for _ in range(30):
+            f, q = int(order.integers(6)), int(order.integers(6))
+            if fill.search(queries[q], 10, ef=16, allowed=filters[f]) != truths[f][q]:
+                wrong.append(f"filter {f} query {q}")
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong, wrong[:5]
+    assert 0 < graph.views.rows <= graph.views.budget
+    fill.strand.close()
