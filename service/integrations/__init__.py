@@ -1,4 +1,5 @@
-"""Braid behind the Python RAG frameworks: ``braid.integrations.langchain`` (``braidsearch[langchain]``).
+"""Braid behind the Python RAG frameworks: ``braid.integrations.langchain`` (``braidsearch[langchain]``)
+and ``braid.integrations.llamaindex`` (``braidsearch[llamaindex]``).
 
 Each adapter speaks braid.v1 through the project's own clients (service/client.py, service/aio.py)
 and imports its framework only in its own module, so ``braid.integrations`` itself needs no extra.
