@@ -129,7 +129,7 @@ def fuse_run(bm25: dict, dense: dict, plan: Plan, ids: dict[str, int], names: li
     return run
 
 
-# Braid's default hybrid plan (index/collection.py DEFAULT_FUSION, MIN_FUSION_DEPTH) and the one before it.
+# Braid's default hybrid plan (index/gather.py DEFAULT_FUSION, MIN_FUSION_DEPTH) and the one before it.
 DEFAULT = Plan("z_score", 1.0, 200)
 PREVIOUS = Plan("rrf", 1.0, 100, 60)
 

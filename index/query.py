@@ -52,7 +52,7 @@ class SubQuery:
 class SearchPlan:
     queries: list[SubQuery]
     filter: Filter | None = None
-    fusion: str = ""  # "", "rrf", "weighted"; "": single for one query, else collection.DEFAULT_FUSION
+    fusion: str = ""  # "", "rrf", "weighted"; "": single for one query, else gather.DEFAULT_FUSION
     rrf_k: int = 60
     normalization: str = "min_max"
     limit: int = 10

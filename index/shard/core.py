@@ -45,6 +45,7 @@ from .health import DiskState, ReopenMixin
 from .indexes import Indexes
 from .labels import LabelTable
 from .ops import RECORD_OVERHEAD, Op, decode
+from .reads import ReadsMixin
 from .recovery import load_checkpoint, read_manifest, replay
 from .sequencer import Sequencer
 
@@ -55,9 +56,10 @@ log = logging.getLogger("braid.shard")
 DEFAULT_POLICY = StoragePolicy()
 
 
-class Shard(FollowerMixin, ReopenMixin, CheckpointMixin):
-    """One shard (the package doc); its follower path, reopen and checkpoints are mixins
-    (follower.py, health.py, checkpoint.py), its state the objects ``__init__`` makes."""
+class Shard(ReadsMixin, FollowerMixin, ReopenMixin, CheckpointMixin):
+    """One shard (the package doc), index/shard_api.py's ``ShardHandle`` in process; its reads,
+    follower path, reopen and checkpoints are mixins (reads.py, follower.py, health.py,
+    checkpoint.py), its state the objects ``__init__`` makes."""
 
     def __init__(
         self,

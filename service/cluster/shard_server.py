@@ -46,21 +46,13 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from braid.cluster.v1 import shard_pb2 as spb
-from braid.index.collection import (
-    Collection,
-    Ranked,
-    dense_batch_shard,
-    merge_ranked,
-    search_shard,
-    shard_text_stats,
-    sparse_term_stats,
-    stored_texts,
-    strand_depths,
-)
+from braid.index.collection import Collection
 from braid.index.dirlock import DataDirLock
 from braid.index.errors import InvalidArgument, Unavailable
+from braid.index.gather import LABEL_MASK, Ranked, merge_ranked, strand_depths
 from braid.index.query import Bm25Query, SearchResult
 from braid.index.schema import DenseIndexType
+from braid.index.shard_api import Wanted
 from braid.index.stats import current_trace
 from braid.v1 import braid_pb2 as pb
 
@@ -135,7 +127,7 @@ class ShardRpcs:
                 query.idf = (query.idf or {}) | {(entry.term.field, entry.term.term): entry.idf}
         trace = current_trace()  # tracing: this call's strand spans (service/tracing.py)
         timing = trace.search(len(plan.queries)) if trace is not None else None
-        strands = search_shard(shard, plan, strand_depths(plan), timing=timing)
+        strands = shard.search(plan, strand_depths(plan), timing=timing)
         return spb.ShardSearchResponse(strands=[_packed(r) for r in strands], applied_seq=shard.applied_seq)
 
     def SearchDense(self, request: spb.ShardDenseRequest) -> Any:
@@ -145,8 +137,8 @@ class ShardRpcs:
         if spec is None or vectors.size % spec.dim:
             raise InvalidArgument.field("field", f"no dense field {request.field!r} of that dimension")
         eps = request.eps if request.HasField("eps") else None
-        found = dense_batch_shard(
-            shard, request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps)
+        found = shard.search_dense(
+            request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps)
         )
         return spb.ShardDenseResponse(results=[_packed(r) for r in found], applied_seq=shard.applied_seq)
 
@@ -186,10 +178,9 @@ class ShardRpcs:
             # the GIL): the parallelism a fan-out to one server per shard would have had.
             pool = self.server._executor
             others = [
-                pool.submit(dense_batch_shard, shard, dense.field, vector[None, :], limit, knobs)
-                for shard in view.shards[1:]
+                pool.submit(shard.search_dense, dense.field, vector[None, :], limit, knobs) for shard in view.shards[1:]
             ]
-            parts = [dense_batch_shard(view.shards[0], dense.field, vector[None, :], limit, knobs)[0]]
+            parts = [view.shards[0].search_dense(dense.field, vector[None, :], limit, knobs)[0]]
             parts += [future.result()[0] for future in others]
             ranked = merge_ranked(parts, limit) if len(parts) > 1 else parts[0]
             return convert.result_to_proto(SearchResult(ids=ranked.ids, scores=ranked.scores), {}, max_bytes)
@@ -244,20 +235,17 @@ class ShardRpcs:
 
     def Fetch(self, request: spb.FetchRequest) -> Any:
         shard = self._replica(request.replica).serving(need_caught_up=False)
-        keys = np.frombuffer(request.labels, "<i8")
-        labels = (keys & ((1 << 40) - 1)).tolist()
+        labels = (np.frombuffer(request.labels, "<i8") & LABEL_MASK).tolist()
         ids = list(request.ids)
-        result = SearchResult(ids=ids, scores=np.zeros(len(ids)))
-        payload_fields = list(request.payload_fields) or None
-        if request.include_payload or payload_fields:
-            fields = None if request.include_payload else payload_fields
-            with shard.read():
-                result.payloads = [shard.payload.get(label, fields) for label in labels]
-                if request.include_payload:
-                    result.metadata = [shard.metadata.get(label) for label in labels]
-        if request.text_fields:
-            located = [(shard, label) for label in labels]
-            result.texts = stored_texts(located, ids, list(request.text_fields))
+        wanted = Wanted.asked(request.include_payload, request.payload_fields, request.text_fields)
+        fetched = shard.fetch(labels, ids, wanted)
+        result = SearchResult(
+            ids=ids,
+            scores=np.zeros(len(ids)),
+            payloads=fetched.payloads,
+            metadata=fetched.metadata,
+            texts=fetched.texts,
+        )
         types = {f.name: f.type for f in shard.schema.payload_fields}
         return spb.FetchResponse(hits=convert.result_to_proto(result, types).hits)
 
@@ -280,7 +268,7 @@ class ShardRpcs:
         shard = self._shard(request.replica, request.min_seq)
         if request.field not in shard.sparse:
             raise InvalidArgument.field("field", f"no sparse field {request.field!r}")
-        df, documents = sparse_term_stats(shard, request.field, list(request.term_ids))
+        df, documents = shard.sparse_stats(request.field, list(request.term_ids))
         return spb.TermStatsResponse(df=df.tolist(), documents=documents)
 
     def TextStats(self, request: spb.TextStatsRequest) -> Any:
@@ -290,7 +278,7 @@ class ShardRpcs:
         unknown = sorted({t.field for t in request.terms} - set(shard.text.field_names))
         if unknown:
             raise InvalidArgument.field("terms", f"no text field {unknown[0]!r}")
-        df, documents = shard_text_stats(shard, [(t.field, t.term) for t in request.terms])
+        df, documents = shard.text_stats([(t.field, t.term) for t in request.terms])
         return spb.TextStatsResponse(df=df, documents=documents)
 
     def WaitApplied(self, request: spb.WaitAppliedRequest) -> Any:

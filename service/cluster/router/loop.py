@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from braid.cluster.v1 import shard_pb2 as spb
-from braid.index.collection import merge_ranked
+from braid.index.gather import merge_ranked
 from braid.index.query import Bm25Query, SearchResult
 from braid.index.stats import current_trace
 from braid.index.validate import check_query_text

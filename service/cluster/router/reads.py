@@ -1,7 +1,7 @@
 """Reads fanned out to one replica of every shard: counts, gets, IDF, and the search.
 
 Each strand is merged across shards and fused exactly as a collection does
-(index/collection.py ``combine``), so the hits equal a standalone collection's with the same
+(index/gather.py ``combine``), so the hits equal a standalone collection's with the same
 shard count. A search with BM25 terms first gathers the collection's IDF of each from every
 shard (the DFS phase), so the shards score as one shard would; the hits' payload and text
 are then fetched from the replicas that ranked them.
@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 
 from braid.cluster.v1 import shard_pb2 as spb
-from braid.index.collection import combine, global_bm25_idf, merge_ranked, sparse_idf_of, strand_depths
 from braid.index.filters import Filter
+from braid.index.gather import combine, global_bm25_idf, merge_batches, sparse_idf_of, strand_depths
 from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery
 from braid.index.stats import current_trace
 from braid.index.text import query_terms
@@ -112,12 +112,7 @@ class CollectionReads(CoveringSearch):
         answers = self._fan_out(self.shards, call, default_deadline())
         if failed_over:
             self.catalog.stats.failed_over()
-        parts = [[ranked_of(r) for r in answers[s][0].results] for s in self.shards]
-        results = []
-        for i in range(len(vectors)):
-            ranked = merge_ranked([part[i] for part in parts], k) if len(parts) > 1 else parts[0][i]
-            results.append(SearchResult(ids=ranked.ids, scores=ranked.scores))
-        return results
+        return merge_batches([[ranked_of(r) for r in answers[s][0].results] for s in self.shards], k)
 
     def search_response(
         self, request: pb.SearchRequest, plan: SearchPlan, types: dict, max_response_bytes: int | None

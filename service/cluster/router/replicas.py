@@ -25,8 +25,8 @@ import numpy as np
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
 from braid.index import analyzers
-from braid.index.collection import Ranked
 from braid.index.errors import BraidError, Unavailable
+from braid.index.gather import Ranked
 from braid.index.payload import PayloadStore
 from braid.index.query import SearchPlan
 from braid.index.schema import Schema
