@@ -46,7 +46,7 @@ SERVICE_NAME = SERVICE.full_name
 BATCHES_APPLIED_KEY = "braid-batches-applied"
 DOCUMENTS_APPLIED_KEY = "braid-documents-applied"
 # Errors a handler lets through untouched: the call is gone or the process is stopping.
-_PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
 class Undecodable:
@@ -62,6 +62,24 @@ class Undecodable:
             f"request: cannot decode {self.type_name} ({self.size} bytes): {self.error}; a body must be a "
             f"valid protobuf message with UTF-8 strings, nested at most 100 messages deep"
         )
+
+
+def check_decoded(request: Any) -> None:
+    """A request body protobuf could not decode is the client's INVALID_ARGUMENT."""
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(request.problem())
+
+
+async def run_admitted(
+    admission: Admission, context: grpc.aio.ServicerContext, work: Callable[[], Any], quick: Callable[[], bool]
+) -> Any:
+    """A unary body, as every gRPC face of a Braid process runs it (braid.v1 here, the shard
+    server's braid.cluster.v1.Shard): on the event loop itself when no worker is busy and
+    ``quick()`` says the thread hop would cost as much as the body, else on an admitted worker
+    within the call's deadline."""
+    if admission.outstanding == 0 and quick():
+        return work()
+    return await admission.run(work, deadline_of(context))
 
 
 def parser(message_class: Any) -> Callable[[bytes], Any]:
@@ -164,27 +182,28 @@ class BraidHandlers:
 
     # ----------------------------------------------------------------- unary
 
+    def _quick(self, name: str, request: Any) -> bool:
+        return name == "Search" and self.rpcs.quick(request)
+
     def _unary(self, name: str) -> Callable[..., Any]:
         body = getattr(self.rpcs, name)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                if isinstance(request, Undecodable):
-                    raise InvalidArgument(request.problem())
+                check_decoded(request)
                 principal = self._authorize(context, name, _collections(request))
                 work = functools.partial(body, request)
                 if name in ("ListCollections", "ListAliases") and principal is not None:
                     work = functools.partial(body, request, principal.allows)
                 if name == "Search" and (on_loop := self.rpcs.on_loop(request, deadline_of(context))) is not None:
                     return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
-                if name == "Search" and self.admission.outstanding == 0 and self.rpcs.quick(request):
-                    # The thread hop costs as much as a quick search itself (~10% of a single
-                    # client's dense throughput, 15-30% of its BM25): run it here while no worker is
-                    # busy. A health check then waits at most for the quick searches ahead of it,
-                    # each about a millisecond at most (BraidRpcs.quick).
-                    return work()
-                return await self.admission.run(work, deadline_of(context))
-            except _PASS_THROUGH:
+                # The thread hop costs as much as a quick search itself (~10% of a single client's
+                # dense throughput, 15-30% of its BM25): run it here while no worker is busy. A
+                # health check then waits at most for the quick searches ahead of it, each about a
+                # millisecond at most (BraidRpcs.quick).
+                quick = functools.partial(self._quick, name, request)
+                return await run_admitted(self.admission, context, work, quick)
+            except PASS_THROUGH:
                 raise
             except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang
                 failure = err
@@ -201,7 +220,7 @@ class BraidHandlers:
             await self._apply_stream("BulkUpsert", requests, context, applied, None)
             context.set_trailing_metadata(with_request_id(applied.trailing()))
             return pb.BulkUpsertResponse(upserted=applied.documents, batches=applied.batches)
-        except _PASS_THROUGH:
+        except PASS_THROUGH:
             raise
         except BaseException as err:
             failure = err
@@ -225,7 +244,7 @@ class BraidHandlers:
             await self._apply_stream("UpsertStream", requests, context, applied, acknowledge)
             context.set_trailing_metadata(with_request_id(applied.trailing()))
             return
-        except _PASS_THROUGH:
+        except PASS_THROUGH:
             raise
         except BaseException as err:
             failure = err

@@ -60,7 +60,7 @@ from .. import convert
 from ..admission import Admission, call_deadline
 from ..config import ServerConfig
 from ..errors import describe
-from ..handlers import Undecodable, deadline_of, parser
+from ..handlers import PASS_THROUGH, check_decoded, parser, run_admitted
 from ..metrics import ReplicaState, ServerMetrics, Sources
 from ..observe import CallObserver
 from ..rpcs import (
@@ -89,7 +89,6 @@ from .replica import Replica
 log = logging.getLogger("braid.shard_server")
 SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
 SERVICE_NAME = SERVICE.full_name
-_PASS_THROUGH = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 QUICK_MAX_VECTORS = 4
 
 
@@ -402,12 +401,11 @@ class ShardServer:
     def _unary(self, body: Callable[[Any], Any]) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                if isinstance(request, Undecodable):
-                    raise InvalidArgument(request.problem())
-                if self.admission.outstanding == 0 and self.rpcs.quick(request):
-                    return body(request)  # the thread hop would cost as much as the search
-                return await self.admission.run(functools.partial(body, request), deadline_of(context))
-            except _PASS_THROUGH:
+                check_decoded(request)
+                # A quick body runs on the loop: the thread hop would cost as much as the search.
+                work = functools.partial(body, request)
+                return await run_admitted(self.admission, context, work, lambda: self.rpcs.quick(request))
+            except PASS_THROUGH:
                 raise
             except BaseException as err:  # tantivy's PanicException is a BaseException: answer, never hang
                 failure = err
