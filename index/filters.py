@@ -57,6 +57,13 @@ class Filter:
     def is_empty(self) -> bool:
         return not (self.must or self.should or self.must_not)
 
+    def fields(self) -> set[str]:
+        """Every field a condition names, nested filters' included."""
+        named: set[str] = set()
+        for cond in (*self.must, *self.should, *self.must_not):
+            named |= cond.fields() if isinstance(cond, Filter) else {cond.field}
+        return named
+
 
 Condition = Match | MatchAny | Range | Exists | Filter
 

@@ -313,6 +313,20 @@ class HnswStrand(HoldsLabels):
             return [EMPTY for _ in range(len(queries))]
         return unpadded(found[0] if len(found) == 1 else best(k, found))
 
+    def filtered_cost(self, allowed: np.ndarray, k: int, ef: int) -> float:
+        """What ``search`` of one query with the filter ``allowed`` would cost, in the planner's
+        unit (a row gathered and scanned), by the plans it would pick: the server asks before
+        it runs a filtered search on its event loop. A mask computation, no search."""
+        present = self._present.mask
+        size = min(len(allowed), len(present))
+        allowed = allowed[:size] & present[:size]
+        cost = 0.0
+        for graph in self._graphs:
+            if graph.live > 0:
+                plan = _graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
+                cost += plan[3] if plan is not None else 0.0
+        return cost + sum(block.n for block in (*self._frozen, self._growing.view()))
+
     def _search_graph(
         self, graph: Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
     ) -> Hits | None:
@@ -324,23 +338,11 @@ class HnswStrand(HoldsLabels):
                 return self._scan(graph.labels, graph.vectors, queries, k, inside(self._present.mask, graph.labels))
             return self._rescored(graph, queries, found[:, : k + _SLACK], k)
         window = allowed[graph.first : graph.top + 1]
-        count = int(np.count_nonzero(window))
-        if count == 0:
+        plan = _graph_plan(graph, window, k, ef)
+        if plan is None:
             return None
-        want, walk_cost = walk_plan(count, graph.live, k, ef)
-        # A filter keeping more rows than a view may hold (a quarter of the graph's) is scanned
-        # in place: reading every row in order costs less than gathering that many.
-        key = graph.views.key(window) if graph.views.fits(count) else None
-        view = graph.views.get(key) if key is not None else None
-        if view is not None:
-            scan_cost = VIEW_COST * count
-        elif key is None:
-            scan_cost = VIEW_COST * len(graph.labels)
-        else:
-            scan_cost = count
-        if scan_cost <= walk_cost or (
-            view is None and key is not None and VIEW_COST * count <= walk_cost and graph.views.repeated(key)
-        ):  # scanning the matching rows costs less than the walk (now, or from the next search on, from the view)
+        scan, count, want, _, key = plan
+        if scan:
             return self._scan_graph(graph, window, key, queries, k)
         found = walk(graph, queries, want)
         if found is None:  # the exact scan is always right
@@ -693,6 +695,35 @@ def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
             if run == TIER_FANOUT:
                 return i + 1 - TIER_FANOUT, i + 1
     return None
+
+
+def _graph_plan(
+    graph: Graph, window: np.ndarray, k: int, ef: int, remember: bool = True
+) -> tuple[bool, int, int, float, bytes | None] | None:
+    """How a graph honours a filter (``window``: its rows' mask from its first label), or None
+    when no row matches: (scan?, the rows matching, the walk's candidates, the cost, the filter
+    view's key). A filter keeping more rows than a view may hold (a quarter of the graph's) is
+    scanned in place: reading every row in order costs less than gathering that many. Without
+    ``remember`` (an estimate) the filter is not counted as seen by the view table."""
+    count = int(np.count_nonzero(window))
+    if count == 0:
+        return None
+    want, walk_cost = walk_plan(count, graph.live, k, ef)
+    key = graph.views.key(window) if graph.views.fits(count) else None
+    view = graph.views.get(key) if key is not None else None
+    if view is not None:
+        scan_cost = VIEW_COST * count
+    elif key is None:
+        scan_cost = VIEW_COST * len(graph.labels)
+    else:
+        scan_cost = count
+    if scan_cost <= walk_cost:
+        return True, count, want, scan_cost, key
+    seen = graph.views.repeated if remember else graph.views.seen
+    if view is None and key is not None and VIEW_COST * count <= walk_cost and seen(key):
+        # the walk costs more than the view would: gather the rows now, scan the view from the next search on
+        return True, count, want, scan_cost, key
+    return False, count, want, walk_cost, key
 
 
 def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:

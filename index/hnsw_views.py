@@ -52,6 +52,11 @@ class Views:
                 self._table.move_to_end(key)
             return view
 
+    def seen(self, key: bytes) -> bool:
+        """Whether ``repeated`` would say this filter came before (remembers nothing)."""
+        with self._lock:
+            return key in self._seen
+
     def repeated(self, key: bytes) -> bool:
         """Whether this filter came before (among the last SEEN that got no view); remembers it."""
         with self._lock:

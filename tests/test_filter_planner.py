@@ -242,3 +242,72 @@ def test_concurrent_searches_share_and_evict_views_and_stay_exact(
     assert not wrong, wrong[:5]
     assert 0 < graph.views.rows <= graph.views.budget
     fill.strand.close()
+
+
+def test_a_cheap_filtered_search_runs_on_the_event_loop_and_answers_as_a_worker(tmp_path: Path) -> None:
+    """service/rpcs.py ``quick``: a filtered dense search its planner prices within
+    QUICK_MAX_FILTER_COST runs on the event loop while no worker is busy; a dearer one, a bad
+    filter or a SPANN field takes a worker; both give the same hits."""
+    import grpc
+
+    from braid.service import rpcs as rpcs_module
+    from braid.v1 import braid_pb2 as pb
+
+    from .conftest import start_in_process, stop_in_process
+
+    server, running = start_in_process(tmp_path / "data")
+    try:
+        schema = pb.Schema(
+            dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, metric=pb.COSINE)],
+            payload_fields=[pb.PayloadField(name="tag", type=pb.KEYWORD), pb.PayloadField(name="n", type=pb.INT)],
+        )
+        running.client.create_collection("docs", schema, shards=2)
+        vectors = random_vectors(2000, DIM, 5)
+        docs = [
+            {"id": f"d{i}", "dense": {"emb": vectors[i]}, "payload": {"tag": "rare" if i % 100 == 0 else "common"}}
+            for i in range(len(vectors))
+        ]
+        running.client.bulk_upsert("docs", docs, batch_size=500)
+        rpcs = server.handlers.rpcs
+
+        def request(tag: str | None, field: str = "tag") -> pb.SearchRequest:
+            message = pb.SearchRequest(collection="docs", limit=10)
+            message.queries.add().dense.field = "emb"
+            message.queries[0].dense.vector.packed = np.asarray(vectors[7], "<f4").tobytes()
+            if tag is not None:
+                message.filter.must.add().match.CopyFrom(pb.Match(field=field, value=pb.Value(keyword=tag)))
+            return message
+
+        rare, common = request("rare"), request("common")
+        assert rpcs.quick(request(None)) and rpcs.quick(rare)  # 20 matching rows: a scan of 20 rows
+        cost = sum(
+            shard.dense_filter_cost("emb", convert_filter(common), 10, 0) for shard in server.catalog.get("docs").shards
+        )
+        assert cost > 0
+        assert rpcs.quick(common) is (cost <= rpcs_module.QUICK_MAX_FILTER_COST)
+        # A metadata path (its column may need a scan of every document first) takes a worker.
+        assert not rpcs.quick(request("rare", field="source"))
+        wrong_type = request("rare", field="n")  # a keyword for an int field: the worker names it
+        assert not rpcs.quick(wrong_type)
+        with pytest.raises(grpc.RpcError) as info:
+            running.stub.Search(wrong_type)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "match.n:" in info.value.details()
+        on_loop = [running.stub.Search(r) for r in (rare, common)]
+        release = threading.Event()
+        busy = server.admission._submit(release.wait, None)  # one worker busy: every search takes a worker
+        try:
+            on_worker = [running.stub.Search(r) for r in (rare, common)]
+        finally:
+            release.set()
+            busy.result(timeout=30)
+        hits = [[(h.id, h.score) for h in r.hits] for r in on_loop]
+        assert hits == [[(h.id, h.score) for h in r.hits] for r in on_worker]
+        assert len(hits[0]) == 10 and all(int(doc_id[1:]) % 100 == 0 for doc_id, _ in hits[0])
+    finally:
+        stop_in_process(server, running)
+
+
+def convert_filter(message: object) -> Filter:
+    from braid.service import convert
+
+    return convert.filter_from_proto(message.filter)  # type: ignore[attr-defined]

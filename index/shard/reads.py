@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..filters import Filter
 from ..gather import SHARD_SHIFT, Ranked
+from ..hnsw_strand import HnswStrand
 from ..query import Bm25Query, DenseQuery, SearchPlan, SparseQuery, SubQuery
 from ..records import SparseValue
 from ..shard_api import Fetched, Wanted
@@ -56,6 +58,16 @@ class ReadsMixin:
         with self.read():
             found = self._dense_search(field, vectors, k, knobs, None)
             return [Ranked(labels + base, scores, self.ids_of(labels)) for labels, scores in found]
+
+    def dense_filter_cost(self: Shard, field: str, flt: Filter, k: int, ef: int) -> float | None:
+        """What a search of one vector with ``flt`` on an in-memory HNSW field would cost, in
+        its planner's unit (index/hnsw_strand.py ``filtered_cost``), or None for another field."""
+        with self.read():
+            index = self.dense.get(field)
+            if not isinstance(index, HnswStrand):
+                return None
+            mask, _ = self.allowed(flt)
+            return index.filtered_cost(mask, k, ef or index.spec.hnsw.ef_search)
 
     def text_stats(self: Shard, terms: list[tuple[str, str]]) -> tuple[list[int], int]:
         """BM25's statistics of (field, term) pairs: document frequencies and the document count."""
