@@ -332,11 +332,22 @@ def test_sigterm_cuts_a_retry_wait_short(tmp_path: Path, models_dir: Path) -> No
     corpus = tmp_path / "docs.jsonl"
     _write_corpus(corpus, 3)
     job = _job_cli(_free_port(), models_dir, "c", str(corpus), "--max-retries", "50")  # nothing listens there
-    time.sleep(3.0)  # well into its backoff
-    assert job.poll() is None
+    assert job.stderr is not None
+    lines: list[str] = []
+    guard = threading.Timer(60, job.kill)  # a job that never says it waits ends the read
+    guard.start()
+    try:
+        for line in job.stderr:  # until it says it waits to retry: its SIGTERM handler is set by then
+            lines.append(line)
+            if "to retry" in line:
+                break
+    finally:
+        guard.cancel()
+    assert job.poll() is None, "".join(lines)
     started = time.monotonic()
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=30)
+    err = "".join(lines) + err
     assert job.returncode == EXIT_RETRYABLE, err
     assert time.monotonic() - started < 5
     assert "SIGTERM" in _last_report(out)["error"]

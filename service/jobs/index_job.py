@@ -355,7 +355,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _sleep(seconds: float) -> None:
-    """A backoff wait that SIGTERM cuts short: the job stops instead of retrying on."""
+    """A backoff wait that SIGTERM cuts short: the job stops instead of retrying on. Said on
+    stderr, so an operator (or a test) sees the job is waiting out a failure, not stuck."""
+    print(f"braid job: waiting {seconds:.1f} s to retry", file=sys.stderr, flush=True)
     if _STOP.wait(seconds):
         raise JobFailed("stopped by SIGTERM while waiting to retry; rerun to resume", EXIT_RETRYABLE)
 
