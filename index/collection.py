@@ -308,18 +308,24 @@ class Collection:
         max_lists: int = 0,
         eps: float | None = None,
         consistency: int = 0,
+        flt: Filter | None = None,
+        where: str = "",
     ) -> list[SearchResult]:
-        """Plain dense queries (no filter, no fusion): one batched index call per shard.
+        """Dense queries with nothing to fuse or fetch, all under one filter ``flt`` (or none):
+        one batched index call per shard.
 
         Gives the same hits as ``search`` with a single dense sub-query; the caller
-        validates with ``check_dense`` first. ``consistency`` (braid.v1 Consistency) matters
-        to a cluster router: one process always sees every write it acknowledged.
+        validates the vectors with ``check_dense`` first. ``consistency`` (braid.v1 Consistency)
+        matters to a cluster router: one process always sees every write it acknowledged.
+        ``where`` prefixes the filter's path in an error.
         """
+        if flt is not None:
+            self.shards[0].payload.validate_filter(flt, f"{where}filter")
         trace = current_trace()
         timing = trace.search(1) if trace is not None else None
         started = time.perf_counter() if timing is not None else 0.0
         # One shard after another: a plain dense search may run on the server's event loop.
-        parts = [shard.search_dense(field, vectors, k, (ef, max_lists, eps)) for shard in self.shards]
+        parts = [shard.search_dense(field, vectors, k, (ef, max_lists, eps), flt) for shard in self.shards]
         if timing is not None:
             timing.add_strand(0, time.perf_counter() - started)
         return merge_batches(parts, k)

@@ -319,10 +319,10 @@ def filter_from_proto(msg: pb.Filter, where: str = "filter") -> Filter:
     )
 
 
-def optional_filter(msg: pb.Filter, present: bool) -> Filter | None:
+def optional_filter(msg: pb.Filter, present: bool, where: str = "filter") -> Filter | None:
     if not present:
         return None
-    flt = filter_from_proto(msg)
+    flt = filter_from_proto(msg, where)
     return None if flt.is_empty() else flt
 
 

@@ -26,6 +26,10 @@ from .encoding import Encoding
 class BraidRpcs:
     """The body of every braid.v1.Braid RPC, run on a worker thread; errors are index errors."""
 
+    # Plain dense searches under a filter take the batched path too (a router's shards take no
+    # filter in SearchDense: RouterRpcs says False).
+    FILTERED_DENSE_BATCHES = True
+
     def __init__(self, catalog: Catalog, encoding: Encoding, max_response_bytes: int | None = None) -> None:
         self.catalog = catalog
         self.encoding = encoding
@@ -146,7 +150,7 @@ class BraidRpcs:
 
     def Search(self, request: pb.SearchRequest) -> Any:
         collection = self.catalog.get(request.collection)
-        if plain_dense(request):
+        if plain_dense(request, filtered=self.FILTERED_DENSE_BATCHES):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
             if convert.vector_or_text(dense.HasField("vector"), dense.text, "queries[0].dense"):
@@ -156,8 +160,9 @@ class BraidRpcs:
             limit = request.limit or 10
             eps = dense.eps if dense.HasField("eps") else None
             collection.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
+            filtered = _filtered(request, "")  # only a standalone collection takes a filter here
             result = collection.search_dense_batch(
-                dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, request.consistency
+                dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, request.consistency, **filtered
             )[0]
             return convert.result_to_proto(result, _NO_TYPES, self.max_response_bytes)
         plan = convert.plan_from_proto(request)
@@ -269,15 +274,16 @@ class BraidRpcs:
         return text.postings(bm25.text, fields) <= QUICK_MAX_POSTINGS
 
     def _batched_dense(self, searches: Any) -> list[pb.SearchResponse] | None:
-        """One batched HNSW call when every search is a plain dense query of one shape, else None."""
+        """One batched HNSW call when every search is a plain dense query of one shape (and one
+        filter, or none), else None."""
         if not searches:
             return []
-        first = searches[0]
-        if not plain_dense(first):
+        first, filtered = searches[0], self.FILTERED_DENSE_BATCHES
+        if not plain_dense(first, filtered):
             return None
         shape = _dense_shape(first)
         for search in searches:
-            if not plain_dense(search) or _dense_shape(search) != shape:
+            if not plain_dense(search, filtered) or _dense_shape(search) != shape:
                 return None
         collection = self.catalog.get(first.collection)
         texts = [s.queries[0].dense.text for s in searches]
@@ -291,10 +297,13 @@ class BraidRpcs:
                 convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
                 for i, s in enumerate(searches)
             ]
-        _, field, ef, limit, max_lists, eps, consistency = shape
+        _, field, ef, limit, max_lists, eps, consistency, _ = shape
         for i, row in enumerate(rows):
             collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
-        results = collection.search_dense_batch(field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency)
+        filtered = _filtered(first, "searches[0].")
+        results = collection.search_dense_batch(
+            field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency, **filtered
+        )
         return self._within_budget((result, _NO_TYPES) for result in results)
 
 
@@ -352,12 +361,21 @@ def _dense_shape(request: pb.SearchRequest) -> tuple:
     """What plain dense searches must share to run as one batched call."""
     dense = request.queries[0].dense
     eps = dense.eps if dense.HasField("eps") else None
-    return (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps, request.consistency)
+    flt = request.filter.SerializeToString(deterministic=True) if request.HasField("filter") else None
+    shape = (request.collection, dense.field, dense.ef, request.limit, dense.max_lists, eps, request.consistency)
+    return (*shape, flt)
 
 
-def plain_dense(request: pb.SearchRequest) -> bool:
-    """One dense sub-query with nothing that needs fusion, filtering or materializing."""
-    return plain(request) and request.queries[0].WhichOneof("query") == "dense"
+def _filtered(request: pb.SearchRequest, where: str) -> dict[str, Any]:
+    """search_dense_batch's filter arguments for a plain dense search: none without a filter (a
+    router's collection takes none)."""
+    flt = convert.optional_filter(request.filter, request.HasField("filter"), f"{where}filter")
+    return {"flt": flt, "where": where} if flt is not None else {}
+
+
+def plain_dense(request: pb.SearchRequest, filtered: bool = False) -> bool:
+    """One dense sub-query with nothing that needs fusion, filtering (unless ``filtered``) or materializing."""
+    return plain(request, filtered) and request.queries[0].WhichOneof("query") == "dense"
 
 
 def plain(request: pb.SearchRequest, filtered: bool = False) -> bool:

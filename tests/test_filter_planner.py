@@ -13,8 +13,10 @@ tests/test_hnsw_segments.py shrinks the block size). Real hnswlib graphs and a r
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -24,8 +26,11 @@ from braid.index.hnsw_views import Views
 from braid.index.records import DocumentWrite
 from braid.index.schema import Metric, PayloadFieldSpec, PayloadType, Schema
 from braid.index.shard import Shard
+from braid.service import convert
+from braid.service import rpcs as rpcs_module
+from braid.v1 import braid_pb2 as pb
 
-from .conftest import random_vectors
+from .conftest import random_vectors, start_in_process, stop_in_process
 from .test_hnsw_segments import DIM, _Fill, _spec, _truth
 
 N = 4000
@@ -244,70 +249,107 @@ def test_concurrent_searches_share_and_evict_views_and_stay_exact(
     fill.strand.close()
 
 
-def test_a_cheap_filtered_search_runs_on_the_event_loop_and_answers_as_a_worker(tmp_path: Path) -> None:
-    """service/rpcs.py ``quick``: a filtered dense search its planner prices within
-    QUICK_MAX_FILTER_COST runs on the event loop while no worker is busy; a dearer one, a bad
-    filter or a SPANN field takes a worker; both give the same hits."""
-    import grpc
+Request = Callable[..., pb.SearchRequest]
 
-    from braid.service import rpcs as rpcs_module
-    from braid.v1 import braid_pb2 as pb
 
-    from .conftest import start_in_process, stop_in_process
-
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[object, object, Request]]:
+    """A real server with a 2-shard collection: 2,000 vectors, 1% of them tagged "rare"; and a
+    maker of dense searches by vector filtered on a tag."""
     server, running = start_in_process(tmp_path / "data")
+    schema = pb.Schema(
+        dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, metric=pb.COSINE)],
+        payload_fields=[pb.PayloadField(name="tag", type=pb.KEYWORD), pb.PayloadField(name="n", type=pb.INT)],
+    )
+    running.client.create_collection("docs", schema, shards=2)
+    vectors = random_vectors(2000, DIM, 5)
+    docs = [
+        {"id": f"d{i}", "dense": {"emb": vectors[i]}, "payload": {"tag": "rare" if i % 100 == 0 else "common"}}
+        for i in range(len(vectors))
+    ]
+    running.client.bulk_upsert("docs", docs, batch_size=500)
+
+    def request(tag: str | None, field: str = "tag", row: int = 7, **kw: object) -> pb.SearchRequest:
+        message = pb.SearchRequest(collection="docs", limit=10, **kw)  # type: ignore[arg-type]
+        message.queries.add().dense.field = "emb"
+        message.queries[0].dense.vector.packed = np.asarray(vectors[row], "<f4").tobytes()
+        if tag is not None:
+            message.filter.must.add().match.CopyFrom(pb.Match(field=field, value=pb.Value(keyword=tag)))
+        return message
+
+    yield server, running, request
+    stop_in_process(server, running)
+
+
+def _hits(response: pb.SearchResponse) -> list[tuple[str, float]]:
+    return [(hit.id, hit.score) for hit in response.hits]
+
+
+def test_a_cheap_filtered_search_runs_on_the_event_loop_and_answers_as_a_worker(served) -> None:  # type: ignore[no-untyped-def]
+    """service/rpcs.py ``quick``: a filtered dense search its planner prices within
+    QUICK_MAX_FILTER_COST runs on the event loop while no worker is busy; a dearer one, a
+    metadata path or a bad filter takes a worker; both give the same hits."""
+    server, running, request = served
+    rpcs = server.handlers.rpcs
+    rare, common = request("rare"), request("common")
+    assert rpcs.quick(request(None)) and rpcs.quick(rare)  # 20 matching rows: a scan of 20 rows
+    flt = convert.filter_from_proto(common.filter)
+    cost = sum(shard.dense_filter_cost("emb", flt, 10, 0) for shard in server.catalog.get("docs").shards)
+    assert cost > 0
+    assert rpcs.quick(common) is (cost <= rpcs_module.QUICK_MAX_FILTER_COST)
+    # A metadata path (its column may need a scan of every document first) takes a worker.
+    assert not rpcs.quick(request("rare", field="source"))
+    wrong_type = request("rare", field="n")  # a keyword for an int field: the worker names it
+    assert not rpcs.quick(wrong_type)
+    with pytest.raises(grpc.RpcError) as info:
+        running.stub.Search(wrong_type)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "filter.must[0].match.n:" in info.value.details()
+    on_loop = [running.stub.Search(r) for r in (rare, common)]
+    release = threading.Event()
+    busy = server.admission._submit(release.wait, None)  # one worker busy: every search takes a worker
     try:
-        schema = pb.Schema(
-            dense_fields=[pb.DenseVectorField(name="emb", dim=DIM, metric=pb.COSINE)],
-            payload_fields=[pb.PayloadField(name="tag", type=pb.KEYWORD), pb.PayloadField(name="n", type=pb.INT)],
-        )
-        running.client.create_collection("docs", schema, shards=2)
-        vectors = random_vectors(2000, DIM, 5)
-        docs = [
-            {"id": f"d{i}", "dense": {"emb": vectors[i]}, "payload": {"tag": "rare" if i % 100 == 0 else "common"}}
-            for i in range(len(vectors))
-        ]
-        running.client.bulk_upsert("docs", docs, batch_size=500)
-        rpcs = server.handlers.rpcs
-
-        def request(tag: str | None, field: str = "tag") -> pb.SearchRequest:
-            message = pb.SearchRequest(collection="docs", limit=10)
-            message.queries.add().dense.field = "emb"
-            message.queries[0].dense.vector.packed = np.asarray(vectors[7], "<f4").tobytes()
-            if tag is not None:
-                message.filter.must.add().match.CopyFrom(pb.Match(field=field, value=pb.Value(keyword=tag)))
-            return message
-
-        rare, common = request("rare"), request("common")
-        assert rpcs.quick(request(None)) and rpcs.quick(rare)  # 20 matching rows: a scan of 20 rows
-        cost = sum(
-            shard.dense_filter_cost("emb", convert_filter(common), 10, 0) for shard in server.catalog.get("docs").shards
-        )
-        assert cost > 0
-        assert rpcs.quick(common) is (cost <= rpcs_module.QUICK_MAX_FILTER_COST)
-        # A metadata path (its column may need a scan of every document first) takes a worker.
-        assert not rpcs.quick(request("rare", field="source"))
-        wrong_type = request("rare", field="n")  # a keyword for an int field: the worker names it
-        assert not rpcs.quick(wrong_type)
-        with pytest.raises(grpc.RpcError) as info:
-            running.stub.Search(wrong_type)
-        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "match.n:" in info.value.details()
-        on_loop = [running.stub.Search(r) for r in (rare, common)]
-        release = threading.Event()
-        busy = server.admission._submit(release.wait, None)  # one worker busy: every search takes a worker
-        try:
-            on_worker = [running.stub.Search(r) for r in (rare, common)]
-        finally:
-            release.set()
-            busy.result(timeout=30)
-        hits = [[(h.id, h.score) for h in r.hits] for r in on_loop]
-        assert hits == [[(h.id, h.score) for h in r.hits] for r in on_worker]
-        assert len(hits[0]) == 10 and all(int(doc_id[1:]) % 100 == 0 for doc_id, _ in hits[0])
+        on_worker = [running.stub.Search(r) for r in (rare, common)]
     finally:
-        stop_in_process(server, running)
+        release.set()
+        busy.result(timeout=30)
+    assert [_hits(r) for r in on_loop] == [_hits(r) for r in on_worker]
+    assert len(on_loop[0].hits) == 10 and all(int(hit.id[1:]) % 100 == 0 for hit in on_loop[0].hits)
 
 
-def convert_filter(message: object) -> Filter:
-    from braid.service import convert
+def test_filtered_dense_searches_and_batches_answer_as_the_general_path(served, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A filtered dense search by vector skips plan building (Search), and a BatchSearch of such
+    searches under one filter is one batched call; both give the hits of the general path (the
+    same search with a strand depth, which takes the plan path), bit for bit."""
+    server, running, request = served
+    collection, batched = server.catalog.get("docs"), []
+    search_dense_batch = collection.search_dense_batch
 
-    return convert.filter_from_proto(message.filter)  # type: ignore[attr-defined]
+    def counted(field, vectors, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batched.append(len(vectors))
+        return search_dense_batch(field, vectors, *args, **kwargs)
+
+    monkeypatch.setattr(collection, "search_dense_batch", counted)
+    for tag in ("rare", "common"):
+        rows = [3, 7, 11, 500, 1999]
+        fast = [running.stub.Search(request(tag, row=row)) for row in rows]
+        general = []
+        for row in rows:
+            message = request(tag, row=row)
+            message.queries[0].depth = 10  # what the window gives a single strand anyway: the plan path
+            general.append(running.stub.Search(message))
+        assert [_hits(r) for r in fast] == [_hits(r) for r in general]
+        assert batched == [1] * len(rows)  # the fast searches took the dense path, the general ones did not
+        batch = running.stub.BatchSearch(pb.BatchSearchRequest(searches=[request(tag, row=row) for row in rows]))
+        assert [_hits(r) for r in batch.results] == [_hits(r) for r in general]
+        assert batched[len(rows) :] == [len(rows)]  # one batched call
+        batched.clear()
+    assert not any(int(hit.id[1:]) % 100 == 0 for hit in fast[0].hits)  # "common": none of the rare ones
+    mixed = pb.BatchSearchRequest(searches=[request("rare", row=3), request("common", row=3)])
+    answers = running.stub.BatchSearch(mixed).results  # two filters: searched one by one
+    assert _hits(answers[0]) == _hits(running.stub.Search(request("rare", row=3)))
+    assert _hits(answers[1]) == _hits(running.stub.Search(request("common", row=3)))
+    bad = pb.BatchSearchRequest(searches=[request("rare", field="n"), request("rare", field="n")])
+    with pytest.raises(grpc.RpcError) as info:
+        running.stub.BatchSearch(bad)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "searches[0].filter.must[0].match.n:" in info.value.details(), info.value.details()

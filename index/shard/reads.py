@@ -52,11 +52,15 @@ class ReadsMixin:
                     started = now
         return out
 
-    def search_dense(self: Shard, field: str, vectors: np.ndarray, k: int, knobs: DenseKnobs) -> list[Ranked]:
-        """Plain dense queries (no filter): one ranked list per vector."""
+    def search_dense(
+        self: Shard, field: str, vectors: np.ndarray, k: int, knobs: DenseKnobs, flt: Filter | None = None
+    ) -> list[Ranked]:
+        """Dense queries with nothing to fuse or fetch, all with one filter (or none): one ranked
+        list per vector; the filter's mask is computed once for the whole batch."""
         base = self.number << SHARD_SHIFT
         with self.read():
-            found = self._dense_search(field, vectors, k, knobs, None)
+            mask = self.allowed(flt)[0] if flt is not None else None
+            found = self._dense_search(field, vectors, k, knobs, mask)
             return [Ranked(labels + base, scores, self.ids_of(labels)) for labels, scores in found]
 
     def dense_filter_cost(self: Shard, field: str, flt: Filter, k: int, ef: int) -> float | None:

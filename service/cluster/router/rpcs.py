@@ -20,6 +20,8 @@ from .writes import PipelinedWriter
 class RouterRpcs(BraidRpcs):
     """braid.v1 bodies on a router: the standalone ones, except where a message is forwarded as it is."""
 
+    FILTERED_DENSE_BATCHES = False  # braid.cluster.v1 SearchDense carries no filter
+
     catalog: RemoteCatalog  # type: ignore[assignment]
 
     def _info(self, collection: Any) -> pb.CollectionInfo:
