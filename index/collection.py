@@ -10,6 +10,10 @@ ranked them. BM25 on more than one shard starts with a DFS phase: each query ter
 frequency and the document count are summed over the shards, and every shard scores with
 that IDF (index/text.py scales each term's boost by global / local IDF), so BM25 scores equal
 one shard's up to the average field length, which stays per shard.
+
+The reads' scatter and gather is ``Scatter``: handles and a map. A collection maps on its
+pool; a cluster router (service/cluster/router/) maps over its remote shards by starting every
+shard's call first and then waiting for each, so the two read through one path.
 """
 
 from __future__ import annotations
@@ -18,23 +22,33 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from .errors import BraidError, Unavailable
 from .filters import Filter
-from .gather import LABEL_MASK, SHARD_SHIFT, combine, global_bm25_idf, merge_batches, sparse_idf_of, strand_depths
+from .gather import (
+    LABEL_MASK,
+    SHARD_SHIFT,
+    Ranked,
+    combine,
+    global_bm25_idf,
+    merge_batches,
+    sparse_idf_of,
+    strand_depths,
+)
 from .locks import Gate
 from .policy import StoragePolicy
 from .query import Bm25Query, SearchPlan, SearchResult
 from .records import DocumentWrite
 from .schema import Schema
 from .shard import DEFAULT_POLICY, Shard
-from .shard_api import Fetched, Wanted
-from .stats import current_trace
+from .shard_api import Fetched, ShardReads, Wanted
+from .stats import SearchTiming, current_trace
 from .validate import Limits, check_dense_query, check_documents, check_ids, check_plan
 
 log = logging.getLogger("braid.collection")
@@ -58,6 +72,121 @@ def _admitted(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+Calls = list[tuple[ShardReads, tuple]]
+
+
+class Map(Protocol):
+    """``handle.<name>(*args)`` for each (handle, args) of ``calls``: the answers, in order."""
+
+    def __call__(self, name: str, calls: Calls) -> list: ...
+
+
+def serial_map(name: str, calls: Calls) -> list:
+    """One call after another on this thread."""
+    return [getattr(handle, name)(*args) for handle, args in calls]
+
+
+class Analysis(Protocol):
+    """How BM25 query text becomes (field, term) pairs (index/text.py ``TextIndex``)."""
+
+    field_names: list[str]
+
+    def terms(self, text: str, fields: list[str], where: str = "bm25.text") -> dict[tuple[str, str], int]: ...
+
+
+class Scatter:
+    """A collection's reads over its shards' handles: each scattered with ``map``, the answers
+    gathered (index/gather.py). ``quick_map`` runs the plain dense batch, which may be on the
+    server's event loop; ``text``: the analysis of BM25 text for the DFS phase (None: no text
+    fields)."""
+
+    def __init__(self, handles: Sequence[ShardReads], map: Map, quick_map: Map, text: Analysis | None) -> None:
+        self.handles = handles
+        self.map = map
+        self.quick_map = quick_map
+        self.text = text
+
+    def count(self, flt: Filter | None) -> int:
+        return sum(self.map("count", [(handle, (flt,)) for handle in self.handles]))
+
+    def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
+        """BM25 IDF of each term id in a sparse field over all live documents that have the field."""
+        stats = self.map("sparse_stats", [(handle, (field, term_ids)) for handle in self.handles])
+        return sparse_idf_of(sum(df for df, _ in stats), sum(documents for _, documents in stats))
+
+    def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
+        """A checked, encoded plan: the DFS phase, every strand on every shard, fusion, then the
+        hits' payload and text (the slow-query log's timings on the way)."""
+        depths = strand_depths(plan)
+        if len(self.handles) > 1:
+            self.gather_bm25_idf(plan, where)
+        trace = current_trace()
+        timing = trace.search(len(plan.queries)) if trace is not None else None  # the slow-query log's timings
+        per_shard = self.rank(plan, depths, where, timing)
+        started = time.perf_counter()
+        result, keys = combine(plan, per_shard, depths)
+        fused = time.perf_counter()
+        self.materialize(result, keys, plan)
+        if timing is not None:
+            timing.finish(fused - started, time.perf_counter() - fused)
+        return result
+
+    def rank(
+        self, plan: SearchPlan, depths: list[int], where: str = "", timing: SearchTiming | None = None
+    ) -> list[list[Ranked]]:
+        """Every shard's candidates of every strand."""
+        return self.map("search", [(handle, (plan, depths, where, timing)) for handle in self.handles])
+
+    def gather_bm25_idf(self, plan: SearchPlan, where: str) -> None:
+        """The DFS phase: each BM25 sub-query gets the collection's IDF of its terms, summed over
+        every shard's statistics, so a multi-shard collection scores BM25 as one shard would.
+        One pass: every BM25 text is analyzed once, each shard reads the document frequencies of
+        all their terms at once, and the IDF is computed over the summed counts in one step."""
+        text = self.text
+        if text is None:
+            return
+        wanted: list[tuple[Bm25Query, list[tuple[str, str]]]] = []
+        for i, sub in enumerate(plan.queries):
+            query = sub.query
+            if isinstance(query, Bm25Query):
+                fields = query.fields or text.field_names
+                wanted.append((query, list(text.terms(query.text, fields, f"{where}queries[{i}].bm25.text"))))
+        every = list(dict.fromkeys(key for _, keys in wanted for key in keys))
+        if not every:
+            return
+        idf = global_bm25_idf(every, self.map("text_stats", [(handle, (every,)) for handle in self.handles]))
+        for query, keys in wanted:
+            query.idf = {key: idf[key] for key in keys}
+
+    def materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
+        """Each hit's payload, metadata and text, from the shard that ranked it."""
+        wanted = Wanted.of(plan)
+        if not wanted or not keys:
+            return
+        positions: dict[int, list[int]] = {}
+        for position, key in enumerate(keys):
+            positions.setdefault(key >> SHARD_SHIFT, []).append(position)
+        calls: Calls = [
+            (self.handles[number], ([keys[p] & LABEL_MASK for p in where], [result.ids[p] for p in where], wanted))
+            for number, where in positions.items()
+        ]
+        parts = list(zip(positions.values(), self.map("fetch", calls), strict=True))
+        if wanted.payload:
+            result.payloads = _placed(parts, len(keys), lambda fetched: fetched.payloads)
+        if wanted.metadata:
+            result.metadata = _placed(parts, len(keys), lambda fetched: fetched.metadata)
+        if wanted.text_fields:
+            result.texts = _placed(parts, len(keys), lambda fetched: fetched.texts)
+
+    def search_dense(
+        self, field: str, vectors: np.ndarray, k: int, knobs: tuple[int, int, float | None], flt: Filter | None
+    ) -> list[SearchResult]:
+        """Dense queries with nothing to fuse or fetch, under one filter (or none): one batched
+        call per shard, on ``quick_map``."""
+        parts = self.quick_map("search_dense", [(handle, (field, vectors, k, knobs, flt)) for handle in self.handles])
+        return merge_batches(parts, k)
 
 
 class Collection:
@@ -161,6 +290,13 @@ class Collection:
             return [fn(items[0])]
         return list(self._executor.map(fn, items))
 
+    def _pool_map(self, name: str, calls: Calls) -> list:
+        return self._map(lambda call: getattr(call[0], name)(*call[1]), calls)
+
+    def _scatter(self) -> Scatter:
+        # Made per read: a shard's text index is read as it is now (a heal may reopen it).
+        return Scatter(self.shards, self._pool_map, serial_map, self.shards[0].text)
+
     # ------------------------------------------------------------------ writes
 
     # ``ack`` (braid.v1 WriteAck) matters to a cluster router; a collection applies every write
@@ -203,7 +339,7 @@ class Collection:
     def count(self, flt: Filter | None = None) -> int:
         if flt is not None:
             self.shards[0].payload.validate_filter(flt)
-        return sum(self._map(lambda shard: shard.count(flt), self.shards))
+        return self._scatter().count(flt)
 
     @_admitted
     def get(self, ids: list[str], include_vectors: bool = False) -> list[dict]:
@@ -217,8 +353,7 @@ class Collection:
     @_admitted
     def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
         """BM25 IDF of each term id in a sparse field over all live documents that have the field."""
-        stats = self._map(lambda shard: shard.sparse_stats(field, term_ids), self.shards)
-        return sparse_idf_of(sum(df for df, _ in stats), sum(documents for _, documents in stats))
+        return self._scatter().sparse_idf(field, term_ids)
 
     # ------------------------------------------------------------------ search
 
@@ -228,62 +363,7 @@ class Collection:
     @_admitted
     def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
         self.check(plan, where)
-        depths = strand_depths(plan)
-        if len(self.shards) > 1:
-            self._gather_bm25_idf(plan, where)
-        trace = current_trace()
-        timing = trace.search(len(plan.queries)) if trace is not None else None  # the slow-query log's timings
-        per_shard = self._map(lambda shard: shard.search(plan, depths, where, timing), self.shards)
-        started = time.perf_counter()
-        result, keys = combine(plan, per_shard, depths)
-        fused = time.perf_counter()
-        self._materialize(result, keys, plan)
-        if timing is not None:
-            timing.finish(fused - started, time.perf_counter() - fused)
-        return result
-
-    def _gather_bm25_idf(self, plan: SearchPlan, where: str) -> None:
-        """The DFS phase: each BM25 sub-query gets the collection's IDF of its terms, summed over
-        every shard's statistics, so a multi-shard collection scores BM25 as one shard would.
-        One pass: every BM25 text is analyzed once, each shard reads the document frequencies of
-        all their terms at once, and the IDF is computed over the summed counts in one step."""
-        text = self.shards[0].text
-        if text is None:
-            return
-        wanted: list[tuple[Bm25Query, list[tuple[str, str]]]] = []
-        for i, sub in enumerate(plan.queries):
-            query = sub.query
-            if isinstance(query, Bm25Query):
-                fields = query.fields or text.field_names
-                wanted.append((query, list(text.terms(query.text, fields, f"{where}queries[{i}].bm25.text"))))
-        every = list(dict.fromkeys(key for _, keys in wanted for key in keys))
-        if not every:
-            return
-        idf = global_bm25_idf(every, self._map(lambda shard: shard.text_stats(every), self.shards))
-        for query, keys in wanted:
-            query.idf = {key: idf[key] for key in keys}
-
-    def _materialize(self, result: SearchResult, keys: list[int], plan: SearchPlan) -> None:
-        """Each hit's payload, metadata and text, from the shard that ranked it."""
-        wanted = Wanted.of(plan)
-        if not wanted or not keys:
-            return
-        positions: dict[int, list[int]] = {}
-        for position, key in enumerate(keys):
-            positions.setdefault(key >> SHARD_SHIFT, []).append(position)
-
-        def fetch(item: tuple[int, list[int]]) -> tuple[list[int], Fetched]:
-            number, where = item
-            labels = [keys[p] & LABEL_MASK for p in where]
-            return where, self.shards[number].fetch(labels, [result.ids[p] for p in where], wanted)
-
-        parts = self._map(fetch, list(positions.items()))
-        if wanted.payload:
-            result.payloads = _placed(parts, len(keys), lambda fetched: fetched.payloads)
-        if wanted.metadata:
-            result.metadata = _placed(parts, len(keys), lambda fetched: fetched.metadata)
-        if wanted.text_fields:
-            result.texts = _placed(parts, len(keys), lambda fetched: fetched.texts)
+        return self._scatter().search(plan, where)
 
     def check_dense(
         self,
@@ -324,11 +404,11 @@ class Collection:
         trace = current_trace()
         timing = trace.search(1) if trace is not None else None
         started = time.perf_counter() if timing is not None else 0.0
-        # One shard after another: a plain dense search may run on the server's event loop.
-        parts = [shard.search_dense(field, vectors, k, (ef, max_lists, eps), flt) for shard in self.shards]
+        # One shard after another (serial_map): a plain dense search may run on the server's event loop.
+        results = self._scatter().search_dense(field, vectors, k, (ef, max_lists, eps), flt)
         if timing is not None:
             timing.add_strand(0, time.perf_counter() - started)
-        return merge_batches(parts, k)
+        return results
 
 
 def _placed(parts: list[tuple[list[int], Fetched]], n: int, column: Callable[[Fetched], list | None]) -> list:

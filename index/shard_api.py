@@ -3,8 +3,9 @@
 ``Shard`` (index/shard/) implements ``ShardHandle`` in process; a router's remote shard (a
 replica set with failover, service/cluster/router/) implements it over braid.cluster.v1.Shard.
 ``Collection`` (index/collection.py) scatters each operation over its shards' handles and
-gathers the answers (index/gather.py), so a standalone collection and a router rank, fuse and
-fetch through one path. Like index/log.py's ``ShardLog``, it is a ``Protocol``: a handle needs
+gathers the answers (index/gather.py); its reads go through ``Scatter``, which a router uses
+too over its remote shards (``ShardReads``, the read half), so a standalone collection and a
+router rank, fuse and fetch through one path. Like index/log.py's ``ShardLog``, it is a ``Protocol``: a handle needs
 the methods, not a base class.
 
 Reads see one state of the shard each; a collection that must see a write (a router's
@@ -68,18 +69,12 @@ class Fetched:
     texts: list[dict[str, str]] | None = None
 
 
-class ShardHandle(Protocol):
-    """One shard as a collection uses it."""
+class ShardReads(Protocol):
+    """What ``Scatter`` (index/collection.py) reads of one shard: a router's remote shard
+    offers these (its writes go through the log, its documents stay protobuf: the router's own)."""
 
     number: int
 
-    # writes: applied (and durable) when they return
-    def upsert(self, docs: list[DocumentWrite]) -> int: ...
-    def delete_ids(self, ids: list[str]) -> int: ...
-    def delete_filter(self, flt: Filter) -> int: ...
-    def flush(self) -> None: ...
-
-    # reads
     def search(
         self, plan: SearchPlan, depths: list[int], where: str = "", timing: SearchTiming | None = None
     ) -> list[Ranked]: ...
@@ -89,8 +84,20 @@ class ShardHandle(Protocol):
     def text_stats(self, terms: list[tuple[str, str]]) -> tuple[list[int], int]: ...
     def sparse_stats(self, field: str, term_ids: list[int]) -> tuple[np.ndarray, int]: ...
     def fetch(self, labels: list[int], ids: list[str], wanted: Wanted) -> Fetched: ...
-    def documents(self, ids: list[str], include_vectors: bool = False) -> list[dict]: ...
     def count(self, flt: Filter | None) -> int: ...
+
+
+class ShardHandle(ShardReads, Protocol):
+    """One shard as a collection uses it."""
+
+    # writes: applied (and durable) when they return
+    def upsert(self, docs: list[DocumentWrite]) -> int: ...
+    def delete_ids(self, ids: list[str]) -> int: ...
+    def delete_filter(self, flt: Filter) -> int: ...
+    def flush(self) -> None: ...
+
+    # reads beyond ShardReads
+    def documents(self, ids: list[str], include_vectors: bool = False) -> list[dict]: ...
 
     # state
     def read_problem(self) -> str | None: ...

@@ -14,7 +14,10 @@ One concern per module:
 - ``writes``: validate, encode, publish through the log, wait for a replica's apply, what a
   failed write may have done; the pipelined BulkUpsert writer;
 - ``covering``: a whole search on one server holding a replica of every shard;
-- ``reads``: counts, gets, the fanned-out search (DFS idf gathering, merge and fusion, fetch);
+- ``remote_shard``: RemoteShard, one shard's replicas as index/shard_api.py's ``ShardReads``
+  for one request, and the map that keeps every shard's call in flight at once;
+- ``reads``: counts, gets, the fanned-out search through index/collection.py's ``Scatter``
+  over the request's RemoteShards (DFS idf gathering, merge and fusion, fetch);
 - ``loop``: the searches that run on the event loop (grpc.aio);
 - ``collection``: RemoteCollection, tying the above together;
 - ``rpcs``: RouterRpcs, the braid.v1 bodies a router answers differently.

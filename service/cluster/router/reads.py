@@ -1,66 +1,65 @@
 """Reads fanned out to one replica of every shard: counts, gets, IDF, and the search.
 
-Each strand is merged across shards and fused exactly as a collection does
-(index/gather.py ``combine``), so the hits equal a standalone collection's with the same
-shard count. A search with BM25 terms first gathers the collection's IDF of each from every
-shard (the DFS phase), so the shards score as one shard would; the hits' payload and text
-are then fetched from the replicas that ranked them.
+The reads go through index/collection.py's ``Scatter``, as a standalone collection's do, over
+this request's ``RemoteShard`` handles (remote_shard.py: each shard's replicas, bound to the
+sequence the request's consistency chose), so the DFS phase, the merge of each strand across
+shards, fusion and the fetch of the hits' payload and text are one path for both, and the
+hits equal a standalone collection's with the same shard count. What stays here is the
+router's own: consistency, the whole search on a server holding every shard first
+(covering.py), the shards' encoded request, the trace's stages, and Get (its documents stay
+the shards' protobuf, which the router answers as it is).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
-import grpc
 import numpy as np
 
 from braid.cluster.v1 import shard_pb2 as spb
+from braid.index.collection import Scatter
 from braid.index.filters import Filter
-from braid.index.gather import combine, global_bm25_idf, merge_batches, sparse_idf_of, strand_depths
-from braid.index.query import Bm25Query, DenseQuery, SearchPlan, SearchResult, SparseQuery
+from braid.index.gather import combine, strand_depths
+from braid.index.query import DenseQuery, SearchPlan, SearchResult, SparseQuery
 from braid.index.stats import current_trace
-from braid.index.text import query_terms
 from braid.index.validate import check_ids
 from braid.v1 import braid_pb2 as pb
 
 from ... import convert
-from ...errors import RETRYABLE_CODES
 from .covering import CoveringSearch
-from .replicas import default_deadline, error_from, ranked_of
+from .remote_shard import QueryAnalysis, RemoteShard, remote_map
+from .replicas import default_deadline
 
 
 class CollectionReads(CoveringSearch):
     """What service/rpcs.py reads of a collection, answered by the shards' replicas."""
 
+    def handles(
+        self, min_seqs: list[int], request: pb.SearchRequest | None = None, count_filter: pb.Filter | None = None
+    ) -> list[RemoteShard]:
+        """One RemoteShard per shard for one request, each read once its replica applied ``min_seqs[shard]``."""
+        return [RemoteShard(self, shard, min_seqs[shard], request, count_filter) for shard in self.shards]
+
+    def scatter(
+        self, min_seqs: list[int], request: pb.SearchRequest | None = None, count_filter: pb.Filter | None = None
+    ) -> Scatter:
+        """index/collection.py's reads over this request's handles, every shard's call in flight at once."""
+        names = [spec.name for spec in self.schema.text_fields]
+        text = QueryAnalysis(self._analyzers, names) if names else None
+        run = remote_map(self)
+        return Scatter(self.handles(min_seqs, request, count_filter), run, run, text)
+
     def count(self, flt: Filter | None = None, request: pb.CountRequest | None = None) -> int:
-        min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
-
-        def call(shard: int, stub: Any, timeout: float) -> Any:
-            message = spb.ShardCountRequest(replica=self._ref(shard), min_seq=min_seqs[shard])
-            if request is not None and request.HasField("filter"):
-                message.filter.CopyFrom(request.filter)
-                message.has_filter = True
-            return stub.Count.future(message, timeout=timeout)
-
-        answers = self._fan_out(self.shards, call, default_deadline())
-        return sum(response.count for response, _ in answers.values())
+        """Documents matching ``flt`` (the filter of ``request``, checked by the caller), or all."""
+        wire = request.filter if request is not None and request.HasField("filter") else None
+        return self.scatter(self._min_seqs(pb.CONSISTENCY_DEFAULT), count_filter=wire).count(flt)
 
     def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
-        min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
-        answers = self._fan_out(
-            self.shards,
-            lambda s, stub, t: stub.TermStats.future(
-                spb.TermStatsRequest(replica=self._ref(s), field=field, term_ids=term_ids, min_seq=min_seqs[s]),
-                timeout=t,
-            ),
-            default_deadline(),
-        )
-        df = sum(np.asarray(response.df, np.int64) for response, _ in answers.values())
-        documents = sum(response.documents for response, _ in answers.values())
-        return sparse_idf_of(np.asarray(df, np.int64), int(documents))
+        return self.scatter(self._min_seqs(pb.CONSISTENCY_DEFAULT)).sparse_idf(field, term_ids)
 
     def get_documents(self, request: pb.GetRequest) -> list[pb.Document]:
+        """The documents of ``request.ids`` as the shards encoded them (protobuf, not dicts: the
+        router answers them as they are), in request order; unknown ids are left out."""
         check_ids(list(request.ids), self.limits)
         groups = self._group(list(request.ids), lambda doc_id: doc_id)
         min_seqs = self._min_seqs(pb.CONSISTENCY_DEFAULT)
@@ -88,9 +87,9 @@ class CollectionReads(CoveringSearch):
         consistency: int = 0,
     ) -> list[SearchResult]:
         min_seqs = self._min_seqs(consistency)
-        packed = np.ascontiguousarray(vectors, "<f4").tobytes()
         failed_over = False
         if len(vectors) == 1:  # one query (by text, or STRONG): whole, on a server holding every shard
+            packed = np.ascontiguousarray(vectors, "<f4").tobytes()
             dense = pb.DenseQuery(field=field, vector=pb.DenseVector(packed=packed), ef=ef, max_lists=max_lists)
             if eps is not None:
                 dense.eps = eps
@@ -99,20 +98,10 @@ class CollectionReads(CoveringSearch):
             if response is not None:
                 ids = [hit.id for hit in response.hits]
                 return [SearchResult(ids=ids, scores=np.array([hit.score for hit in response.hits], np.float32))]
-
-        def call(shard: int, stub: Any, timeout: float) -> Any:
-            message = spb.ShardDenseRequest(
-                replica=self._ref(shard), field=field, vectors=packed, k=k, ef=ef, max_lists=max_lists,
-                min_seq=min_seqs[shard],
-            )  # fmt: skip
-            if eps is not None:
-                message.eps = eps
-            return stub.SearchDense.future(message, timeout=timeout)
-
-        answers = self._fan_out(self.shards, call, default_deadline())
+        results = self.scatter(min_seqs).search_dense(field, vectors, k, (ef, max_lists, eps), None)
         if failed_over:
             self.catalog.stats.failed_over()
-        return merge_batches([[ranked_of(r) for r in answers[s][0].results] for s in self.shards], k)
+        return results
 
     def search_response(
         self, request: pb.SearchRequest, plan: SearchPlan, types: dict, max_response_bytes: int | None
@@ -137,97 +126,29 @@ class CollectionReads(CoveringSearch):
     def search_request(
         self, request: pb.SearchRequest, plan: SearchPlan, where: str = "", min_seqs: list[int] | None = None
     ) -> SearchResult:
-        """A checked, encoded plan: rank on every shard, combine, then fetch the hits' payload and text."""
+        """A checked, encoded plan: the DFS phase, rank on every shard, combine, then fetch the
+        hits' payload and text from the replicas that ranked them (``Scatter``'s steps; the
+        strands are timed on the shard servers, so the trace gets only the stages here)."""
         self.check(plan, where)
         shard_request = encoded_request(request, plan)
-        trace = current_trace()  # the slow-query log: strands run on the shard servers, so only the stages here
+        trace = current_trace()
         started = time.perf_counter()
         if min_seqs is None:
             min_seqs = self._min_seqs(plan.consistency)
-        idf = self._bm25_idf(plan, min_seqs, where) if len(self.shards) > 1 else []
-        answers = self._fan_out(
-            self.shards,
-            lambda s, stub, t: stub.Search.future(
-                spb.ShardSearchRequest(replica=self._ref(s), request=shard_request, min_seq=min_seqs[s], bm25_idf=idf),
-                timeout=t,
-            ),
-            default_deadline(),
-        )
+        scatter = self.scatter(min_seqs, shard_request)
+        depths = strand_depths(plan)
+        if len(self.shards) > 1:
+            scatter.gather_bm25_idf(plan, where)
+        per_shard = scatter.rank(plan, depths, where)
         ranked = time.perf_counter()
-        per_shard = [[ranked_of(r) for r in answers[s][0].strands] for s in self.shards]
-        result, keys = combine(plan, per_shard, strand_depths(plan))
+        result, keys = combine(plan, per_shard, depths)
         fused = time.perf_counter()
-        self._fetch(result, keys, plan, {s: answers[s][1] for s in self.shards})
+        scatter.materialize(result, keys, plan)
         if trace is not None:
             now = time.perf_counter()
             trace.stage("shards", ranked - started, time.time_ns() - int((now - started) * 1e9))
             trace.search(0).finish(fused - ranked, now - fused)
         return result
-
-    def _bm25_idf(self, plan: SearchPlan, min_seqs: list[int], where: str) -> list[spb.TermIdf]:
-        """The DFS phase: the collection's IDF of every BM25 term of the plan, from one replica of
-        each shard (one TextStats call each), so the shards score as one shard would."""
-        wanted: list[tuple[int, tuple[str, str]]] = []
-        for i, sub in enumerate(plan.queries):
-            query = sub.query
-            if isinstance(query, Bm25Query):
-                fields = query.fields or [spec.name for spec in self.schema.text_fields]
-                at = f"{where}queries[{i}].bm25.text"
-                wanted += [(i, key) for key in query_terms(self._analyzers, query.text, fields, at)]
-        if not wanted:
-            return []
-        keys = sorted({key for _, key in wanted})
-        terms = [spb.TextTerm(field=field, term=term) for field, term in keys]
-        answers = self._fan_out(
-            self.shards,
-            lambda s, stub, t: stub.TextStats.future(
-                spb.TextStatsRequest(replica=self._ref(s), terms=terms, min_seq=min_seqs[s]), timeout=t
-            ),
-            default_deadline(),
-        )
-        idf = global_bm25_idf(keys, [(list(answer.df), answer.documents) for answer, _ in answers.values()])
-        return [spb.TermIdf(query=i, term=spb.TextTerm(field=key[0], term=key[1]), idf=idf[key]) for i, key in wanted]
-
-    def _fetch(self, result: SearchResult, keys: list[int], plan: SearchPlan, answered_by: dict[int, str]) -> None:
-        wants_payload = plan.include_payload or bool(plan.payload_fields)
-        if not (wants_payload or plan.text_fields) or not keys:
-            return
-        positions: dict[int, list[int]] = {}
-        for position, key in enumerate(keys):
-            positions.setdefault(key >> 40, []).append(position)
-        types = {f.name: f.type for f in self.schema.payload_fields}
-        payloads: list[dict] = [{} for _ in keys]
-        texts: list[dict[str, str]] = [{} for _ in keys]
-        metadata = [""] * len(keys)
-        deadline = default_deadline()
-        for shard, where in positions.items():
-            message = spb.FetchRequest(
-                replica=self._ref(shard),
-                labels=np.asarray([keys[p] for p in where], "<i8").tobytes(),
-                ids=[result.ids[p] for p in where],
-                payload_fields=plan.payload_fields or [],
-                include_payload=plan.include_payload,
-                text_fields=plan.text_fields,
-            )
-            stub = self.catalog.clients.stub(answered_by[shard])
-            try:  # the replica that ranked these labels; another one has the same labels (same log, same order)
-                response = stub.Fetch(message, timeout=max(deadline - time.monotonic(), 0.001))
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE_CODES:
-                    raise error_from(err) from None
-                response, _ = self._call(shard, lambda stub, t, m=message: stub.Fetch(m, timeout=t), deadline)
-            for position, hit in zip(where, response.hits, strict=True):
-                payloads[position] = {
-                    name: convert.value_from_proto(value, f"payload.{name}") for name, value in hit.payload.items()
-                }
-                texts[position] = dict(hit.text)
-                metadata[position] = hit.metadata
-        if wants_payload:
-            result.payloads = [{name: p[name] for name in p if name in types} for p in payloads]
-        if plan.include_payload:
-            result.metadata = metadata
-        if plan.text_fields:
-            result.texts = texts
 
 
 def encoded_request(request: pb.SearchRequest, plan: SearchPlan, whole: bool = False) -> pb.SearchRequest:
