@@ -16,14 +16,18 @@ import re
 import socket
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from braid.cluster.v1 import shard_pb2 as spb
+from braid.index.gather import sparse_idf_of
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.router import RemoteCatalog
+from braid.service.config import ServerConfig
 from braid.v1 import braid_pb2 as pb
 
 from .conftest import Running, start_in_process, stop_in_process
@@ -31,6 +35,7 @@ from .test_cluster import (
     DIM,
     N_DOCS,
     SETTLE,
+    SPARSE_TERMS,
     T,
     assert_same_batches,
     assert_same_hits,
@@ -191,6 +196,29 @@ def test_split_searches_fan_out_and_match_standalone(loaded: Hop, standalone: Ru
     assert calls["SearchCollection"] == 0 and calls["Search"] > 0 and calls["SearchDense"] > 0, calls
     assert calls["TextStats"] > 0 and calls["Fetch"] > 0, calls  # BM25's DFS phase, payload and text
     assert_same_batches(loaded.router.stub, standalone.stub, sets)
+
+
+def test_split_reads_scatter_over_remote_shards(loaded: Hop, tmp_path: Path) -> None:
+    """A router's reads of a split collection, in process: index/collection.py's Scatter over one
+    RemoteShard per shard. Its sparse IDF (what weights an inference-free sparse query by text;
+    no RPC here reaches it without such an encoder) is the IDF of the documents loaded, to the
+    bit, 0 for a term no document has; each shard's handle counts its own documents."""
+    config = ServerConfig(data_dir=tmp_path / "router", role="router", nats=loaded.cluster.nats.url_list)
+    catalog = RemoteCatalog(config)
+    try:
+        catalog.recover()
+        collection = catalog.get(SPLIT)
+        terms = list(range(SPARSE_TERMS + 1))  # the last one: in no document
+        df = np.zeros(len(terms), np.int64)
+        for doc in make_docs(N_DOCS, seed=1):
+            df[list(doc.sparse["splade"].indices)] += 1
+        want = sparse_idf_of(df, N_DOCS)
+        got = collection.sparse_idf("splade", terms)
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes() and got[-1] == 0
+        counts = [handle.count(None) for handle in collection.handles([0, 0])]
+        assert sum(counts) == N_DOCS and min(counts) > 0, counts
+    finally:
+        catalog.close()
 
 
 def _bad_plain_dense(collection: str) -> list[pb.SearchRequest]:
