@@ -10,11 +10,13 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from langchain_core.documents import Document
 from langchain_tests.integration_tests.vectorstores import VectorStoreIntegrationTests
 
 from braid.integrations.langchain import BraidVectorStore, to_filter
+from braid.integrations.schema import collection_schema
 from braid.v1 import braid_pb2 as pb
 
 from .conftest import ChildServer
@@ -153,4 +155,28 @@ def test_server_side_encoder_needs_no_embeddings(server: ChildServer) -> None:
         assert [d.id for d in store.max_marginal_relevance_search("kitten", k=1)] == ["kitten"]
     finally:
         store.delete_collection()
+        store.close()
+
+
+def test_the_stores_clients_and_collection_errors(server: ChildServer) -> None:
+    embedding = VectorStoreIntegrationTests.get_embeddings()
+    store = _store(server, embedding=embedding, create_collection=False)
+    with pytest.raises(grpc.RpcError) as err:
+        store.similarity_search("x")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # A store on a given client leaves it open on close; one without the dense field says so.
+    shared = BraidVectorStore(
+        store.collection, embedding, client=server.client, address=store.address, dense_field="vec"
+    )
+    try:
+        shared.client.create_collection(store.collection, collection_schema("text", "emb", 6))
+        shared.close()
+        for search in (lambda: shared.similarity_search("x"), lambda: asyncio.run(shared.asimilarity_search("x"))):
+            with pytest.raises(ValueError, match=f"collection '{store.collection}' has no dense field 'vec'"):
+                search()
+        with pytest.raises(ValueError, match=r"unknown search argument\(s\): colour"):
+            store.similarity_search("x", colour="red")
+        assert store.similarity_search("x") == []
+    finally:
+        server.client.delete_collection(store.collection)
         store.close()

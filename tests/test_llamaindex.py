@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
@@ -265,6 +266,28 @@ def test_client_side_embeddings_without_an_encoder(server: Running) -> None:
             store.query(VectorStoreQuery(query_embedding=[1, 0, 0], mode=VectorStoreQueryMode.MMR))
         with pytest.raises(ValueError, match="alpha must be within"):
             store.query(VectorStoreQuery(query_embedding=[1, 0, 0], query_str="w", mode="hybrid", alpha=1.5))
+    finally:
+        store.delete_collection()
+        store.close()
+
+
+def test_the_stores_clients_and_collection_errors(server: Running, no_embed_model: None) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        _store(server, create_collection=False)  # asks the server whether the field has an encoder
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    store = _store(server, encoder_model=MODEL)
+    try:
+        store.add([TextNode(id_="n", text="north wind")])
+        with pytest.raises(ValueError, match=f"collection '{store.collection}' has no dense field 'vec'"):
+            BraidVectorStore(store.collection, address=f"127.0.0.1:{server.port}", dense_field="vec")
+        with pytest.raises(ValueError, match=r"unknown query argument\(s\): colour"):
+            store.query(VectorStoreQuery(query_str="north"), colour="red")
+        # Each event loop (asyncio.run makes one) gets an async client of its own.
+        for _ in range(2):
+            assert [n.node_id for n in asyncio.run(store.aget_nodes(["n"]))] == ["n"]
+        # A store on a given client leaves it open on close.
+        BraidVectorStore(store.collection, client=server.client, encoder_model=MODEL).close()
+        assert server.client.count(store.collection) == 1
     finally:
         store.delete_collection()
         store.close()

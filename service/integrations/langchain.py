@@ -20,17 +20,16 @@ store or per call (``similarity_search(q, search_type="hybrid")``, which a retri
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
+from braid.integrations.clients import ClientMethods, StoreClients, dense_field, search_options
 from braid.integrations.schema import METRICS, collection_schema
 from braid.service.aio import AsyncBraidClient
 from braid.service.client import BraidClient
@@ -38,8 +37,6 @@ from braid.service.messages import metadata_of, value
 from braid.v1 import braid_pb2 as pb
 
 SEARCH_TYPES = ("similarity", "hybrid", "bm25")
-# Documents per Upsert call: well under the server's batch and message limits.
-BATCH = 256
 
 # ----------------------------------------------------------------- filters
 
@@ -151,7 +148,7 @@ def _cosine(query: Sequence[float], vectors: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ store
 
 
-class BraidVectorStore(VectorStore):
+class BraidVectorStore(ClientMethods, VectorStore):
     """A Braid collection as a LangChain vector store (module doc).
 
     Args:
@@ -197,11 +194,7 @@ class BraidVectorStore(VectorStore):
         self.address = address
         self.timeout = timeout
         self.client_options = client_options
-        self.client = client or BraidClient(address, timeout, **client_options)
-        self._own_client = client is None
-        self._given_aclient = async_client
-        self._aclient: AsyncBraidClient | None = None  # made for the loop _aloop
-        self._aloop: asyncio.AbstractEventLoop | None = None
+        self._clients = StoreClients(address, timeout, client, async_client, client_options)
         self.text_field = text_field
         self.dense_field = dense_field
         self.search_type = search_type
@@ -217,38 +210,10 @@ class BraidVectorStore(VectorStore):
     def embeddings(self) -> Embeddings | None:
         return self.embedding
 
-    # ---------------------------------------------------------------- clients
-
-    @property
-    def async_client(self) -> AsyncBraidClient:
-        """The AsyncBraidClient of the running event loop (a grpc.aio channel belongs to one loop)."""
-        if self._given_aclient is not None:
-            return self._given_aclient
-        loop = asyncio.get_running_loop()
-        if self._aclient is None or self._aloop is not loop:
-            # A new loop (each asyncio.run makes one): the old client's channel died with its loop.
-            # The loop is held, not its id, so a later loop at the same address is still a new one.
-            self._aloop, self._aclient = loop, AsyncBraidClient(self.address, self.timeout, **self.client_options)
-        return self._aclient
-
-    def close(self) -> None:
-        """Close the sync client this store made (async ones: ``aclose`` on their loop)."""
-        if self._own_client:
-            self.client.close()
-
-    async def aclose(self) -> None:
-        """Close the async client this store made for the running loop."""
-        if self._aclient is not None and self._aloop is asyncio.get_running_loop():
-            aclient, self._aclient, self._aloop = self._aclient, None, None
-            await aclient.close()
-
     # ------------------------------------------------------------- collection
 
     def _learn(self, info: pb.CollectionInfo) -> None:
-        fields = {f.name: f for f in info.schema.dense_fields}
-        if self.dense_field not in fields:
-            raise ValueError(f"collection {self.collection!r} has no dense field {self.dense_field!r}")
-        field = fields[self.dense_field]
+        field = dense_field(info, self.collection, self.dense_field)
         self._encoded = bool(field.encoder.model)
         self._collection_metric = field.metric
         if not self._encoded and self.embedding is None:
@@ -261,57 +226,29 @@ class BraidVectorStore(VectorStore):
 
     def ensure_collection(self, dim: int | None = None) -> None:
         """Create the collection when missing (dim: of the embeddings, probed when not given)."""
-        try:
-            self._learn(self.client.get_collection(self.collection))
-            return
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        if dim is None and self.encoder_model is None and self.embedding is not None:
-            dim = len(self.embedding.embed_query("dimension"))
-        try:
-            self.client.create_collection(self.collection, self._schema(dim or 0))
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by another writer
-                raise
-        self._learn(self.client.get_collection(self.collection))
+        info = self._clients.info(self.collection, missing_ok=True)
+        if info is None:
+            if dim is None and self.encoder_model is None and self.embedding is not None:
+                dim = len(self.embedding.embed_query("dimension"))
+            info = self._clients.create(self.collection, self._schema(dim or 0))
+        self._learn(info)
 
     async def aensure_collection(self, dim: int | None = None) -> None:
-        aclient = self.async_client
-        try:
-            self._learn(await aclient.get_collection(self.collection))
-            return
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        if dim is None and self.encoder_model is None and self.embedding is not None:
-            dim = len(await self.embedding.aembed_query("dimension"))
-        try:
-            await aclient.create_collection(self.collection, self._schema(dim or 0))
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-        self._learn(await aclient.get_collection(self.collection))
+        info = await self._clients.ainfo(self.collection, missing_ok=True)
+        if info is None:
+            if dim is None and self.encoder_model is None and self.embedding is not None:
+                dim = len(await self.embedding.aembed_query("dimension"))
+            info = await self._clients.acreate(self.collection, self._schema(dim or 0))
+        self._learn(info)
 
     def _known(self) -> bool:
-        if self._encoded is None:
-            try:
-                self._learn(self.client.get_collection(self.collection))
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND or not self.create_collection:
-                    raise
-                return False
-        return True
+        """Whether the collection exists (and what it is, learnt once); False when missing."""
+        return self._encoded is not None or self._clients.learn(self.collection, self.create_collection, self._learn)
 
     async def _aknown(self) -> bool:
-        if self._encoded is None:
-            try:
-                self._learn(await self.async_client.get_collection(self.collection))
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND or not self.create_collection:
-                    raise
-                return False
-        return True
+        return self._encoded is not None or await self._clients.alearn(
+            self.collection, self.create_collection, self._learn
+        )
 
     # ----------------------------------------------------------------- writes
 
@@ -357,9 +294,7 @@ class BraidVectorStore(VectorStore):
         vectors = self._embedding().embed_documents(texts) if self._client_vectors(known) else None
         if not known:
             self.ensure_collection(len(vectors[0]) if vectors else None)
-        docs = self._docs(texts, metadatas, ids, vectors)
-        for start in range(0, len(docs), BATCH):
-            self.client.upsert(self.collection, docs[start : start + BATCH])
+        self._clients.upsert(self.collection, self._docs(texts, metadatas, ids, vectors))
         return ids
 
     async def aadd_texts(
@@ -378,9 +313,7 @@ class BraidVectorStore(VectorStore):
         vectors = await self._embedding().aembed_documents(texts) if self._client_vectors(known) else None
         if not known:
             await self.aensure_collection(len(vectors[0]) if vectors else None)
-        docs = self._docs(texts, metadatas, ids, vectors)
-        for start in range(0, len(docs), BATCH):
-            await self.async_client.upsert(self.collection, docs[start : start + BATCH])
+        await self._clients.aupsert(self.collection, self._docs(texts, metadatas, ids, vectors))
         return ids
 
     def add_documents(self, documents: list[Document], **kwargs: Any) -> list[str]:
@@ -469,12 +402,7 @@ class BraidVectorStore(VectorStore):
         if search_type == "hybrid":
             args["fusion"] = kwargs.pop("fusion", self.fusion)
             args["weights"] = kwargs.pop("weights", self.weights)
-        for key in ("score_threshold", "depth", "timeout"):
-            if key in kwargs:
-                args[key] = kwargs.pop(key)
-        if kwargs:
-            raise ValueError(f"unknown search argument(s): {', '.join(sorted(kwargs))}")
-        return args
+        return search_options(args, kwargs, "search")
 
     def _with_scores(self, hits: list[pb.Hit]) -> list[tuple[Document, float]]:
         return [(self._document(hit), hit.score) for hit in hits]

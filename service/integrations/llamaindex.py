@@ -29,11 +29,9 @@ the server's default fusion of equal weights), TEXT_SEARCH and SPARSE (BM25 alon
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseNode, ImageNode, IndexNode, MetadataMode, Node, TextNode
 from llama_index.core.vector_stores.types import (
@@ -48,14 +46,13 @@ from llama_index.core.vector_stores.types import (
 )
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
+from braid.integrations.clients import ClientMethods, StoreClients, dense_field, search_options
 from braid.integrations.schema import METRICS, collection_schema
 from braid.service.aio import AsyncBraidClient
 from braid.service.client import BraidClient
 from braid.service.messages import metadata_of, value
 from braid.v1 import braid_pb2 as pb
 
-# Documents per Upsert call: well under the server's batch and message limits.
-BATCH = 256
 # The metadata key that names a node's source document (node_to_metadata_dict writes it).
 REF_DOC_KEY = "ref_doc_id"
 # Node classes that metadata_dict_to_node reads its own way (every other type is read as a TextNode).
@@ -188,7 +185,7 @@ _EVERYTHING = pb.Filter(
 # ------------------------------------------------------------------ store
 
 
-class BraidVectorStore(BasePydanticVectorStore):
+class BraidVectorStore(ClientMethods, BasePydanticVectorStore):
     """A Braid collection as a LlamaIndex vector store (module doc).
 
     Args:
@@ -223,12 +220,7 @@ class BraidVectorStore(BasePydanticVectorStore):
     weights: dict[str, float] | None = None
     create_collection: bool = True
 
-    _client: BraidClient = PrivateAttr()
-    _own_client: bool = PrivateAttr(default=False)
-    _client_options: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _given_aclient: AsyncBraidClient | None = PrivateAttr(default=None)
-    _aclient: AsyncBraidClient | None = PrivateAttr(default=None)  # made for the loop _aloop
-    _aloop: asyncio.AbstractEventLoop | None = PrivateAttr(default=None)
+    _clients: StoreClients = PrivateAttr()
     _encoded: bool | None = PrivateAttr(default=None)  # the dense field has a server-side encoder (once known)
 
     def __init__(
@@ -264,10 +256,7 @@ class BraidVectorStore(BasePydanticVectorStore):
             # A server-side encoder to be: queries go as text (confirmed or corrected by _learn).
             is_embedding_query=encoder_model is None,
         )
-        self._client = client or BraidClient(address, timeout, **client_options)
-        self._own_client = client is None
-        self._client_options = client_options
-        self._given_aclient = async_client
+        self._clients = StoreClients(address, timeout, client, async_client, client_options)
         if encoder_model is None:
             self._known()
 
@@ -275,89 +264,26 @@ class BraidVectorStore(BasePydanticVectorStore):
     def class_name(cls) -> str:
         return "BraidVectorStore"
 
-    # ---------------------------------------------------------------- clients
-
-    @property
-    def client(self) -> BraidClient:
-        return self._client
-
-    @property
-    def async_client(self) -> AsyncBraidClient:
-        """The AsyncBraidClient of the running event loop (a grpc.aio channel belongs to one loop)."""
-        if self._given_aclient is not None:
-            return self._given_aclient
-        loop = asyncio.get_running_loop()
-        if self._aclient is None or self._aloop is not loop:
-            # A new loop (each asyncio.run makes one): the old client's channel died with its loop.
-            self._aloop = loop
-            self._aclient = AsyncBraidClient(self.address, self.timeout, **self._client_options)
-        return self._aclient
-
-    def close(self) -> None:
-        """Close the sync client this store made (async ones: ``aclose`` on their loop)."""
-        if self._own_client:
-            self._client.close()
-
-    async def aclose(self) -> None:
-        """Close the async client this store made for the running loop."""
-        if self._aclient is not None and self._aloop is asyncio.get_running_loop():
-            aclient, self._aclient, self._aloop = self._aclient, None, None
-            await aclient.close()
-
     # ------------------------------------------------------------- collection
 
     def _learn(self, info: pb.CollectionInfo) -> None:
-        fields = {f.name: f for f in info.schema.dense_fields}
-        if self.dense_field not in fields:
-            raise ValueError(f"collection {self.collection!r} has no dense field {self.dense_field!r}")
-        self._encoded = bool(fields[self.dense_field].encoder.model)
+        self._encoded = bool(dense_field(info, self.collection, self.dense_field).encoder.model)
         self.is_embedding_query = not self._encoded
-
-    def _missing_ok(self, err: grpc.RpcError) -> bool:
-        return err.code() == grpc.StatusCode.NOT_FOUND and self.create_collection
 
     def _known(self) -> bool:
         """Whether the collection exists (and what it is, learnt once); False when missing."""
-        if self._encoded is None:
-            try:
-                self._learn(self._client.get_collection(self.collection))
-            except grpc.RpcError as err:
-                if not self._missing_ok(err):
-                    raise
-                return False
-        return True
+        return self._encoded is not None or self._clients.learn(self.collection, self.create_collection, self._learn)
 
     async def _aknown(self) -> bool:
-        if self._encoded is None:
-            try:
-                self._learn(await self.async_client.get_collection(self.collection))
-            except grpc.RpcError as err:
-                if not self._missing_ok(err):
-                    raise
-                return False
-        return True
+        return self._encoded is not None or await self._clients.alearn(
+            self.collection, self.create_collection, self._learn
+        )
 
     def _schema(self, nodes: Sequence[BaseNode]) -> pb.Schema:
         dim = 0
         if self.encoder_model is None:
             dim = len(self._embedding(nodes[0]))
         return collection_schema(self.text_field, self.dense_field, dim, self.metric, self.encoder_model)
-
-    def _create(self, nodes: Sequence[BaseNode]) -> None:
-        try:
-            self._client.create_collection(self.collection, self._schema(nodes))
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:  # made meanwhile by another writer
-                raise
-        self._learn(self._client.get_collection(self.collection))
-
-    async def _acreate(self, nodes: Sequence[BaseNode]) -> None:
-        try:
-            await self.async_client.create_collection(self.collection, self._schema(nodes))
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-        self._learn(await self.async_client.get_collection(self.collection))
 
     def _missing(self) -> ValueError:
         return ValueError(f"collection {self.collection!r} does not exist (yet): add nodes first")
@@ -391,26 +317,24 @@ class BraidVectorStore(BasePydanticVectorStore):
         if not nodes:
             return []
         if not self._known():
-            self._create(nodes)
+            self._learn(self._clients.create(self.collection, self._schema(nodes)))
         docs = self._documents(nodes)
-        for start in range(0, len(docs), BATCH):
-            self._client.upsert(self.collection, docs[start : start + BATCH])
+        self._clients.upsert(self.collection, docs)
         return [doc["id"] for doc in docs]
 
     async def async_add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         if not nodes:
             return []
         if not await self._aknown():
-            await self._acreate(nodes)
+            self._learn(await self._clients.acreate(self.collection, self._schema(nodes)))
         docs = self._documents(nodes)
-        for start in range(0, len(docs), BATCH):
-            await self.async_client.upsert(self.collection, docs[start : start + BATCH])
+        await self._clients.aupsert(self.collection, docs)
         return [doc["id"] for doc in docs]
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of the source document ``ref_doc_id`` (none: no error)."""
         if self._known():
-            self._client.delete(self.collection, filter=_ref_doc([ref_doc_id]))
+            self.client.delete(self.collection, filter=_ref_doc([ref_doc_id]))
 
     async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         if await self._aknown():
@@ -435,7 +359,7 @@ class BraidVectorStore(BasePydanticVectorStore):
         """Delete the nodes of ``node_ids`` (missing ones are no error) or those ``filters`` select."""
         args = self._delete_args(node_ids, filters)
         if args is not None and self._known():
-            self._client.delete(self.collection, **args)
+            self.client.delete(self.collection, **args)
 
     async def adelete_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None, **delete_kwargs: Any
@@ -447,14 +371,14 @@ class BraidVectorStore(BasePydanticVectorStore):
     def clear(self) -> None:
         """Delete every document of the collection (the collection and its schema stay)."""
         if self._known():
-            self._client.delete(self.collection, filter=_EVERYTHING)
+            self.client.delete(self.collection, filter=_EVERYTHING)
 
     async def aclear(self) -> None:
         if await self._aknown():
             await self.async_client.delete(self.collection, filter=_EVERYTHING)
 
     def delete_collection(self) -> None:
-        self._client.delete_collection(self.collection)
+        self.client.delete_collection(self.collection)
         self._encoded = None
 
     # ------------------------------------------------------------------ reads
@@ -485,7 +409,7 @@ class BraidVectorStore(BasePydanticVectorStore):
         ids = self._get_ids(node_ids, filters)
         if not ids or not self._known():
             return []
-        return [self._node(doc) for doc in self._client.get(self.collection, ids)]
+        return [self._node(doc) for doc in self.client.get(self.collection, ids)]
 
     async def aget_nodes(
         self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None
@@ -552,12 +476,7 @@ class BraidVectorStore(BasePydanticVectorStore):
                 args["depth"] = {"bm25": query.sparse_top_k}
         if mode == VectorStoreQueryMode.HYBRID and alpha in (0, 1):
             args["limit"] = query.hybrid_top_k or query.similarity_top_k
-        for key in ("score_threshold", "depth", "timeout"):
-            if key in kwargs:
-                args[key] = kwargs.pop(key)
-        if kwargs:
-            raise ValueError(f"unknown query argument(s): {', '.join(sorted(kwargs))}")
-        return args
+        return search_options(args, kwargs, "query")
 
     def _result(self, hits: list[pb.Hit]) -> VectorStoreQueryResult:
         return VectorStoreQueryResult(
@@ -573,7 +492,7 @@ class BraidVectorStore(BasePydanticVectorStore):
         score_threshold, timeout."""
         if not self._known():
             raise self._missing()
-        return self._result(self._client.search(self.collection, **self._search_args(query, dict(kwargs))))
+        return self._result(self.client.search(self.collection, **self._search_args(query, dict(kwargs))))
 
     async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         if not await self._aknown():
