@@ -96,17 +96,19 @@ def test_a_hit_replaced_between_ranking_and_materializing_gets_the_current_text(
     from braid.index.catalog import Catalog
     from braid.index.records import DocumentWrite
     from braid.index.schema import Schema, TextFieldSpec
+    from braid.index.shard_api import Wanted
 
     catalog = Catalog(tmp_path / "data")
     try:
         collection = catalog.create("docs", Schema(text_fields=(TextFieldSpec("body"),)))
         collection.upsert([DocumentWrite(id="a", text={"body": "old"}), DocumentWrite(id="b", text={"body": "bee"})])
         shard = collection.shards[0]
-        ranked = [(shard, shard.label_of("a")), (shard, shard.label_of("b"))]  # labels as ranking saw them
+        ranked = [shard.label_of("a"), shard.label_of("b")]  # labels as ranking saw them
         collection.upsert([DocumentWrite(id="a", text={"body": "new"})])  # a replace lands before materializing
         collection.flush()  # and tantivy has dropped the old version's stored text
-        assert collection._stored_texts(ranked, ["a", "b"], ["body"]) == [{"body": "new"}, {"body": "bee"}]
+        wanted = Wanted(text_fields=("body",))
+        assert shard.fetch(ranked, ["a", "b"], wanted).texts == [{"body": "new"}, {"body": "bee"}]
         collection.delete_ids(["a"])
-        assert collection._stored_texts(ranked, ["a", "b"], ["body"]) == [{}, {"body": "bee"}]
+        assert shard.fetch(ranked, ["a", "b"], wanted).texts == [{}, {"body": "bee"}]
     finally:
         catalog.close()

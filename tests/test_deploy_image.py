@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,32 @@ def test_every_run_is_a_script_that_exists(stages: list[Stage]) -> None:
     keys = [k for k, _ in builder.instructions]
     first_copy = next(i for i, (k, r) in enumerate(builder.instructions) if k == "COPY" and "deploy/image" in r)
     assert first_copy < keys.index("RUN")
+
+
+def test_every_package_directory_ships_in_the_wheel() -> None:
+    """pyproject.toml lists braid's packages one by one (its folders map onto one ``braid``
+    package): a new subpackage left out works in the editable install of ``make test`` and is
+    missing from the image's wheel (ModuleNotFoundError at its first import). Checked here in a
+    millisecond, not only by the image build below."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = setuptools["package-dir"]
+
+    def folder_of(package: str) -> Path:  # the longest mapped prefix, then the rest as folders
+        parts = package.split(".")
+        for cut in range(len(parts), 0, -1):
+            if (prefix := ".".join(parts[:cut])) in folders:
+                return (ROOT / folders[prefix]).joinpath(*parts[cut:]).resolve()
+        return (ROOT / Path(*parts)).resolve()
+
+    shipped = {folder_of(package) for package in setuptools["packages"]}
+    found = {
+        init.parent.resolve()
+        for folder in folders.values()
+        for init in (ROOT / folder).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    missing = sorted(str(path.relative_to(ROOT.resolve())) for path in found - shipped)
+    assert not missing, f"package folders pyproject.toml does not list: {missing}"
 
 
 def test_the_dockerignore_keeps_the_context_small() -> None:
