@@ -49,7 +49,7 @@ from .schema import Schema
 from .shard import DEFAULT_POLICY, Shard
 from .shard_api import Fetched, ShardReads, Wanted
 from .stats import SearchTiming, current_trace
-from .validate import Limits, check_dense_query, check_documents, check_ids, check_plan
+from .validate import ChecksDense, Limits, check_documents, check_ids, check_plan
 
 log = logging.getLogger("braid.collection")
 OPEN_THREADS = 4  # shards of one collection opened at once
@@ -189,7 +189,7 @@ class Scatter:
         return merge_batches(parts, k)
 
 
-class Collection:
+class Collection(ChecksDense):
     def __init__(
         self, name: str, schema: Schema, shards: list[Shard], created_at: float, executor: Executor, limits: Limits
     ) -> None:
@@ -364,19 +364,6 @@ class Collection:
     def search(self, plan: SearchPlan, where: str = "") -> SearchResult:
         self.check(plan, where)
         return self._scatter().search(plan, where)
-
-    def check_dense(
-        self,
-        field: str,
-        vector: np.ndarray,
-        limit: int,
-        ef: int,
-        where: str = "",
-        max_lists: int = 0,
-        eps: float | None = None,
-    ) -> None:
-        """The checks check_plan makes, for one plain dense query."""
-        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
 
     @_admitted
     def search_dense_batch(

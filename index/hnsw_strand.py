@@ -298,8 +298,7 @@ class HnswStrand(HoldsLabels):
             return [EMPTY for _ in range(len(queries))]
         present = self._present.mask
         if allowed is not None:
-            size = min(len(allowed), len(present))
-            allowed = allowed[:size] & present[:size]
+            allowed = self._present_and(allowed)
         parts: list[Hits | None] = []
         for graph in self._graphs:
             if graph.live > 0:
@@ -317,15 +316,20 @@ class HnswStrand(HoldsLabels):
         """What ``search`` of one query with the filter ``allowed`` would cost, in the planner's
         unit (a row gathered and scanned), by the plans it would pick: the server asks before
         it runs a filtered search on its event loop. A mask computation, no search."""
-        present = self._present.mask
-        size = min(len(allowed), len(present))
-        allowed = allowed[:size] & present[:size]
+        allowed = self._present_and(allowed)
         cost = 0.0
         for graph in self._graphs:
             if graph.live > 0:
                 plan = _graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
                 cost += plan[3] if plan is not None else 0.0
         return cost + sum(block.n for block in (*self._frozen, self._growing.view()))
+
+    def _present_and(self, allowed: np.ndarray) -> np.ndarray:
+        """The labels a filter allows that hold a live vector of this field (labels past either
+        mask's end are neither)."""
+        present = self._present.mask
+        size = min(len(allowed), len(present))
+        return allowed[:size] & present[:size]
 
     def _search_graph(
         self, graph: Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None

@@ -235,6 +235,27 @@ def check_dense_query(
     check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
 
 
+class ChecksDense:
+    """``check_dense`` for what has a ``schema`` and ``limits``: a standalone collection and a
+    router's (service/rpcs.py checks a plain dense query through it before the batched path)."""
+
+    schema: Schema
+    limits: Limits
+
+    def check_dense(
+        self,
+        field: str,
+        vector: np.ndarray,
+        limit: int,
+        ef: int,
+        where: str = "",
+        max_lists: int = 0,
+        eps: float | None = None,
+    ) -> None:
+        """The checks check_plan makes, for one plain dense query."""
+        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
+
+
 def unknown_field(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:
     shown = f"{name!r} " if name is not None else ""
     return InvalidArgument.field(

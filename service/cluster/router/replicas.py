@@ -30,7 +30,7 @@ from braid.index.gather import Ranked
 from braid.index.payload import PayloadStore
 from braid.index.query import SearchPlan
 from braid.index.schema import Schema
-from braid.index.validate import check_dense_query, check_plan
+from braid.index.validate import ChecksDense, check_plan
 from braid.v1 import braid_pb2 as pb
 
 from ...admission import call_deadline
@@ -111,7 +111,7 @@ class Tries:
         return Unavailable(f"collection {name!r} shard {self.shard}: no live replica answered ({why})")
 
 
-class CollectionBase:
+class CollectionBase(ChecksDense):
     """A collection as the router sees it, and the calls to its shards' replicas."""
 
     def __init__(self, catalog: RemoteCatalog, meta: CollectionMeta) -> None:
@@ -134,18 +134,6 @@ class CollectionBase:
     # Validation: index/validate.py's, as a standalone collection's.
     def check(self, plan: SearchPlan, where: str = "") -> None:
         check_plan(plan, self.schema, self.payload, self.limits, where)
-
-    def check_dense(
-        self,
-        field: str,
-        vector: np.ndarray,
-        limit: int,
-        ef: int,
-        where: str = "",
-        max_lists: int = 0,
-        eps: float | None = None,
-    ) -> None:
-        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
 
     def write_problem(self) -> str | None:
         if not self.catalog.link.connected:
