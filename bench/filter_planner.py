@@ -1,4 +1,4 @@
-"""The HNSW strand's filter planner in process (index/hnsw_strand.py): filtered against unfiltered search.
+"""The HNSW strand's filter planner (index/hnsw_plan.py) in process: filtered against unfiltered search.
 
     .venv/bin/python bench/filter_planner.py                 # shared set 100,000 x 384, ef 64
     .venv/bin/python bench/filter_planner.py --n 20000 --queries 100
@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCH))
 
 from dense import shared_vectors  # noqa: E402
 
-from braid.index import hnsw_strand  # noqa: E402
+from braid.index import hnsw_plan  # noqa: E402
 from braid.index.hnsw_strand import HnswStrand  # noqa: E402
 from braid.index.hnsw_views import Views  # noqa: E402
 from braid.index.locks import ReadWriteLock  # noqa: E402
@@ -53,8 +53,8 @@ def plan_of(strand: HnswStrand, mask: np.ndarray, k: int, ef: int) -> str:
     """The plan the planner picks for the largest graph (the one that costs)."""
     graph = max(strand._graphs, key=lambda g: g.live)
     count = int(np.count_nonzero(mask[graph.first : graph.top + 1]))
-    want, walk_cost = hnsw_strand.walk_plan(count, graph.live, k, ef)
-    if graph.views.fits(count) and hnsw_strand.VIEW_COST * count <= walk_cost:
+    want, walk_cost = hnsw_plan.walk_plan(count, graph.live, k, ef)
+    if graph.views.fits(count) and hnsw_plan.VIEW_COST * count <= walk_cost:
         return "view" if count > walk_cost else "gather, kept as view"
     return "gather" if count <= walk_cost else f"walk {want}"
 

@@ -51,26 +51,10 @@ same exact way (one gather and one float64 product per part) and the best k kept
 sort over the parts' padded rows): a query's hits are the same bits in any batch.
 
 With a filter (a bool mask over labels, one for the whole batch; the service still sends a
-filtered BatchSearch one query at a time), the planner picks per graph, from the number
-``count`` of matching live labels in it (share = count / live) and three costs in one unit,
-a row gathered and scanned:
-
-* a **view scan**, VIEW_COST a row: when a search with the same filter (the same matching
-  rows) made a filter view of the graph (index/hnsw_views.py), a contiguous copy of exactly
-  those rows, the scan reads it in place (gathering scattered rows is bound by memory latency,
-  about 4x reading them in order);
-* a **gather scan**, 1 a row: the matching rows copied out of the graph's contiguous vectors
-  (``label - first`` is the row when the graph's labels have no gap), then one matrix product;
-  the copy is kept as the filter's view when it fits the graph's view budget (a quarter of its
-  rows); a filter keeping more than that is scanned in place instead, VIEW_COST a row of the
-  graph (every row scored, the others' scores dropped: reading in order costs less);
-* a **walk**, WALK_COST a candidate: an unfiltered walk asking for ``oversample(share)`` x ef /
-  share candidates (so that E[matches] >= ef), filtered afterwards; the queries left with
-  fewer than k matches are scanned exactly, together.
-
-The cheapest wins; a filter seen before whose walk costs more than its view would gets the
-view made now (the gather once, then view scans). Both scans are exact; the walk keeps
-recall@10 inside the filter >= 0.95 (``oversample``). No Python callback runs per visited node.
+filtered BatchSearch one query at a time), each graph is planned on its own: a view scan, a
+gather scan or a walk, whichever costs least (index/hnsw_plan.py owns the cost model). Both
+scans are exact; the walk keeps recall@10 inside the filter >= 0.95. No Python callback runs
+per visited node.
 
 In a checkpoint generation directory (``save`` / ``load``)::
 
@@ -101,7 +85,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from . import durable, hnswfile
+from . import durable, hnsw_plan, hnswfile
 from .dense import hnsw_memory_bytes, score_rows
 from .errors import DataLoss
 from .hnsw_parts import EMPTY, PAD, SPACES, Block, Graph, Hit, Hits, best, best_exact, inside, mark, unpadded, walk
@@ -128,10 +112,6 @@ COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384
 # Background builds leave a core to searches: on every core they would slow searches by the
 # CPU they take (recovery, which nothing searches, builds on every core).
 BUILD_THREADS = max(1, (os.cpu_count() or 2) - 1)
-WALK_COST = (
-    14.0  # a graph walk asking for n candidates costs about as much as gathering and scanning WALK_COST x n rows
-)
-VIEW_COST = 0.25  # scanning a contiguous filter view costs this much a row, against gathering the rows first
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
 ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
 
@@ -289,7 +269,7 @@ class HnswStrand(HoldsLabels):
         """k best live vectors of each query row, as (labels int64, scores float32) best first.
 
         ``allowed`` is a bool mask over labels (labels past its end are excluded); the
-        planner in the module doc decides how each graph honours it. Every part ranks its
+        planner (index/hnsw_plan.py) decides how each graph honours it. Every part ranks its
         own candidates, then scores its best ones the same exact way (``exact_scores``),
         so a document's score never depends on which part holds it.
         """
@@ -320,7 +300,7 @@ class HnswStrand(HoldsLabels):
         cost = 0.0
         for graph in self._graphs:
             if graph.live > 0:
-                plan = _graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
+                plan = hnsw_plan.graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
                 cost += plan[3] if plan is not None else 0.0
         return cost + sum(block.n for block in (*self._frozen, self._growing.view()))
 
@@ -342,7 +322,7 @@ class HnswStrand(HoldsLabels):
                 return self._scan(graph.labels, graph.vectors, queries, k, inside(self._present.mask, graph.labels))
             return self._rescored(graph, queries, found[:, : k + _SLACK], k)
         window = allowed[graph.first : graph.top + 1]
-        plan = _graph_plan(graph, window, k, ef)
+        plan = hnsw_plan.graph_plan(graph, window, k, ef)
         if plan is None:
             return None
         scan, count, want, _, key = plan
@@ -403,7 +383,7 @@ class HnswStrand(HoldsLabels):
                 return None
             if allowed == len(labels):
                 keep = None
-            elif allowed < VIEW_COST * len(labels):  # few rows: copy them out rather than score them all
+            elif allowed < hnsw_plan.VIEW_COST * len(labels):  # few rows: copy them out rather than score them all
                 labels, vectors, keep = labels[keep], vectors[keep], None
         if not len(labels):
             return None
@@ -699,55 +679,6 @@ def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
             if run == TIER_FANOUT:
                 return i + 1 - TIER_FANOUT, i + 1
     return None
-
-
-def _graph_plan(
-    graph: Graph, window: np.ndarray, k: int, ef: int, remember: bool = True
-) -> tuple[bool, int, int, float, bytes | None] | None:
-    """How a graph honours a filter (``window``: its rows' mask from its first label), or None
-    when no row matches: (scan?, the rows matching, the walk's candidates, the cost, the filter
-    view's key). A filter keeping more rows than a view may hold (a quarter of the graph's) is
-    scanned in place: reading every row in order costs less than gathering that many. Without
-    ``remember`` (an estimate) the filter is not counted as seen by the view table."""
-    count = int(np.count_nonzero(window))
-    if count == 0:
-        return None
-    want, walk_cost = walk_plan(count, graph.live, k, ef)
-    key = graph.views.key(window) if graph.views.fits(count) else None
-    view = graph.views.get(key) if key is not None else None
-    if view is not None:
-        scan_cost = VIEW_COST * count
-    elif key is None:
-        scan_cost = VIEW_COST * len(graph.labels)
-    else:
-        scan_cost = count
-    if scan_cost <= walk_cost:
-        return True, count, want, scan_cost, key
-    seen = graph.views.repeated if remember else graph.views.seen
-    if view is None and key is not None and VIEW_COST * count <= walk_cost and seen(key):
-        # the walk costs more than the view would: gather the rows now, scan the view from the next search on
-        return True, count, want, scan_cost, key
-    return False, count, want, walk_cost, key
-
-
-def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
-    """A filtered walk over a graph of ``live`` rows, ``count`` of them matching: the candidates it
-    asks for, and what it costs (WALK_COST a candidate, in rows gathered and scanned)."""
-    share = count / live
-    beam = max(k, ef)
-    want = min(live, math.ceil(oversample(share) * beam / share))
-    return want, WALK_COST * want
-
-
-def oversample(share: float) -> float:
-    """How many times ef / share candidates a filtered walk over a graph asks for when the filter
-    keeps ``share`` of it: E[matching candidates] = this x ef, ef at least (fewer, and a small ef
-    lost recall: the k best matches are then about all the walk finds). The walk is exact near
-    the query and rougher deeper down, and a rarer filter reaches deeper (its 10th match lies
-    near rank 10 / share): on the shared 100,000 x 384 set at ef 64, factor 1 held recall@10 >=
-    0.97 from 30% up but 0.94 at 20%, where 1.5 held 0.95 (docs/benchmarks.md, "Filtered search:
-    filter views and a leaner walk")."""
-    return min(3.0, max(1.0, 0.3 / share))
 
 
 def _worth_one_graph(graphs: tuple[Graph, ...]) -> bool:

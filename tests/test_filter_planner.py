@@ -1,4 +1,4 @@
-"""The filter planner of the HNSW strand (index/hnsw_strand.py) and its filter views
+"""The filter planner of the HNSW strand (index/hnsw_plan.py, index/hnsw_strand.py) and its filter views
 (index/hnsw_views.py): every plan answers right.
 
 The exact plans (a scan of the rows gathered, a scan of a filter view made by an earlier search)
@@ -6,8 +6,8 @@ give brute force's answer, on a graph whose labels run without a gap and on one 
 compaction); a view never answers for another filter, nor after a delete; views stay within their
 budget; a filtered batch answers as its queries one by one; the walk keeps recall@10 >= 0.95
 (fixed seed); and a shard's must / should / must_not filter, planned every way, matches brute force.
-The planner's cost constants are set per test to force one plan (module constants, as
-tests/test_hnsw_segments.py shrinks the block size). Real hnswlib graphs and a real shard.
+The planner's cost constants are set per test to force one plan (index/hnsw_plan.py's module
+constants, as tests/test_hnsw_segments.py shrinks the block size). Real hnswlib graphs and a real shard.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from braid.index import hnsw_strand
+from braid.index import hnsw_plan, hnsw_strand
 from braid.index.filters import Filter, Match, Range
 from braid.index.hnsw_views import Views
 from braid.index.records import DocumentWrite
@@ -47,8 +47,8 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 def _plan(monkeypatch: pytest.MonkeyPatch, plan: str) -> None:
     """Costs that make the planner pick ``plan`` for every filter of these tests."""
     walk_cost, view_cost = {"scan": (1e9, 0.25), "walk": (1e-9, 1e9), "view on repeat": (1e-3, 1e-9)}[plan]
-    monkeypatch.setattr(hnsw_strand, "WALK_COST", walk_cost)
-    monkeypatch.setattr(hnsw_strand, "VIEW_COST", view_cost)
+    monkeypatch.setattr(hnsw_plan, "WALK_COST", walk_cost)
+    monkeypatch.setattr(hnsw_plan, "VIEW_COST", view_cost)
 
 
 def _one_graph(gaps: bool) -> _Fill:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from braid.index import hnsw_strand
+from braid.index import hnsw_plan, hnsw_strand
 from braid.index.hnsw_strand import HnswStrand
 from braid.index.locks import ReadWriteLock
 from braid.index.schema import DenseFieldSpec, HnswParams, Metric
@@ -41,8 +41,8 @@ def test_a_batch_answers_each_query_as_alone_bit_for_bit(
     """``walks``: the planner walks every filtered graph, asking for too few candidates, so many
     walks come back short and those queries alone are scanned (recall is not checked then)."""
     if planner == "walks":
-        monkeypatch.setattr(hnsw_strand, "WALK_COST", 0.0)
-        monkeypatch.setattr(hnsw_strand, "oversample", lambda share: 0.3)
+        monkeypatch.setattr(hnsw_plan, "WALK_COST", 0.0)
+        monkeypatch.setattr(hnsw_plan, "oversample", lambda share: 0.3)
     lock = ReadWriteLock()
     strand = HnswStrand(DenseFieldSpec(name="emb", dim=DIM, metric=metric, hnsw=HnswParams(m=16, ef_construction=100)))
     strand.start(lock)
