@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import snapshot
 from .aliases import AliasTable, check_name
 from .collection import Collection
 from .dirlock import DataDirLock
@@ -53,6 +54,7 @@ from .errors import (
 from .manifest import fsync_dir, read_json, write_json_atomic
 from .policy import StoragePolicy
 from .schema import Schema, validate_collection_name
+from .snapshot_store import SnapshotStore
 from .validate import Limits
 
 log = logging.getLogger("braid.catalog")
@@ -146,6 +148,7 @@ class Catalog:
         self._quarantined: dict[str, Quarantined] = {}
         self._closed = False
         self.aliases = AliasTable(data_dir)
+        self.snapshots = SnapshotStore(data_dir / "snapshots", self.policy.min_free_bytes)
         self.recovery = Recovery()
         if recover:
             self.recover()
@@ -328,18 +331,83 @@ class Catalog:
                     f"name: collection {name!r} has aliases {', '.join(pointing)}: delete them (DeleteAlias) or "
                     f"point them at another collection (UpdateAlias) first"
                 )
-            collection = self._collections.pop(name, None)
-            if collection is not None:
-                collection.close(NotFound(f"collection {name!r} does not exist (it was deleted)"))
-                path = self.root / name
-            elif name in self._quarantined:
-                path = self._quarantined.pop(name).path
-            else:
-                raise NotFound(f"collection {name!r} does not exist")
-            doomed = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
-            path.rename(doomed)
-            fsync_dir(self.root)
-            shutil.rmtree(doomed, ignore_errors=True)
+            self._retire(name, NotFound(f"collection {name!r} does not exist (it was deleted)"))
+
+    # --------------------------------------------------------------- snapshots
+
+    def create_snapshot(self, name: str) -> dict:
+        """Snapshot collection ``name`` (or the one alias ``name`` names) into the snapshot store;
+        its manifest. Writes and searches go on (index/snapshot.py)."""
+        collection = self.get(name)
+        info = {
+            "schema": collection.schema.to_json(),
+            "shard_count": len(collection.shards),
+            "created_at": time.time(),
+            "collection_created_at": collection.created_at,
+        }
+        return self.snapshots.create(collection.name, info, collection.snapshot)
+
+    def restore_snapshot(self, snapshot_name: str, name: str, replace: bool = False) -> Collection:
+        """A collection ``name`` holding what snapshot ``snapshot_name`` holds, answering every search
+        as the snapshotted collection did. An existing collection of that name is AlreadyExists
+        unless ``replace``: then it is swapped for the restored one under the same name, so its
+        aliases follow (a search sees the old or the new collection, never a mix)."""
+        validate_collection_name(name)
+        path, manifest = self.snapshots.verified(snapshot_name)  # DataLoss naming a bad file, before anything
+        schema = Schema.from_json(manifest["schema"])
+        shards = int(manifest["shard_count"])
+        if sorted(int(s["shard"]) for s in manifest["shards"]) != list(range(shards)):
+            raise DataLoss(f"{path / snapshot.MANIFEST}: holds shards {manifest['shards']!r}, not all of {shards}")
+        with self._lock:
+            self._check_open()
+            exists = self._is_collection(name)
+            if exists and not replace:
+                raise AlreadyExists(
+                    f"collection {name!r} already exists: restore under another name and point an alias at it, "
+                    f"or pass replace to swap it"
+                )
+            alias_of = self.aliases.target(name)
+            if alias_of is not None:
+                raise AlreadyExists(f"name: {name!r} is an alias (of collection {alias_of!r})")
+            FreeSpace(self.root, self.policy.min_free_bytes).check(0)
+            staging = self.root / f".restoring-{name}-{uuid.uuid4().hex[:8]}"
+            meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
+            try:
+                staging.mkdir()
+                write_json_atomic(staging / "collection.json", meta)
+                for i in range(shards):
+                    shard_dir = snapshot.SHARD_DIR.format(i)
+                    snapshot.restore_shard(path / shard_dir, staging / shard_dir, keep_seq=False)
+                self._open(staging, meta).close()  # one that cannot open is never published
+                if exists:
+                    self._retire(name, NotFound(f"collection {name!r} was replaced by a restore; retry"))
+                final = self.root / name
+                staging.rename(final)
+                fsync_dir(self.root)
+            except BaseException as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                if isinstance(err, OSError) and is_disk_full(err):
+                    raise DiskFull(f"disk full: cannot restore collection {name!r} under {self.root}: {err}") from err
+                raise
+            collection = self._open(final, meta)
+            self._collections[name] = collection
+        log.info("restored snapshot %s as collection %s", snapshot_name, name)
+        return collection
+
+    def _retire(self, name: str, error: BraidError) -> None:
+        """Close collection ``name`` (or forget its quarantine) and remove its files (caller holds the lock)."""
+        collection = self._collections.pop(name, None)
+        if collection is not None:
+            collection.close(error)
+            path = self.root / name
+        elif name in self._quarantined:
+            path = self._quarantined.pop(name).path
+        else:
+            path = self.root / name  # a directory with no collection.json: left by a crash
+        doomed = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+        path.rename(doomed)
+        fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # ----------------------------------------------------------------- aliases
 

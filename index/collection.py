@@ -48,6 +48,7 @@ from .records import DocumentWrite
 from .schema import Schema
 from .shard import DEFAULT_POLICY, Shard
 from .shard_api import Fetched, ShardReads, Wanted
+from .snapshot import SHARD_DIR
 from .stats import SearchTiming, current_trace
 from .validate import ChecksDense, Limits, check_documents, check_ids, check_plan
 
@@ -332,6 +333,11 @@ class Collection(ChecksDense):
     @_admitted
     def flush(self) -> None:
         self._map(lambda shard: shard.flush(), self.shards)
+
+    @_admitted
+    def snapshot(self, dest: Path) -> list[dict[str, int]]:
+        """Snapshot every shard into ``dest/shard-NNN`` (index/snapshot.py), in parallel; their entries."""
+        return self._map(lambda shard: shard.snapshot(dest / SHARD_DIR.format(shard.number)), self.shards)
 
     # ------------------------------------------------------------------- reads
 

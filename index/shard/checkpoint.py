@@ -17,6 +17,7 @@ never published) are removed when the shard opens and after every checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,12 +33,15 @@ from ..checksums import write_checksums
 from ..errors import BraidError, DiskFull
 from ..hnsw_strand import HnswStrand
 from ..manifest import fsync_dir, read_json, write_json_atomic
+from ..snapshot import capture_shard
 from .indexes import Indexes
 
 if TYPE_CHECKING:
     from .core import Shard
 
 log = logging.getLogger("braid.shard")
+
+Capture = Callable[[int, int, int], None]  # (generation, wal_seq, next_label), under the apply and commit locks
 
 FORMAT_VERSION = 2  # 2: the manifest carries crc32 and wal_crc32, a generation carries CHECKSUMS
 
@@ -199,14 +203,43 @@ class CheckpointMixin:
                 swap()
             self._checkpoint_or_fail()
 
-    def _checkpoint_or_fail(self: Shard) -> None:
+    def snapshot(self: Shard, dest: Path) -> dict[str, int]:
+        """Checkpoint, then lay the published files into ``dest`` (index/snapshot.py) before any
+        write lands or tantivy commits again. Returns the shard's entry of the snapshot manifest.
+        Searches go on; writes wait for the checkpoint, as they do for any."""
+        captured: dict[str, int] = {}
+
+        def capture(generation: int, wal_seq: int, next_label: int) -> None:
+            referenced: set[str] = set()
+            for strand in self._spann_strands().values():
+                referenced |= strand.referenced()
+            capture_shard(self.directory, generation, referenced, dest)
+            captured.update(
+                shard=self.number,
+                wal_seq=wal_seq,
+                next_label=next_label,
+                generation=generation,
+                documents=self.labels.live_count,
+            )
+
+        with self._gate:
+            with self.merger.idle(), self._flush_lock:
+                try:
+                    self._checkpoint_or_fail(capture)
+                except BaseException:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    raise
+            self.merger.maybe_start()
+        return captured
+
+    def _checkpoint_or_fail(self: Shard, capture: Capture | None = None) -> None:
         """Checkpoint; a failed one (a full disk) removes the generation it did not publish, so a
         retry can complete it, and fails the shard only when tantivy's commit broke its writer."""
         started = time.perf_counter()
         dirty_since, logged = self._dirty_since, self._logged_bytes
         generation = self._generation
         try:
-            self._checkpoint()
+            self._checkpoint(capture)
             self.stats.checkpoints.record("checkpoint", "ok", time.perf_counter() - started)
         except BaseException as err:  # incl. tantivy's PanicException
             self.stats.checkpoints.record("checkpoint", "failed", time.perf_counter() - started)
@@ -227,8 +260,10 @@ class CheckpointMixin:
                 raise DiskFull(f"disk full: shard {self.number}: checkpoint failed, nothing changed: {err}") from err
             raise
 
-    def _checkpoint(self: Shard) -> None:
-        """The checkpoint itself (caller holds the flush lock and no SPANN merge is running)."""
+    def _checkpoint(self: Shard, capture: Capture | None = None) -> None:
+        """The checkpoint itself (caller holds the flush lock and no SPANN merge is running).
+        ``capture`` (a snapshot) runs once the manifest is published, before any write lands
+        or tantivy commits again."""
         assert self.wal is not None
         with self._apply_lock:  # no write lands meanwhile; searches go on (HNSW strands snapshot their parts)
             if self._disk.failed:
@@ -239,18 +274,23 @@ class CheckpointMixin:
             self._dirty_since = None
             generation = self._generation + 1
             write_generation(self.directory / "segments", generation, self.indexes)
-            if self.text is not None:
-                with sequencer.commit_lock:
+            with contextlib.ExitStack() as held:
+                if self.text is not None:
+                    held.enter_context(sequencer.commit_lock)
                     self.text.commit()
                     sequencer.committed_seq = max(sequencer.committed_seq, wal_seq)
-            write_manifest(
-                self.directory,
-                self._version,
-                generation,
-                wal_seq,
-                self.labels.size,
-                self.wal.record_crc(wal_seq),  # lets recovery check the log agrees on where replay starts
-            )
-            self._generation = generation
+                    if capture is None:  # a plain checkpoint lets writers commit tantivy again at once
+                        held.close()
+                write_manifest(
+                    self.directory,
+                    self._version,
+                    generation,
+                    wal_seq,
+                    self.labels.size,
+                    self.wal.record_crc(wal_seq),  # lets recovery check the log agrees on where replay starts
+                )
+                self._generation = generation
+                if capture is not None:
+                    capture(generation, wal_seq, self.labels.size)
             self._remove_unreferenced()
             self.wal.truncate_prefix(wal_seq)
