@@ -56,7 +56,6 @@ from typing import Any
 from .checksums import Problem, crc32_file
 from .errors import DataLoss, FailedPrecondition, InvalidArgument
 from .manifest import fsync_dir, load_json, write_atomic, write_json_atomic
-from .text import segment_files
 
 MANIFEST = "SNAPSHOT.json"
 FORMAT_VERSION = 1
@@ -120,6 +119,8 @@ def _capture_text(text: Path, target: Path) -> None:
     """tantivy's meta.json and the files it names. Commits are held off by the caller, but a
     background merge may still publish a new meta.json and retire the files it merged: then
     the capture starts again from the new meta.json."""
+    from .text import segment_files  # here: clients read archives through this module, without tantivy
+
     for _ in range(_CAPTURE_TRIES):
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)

@@ -4,6 +4,7 @@ Layout::
 
     <data_dir>/snapshots/<snapshot name>/SNAPSHOT.json, shard-000/...   one snapshot (index/snapshot.py)
     <data_dir>/snapshots/.creating-<name>/ , .importing-<hex>/           unfinished: removed at start
+    <data_dir>/snapshots/.upload-<hex>.tar                               an import's archive as it arrives
 
 A snapshot is written under a hidden name and renamed into place once SNAPSHOT.json is
 durable, so a crash never leaves half a snapshot under a listed name. The snapshot's files
@@ -14,13 +15,14 @@ damage by a bug, not against losing the disk: export it (``export``) for that.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import snapshot
 from .diskspace import FreeSpace, is_disk_full
@@ -36,8 +38,11 @@ class SnapshotStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._space = FreeSpace(root, min_free_bytes)
         self._lock = threading.Lock()  # names are claimed under it
-        for leftover in self.root.glob(".*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(".*"):  # a crash's unfinished snapshot, import or upload
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def path(self, name: str) -> Path:
         """The directory of snapshot ``name``; NotFound when there is none."""
@@ -112,14 +117,22 @@ class SnapshotStore:
         snapshot.read_manifest(path)  # an unknown format or a damaged manifest is refused before a byte is sent
         return snapshot.tar_chunks(path, name)
 
-    def import_archive(self, archive: Path) -> dict[str, Any]:
-        """Check a snapshot tar and add it under the name it carries; AlreadyExists when taken."""
+    def upload(self) -> Upload:
+        """A hidden file in the store that an import's archive is written into as it arrives."""
+        return Upload(self.root / f".upload-{uuid.uuid4().hex[:12]}.tar", self._space)
+
+    def import_archive(self, archive: Path, admit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Check a snapshot tar and add it under the name it carries; AlreadyExists when taken.
+        ``admit(manifest)`` may refuse it (raise) once it is checked, before it is listed."""
         staging = self.root / f".importing-{uuid.uuid4().hex[:8]}"
         try:
+            self._space.check(0)
             top = snapshot.extract_tar(archive, staging)
             manifest = snapshot.verify(top)
             if manifest.get("name") != top.name:
                 raise DataLoss(f"{top.name}/{snapshot.MANIFEST}: names snapshot {manifest.get('name')!r}")
+            if admit is not None:
+                admit(manifest)
             with self._lock:
                 if (self.root / top.name).exists():
                     raise AlreadyExists(f"snapshot {top.name!r} already exists: delete it first")
@@ -132,3 +145,51 @@ class SnapshotStore:
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+class Upload:
+    """An archive arriving in pieces (ImportSnapshot), written to a hidden file of the store: each
+    piece is checked against the free-space floor first (DiskFull, as ENOSPC is), and ``close``
+    removes the file, whatever happened. Thread-safe: a stream's end may close it while a piece
+    is being written on another thread."""
+
+    def __init__(self, path: Path, space: FreeSpace) -> None:
+        self.path = path
+        self._space = space
+        self._lock = threading.Lock()
+        self._file: BinaryIO | None = open(path, "xb")  # noqa: SIM115 (closed by close())
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._file is None:
+                raise BraidError("the upload is closed")
+            try:
+                self._space.check(len(data))
+                self._file.write(data)
+            except OSError as err:
+                if is_disk_full(err):
+                    raise DiskFull(f"disk full: cannot receive a snapshot under {self.path.parent}: {err}") from err
+                raise
+            self.bytes += len(data)
+
+    def finish(self) -> Path:
+        """The whole archive, flushed; it stays until ``close``."""
+        with self._lock:
+            if self._file is None:
+                raise BraidError("the upload is closed")
+            try:
+                self._file.flush()
+            except OSError as err:
+                if is_disk_full(err):
+                    raise DiskFull(f"disk full: cannot receive a snapshot under {self.path.parent}: {err}") from err
+                raise
+            return self.path
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                with contextlib.suppress(OSError):  # a full disk on the last flush: the file goes anyway
+                    self._file.close()
+                self._file = None
+            self.path.unlink(missing_ok=True)

@@ -55,11 +55,14 @@ from . import messages
 from .client import StreamFailed
 from .errors import CLIENT_RETRY_CODES, overloaded, pushback_s
 from .messages import STREAM_TIMEOUT_S, as_dict, metadata_of
+from .snapshot_files import ExportTarget, archive_chunks
 
 __all__ = ["AsyncBraidClient", "Retry", "StreamFailed", "WriteInterrupted", "as_dict", "interrupted", "metadata_of"]
 
 # Calls that change nothing, and writes that leave the same documents when applied twice.
-READS = frozenset({"GetCollection", "ListCollections", "ListAliases", "Get", "Count", "Search", "BatchSearch"})
+READS = frozenset(
+    {"GetCollection", "ListCollections", "ListAliases", "ListSnapshots", "Get", "Count", "Search", "BatchSearch"}
+)
 IDEMPOTENT_WRITES = frozenset({"Upsert", "Delete", "Flush", "UpdateAlias"})
 BATCHES_APPLIED_KEY = "braid-batches-applied"  # trailing metadata of a write stream (service/handlers.py)
 DOCUMENTS_APPLIED_KEY = "braid-documents-applied"
@@ -286,6 +289,52 @@ class AsyncBraidClient:
 
     async def list_aliases(self) -> list[pb.Alias]:
         return list((await self._call("ListAliases", pb.ListAliasesRequest())).aliases)
+
+    # --------------------------------------------------------------- snapshots
+
+    async def create_snapshot(self, collection: str, timeout: float | None = None) -> pb.SnapshotInfo:
+        return await self._call("CreateSnapshot", pb.CreateSnapshotRequest(collection=collection), timeout)
+
+    async def list_snapshots(self, collection: str = "") -> list[pb.SnapshotInfo]:
+        return list((await self._call("ListSnapshots", pb.ListSnapshotsRequest(collection=collection))).snapshots)
+
+    async def restore_snapshot(
+        self, snapshot: str, name: str, replace: bool = False, timeout: float | None = None
+    ) -> pb.CollectionInfo:
+        request = pb.RestoreSnapshotRequest(snapshot=snapshot, name=name, replace=replace)
+        return await self._call("RestoreSnapshot", request, timeout)
+
+    async def delete_snapshot(self, snapshot: str) -> None:
+        await self._call("DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot=snapshot))
+
+    async def export_snapshot(self, snapshot: str, path: str | Path, timeout: float | None = None) -> Path:
+        """As BraidClient.export_snapshot; the file work runs on a thread, off the event loop."""
+        target = await asyncio.to_thread(ExportTarget, path)
+        request = pb.ExportSnapshotRequest(snapshot=snapshot)
+        call = self.stub.ExportSnapshot(request, timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
+        try:
+            async for chunk in call:
+                await asyncio.to_thread(target.write, chunk.data)
+        except BaseException:
+            call.cancel()
+            target.abort()
+            raise
+        return await asyncio.to_thread(target.finish)
+
+    async def import_snapshot(self, path: str | Path, timeout: float | None = None) -> pb.SnapshotInfo:
+        """As BraidClient.import_snapshot; the archive is read on a thread, piece by piece."""
+        chunks = await asyncio.to_thread(archive_chunks, path)
+        call = self.stub.ImportSnapshot(timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
+        try:
+            while (data := await asyncio.to_thread(next, chunks, None)) is not None:
+                await call.write(pb.SnapshotChunk(data=data))
+            await call.done_writing()
+            return await call
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            await asyncio.to_thread(chunks.close)
 
     # --------------------------------------------------------------- documents
 

@@ -23,7 +23,8 @@ Roles are ordered, each including the ones below it:
 | read  | GetCollection, ListCollections, ListAliases, Get, Count, Search, BatchSearch |
 | write | read + Upsert, BulkUpsert, UpsertStream, Delete, Flush                      |
 | admin | write + CreateCollection, DeleteCollection, CreateAlias, UpdateAlias,       |
-|       | DeleteAlias (and any method not named)                                      |
+|       | DeleteAlias, CreateSnapshot, ListSnapshots, RestoreSnapshot,                |
+|       | DeleteSnapshot, ExportSnapshot, ImportSnapshot (and any method not named)   |
 
 One exception: creating the system collection ``_braid_jobs`` (the bulk jobs' checkpoints,
 docs/jobs.md) needs only ``write`` on it, so a job's least-privilege key can run the first job
@@ -33,7 +34,10 @@ A scoped key (``collections``) gets PERMISSION_DENIED for any other collection, 
 ListCollections shows it only its own. Names are checked as the request gives them: an
 alias is a name of its own (a key scoped to the alias may use it, whatever it points at),
 CreateAlias and UpdateAlias need both ``name`` and ``collection`` in scope, and ListAliases
-shows a scoped key the aliases whose name or collection is in its scope. The file is
+shows a scoped key the aliases whose name or collection is in its scope. A snapshot belongs
+to the collection it was taken of: a scoped admin key lists, restores, deletes, exports and
+imports only its collections' snapshots, and RestoreSnapshot's target ``name`` must be in
+scope too. The file is
 checked for changes at most once a second: a valid new file replaces every key at once; a
 broken one is logged (once per change) and the old keys stay in force. Keys never appear
 in messages or logs.
@@ -100,6 +104,14 @@ ROLE_OF_METHOD: dict[str, Role] = {
     "CreateAlias": Role.ADMIN,
     "UpdateAlias": Role.ADMIN,
     "DeleteAlias": Role.ADMIN,
+    # Snapshots hold whole collections: listing them shows names and sizes, restoring one makes
+    # a collection, exporting one reads every document.
+    "CreateSnapshot": Role.ADMIN,
+    "ListSnapshots": Role.ADMIN,
+    "RestoreSnapshot": Role.ADMIN,
+    "DeleteSnapshot": Role.ADMIN,
+    "ExportSnapshot": Role.ADMIN,
+    "ImportSnapshot": Role.ADMIN,
 }
 
 

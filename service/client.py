@@ -47,6 +47,7 @@ from .messages import (  # noqa: F401  (re-exported: the names callers import fr
     sparse_vector,
     value,
 )
+from .snapshot_files import ExportTarget, archive_chunks
 
 
 class _CallDetails(
@@ -195,6 +196,54 @@ class BraidClient:
 
     def list_aliases(self) -> list[pb.Alias]:
         return list(self.stub.ListAliases(pb.ListAliasesRequest(), timeout=self.timeout).aliases)
+
+    # --------------------------------------------------------------- snapshots
+    # A snapshot is a consistent copy of a collection on the server's disk (docs/operations.md,
+    # "Backup and restore"); export it to take it off the machine. Taking and restoring one
+    # may take longer than a search: ``timeout`` overrides the client's for that call.
+
+    def create_snapshot(self, collection: str, timeout: float | None = None) -> pb.SnapshotInfo:
+        request = pb.CreateSnapshotRequest(collection=collection)
+        return self.stub.CreateSnapshot(request, timeout=self._deadline(timeout))
+
+    def list_snapshots(self, collection: str = "") -> list[pb.SnapshotInfo]:
+        """Every snapshot, oldest first, or ``collection``'s."""
+        request = pb.ListSnapshotsRequest(collection=collection)
+        return list(self.stub.ListSnapshots(request, timeout=self.timeout).snapshots)
+
+    def restore_snapshot(
+        self, snapshot: str, name: str, replace: bool = False, timeout: float | None = None
+    ) -> pb.CollectionInfo:
+        """Restore ``snapshot`` as collection ``name`` (ALREADY_EXISTS when taken, unless ``replace``)."""
+        request = pb.RestoreSnapshotRequest(snapshot=snapshot, name=name, replace=replace)
+        return self.stub.RestoreSnapshot(request, timeout=self._deadline(timeout))
+
+    def delete_snapshot(self, snapshot: str) -> None:
+        self.stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot), timeout=self.timeout)
+
+    def export_snapshot(self, snapshot: str, path: str | Path, timeout: float | None = None) -> Path:
+        """Download ``snapshot`` into ``path``: a .tar file, or, when ``path`` is a directory or
+        ends with '/', the snapshot's directory ``path/<snapshot>/``, checked against its
+        checksums (service/snapshot_files.py). Returns what it wrote; a failed export leaves
+        nothing. ``timeout``: the whole download's deadline (default STREAM_TIMEOUT_S)."""
+        target = ExportTarget(path)
+        request = pb.ExportSnapshotRequest(snapshot=snapshot)
+        call = self.stub.ExportSnapshot(request, timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
+        try:
+            for chunk in call:
+                target.write(chunk.data)
+        except BaseException:
+            call.cancel()
+            target.abort()
+            raise
+        return target.finish()
+
+    def import_snapshot(self, path: str | Path, timeout: float | None = None) -> pb.SnapshotInfo:
+        """Upload a snapshot from ``path``: a .tar file export_snapshot wrote, or a snapshot
+        directory (tarred on the fly). It is listed under the name it carries once the server
+        checked every file. ``timeout``: the whole upload's deadline (default STREAM_TIMEOUT_S)."""
+        chunks = (pb.SnapshotChunk(data=data) for data in archive_chunks(path))
+        return self.stub.ImportSnapshot(chunks, timeout=STREAM_TIMEOUT_S if timeout is None else timeout)
 
     # --------------------------------------------------------------- documents
 

@@ -213,6 +213,30 @@ def collection_to_proto(name: str, schema: Schema, shards: int, documents: int, 
     )
 
 
+def snapshot_to_proto(manifest: dict) -> pb.SnapshotInfo:
+    """A snapshot manifest (index/snapshot.py; a listing's damaged entry has only ``name`` and
+    ``error``) as SnapshotInfo."""
+    if "error" in manifest:
+        return pb.SnapshotInfo(name=str(manifest.get("name", "")), error=str(manifest["error"]))
+    created = Timestamp()
+    created.FromNanoseconds(int(float(manifest.get("created_at") or 0) * 1e9))
+    shards = [
+        pb.ShardSnapshot(
+            shard=int(s.get("shard", 0)), sequence=int(s.get("wal_seq", 0)), documents=int(s.get("documents", 0))
+        )
+        for s in manifest.get("shards", [])
+    ]
+    return pb.SnapshotInfo(
+        name=manifest.get("name") or "",
+        collection=manifest.get("collection") or "",
+        created_at=created,
+        size_bytes=int(manifest.get("bytes") or 0),
+        documents=sum(shard.documents for shard in shards),
+        shards=shards,
+        format=int(manifest.get("format") or 0),
+    )
+
+
 # ---------------------------------------------------------------- documents
 
 

@@ -96,10 +96,13 @@ def parser(message_class: Any) -> Callable[[bytes], Any]:
 
 def _collections(request: Any) -> list[str]:
     """The collections a request names, as given (an alias is checked by its own name), for API
-    keys scoped to collections; both names of CreateAlias and UpdateAlias."""
+    keys scoped to collections; both names of CreateAlias and UpdateAlias. ListSnapshots without
+    a collection names none (its body shows a scoped key its own snapshots only)."""
     fields = request.DESCRIPTOR.fields_by_name
     if "searches" in fields:
         return [search.collection for search in request.searches]
+    if isinstance(request, pb.ListSnapshotsRequest) and not request.collection:
+        return []
     return [getattr(request, name) for name in ("collection", "name") if name in fields]
 
 
@@ -107,6 +110,11 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline as a time.monotonic() instant; None when the client set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+# Bodies that take the caller's scope (``Principal.allows``) when the server has API keys: lists
+# show a scoped key its own collections' entries, and a snapshot is its collection's.
+SCOPED_BODIES = frozenset({"ListCollections", "ListAliases", "ListSnapshots", "RestoreSnapshot", "DeleteSnapshot"})
 
 
 class BraidHandlers:
@@ -140,9 +148,17 @@ class BraidHandlers:
                     response_serializer=serialize,
                 )
             elif method.client_streaming:
-                assert method.name == "BulkUpsert", method.name
+                assert method.name in ("BulkUpsert", "ImportSnapshot"), method.name
+                body = self._bulk_upsert if method.name == "BulkUpsert" else self._import_snapshot
                 handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                    self.observer.stream(method.name, self._bulk_upsert),
+                    self.observer.stream(method.name, body),
+                    request_deserializer=parse,
+                    response_serializer=serialize,
+                )
+            elif method.server_streaming:
+                assert method.name == "ExportSnapshot", method.name
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    self.observer.unary(method.name, self._export_snapshot),
                     request_deserializer=parse,
                     response_serializer=serialize,
                 )
@@ -193,7 +209,7 @@ class BraidHandlers:
                 check_decoded(request)
                 principal = self._authorize(context, name, _collections(request))
                 work = functools.partial(body, request)
-                if name in ("ListCollections", "ListAliases") and principal is not None:
+                if name in SCOPED_BODIES and principal is not None:
                     work = functools.partial(body, request, principal.allows)
                 if name == "Search" and (on_loop := self.rpcs.on_loop(request, deadline_of(context))) is not None:
                     return await on_loop  # a router's fan-out of a plain dense search: no thread, no blocking
@@ -302,6 +318,84 @@ class BraidHandlers:
         if ending in done:
             raise Unavailable("server shutting down")
         raise TimedOut(f"stream_idle_timeout_s: no message for {self.idle_timeout:g} s")
+
+    # -------------------------------------------------------------- snapshots
+
+    async def _export_snapshot(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """The snapshot's tar archive as a stream of SnapshotChunk. Each piece is read on an
+        admitted worker; a client that goes away or cancels ends the call at its next await, and
+        the archive (its open file) is closed once no worker reads it. A client that stops
+        reading is ended like a silent stream (``stream_idle_timeout_s``)."""
+        pieces = None
+        pending: asyncio.Future | None = None
+        try:
+            check_decoded(request)
+            principal = self._authorize(context, "ExportSnapshot", ())
+            visible = principal.allows if principal is not None else None
+            with self.admission.stream(context.peer()):
+                pieces = await self.admission.run(
+                    functools.partial(self.rpcs.ExportSnapshot, request, visible), deadline_of(context)
+                )
+                while True:
+                    pending = asyncio.ensure_future(self.admission.run(functools.partial(next, pieces, None)))
+                    # Shielded: a cancelled call leaves the read to finish, then the archive is closed.
+                    data = await asyncio.shield(pending)
+                    pending = None
+                    if data is None:
+                        return
+                    try:
+                        await asyncio.wait_for(context.write(pb.SnapshotChunk(data=data)), self.idle_timeout)
+                    except TimeoutError:
+                        raise TimedOut(
+                            f"stream_idle_timeout_s: the client read no chunk for {self.idle_timeout:g} s"
+                        ) from None
+                    if self._ending.is_set():
+                        raise Unavailable("server shutting down")
+        except PASS_THROUGH:
+            raise
+        except BaseException as err:
+            failure = err
+        finally:
+            _close_when_done(pieces, pending)
+        await self._abort(context, failure)
+
+    async def _import_snapshot(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """An archive streamed as SnapshotChunk messages, written to a hidden file of the snapshot
+        store as it arrives (each piece on a worker), then checked and listed on a worker. A
+        client that goes silent is ended after ``stream_idle_timeout_s``; the file never stays."""
+        upload = None
+        try:
+            principal = self._authorize(context, "ImportSnapshot", ())
+            visible = principal.allows if principal is not None else None
+            with self.admission.stream(context.peer()):
+                upload = await self.admission.run(functools.partial(self.rpcs.import_upload, visible))
+                messages = requests.__aiter__()
+                while (chunk := await self._next_message(messages)) is not None:
+                    if isinstance(chunk, Undecodable):
+                        raise InvalidArgument(chunk.problem())
+                    await self.admission.run(functools.partial(upload.write, chunk), deadline_of(context))
+                    if self._ending.is_set():
+                        raise Unavailable("server shutting down")
+                return await self.admission.run(upload.finish, deadline_of(context))
+        except PASS_THROUGH:
+            raise
+        except BaseException as err:
+            failure = err
+        finally:
+            if upload is not None:
+                upload.close()  # an unlink: waits at most for one piece's write
+        await self._abort(context, failure)
+
+
+def _close_when_done(pieces: Any, pending: asyncio.Future | None) -> None:
+    """Close an export's archive now, or once the worker reading it returns (a generator cannot
+    be closed while it runs)."""
+    if pieces is None:
+        return
+    if pending is None or pending.done():
+        pieces.close()
+    else:
+        pending.add_done_callback(lambda _: pieces.close())
 
 
 class _Applied:

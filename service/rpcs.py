@@ -7,20 +7,34 @@ encoder errors; BulkUpsert is handled batch by batch through ``upsert``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
-from braid.index.errors import BraidError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from braid.index.errors import (
+    BraidError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from braid.index.query import SearchPlan, SearchResult
 from braid.index.schema import DenseIndexType, Schema
+from braid.index.snapshot import TAR_BLOCK
+from braid.index.snapshot import check_name as check_snapshot_name
+from braid.index.snapshot_store import SnapshotStore
 from braid.v1 import braid_pb2 as pb
 
 from . import convert
 from .encoding import Encoding
+from .snapshot_files import CHUNK_BYTES as EXPORT_CHUNK_BYTES
+from .snapshot_files import rechunk
 
 
 class BraidRpcs:
@@ -101,6 +115,65 @@ class BraidRpcs:
             if visible is None or visible(name) or visible(collection)
         ]
         return pb.ListAliasesResponse(aliases=aliases)
+
+    # --------------------------------------------------------------- snapshots
+    # A snapshot belongs to the collection it was taken of: a key scoped to some collections
+    # (``visible``) sees and touches only their snapshots; a damaged one (no readable
+    # collection) only an unscoped key.
+
+    def CreateSnapshot(self, request: pb.CreateSnapshotRequest) -> Any:
+        if not request.collection:
+            raise InvalidArgument.field("collection", "give the collection (or alias) to snapshot")
+        return convert.snapshot_to_proto(self.catalog.create_snapshot(request.collection))
+
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, visible: Callable[[str], bool] | None = None) -> Any:
+        collection = request.collection or None
+        if collection is not None:  # an alias lists its collection's snapshots
+            collection = self.catalog.aliases.target(collection) or collection
+        infos = [
+            convert.snapshot_to_proto(manifest)
+            for manifest in self.catalog.snapshots.list(collection)
+            if visible is None or visible(manifest.get("collection") or "")
+        ]
+        return pb.ListSnapshotsResponse(snapshots=infos)
+
+    def RestoreSnapshot(self, request: pb.RestoreSnapshotRequest, visible: Callable[[str], bool] | None = None) -> Any:
+        self._snapshot_in_scope(request.snapshot, visible)
+        return self._info(self.catalog.restore_snapshot(request.snapshot, request.name, request.replace))
+
+    def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, visible: Callable[[str], bool] | None = None) -> Any:
+        self._snapshot_in_scope(request.snapshot, visible)
+        self.catalog.snapshots.delete(request.snapshot)
+        return pb.DeleteSnapshotResponse()
+
+    def ExportSnapshot(
+        self, request: pb.ExportSnapshotRequest, visible: Callable[[str], bool] | None = None
+    ) -> Iterator[bytes]:
+        """The snapshot's tar archive in pieces of EXPORT_CHUNK_BYTES (1 MiB; the last one shorter), pulled
+        one by one on workers; an unknown or unreadable snapshot is refused before the first."""
+        self._snapshot_in_scope(request.snapshot, visible)
+        size = EXPORT_CHUNK_BYTES
+        if self.max_response_bytes is not None:  # a message must fit the server's own limit
+            size = max(TAR_BLOCK, min(size, self.max_response_bytes - _FRAMING_BYTES))
+        return rechunk(self.catalog.snapshots.export(request.snapshot), size)
+
+    def import_upload(self, visible: Callable[[str], bool] | None = None) -> SnapshotUpload:
+        """Where an ImportSnapshot stream's archive goes: ``write(chunk)`` per message, ``finish()``
+        (checks it and lists it: its SnapshotInfo) at the stream's end, ``close()`` always."""
+        return SnapshotUpload(self.catalog.snapshots, visible)
+
+    def _snapshot_in_scope(self, name: str, visible: Callable[[str], bool] | None) -> None:
+        """InvalidArgument for a bad name, NotFound for an unknown snapshot, PermissionDenied for a
+        scoped key and a snapshot of a collection outside its scope."""
+        check_snapshot_name(name)
+        if visible is None:
+            return
+        try:
+            collection = self.catalog.snapshots.manifest(name).get("collection") or ""
+        except (DataLoss, FailedPrecondition):
+            collection = ""
+        if not visible(collection):
+            raise PermissionDenied(f"snapshot: {name!r} is not a snapshot of a collection this API key may use")
 
     # --------------------------------------------------------------- documents
 
@@ -305,6 +378,37 @@ class BraidRpcs:
             field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency, **filtered
         )
         return self._within_budget((result, _NO_TYPES) for result in results)
+
+
+class SnapshotUpload:
+    """An ImportSnapshot stream's archive, written to a hidden file of the snapshot store as it
+    arrives (index/snapshot_store.py ``Upload``: the free-space floor per piece), then checked and
+    listed by ``finish``; ``close`` removes the file whatever happened."""
+
+    def __init__(self, store: SnapshotStore, visible: Callable[[str], bool] | None) -> None:
+        self.store = store
+        self.visible = visible
+        self.upload = store.upload()
+
+    def write(self, chunk: pb.SnapshotChunk) -> None:
+        if chunk.data:
+            self.upload.write(chunk.data)
+
+    def finish(self) -> pb.SnapshotInfo:
+        archive = self.upload.finish()
+        if self.upload.bytes == 0:
+            raise InvalidArgument.field("data", "the stream carried no archive")
+        return convert.snapshot_to_proto(self.store.import_archive(archive, self._admit))
+
+    def close(self) -> None:
+        self.upload.close()
+
+    def _admit(self, manifest: dict) -> None:
+        if self.visible is not None and not self.visible(manifest.get("collection") or ""):
+            raise PermissionDenied(
+                f"archive: snapshot {manifest.get('name')!r} is of collection {manifest.get('collection')!r}, "
+                f"which this API key may not use"
+            )
 
 
 class _DirectWriter:

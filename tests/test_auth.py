@@ -194,6 +194,7 @@ def test_role_table_matches_the_service():
     }
     assert {m for m, r in ROLE_OF_METHOD.items() if r is Role.ADMIN} == {
         "CreateCollection", "DeleteCollection", "CreateAlias", "UpdateAlias", "DeleteAlias",
+        "CreateSnapshot", "ListSnapshots", "RestoreSnapshot", "DeleteSnapshot", "ExportSnapshot", "ImportSnapshot",
     }  # fmt: skip
     assert Role.READ < Role.WRITE < Role.ADMIN
 
