@@ -49,6 +49,8 @@ Precedence: command-line flag, then environment variable, then default.
 | slow_query_ms          | BRAID_SLOW_QUERY_MS          | 0 = off           |
 | otlp_endpoint          | BRAID_OTLP_ENDPOINT          | (none: no tracing)|
 | trace_sample_ratio     | BRAID_TRACE_SAMPLE_RATIO     | 1.0               |
+| snapshot_interval_s    | BRAID_SNAPSHOT_INTERVAL_S    | 3600              |
+| snapshot_log_bytes     | BRAID_SNAPSHOT_LOG_BYTES     | 256 MiB           |
 
 ``workers`` threads run the index and encoder work of RPCs; ``max_queue`` calls may
 wait for one, and a call beyond that is refused with RESOURCE_EXHAUSTED and a retry
@@ -77,6 +79,12 @@ serves no client API; cluster and NATS settings are refused on a standalone serv
 nkey seed file); ``nats_tls_ca`` turns on TLS to NATS (the server checked against it),
 ``nats_tls_cert`` + ``nats_tls_key`` add a client certificate, and ``nats_tls_server_name``
 is the name the NATS servers' certificate is checked against (default: each URL's host).
+
+Snapshots of a shard server's replicas (service/cluster/replica.py, docs/operations.md): one
+replica of each shard snapshots it into the ``braid-snapshots`` object store when
+``snapshot_interval_s`` passed since the shard's newest snapshot and records were applied
+since, or ``snapshot_log_bytes`` of log were applied since it; the shard's log is then
+trimmed below the older of the two snapshots kept.
 
 The encoder settings: ONNX Runtime intra-op threads per model, the most texts in
 one model call, and how long the micro-batcher waits for concurrent queries.
@@ -115,7 +123,10 @@ _PATHS = (
 _CLIENT_API = ("tls_cert", "tls_key", "tls_client_ca", "api_keys")
 _CLUSTER_ONLY = ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "cluster_tls_cert", "cluster_tls_key")
 _CLUSTER_NAMES = ("cluster_tls_server_name", "nats_tls_server_name")  # strings: "" is unset
-_FLOATS = ("stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio")
+_FLOATS = (
+    "stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio",
+    "snapshot_interval_s",
+)  # fmt: skip
 LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -167,6 +178,8 @@ class ServerConfig:
     slow_query_ms: float = 0.0
     otlp_endpoint: str = ""
     trace_sample_ratio: float = 1.0
+    snapshot_interval_s: float = 3600.0
+    snapshot_log_bytes: int = 256 * 1024 * 1024
     limits: Limits = field(init=False)
     storage: StoragePolicy = field(init=False)
 
@@ -219,6 +232,8 @@ class ServerConfig:
         object.__setattr__(self, "limits", limits)
         if self.min_free_bytes < 0 or self.checkpoint_log_bytes < 1 or not self.checkpoint_interval_s > 0:
             raise ValueError("need min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0")
+        if not self.snapshot_interval_s > 0 or self.snapshot_log_bytes < 1:
+            raise ValueError("need snapshot_interval_s > 0 and snapshot_log_bytes >= 1")
         storage = StoragePolicy(self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s)
         object.__setattr__(self, "storage", storage)
 

@@ -13,6 +13,9 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
   :class:`LocalCluster` (NATS, shard servers, routers) and returns it once every child is serving;
   every cluster it made is stopped at teardown.
 * ``print_logs(cluster)``: the last lines of every child's log (for a test that failed).
+* ``cluster_link(cluster)``: a context manager yielding a connected ``NatsLink`` to the cluster's
+  NATS (with its credentials), for the object store (``SnapshotObjects(link, 1)``) and streams.
+* ``damage_object(link, name)``: overwrite a snapshot object with a copy whose middle byte is flipped.
 * ``log_ends(cluster, collection, shards, timeout)``: a collection's uid and the last stream
   sequence of each shard's subject, read from NATS itself.
 """
@@ -20,6 +23,7 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -34,7 +38,9 @@ import pytest
 
 from braid.service.cluster.local import LocalCluster
 from braid.service.cluster.nats_auth import NatsSecurity, write_user_seed
+from braid.service.cluster.nats_link import NatsLink
 from braid.service.cluster.natsproc import NatsCluster, NatsServerSecurity, NatsUser
+from braid.service.cluster.snapshot_objects import BUCKET
 from tests.certs import make_ca, make_leaf, write_cert, write_key
 
 
@@ -146,14 +152,7 @@ def log_ends(cluster: LocalCluster, collection: str, shards: int, timeout: float
     ``timeout``)."""
     assert cluster.nats is not None
     urls = [node.url for node in cluster.nats.nodes if node.alive]
-    security = cluster.nats_security
-    creds = cluster.nats_creds
-    if security is not None and security.tls_ca is not None and security.verify:
-        options = NatsSecurity.of(creds, security.tls_ca, security.tls_cert, security.tls_key).connect_options()
-    elif security is not None or creds is not None:
-        options = NatsSecurity.of(creds, security.tls_ca if security else None).connect_options()
-    else:
-        options = {}
+    options = client_security(cluster).connect_options()
 
     async def main() -> tuple[str, list[int]]:
         async def quiet(err: Exception) -> None:
@@ -182,6 +181,42 @@ def log_ends(cluster: LocalCluster, collection: str, shards: int, timeout: float
             if time.monotonic() > deadline:
                 raise AssertionError(f"cannot read the collection's log ends from NATS: {err!r}") from err
             time.sleep(0.5)
+
+
+def client_security(cluster: LocalCluster) -> NatsSecurity:
+    """What a client of the cluster's NATS presents (its credentials and TLS, if any)."""
+    security, creds = cluster.nats_security, cluster.nats_creds
+    if security is not None and security.tls_ca is not None and security.verify:
+        return NatsSecurity.of(creds, security.tls_ca, security.tls_cert, security.tls_key)
+    if security is not None or creds is not None:
+        return NatsSecurity.of(creds, security.tls_ca if security else None)
+    return NatsSecurity()
+
+
+@contextlib.contextmanager
+def cluster_link(cluster: LocalCluster, timeout: float = 15.0) -> Iterator[NatsLink]:
+    """A connected NatsLink to the cluster's live NATS nodes, closed on exit."""
+    assert cluster.nats is not None
+    urls = [node.url for node in cluster.nats.nodes if node.alive]
+    link = NatsLink(urls, "braid-test", client_security(cluster))
+    try:
+        assert link.wait_connected(timeout), f"cannot connect to NATS at {urls}: {link.last_error}"
+        yield link
+    finally:
+        link.close()
+
+
+def damage_object(link: NatsLink, name: str, bucket: str = BUCKET) -> None:
+    """Overwrite object ``name`` through the object store API with a copy whose middle byte is
+    flipped (the store's own digest then matches the damaged bytes: only Braid's checks can tell)."""
+
+    async def damage() -> None:
+        store = await link.js.object_store(bucket)
+        data = bytearray((await store.get(name)).data)
+        data[len(data) // 2] ^= 0xFF
+        await store.put(name, bytes(data))
+
+    link.call(damage(), 60.0)
 
 
 def print_logs(cluster: LocalCluster, lines: int = 60) -> None:

@@ -1,4 +1,5 @@
-"""A shard replica on a shard server: a follower Shard fed from its JetStream subject.
+"""A shard replica on a shard server: a follower Shard fed from its JetStream subject, its
+snapshots in the object store, and its bootstrap from them.
 
 The replica opens an index/ Shard whose log is ``JetStreamLog`` (an external log: the
 router appends, replicas only read), so recovery is the shard engine's own: load the
@@ -10,9 +11,34 @@ The reader (nats_link.py ``LogReader``) vouches that no record of the subject is
 any it returns, checking doubtful deliveries against the stream, and re-reads instead (a record
 lost in flight across a NATS node's death is read again, never skipped).
 
+Snapshots (service/cluster/snapshot_objects.py): ``take_snapshot`` checkpoints the shard and
+links its files into a scratch directory beside it (``Shard.snapshot``: the follower waits no
+longer than for a checkpoint), uploads that as one object ``auto/<uid>/<shard>/<wal_seq>``,
+reads it back and verifies it, keeps the newest ``SnapshotPolicy.keep`` (2) and deletes the
+older ones, then trims the subject below the OLDEST one kept (so a damaged newest snapshot
+still has its predecessor and the log tail after it). The shard server runs it on a schedule
+(``snapshot_due``) on one replica per shard, and on demand (the Snapshot RPC).
+
+The log is trimmed, so a replica cannot count on replaying it from anywhere. The trim point
+(``braid-trims``) is recorded before each purge; a batch whose first record does not follow
+the replica's position by one (the subject's sequences have holes anyway: other shards'
+records) is checked against the trim point read fresh from NATS, and a replica whose
+position is below it (it was stopped, or fell behind, while a trim ran past it) raises
+``LogTrimmed`` instead of applying: it closes its shard, discards the directory and
+bootstraps. The check happens after the fetch, and the point is written before the purge,
+so a purge the fetch may have seen is always seen by the check.
+
+Bootstrap: a replica whose directory holds no checkpoint (a new node, a wiped disk, a
+quarantined or discarded directory) restores the newest snapshot of its shard that downloads
+and verifies before it opens (``restore_shard(..., keep_seq=True)``), then replays the subject
+after the snapshot's sequence; a snapshot failing its checks is skipped for the one before,
+with a WARNING naming the object. With no valid snapshot it replays from the start, which
+works only while the subject was never trimmed: otherwise it does not open, says why
+(``problem``) and retries.
+
 A replica whose files fail their checks at open (DataLoss) is quarantined: its directory is
-moved aside (``<dir>.quarantined-<time>``) and it rebuilds from the subject, never serving
-from the damaged files.
+moved aside (``<dir>.quarantined-<time>``) and it bootstraps as above, never serving from the
+damaged files.
 
 A replica serves reads once it has read its subject to the end once since it opened
 (``caught_up``): to the last sequence the stream holds for the subject, not to where a consumer
@@ -26,16 +52,21 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from braid.index import snapshot
 from braid.index.errors import DataLoss, FailedPrecondition, Unavailable
+from braid.index.manifest import fsync_dir
 from braid.index.policy import StoragePolicy
 from braid.index.schema import Schema
 from braid.index.shard import Shard
 
 from .meta import CollectionMeta
 from .nats_link import LogGap, LogReader, NatsLink
+from .snapshot_objects import SnapshotObjects, StoredObject, auto_name, fetch_newest_valid, scratch_dir
 
 log = logging.getLogger("braid.replica")
 FETCH_BATCH = 256
@@ -43,15 +74,37 @@ FOLLOW_WAIT_S = 1.0  # a fetch waits this long for a new record before asking ag
 REPLAY_WAIT_S = 0.2  # while recovering: an empty fetch this long means the subject's end was reached
 RETRY_S = 0.5
 REPLAY_GAP_RETRIES = 10  # gaps re-read in a row before a replay gives up (and the open is retried)
+Batch = list[tuple[int, int, bytes]]
+Guard = Callable[[int, Batch], None]
+
+
+class LogTrimmed(Unavailable):
+    """Records a replica still needs were trimmed from its subject: it must bootstrap from a snapshot."""
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """When a replica snapshots its shard (service/config.py snapshot_interval_s, snapshot_log_bytes)."""
+
+    interval_s: float = 3600.0  # this long since the newest snapshot, with records applied since ...
+    log_bytes: int = 256 * 1024 * 1024  # ... or this much log applied since it
+    keep: int = 2  # snapshots kept per shard; the log is trimmed below the oldest of them
 
 
 class JetStreamLog:
-    """A shard's log kept by JetStream (index/log.py ShardLog, external): read-only here."""
+    """A shard's log kept by JetStream (index/log.py ShardLog, external): read-only here.
+
+    ``guard(after_seq, batch)`` runs on every batch before it is returned (the replica's trim
+    check: it raises LogTrimmed); ``counted`` is told each batch's payload bytes."""
 
     external = True
 
-    def __init__(self, reader: LogReader) -> None:
+    def __init__(
+        self, reader: LogReader, guard: Guard | None = None, counted: Callable[[int], None] | None = None
+    ) -> None:
         self.reader = reader
+        self.guard = guard
+        self.counted = counted
 
     def read_from(self, after_seq: int) -> Iterator[tuple[int, int, bytes]]:
         """Every record after ``after_seq`` that the subject holds now (recovery's replay): read
@@ -69,6 +122,10 @@ class JetStreamLog:
                     raise
                 time.sleep(RETRY_S)
                 continue
+            if self.guard is not None:
+                self.guard(after_seq, batch)
+            if self.counted is not None:
+                self.counted(sum(len(payload) for _, _, payload in batch))
             yield from batch
             if batch:
                 after_seq = batch[-1][0]
@@ -85,7 +142,8 @@ class JetStreamLog:
         return None
 
     def truncate_prefix(self, upto_seq: int) -> None:
-        """The stream keeps every record until log trimming comes (snapshots)."""
+        """The subject is trimmed after a snapshot is in the object store (Replica.take_snapshot),
+        not after a replica's own checkpoint: other replicas may still need the records."""
 
     def size_bytes(self) -> int:
         return 0
@@ -95,99 +153,336 @@ class JetStreamLog:
 
 
 class Replica:
-    """One shard of one collection on this shard server."""
+    """One shard of one collection on this shard server.
 
-    def __init__(self, meta: CollectionMeta, number: int, directory: Path, link: NatsLink, policy: StoragePolicy):
+    ``snapshots`` (None: no object store, as in tests of the log alone) holds its shard's
+    snapshots; ``snapshot_policy`` says when ``snapshot_due``."""
+
+    def __init__(
+        self,
+        meta: CollectionMeta,
+        number: int,
+        directory: Path,
+        link: NatsLink,
+        policy: StoragePolicy,
+        snapshots: SnapshotObjects | None = None,
+        snapshot_policy: SnapshotPolicy | None = None,
+    ):
         self.meta = meta
         self.number = number
         self.directory = directory
         self.link = link
         self.policy = policy
+        self.snapshots = snapshots
+        self.snapshot_policy = snapshot_policy or SnapshotPolicy()
         self.schema = Schema.from_json(meta.schema)
         self.shard: Shard | None = None
         self.caught_up = threading.Event()
         self.problem: str | None = "opening"
         self.lag_records: int | None = None  # records of the subject not applied yet (None: not known yet)
+        self.restored_from: str | None = None  # the snapshot object the last bootstrap restored
+        self.restores = 0  # bootstraps from a snapshot since the process started
         self._stop = threading.Event()
         self._quarantined = False  # a corrupt directory was moved aside once (_quarantine)
+        self._trim_seen = 0  # the highest trim point read from NATS
+        self._snapshot_lock = threading.Lock()  # one snapshot of this replica at a time
+        self._newest: tuple[int, float] | None = None  # (seq, unix time) of the newest snapshot known
+        self._newest_checked = 0.0  # monotonic time the object store was last listed for it
+        self._bytes_since = 0  # log bytes applied since the newest snapshot known
+        self._opened_at = time.time()
         self._thread = threading.Thread(target=self._run, name=f"braid-replica-{meta.name}-{number}", daemon=True)
+
+    @property
+    def what(self) -> str:
+        return f"replica {self.meta.name}/{self.number}"
 
     def start(self) -> None:
         self._thread.start()
 
     def _open_log(self, directory: Path, first_seq: int, checkpoint_crc: int | None) -> JetStreamLog:
-        return JetStreamLog(LogReader(self.link, self.meta.stream, self.meta.subject(self.number)))
+        reader = LogReader(self.link, self.meta.stream, self.meta.subject(self.number))
+        return JetStreamLog(reader, self._check_trim, self._count)
+
+    def _count(self, nbytes: int) -> None:
+        self._bytes_since += nbytes
+
+    def _check_trim(self, after_seq: int, batch: Batch) -> None:
+        """LogTrimmed when the subject was trimmed past ``after_seq`` (records this replica has not
+        applied may be gone). Asked only when ``batch`` does not follow ``after_seq`` by one: the
+        trim point is raised before the purge, so reading it after the fetch sees every purge
+        the fetch may have met."""
+        if not batch or batch[0][0] == after_seq + 1 or self.snapshots is None:
+            return
+        if self._trim_seen <= after_seq + 1:
+            self._trim_seen = max(self._trim_seen, self.snapshots.trim_point(self.meta.uid, self.number))
+        if self._trim_seen > after_seq + 1 and batch[0][0] >= self._trim_seen:
+            raise LogTrimmed(
+                f"{self.what}: the log was trimmed below sequence {self._trim_seen} while this replica had "
+                f"applied {after_seq}: it restores a snapshot instead"
+            )
+
+    # ------------------------------------------------------------ open / follow
 
     def _run(self) -> None:
-        """Open (retrying until it works or the replica closes), then follow the subject."""
+        """Open (restoring a snapshot into an empty directory), follow the subject; bootstrap again
+        whenever the log was trimmed past the replica."""
+        self._clean_scratch()
+        while not self._stop.is_set():
+            if not self._open():
+                return
+            try:
+                self._follow()
+                return
+            except LogTrimmed as err:
+                self._discard(err)
+
+    def _open(self) -> bool:
+        """Open the shard (retrying until it works or the replica closes); False once closed."""
         while not self._stop.is_set() and self.shard is None:
             try:
+                if not (self.directory / "MANIFEST.json").exists():
+                    self._restore()
                 shard = Shard.open(self.directory, self.schema, self.number, self.policy, log_opener=self._open_log)
+            except LogTrimmed as err:
+                self._discard(err)
+                continue
             except DataLoss as err:
                 self.problem = f"cannot open: {err}"
                 if not self._quarantined and self.directory.exists():
-                    self._quarantine(err)  # the stream holds every record: rebuild from it, now
+                    self._quarantine(err)  # rebuild now, from a snapshot and the log
                     continue
-                log.warning("replica %s/%d: %s", self.meta.name, self.number, self.problem)
+                log.warning("%s: %s", self.what, self.problem)
                 self._stop.wait(RETRY_S * 4)
                 continue
             except BaseException as err:
                 self.problem = f"cannot open: {err}"
-                log.warning("replica %s/%d: %s", self.meta.name, self.number, self.problem)
+                log.warning("%s: %s", self.what, self.problem)
                 self._stop.wait(RETRY_S * 4)
                 continue
             if self._stop.is_set():
                 shard.close()
-                return
+                return False
             self.shard = shard
+        if self.shard is None:
+            return False
         # Open replayed the subject to its end, unless a full disk stopped the replay part way: then
         # the shard refuses reads (read_problem) and the replica is not caught up until it recovers.
         self.problem = self.shard.read_problem()
         if self.problem is None:
             self.caught_up.set()
-        log.info("replica %s/%d open at log sequence %d", self.meta.name, self.number, self.applied_seq)
-        self._follow()
+        log.info("%s open at log sequence %d", self.what, self.applied_seq)
+        return True
 
     def _follow(self) -> None:
+        """Apply the subject's new records until the replica closes; LogTrimmed when it must bootstrap."""
         assert self.shard is not None
         reader = LogReader(self.link, self.meta.stream, self.meta.subject(self.number))
         try:
             while not self._stop.is_set():
                 try:
-                    batch = reader.fetch(self.shard.applied_seq, FETCH_BATCH, FOLLOW_WAIT_S)
+                    after = self.shard.applied_seq
+                    batch = reader.fetch(after, FETCH_BATCH, FOLLOW_WAIT_S)
                     if batch:
+                        self._check_trim(after, batch)
                         self.lag_records = max(reader.pending, 0) + len(batch)  # fetched, not applied yet
                         self.shard.apply_logged(batch)
+                        self._count(sum(len(payload) for _, _, payload in batch))
                     if reader.pending >= 0:
                         self.lag_records = reader.pending
                     self.problem = self.shard.read_problem()
                     if self.problem is None and not self.caught_up.is_set() and reader.at_end:
                         self.caught_up.set()  # recovered (a full disk had stopped its replay) and read to the end
+                except LogTrimmed:
+                    raise
                 except Exception as err:  # NATS away, a consumer lost, a failed apply: retry
                     if self._stop.is_set():
                         return
                     self.problem = str(err)
-                    log.warning("replica %s/%d: %s; retrying", self.meta.name, self.number, err)
-                    self.shard.heal()  # a shard a full disk made read-only reopens once there is room
+                    log.warning("%s: %s; retrying", self.what, err)
+                    try:
+                        self.shard.heal()  # a shard a full disk made read-only reopens once there is room
+                    except LogTrimmed:
+                        raise
+                    except Exception as heal_err:
+                        log.warning("%s: reopening failed: %s", self.what, heal_err)
                     self._stop.wait(RETRY_S)
         finally:
             reader.close()
 
+    def _discard(self, err: BaseException) -> None:
+        """The log was trimmed past this replica: close its shard, drop its directory (nothing in it is
+        damaged, only behind) and let the next open bootstrap from a snapshot."""
+        self.problem = str(err)
+        self.caught_up.clear()
+        with self._snapshot_lock:  # a snapshot of the shard finishes first
+            shard, self.shard = self.shard, None
+            if shard is not None:
+                shard.close()
+        log.warning("%s: %s", self.what, err)
+        if self.directory.exists():
+            doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
+            self.directory.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
     def _quarantine(self, err: BaseException) -> None:
         """A corrupt replica directory (DataLoss at open) is moved aside, kept for operators, and the
-        replica rebuilt from its subject, which holds every record (the stream is never trimmed):
-        it never serves from the damaged files. Once per replica: a second DataLoss (the log itself)
-        is retried like any other failure."""
+        replica rebuilt from a snapshot and the log: it never serves from the damaged files. Once
+        per replica: a second DataLoss (the log itself) is retried like any other failure."""
         self._quarantined = True
         aside = self.directory.with_name(f"{self.directory.name}.quarantined-{int(time.time())}")
         self.directory.rename(aside)
         log.error(
-            "replica %s/%d: %s; moved its files aside to %s and rebuilding it from the log",
-            self.meta.name,
-            self.number,
-            err,
-            aside,
+            "%s: %s; moved its files aside to %s and rebuilding it from a snapshot and the log", self.what, err, aside
         )
+
+    # ------------------------------------------------------------ snapshots
+
+    def _scratch(self, kind: str) -> Path:
+        """A scratch directory beside the shard's (same file system: links and renames work)."""
+        return scratch_dir(self.directory.parent, f".{kind}-{self.directory.name}-")
+
+    def _clean_scratch(self) -> None:
+        """Scratch directories a killed process left (a snapshot, a restore, a discard)."""
+        parent = self.directory.parent
+        if parent.exists():
+            for kind in ("snapshot", "restore", "behind"):
+                for leftover in parent.glob(f".{kind}-{self.directory.name}-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    def _restore(self) -> None:
+        """Lay the newest valid snapshot of the shard into its (checkpoint-less) directory. With
+        none, the directory is left for a replay from the start, which LogTrimmed stops when the
+        subject was trimmed."""
+        if self.snapshots is None:
+            return
+        self.problem = "restoring a snapshot"
+        candidates = self.snapshots.replica_snapshots(self.meta.uid, self.number)
+        if not candidates:
+            return
+        scratch = self._scratch("restore")
+        try:
+            found = fetch_newest_valid(self.snapshots, candidates, scratch / "download", self.what)
+            if found is None:
+                log.warning("%s: no valid snapshot of %d; replaying the log from the start", self.what, len(candidates))
+                return
+            obj, top, manifest = found
+            entries = manifest["shards"]
+            if manifest.get("uid") != self.meta.uid or [int(e.get("shard", -1)) for e in entries] != [self.number]:
+                log.warning("%s: snapshot %s holds another shard (%r); not restored", self.what, obj.name, entries)
+                return
+            staged = scratch / "shard"
+            snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=True)
+            if self.directory.exists():  # no checkpoint in it: nothing the snapshot and the log do not hold
+                doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
+                self.directory.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+            staged.rename(self.directory)
+            fsync_dir(self.directory.parent)
+            self.restored_from = obj.name
+            self.restores += 1
+            self._newest = (obj.seq, obj.mtime or time.time())
+            self._bytes_since = 0
+            log.info(
+                "%s restored snapshot %s (log sequence %d, %d documents); replaying the log after it",
+                self.what,
+                obj.name,
+                entries[0].get("wal_seq", obj.seq),
+                entries[0].get("documents", 0),
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def newest_snapshot(self, refresh_s: float = 0.0) -> tuple[int, float]:
+        """(log sequence, unix time) of the shard's newest snapshot; (0, the replica's start) when
+        there is none. Lists the object store when the last look is older than ``refresh_s``."""
+        assert self.snapshots is not None
+        if self._newest is None or time.monotonic() - self._newest_checked >= refresh_s:
+            found = self.snapshots.replica_snapshots(self.meta.uid, self.number)
+            self._newest_checked = time.monotonic()
+            newest = (found[-1].seq, found[-1].mtime) if found else (0, self._opened_at)
+            if self._newest is not None and newest[0] > self._newest[0]:
+                self._bytes_since = 0  # another replica took one: count from about now
+            self._newest = newest
+        return self._newest
+
+    def snapshot_due(self, rank: int = 0) -> bool:
+        """Whether the schedule calls for a snapshot now; ``rank``: how many replicas of the shard
+        should take it first (each one waits that many periods more, so a stuck first one is
+        stood in for, but two rarely snapshot at once)."""
+        shard = self.shard
+        if self.snapshots is None or shard is None or not self.caught_up.is_set() or self.problem:
+            return False
+        factor = 1 + rank
+        if self._bytes_since >= self.snapshot_policy.log_bytes * factor:
+            return self.newest_snapshot()[0] < shard.applied_seq
+        seq, at = self.newest_snapshot(refresh_s=min(60.0, self.snapshot_policy.interval_s / 4))
+        return shard.applied_seq > seq and time.time() - at >= self.snapshot_policy.interval_s * factor
+
+    def take_snapshot(self) -> StoredObject:
+        """Snapshot the shard now: upload, read back, keep the newest few, trim the log (module doc).
+        Returns the object; Unavailable when the replica has not caught up."""
+        if self.snapshots is None:
+            raise FailedPrecondition(f"{self.what}: no snapshot store")
+        with self._snapshot_lock:
+            shard = self.serving(need_caught_up=True)
+            scratch = self._scratch("snapshot")
+            try:
+                started = time.monotonic()
+                entry = shard.snapshot(scratch / "snap" / snapshot.SHARD_DIR.format(self.number))
+                bytes_before = self._bytes_since
+                seq = int(entry["wal_seq"])
+                name = auto_name(self.meta.uid, self.number, seq)
+                from braid import __version__
+
+                manifest = snapshot.write_manifest(
+                    scratch / "snap",
+                    {
+                        "name": name.replace("/", "-").lower(),
+                        "collection": self.meta.name,
+                        "uid": self.meta.uid,
+                        "schema": self.meta.schema,
+                        "shard_count": self.meta.shards,
+                        "created_at": time.time(),
+                        "shards": [entry],
+                        "braid_version": __version__,
+                    },
+                )
+                stored = self.snapshots.put_dir(name, scratch / "snap", arcroot="snapshot")
+                self.snapshots.get_dir(name, scratch / "check")  # read back intact before the log is trimmed
+                self._newest = (seq, time.time())
+                self._newest_checked = time.monotonic()
+                self._bytes_since = max(self._bytes_since - bytes_before, 0)
+                log.info(
+                    "%s: snapshot %s (%d files, %d bytes) in %.2f s",
+                    self.what,
+                    name,
+                    len(manifest["files"]),
+                    stored.bytes,
+                    time.monotonic() - started,
+                )
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            self._retain_and_trim(name)
+            return StoredObject(name, stored.bytes, time.time())
+
+    def _retain_and_trim(self, newest: str) -> None:
+        """Keep the newest ``keep`` snapshots, trim the subject below the oldest of them, then delete
+        the others (the trim point is recorded first: snapshot_objects.py)."""
+        assert self.snapshots is not None
+        found = self.snapshots.replica_snapshots(self.meta.uid, self.number)
+        keep = found[-self.snapshot_policy.keep :]
+        if not any(obj.name == newest for obj in keep):  # listed late: never trim past what was read back
+            return
+        oldest = keep[0]
+        if oldest.seq > 0:
+            point = self.snapshots.trim(
+                self.meta.stream, self.meta.subject(self.number), self.meta.uid, self.number, oldest.seq, oldest.name
+            )
+            log.info("%s: log trimmed below sequence %d (snapshot %s)", self.what, point, oldest.name)
+        for obj in found[: -self.snapshot_policy.keep]:
+            self.snapshots.delete(obj.name)
+
+    # ------------------------------------------------------------ reads
 
     @property
     def applied_seq(self) -> int:
@@ -218,7 +513,8 @@ class Replica:
     def close(self, remove: bool = False) -> None:
         self._stop.set()
         self._thread.join(10)
-        if self.shard is not None:
-            self.shard.close()
+        with self._snapshot_lock:  # a snapshot running on another thread finishes first
+            if self.shard is not None:
+                self.shard.close()
         if remove:
             shutil.rmtree(self.directory, ignore_errors=True)

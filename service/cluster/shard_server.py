@@ -19,11 +19,24 @@ What it does:
   stream's last sequence as of its open: ``Replica.caught_up``), so a readiness probe holds a
   rolling restart back while this server still replays; NOT_SERVING again from shutdown on;
   ``braid.live`` is SERVING from the start (the liveness probe's: a replay is not a hang);
-- with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics.
+- with ``--metrics-port``, serves its calls, its replicas' lag and their indexes' metrics;
+- snapshots (service/cluster/replica.py): a thread checks every second whether a replica's
+  shard is due a snapshot (``snapshot_interval_s``, ``snapshot_log_bytes``) and takes it on
+  ONE replica per shard: the first node of the shard's placement that is live (its heartbeat
+  in ``braid-nodes``) snapshots when due; a node with k live nodes before it waits k+1 times
+  as long (time and log bytes), so it stands in for a first one that is alive but cannot
+  snapshot (catching up, a full disk), while two rarely snapshot the same shard at once
+  (harmless if they do: the object of one sequence is the same shard state, and trim points
+  only rise). The first node, not any: it keeps the choice stable without a lease, and its
+  placement is the same on every server. ``Snapshot`` takes one now (tests, the router's user
+  snapshots). A deleted collection's replica snapshots and trim points are removed by the
+  servers that held its replicas.
 
 Data directory: ``<data_dir>/replicas/<collection>-<uid>/shard-NNN/`` (an index/ shard
-directory whose manifest's ``wal_seq`` is the last stream sequence applied), and the
-``LOCK`` that keeps a second process out.
+directory whose manifest's ``wal_seq`` is the last stream sequence applied), scratch
+directories beside it while a snapshot is taken or restored (``.snapshot-shard-NNN-*``,
+``.restore-shard-NNN-*``: removed when the replica starts), and the ``LOCK`` that keeps a
+second process out.
 """
 
 from __future__ import annotations
@@ -84,12 +97,14 @@ from .meta import (
     parse_collections,
 )
 from .nats_link import NatsLink
-from .replica import Replica
+from .replica import Replica, SnapshotPolicy
+from .snapshot_objects import SnapshotObjects
 
 log = logging.getLogger("braid.shard_server")
 SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
 SERVICE_NAME = SERVICE.full_name
 QUICK_MAX_VECTORS = 4
+SNAPSHOT_TICK_S = 1.0  # how often the snapshot thread asks each replica whether it is due
 
 
 def _packed(ranked: Ranked) -> spb.Ranked:
@@ -302,6 +317,12 @@ class ShardRpcs:
             )
         return response
 
+    def Snapshot(self, request: spb.SnapshotRequest) -> Any:
+        replica = self._replica(request.replica)
+        replica.wait_applied(request.min_seq, call_deadline())
+        stored = replica.take_snapshot()
+        return spb.SnapshotResponse(object=stored.name, seq=stored.seq, bytes=stored.bytes)
+
 
 class ShardServer:
     """A shard server process: NATS link, replicas, the internal gRPC service and health."""
@@ -328,6 +349,9 @@ class ShardServer:
         self.rpcs = ShardRpcs(self)
         self._loop = event_loop()
         self.link: NatsLink | None = None
+        self.snapshots: SnapshotObjects | None = None
+        self._snapshot_policy = SnapshotPolicy(config.snapshot_interval_s, config.snapshot_log_bytes)
+        self._forget: list[tuple[str, int]] = []  # (uid, shards) of deleted collections whose snapshots go
         self.metrics: ServerMetrics | None = None
         self.tracing: Tracing | None = None
         try:
@@ -421,7 +445,9 @@ class ShardServer:
         if self.health_server is not None:
             asyncio.run_coroutine_threadsafe(self.health_server.start(), self._loop).result()
         self.link = NatsLink.for_config(self.config, f"braid-shard-{self.node_id}")
+        self.snapshots = SnapshotObjects(self.link, self.config.stream_replicas)
         threading.Thread(target=self._join, name="braid-join", daemon=True).start()
+        threading.Thread(target=self._snapshot_loop, name="braid-snapshots", daemon=True).start()
         threading.Thread(target=self._reconcile_loop, name="braid-reconcile", daemon=True).start()
         threading.Thread(target=self._readiness, name="braid-readiness", daemon=True).start()
 
@@ -518,7 +544,15 @@ class ShardServer:
             for key, meta in wanted.items():
                 if key not in self.replicas:
                     directory = self.root / f"{meta.name}-{meta.uid}" / f"shard-{key[1]:03d}"
-                    replica = Replica(meta, key[1], directory, self.link, self.config.storage)  # type: ignore[arg-type]
+                    replica = Replica(
+                        meta,
+                        key[1],
+                        directory,
+                        self.link,  # type: ignore[arg-type]
+                        self.config.storage,
+                        self.snapshots,
+                        self._snapshot_policy,
+                    )
                     self.replicas[key] = replica
                     replica.start()
             for key in [key for key in self.replicas if key not in wanted]:
@@ -527,6 +561,8 @@ class ShardServer:
                 self._views.pop((key[0], -1), None)
                 log.info("collection %r shard %d deleted: removing its replica", replica.meta.name, key[1])
                 replica.close(remove=True)
+                if not any(meta.uid == key[0] for meta in self._metas.values()):
+                    self._forget.append((key[0], replica.meta.shards))
             if not cleaned:  # directories of collections deleted while this server was down
                 cleaned = True
                 keep = {f"{meta.name}-{meta.uid}" for meta in self._metas.values()}
@@ -534,6 +570,42 @@ class ShardServer:
                     if path.name not in keep:
                         shutil.rmtree(path, ignore_errors=True)
             self._reconciled.set()
+
+    # ------------------------------------------------------------ snapshots
+
+    def _snapshot_loop(self) -> None:
+        """Every SNAPSHOT_TICK_S: snapshot each replica that is due and whose turn it is (module doc);
+        remove the snapshots of deleted collections."""
+        while not self._stopping.wait(SNAPSHOT_TICK_S):
+            if self.link is None or not self.link.connected or self.snapshots is None:
+                continue
+            while self._forget and not self._stopping.is_set():
+                uid, shards = self._forget[0]
+                try:
+                    self.snapshots.forget(uid, shards)
+                except Exception as err:
+                    log.warning("cannot remove the snapshots of deleted collection uid %s yet: %s", uid, err)
+                    break
+                self._forget.pop(0)
+            for replica in list(self.replicas.values()):
+                if self._stopping.is_set():
+                    return
+                try:
+                    if replica.snapshot_due() and replica.snapshot_due(self._snapshot_rank(replica)):
+                        replica.take_snapshot()
+                except Exception as err:  # NATS away, a full disk, a replica closing: the next tick retries
+                    log.warning("replica %s/%d: snapshot failed: %s", replica.meta.name, replica.number, err)
+
+    def _snapshot_rank(self, replica: Replica) -> int:
+        """How many live nodes come before this one in the shard's placement (0: it snapshots)."""
+        assert self.link is not None
+        rank = 0
+        for node in replica.meta.placement[replica.number]:
+            if node == self.node_id:
+                return rank
+            if self.link.kv_get(NODES_BUCKET, node) is not None:
+                rank += 1
+        return rank
 
     def _replica_shards(self) -> list[tuple[str, Any]]:
         """(collection, shard) of every open replica, for /metrics."""
