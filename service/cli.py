@@ -4,6 +4,8 @@
     braid collection create NAME --schema schema.json [--shards N]
     braid collection list | describe NAME | delete NAME
     braid alias create NAME COLLECTION | update NAME COLLECTION | delete NAME | list
+    braid snapshot create COLLECTION | list [COLLECTION] | restore SNAPSHOT --as NAME [--replace]
+    braid snapshot delete SNAPSHOT | export SNAPSHOT PATH(.tar or dir/) | import PATH
     braid ingest NAME docs.jsonl [--batch 500]
     braid search NAME --text "query" [--dense-field F] | --vector-file q.json --field F [--limit 10]
     braid models list | export NAME [--force] [--no-int8] | verify NAME
@@ -163,6 +165,49 @@ def _alias(args: argparse.Namespace) -> int:
             for alias in client.list_aliases():
                 print(f"{alias.name}\t{alias.collection}")
     return 0
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    """``braid snapshot``: back a collection up on the server, restore it, move it off the machine."""
+    from braid.index.errors import BraidError
+
+    with _client(args) as client:
+        try:
+            if args.action == "create":
+                info = client.create_snapshot(args.collection, timeout=args.timeout)
+                print(f"created snapshot {info.name} of {info.collection}: {_snapshot_line(info)}")
+            elif args.action == "list":
+                for info in client.list_snapshots(args.collection or ""):
+                    if info.error:
+                        print(f"{info.name}\tDAMAGED: {info.error}")
+                    else:
+                        print(f"{info.name}\t{info.collection}\t{_snapshot_line(info)}")
+            elif args.action == "restore":
+                collection = client.restore_snapshot(args.snapshot, args.name, args.replace, timeout=args.timeout)
+                verb = "replaced" if args.replace else "restored"
+                print(f"{verb} collection {collection.name} from {args.snapshot}: {collection.documents} documents")
+            elif args.action == "delete":
+                client.delete_snapshot(args.snapshot)
+                print(f"deleted snapshot {args.snapshot}")
+            elif args.action == "export":
+                written = client.export_snapshot(args.snapshot, args.path, timeout=args.timeout)
+                print(f"exported snapshot {args.snapshot} to {written}")
+            else:
+                info = client.import_snapshot(args.path, timeout=args.timeout)
+                print(f"imported snapshot {info.name} of {info.collection}: {_snapshot_line(info)}")
+        except (OSError, BraidError) as err:  # this machine's side: a path, a damaged export
+            print(f"braid snapshot {args.action}: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _snapshot_line(info) -> str:  # type: ignore[no-untyped-def]
+    created = info.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+    sequences = ",".join(str(shard.sequence) for shard in info.shards)
+    return (
+        f"{info.documents} documents, {info.size_bytes} bytes, {len(info.shards)} shard(s) at log sequence "
+        f"{sequences}, taken {created}, format {info.format}"
+    )
 
 
 def _document_line(line: str) -> object:
@@ -485,6 +530,33 @@ def build_parser() -> argparse.ArgumentParser:
     alias_actions.add_parser("delete", parents=[address]).add_argument("name")
     alias_actions.add_parser("list", parents=[address])
     alias.set_defaults(run=_alias)
+
+    snapshot = commands.add_parser(
+        "snapshot", help="back up and restore collections (docs/operations.md, Backup and restore)"
+    )
+    snapshot_actions = snapshot.add_subparsers(dest="action", required=True)
+    timed = argparse.ArgumentParser(add_help=False, parents=[address])
+    timed.add_argument("--timeout", type=float, default=3600.0, help="seconds the call may take (default 3600)")
+    snapshot_actions.add_parser("create", parents=[timed], help="snapshot a collection (or an alias's)").add_argument(
+        "collection"
+    )
+    snapshot_actions.add_parser("list", parents=[address], help="snapshots, oldest first").add_argument(
+        "collection", nargs="?", help="only this collection's"
+    )
+    restore = snapshot_actions.add_parser("restore", parents=[timed], help="restore a snapshot as a collection")
+    restore.add_argument("snapshot")
+    restore.add_argument("--as", dest="name", required=True, help="the collection to restore into")
+    restore.add_argument("--replace", action="store_true", help="swap an existing collection NAME for it")
+    snapshot_actions.add_parser("delete", parents=[address]).add_argument("snapshot")
+    export = snapshot_actions.add_parser(
+        "export", parents=[timed], help="download a snapshot: PATH.tar, or PATH/ for its directory"
+    )
+    export.add_argument("snapshot")
+    export.add_argument("path")
+    snapshot_actions.add_parser(
+        "import", parents=[timed], help="upload a snapshot from a .tar file or a snapshot directory"
+    ).add_argument("path")
+    snapshot.set_defaults(run=_snapshot)
 
     ingest = commands.add_parser("ingest", parents=[address], help="stream a JSONL file of documents")
     ingest.add_argument("collection")

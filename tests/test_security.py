@@ -429,11 +429,13 @@ class RecordingStub:
         output = pb.DESCRIPTOR.services_by_name["Braid"].methods_by_name[method].output_type
 
         def call(request: Any, timeout: float | None = None, **_: Any) -> Any:
-            if method in ("BulkUpsert", "UpsertStream"):
+            if method in ("BulkUpsert", "UpsertStream", "ImportSnapshot"):
                 request = list(request)
             self.calls.append((method, request, timeout))
             if method == "UpsertStream":
                 return _Acks([pb.UpsertStreamAck(batch=i, upserted=len(r.documents)) for i, r in enumerate(request)])
+            if method == "ExportSnapshot":
+                return _Acks([pb.SnapshotChunk(data=b"tar")])
             return getattr(pb, output.name)()
 
         return call
@@ -454,7 +456,7 @@ def recorded() -> Iterator[tuple[BraidClient, RecordingStub]]:
     client.close()
 
 
-def test_every_client_call_has_a_deadline(recorded: tuple[BraidClient, RecordingStub]):
+def test_every_client_call_has_a_deadline(recorded: tuple[BraidClient, RecordingStub], tmp_path: Path):
     from braid.service.client import STREAM_TIMEOUT_S
 
     client, stub = recorded
@@ -473,10 +475,16 @@ def test_every_client_call_has_a_deadline(recorded: tuple[BraidClient, Recording
     client.update_alias("a", "c")
     client.list_aliases()
     client.delete_alias("a")
+    client.create_snapshot("c")
+    client.list_snapshots()
+    client.restore_snapshot("s", "c2")
+    client.delete_snapshot("s")
     client.delete_collection("c")
     assert {method for method, _, _ in stub.calls} == set(pb.DESCRIPTOR.services_by_name["Braid"].methods_by_name) - {
         "BulkUpsert",
         "UpsertStream",
+        "ExportSnapshot",
+        "ImportSnapshot",
     }
     assert all(timeout == 7.0 for _, _, timeout in stub.calls)
     stub.calls.clear()
@@ -486,12 +494,18 @@ def test_every_client_call_has_a_deadline(recorded: tuple[BraidClient, Recording
     batches = [pb.UpsertRequest(collection="c", documents=[pb.Document(id="d0")])] * 2
     assert len(list(client.upsert_stream(iter(batches)))) == 2
     assert len(list(client.upsert_stream(iter(batches), timeout=4.0))) == 2
+    archive = client.export_snapshot("s", tmp_path / "s.tar")
+    client.import_snapshot(archive, timeout=5.0)
+    client.create_snapshot("c", timeout=120.0)
     assert [(m, t) for m, _, t in stub.calls] == [
         ("BulkUpsert", STREAM_TIMEOUT_S),
         ("BulkUpsert", 3.0),
         ("Search", 1.5),
         ("UpsertStream", STREAM_TIMEOUT_S),
         ("UpsertStream", 4.0),
+        ("ExportSnapshot", STREAM_TIMEOUT_S),
+        ("ImportSnapshot", 5.0),
+        ("CreateSnapshot", 120.0),
     ]
     assert [len(batch.documents) for batch in stub.calls[0][1]] == [2, 2, 1]
     with pytest.raises(ValueError, match="timeout"):
