@@ -10,6 +10,7 @@ status with nothing half done.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -26,6 +27,7 @@ import pytest
 
 from braid.index import diskspace
 from braid.index.manifest import load_json, write_json_atomic
+from braid.service.aio import AsyncBraidClient
 from braid.service.auth import generate_key, hash_key
 from braid.service.cli import main
 from braid.service.client import BraidClient
@@ -303,6 +305,27 @@ def test_export_and_import_round_trip_as_a_tar_and_as_a_directory(client: BraidC
     assert status is grpc.StatusCode.ALREADY_EXISTS and info.name in message
 
 
+def test_the_asyncio_client_round_trips(client: BraidClient, served: tuple[Any, Running], tmp_path: Path):
+    load(client, "aio", shards=1)
+    before = answers(client, "aio")
+
+    async def run() -> None:
+        async with AsyncBraidClient(f"127.0.0.1:{served[1].port}", api_key=ADMIN_KEY) as braid:
+            info = await braid.create_snapshot("aio")
+            assert [s.name for s in await braid.list_snapshots("aio")] == [info.name]
+            directory = await braid.export_snapshot(info.name, tmp_path)
+            archive = await braid.export_snapshot(info.name, tmp_path / "aio.tar")
+            await braid.delete_snapshot(info.name)
+            assert (await braid.import_snapshot(directory)).name == info.name
+            await braid.delete_snapshot(info.name)
+            assert (await braid.import_snapshot(archive)).documents == 55
+            restored = await braid.restore_snapshot(info.name, "aio-restored")
+            assert restored.documents == 55
+
+    asyncio.run(run())
+    assert answers(client, "aio-restored") == before
+
+
 def test_the_cli_backs_up_and_restores(client: BraidClient, served: tuple[Any, Running], tmp_path: Path, capsys):  # type: ignore[no-untyped-def]
     load(client, "clidocs", shards=1)
     before = answers(client, "clidocs")
@@ -363,6 +386,9 @@ def test_foreign_archives_are_invalid_argument_and_leave_nothing(client: BraidCl
         status, message = _import_bytes(client, data)
         assert status is grpc.StatusCode.INVALID_ARGUMENT, (case, status, message)
         assert message.startswith(("archive:", "data:")), (case, message)
+    raw = client.channel.stream_unary("/braid.v1.Braid/ImportSnapshot")
+    status, message = code(lambda: raw(iter([b"\xff\xff\xff"]), timeout=60))  # not a SnapshotChunk
+    assert status is grpc.StatusCode.INVALID_ARGUMENT and "cannot decode braid.v1.SnapshotChunk" in message
     assert sorted(p.name for p in snapshots_dir(served).iterdir() if p.name.startswith(".")) == []
     assert not (snapshots_dir(served).parent / "evil").exists()
 
