@@ -15,17 +15,24 @@ collection (2 shards, replication factor 2, 2 shard servers).
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
+import zlib
 
+import grpc
 import numpy as np
 import pytest
 
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
-from braid.service.cluster.snapshot_objects import SnapshotObjects
+from braid.service.cluster.snapshot_objects import BUCKET, SnapshotObjects
+from braid.v1 import braid_pb2 as pb
 from tests.clusterkit import cluster_link, damage_object, local_cluster, print_logs  # noqa: F401
+from tests.conftest import wait_for
 
 from .test_cluster_faults import (
+    CATCH_UP_S,
     COLLECTION,
     RPC_TIMEOUT_S,
     SHARDS,
@@ -34,7 +41,9 @@ from .test_cluster_faults import (
     _bulk,
     _check_replicas,
     _create,
+    _doc,
     _router_versions,
+    _schema,
     _wait_replicas_agree,
 )
 
@@ -163,6 +172,136 @@ def test_a_replica_stopped_while_the_log_was_trimmed_past_it_bootstraps(local_cl
         log = "".join(cluster.shards[1].output[began:])
         assert "the log was trimmed below sequence" in log, log[-3000:]
         assert f"restored snapshot {kept[0].object}" in log, log[-3000:]
+    except BaseException:
+        print_logs(cluster)
+        raise
+    finally:
+        client.close()
+
+
+def test_the_log_stays_bounded_under_a_steady_write_load(local_cluster) -> None:  # noqa: F811
+    log_bytes = 32 * 1024  # about 9 records of a shard
+    cluster = local_cluster(shard_servers=2, routers=1, nats_nodes=1, env={"BRAID_SNAPSHOT_LOG_BYTES": str(log_bytes)})
+    client = BraidClient(cluster.router_address, timeout=RPC_TIMEOUT_S)
+    try:
+        ledger = Ledger()
+        _create(client)
+        ids = [f"doc-{i}" for i in range(1000)]
+        batches = 400  # two log records each (one per shard), about 3.5 KiB apiece
+        samples: list[dict[str, int]] = []
+        with cluster_link(cluster) as link:
+            objects = SnapshotObjects(link, 1)
+            uid = ""
+            for number in range(batches):
+                chunk = [ids[(number * 50 + i) % len(ids)] for i in range(50)]
+                ledger.sent(chunk, number)
+                request = pb.UpsertRequest(collection=COLLECTION, documents=[_doc(i, number) for i in chunk])
+                client.stub.Upsert(request, timeout=RPC_TIMEOUT_S)
+                ledger.ack(chunk, number)
+                if number == 0:
+                    _, uid, _ = _wait_replicas_agree(cluster)
+                if number % 20 == 19:
+                    samples.append(objects.stream_state(f"BRAID_{uid}"))
+            written = samples[-1]["last_seq"]
+            record_bytes = samples[0]["bytes"] / samples[0]["messages"]
+            print(f"\n[steady load] {written} records written, ~{record_bytes:.0f} bytes each; stream samples:")
+            print("  " + ", ".join(f"{s['messages']} msgs / {s['bytes']} B" for s in samples))
+            # Untrimmed, the stream would hold all it was sent. Trimmed, it holds per shard the records
+            # since the older of its two snapshots: 2 x log_bytes, and what arrived while the next one
+            # was taken (this load writes as fast as the router acknowledges): none of it grows with
+            # the records written.
+            assert written >= 2 * batches
+            late = samples[len(samples) // 2 :]
+            assert max(s["messages"] for s in late) <= written / 4, f"the stream kept growing: {late}"
+            assert max(s["bytes"] for s in late) <= written * record_bytes / 4, late
+            assert late[-1]["first_seq"] > written / 2, f"not trimmed lately: {late[-1]}"
+            for n in range(SHARDS):
+                # older snapshots are deleted (a third exists while the next one is taken)
+                wait_for(lambda n=n: len(objects.replica_snapshots(uid, n)) <= 2, CATCH_UP_S, f"shard {n}: 2 kept")
+                assert objects.trim_point(uid, n) > written / 2
+        _check_replicas(cluster, ledger)
+    except BaseException:
+        print_logs(cluster)
+        raise
+    finally:
+        client.close()
+
+
+BIG_DIM = 512
+
+
+def _big_doc(doc_id: str, version: int) -> pb.Document:
+    vector = np.random.default_rng(zlib.crc32(f"{doc_id}@{version}".encode())).standard_normal(BIG_DIM)
+    return pb.Document(
+        id=doc_id,
+        dense={"emb": pb.DenseVector(packed=vector.astype("<f4").tobytes())},
+        payload={"tag": pb.Value(keyword=f"{doc_id}@{version}")},
+    )
+
+
+def test_kill9_in_the_middle_of_a_snapshot_upload(local_cluster) -> None:  # noqa: F811
+    cluster = local_cluster(shard_servers=2, routers=1, nats_nodes=1)
+    client = BraidClient(cluster.router_address, timeout=RPC_TIMEOUT_S)
+    try:
+        ledger = Ledger()
+        schema = _schema()
+        schema.dense_fields[0].dim = BIG_DIM
+        client.create_collection(COLLECTION, schema, shards=SHARDS, replication_factor=2)
+        ids = [f"doc-{i}" for i in range(6000)]  # about 6 MiB of vectors per shard: dozens of object chunks
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            ledger.sent(chunk, 0)
+            request = pb.UpsertRequest(collection=COLLECTION, documents=[_big_doc(i, 0) for i in chunk])
+            client.stub.Upsert(request, timeout=60)
+            ledger.ack(chunk, 0)
+        _, uid, _ = _wait_replicas_agree(cluster)
+        victim = cluster.shards[0]
+        seen = {"chunks": 0, "metas": 0}
+        killed = threading.Event()
+
+        with cluster_link(cluster) as link:
+            objects = SnapshotObjects(link, 1)
+            objects.ensure()
+
+            async def on_chunk(msg) -> None:  # type: ignore[no-untyped-def]
+                seen["chunks"] += 1
+                if not killed.is_set():
+                    killed.set()
+                    victim.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+
+            async def on_meta(msg) -> None:  # type: ignore[no-untyped-def]
+                if not killed.is_set() or seen["chunks"]:
+                    seen["metas"] += 1
+
+            async def subscribe() -> list:  # type: ignore[type-arg]
+                return [
+                    await link.nc.subscribe(f"$O.{BUCKET}.C.>", cb=on_chunk),
+                    await link.nc.subscribe(f"$O.{BUCKET}.M.>", cb=on_meta),
+                ]
+
+            subscriptions = link.call(subscribe(), 10.0)
+            link.call(link.nc.flush(), 10.0)
+            with pytest.raises(grpc.RpcError):  # the server died under the call
+                _snapshot(cluster, 0, uid, 0)
+            assert killed.wait(10), "the snapshot's upload never began"
+            victim.kill()  # reaped
+            for sub in subscriptions:
+                link.call(sub.unsubscribe(), 5.0)
+            print(f"\n[kill -9 mid-upload] {seen['chunks']} chunks seen, {seen['metas']} meta messages")
+            assert seen["metas"] == 0, "the upload completed before the kill landed: no half object to test"
+            assert objects.replica_snapshots(uid, 0) == [], "a half-uploaded snapshot is listed"
+
+            victim.restart()
+            _wait_replicas_agree(cluster)
+            leftovers = list((cluster.directory / victim.name / "replicas").glob("*/.snapshot-*"))
+            assert leftovers == [], f"the killed snapshot's scratch directory was left: {leftovers}"
+            taken = _snapshot(cluster, 0, uid, 0)  # the next snapshot works
+            listed = objects.replica_snapshots(uid, 0)
+            assert [o.name for o in listed] == [taken.object]
+            began = _wipe_and_restart(cluster, 1)
+            _check_replicas(cluster, ledger)
+            log = "".join(cluster.shards[1].output[began:])
+            assert f"restored snapshot {taken.object}" in log, log[-3000:]
     except BaseException:
         print_logs(cluster)
         raise

@@ -53,6 +53,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ FOLLOW_WAIT_S = 1.0  # a fetch waits this long for a new record before asking ag
 REPLAY_WAIT_S = 0.2  # while recovering: an empty fetch this long means the subject's end was reached
 RETRY_S = 0.5
 REPLAY_GAP_RETRIES = 10  # gaps re-read in a row before a replay gives up (and the open is retried)
+APPLIED_MARKS = 4096  # (seq, log bytes) marks kept of the batches applied, for bytes_since
+SNAPSHOT_LIST_S = 60.0  # snapshot_due lists the object store at least this often (others' snapshots)
 Batch = list[tuple[int, int, bytes]]
 Guard = Callable[[int, Batch], None]
 
@@ -95,12 +98,12 @@ class JetStreamLog:
     """A shard's log kept by JetStream (index/log.py ShardLog, external): read-only here.
 
     ``guard(after_seq, batch)`` runs on every batch before it is returned (the replica's trim
-    check: it raises LogTrimmed); ``counted`` is told each batch's payload bytes."""
+    check: it raises LogTrimmed); ``counted`` is told of each batch."""
 
     external = True
 
     def __init__(
-        self, reader: LogReader, guard: Guard | None = None, counted: Callable[[int], None] | None = None
+        self, reader: LogReader, guard: Guard | None = None, counted: Callable[[Batch], None] | None = None
     ) -> None:
         self.reader = reader
         self.guard = guard
@@ -125,7 +128,7 @@ class JetStreamLog:
             if self.guard is not None:
                 self.guard(after_seq, batch)
             if self.counted is not None:
-                self.counted(sum(len(payload) for _, _, payload in batch))
+                self.counted(batch)
             yield from batch
             if batch:
                 after_seq = batch[-1][0]
@@ -188,7 +191,9 @@ class Replica:
         self._snapshot_lock = threading.Lock()  # one snapshot of this replica at a time
         self._newest: tuple[int, float] | None = None  # (seq, unix time) of the newest snapshot known
         self._newest_checked = 0.0  # monotonic time the object store was last listed for it
-        self._bytes_since = 0  # log bytes applied since the newest snapshot known
+        self._applied_bytes: deque[tuple[int, int]] = deque(maxlen=APPLIED_MARKS)  # (seq, log bytes to it)
+        self._total_bytes = 0  # log bytes applied since the replica started
+        self.wake: Callable[[], None] | None = None  # told when enough log was applied for a snapshot
         self._opened_at = time.time()
         self._thread = threading.Thread(target=self._run, name=f"braid-replica-{meta.name}-{number}", daemon=True)
 
@@ -203,8 +208,31 @@ class Replica:
         reader = LogReader(self.link, self.meta.stream, self.meta.subject(self.number))
         return JetStreamLog(reader, self._check_trim, self._count)
 
-    def _count(self, nbytes: int) -> None:
-        self._bytes_since += nbytes
+    def _count(self, batch: Batch) -> None:
+        """Remember how much log was applied up to the batch's last record (snapshot_due's measure)."""
+        if batch:
+            self._total_bytes += sum(len(payload) for _, _, payload in batch)
+            self._applied_bytes.append((batch[-1][0], self._total_bytes))
+
+    def _maybe_wake(self) -> None:
+        """Tell the snapshot thread at once when the log applied since the newest snapshot calls for one."""
+        newest = self._newest
+        if (
+            self.wake is not None
+            and newest is not None
+            and self.bytes_since(newest[0]) >= self.snapshot_policy.log_bytes
+        ):
+            self.wake()
+
+    def bytes_since(self, seq: int) -> int:
+        """Log bytes this replica applied after sequence ``seq`` (all it applied since it started when
+        ``seq`` is older than that)."""
+        base = 0
+        for mark_seq, total in list(self._applied_bytes):
+            if mark_seq > seq:
+                break
+            base = total
+        return self._total_bytes - base
 
     def _check_trim(self, after_seq: int, batch: Batch) -> None:
         """LogTrimmed when the subject was trimmed past ``after_seq`` (records this replica has not
@@ -286,7 +314,8 @@ class Replica:
                         self._check_trim(after, batch)
                         self.lag_records = max(reader.pending, 0) + len(batch)  # fetched, not applied yet
                         self.shard.apply_logged(batch)
-                        self._count(sum(len(payload) for _, _, payload in batch))
+                        self._count(batch)
+                        self._maybe_wake()
                     if reader.pending >= 0:
                         self.lag_records = reader.pending
                     self.problem = self.shard.read_problem()
@@ -381,7 +410,6 @@ class Replica:
             self.restored_from = obj.name
             self.restores += 1
             self._newest = (obj.seq, obj.mtime or time.time())
-            self._bytes_since = 0
             log.info(
                 "%s restored snapshot %s (log sequence %d, %d documents); replaying the log after it",
                 self.what,
@@ -399,24 +427,29 @@ class Replica:
         if self._newest is None or time.monotonic() - self._newest_checked >= refresh_s:
             found = self.snapshots.replica_snapshots(self.meta.uid, self.number)
             self._newest_checked = time.monotonic()
-            newest = (found[-1].seq, found[-1].mtime) if found else (0, self._opened_at)
-            if self._newest is not None and newest[0] > self._newest[0]:
-                self._bytes_since = 0  # another replica took one: count from about now
-            self._newest = newest
+            self._newest = (found[-1].seq, found[-1].mtime) if found else (0, self._opened_at)
         return self._newest
 
     def snapshot_due(self, rank: int = 0) -> bool:
-        """Whether the schedule calls for a snapshot now; ``rank``: how many replicas of the shard
-        should take it first (each one waits that many periods more, so a stuck first one is
-        stood in for, but two rarely snapshot at once)."""
+        """Whether the schedule calls for a snapshot now: ``log_bytes`` applied since the shard's
+        newest snapshot, or ``interval_s`` since it with records applied since. ``rank``: how many
+        replicas of the shard should take it first; each waits that many periods more, so a stuck
+        first one is stood in for, but two rarely snapshot at once. The object store is listed
+        only when the last known newest snapshot says it is due (another replica may have taken one)."""
         shard = self.shard
         if self.snapshots is None or shard is None or not self.caught_up.is_set() or self.problem:
             return False
         factor = 1 + rank
-        if self._bytes_since >= self.snapshot_policy.log_bytes * factor:
-            return self.newest_snapshot()[0] < shard.applied_seq
-        seq, at = self.newest_snapshot(refresh_s=min(60.0, self.snapshot_policy.interval_s / 4))
-        return shard.applied_seq > seq and time.time() - at >= self.snapshot_policy.interval_s * factor
+        policy = self.snapshot_policy
+
+        def due(seq: int, at: float) -> bool:
+            if shard.applied_seq <= seq:
+                return False
+            return self.bytes_since(seq) >= policy.log_bytes * factor or time.time() - at >= policy.interval_s * factor
+
+        if not due(*self.newest_snapshot(refresh_s=SNAPSHOT_LIST_S)):
+            return False
+        return due(*self.newest_snapshot())
 
     def take_snapshot(self) -> StoredObject:
         """Snapshot the shard now: upload, read back, keep the newest few, trim the log (module doc).
@@ -429,7 +462,6 @@ class Replica:
             try:
                 started = time.monotonic()
                 entry = shard.snapshot(scratch / "snap" / snapshot.SHARD_DIR.format(self.number))
-                bytes_before = self._bytes_since
                 seq = int(entry["wal_seq"])
                 name = auto_name(self.meta.uid, self.number, seq)
                 from braid import __version__
@@ -451,7 +483,6 @@ class Replica:
                 self.snapshots.get_dir(name, scratch / "check")  # read back intact before the log is trimmed
                 self._newest = (seq, time.time())
                 self._newest_checked = time.monotonic()
-                self._bytes_since = max(self._bytes_since - bytes_before, 0)
                 log.info(
                     "%s: snapshot %s (%d files, %d bytes) in %.2f s",
                     self.what,

@@ -105,6 +105,7 @@ SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
 SERVICE_NAME = SERVICE.full_name
 QUICK_MAX_VECTORS = 4
 SNAPSHOT_TICK_S = 1.0  # how often the snapshot thread asks each replica whether it is due
+RANK_S = 5.0  # how long a replica's turn to snapshot (live nodes before it) is taken as known
 
 
 def _packed(ranked: Ranked) -> spb.Ranked:
@@ -351,6 +352,8 @@ class ShardServer:
         self.link: NatsLink | None = None
         self.snapshots: SnapshotObjects | None = None
         self._snapshot_policy = SnapshotPolicy(config.snapshot_interval_s, config.snapshot_log_bytes)
+        self._snapshot_wake = threading.Event()  # a replica applied enough log for a snapshot
+        self._ranks: dict[tuple[str, int], tuple[float, int]] = {}  # replica -> (monotonic time, rank)
         self._forget: list[tuple[str, int]] = []  # (uid, shards) of deleted collections whose snapshots go
         self.metrics: ServerMetrics | None = None
         self.tracing: Tracing | None = None
@@ -553,6 +556,7 @@ class ShardServer:
                         self.snapshots,
                         self._snapshot_policy,
                     )
+                    replica.wake = self._snapshot_wake.set
                     self.replicas[key] = replica
                     replica.start()
             for key in [key for key in self.replicas if key not in wanted]:
@@ -576,7 +580,9 @@ class ShardServer:
     def _snapshot_loop(self) -> None:
         """Every SNAPSHOT_TICK_S: snapshot each replica that is due and whose turn it is (module doc);
         remove the snapshots of deleted collections."""
-        while not self._stopping.wait(SNAPSHOT_TICK_S):
+        while not self._stopping.is_set():
+            self._snapshot_wake.wait(SNAPSHOT_TICK_S)
+            self._snapshot_wake.clear()
             if self.link is None or not self.link.connected or self.snapshots is None:
                 continue
             while self._forget and not self._stopping.is_set():
@@ -597,7 +603,18 @@ class ShardServer:
                     log.warning("replica %s/%d: snapshot failed: %s", replica.meta.name, replica.number, err)
 
     def _snapshot_rank(self, replica: Replica) -> int:
-        """How many live nodes come before this one in the shard's placement (0: it snapshots)."""
+        """How many live nodes come before this one in the shard's placement (0: it snapshots);
+        looked up again after RANK_S."""
+        assert self.link is not None
+        key = (replica.meta.uid, replica.number)
+        known = self._ranks.get(key)
+        if known is not None and time.monotonic() - known[0] < RANK_S:
+            return known[1]
+        rank = self._live_before(replica)
+        self._ranks[key] = (time.monotonic(), rank)
+        return rank
+
+    def _live_before(self, replica: Replica) -> int:
         assert self.link is not None
         rank = 0
         for node in replica.meta.placement[replica.number]:
