@@ -6,8 +6,9 @@ cluster issue, issue 20): the same guarantees as a standalone server.
    correct, the full replica never answers for a log sequence it has not applied, and once
    space is freed it catches up and holds every acknowledged write. Then it is killed and
    restarted on the full disk: it answers correctly or UNAVAILABLE, never part of its data.
-2. A flipped byte in a replica's checkpoint file: the replica is quarantined (its directory
-   moved aside) and rebuilt from the log; it never serves from the damaged file.
+2. A flipped byte in a replica's checkpoint file (one replica's sealed HNSW graph, the other's
+   payload column): the replica is quarantined (its directory moved aside) and rebuilt from the
+   log; it never serves from the damaged file.
 
 The cluster is tests/test_cluster_faults.py's (2 shards, replication factor 2, 2 shard servers).
 """
@@ -27,6 +28,7 @@ from braid.v1 import braid_pb2 as pb
 from tests.clusterkit import local_cluster, print_logs  # noqa: F401
 
 from .test_cluster_faults import (
+    CATCH_UP_S,
     COLLECTION,
     RPC_TIMEOUT_S,
     SHARDS,
@@ -188,45 +190,83 @@ def test_a_replicas_disk_fills_up(local_cluster, tmp_path: Path) -> None:  # noq
             cluster.stop()
 
 
+def _newest_generation(replica: Path) -> Path | None:
+    """The replica's newest checkpoint generation (``segments/<gen>/``; a ``.tmp`` one is being written)."""
+    generations = [path for path in replica.glob("segments/[0-9]*") if path.name.isdigit()]
+    return max(generations, key=lambda path: int(path.name), default=None)
+
+
+def _checkpoint_file(replica: Path, pattern: str) -> Path | None:
+    newest = _newest_generation(replica)
+    found = sorted(newest.glob(pattern)) if newest is not None else []
+    return found[0] if found else None
+
+
+def _rebuilt(view: ShardServerView, ends: list[int]) -> bool:
+    """Whether the server's replica of every shard is caught up to ``ends`` and serving."""
+    try:
+        statuses = view.status()
+    except grpc.RpcError as err:
+        assert _code(err) in CLEAN_READ_FAILURES, f"{view.name}: Status: {_code(err).name} {err.details()}"
+        return False
+    return set(statuses) == set(range(SHARDS)) and all(
+        s.caught_up and not s.problem and s.applied_seq >= ends[n] for n, s in statuses.items()
+    )
+
+
 def test_a_flipped_byte_in_a_replicas_checkpoint_is_quarantined_and_rebuilt(local_cluster) -> None:  # noqa: F811
     cluster = local_cluster(shard_servers=2, routers=1, nats_nodes=1)
     client = BraidClient(cluster.router_address, timeout=RPC_TIMEOUT_S)
     try:
         ledger = Ledger()
         _create(client)
-        ids = [f"doc-{i}" for i in range(1500)]
-        _bulk(client, ledger, ids[:1000])
+        # 2,000 documents and 300 replaced: over 1,024 rows (HnswStrand's SEAL_ROWS) on each shard,
+        # so each replica seals an HNSW graph and its checkpoint holds an emb.g<id>.hnsw file.
+        ids = [f"doc-{i}" for i in range(2500)]
+        _bulk(client, ledger, ids[:2000])
         _bulk(client, ledger, ids[:300], version=1)
         _wait_replicas_agree(cluster)
-        client.flush(COLLECTION)  # every replica checkpoints: its files hold the documents now
-        _bulk(client, ledger, ids[1000:], version=0)  # and a tail of the log after the checkpoint
-        _, uid, _ = _wait_replicas_agree(cluster)
-        assert cluster.shards[1].stop() == 0
-
         data = cluster.directory / cluster.shards[1].name / "replicas"
         replicas = sorted(data.glob(f"{COLLECTION}-*/shard-*"))
         assert len(replicas) == SHARDS, replicas
+        # Every replica checkpoints: its files hold the documents now. The sealer builds the graph in
+        # the background: checkpoint again until shard server 1's newest generations hold one.
+        deadline = time.monotonic() + CATCH_UP_S
+        while True:
+            client.flush(COLLECTION)
+            if all(_checkpoint_file(replica, "emb.g*.hnsw") is not None for replica in replicas):
+                break
+            assert time.monotonic() < deadline, f"no sealed HNSW graph in a checkpoint of {replicas}"
+            time.sleep(0.2)
+        _bulk(client, ledger, ids[2000:], version=0)  # and a tail of the log after the checkpoint
+        _, uid, _ = _wait_replicas_agree(cluster)
+        assert cluster.shards[1].stop() == 0
+        _, ends = _log_ends(cluster)
+
         flipped = []
-        for replica, name in zip(replicas, ("emb.hnsw", "payload-tag.offsets.npy"), strict=False):
-            files = sorted(replica.glob(f"segments/[0-9]*/{name}")) or sorted(replica.glob("segments/[0-9]*/ids.json"))
-            assert files, f"no checkpoint file under {replica}"
-            path = files[0]
+        for replica, pattern in zip(replicas, ("emb.g*.hnsw", "payload-tag.codes.npy"), strict=True):
+            path = _checkpoint_file(replica, pattern)
+            assert path is not None, f"no {pattern} in the newest checkpoint of {replica}"
             raw = bytearray(path.read_bytes())
             raw[len(raw) // 2] ^= 0x10
             path.write_bytes(bytes(raw))
             flipped.append(path)
 
+        restarted = len(cluster.shards[1].output)
         cluster.shards[1].restart()
+        deadline = time.monotonic() + CATCH_UP_S
         with ShardServerView(cluster, 1) as view:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # while it rebuilds: correct or refused, never wrong
+            while True:  # while it rebuilds: correct or refused, never wrong
                 _replica_answers_correctly_or_refuses(view, uid, ledger, [0] * SHARDS)
+                if _rebuilt(view, ends):
+                    break
+                assert time.monotonic() < deadline, f"{view.name} did not rebuild within {CATCH_UP_S:.0f} s"
                 time.sleep(0.3)
         _check_replicas(cluster, ledger)  # rebuilt: every acknowledged write, the latest version
         _check_router_reads(client, ledger)
         aside = sorted(p.name for p in data.glob(f"{COLLECTION}-*/shard-*.quarantined-*"))
         assert len(aside) == len(flipped), f"the damaged replicas were not moved aside: {aside}"
-        log = cluster.shards[1].tail(400)
+        log = "".join(cluster.shards[1].output[restarted:])
         assert all(path.name in log for path in flipped), log
     except BaseException:
         print_logs(cluster)
