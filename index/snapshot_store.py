@@ -96,6 +96,18 @@ class SnapshotStore:
                 out.append(manifest)
         return sorted(out, key=lambda m: (float(m.get("created_at") or 0), m["name"]))
 
+    def collection_of(self, name: str) -> str | None:
+        """The collection snapshot ``name`` was taken of; None when its manifest cannot be read.
+        NotFound when there is no such snapshot, damaged or not."""
+        snapshot.check_name(name)
+        path = self.root / name
+        if not path.is_dir():
+            raise NotFound(f"snapshot {name!r} does not exist")
+        try:
+            return snapshot.read_manifest(path).get("collection")
+        except BraidError:
+            return None
+
     def manifest(self, name: str) -> dict[str, Any]:
         return snapshot.read_manifest(self.path(name))
 
@@ -105,7 +117,11 @@ class SnapshotStore:
         return path, snapshot.verify(path)
 
     def delete(self, name: str) -> None:
-        path = self.path(name)
+        """Remove snapshot ``name``, damaged ones too (a listing shows them with their error)."""
+        snapshot.check_name(name)
+        path = self.root / name
+        if not path.is_dir():
+            raise NotFound(f"snapshot {name!r} does not exist")
         doomed = self.root / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
         path.rename(doomed)
         fsync_dir(self.root)

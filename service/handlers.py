@@ -368,7 +368,8 @@ class BraidHandlers:
             principal = self._authorize(context, "ImportSnapshot", ())
             visible = principal.allows if principal is not None else None
             with self.admission.stream(context.peer()):
-                upload = await self.admission.run(functools.partial(self.rpcs.import_upload, visible))
+                # Made here, not on a worker: a call cancelled meanwhile would leave its file behind.
+                upload = self.rpcs.import_upload(visible)
                 messages = requests.__aiter__()
                 while (chunk := await self._next_message(messages)) is not None:
                     if isinstance(chunk, Undecodable):

@@ -16,8 +16,6 @@ from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import (
     BraidError,
-    DataLoss,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -168,10 +166,7 @@ class BraidRpcs:
         check_snapshot_name(name)
         if visible is None:
             return
-        try:
-            collection = self.catalog.snapshots.manifest(name).get("collection") or ""
-        except (DataLoss, FailedPrecondition):
-            collection = ""
+        collection = self.catalog.snapshots.collection_of(name) or ""  # "": unreadable, unscoped keys only
         if not visible(collection):
             raise PermissionDenied(f"snapshot: {name!r} is not a snapshot of a collection this API key may use")
 

@@ -446,6 +446,15 @@ def test_damage_is_data_loss_naming_the_file_and_an_unknown_format_is_failed_pre
     assert not (tmp_path / "f.tar").exists()
     client.delete_snapshot(info.name)
 
+    # A snapshot whose manifest is gone is listed with the reason, and can be deleted.
+    info = client.create_snapshot("damaged")
+    (snapshots_dir(served) / info.name / "SNAPSHOT.json").unlink()
+    [listed] = [s for s in client.list_snapshots() if s.name == info.name]
+    assert "missing" in listed.error
+    assert code(lambda: client.restore_snapshot(info.name, "gone"))[0] is grpc.StatusCode.NOT_FOUND
+    client.delete_snapshot(info.name)
+    assert info.name not in {s.name for s in client.list_snapshots()}
+
 
 def test_names_are_checked(client: BraidClient, tmp_path: Path):
     cases = [
