@@ -140,6 +140,9 @@ def test_a_wiped_replica_restores_the_newest_valid_snapshot_after_a_trim(local_c
         assert f"snapshot {second[0].object} skipped" in log and "WARNING" in log, log[-3000:]
         assert f"restored snapshot {first[0].object}" in log, log[-3000:]
         assert f"restored snapshot {second[1].object}" in log, log[-3000:]
+        with ShardServerView(cluster, 1) as view:
+            restored = {n: status.restored_from for n, status in view.status().items()}
+        assert restored == {0: first[0].object, 1: second[1].object}, restored
     except BaseException:
         print_logs(cluster)
         raise
@@ -172,6 +175,27 @@ def test_a_replica_stopped_while_the_log_was_trimmed_past_it_bootstraps(local_cl
         log = "".join(cluster.shards[1].output[began:])
         assert "the log was trimmed below sequence" in log, log[-3000:]
         assert f"restored snapshot {kept[0].object}" in log, log[-3000:]
+
+        # No snapshot left and a trimmed log: the wiped replica must not open (a replay from sequence 1
+        # would miss the trimmed records); it says why. The other shard's replica is unaffected.
+        with cluster_link(cluster) as link:
+            objects = SnapshotObjects(link, 1)
+            for obj in objects.replica_snapshots(uid, 0):
+                objects.delete(obj.name)
+        _wipe_and_restart(cluster, 1)
+        with ShardServerView(cluster, 1) as view:
+            statuses: dict[int, spb.ReplicaStatus] = {}
+
+            def settled() -> bool:
+                statuses.update(view.status())
+                return "no valid snapshot" in statuses.get(0, spb.ReplicaStatus()).problem and statuses[1].caught_up
+
+            wait_for(settled, CATCH_UP_S, "the replica of shard 0 to refuse to open")
+            assert not statuses[0].caught_up and statuses[0].applied_seq == 0, statuses[0]
+            ref = _ref(uid, 0)
+            with pytest.raises(grpc.RpcError) as refused:
+                view.stub.Count(spb.ShardCountRequest(replica=ref), timeout=RPC_TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
     except BaseException:
         print_logs(cluster)
         raise

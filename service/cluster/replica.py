@@ -267,12 +267,17 @@ class Replica:
     def _open(self) -> bool:
         """Open the shard (retrying until it works or the replica closes); False once closed."""
         while not self._stop.is_set() and self.shard is None:
+            restored: bool | None = None  # None: the directory had a checkpoint, no restore was tried
             try:
                 if not (self.directory / "MANIFEST.json").exists():
-                    self._restore()
+                    restored = self._restore()
                 shard = Shard.open(self.directory, self.schema, self.number, self.policy, log_opener=self._open_log)
             except LogTrimmed as err:
                 self._discard(err)
+                if restored is False:  # the log was trimmed and no snapshot covers it: it cannot open
+                    self.problem = f"cannot open: {err}, and no valid snapshot of the shard was found; retrying"
+                    log.error("%s: %s", self.what, self.problem)
+                    self._stop.wait(RETRY_S * 4)
                 continue
             except DataLoss as err:
                 self.problem = f"cannot open: {err}"
@@ -378,27 +383,27 @@ class Replica:
                 for leftover in parent.glob(f".{kind}-{self.directory.name}-*"):
                     shutil.rmtree(leftover, ignore_errors=True)
 
-    def _restore(self) -> None:
-        """Lay the newest valid snapshot of the shard into its (checkpoint-less) directory. With
-        none, the directory is left for a replay from the start, which LogTrimmed stops when the
-        subject was trimmed."""
+    def _restore(self) -> bool:
+        """Lay the newest valid snapshot of the shard into its (checkpoint-less) directory; whether
+        one was. With none, the directory is left for a replay from the start, which LogTrimmed
+        stops when the subject was trimmed."""
         if self.snapshots is None:
-            return
+            return False
         self.problem = "restoring a snapshot"
         candidates = self.snapshots.replica_snapshots(self.meta.uid, self.number)
         if not candidates:
-            return
+            return False
         scratch = self._scratch("restore")
         try:
             found = fetch_newest_valid(self.snapshots, candidates, scratch / "download", self.what)
             if found is None:
                 log.warning("%s: no valid snapshot of %d; replaying the log from the start", self.what, len(candidates))
-                return
+                return False
             obj, top, manifest = found
             entries = manifest["shards"]
             if manifest.get("uid") != self.meta.uid or [int(e.get("shard", -1)) for e in entries] != [self.number]:
                 log.warning("%s: snapshot %s holds another shard (%r); not restored", self.what, obj.name, entries)
-                return
+                return False
             staged = scratch / "shard"
             snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=True)
             if self.directory.exists():  # no checkpoint in it: nothing the snapshot and the log do not hold
@@ -417,6 +422,7 @@ class Replica:
                 entries[0].get("wal_seq", obj.seq),
                 entries[0].get("documents", 0),
             )
+            return True
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

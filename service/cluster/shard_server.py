@@ -315,6 +315,7 @@ class ShardRpcs:
                 caught_up=replica.caught_up.is_set(),
                 problem=replica.problem or "",
                 documents=shard.live_count if shard is not None else 0,
+                restored_from=replica.restored_from or "",
             )
         return response
 
