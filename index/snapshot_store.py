@@ -142,7 +142,7 @@ class SnapshotStore:
         ``admit(manifest)`` may refuse it (raise) once it is checked, before it is listed."""
         staging = self.root / f".importing-{uuid.uuid4().hex[:8]}"
         try:
-            self._space.check(0)
+            self._space.check(archive.stat().st_size)  # unpacked, it takes about as much again
             top = snapshot.extract_tar(archive, staging)
             manifest = snapshot.verify(top)
             if manifest.get("name") != top.name:
