@@ -12,12 +12,15 @@ ExportSnapshot streams a POSIX tar whose members sit under the snapshot's name
   and every file is checked against the manifest's crc32 before the directory is renamed
   into place.
 
+A failed export leaves nothing, not even the directory it made.
+
 ``archive_chunks`` reads what ``import_snapshot`` sends: a tar file in pieces, or a snapshot
 directory (one holding ``SNAPSHOT.json``) tarred on the fly, never staged whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -77,6 +80,7 @@ class ExportTarget:
         self.path = Path(text)
         self.unpack = text.endswith(("/", os.sep)) or self.path.is_dir()
         tag = uuid.uuid4().hex[:8]
+        self._made_dir = self.unpack and not self.path.exists()  # removed again if the export fails
         if self.unpack:
             self.path.mkdir(parents=True, exist_ok=True)
             self.partial = self.path / f".export-{tag}.tar"
@@ -90,6 +94,7 @@ class ExportTarget:
         self._file.write(data)
 
     def finish(self) -> Path:
+        done = False
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -97,6 +102,7 @@ class ExportTarget:
             if not self.unpack:
                 self.partial.replace(self.path)
                 fsync_dir(self.path.parent)
+                done = True
                 return self.path
             top = snapshot.extract_tar(self.partial, self.staging)
             snapshot.verify(top)  # every file against SNAPSHOT.json: what arrived is what was taken
@@ -105,13 +111,21 @@ class ExportTarget:
                 raise FileExistsError(f"{final}: exists already; export into another directory or remove it")
             top.rename(final)
             fsync_dir(self.path)
+            done = True
             return final
         finally:
-            self.abort()
+            self._clean(failed=not done)
 
     def abort(self) -> None:
-        """Remove whatever this export left (the partial archive, an unpacking directory)."""
+        """Remove whatever this export left (the partial archive, an unpacking directory, the
+        directory it made)."""
+        self._clean(failed=True)
+
+    def _clean(self, failed: bool) -> None:
         if not self._file.closed:
             self._file.close()
         self.partial.unlink(missing_ok=True)
         shutil.rmtree(self.staging, ignore_errors=True)
+        if failed and self._made_dir:
+            with contextlib.suppress(OSError):  # only while empty
+                self.path.rmdir()

@@ -466,6 +466,7 @@ def test_names_are_checked(client: BraidClient, tmp_path: Path):
         (lambda: client.delete_snapshot("nope-2"), grpc.StatusCode.NOT_FOUND, "nope-2"),
         (lambda: client.export_snapshot("nope-3", tmp_path / "x.tar"), grpc.StatusCode.NOT_FOUND, "nope-3"),
         (lambda: client.export_snapshot("/etc", tmp_path / "x.tar"), grpc.StatusCode.INVALID_ARGUMENT, "snapshot:"),
+        (lambda: client.export_snapshot("nope-4", str(tmp_path / "d") + "/"), grpc.StatusCode.NOT_FOUND, "nope-4"),
     ]
     for call, expected, named in cases:
         status, message = code(call)
