@@ -14,6 +14,13 @@ durable, in order. Every answer, success or failure, says how many
 batches and documents were applied: in the message of an error and always in the
 trailing metadata ``braid-batches-applied`` / ``braid-documents-applied``.
 
+The snapshot streams hold a stream slot too. ExportSnapshot reads each 1 MiB piece of the
+archive on a worker and writes it on the loop; a client that cancels or goes away ends it
+at its next await and leaves no worker reading, one that stops reading is ended after
+``stream_idle_timeout_s``. ImportSnapshot reads its stream as BulkUpsert does (the same
+idle timeout), writes each piece on a worker to a hidden file that goes whatever happens,
+and checks and lists the snapshot on a worker at the end.
+
 Every handler runs inside a ``CallObserver`` (service/observe.py): the call's request id
 (echoed as trailing metadata ``x-request-id``), its metrics and the slow-query log.
 """

@@ -2,7 +2,9 @@
 
 Run on a worker thread by service/handlers.py, which owns decoding, authentication,
 admission and status codes. Methods take the decoded request and raise index or
-encoder errors; BulkUpsert is handled batch by batch through ``upsert``.
+encoder errors; BulkUpsert is handled batch by batch through ``upsert``. The snapshot
+streams: ExportSnapshot returns the archive as an iterator of pieces (each pulled on a
+worker), ImportSnapshot writes through ``import_upload``.
 """
 
 from __future__ import annotations
