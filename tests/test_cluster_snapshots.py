@@ -110,6 +110,9 @@ def test_a_wiped_replica_restores_the_newest_valid_snapshot_after_a_trim(local_c
         ids = [f"doc-{i}" for i in range(2400)]
         _bulk(client, ledger, ids[:1000])
         _, uid, _ = _wait_replicas_agree(cluster)
+        with pytest.raises(grpc.RpcError) as refused:  # no such replica here: UNAVAILABLE naming the shard
+            _snapshot(cluster, 0, "feedfacecafe", 1)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shard 1" in refused.value.details()
         first = [_snapshot(cluster, 0, uid, n) for n in range(SHARDS)]
         _bulk(client, ledger, ids[1000:1800])
         _bulk(client, ledger, ids[:300], version=1)
