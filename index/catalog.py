@@ -359,40 +359,50 @@ class Catalog:
         if sorted(int(s["shard"]) for s in manifest["shards"]) != list(range(shards)):
             raise DataLoss(f"{path / snapshot.MANIFEST}: holds shards {manifest['shards']!r}, not all of {shards}")
         with self._lock:
-            self._check_open()
-            exists = self._is_collection(name)
-            if exists and not replace:
-                raise AlreadyExists(
-                    f"collection {name!r} already exists: restore under another name and point an alias at it, "
-                    f"or pass replace to swap it"
-                )
-            alias_of = self.aliases.target(name)
-            if alias_of is not None:
-                raise AlreadyExists(f"name: {name!r} is an alias (of collection {alias_of!r})")
-            FreeSpace(self.root, self.policy.min_free_bytes).check(0)
-            staging = self.root / f".restoring-{name}-{uuid.uuid4().hex[:8]}"
-            meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
-            try:
-                staging.mkdir()
-                write_json_atomic(staging / "collection.json", meta)
-                for i in range(shards):
-                    shard_dir = snapshot.SHARD_DIR.format(i)
-                    snapshot.restore_shard(path / shard_dir, staging / shard_dir, keep_seq=False)
-                self._open(staging, meta).close()  # one that cannot open is never published
+            self._check_restore_target(name, replace)
+        FreeSpace(self.root, self.policy.min_free_bytes).check(0)
+        staging = self.root / f".restoring-{name}-{uuid.uuid4().hex[:8]}"
+        meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
+        try:
+            # Laid out and opened once in staging without the catalog's lock (a large restore must not
+            # hold creates, deletes and alias changes up); one that cannot open is never published.
+            staging.mkdir()
+            write_json_atomic(staging / "collection.json", meta)
+            for i in range(shards):
+                shard_dir = snapshot.SHARD_DIR.format(i)
+                snapshot.restore_shard(path / shard_dir, staging / shard_dir, keep_seq=False)
+            self._open(staging, meta).close()
+            with self._lock:
+                exists = self._check_restore_target(name, replace)  # again: a create may have raced it
                 if exists:
                     self._retire(name, NotFound(f"collection {name!r} was replaced by a restore; retry"))
                 final = self.root / name
                 staging.rename(final)
                 fsync_dir(self.root)
-            except BaseException as err:
-                shutil.rmtree(staging, ignore_errors=True)
-                if isinstance(err, OSError) and is_disk_full(err):
-                    raise DiskFull(f"disk full: cannot restore collection {name!r} under {self.root}: {err}") from err
-                raise
-            collection = self._open(final, meta)
-            self._collections[name] = collection
+                collection = self._open(final, meta)
+                self._collections[name] = collection
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and is_disk_full(err):
+                raise DiskFull(f"disk full: cannot restore collection {name!r} under {self.root}: {err}") from err
+            raise
         log.info("restored snapshot %s as collection %s", snapshot_name, name)
         return collection
+
+    def _check_restore_target(self, name: str, replace: bool) -> bool:
+        """Whether collection ``name`` exists (caller holds the lock); AlreadyExists when it may not be
+        restored over, or when the name is an alias."""
+        self._check_open()
+        exists = self._is_collection(name)
+        if exists and not replace:
+            raise AlreadyExists(
+                f"collection {name!r} already exists: restore under another name and point an alias at it, "
+                f"or pass replace to swap it"
+            )
+        alias_of = self.aliases.target(name)
+        if alias_of is not None:
+            raise AlreadyExists(f"name: {name!r} is an alias (of collection {alias_of!r})")
+        return exists
 
     def _retire(self, name: str, error: BraidError) -> None:
         """Close collection ``name`` (or forget its quarantine) and remove its files (caller holds the lock)."""
