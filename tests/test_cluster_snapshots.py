@@ -317,6 +317,10 @@ def test_kill9_in_the_middle_of_a_snapshot_upload(local_cluster) -> None:  # noq
             print(f"\n[kill -9 mid-upload] {seen['chunks']} chunks seen, {seen['metas']} meta messages")
             assert seen["metas"] == 0, "the upload completed before the kill landed: no half object to test"
             assert objects.replica_snapshots(uid, 0) == [], "a half-uploaded snapshot is listed"
+            # its chunks are swept once old enough (a replica sweeps those 10 minutes old: now, here)
+            before = objects.stream_state(f"OBJ_{BUCKET}")["messages"]
+            assert len(objects.sweep_orphans(older_than_s=0)) == 1
+            assert objects.stream_state(f"OBJ_{BUCKET}")["messages"] < before
 
             victim.restart()
             _wait_replicas_agree(cluster)

@@ -615,6 +615,10 @@ class Replica:
             log.info("%s: log trimmed below sequence %d (snapshot %s)", self.what, point, oldest.name)
         for obj in found[: -self.snapshot_policy.keep]:
             self.snapshots.delete(obj.name)
+        try:
+            self.snapshots.sweep_orphans()
+        except Exception as err:  # housekeeping: the next snapshot tries again
+            log.warning("%s: cannot sweep the chunks of uploads cut short: %s", self.what, err)
 
     # ------------------------------------------------------------ reads
 

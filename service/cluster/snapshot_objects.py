@@ -14,7 +14,9 @@ A blocking API over ``NatsLink`` (its loop runs nats-py; ``link.call`` bounds ea
       user/<snapshot name>/...                 users' snapshots (the router's; not written here)
 
   nats-py publishes an object's chunks first and its meta message (name, size, SHA-256) last:
-  an upload cut short (kill -9) leaves chunks no meta names, which no listing shows.
+  an upload cut short (kill -9) leaves chunks no meta names, which no listing shows;
+  ``sweep_orphans`` purges such chunks once their last one is ORPHAN_AGE_S old (a replica
+  calls it after each snapshot it takes).
 
 - the KV bucket ``braid-trims`` holds each shard's trim point: key ``<uid>.<shard:03d>``,
   value ``{"seq": S, "object": <the snapshot that covers it>, "at": <unix time>}``. The
@@ -34,7 +36,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,7 @@ CHUNK_BYTES = 128 * 1024  # one message of the object's stream (nats-py's defaul
 TRANSFER_FLOOR_S = 30.0  # an upload or download may take this long plus ...
 TRANSFER_BYTES_PER_S = 8 * 1024 * 1024  # ... a second per this many bytes
 TAR_MEMBER_BYTES = 3 * 512  # a member's PAX header and padding, at most (for the size estimate)
+ORPHAN_AGE_S = 600.0  # chunks no object names, untouched this long, are an upload cut short: purged
 
 
 def auto_prefix(uid: str, shard: int) -> str:
@@ -73,6 +76,7 @@ class StoredObject:
     name: str
     bytes: int
     mtime: float  # unix time of the upload (0 when unknown)
+    entry: dict[str, Any] | None = field(default=None, compare=False)  # a new snapshot's manifest shard entry
 
     @property
     def seq(self) -> int:
@@ -239,6 +243,40 @@ class SnapshotObjects:
                 await (await self._store()).delete(name)
 
         self.link.call(delete(), 10.0)
+
+    def sweep_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> list[str]:
+        """Purge the chunks of uploads cut short: chunk subjects no object's meta names whose last
+        chunk is older than ``older_than_s`` (an upload under way keeps adding chunks). Returns the
+        subjects purged."""
+        self.ensure()
+        stream, chunks = f"OBJ_{self.bucket}", f"$O.{self.bucket}.C."
+
+        async def sweep() -> list[str]:
+            js = self.link.js
+            subjects = (await js.stream_info(stream, subjects_filter=f"{chunks}>")).state.subjects or {}
+            if not subjects:
+                return []
+            try:  # listed after the chunks were: an object completed meanwhile is named here
+                named = {info.nuid for info in await (await self._store()).list(ignore_deletes=True)}
+            except nats.js.errors.NotFoundError:
+                named = set()
+            purged = []
+            for subject in subjects:
+                if subject.removeprefix(chunks) in named:
+                    continue
+                try:
+                    last = await js.get_last_msg(stream, subject)
+                except nats.js.errors.NotFoundError:
+                    continue
+                if last.time is None or time.time() - last.time.timestamp() >= older_than_s:
+                    await js.purge_stream(stream, subject=subject)
+                    purged.append(subject)
+            return purged
+
+        purged = self.link.call(sweep(), 30.0)
+        if purged:
+            log.info("purged the chunks of %d snapshot upload(s) cut short: %s", len(purged), ", ".join(purged[:5]))
+        return purged
 
     # --------------------------------------------------- replica snapshots
 
