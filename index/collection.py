@@ -380,7 +380,6 @@ class Collection(ChecksDense):
         ef: int,
         max_lists: int = 0,
         eps: float | None = None,
-        consistency: int = 0,
         flt: Filter | None = None,
         where: str = "",
     ) -> list[SearchResult]:
@@ -388,9 +387,7 @@ class Collection(ChecksDense):
         one batched index call per shard.
 
         Gives the same hits as ``search`` with a single dense sub-query; the caller
-        validates the vectors with ``check_dense`` first. ``consistency`` (braid.v1 Consistency)
-        matters to a cluster router: one process always sees every write it acknowledged.
-        ``where`` prefixes the filter's path in an error.
+        validates the vectors with ``check_dense`` first. ``where`` prefixes the filter's path in an error.
         """
         if flt is not None:
             self.shards[0].payload.validate_filter(flt, f"{where}filter")

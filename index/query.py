@@ -62,7 +62,6 @@ class SearchPlan:
     include_payload: bool = False
     text_fields: list[str] = field(default_factory=list)
     explain: bool = False
-    consistency: int = 0  # braid.v1 Consistency: which writes a cluster's replicas must have applied
 
 
 @dataclass

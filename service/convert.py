@@ -435,7 +435,6 @@ def plan_from_proto(msg: pb.SearchRequest, where: str = "") -> SearchPlan:
         include_payload=msg.include_payload,
         text_fields=list(msg.text_fields),
         explain=msg.explain,
-        consistency=msg.consistency,
     )
 
 

@@ -232,7 +232,7 @@ class BraidRpcs:
             collection.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
             filtered = _filtered(request, "")  # only a standalone collection takes a filter here
             result = collection.search_dense_batch(
-                dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, request.consistency, **filtered
+                dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, **filtered, **self.reading(request)
             )[0]
             return convert.result_to_proto(result, _NO_TYPES, self.max_response_bytes)
         plan = convert.plan_from_proto(request)
@@ -268,6 +268,11 @@ class BraidRpcs:
     def _search(self, collection: Collection, plan: SearchPlan, where: str, request: pb.SearchRequest) -> SearchResult:
         """Run one encoded plan (a router sends ``request`` on to the shards instead)."""
         return collection.search(plan, where)
+
+    def reading(self, request: pb.SearchRequest) -> dict[str, Any]:
+        """search_dense_batch's arguments for which writes a search must see: none here (one process
+        sees every write it acknowledged); a router passes the request's consistency."""
+        return {}
 
     def _within_budget(self, results: Iterable[tuple[Any, dict]]) -> list[pb.SearchResponse]:
         """Convert (result, payload types) pairs in turn, refusing once the whole response passes its limit."""
@@ -367,12 +372,12 @@ class BraidRpcs:
                 convert.dense_from_proto(s.queries[0].dense.vector, f"searches[{i}].queries[0].dense.vector")
                 for i, s in enumerate(searches)
             ]
-        _, field, ef, limit, max_lists, eps, consistency, _ = shape
+        _, field, ef, limit, max_lists, eps, _, _ = shape
         for i, row in enumerate(rows):
             collection.check_dense(field, row, limit or 10, ef, f"searches[{i}].", max_lists, eps)
         filtered = _filtered(first, "searches[0].")
         results = collection.search_dense_batch(
-            field, np.stack(rows), limit or 10, ef, max_lists, eps, consistency, **filtered
+            field, np.stack(rows), limit or 10, ef, max_lists, eps, **filtered, **self.reading(first)
         )
         return self._within_budget((result, _NO_TYPES) for result in results)
 

@@ -40,7 +40,7 @@ class LoopSearches(CollectionReads):
             if isinstance(sub.query, Bm25Query):
                 check_query_text(sub.query.text, f"queries[{i}].bm25.text", self.limits.max_query_bytes)
         self.check(plan)
-        min_seqs = self._min_seqs(plan.consistency)
+        min_seqs = self._min_seqs(request.consistency)
         failed_over = False
         found = self._coverer(self.catalog.turn())
         if found is not None:

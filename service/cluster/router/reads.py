@@ -109,7 +109,7 @@ class CollectionReads(CoveringSearch):
         """A checked, encoded plan's response: from one server holding every shard when there is
         one (a single call), else (or when it fails retryably) from the fan-out."""
         self.check(plan)
-        min_seqs = self._min_seqs(plan.consistency)
+        min_seqs = self._min_seqs(request.consistency)
         trace = current_trace()
         started = time.perf_counter()
         response, failed_over = self._whole(encoded_request(request, plan, whole=True), min_seqs, max_response_bytes)
@@ -134,7 +134,7 @@ class CollectionReads(CoveringSearch):
         trace = current_trace()
         started = time.perf_counter()
         if min_seqs is None:
-            min_seqs = self._min_seqs(plan.consistency)
+            min_seqs = self._min_seqs(request.consistency)
         scatter = self.scatter(min_seqs, shard_request)
         depths = strand_depths(plan)
         if len(self.shards) > 1:

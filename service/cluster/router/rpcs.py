@@ -96,6 +96,10 @@ class RouterRpcs(BraidRpcs):
     def _search(self, collection: Any, plan: SearchPlan, where: str, request: pb.SearchRequest) -> SearchResult:
         return collection.search_request(request, plan, where)
 
+    def reading(self, request: pb.SearchRequest) -> dict[str, Any]:
+        """The request's consistency: the sequence each shard's replica must have applied (replicas.py)."""
+        return {"consistency": request.consistency}
+
 
 def _vectors_only(request: pb.SearchRequest) -> bool:
     """Every dense and sparse sub-query gives its vector (and no text): nothing to encode."""
