@@ -1,25 +1,30 @@
-"""Snapshots (issue 23, section 7): time and size against data size, beside a plain copy and tar.
+"""Snapshots (issue 23, section 7): time and size against data size, beside a plain copy and tar;
+replica bootstrap from a snapshot against a full log replay; stream disk use with trimming.
 
-    python bench/snapshots.py [--sizes 10000,50000] [--dim 384] [--index hnsw,spann] [--shards 1]
-                              [--spann-merge-threshold 5000] [--writes 300] [--snapshots 3]
+    python bench/snapshots.py [--parts 1,2] [--sizes 10000,30000] [--dim 384] [--index hnsw,spann]
+                              [--shards 1] [--spann-merge-threshold 5000] [--writes 300] [--gap 50]
+                              [--cluster-docs 10000] [--steady-batches 300] [--snapshot-log-bytes 2097152]
 
-Measured at the Catalog level, in this process (index/catalog.py ``create_snapshot`` and
-``restore_snapshot``, index/snapshot_store.py ``export`` and ``import_archive``): no gRPC.
-For each size and dense index type, a fresh data directory holds one collection of the
-shared vector set (../shared/bench/make_vectors.py, cached under bench/results/; without
-../shared the project's identical generator, loadtest/vectors.py): a text field "body" and
-a dense field "emb" (cosine, HNSW M=16 ef_construction=200, or SPANN with a growing segment
-of ``--spann-merge-threshold`` vectors, so sealed segments exist). After the bulk upsert
-the collection settles (HNSW graphs built and merged, SPANN merges published; the ingest
-time includes it), then:
+Part 1, standalone, measured at the Catalog level in this process (index/catalog.py
+``create_snapshot`` and ``restore_snapshot``, index/snapshot_store.py ``export`` and
+``import_archive``): no gRPC. For each size and dense index type, a fresh data directory
+holds one collection of the shared vector set (../shared/bench/make_vectors.py, cached under
+bench/results/; without ../shared the project's identical generator, loadtest/vectors.py): a
+text field "body" and a dense field "emb" (cosine, HNSW M=16 ef_construction=200, or SPANN
+with a growing segment of ``--spann-merge-threshold`` vectors, so sealed segments exist).
+After the bulk upsert the collection settles (HNSW graphs built and merged, SPANN merges
+published; the ingest time includes it), then:
 
-  snapshot        CreateSnapshot with no writes (it checkpoints, then hard-links the files);
+  snapshot        CreateSnapshot with no writes (it checkpoints, then hard-links the files,
+                  checksums and fsyncs every one);
   snapshot, writes  snapshots while one writer thread upserts one new document per call,
                   ``--gap`` upserts apart: at least ``--snapshots``, more (up to
                   ``--max-snapshots``) until ``--writes`` upserts overlapped one; median wall time;
   restore         RestoreSnapshot as a new collection (links the files, opens the collection);
   export          the snapshot's tar stream written to a file;
   import          that tar into another snapshot directory (extract, then every crc32 checked).
+
+Each runs ``--repeat`` times, alternating with its reference; the tables show the medians.
 
 References, on the same files in the same run: ``cp -a`` of the collection directory
 (shutil.copytree: what a backup by copying costs, without the consistency) for snapshot and
@@ -33,6 +38,21 @@ files are the snapshots' alone).
 
 Write latency: ``--writes`` single-document upserts with no snapshot, against the upserts that
 overlap a snapshot (p50 / p99).
+
+Part 2, a cluster of real processes on 127.0.0.1 (service/cluster/local.py's LocalCluster, as
+tests/clusterkit.py starts it: one nats-server, 2 shard servers, a router):
+
+  bootstrap       a collection of ``--cluster-docs`` documents (the same fields, HNSW), 1 shard,
+                  replication factor 2, loaded through the router with automatic snapshots
+                  off. Shard server 1 is killed (-9), its data directory deleted and it is
+                  started again: seconds until its replica applied the log's end with every
+                  document, first from the whole log (the reference), then from a snapshot
+                  shard server 0 took (braid.cluster.v1.Shard/Snapshot) of the same state;
+  steady load     ``--steady-batches`` Upserts of ``--steady-batch`` documents over
+                  ``--steady-pool`` ids through the router; the stream's bytes every
+                  ``--steady-every`` Upserts, on a cluster without automatic snapshots (the
+                  reference: nothing is trimmed) and on one with
+                  BRAID_SNAPSHOT_LOG_BYTES=``--snapshot-log-bytes`` (snapshots, then trims).
 """
 
 from __future__ import annotations
@@ -194,7 +214,8 @@ class Result:
     extra_after_mb: float = 0.0
     export_mb: float = 0.0
     tar_mb: float = 0.0
-    snapshots: int = 0
+    snapshots: int = 0  # taken under writes
+    kept: int = 0  # in the store at the end
     quiet_ms: list[float] = field(default_factory=list)
     during_ms: list[float] = field(default_factory=list)
 
@@ -225,44 +246,55 @@ def measure(n: int, index: str, args: argparse.Namespace, base: np.ndarray, work
         result.collection_mb = disk_bytes(collection_dir) / 1e6
         log(f"{n:,} {index}: ingest {result.ingest_s:.1f} s, collection {result.collection_mb:.1f} MB on disk")
 
-        # quiet snapshot against cp -a of the collection directory
-        result.snapshot_s, manifest = timed(catalog.create_snapshot, NAME)
-        name = manifest["name"]  # type: ignore[index]
-        result.listed_mb = manifest["bytes"] / 1e6  # type: ignore[index]
-        result.extra_mb = extra_bytes(snapshots_dir, collection_dir) / 1e6
-        result.copy_s, _ = timed(shutil.copytree, collection_dir, work / "copy", symlinks=True)
-        shutil.rmtree(work / "copy")
-
-        # export against tarfile of the collection directory; import against extracting that tar
+        # Each operation and its reference --repeat times, alternately; the medians (a shared machine).
+        repeat = range(args.repeat)
         archive, reference = work / "export.tar", work / "reference.tar"
-        began = time.perf_counter()
-        with open(archive, "wb") as out:
-            for chunk in catalog.snapshots.export(name):
-                out.write(chunk)
-        result.export_s = time.perf_counter() - began
-        result.export_mb = archive.stat().st_size / 1e6
+        snapshot_s, copy_s, export_s, tar_s, import_s, untar_s, restore_s = [], [], [], [], [], [], []
+        names = []
+        for i in repeat:  # quiet snapshots against cp -a of the collection directory
+            seconds, manifest = timed(catalog.create_snapshot, NAME)
+            snapshot_s.append(seconds)
+            names.append(manifest["name"])  # type: ignore[index]
+            if i == 0:
+                result.listed_mb = manifest["bytes"] / 1e6  # type: ignore[index]
+                result.extra_mb = extra_bytes(snapshots_dir, collection_dir) / 1e6
+            copy_s.append(timed(shutil.copytree, collection_dir, work / "copy", symlinks=True)[0])
+            shutil.rmtree(work / "copy")
+        name = names[0]
+
+        def export() -> None:
+            with open(archive, "wb") as out:
+                for chunk in catalog.snapshots.export(name):
+                    out.write(chunk)
 
         def write_tar() -> None:
             with tarfile.open(reference, "w") as tar:
                 tar.add(collection_dir, arcname=NAME)
 
-        result.tar_s, _ = timed(write_tar)
-        result.tar_mb = reference.stat().st_size / 1e6
-        result.import_s, imported = timed(SnapshotStore(work / "imported").import_archive, archive)
-        assert imported["name"] == name  # type: ignore[index]
-
         def extract_tar() -> None:
             with tarfile.open(reference) as tar:
                 tar.extractall(work / "untarred", filter="data")
 
-        result.untar_s, _ = timed(extract_tar)
-        for path in (archive, reference, work / "imported", work / "untarred"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for _ in repeat:  # export against tarfile of the collection directory, import against extracting it
+            export_s.append(timed(export)[0])
+            tar_s.append(timed(write_tar)[0])
+            seconds, imported = timed(SnapshotStore(work / "imported").import_archive, archive)
+            assert imported["name"] == name  # type: ignore[index]
+            import_s.append(seconds)
+            untar_s.append(timed(extract_tar)[0])
+            result.export_mb, result.tar_mb = archive.stat().st_size / 1e6, reference.stat().st_size / 1e6
+            for path in (archive, reference, work / "imported", work / "untarred"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-        # restore as a new collection against cp -a
-        result.restore_s, restored = timed(catalog.restore_snapshot, name, "restored")
-        assert restored.count() == n, (restored.count(), n)  # type: ignore[attr-defined]
-        catalog.delete("restored")
+        for i in repeat:  # restore as a new collection against cp -a (above)
+            seconds, restored = timed(catalog.restore_snapshot, name, f"restored{i}")
+            assert restored.count() == n, (restored.count(), n)  # type: ignore[attr-defined]
+            restore_s.append(seconds)
+            catalog.delete(f"restored{i}")
+        result.snapshot_s, result.copy_s = statistics.median(snapshot_s), statistics.median(copy_s)
+        result.export_s, result.tar_s = statistics.median(export_s), statistics.median(tar_s)
+        result.import_s, result.untar_s = statistics.median(import_s), statistics.median(untar_s)
+        result.restore_s = statistics.median(restore_s)
 
         # single-document upserts without, then while snapshots are taken
         writer = Writer(collection, base)
@@ -289,7 +321,9 @@ def measure(n: int, index: str, args: argparse.Namespace, base: np.ndarray, work
         result.snapshot_writes_s = statistics.median(b - a for a, b in windows)
         result.quiet_ms = [(end - start) * 1e3 for start, end in quiet]
         result.during_ms = overlapping()
-        result.listed_after_mb = sum(m["bytes"] for m in catalog.snapshots.list(NAME)) / 1e6
+        kept = catalog.snapshots.list(NAME)
+        result.kept = len(kept)
+        result.listed_after_mb = sum(m["bytes"] for m in kept) / 1e6
         result.extra_after_mb = extra_bytes(snapshots_dir, collection_dir) / 1e6
         log(
             f"{n:,} {index}: snapshot {result.snapshot_s:.2f} s, under writes {result.snapshot_writes_s:.2f} s, "
@@ -313,6 +347,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
         f"\nTime, at the Catalog level in process (no gRPC), {args.dim}-dim vectors + a text field, "
         f"{args.shards} shard(s); reference on the same collection directory in the same run"
     )
+    print(f"(medians of {args.repeat} runs)")
     print("| documents | index | operation | braid s | reference | reference s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -324,7 +359,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
             ("import (tar)", r.import_s, "tarfile extract", r.untar_s),
         )
         for label, ours, ref, theirs in rows:
-            print(f"| {r.n:,} | {r.index} | {label} | {ours:.2f} | {ref} | {theirs:.2f} | {ratio(ours, theirs)} |")
+            print(f"| {r.n:,} | {r.index} | {label} | {ours:.3f} | {ref} | {theirs:.3f} | {ratio(ours, theirs)} |")
 
     print("\nSize (MB); extra = disk the snapshots add beside the collection (hard links are free)")
     print(
@@ -335,7 +370,7 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     for r in results:
         print(
             f"| {r.n:,} | {r.index} | {r.collection_mb:.1f} | {r.listed_mb:.1f} | {r.extra_mb:.2f} | "
-            f"{r.snapshots + 1} | {r.listed_after_mb:.1f} | {r.extra_after_mb:.1f} | {r.export_mb:.1f} | "
+            f"{r.kept} | {r.listed_after_mb:.1f} | {r.extra_after_mb:.1f} | {r.export_mb:.1f} | "
             f"{r.tar_mb:.1f} | {ratio(r.export_mb, r.tar_mb)} |"
         )
 
@@ -587,7 +622,7 @@ def cluster_report(boot: Bootstrap, plain: Steady, trimmed: Steady, args: argpar
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="1,2", help="1: standalone (Catalog), 2: cluster")
-    parser.add_argument("--sizes", default="10000,50000")
+    parser.add_argument("--sizes", default="10000,30000")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--index", default="hnsw,spann", help="dense index types, comma-separated")
     parser.add_argument("--shards", type=int, default=1)
@@ -598,8 +633,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--snapshots", type=int, default=3, help="fewest snapshots taken under writes")
     parser.add_argument("--max-snapshots", type=int, default=30, help="most snapshots taken under writes")
     parser.add_argument("--gap", type=int, default=50, help="upserts between two snapshots under writes")
+    parser.add_argument("--repeat", type=int, default=3, help="part 1: runs of each timed operation (median)")
     parser.add_argument("--vectors", choices=("shared", "random"), default="shared", help="random: no cached set")
-    parser.add_argument("--cluster-docs", type=int, default=20000, help="part 2: documents of the bootstrap")
+    parser.add_argument("--cluster-docs", type=int, default=10000, help="part 2: documents of the bootstrap")
     parser.add_argument("--steady-batches", type=int, default=300, help="part 2: Upserts of the steady load")
     parser.add_argument("--steady-batch", type=int, default=50, help="part 2: documents per Upsert")
     parser.add_argument("--steady-pool", type=int, default=2000, help="part 2: ids the steady load replaces")

@@ -24,7 +24,7 @@ def test_snapshot_bench_runs_on_a_tiny_collection(capsys):
     finally:
         del sys.modules[spec.name]
     args = "--parts 1 --sizes 400 --dim 128 --index hnsw,spann --spann-merge-threshold 150 --vectors random"
-    args += " --writes 10 --snapshots 2 --max-snapshots 2 --gap 5"
+    args += " --writes 10 --snapshots 2 --max-snapshots 2 --gap 5 --repeat 1"
     results = bench.main(args.split())
     assert [(r.n, r.index) for r in results] == [(400, "hnsw"), (400, "spann")]
     for r in results:
