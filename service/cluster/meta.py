@@ -3,9 +3,13 @@
 Buckets (JetStream KV, replicated like the streams):
 
 - ``braid-collections``: key = collection name, value = ``CollectionMeta`` as JSON
-  ``{"name", "uid", "schema", "shards", "replication_factor", "created_at", "placement"}``.
-  ``uid`` names one incarnation: a collection deleted and created again under the same
-  name gets a new uid, a new stream and new replica directories.
+  ``{"name", "uid", "schema", "shards", "replication_factor", "created_at", "placement",
+  "restore_from"}``. ``uid`` names one incarnation: a collection deleted and created again
+  under the same name gets a new uid, a new stream and new replica directories.
+  ``restore_from`` (absent or "" for a new, empty collection) names the user snapshot a
+  restored collection starts from: a replica opening an empty directory lays in the
+  snapshot's ``user/<snapshot>/shard-NNN`` object (service/cluster/replica.py) before it
+  follows the new stream from sequence 1.
 - ``braid-aliases``: key = alias name, value = ``AliasMeta`` as JSON ``{"name", "collection",
   "uid"}``: the collection it points at and that collection's uid, so an alias left behind
   by a DeleteCollection racing a CreateAlias on another router answers NOT_FOUND instead of
@@ -48,6 +52,7 @@ class CollectionMeta:
     replication_factor: int
     created_at: float
     placement: tuple[tuple[str, ...], ...]  # per shard, the node ids holding a replica
+    restore_from: str = ""  # the user snapshot a restored collection starts from ("" none)
 
     @property
     def stream(self) -> str:
@@ -59,6 +64,8 @@ class CollectionMeta:
     def to_json(self) -> bytes:
         data = asdict(self)
         data["placement"] = [list(nodes) for nodes in self.placement]
+        if not self.restore_from:  # entries of plain collections stay what older servers parse
+            del data["restore_from"]
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod

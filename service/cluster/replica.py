@@ -36,6 +36,17 @@ with a WARNING naming the object. With no valid snapshot it replays from the sta
 works only while the subject was never trimmed: otherwise it does not open, says why
 (``problem``) and retries.
 
+A restored collection (``CollectionMeta.restore_from``: a user's snapshot, service/cluster/
+router/snapshots.py) is bootstrapped the same way while its shard has no replica snapshot of
+its own yet: the replica downloads ``user/<snapshot>/shard-NNN`` (every file verified), lays
+it in as a new shard (``restore_shard(..., keep_seq=False)``: its manifest covers sequence 0)
+and follows the collection's new stream from sequence 1. The files are laid into a scratch
+directory renamed into place once complete, so a replica killed mid-restore finds no
+checkpoint at restart and restores again (the scratch directory is removed). A snapshot that
+is gone or fails its checks is not opened empty: ``restore_failure`` holds why (reads answer
+it: DATA_LOSS naming the damaged file, FAILED_PRECONDITION for a deleted snapshot) and the
+restore is retried after a pause.
+
 A replica whose files fail their checks at open (DataLoss) is quarantined: its directory is
 moved aside (``<dir>.quarantined-<time>``) and it bootstraps as above, never serving from the
 damaged files.
@@ -60,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braid.index import snapshot
-from braid.index.errors import DataLoss, FailedPrecondition, Unavailable
+from braid.index.errors import BraidError, DataLoss, FailedPrecondition, NotFound, Unavailable
 from braid.index.manifest import fsync_dir
 from braid.index.policy import StoragePolicy
 from braid.index.schema import Schema
@@ -68,13 +79,21 @@ from braid.index.shard import Shard
 
 from .meta import CollectionMeta
 from .nats_link import LogGap, LogReader, NatsLink
-from .snapshot_objects import SnapshotObjects, StoredObject, auto_name, fetch_newest_valid, scratch_dir
+from .snapshot_objects import (
+    SnapshotObjects,
+    StoredObject,
+    auto_name,
+    fetch_newest_valid,
+    scratch_dir,
+    user_shard_name,
+)
 
 log = logging.getLogger("braid.replica")
 FETCH_BATCH = 256
 FOLLOW_WAIT_S = 1.0  # a fetch waits this long for a new record before asking again
 REPLAY_WAIT_S = 0.2  # while recovering: an empty fetch this long means the subject's end was reached
 RETRY_S = 0.5
+RESTORE_RETRY_S = 5.0  # a restore whose snapshot is gone or damaged is tried again after this
 REPLAY_GAP_RETRIES = 10  # gaps re-read in a row before a replay gives up (and the open is retried)
 APPLIED_MARKS = 4096  # (seq, log bytes) marks kept of the batches applied, for bytes_since
 SNAPSHOT_LIST_S = 60.0  # snapshot_due lists the object store at least this often (others' snapshots)
@@ -84,6 +103,14 @@ Guard = Callable[[int, Batch], None]
 
 class LogTrimmed(Unavailable):
     """Records a replica still needs were trimmed from its subject: it must bootstrap from a snapshot."""
+
+
+class RestoreFailed(Exception):
+    """The user snapshot a restored collection starts from cannot be laid in (``error`` says why)."""
+
+    def __init__(self, error: BraidError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -186,6 +213,7 @@ class Replica:
         self.lag_records: int | None = None  # records of the subject not applied yet (None: not known yet)
         self.restored_from: str | None = None  # the snapshot object the last bootstrap restored
         self.restores = 0  # bootstraps from a snapshot since the process started
+        self.restore_failure: BraidError | None = None  # why the user snapshot it restores cannot be laid in
         self._stop = threading.Event()
         self._quarantined = False  # a corrupt directory was moved aside once (_quarantine)
         self._trim_seen = 0  # the highest trim point read from NATS
@@ -285,6 +313,12 @@ class Replica:
                 if not (self.directory / "MANIFEST.json").exists():
                     restored = self._restore()
                 shard = Shard.open(self.directory, self.schema, self.number, self.policy, log_opener=self._open_log)
+            except RestoreFailed as err:
+                self.restore_failure = err.error
+                self.problem = f"cannot open: {err.error}"
+                log.error("%s: %s; retrying", self.what, self.problem)
+                self._stop.wait(RESTORE_RETRY_S)
+                continue
             except LogTrimmed as err:
                 self._discard(err)
                 if restored is False:  # the log was trimmed and no snapshot covers it: it cannot open
@@ -309,6 +343,7 @@ class Replica:
                 shard.close()
                 return False
             self.shard = shard
+            self.restore_failure = None
         if self.shard is None:
             return False
         # Open replayed the subject to its end, unless a full disk stopped the replay part way: then
@@ -405,11 +440,13 @@ class Replica:
         self.problem = "restoring a snapshot"
         candidates = self.snapshots.replica_snapshots(self.meta.uid, self.number)
         if not candidates:
-            return False
+            return self._restore_user()
         scratch = self._scratch("restore")
         try:
             found = fetch_newest_valid(self.snapshots, candidates, scratch / "download", self.what)
             if found is None:
+                if self.meta.restore_from:
+                    return self._restore_user()
                 log.warning("%s: no valid snapshot of %d; replaying the log from the start", self.what, len(candidates))
                 return False
             obj, top, manifest = found
@@ -433,6 +470,48 @@ class Replica:
                 self.what,
                 obj.name,
                 entries[0].get("wal_seq", obj.seq),
+                entries[0].get("documents", 0),
+            )
+            return True
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _restore_user(self) -> bool:
+        """Lay the user snapshot a restored collection starts from into the (checkpoint-less)
+        directory as a new shard (its manifest covers sequence 0); False for a collection that
+        restores nothing. RestoreFailed when the snapshot is gone or fails its checks."""
+        source = self.meta.restore_from
+        if not source or self.snapshots is None:
+            return False
+        name = user_shard_name(source, self.number)
+        scratch = self._scratch("restore")
+        try:
+            try:
+                top, manifest = self.snapshots.get_dir(name, scratch / "download")
+            except NotFound as err:
+                raise RestoreFailed(
+                    FailedPrecondition(f"snapshot {source!r} it restores from no longer exists: {err}")
+                ) from err
+            except DataLoss as err:
+                raise RestoreFailed(err) from err
+            entries = manifest["shards"]
+            if [int(e.get("shard", -1)) for e in entries] != [self.number]:
+                raise RestoreFailed(DataLoss(f"snapshot object {name!r} holds shards {entries!r}, not {self.number}"))
+            staged = scratch / "shard"
+            snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=False)
+            if self.directory.exists():  # no checkpoint in it: nothing of this incarnation yet
+                doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
+                self.directory.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            staged.rename(self.directory)
+            fsync_dir(self.directory.parent)
+            self.restored_from = name
+            self.restores += 1
+            log.info(
+                "%s restored user snapshot %s (%d documents); following the new log from sequence 1",
+                self.what,
+                name,
                 entries[0].get("documents", 0),
             )
             return True
@@ -550,6 +629,9 @@ class Replica:
     def serving(self, need_caught_up: bool) -> Shard:
         """The shard, if it may answer reads; else Unavailable saying why."""
         shard = self.shard
+        failure = self.restore_failure
+        if shard is None and failure is not None:  # never opened empty: say why, as what it is
+            raise type(failure)(f"collection {self.meta.name!r} shard {self.number}: cannot restore: {failure}")
         if shard is None:
             raise Unavailable(f"collection {self.meta.name!r} shard {self.number}: replica {self.problem or 'opening'}")
         if need_caught_up and not self.caught_up.is_set():

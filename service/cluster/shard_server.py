@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import shutil
 import signal
@@ -66,6 +67,7 @@ from braid.index.gather import LABEL_MASK, Ranked, merge_ranked, strand_depths
 from braid.index.query import Bm25Query, SearchResult
 from braid.index.schema import DenseIndexType
 from braid.index.shard_api import Wanted
+from braid.index.snapshot import check_name as check_snapshot_name
 from braid.index.stats import current_trace
 from braid.v1 import braid_pb2 as pb
 
@@ -98,13 +100,14 @@ from .meta import (
 )
 from .nats_link import NatsLink
 from .replica import Replica, SnapshotPolicy
-from .snapshot_objects import SnapshotObjects
+from .snapshot_objects import USER, SnapshotObjects
 
 log = logging.getLogger("braid.shard_server")
 SERVICE = spb.DESCRIPTOR.services_by_name["Shard"]
 SERVICE_NAME = SERVICE.full_name
 QUICK_MAX_VECTORS = 4
 SNAPSHOT_TICK_S = 1.0  # how often the snapshot thread asks each replica whether it is due
+USER_PREFIX = f"{USER}/"
 RANK_S = 5.0  # how long a replica's turn to snapshot (live nodes before it) is taken as known
 
 
@@ -322,8 +325,15 @@ class ShardRpcs:
     def Snapshot(self, request: spb.SnapshotRequest) -> Any:
         replica = self._replica(request.replica)
         replica.wait_applied(request.min_seq, call_deadline())
-        stored = replica.take_snapshot()
-        return spb.SnapshotResponse(object=stored.name, seq=stored.seq, bytes=stored.bytes)
+        if request.object and not request.object.startswith(USER_PREFIX):
+            raise InvalidArgument.field("object", f"{request.object!r}: a named snapshot goes under {USER_PREFIX}")
+        label = request.object.split("/")[1] if request.object else ""  # user/<snapshot>/shard-NNN
+        if label:
+            check_snapshot_name(label, "object")
+        stored = replica.take_snapshot(request.object, label)
+        entry = json.dumps(stored.entry or {}, sort_keys=True)
+        seq = int((stored.entry or {}).get("wal_seq", stored.seq))
+        return spb.SnapshotResponse(object=stored.name, seq=seq, bytes=stored.bytes, entry=entry)
 
 
 class ShardServer:

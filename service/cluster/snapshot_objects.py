@@ -11,7 +11,10 @@ A blocking API over ``NatsLink`` (its loop runs nats-py; ``link.call`` bounds ea
 
       auto/<uid>/<shard:03d>/<wal_seq:020d>    a replica's snapshot of one shard of one collection
                                                incarnation at log sequence wal_seq (sorts by it)
-      user/<snapshot name>/...                 users' snapshots (the router's; not written here)
+      user/<snapshot name>/shard-NNN           a user's snapshot of one shard (the router asks a replica
+                                               for it: service/cluster/router/snapshots.py), a tar as above
+      user/<snapshot name>/SNAPSHOT            its collection manifest: checksummed JSON (``put_bytes``),
+                                               written last, so a snapshot without it is unfinished
 
   nats-py publishes an object's chunks first and its meta message (name, size, SHA-256) last:
   an upload cut short (kill -9) leaves chunks no meta names, which no listing shows;
@@ -52,6 +55,8 @@ log = logging.getLogger("braid.snapshots")
 BUCKET = "braid-snapshots"
 TRIMS_BUCKET = "braid-trims"
 AUTO = "auto"
+USER = "user"
+USER_MANIFEST = "SNAPSHOT"
 CHUNK_BYTES = 128 * 1024  # one message of the object's stream (nats-py's default chunk)
 TRANSFER_FLOOR_S = 30.0  # an upload or download may take this long plus ...
 TRANSFER_BYTES_PER_S = 8 * 1024 * 1024  # ... a second per this many bytes
@@ -65,6 +70,18 @@ def auto_prefix(uid: str, shard: int) -> str:
 
 def auto_name(uid: str, shard: int, wal_seq: int) -> str:
     return f"{auto_prefix(uid, shard)}{wal_seq:020d}"
+
+
+def user_prefix(snapshot_name: str) -> str:
+    return f"{USER}/{snapshot_name}/"
+
+
+def user_shard_name(snapshot_name: str, shard: int) -> str:
+    return f"{user_prefix(snapshot_name)}{snapshot.SHARD_DIR.format(shard)}"
+
+
+def user_manifest_name(snapshot_name: str) -> str:
+    return f"{user_prefix(snapshot_name)}{USER_MANIFEST}"
 
 
 def trim_key(uid: str, shard: int) -> str:
@@ -233,6 +250,31 @@ class SnapshotObjects:
         finally:
             archive.unlink(missing_ok=True)
         return top, manifest
+
+    def put_bytes(self, name: str, data: bytes) -> StoredObject:
+        """Store the small object ``name`` holding ``data`` (a user snapshot's manifest)."""
+        self.ensure()
+
+        async def put() -> Any:
+            return await (await self._store()).put(name, data)
+
+        info = self.link.call(put(), _transfer_s(len(data)))
+        return StoredObject(name, int(info.size or len(data)), time.time())
+
+    def get_bytes(self, name: str) -> bytes:
+        """The bytes of the small object ``name``; NotFound when there is none, DataLoss when they
+        fail the store's SHA-256 digest."""
+        self.ensure()
+
+        async def get() -> bytes:
+            try:
+                return bytes((await (await self._store()).get(name)).data or b"")
+            except nats.js.errors.NotFoundError as err:
+                raise NotFound(f"snapshot object {name!r} does not exist in {self.bucket}") from err
+            except nats.js.errors.DigestMismatchError as err:
+                raise DataLoss(f"snapshot object {name!r}: its bytes do not match its SHA-256 digest") from err
+
+        return self.link.call(get(), TRANSFER_FLOOR_S)
 
     def delete(self, name: str) -> None:
         """Delete object ``name`` (nothing when it does not exist)."""

@@ -19,6 +19,8 @@ One concern per module:
 - ``reads``: counts, gets, the fanned-out search through index/collection.py's ``Scatter``
   over the request's RemoteShards (DFS idf gathering, merge and fusion, fetch);
 - ``loop``: the searches that run on the event loop (grpc.aio);
+- ``snapshots``: users' snapshots in the object store (create, list, restore, delete, export,
+  import), what service/rpcs.py calls ``catalog.snapshots`` on a router;
 - ``collection``: RemoteCollection, tying the above together;
 - ``rpcs``: RouterRpcs, the braid.v1 bodies a router answers differently.
 

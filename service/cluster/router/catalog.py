@@ -17,7 +17,14 @@ import uuid
 
 from braid.index.aliases import check_name
 from braid.index.catalog import Recovery, check_shard_count
-from braid.index.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from braid.index.errors import (
+    AlreadyExists,
+    BraidError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from braid.index.schema import NAME_PATTERN, Schema, validate_collection_name
 from braid.index.validate import Limits
 
@@ -37,6 +44,7 @@ from ..nats_link import NatsLink
 from ..view import ClusterState, RouterStats, ShardClients
 from .collection import RemoteCollection
 from .replicas import default_deadline
+from .snapshots import RouterSnapshots
 
 log = logging.getLogger("braid.router")
 CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
@@ -61,6 +69,7 @@ class RemoteCatalog:
         self._acked_lock = threading.Lock()
         self._turn = itertools.count()
         self._collections: dict[str, RemoteCollection] = {}
+        self.snapshots = RouterSnapshots(self)  # users' snapshots in the object store
 
     def recover(self) -> None:
         """Wait for NATS, make sure the buckets exist, and read them once (health turns SERVING after)."""
@@ -167,7 +176,11 @@ class RemoteCatalog:
     def quarantined(self) -> list:
         return []
 
-    def create(self, name: str, schema: Schema, shards: int = 1, replication_factor: int = 0) -> RemoteCollection:
+    def create(
+        self, name: str, schema: Schema, shards: int = 1, replication_factor: int = 0, restore_from: str = ""
+    ) -> RemoteCollection:
+        """A new collection; with ``restore_from`` (a user snapshot), one whose replicas start from
+        it, returned once every shard has a caught-up replica (undone when that fails)."""
         self._ready()
         validate_collection_name(name)
         schema.validate()
@@ -187,7 +200,8 @@ class RemoteCatalog:
         if alias is not None:
             raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias.collection!r})")
         uid = uuid.uuid4().hex[:12]
-        meta = CollectionMeta(name, uid, schema.to_json(), shards, factor, time.time(), place(shards, factor, nodes))
+        placement = place(shards, factor, nodes)
+        meta = CollectionMeta(name, uid, schema.to_json(), shards, factor, time.time(), placement, restore_from)
         self.link.add_stream(meta.stream, [f"braid.{uid}.*"], self.config.stream_replicas)
         try:
             self.link.kv_create(COLLECTIONS_BUCKET, name, meta.to_json())
@@ -205,8 +219,53 @@ class RemoteCatalog:
         metas[name] = meta
         self.state.metas = metas
         collection = self.get(name)
-        collection.wait_open(min(default_deadline(), time.monotonic() + CREATE_WAIT_S))
+        if not restore_from:
+            collection.wait_open(min(default_deadline(), time.monotonic() + CREATE_WAIT_S))
+            return collection
+        try:
+            collection.wait_open(default_deadline())  # a restore may take the call's whole deadline
+        except BaseException as err:
+            self._undo(name, uid)
+            if isinstance(err, Unavailable):
+                raise Unavailable(
+                    f"restoring snapshot {restore_from!r} as collection {name!r} did not finish before the call's "
+                    f"deadline, and was undone (give the call more time): {err}"
+                ) from err
+            raise
         return collection
+
+    def _undo(self, name: str, uid: str) -> None:
+        """Delete collection ``name`` if it still is incarnation ``uid`` (a failed restore)."""
+        meta = self.state.metas.get(name)
+        if meta is None or meta.uid != uid:
+            return
+        try:
+            self.delete(name)
+        except BraidError as err:
+            log.warning("a failed restore left collection %r (uid %s): %s", name, uid, err)
+
+    def restore(self, name: str, schema: Schema, shards: int, snapshot_name: str, replace: bool) -> RemoteCollection:
+        """Collection ``name`` restored from user snapshot ``snapshot_name`` (router/snapshots.py). A
+        collection of that name is AlreadyExists unless ``replace``: then it is deleted first (a
+        delete refuses while aliases point at it; an alias swap is the atomic way to replace)."""
+        self._ready()
+        validate_collection_name(name)
+        if name in self.state.metas or self._read_collection(name) is not None:
+            if not replace:
+                raise AlreadyExists(
+                    f"collection {name!r} already exists: restore under another name and point an alias at it, "
+                    f"or pass replace to delete it first"
+                )
+            self.delete(name)
+        return self.create(name, schema, shards, 0, restore_from=snapshot_name)
+
+    # --------------------------------------------------------------- snapshots
+
+    def create_snapshot(self, name: str) -> dict:
+        return self.snapshots.create(name)
+
+    def restore_snapshot(self, snapshot_name: str, name: str, replace: bool = False) -> RemoteCollection:
+        return self.snapshots.restore(snapshot_name, name, replace)
 
     def delete(self, name: str) -> None:
         self._ready()

@@ -4,16 +4,21 @@ where a message is forwarded to the shard servers as it is."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from braid.index.errors import NotFound, ResourceExhausted, Unavailable
 from braid.index.query import SearchPlan, SearchResult
+from braid.index.snapshot import TAR_BLOCK
 from braid.v1 import braid_pb2 as pb
 
 from ... import convert
 from ...rpcs import BraidRpcs, plain_dense
+from ...snapshot_files import CHUNK_BYTES as EXPORT_CHUNK_BYTES
+from ...snapshot_files import rechunk
 from .catalog import RemoteCatalog
 from .replicas import DEFAULT_TIMEOUT_S
+from .snapshots import Export
 from .writes import PipelinedWriter
 
 
@@ -65,6 +70,30 @@ class RouterRpcs(BraidRpcs):
             return None  # fanned out and fetched on a worker (it blocks)
         return collection.search_whole_on_loop(request, deadline, self.max_response_bytes, self._types(collection))
 
+    # Snapshots: the standalone bodies over RemoteCatalog's RouterSnapshots (router/snapshots.py),
+    # but for the alias look-up of a listing and an export's scratch directory.
+
+    def ListSnapshots(self, request: pb.ListSnapshotsRequest, visible: Callable[[str], bool] | None = None) -> Any:
+        collection = self.catalog.resolve(request.collection) if request.collection else None
+        infos = [
+            convert.snapshot_to_proto(manifest)
+            for manifest in self.catalog.snapshots.list(collection)
+            if visible is None or visible(manifest.get("collection") or "")
+        ]
+        return pb.ListSnapshotsResponse(snapshots=infos)
+
+    def ExportSnapshot(
+        self, request: pb.ExportSnapshotRequest, visible: Callable[[str], bool] | None = None
+    ) -> Iterator[bytes]:
+        """The standalone stream of pieces, from a scratch copy that goes when the stream is closed,
+        ends or fails (also before its first piece)."""
+        self._snapshot_in_scope(request.snapshot, visible)
+        size = EXPORT_CHUNK_BYTES
+        if self.max_response_bytes is not None:  # a message must fit the server's own limit
+            size = max(TAR_BLOCK, min(size, self.max_response_bytes - FRAMING_BYTES))
+        export = self.catalog.snapshots.export(request.snapshot)
+        return Export(rechunk(export, size), export.close)
+
     def stream_writer(self) -> Any:
         return PipelinedWriter(self)
 
@@ -99,6 +128,9 @@ class RouterRpcs(BraidRpcs):
     def reading(self, request: pb.SearchRequest) -> dict[str, Any]:
         """The request's consistency: the sequence each shard's replica must have applied (replicas.py)."""
         return {"consistency": request.consistency}
+
+
+FRAMING_BYTES = 6  # a repeated message field's tag and length prefix, at most (service/rpcs.py)
 
 
 def _vectors_only(request: pb.SearchRequest) -> bool:
