@@ -27,11 +27,13 @@ lock, so they never race a create or delete of the collections they name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,32 +244,13 @@ class Catalog:
                 f"replication_factor: {replication_factor} exceeds the 1 shard server of a standalone Braid "
                 "(run a cluster, --role router/shard, for replicas)"
             )
+        meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
         with self._lock:
-            self._check_open()
-            if self._is_collection(name):
+            if self._name_taken(name):
                 raise AlreadyExists(f"collection {name!r} already exists")
-            alias_of = self.aliases.target(name)  # DataLoss while the alias file is damaged
-            if alias_of is not None:
-                raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias_of!r})")
-            FreeSpace(self.root, self.policy.min_free_bytes).check(0)
-            staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
-            meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
-            try:
-                staging.mkdir()
-                write_json_atomic(staging / "collection.json", meta)
-                # Open in staging first: a collection that cannot open is never published.
-                self._open(staging, meta).close()
-                final = self.root / name
-                staging.rename(final)
-                fsync_dir(self.root)
-            except BaseException as err:
-                shutil.rmtree(staging, ignore_errors=True)
-                if isinstance(err, OSError) and is_disk_full(err):
-                    raise DiskFull(f"disk full: cannot create collection {name!r} under {self.root}: {err}") from err
-                raise
-            collection = self._open(final, meta)
-            self._collections[name] = collection
-            return collection
+            with self._staged("creating", meta) as staging:
+                self._open(staging, meta).close()  # a collection that cannot open is never published
+                return self._publish(staging, meta)
 
     def get(self, name: str) -> Collection:
         """The collection called ``name``, or the one alias ``name`` points at (one lookup)."""
@@ -360,49 +343,67 @@ class Catalog:
             raise DataLoss(f"{path / snapshot.MANIFEST}: holds shards {manifest['shards']!r}, not all of {shards}")
         with self._lock:
             self._check_restore_target(name, replace)
-        FreeSpace(self.root, self.policy.min_free_bytes).check(0)
-        staging = self.root / f".restoring-{name}-{uuid.uuid4().hex[:8]}"
         meta = {"format": 1, "name": name, "schema": schema.to_json(), "shards": shards, "created_at": time.time()}
-        try:
+        with self._staged("restoring", meta) as staging:
             # Laid out and opened once in staging without the catalog's lock (a large restore must not
             # hold creates, deletes and alias changes up); one that cannot open is never published.
-            staging.mkdir()
-            write_json_atomic(staging / "collection.json", meta)
             for i in range(shards):
                 shard_dir = snapshot.SHARD_DIR.format(i)
                 snapshot.restore_shard(path / shard_dir, staging / shard_dir, keep_seq=False)
             self._open(staging, meta).close()
             with self._lock:
-                exists = self._check_restore_target(name, replace)  # again: a create may have raced it
-                if exists:
+                if self._check_restore_target(name, replace):  # again: a create may have raced it
                     self._retire(name, NotFound(f"collection {name!r} was replaced by a restore; retry"))
-                final = self.root / name
-                staging.rename(final)
-                fsync_dir(self.root)
-                collection = self._open(final, meta)
-                self._collections[name] = collection
-        except BaseException as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError) and is_disk_full(err):
-                raise DiskFull(f"disk full: cannot restore collection {name!r} under {self.root}: {err}") from err
-            raise
+                collection = self._publish(staging, meta)
         log.info("restored snapshot %s as collection %s", snapshot_name, name)
         return collection
+
+    def _name_taken(self, name: str) -> bool:
+        """Whether collection ``name`` exists (caller holds the lock); AlreadyExists when ``name`` is an alias."""
+        self._check_open()
+        exists = self._is_collection(name)
+        alias_of = self.aliases.target(name)  # DataLoss while the alias file is damaged
+        if alias_of is not None:
+            raise AlreadyExists(f"name: {name!r} is already an alias (of collection {alias_of!r})")
+        return exists
 
     def _check_restore_target(self, name: str, replace: bool) -> bool:
         """Whether collection ``name`` exists (caller holds the lock); AlreadyExists when it may not be
         restored over, or when the name is an alias."""
-        self._check_open()
-        exists = self._is_collection(name)
+        exists = self._name_taken(name)
         if exists and not replace:
             raise AlreadyExists(
                 f"collection {name!r} already exists: restore under another name and point an alias at it, "
                 f"or pass replace to swap it"
             )
-        alias_of = self.aliases.target(name)
-        if alias_of is not None:
-            raise AlreadyExists(f"name: {name!r} is an alias (of collection {alias_of!r})")
         return exists
+
+    @contextlib.contextmanager
+    def _staged(self, verb: str, meta: dict) -> Iterator[Path]:
+        """A hidden directory holding ``meta`` as collection.json, for the body to fill and publish
+        (``_publish`` renames it into place); removed when the body fails, a full disk being DiskFull."""
+        name = meta["name"]
+        FreeSpace(self.root, self.policy.min_free_bytes).check(0)
+        staging = self.root / f".{verb}-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            staging.mkdir()
+            write_json_atomic(staging / "collection.json", meta)
+            yield staging
+        except BaseException as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and is_disk_full(err):
+                what = "create" if verb == "creating" else "restore"
+                raise DiskFull(f"disk full: cannot {what} collection {name!r} under {self.root}: {err}") from err
+            raise
+
+    def _publish(self, staging: Path, meta: dict) -> Collection:
+        """Rename a staged collection into place and open it (caller holds the lock)."""
+        final = self.root / meta["name"]
+        staging.rename(final)
+        fsync_dir(self.root)
+        collection = self._open(final, meta)
+        self._collections[meta["name"]] = collection
+        return collection
 
     def _retire(self, name: str, error: BraidError) -> None:
         """Close collection ``name`` (or forget its quarantine) and remove its files (caller holds the lock)."""
