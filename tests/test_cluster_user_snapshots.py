@@ -9,11 +9,13 @@ collection (2 shards, replication factor 2, every search shape).
    and a standalone export imports into the cluster and restores with equal answers.
 3. kill -9 of a shard server while it lays a snapshot into a replica: after its restart that
    replica has every document; a byte flipped in a shard object makes a restore DATA_LOSS
-   naming the object, and leaves no collection behind.
+   naming the object, and leaves no collection behind; a replica that needs a deleted
+   snapshot says so and never opens empty.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -172,6 +174,21 @@ def test_kill_9_mid_restore_and_a_damaged_shard_object(local_cluster) -> None:  
         assert status == grpc.StatusCode.DATA_LOSS, details
         assert f"user/{info.name}/shard-001" in details, details
         assert "broken" not in [c.name for c in client.list_collections()]  # undone, not half there
+
+        # The snapshot deleted while a replica still needs it (a wiped disk, no replica snapshot
+        # of its own yet): that replica says why and never opens empty; the other one serves.
+        client.delete_snapshot(info.name)
+        cluster.shards[0].kill()
+        shutil.rmtree(cluster.directory / cluster.shards[0].name)
+        cluster.shards[0].restart()
+        wait_for(
+            lambda: (
+                (found := _replicas(cluster, 0, "back"))
+                and all("no longer exists" in r.problem and not r.caught_up for r in found)
+            ),
+            SETTLE_S,
+        )
+        assert client.count("back") == expected
     except BaseException:
         print_logs(cluster)
         raise

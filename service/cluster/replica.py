@@ -43,9 +43,10 @@ it in as a new shard (``restore_shard(..., keep_seq=False)``: its manifest cover
 and follows the collection's new stream from sequence 1. The files are laid into a scratch
 directory renamed into place once complete, so a replica killed mid-restore finds no
 checkpoint at restart and restores again (the scratch directory is removed). A snapshot that
-is gone or fails its checks is not opened empty: ``restore_failure`` holds why (reads answer
-it: DATA_LOSS naming the damaged file, FAILED_PRECONDITION for a deleted snapshot) and the
-restore is retried after a pause.
+is gone or fails its checks is not opened empty: ``restore_failure`` holds why (its Status:
+``problem`` and ``restore_error``, the code: DATA_LOSS naming the damaged file,
+FAILED_PRECONDITION for a deleted snapshot; its reads answer UNAVAILABLE, so a router fails
+over to another replica) and the restore is retried after a pause.
 
 A replica whose files fail their checks at open (DataLoss) is quarantined: its directory is
 moved aside (``<dir>.quarantined-<time>``) and it bootstraps as above, never serving from the
@@ -629,9 +630,6 @@ class Replica:
     def serving(self, need_caught_up: bool) -> Shard:
         """The shard, if it may answer reads; else Unavailable saying why."""
         shard = self.shard
-        failure = self.restore_failure
-        if shard is None and failure is not None:  # never opened empty: say why, as what it is
-            raise type(failure)(f"collection {self.meta.name!r} shard {self.number}: cannot restore: {failure}")
         if shard is None:
             raise Unavailable(f"collection {self.meta.name!r} shard {self.number}: replica {self.problem or 'opening'}")
         if need_caught_up and not self.caught_up.is_set():

@@ -319,6 +319,7 @@ class ShardRpcs:
                 problem=replica.problem or "",
                 documents=shard.live_count if shard is not None else 0,
                 restored_from=replica.restored_from or "",
+                restore_error=describe(failure)[0].value[0] if (failure := replica.restore_failure) else 0,
             )
         return response
 

@@ -238,7 +238,8 @@ class SnapshotObjects:
                     raise DataLoss(f"snapshot object {name!r}: its bytes do not match its SHA-256 digest") from err
 
         try:
-            self.link.call(get(), _transfer_s(self.link.call(size(), 10.0)))
+            limit = _transfer_s(self.link.call(size(), 10.0))  # first: NotFound leaves no coroutine unawaited
+            self.link.call(get(), limit)
             top = snapshot.extract_tar(archive, into / "snapshot")
             manifest = snapshot.verify(top)
         except NotFound:

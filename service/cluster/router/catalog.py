@@ -44,9 +44,10 @@ from ..nats_link import NatsLink
 from ..view import ClusterState, RouterStats, ShardClients
 from .collection import RemoteCollection
 from .replicas import default_deadline
-from .snapshots import RouterSnapshots
+from .snapshots import RouterSnapshots, restore_failure
 
 log = logging.getLogger("braid.router")
+RESTORE_LOOK_S = 1.0  # while a restore is waited for, the replicas' Status is read this often
 CREATE_WAIT_S = 15.0  # how long CreateCollection waits for a replica of every shard to open
 ALIAS_WAIT_S = 5.0  # how long an alias change waits for this router's view to reflect it
 ALIAS_TRIES = 8  # compare-and-set attempts of an alias change racing others on the same alias
@@ -223,7 +224,7 @@ class RemoteCatalog:
             collection.wait_open(min(default_deadline(), time.monotonic() + CREATE_WAIT_S))
             return collection
         try:
-            collection.wait_open(default_deadline())  # a restore may take the call's whole deadline
+            self._wait_restored(collection, restore_from, default_deadline())
         except BaseException as err:
             self._undo(name, uid)
             if isinstance(err, Unavailable):
@@ -233,6 +234,21 @@ class RemoteCatalog:
                 ) from err
             raise
         return collection
+
+    def _wait_restored(self, collection: RemoteCollection, snapshot_name: str, deadline: float) -> None:
+        """Until every shard of a restored collection has a caught-up replica (the call's whole
+        deadline: a download may take it); a replica that cannot lay the snapshot in (gone,
+        damaged) ends the wait at once with that error."""
+        while True:
+            try:
+                collection.wait_open(min(deadline, time.monotonic() + RESTORE_LOOK_S))
+                return
+            except Unavailable:
+                failure = restore_failure(collection)
+                if failure is not None:
+                    raise failure from None
+                if time.monotonic() >= deadline:
+                    raise
 
     def _undo(self, name: str, uid: str) -> None:
         """Delete collection ``name`` if it still is incarnation ``uid`` (a failed restore)."""

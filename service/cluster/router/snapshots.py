@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.index import snapshot
 from braid.index.diskspace import FreeSpace
@@ -61,7 +63,7 @@ from ..snapshot_objects import (
     user_prefix,
     user_shard_name,
 )
-from .replicas import default_deadline
+from .replicas import _ERROR_OF, default_deadline
 
 if TYPE_CHECKING:
     from .catalog import RemoteCatalog
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("braid.router.snapshots")
 SCRATCH = "snapshot-scratch"
+STATUS_TIMEOUT_S = 2.0  # a shard server's Status while a restore is waited for
 # The collection manifest's keys taken from a standalone SNAPSHOT.json (import), and given to one (export).
 _INFO_KEYS = ("name", "collection", "schema", "shard_count", "created_at", "collection_created_at", "braid_version")
 
@@ -106,6 +109,27 @@ def _check_shards(name: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     if [int(e.get("shard", -1)) for e in entries] != list(range(int(manifest["shard_count"]))):
         raise DataLoss(f"snapshot {name!r} holds shards {entries!r}, not all of {manifest['shard_count']}")
     return entries
+
+
+def restore_failure(collection: RemoteCollection, timeout: float = STATUS_TIMEOUT_S) -> BraidError | None:
+    """Why a replica of restored ``collection`` cannot lay its snapshot in (its Status says so:
+    the object is gone or damaged, the same for every replica), as the index error it was; None
+    when no replica that answered reports one."""
+    catalog, meta = collection.catalog, collection.meta
+    known = catalog.state.addresses()
+    for node in sorted({node for nodes in meta.placement for node in nodes}):
+        if node not in known:
+            continue
+        try:
+            status = catalog.clients.stub(known[node]).Status(spb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            continue  # down or busy: another replica, or the next look, tells
+        for replica in status.replicas:
+            if replica.replica.uid == meta.uid and replica.restore_error:
+                code = next((c for c in grpc.StatusCode if c.value[0] == replica.restore_error), None)
+                cls = _ERROR_OF.get(code, DataLoss) if code is not None else DataLoss
+                return cls(f"collection {meta.name!r} shard {replica.replica.shard} on {node}: {replica.problem}")
+    return None
 
 
 class Export:
