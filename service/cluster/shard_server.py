@@ -326,10 +326,12 @@ class ShardRpcs:
     def Snapshot(self, request: spb.SnapshotRequest) -> Any:
         replica = self._replica(request.replica)
         replica.wait_applied(request.min_seq, call_deadline())
-        if request.object and not request.object.startswith(USER_PREFIX):
-            raise InvalidArgument.field("object", f"{request.object!r}: a named snapshot goes under {USER_PREFIX}")
-        label = request.object.split("/")[1] if request.object else ""  # user/<snapshot>/shard-NNN
-        if label:
+        label = ""
+        if request.object:  # user/<snapshot>/shard-NNN
+            parts = request.object.split("/")
+            if len(parts) != 3 or f"{parts[0]}/" != USER_PREFIX or not parts[2]:
+                raise InvalidArgument.field("object", f"{request.object!r} is not {USER_PREFIX}<snapshot>/<part>")
+            label = parts[1]
             check_snapshot_name(label, "object")
         stored = replica.take_snapshot(request.object, label)
         entry = json.dumps(stored.entry or {}, sort_keys=True)
