@@ -9,8 +9,8 @@ collection (2 shards, replication factor 2, every search shape).
    and a standalone export imports into the cluster and restores with equal answers.
 3. kill -9 of a shard server while it lays a snapshot into a replica: after its restart that
    replica has every document; a byte flipped in a shard object makes a restore DATA_LOSS
-   naming the object, and leaves no collection behind; a replica that needs a deleted
-   snapshot says so and never opens empty.
+   naming the object, and leaves no collection behind; a restored shard takes a snapshot of its
+   own at once, so a replica rebuilt after the user's snapshot is deleted comes back from it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.snapshot_objects import SnapshotObjects
 from tests.clusterkit import cluster_link, damage_object, local_cluster, print_logs  # noqa: F401
 from tests.conftest import start_in_process, stop_in_process, wait_for
 
@@ -175,8 +176,12 @@ def test_kill_9_mid_restore_and_a_damaged_shard_object(local_cluster) -> None:  
         assert f"user/{info.name}/shard-001" in details, details
         assert "broken" not in [c.name for c in client.list_collections()]  # undone, not half there
 
-        # The snapshot deleted while a replica still needs it (a wiped disk, no replica snapshot
-        # of its own yet): that replica says why and never opens empty; the other one serves.
+        # A restored shard takes its first snapshot of its own at once, so a replica rebuilt after
+        # the user's snapshot is deleted comes back from it (it would otherwise never open).
+        uid = _replicas(cluster, 1, "back")[0].replica.uid
+        with cluster_link(cluster) as link:
+            objects = SnapshotObjects(link, 1)
+            wait_for(lambda: {o.name.split("/")[2] for o in objects.list(f"auto/{uid}/")} == {"000", "001"}, SETTLE_S)
         client.delete_snapshot(info.name)
         cluster.shards[0].kill()
         shutil.rmtree(cluster.directory / cluster.shards[0].name)
@@ -184,7 +189,8 @@ def test_kill_9_mid_restore_and_a_damaged_shard_object(local_cluster) -> None:  
         wait_for(
             lambda: (
                 (found := _replicas(cluster, 0, "back"))
-                and all("no longer exists" in r.problem and not r.caught_up for r in found)
+                and all(r.caught_up and not r.problem and r.restored_from.startswith("auto/") for r in found)
+                and sum(r.documents for r in found) == expected
             ),
             SETTLE_S,
         )

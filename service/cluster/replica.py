@@ -98,6 +98,8 @@ RESTORE_RETRY_S = 5.0  # a restore whose snapshot is gone or damaged is tried ag
 REPLAY_GAP_RETRIES = 10  # gaps re-read in a row before a replay gives up (and the open is retried)
 APPLIED_MARKS = 4096  # (seq, log bytes) marks kept of the batches applied, for bytes_since
 SNAPSHOT_LIST_S = 60.0  # snapshot_due lists the object store at least this often (others' snapshots)
+RESTORED_LIST_S = 2.0  # a restored shard with no snapshot of its own yet looks this often ...
+RESTORED_STAND_IN_S = 30.0  # ... and a replica of rank r takes it after r times this long
 Batch = list[tuple[int, int, bytes]]
 Guard = Callable[[int, Batch], None]
 
@@ -220,6 +222,7 @@ class Replica:
         self._trim_seen = 0  # the highest trim point read from NATS
         self._snapshot_lock = threading.Lock()  # one snapshot of this replica at a time
         self._newest: tuple[int, float] | None = None  # (seq, unix time) of the newest snapshot known
+        self._own_snapshot = False  # the object store held an auto/ snapshot of the shard at the last look
         self._newest_checked = 0.0  # monotonic time the object store was last listed for it
         self._applied_bytes: deque[tuple[int, int]] = deque(maxlen=APPLIED_MARKS)  # (seq, log bytes to it)
         self._total_bytes = 0  # log bytes applied since the replica started
@@ -466,6 +469,7 @@ class Replica:
             self.restored_from = obj.name
             self.restores += 1
             self._newest = (obj.seq, obj.mtime or time.time())
+            self._own_snapshot = True
             log.info(
                 "%s restored snapshot %s (log sequence %d, %d documents); replaying the log after it",
                 self.what,
@@ -527,6 +531,7 @@ class Replica:
             found = self.snapshots.replica_snapshots(self.meta.uid, self.number)
             self._newest_checked = time.monotonic()
             self._newest = (found[-1].seq, found[-1].mtime) if found else (0, self._opened_at)
+            self._own_snapshot = bool(found)
         return self._newest
 
     def snapshot_due(self, rank: int = 0) -> bool:
@@ -546,6 +551,12 @@ class Replica:
                 return False
             return self.bytes_since(seq) >= policy.log_bytes * factor or time.time() - at >= policy.interval_s * factor
 
+        if self.meta.restore_from and not self._own_snapshot:
+            # A restored collection's data lives only in the user's snapshot until the shard's first
+            # own one: take that at once (the first replica; others stand in after a while), so a
+            # rebuilt replica no longer needs the user's snapshot, which its owner may delete.
+            self.newest_snapshot(refresh_s=RESTORED_LIST_S)
+            return not self._own_snapshot and time.time() - self._opened_at >= RESTORED_STAND_IN_S * rank
         if not due(*self.newest_snapshot(refresh_s=SNAPSHOT_LIST_S)):
             return False
         return due(*self.newest_snapshot())
@@ -587,6 +598,7 @@ class Replica:
                     return StoredObject(name, stored.bytes, time.time(), entry)
                 self._newest = (seq, time.time())
                 self._newest_checked = time.monotonic()
+                self._own_snapshot = True
                 log.info(
                     "%s: snapshot %s (%d files, %d bytes) in %.2f s",
                     self.what,
