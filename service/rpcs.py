@@ -40,10 +40,6 @@ from .snapshot_files import rechunk
 class BraidRpcs:
     """The body of every braid.v1.Braid RPC, run on a worker thread; errors are index errors."""
 
-    # Plain dense searches under a filter take the batched path too (a router's shards take no
-    # filter in SearchDense: RouterRpcs says False).
-    FILTERED_DENSE_BATCHES = True
-
     def __init__(self, catalog: Catalog, encoding: Encoding, max_response_bytes: int | None = None) -> None:
         self.catalog = catalog
         self.encoding = encoding
@@ -220,7 +216,7 @@ class BraidRpcs:
 
     def Search(self, request: pb.SearchRequest) -> Any:
         collection = self.catalog.get(request.collection)
-        if plain_dense(request, filtered=self.FILTERED_DENSE_BATCHES):
+        if plain_dense(request, filtered=True):
             # The most common shape skips plan building and fusion: same hits, a fraction of the Python work.
             dense = request.queries[0].dense
             if convert.vector_or_text(dense.HasField("vector"), dense.text, "queries[0].dense"):
@@ -230,7 +226,7 @@ class BraidRpcs:
             limit = request.limit or 10
             eps = dense.eps if dense.HasField("eps") else None
             collection.check_dense(dense.field, vector, limit, dense.ef, "", dense.max_lists, eps)
-            filtered = _filtered(request, "")  # only a standalone collection takes a filter here
+            filtered = _filtered(request, "")
             result = collection.search_dense_batch(
                 dense.field, vector[None, :], limit, dense.ef, dense.max_lists, eps, **filtered, **self.reading(request)
             )[0]
@@ -353,12 +349,12 @@ class BraidRpcs:
         filter, or none), else None."""
         if not searches:
             return []
-        first, filtered = searches[0], self.FILTERED_DENSE_BATCHES
-        if not plain_dense(first, filtered):
+        first = searches[0]
+        if not plain_dense(first, filtered=True):
             return None
         shape = _dense_shape(first)
         for search in searches:
-            if not plain_dense(search, filtered) or _dense_shape(search) != shape:
+            if not plain_dense(search, filtered=True) or _dense_shape(search) != shape:
                 return None
         collection = self.catalog.get(first.collection)
         texts = [s.queries[0].dense.text for s in searches]
@@ -473,8 +469,7 @@ def _dense_shape(request: pb.SearchRequest) -> tuple:
 
 
 def _filtered(request: pb.SearchRequest, where: str) -> dict[str, Any]:
-    """search_dense_batch's filter arguments for a plain dense search: none without a filter (a
-    router's collection takes none)."""
+    """search_dense_batch's filter arguments for a plain dense search: none without a filter."""
     flt = convert.optional_filter(request.filter, request.HasField("filter"), f"{where}filter")
     return {"flt": flt, "where": where} if flt is not None else {}
 

@@ -194,7 +194,11 @@ def assert_same_searches(cluster: Any, standalone: Any, sets: dict[str, list[pb.
 def assert_same_batches(cluster: Any, standalone: Any, sets: dict[str, list[pb.SearchRequest]]) -> None:
     plain = pb.BatchSearchRequest(searches=sets["dense"])
     mixed = pb.BatchSearchRequest(searches=[requests[i % 3] for i, requests in enumerate(sets.values())])
-    for name, batch in (("plain", plain), ("mixed", mixed)):
+    # One filter for every search: one batched SearchDense per shard, the filter sent as the client did.
+    filtered = pb.BatchSearchRequest(searches=sets["dense"])
+    for search in filtered.searches:
+        search.filter.CopyFrom(sets["dense_filter"][0].filter)
+    for name, batch in (("plain", plain), ("mixed", mixed), ("filtered", filtered)):
         want = standalone.BatchSearch(batch, timeout=T).results
         got = cluster.BatchSearch(batch, timeout=T).results
         assert len(got) == len(want) == len(batch.searches)

@@ -155,8 +155,11 @@ class ShardRpcs:
         if spec is None or vectors.size % spec.dim:
             raise InvalidArgument.field("field", f"no dense field {request.field!r} of that dimension")
         eps = request.eps if request.HasField("eps") else None
+        flt = convert.optional_filter(request.filter, request.has_filter)
+        if flt is not None:
+            shard.payload.validate_filter(flt)
         found = shard.search_dense(
-            request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps)
+            request.field, vectors.reshape(-1, spec.dim), request.k, (request.ef, request.max_lists, eps), flt
         )
         return spb.ShardDenseResponse(results=[_packed(r) for r in found], applied_seq=shard.applied_seq)
 
@@ -165,7 +168,12 @@ class ShardRpcs:
         or a few vectors on an in-memory HNSW field of a replica that needs no wait."""
         if isinstance(request, spb.CollectionSearchRequest):
             return self._quick_collection(request)
-        if not isinstance(request, spb.ShardDenseRequest) or request.k > QUICK_MAX_LIMIT or request.ef > QUICK_MAX_EF:
+        if (
+            not isinstance(request, spb.ShardDenseRequest)
+            or request.has_filter  # a filter's first use may scan every document: never on the loop
+            or request.k > QUICK_MAX_LIMIT
+            or request.ef > QUICK_MAX_EF
+        ):
             return False
         replica = self.server.replicas.get((request.replica.uid, request.replica.shard))
         shard = replica.shard if replica is not None else None

@@ -35,24 +35,24 @@ class CollectionReads(CoveringSearch):
     """What service/rpcs.py reads of a collection, answered by the shards' replicas."""
 
     def handles(
-        self, min_seqs: list[int], request: pb.SearchRequest | None = None, count_filter: pb.Filter | None = None
+        self, min_seqs: list[int], request: pb.SearchRequest | None = None, wire_filter: pb.Filter | None = None
     ) -> list[RemoteShard]:
         """One RemoteShard per shard for one request, each read once its replica applied ``min_seqs[shard]``."""
-        return [RemoteShard(self, shard, min_seqs[shard], request, count_filter) for shard in self.shards]
+        return [RemoteShard(self, shard, min_seqs[shard], request, wire_filter) for shard in self.shards]
 
     def scatter(
-        self, min_seqs: list[int], request: pb.SearchRequest | None = None, count_filter: pb.Filter | None = None
+        self, min_seqs: list[int], request: pb.SearchRequest | None = None, wire_filter: pb.Filter | None = None
     ) -> Scatter:
         """index/collection.py's reads over this request's handles, every shard's call in flight at once."""
         names = [spec.name for spec in self.schema.text_fields]
         text = QueryAnalysis(self._analyzers, names) if names else None
         run = remote_map(self)
-        return Scatter(self.handles(min_seqs, request, count_filter), run, run, text)
+        return Scatter(self.handles(min_seqs, request, wire_filter), run, run, text)
 
     def count(self, flt: Filter | None = None, request: pb.CountRequest | None = None) -> int:
         """Documents matching ``flt`` (the filter of ``request``, checked by the caller), or all."""
         wire = request.filter if request is not None and request.HasField("filter") else None
-        return self.scatter(self._min_seqs(pb.CONSISTENCY_DEFAULT), count_filter=wire).count(flt)
+        return self.scatter(self._min_seqs(pb.CONSISTENCY_DEFAULT), wire_filter=wire).count(flt)
 
     def sparse_idf(self, field: str, term_ids: list[int]) -> np.ndarray:
         return self.scatter(self._min_seqs(pb.CONSISTENCY_DEFAULT)).sparse_idf(field, term_ids)
@@ -84,8 +84,15 @@ class CollectionReads(CoveringSearch):
         ef: int,
         max_lists: int = 0,
         eps: float | None = None,
+        flt: Filter | None = None,
+        where: str = "",
         consistency: int = 0,
+        wire_filter: pb.Filter | None = None,
     ) -> list[SearchResult]:
+        """index/collection.py's ``search_dense_batch`` over the replicas; ``wire_filter`` is ``flt``
+        as the client sent it (the shards take it so)."""
+        if flt is not None:
+            self.payload.validate_filter(flt, f"{where}filter")
         min_seqs = self._min_seqs(consistency)
         failed_over = False
         if len(vectors) == 1:  # one query (by text, or STRONG): whole, on a server holding every shard
@@ -94,11 +101,14 @@ class CollectionReads(CoveringSearch):
             if eps is not None:
                 dense.eps = eps
             request = pb.SearchRequest(collection=self.name, queries=[pb.SubQuery(dense=dense)], limit=k)
+            if flt is not None and wire_filter is not None:
+                request.filter.CopyFrom(wire_filter)
             response, failed_over = self._whole(request, min_seqs, None)
             if response is not None:
                 ids = [hit.id for hit in response.hits]
                 return [SearchResult(ids=ids, scores=np.array([hit.score for hit in response.hits], np.float32))]
-        results = self.scatter(min_seqs).search_dense(field, vectors, k, (ef, max_lists, eps), None)
+        scatter = self.scatter(min_seqs, wire_filter=wire_filter)
+        results = scatter.search_dense(field, vectors, k, (ef, max_lists, eps), flt)
         if failed_over:
             self.catalog.stats.failed_over()
         return results

@@ -29,7 +29,6 @@ import numpy as np
 from braid.cluster.v1 import shard_pb2 as spb
 from braid.cluster.v1 import shard_pb2_grpc
 from braid.index.collection import Calls, Map
-from braid.index.errors import InvalidArgument
 from braid.index.filters import Filter
 from braid.index.gather import Ranked
 from braid.index.query import Bm25Query, SearchPlan
@@ -146,13 +145,13 @@ class RemoteShard:
         number: int,
         min_seq: int,
         request: pb.SearchRequest | None = None,
-        count_filter: pb.Filter | None = None,
+        wire_filter: pb.Filter | None = None,
     ) -> None:
         self.collection = collection
         self.number = number
         self.min_seq = min_seq
         self.request = request  # for the shards: text sub-queries replaced by the router's vectors
-        self.count_filter = count_filter
+        self.wire_filter = wire_filter  # the client's filter as it sent it, for Count and SearchDense
         self.ref = collection._refs[number]
         self.ranked_by: str | None = None  # the address of the replica whose Search answered
 
@@ -222,13 +221,12 @@ class RemoteShard:
         flt: Filter | None = None,
         turn: Callable[[], int] | None = None,
     ) -> Pending:
-        if flt is not None:  # the router's RPCs never ask (RouterRpcs.FILTERED_DENSE_BATCHES)
-            raise InvalidArgument.field("filter", "a routed batch of dense searches carries no filter")
         ef, max_lists, eps = knobs
         message = spb.ShardDenseRequest(
             replica=self.ref, field=field, vectors=np.ascontiguousarray(vectors, "<f4").tobytes(), k=k, ef=ef,
             max_lists=max_lists, min_seq=self.min_seq,
         )  # fmt: skip
+        self._send_filter(message, flt)
         if eps is not None:
             message.eps = eps
         return self._pending(
@@ -257,13 +255,18 @@ class RemoteShard:
             turn,
         )
 
+    def _send_filter(self, message: spb.ShardCountRequest | spb.ShardDenseRequest, flt: Filter | None) -> None:
+        """Put the client's filter, as it sent it, into ``message`` when the call has one (``flt``)."""
+        if flt is None:
+            return
+        if self.wire_filter is None:
+            raise ValueError("a RemoteShard filters with the filter of the request it was made for")
+        message.filter.CopyFrom(self.wire_filter)
+        message.has_filter = True
+
     def start_count(self, flt: Filter | None, turn: Callable[[], int] | None = None) -> Pending:
         message = spb.ShardCountRequest(replica=self.ref, min_seq=self.min_seq)
-        if flt is not None and self.count_filter is not None:  # the client's filter, as it sent it
-            message.filter.CopyFrom(self.count_filter)
-            message.has_filter = True
-        elif flt is not None:
-            raise ValueError("a RemoteShard counts with the filter it was made for")
+        self._send_filter(message, flt)
         return self._pending(
             lambda stub, t: stub.Count.future(message, timeout=t), lambda response, _: response.count, turn
         )

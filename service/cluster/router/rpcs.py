@@ -25,8 +25,6 @@ from .writes import PipelinedWriter
 class RouterRpcs(BraidRpcs):
     """braid.v1 bodies on a router: the standalone ones, except where a message is forwarded as it is."""
 
-    FILTERED_DENSE_BATCHES = False  # braid.cluster.v1 SearchDense carries no filter
-
     catalog: RemoteCatalog  # type: ignore[assignment]
 
     def _info(self, collection: Any) -> pb.CollectionInfo:
@@ -126,8 +124,10 @@ class RouterRpcs(BraidRpcs):
         return collection.search_request(request, plan, where)
 
     def reading(self, request: pb.SearchRequest) -> dict[str, Any]:
-        """The request's consistency: the sequence each shard's replica must have applied (replicas.py)."""
-        return {"consistency": request.consistency}
+        """The request's consistency (the sequence each shard's replica must have applied, replicas.py)
+        and its filter as the client sent it (the shards take it so)."""
+        wire = {"wire_filter": request.filter} if request.HasField("filter") else {}
+        return {"consistency": request.consistency, **wire}
 
 
 FRAMING_BYTES = 6  # a repeated message field's tag and length prefix, at most (service/rpcs.py)
