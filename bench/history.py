@@ -6,8 +6,11 @@
 Writers (per-key versions, deletes; in a cluster both ack modes) and readers (STRONG in a
 cluster) record every call while ``--faults`` faults drawn from ``--seed`` hit real processes
 (tests/history/: cluster: kill -9 and SIGSTOP/SIGCONT of shard servers, routers and NATS nodes,
-the collection stream's leader most often; standalone: kill -9, a disk that fills and empties,
-ENOSPC at a write step, kill -9 on a full disk). After healing it checks the history and the
+the collection stream's leader most often, and snapshot faults: a snapshot and trim on demand,
+kill -9 in a Snapshot call, a wiped disk, a byte-flipped snapshot before a wiped disk, while
+the shard servers snapshot and trim every ``--snapshot-log-bytes`` of log; standalone: kill -9,
+a disk that fills and empties, ENOSPC at a write step, kill -9 on a full disk, kill -9 in a
+CreateSnapshot call). After healing it checks the history and the
 state on every replica and router, and prints the report: operations, the faults with their
 times, lost / stale / phantom / failed-visible / diverged / count-mismatch counts, the seed.
 Exit status 0 when the check passed, 1 when it found something. The cluster defaults are the
@@ -25,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.history.cluster import run_cluster
+from tests.history.cluster import SNAPSHOT_LOG_BYTES, run_cluster
 from tests.history.standalone import run_standalone
 
 
@@ -41,6 +44,15 @@ def main() -> int:
     parser.add_argument("--shard-servers", type=int, default=3, help="cluster: shard servers (default 3)")
     parser.add_argument("--routers", type=int, default=2, help="cluster: routers (default 2)")
     parser.add_argument("--shards", type=int, default=3, help="cluster: shards of the collection (default 3)")
+    parser.add_argument(
+        "--snapshot-log-bytes",
+        type=int,
+        default=SNAPSHOT_LOG_BYTES,
+        help=f"cluster: each shard snapshots and trims after this much log (default {SNAPSHOT_LOG_BYTES})",
+    )
+    parser.add_argument(
+        "--no-snapshot-faults", action="store_true", help="cluster: leave the snapshot faults out of the menu"
+    )
     parser.add_argument("--directory", type=Path, help="where the data and logs go (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs) afterwards")
     args = parser.parse_args()
@@ -60,6 +72,8 @@ def main() -> int:
                 shards=args.shards,
                 writers=args.writers,
                 readers=args.readers,
+                snapshot_faults=not args.no_snapshot_faults,
+                snapshot_log_bytes=args.snapshot_log_bytes,
             )
         else:
             report = run_standalone(

@@ -16,6 +16,9 @@ Import them where needed (they are not in conftest.py, so other tests never pay 
 * ``cluster_link(cluster)``: a context manager yielding a connected ``NatsLink`` to the cluster's
   NATS (with its credentials), for the object store (``SnapshotObjects(link, 1)``) and streams.
 * ``damage_object(link, name)``: overwrite a snapshot object with a copy whose middle byte is flipped.
+* ``damage_object_file(link, name, rng=None)``: the same, flipping a byte of one of its files (the
+  middle of the largest, or a random one): in a small snapshot the middle byte of the object may be
+  a tar member's zero padding, which no check covers (nor needs to).
 * ``log_ends(cluster, collection, shards, timeout)``: a collection's uid and the last stream
   sequence of each shard's subject, read from NATS itself.
 """
@@ -24,8 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import json
+import random
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -217,6 +223,30 @@ def damage_object(link: NatsLink, name: str, bucket: str = BUCKET) -> None:
         await store.put(name, bytes(data))
 
     link.call(damage(), 60.0)
+
+
+def damage_object_file(link: NatsLink, name: str, rng: random.Random | None = None, bucket: str = BUCKET) -> str:
+    """Overwrite snapshot object ``name`` (a tar) with a copy in which one byte of one file is
+    flipped: the middle byte of the largest file, or with ``rng`` a random byte of a random file
+    (the manifest included); that file's name in the tar. Unlike :func:`damage_object`, the byte
+    is always one of a file Braid checksums, never a header's or the padding after a member."""
+
+    async def damage() -> str:
+        store = await link.js.object_store(bucket)
+        data = bytearray((await store.get(name)).data)
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+            files = [m for m in tar.getmembers() if m.isfile() and m.size > 0]
+        if rng is None:
+            member = max(files, key=lambda m: m.size)
+            offset = member.size // 2
+        else:
+            member = rng.choice(files)
+            offset = rng.randrange(member.size)
+        data[member.offset_data + offset] ^= 0xFF
+        await store.put(name, bytes(data))
+        return member.name
+
+    return link.call(damage(), 60.0)
 
 
 def print_logs(cluster: LocalCluster, lines: int = 60) -> None:

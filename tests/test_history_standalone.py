@@ -1,6 +1,7 @@
 """The history checker (tests/history/): its unit tests on hand-made histories, and a short
-seeded run against a real standalone server under kill -9 and a disk that fills and empties
-(a tmpfs of its own, filled to the last byte, when the tests run as root).
+seeded run against a real standalone server under kill -9, a disk that fills and empties
+(a tmpfs of its own, filled to the last byte, when the tests run as root) and kill -9 in a
+CreateSnapshot call.
 
 The long runs are ``python bench/history.py --mode standalone --faults 50 --seed N``.
 """
@@ -14,10 +15,11 @@ from tests.history.checker import Final, Report, check
 from tests.history.model import ABSENT, DELETE, FAIL, INFO, OK, READ, UPSERT, Op, outcome_of
 from tests.history.standalone import run_standalone
 
-# Draws ENOSPC at the log fsync (then kill -9), kill -9, the disk full to the last byte (below the
-# floor where the run cannot mount a tmpfs), kill -9 on a full disk with the restart on it, and the
-# disk filling below the floor, in that order.
-SEED = 20261471
+# Draws the disk filling below the floor, kill -9 in a CreateSnapshot call, ENOSPC at the log fsync
+# (then kill -9), the disk full to the last byte (below the floor where the run cannot mount a
+# tmpfs), kill -9 on a full disk with the restart on it, and kill -9 in a CreateSnapshot call again,
+# in that order.
+SEED = 20263589
 
 
 def _w(key: str, version: int, start: float, end: float, status: str = OK) -> Op:
@@ -122,7 +124,8 @@ def test_history_outcomes_of_errors() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_history_standalone_under_kill9_and_a_full_disk(tmp_path) -> None:
-    report = run_standalone(tmp_path / "run", SEED, faults=5, keys=30, min_run_s=15.0)
+def test_history_standalone_under_kill9_a_full_disk_and_snapshots(tmp_path) -> None:
+    report = run_standalone(tmp_path / "run", SEED, faults=6, keys=30, min_run_s=15.0)
     print("\n" + report.text())
-    report.assert_held(faults=5)
+    report.assert_held(faults=6)
+    assert [fault.kind for fault in report.faults].count("kill -9 mid-CreateSnapshot") == 2

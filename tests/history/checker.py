@@ -66,6 +66,7 @@ class Report:
     problems: list[str] = field(default_factory=list)  # the run itself went wrong (a crashed thread, no heal)
     keys: int = 0
     finals: int = 0
+    tally: dict[str, int] = field(default_factory=dict)  # what the run did besides calls: snapshots, trims, ...
 
     def add(self, category: str, message: str) -> None:
         self.violations[category].append(message)

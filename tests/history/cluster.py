@@ -3,7 +3,12 @@
 The collection has ``shards`` shards with replication factor 2. Writers (both ack modes) and
 STRONG readers call the routers at random while faults hit one process at a time: kill -9 and
 a restart, or SIGSTOP and SIGCONT, of a shard server, a router or a NATS node (the NATS node
-leading the collection's stream is chosen more often, as the issue's run did). After healing
+leading the collection's stream is chosen more often, as the issue's run did). The shard
+servers snapshot each shard every ``snapshot_log_bytes`` of log (and every
+SNAPSHOT_INTERVAL_S), trimming its subject below the older of its two newest snapshots, all
+through the run; with ``snapshot_faults`` the menu also holds tests/history/snapshot_faults.py's:
+a snapshot and trim on demand, kill -9 in a Snapshot call, a wiped disk (bootstrap from a
+snapshot and the log tail), a byte-flipped newest snapshot before a wiped disk. After healing
 (every process back, then every replica caught up with the end of its shard's subject as NATS
 reports it), every key is read on every replica directly (braid.cluster.v1.Shard Get and Count
 with ``min_seq=0``, so a replica that missed a write cannot hide behind the other) and through
@@ -30,10 +35,15 @@ from ..clusterkit import log_ends
 from . import faults as f
 from .checker import Fault, Final, Report, check
 from .model import ABSENT, Recorder
+from .snapshot_faults import SnapshotFaults
 from .workload import COLLECTION, Endpoint, Endpoints, Workload, keys_of, read_strong, schema, version_of
 
 HEAL_S = 120.0  # processes back and replicas caught up within this, on a loaded 2-core machine
 CALL_S = 10.0
+# Small enough that each shard snapshots (and trims) every few seconds of the workload's writes
+# (records of one document, ~200 bytes); the interval covers a shard that few writes reach.
+SNAPSHOT_LOG_BYTES = 16 * 1024
+SNAPSHOT_INTERVAL_S = 10.0
 
 
 class ClusterRun:
@@ -50,6 +60,8 @@ class ClusterRun:
         shards: int,
         writers: int,
         readers: int,
+        snapshot_faults: bool = True,
+        snapshot_log_bytes: int = SNAPSHOT_LOG_BYTES,
     ) -> None:
         self.directory = directory
         self.seed, self.faults, self.keys, self.shards = seed, faults, keys_of(keys), shards
@@ -62,7 +74,12 @@ class ClusterRun:
             routers=routers,
             nats_nodes=3,
             shard_args=["--checkpoint-interval-s", "2"],
+            env={
+                "BRAID_SNAPSHOT_LOG_BYTES": str(snapshot_log_bytes),
+                "BRAID_SNAPSHOT_INTERVAL_S": str(SNAPSHOT_INTERVAL_S),
+            },
         )
+        self.snapshots = SnapshotFaults(self.cluster, self._start) if snapshot_faults else None
         try:
             self._setup()
         except BaseException:
@@ -100,6 +117,8 @@ class ClusterRun:
             menu.append((weight / 2, f.pause(child.name, lambda c=child: c.proc.pid if c.alive else None, pause_hold)))
         menu.append((4.0, self._nats_fault("kill -9", kill_hold)))  # the faults behind findings 4 and 5
         menu.append((2.0, self._nats_fault("pause", pause_hold)))
+        if self.snapshots is not None:
+            menu += self.snapshots.menu(kill_hold)
         return menu
 
     @staticmethod
@@ -166,11 +185,25 @@ class ClusterRun:
             finals += self._read_routers()
         except Exception as err:
             report.problems.append(f"healing: {err}")
+        self._tally_snapshots()
         report.errors = dict(self.recorder.errors)
         report.notes.append(
             f"reads that failed (not in the history): {self.recorder.failed_reads}; logs in {self.directory / 'logs'}"
         )
         return check(self.recorder.snapshot(), finals, report, replicas)
+
+    def _tally_snapshots(self) -> None:
+        """Snapshots, trims and bootstraps of the run into the notes (every run: the schedule
+        snapshots without the snapshot faults too); a restored byte-flipped snapshot is a problem."""
+        try:
+            statuses = self._statuses()
+        except Exception as err:  # a server that did not come back: the problems already say so
+            self.report.notes.append(f"snapshots: no Status after healing: {err!r}")
+            statuses = {}
+        tally = self.snapshots or SnapshotFaults(self.cluster, self._start)
+        self.report.tally, notes, problems = tally.tally(statuses)
+        self.report.notes += notes
+        self.report.problems += problems
 
     def close(self) -> None:
         """Stop everything (paused processes are continued first, so SIGTERM reaches them)."""
@@ -307,10 +340,25 @@ def run_cluster(
     shards: int = 2,
     writers: int = 3,
     readers: int = 2,
+    snapshot_faults: bool = True,
+    snapshot_log_bytes: int = SNAPSHOT_LOG_BYTES,
 ) -> Report:
     """Start a cluster, run the workload under ``faults`` seeded faults (at least ``min_run_s``
-    seconds), heal, check; the report. The cluster is stopped at the end."""
-    run = ClusterRun(directory, seed, faults, keys, shard_servers, routers, shards, writers, readers)
+    seconds), heal, check; the report. The cluster is stopped at the end. ``snapshot_faults``:
+    the snapshot and trim faults join the menu (tests/history/snapshot_faults.py)."""
+    run = ClusterRun(
+        directory,
+        seed,
+        faults,
+        keys,
+        shard_servers,
+        routers,
+        shards,
+        writers,
+        readers,
+        snapshot_faults,
+        snapshot_log_bytes,
+    )
     try:
         return run.run(min_run_s)
     finally:

@@ -8,7 +8,9 @@ Writers and readers (tests/history/workload.py) run while the faults hit: kill -
 restart on the same data directory, the disk filling and emptying, ENOSPC at the log's
 write, its fsync (then a restart, as an operator would: the log refuses writes after a
 failed fsync), a checkpoint or tantivy's commit, kill -9 on a full disk with the restart on
-it, and (on the tmpfs) a disk full to the last byte. After healing, every key is read back,
+it, (on the tmpfs) a disk full to the last byte, and kill -9 in a CreateSnapshot call (at a
+random delay inside it; after the restart no snapshot is listed with an error and no
+unfinished one is left: a problem of the run otherwise). After healing, every key is read back,
 then once more after a last kill -9 and restart; the history and both readings are checked
 (tests/history/checker.py).
 """
@@ -16,6 +18,7 @@ then once more after a last kill -9 and restart; the history and both readings a
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -29,7 +32,7 @@ from braid.v1 import braid_pb2_grpc
 
 from .. import diskfaults
 from . import faults as f
-from .checker import Final, Report, check
+from .checker import Fault, Final, Report, check
 from .model import ABSENT, Recorder
 from .workload import COLLECTION, Endpoint, Endpoints, Workload, keys_of, read_strong, schema
 
@@ -105,8 +108,9 @@ class StandaloneRun:
             self.filler = f.DiskFiller(self.mount, floor=TMPFS_FLOOR)
         else:
             self.filler = f.DiskFiller(directory / "fill")
-        data = (self.mount or directory) / "data"
-        self.server = _server(directory, data, self.filler.floor, self.flags)
+        self.data = (self.mount or directory) / "data"
+        self.server = _server(directory, self.data, self.filler.floor, self.flags)
+        self.snapshot_s = 0.3  # the last CreateSnapshot that answered took this long
         self.recorder = Recorder()
         self.report = Report(seed=seed, mode="standalone")
         self.endpoints = Endpoints([Endpoint("server", lambda: self.server.address if self.server.port else None)])
@@ -132,9 +136,49 @@ class StandaloneRun:
             # Without a tmpfs of its own the run never fills the machine's disk to the last byte:
             # below the floor instead (the same draws from a seed either way).
             (1, filler.fault((1.0, 3.0), leave=0 if self.mount else None)),
+            (1, self.kill_mid_snapshot),
         ]  # fmt: skip
         self.injector = f.Injector(menu, seed, faults)
         self.injector.healers += [filler.empty, self._clear_flags]
+
+    def kill_mid_snapshot(self, rng: random.Random) -> Fault:
+        """CreateSnapshot, kill -9 at a random delay inside the call (below the last call's
+        duration), restart; then no snapshot is listed with an error, none unfinished is left."""
+        began = time.monotonic()
+        store = self.data / "snapshots"
+        delay, hold = rng.uniform(0.0, 0.9 * self.snapshot_s), rng.uniform(0.1, 1.0)
+        caught = None  # the hidden directory of the snapshot being written, if one was seen
+        with grpc.insecure_channel(self.server.address) as channel:
+            request = pb.CreateSnapshotRequest(collection=COLLECTION)
+            call = braid_pb2_grpc.BraidStub(channel).CreateSnapshot.future(request, timeout=60)
+            called = time.monotonic()
+            while time.monotonic() - called < delay and not call.done():
+                caught = caught or next((p.name for p in store.glob(".creating-*")), None)
+                time.sleep(0.002)
+            answered = call.done()
+            self.server.kill()
+        if answered and call.exception() is None:
+            self.snapshot_s = time.monotonic() - called
+        time.sleep(hold)
+        self.start()
+        with grpc.insecure_channel(self.server.address) as channel:
+            stub = braid_pb2_grpc.BraidStub(channel)
+            listed = _call("ListSnapshots", lambda: stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=10)).snapshots
+        damaged = [f"{s.name}: {s.error}" for s in listed if s.error]
+        leftovers = sorted(p.name for p in store.glob(".*")) if store.exists() else []
+        if damaged or leftovers:
+            self.report.problems.append(
+                f"kill -9 mid-CreateSnapshot: listed with an error {damaged}, unfinished left {leftovers}"
+            )
+        if answered:
+            when = "after the answer"
+        elif caught is None:
+            when = "mid-call, before its .creating- directory was seen"
+        else:
+            finished = caught.removeprefix(".creating-") in {s.name for s in listed}
+            when = f"mid-call, {caught} seen: {'finished before the kill' if finished else 'not listed'}"
+        note = f"killed {delay:.2f} s into the call ({when}), down {hold:.1f} s; {len(listed)} snapshots listed"
+        return Fault("kill -9 mid-CreateSnapshot", "braid serve", began, time.monotonic(), note)
 
     def _clear_flags(self) -> None:
         for flag in self.flags.iterdir():
