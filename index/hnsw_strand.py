@@ -653,12 +653,8 @@ class HnswStrand(HoldsLabels):
         index = hnswlib.Index(space=SPACES[self.spec.metric], dim=self.spec.dim)
         index.load_index(str(path))
         index.set_ef(1)
-        labels = np.sort(np.asarray(index.get_ids_list(), np.int64))
+        labels, vectors = hnswfile.rows(path)  # dead rows keep their vectors: they are never scanned
         live = inside(self._present.mask, labels)
-        # hnswlib hands out no vector of a label marked deleted; dead rows are never scanned, so zeros do.
-        vectors = np.zeros((len(labels), self.spec.dim), np.float32)
-        if live.any():
-            vectors[live] = np.asarray(index.get_items(labels[live], return_type="numpy"), np.float32)
         for label in labels[~live].tolist():
             mark(index, label)  # deleted after the graph was saved (or before: already marked)
         graph = Graph(index, labels, vectors)

@@ -34,6 +34,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import diskspace
 from .durable import tmp_path
 
@@ -72,6 +74,21 @@ def check(path: Path, dim: int | None = None, count: int | None = None) -> str |
     except OSError as err:
         return f"unreadable: {err}"
     return _walk(memoryview(tail), elements, 4 * (max_m + 1), max(max_level, 0), links_start, size)
+
+
+def rows(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, vectors) of every element of a file ``check`` passed, sorted by label: the level-0
+    block read as one array (hnswlib's ``get_items`` copies one element at a time, 26 us each at
+    384 dimensions: 26 s a million at every open). The vectors are what hnswlib stores (a cosine
+    space's normalized), so they equal ``get_items``'s."""
+    with open(path, "rb") as fh:
+        fields = _HEADER.unpack(fh.read(HEADER_SIZE))
+    elements, per_element, label_offset, offset_data = fields[2], fields[3], fields[4], fields[5]
+    block = np.fromfile(path, np.uint8, elements * per_element, offset=HEADER_SIZE).reshape(elements, per_element)
+    labels = block[:, label_offset : label_offset + 8].copy().view("<u8").ravel().astype(np.int64)
+    order = np.argsort(labels, kind="stable")
+    vectors = np.ascontiguousarray(block[:, offset_data:label_offset]).view("<f4")[order]
+    return labels[order], vectors
 
 
 def _walk(tail: memoryview, elements: int, level_bytes: int, max_level: int, start: int, size: int) -> str | None:

@@ -369,3 +369,31 @@ def test_writers_wait_for_the_maintainer_not_searches(small_blocks: None) -> Non
     thread.join()
     assert fill.strand.segments()["frozen"] <= hnsw_strand.MAX_PENDING_ROWS
     fill.strand.close()
+
+
+@pytest.mark.parametrize("space", ["cosine", "l2", "ip"])
+def test_a_graph_files_rows_equal_what_hnswlib_hands_out(tmp_path: Path, space: str) -> None:
+    """hnswfile.rows reads a saved graph's labels and vectors straight from its level-0 block (an
+    open of a graph no longer copies each vector out of hnswlib): the same labels, sorted, and
+    bit for bit the vectors hnswlib's get_items gives, deleted elements included."""
+    import hnswlib
+
+    from braid.index import hnswfile
+
+    dim, n = 24, 300
+    index = hnswlib.Index(space=space, dim=dim)
+    index.init_index(n, M=8, ef_construction=40)
+    labels = np.random.default_rng(1).permutation(np.arange(1000, 1000 + 3 * n, 3))[:n]
+    index.add_items(random_vectors(n, dim, seed=2), labels)
+    for label in labels[:20].tolist():
+        index.mark_deleted(label)
+    path = tmp_path / "g.hnsw"
+    hnswfile.save(index, path, dim)
+    got_labels, got = hnswfile.rows(path)
+    want_labels = np.sort(labels)
+    assert np.array_equal(got_labels, want_labels)
+    index.unmark_deleted(int(labels[0]))  # get_items refuses deleted labels: compare those too
+    for label in labels[1:20].tolist():
+        index.unmark_deleted(label)
+    want = np.asarray(index.get_items(want_labels, return_type="numpy"), np.float32)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
