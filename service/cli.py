@@ -49,6 +49,7 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
+    "snapshot_interval_s", "snapshot_log_bytes",
     "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_tls_server_name", "cluster_tls_cert",
     "cluster_tls_key", "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "health_port", "log_format",
     "slow_query_ms", "otlp_endpoint", "trace_sample_ratio",
@@ -435,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--node-id", help="a shard server's identity (BRAID_NODE_ID, default: the host name)")
     cluster.add_argument("--advertise", help="host:port routers use to reach this shard server (default host:port)")
     cluster.add_argument("--nats-replicas", type=int, help="replicas of Braid's streams and buckets (0 = auto)")
+    cluster.add_argument(
+        "--snapshot-interval-s", type=float, help="shard servers: snapshot a shard this long after its last (3600)"
+    )
+    cluster.add_argument(
+        "--snapshot-log-bytes", type=int, help="shard servers: or once this much log was applied since (256 MiB)"
+    )
     cluster.add_argument("--nats-creds", help="NATS credentials: a .creds file or an nkey seed file (BRAID_NATS_CREDS)")
     cluster.add_argument("--nats-tls-ca", help="PEM CA of the NATS servers: TLS to NATS (BRAID_NATS_TLS_CA)")
     cluster.add_argument("--nats-tls-cert", help="PEM client certificate for NATS (BRAID_NATS_TLS_CERT)")
