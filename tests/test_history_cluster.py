@@ -31,3 +31,4 @@ def test_history_cluster_under_kills_pauses_snapshots_and_wiped_disks(tmp_path) 
     # The run trimmed the log below snapshots and rebuilt wiped replicas from them: not a vacuous pass.
     assert report.tally["trims"] > 0 and report.tally["wiped disks"] == 2, report.tally
     assert report.tally["bootstraps"] >= 2, report.tally
+    assert report.tally["flipped"] == 1 and report.tally["skipped"] >= 1, report.tally  # the flipped one was met

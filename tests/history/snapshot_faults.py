@@ -6,7 +6,8 @@ the older of its two newest snapshots; these faults add, one at a time like the 
 
 * ``snapshot_now``: the ``Snapshot`` RPC on a random live replica of a random shard: a
   snapshot and a trim at a moment the schedule did not choose, racing replicas that are
-  catching up after an earlier fault;
+  catching up after an earlier fault; two times in three with the shard's other replica
+  paused or killed meanwhile, and two snapshots, so the trim passes its position;
 * ``kill_mid_snapshot``: the ``Snapshot`` RPC, and a kill -9 of that shard server at a random
   delay inside the call (drawn below the last call's duration: in the checkpoint, the upload
   or the read-back), then a restart;
@@ -15,14 +16,15 @@ the older of its two newest snapshots; these faults add, one at a time like the 
 * ``flipped_then_wiped``: a wiped disk of the server that took a shard's newest snapshot,
   and while it is down that snapshot overwritten with a copy with a random byte of a random
   file flipped (clusterkit's ``damage_object_file``): its bootstrap must skip it for the older
-  one. Only when the shard has two snapshots and neither was flipped before: two damaged
-  snapshots and a trimmed log are a loss no design survives.
+  one. The shard's other replicas are paused until it has bootstrapped, so none takes a newer
+  snapshot first. Only when the shard has two snapshots and neither was flipped before: two
+  damaged snapshots and a trimmed log are a loss no design survives.
 
 Each fault draws once from the injector's generator and the rest from its own, so a seed
 draws the same faults whatever the cluster answers. ``tally`` counts, from the shard servers'
 log lines, the snapshots, trims, bootstraps and skipped snapshots of the run, and what each
 replica last restored (Status.restored_from), so a run that never trimmed shows it;
-``problems`` is what no run may show: a flipped snapshot restored.
+``problems`` is what no run may show: a flipped snapshot restored after it was flipped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 
@@ -46,6 +49,7 @@ from .checker import Fault
 from .workload import COLLECTION
 
 SNAPSHOT_S = 60.0  # a Snapshot call's deadline (a loaded 2-core machine, a NATS node just back)
+BOOTSTRAP_S = 30.0  # a wiped replica of a small shard restores and replays within this
 STATUS_S = 5.0
 
 # The shard servers' log lines (service/cluster/replica.py, snapshot_objects.py) counted in the notes.
@@ -68,6 +72,7 @@ class SnapshotFaults:
         self.start = start
         self.snapshot_s = 0.5  # the last Snapshot call that answered took this long
         self.flipped: list[str] = []
+        self._flipped_at: dict[str, dict[str, int]] = {}  # flipped object -> each shard server's output length then
         self.wipes = 0
         self.kills = {"mid-call": 0, "after the answer": 0}
 
@@ -112,21 +117,56 @@ class SnapshotFaults:
     # ------------------------------------------------------------- faults
 
     def snapshot_now(self, rng: random.Random) -> Fault:
+        """A Snapshot call on a random live replica of a random shard; or, two times in three, the
+        shard's other replica paused (SIGSTOP) or killed first and two snapshots taken a moment
+        apart, so the trim below the older of them passes that replica's position, then it is
+        continued or restarted: it must see the trim and bootstrap, not skip the trimmed records."""
         began = time.monotonic()
         picked = self._pick(rng)
         if picked is None:
             return Fault("snapshot + trim now", "no replica", began, time.monotonic(), "no shard server answered")
         child, status = picked
-        target = f"shard {status.replica.shard} on {child.name}"
+        shard = status.replica.shard
+        others = sorted({c.name: c for c, r in self._replicas() if r.replica.shard == shard and c is not child}.items())
+        how = rng.choice(("alone", "paused", "killed"))
+        other = rng.choice(others)[1] if others and how != "alone" else None
+        between = rng.uniform(0.3, 1.0)
+        target = f"shard {shard} on {child.name}"
+        notes = []
+        if other is None:
+            how = "alone"
+        elif how == "paused" and other.proc is not None:
+            other.proc.send_signal(signal.SIGSTOP)
+        else:
+            other.kill()
+        try:
+            for number in range(1 if other is None else 2):
+                if number:
+                    time.sleep(between)  # writes land between the two: the second trim passes the stopped replica
+                taken = self._snapshot(child, status.replica)
+                notes.append(taken)
+                if taken.startswith("refused"):
+                    break
+        finally:
+            if other is not None and how == "paused" and other.proc is not None:
+                other.proc.send_signal(signal.SIGCONT)
+            elif other is not None:
+                self.start(other)
+        if other is not None:
+            target += f", past {other.name}'s replica {how}"
+        return Fault("snapshot + trim now", target, began, time.monotonic(), "; ".join(notes))
+
+    def _snapshot(self, child: Child, replica: spb.ReplicaRef) -> str:
+        """A Snapshot call to ``child``'s ``replica``; what it answered."""
+        called = time.monotonic()
         try:
             with grpc.insecure_channel(self.cluster.address_of(child)) as channel:
                 stub = shard_pb2_grpc.ShardStub(channel)
-                taken = stub.Snapshot(spb.SnapshotRequest(replica=status.replica), timeout=SNAPSHOT_S)
-            self.snapshot_s = time.monotonic() - began
-            note = f"{taken.object}, {taken.bytes} bytes, {self.snapshot_s:.2f} s"
+                taken = stub.Snapshot(spb.SnapshotRequest(replica=replica), timeout=SNAPSHOT_S)
         except grpc.RpcError as err:  # a replica catching up refuses: the fault still happened (no snapshot)
-            note = f"refused: {err.code().name} {(err.details() or '')[:120]}"
-        return Fault("snapshot + trim now", target, began, time.monotonic(), note)
+            return f"refused: {err.code().name} {(err.details() or '')[:120]}"
+        self.snapshot_s = time.monotonic() - called
+        return f"{taken.object}, {taken.bytes} bytes, {self.snapshot_s:.2f} s"
 
     def kill_mid_snapshot(self, rng: random.Random, hold_s: tuple[float, float]) -> Fault:
         began = time.monotonic()
@@ -182,8 +222,9 @@ class SnapshotFaults:
 
     def flipped_then_wiped(self, rng: random.Random, hold_s: tuple[float, float]) -> Fault:
         """The server that took the shard's newest snapshot is wiped, the snapshot flipped while it
-        is down, and it restarts at once: the other replica stands in for its snapshots only after
-        twice the log, so the bootstrap most likely lists the flipped one as the newest."""
+        is down, and it restarts at once, while the shard's other replicas are paused (SIGSTOP)
+        until its replica of the shard has bootstrapped (or BOOTSTRAP_S passed): none of them can
+        take a newer snapshot first, so the bootstrap meets the flipped one as the newest."""
         began = time.monotonic()
         picked = self._pick(rng)
         if picked is None:
@@ -195,8 +236,35 @@ class SnapshotFaults:
         holders = [c for c, r in self._replicas() if r.replica.shard == shard] or [child]
         newest = self._newest(uid, shard)
         taker = next((c for c in holders if newest and any(newest in line for line in c.output)), child)
-        note = self._wipe(taker, 0.0, lambda: self._flip(uid, shard, rng))
-        return Fault("flipped snapshot, wiped disk", f"shard {shard}, {taker.name}", began, time.monotonic(), note)
+        others = [c for c in holders if c is not taker and c.alive and c.proc is not None]
+        mark = len(taker.output)
+        for other in others:
+            other.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        try:
+            note = self._wipe(taker, 0.0, lambda: self._flip(uid, shard, rng))
+            note += "; " + self._bootstrapped(taker, mark, shard)
+        finally:
+            for other in others:
+                other.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        paused = f", {', '.join(o.name for o in others)} paused meanwhile" if others else ""
+        target = f"shard {shard}, {taker.name}{paused}"
+        return Fault("flipped snapshot, wiped disk", target, began, time.monotonic(), note)
+
+    @staticmethod
+    def _bootstrapped(child: Child, mark: int, shard: int) -> str:
+        """Until ``child``'s replica of ``shard`` opens after output line ``mark`` (at most
+        BOOTSTRAP_S); what its bootstrap said (snapshots skipped, restored)."""
+        what = re.compile(rf"replica {COLLECTION}/{shard}:? (restored snapshot \S+|snapshot \S+ skipped|open at)")
+        deadline = time.monotonic() + BOOTSTRAP_S
+        said: list[str] = []
+        while time.monotonic() < deadline:
+            said = [found.group(1) for line in child.output[mark:] if (found := what.search(line))]
+            if any(line.startswith("open at") for line in said):
+                break
+            time.sleep(0.1)
+        else:
+            said.append(f"not open {BOOTSTRAP_S:.0f} s after the restart")
+        return "bootstrap: " + ", ".join(said)
 
     def _newest(self, uid: str, shard: int) -> str | None:
         try:
@@ -217,6 +285,7 @@ class SnapshotFaults:
                     return f"not flipped: snapshots at {names or 'none'}, flipped before: {len(self.flipped)}"
                 member = damage_object_file(link, found[-1].name, rng)
                 self.flipped.append(found[-1].name)
+                self._flipped_at[found[-1].name] = {c.name: len(c.output) for c in self.cluster.shards}
                 return f"flipped a byte of {member} in {found[-1].name} (the one before: {found[-2].name})"
         except Exception as err:  # NATS settling after an earlier fault: no flip this time
             return f"not flipped: {err!r}"[:200]
@@ -252,11 +321,12 @@ class SnapshotFaults:
         except Exception as err:
             notes.append(f"trim points not read: {err!r}")
         problems = []
-        for name in self.flipped:
-            skipped = f"snapshot {name} skipped" in output
+        for name in self.flipped:  # restored before the flip is fine: only the lines since count
+            since = "".join(
+                "".join(child.output[self._flipped_at[name][child.name] :]) for child in self.cluster.shards
+            )
+            skipped = f"snapshot {name} skipped" in since
             notes.append(f"flipped {name}: {'skipped by a bootstrap' if skipped else 'no bootstrap met it'}")
-            if f"restored snapshot {name}" in output or any(
-                r.restored_from == name for replicas in statuses.values() for r in replicas
-            ):
+            if f"restored snapshot {name}" in since:
                 problems.append(f"the byte-flipped snapshot {name} was restored")
         return counts, notes, problems
