@@ -110,7 +110,7 @@ class StandaloneRun:
             self.filler = f.DiskFiller(directory / "fill")
         self.data = (self.mount or directory) / "data"
         self.server = _server(directory, self.data, self.filler.floor, self.flags)
-        self.snapshot_s = 0.3  # the last CreateSnapshot that answered took this long
+        self.snapshot_s = 0.1  # the last CreateSnapshot that answered took this long (a small collection)
         self.recorder = Recorder()
         self.report = Report(seed=seed, mode="standalone")
         self.endpoints = Endpoints([Endpoint("server", lambda: self.server.address if self.server.port else None)])
