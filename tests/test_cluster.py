@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from braid.cluster.v1 import shard_pb2 as spb
+from braid.cluster.v1 import shard_pb2_grpc
 from braid.index.collection import shard_of
 from braid.service.client import BraidClient, dense_vector
 from braid.service.cluster.local import LocalCluster
@@ -681,6 +682,32 @@ def test_repeated_ids_answer_as_standalone(router: BraidClient, standalone: Runn
 
 
 # ------------------------------------------------------------------ 5. garbage to the internal service
+
+
+def test_a_fetch_waits_for_the_sequence_its_hits_were_ranked_at(cluster: LocalCluster, loaded: str) -> None:
+    """A replica asked for hits another one ranked (that one failed) answers only once it applied
+    as much of the log: never a hit without its payload. Beyond the deadline: UNAVAILABLE."""
+    with grpc.insecure_channel(cluster.address_of(cluster.shards[0])) as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        replica = next(
+            r for r in stub.Status(spb.StatusRequest(), timeout=10).replicas if r.replica.collection == loaded
+        )
+        ranked = stub.Search(
+            spb.ShardSearchRequest(
+                replica=replica.replica,
+                request=pb.SearchRequest(collection=loaded, queries=[dense_sub(np.ones(DIM, np.float32))], limit=3),
+            ),
+            timeout=10,
+        ).strands[0]
+        fetch = spb.FetchRequest(replica=replica.replica, labels=ranked.labels, ids=ranked.ids, include_payload=True)
+        fetch.min_seq = replica.applied_seq
+        hits = stub.Fetch(fetch, timeout=10).hits
+        assert [h.id for h in hits] == list(ranked.ids) and all(h.payload for h in hits)
+        fetch.min_seq = replica.applied_seq + 10**6  # a sequence it has not applied
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Fetch(fetch, timeout=1.5)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), info.value
+        assert info.value.code() != grpc.StatusCode.UNAVAILABLE or "did not catch up" in details(info.value)
 
 
 def test_shard_service_refuses_garbage(cluster: LocalCluster, router: BraidClient, loaded: str) -> None:

@@ -260,7 +260,9 @@ class ShardRpcs:
         return spec is not None and spec.index is DenseIndexType.HNSW and spec.hnsw.ef_search <= QUICK_MAX_EF
 
     def Fetch(self, request: spb.FetchRequest) -> Any:
-        shard = self._replica(request.replica).serving(need_caught_up=False)
+        replica = self._replica(request.replica)
+        # min_seq: what the replica that ranked the hits had applied (this one may stand in for it)
+        shard = replica.wait_applied(request.min_seq, call_deadline()) if request.min_seq else replica.serving(False)
         labels = (np.frombuffer(request.labels, "<i8") & LABEL_MASK).tolist()
         ids = list(request.ids)
         wanted = Wanted.asked(request.include_payload, request.payload_fields, request.text_fields)

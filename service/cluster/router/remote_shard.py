@@ -154,6 +154,7 @@ class RemoteShard:
         self.wire_filter = wire_filter  # the client's filter as it sent it, for Count and SearchDense
         self.ref = collection._refs[number]
         self.ranked_by: str | None = None  # the address of the replica whose Search answered
+        self.ranked_at = 0  # the log sequence that replica had applied when it answered
 
     def stub(self, address: str) -> shard_pb2_grpc.ShardStub:
         return self.collection.catalog.clients.stub(address)
@@ -207,7 +208,7 @@ class RemoteShard:
         message = spb.ShardSearchRequest(replica=self.ref, request=self.request, min_seq=self.min_seq, bm25_idf=idf)
 
         def answer(response: spb.ShardSearchResponse, address: str) -> list[Ranked]:
-            self.ranked_by = address
+            self.ranked_by, self.ranked_at = address, response.applied_seq
             return [ranked_of(r) for r in response.strands]
 
         return self._pending(lambda stub, t: stub.Search.future(message, timeout=t), answer, turn)
@@ -281,6 +282,7 @@ class RemoteShard:
             payload_fields=wanted.payload_fields or [],
             include_payload=wanted.metadata,
             text_fields=list(wanted.text_fields),
+            min_seq=max(self.ranked_at, self.min_seq),
         )
         types = {f.name: f.type for f in self.collection.schema.payload_fields}
 
