@@ -487,6 +487,10 @@ class ShardServer:
             try:
                 self.link.ensure_bucket(COLLECTIONS_BUCKET, self.config.stream_replicas)
                 self.link.ensure_bucket(NODES_BUCKET, self.config.stream_replicas, ttl=NODE_TTL_S)
+                # Here, not at the first replica's open: two servers creating the replicated
+                # buckets at once while their replicas wait stalled one for 10 s on a fresh NATS.
+                assert self.snapshots is not None
+                self.snapshots.ensure()
                 break
             except Exception as err:
                 log.warning("cannot set up the cluster buckets yet: %s", err)

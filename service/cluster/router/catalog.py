@@ -81,6 +81,7 @@ class RemoteCatalog:
                 self.link.ensure_bucket(COLLECTIONS_BUCKET, self.config.stream_replicas)
                 self.link.ensure_bucket(NODES_BUCKET, self.config.stream_replicas, ttl=NODE_TTL_S)
                 self.link.ensure_bucket(ALIASES_BUCKET, self.config.stream_replicas)
+                self.snapshots.objects.ensure()  # the snapshot buckets too, before any replica needs them
                 break
             except Exception as err:
                 log.warning("cannot set up the cluster buckets yet: %s", err)
