@@ -78,6 +78,8 @@ class ReplicaState(NamedTuple):
     lag_records: int | None  # records of its log subject not yet applied; None until known
     caught_up: bool
     applied_seq: int
+    restores: int = 0  # bootstraps from a snapshot since the process started
+    snapshots: int = 0  # snapshots of its shard it stored since then
 
 
 @dataclass
@@ -418,12 +420,16 @@ class BraidCollector(Collector):
         lag: dict[tuple[str, ...], float] = {}
         caught_up: dict[tuple[str, ...], float] = {}
         applied: dict[tuple[str, ...], float] = {}
+        restores: dict[tuple[str, ...], float] = {}
+        snapshots: dict[tuple[str, ...], float] = {}
         for replica in list(self.sources.replicas()):
             key = (replica.collection, str(replica.shard))
             if replica.lag_records is not None:
                 lag[key] = replica.lag_records
             caught_up[key] = 1 if replica.caught_up else 0
             applied[key] = replica.applied_seq
+            restores[key] = replica.restores
+            snapshots[key] = replica.snapshots
         labels = ["collection", "shard"]
         yield _family(
             GaugeMetricFamily,
@@ -445,6 +451,20 @@ class BraidCollector(Collector):
             "The last log (stream) sequence the replica applied.",
             labels,
             applied,
+        )
+        yield _family(
+            CounterMetricFamily,
+            "braid_replica_restores",
+            "Times the replica was rebuilt from a snapshot (an empty, quarantined or trimmed-past directory).",
+            labels,
+            restores,
+        )
+        yield _family(
+            CounterMetricFamily,
+            "braid_replica_snapshots",
+            "Snapshots of the shard this replica stored in the object store (its schedule's, on demand, users').",
+            labels,
+            snapshots,
         )
 
     def _router(self) -> Iterator[Metric]:

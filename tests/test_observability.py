@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from braid.cluster.v1 import shard_pb2 as spb
+from braid.cluster.v1 import shard_pb2_grpc
 from braid.service.cli import build_parser
 from braid.service.client import BraidClient, dense_vector
 from braid.service.cluster.local import LocalCluster
@@ -388,6 +390,14 @@ def test_cluster_metrics(local_cluster: Callable[..., LocalCluster]) -> None:  #
             value(shard, "braid_rpc_requests_total", service="braid.cluster.v1.Shard", method="SearchCollection") == 1
         )
         assert value(shard, "braid_index_memory_bytes", collection="docs", field="emb", index="hnsw") > 0
+        assert value(shard, "braid_replica_restores_total", collection="docs") == 0  # nothing was rebuilt
+        with grpc.insecure_channel(cluster.address_of(cluster.shards[0])) as channel:
+            stub = shard_pb2_grpc.ShardStub(channel)
+            replica = next(r for r in stub.Status(spb.StatusRequest(), timeout=10).replicas if r.replica.shard == 0)
+            stub.Snapshot(spb.SnapshotRequest(replica=replica.replica), timeout=60)
+        snapped = scrape(shard_port)
+        assert value(snapped, "braid_replica_snapshots_total", collection="docs", shard="0") == 1
+        assert value(snapped, "braid_replica_snapshots_total", collection="docs", shard="1") == 0
 
         routed = scrape(router_port)
         assert value(routed, "braid_rpc_requests_total", service="braid.v1.Braid", method="Upsert", code="OK") == 1

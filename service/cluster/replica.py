@@ -216,6 +216,7 @@ class Replica:
         self.lag_records: int | None = None  # records of the subject not applied yet (None: not known yet)
         self.restored_from: str | None = None  # the snapshot object the last bootstrap restored
         self.restores = 0  # bootstraps from a snapshot since the process started
+        self.snapshots_taken = 0  # snapshots of the shard this replica stored (its own and users') since then
         self.restore_failure: BraidError | None = None  # why the user snapshot it restores cannot be laid in
         self._stop = threading.Event()
         self._quarantined = False  # a corrupt directory was moved aside once (_quarantine)
@@ -593,6 +594,7 @@ class Replica:
                 )
                 stored = self.snapshots.put_dir(name, scratch / "snap", arcroot="snapshot")
                 self.snapshots.get_dir(name, scratch / "check")  # read back intact before the log is trimmed
+                self.snapshots_taken += 1
                 if object_name:
                     log.info("%s: user snapshot %s at log sequence %d (%d bytes)", self.what, name, seq, stored.bytes)
                     return StoredObject(name, stored.bytes, time.time(), entry)

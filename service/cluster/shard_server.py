@@ -400,7 +400,9 @@ class ShardServer:
 
     def _replica_states(self) -> list[ReplicaState]:
         return [
-            ReplicaState(r.meta.name, r.number, r.lag_records, r.caught_up.is_set(), r.applied_seq)
+            ReplicaState(
+                r.meta.name, r.number, r.lag_records, r.caught_up.is_set(), r.applied_seq, r.restores, r.snapshots_taken
+            )
             for r in list(self.replicas.values())
         ]
 
