@@ -32,7 +32,7 @@ from tests.clusterkit import cluster_link, damage_object, local_cluster, print_l
 from tests.conftest import start_in_process, stop_in_process, wait_for
 
 from .test_cluster_faults import ShardServerView
-from .test_snapshots import ADMIN_KEY, WRITE_KEY, _keys_file, answers, change, code, doc, load
+from .test_snapshots import ADMIN_KEY, WRITE_KEY, _keys_file, answers, change, code, doc, full_schema, load
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 TIMEOUT_S = 120.0  # every call's deadline: a loaded 2-core machine runs 2 shard servers and NATS
@@ -88,6 +88,14 @@ def test_a_snapshot_round_trips_through_the_router(local_cluster, tmp_path: Path
             assert code(lambda: writer.list_snapshots())[0] == grpc.StatusCode.PERMISSION_DENIED
         finally:
             writer.close()
+
+        # The restored collection keeps the snapshotted one's replication factor (not the default 2).
+        client.create_collection("solo", full_schema(False), shards=1, replication_factor=1)
+        client.upsert("solo", [doc(i) for i in range(5)])
+        solo = client.create_snapshot("solo")
+        again = client.restore_snapshot(solo.name, "solo-back")
+        assert (again.replication_factor, again.documents) == (1, 5)
+        client.delete_snapshot(solo.name)
 
         client.delete_snapshot(info.name)
         assert client.list_snapshots() == []

@@ -261,10 +261,13 @@ class RemoteCatalog:
         except BraidError as err:
             log.warning("a failed restore left collection %r (uid %s): %s", name, uid, err)
 
-    def restore(self, name: str, schema: Schema, shards: int, snapshot_name: str, replace: bool) -> RemoteCollection:
-        """Collection ``name`` restored from user snapshot ``snapshot_name`` (router/snapshots.py). A
-        collection of that name is AlreadyExists unless ``replace``: then it is deleted first (a
-        delete refuses while aliases point at it; an alias swap is the atomic way to replace)."""
+    def restore(
+        self, name: str, schema: Schema, shards: int, snapshot_name: str, replace: bool, replication_factor: int = 0
+    ) -> RemoteCollection:
+        """Collection ``name`` restored from user snapshot ``snapshot_name`` (router/snapshots.py), with
+        the snapshotted collection's ``replication_factor`` while enough shard servers are live (else
+        the default). A collection of that name is AlreadyExists unless ``replace``: then it is deleted
+        first (a delete refuses while aliases point at it; an alias swap is the atomic way to replace)."""
         self._ready()
         validate_collection_name(name)
         if name in self.state.metas or self._read_collection(name) is not None:
@@ -274,7 +277,17 @@ class RemoteCatalog:
                     f"or pass replace to delete it first"
                 )
             self.delete(name)
-        return self.create(name, schema, shards, 0, restore_from=snapshot_name)
+        live = len(self.state.live_nodes())
+        if replication_factor > live:
+            log.warning(
+                "restoring %s: replication factor %d of the snapshot exceeds the %d live shard servers; "
+                "using the default",
+                name,
+                replication_factor,
+                live,
+            )
+            replication_factor = 0
+        return self.create(name, schema, shards, replication_factor, restore_from=snapshot_name)
 
     # --------------------------------------------------------------- snapshots
 

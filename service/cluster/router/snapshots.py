@@ -73,7 +73,10 @@ log = logging.getLogger("braid.router.snapshots")
 SCRATCH = "snapshot-scratch"
 STATUS_TIMEOUT_S = 2.0  # a shard server's Status while a restore is waited for
 # The collection manifest's keys taken from a standalone SNAPSHOT.json (import), and given to one (export).
-_INFO_KEYS = ("name", "collection", "schema", "shard_count", "created_at", "collection_created_at", "braid_version")
+_INFO_KEYS = (
+    "name", "collection", "schema", "shard_count", "replication_factor", "created_at", "collection_created_at",
+    "braid_version",
+)  # fmt: skip
 
 
 def parse_manifest(name: str, raw: bytes) -> dict[str, Any]:
@@ -242,6 +245,7 @@ class RouterSnapshots:
                 "collection": meta.name,
                 "schema": meta.schema,
                 "shard_count": meta.shards,
+                "replication_factor": meta.replication_factor,
                 "created_at": time.time(),
                 "collection_created_at": meta.created_at,
                 "shards": entries,
@@ -301,7 +305,8 @@ class RouterSnapshots:
             if shard_object not in stored:
                 raise DataLoss(f"snapshot {name!r}: object {shard_object!r} is missing from the object store")
         schema = Schema.from_json(manifest["schema"])
-        restored = self.catalog.restore(collection, schema, len(entries), name, replace)
+        factor = int(manifest.get("replication_factor") or 0)  # absent in a standalone server's snapshot
+        restored = self.catalog.restore(collection, schema, len(entries), name, replace, factor)
         log.info("restored snapshot %s as collection %s (uid %s)", name, collection, restored.meta.uid)
         return restored
 
