@@ -335,14 +335,21 @@ class BraidHandlers:
         reading is ended like a silent stream (``stream_idle_timeout_s``)."""
         pieces = None
         pending: asyncio.Future | None = None
+        opening: asyncio.Future | None = None
         try:
             check_decoded(request)
             principal = self._authorize(context, "ExportSnapshot", ())
             visible = principal.allows if principal is not None else None
             with self.admission.stream(context.peer()):
-                pieces = await self.admission.run(
-                    functools.partial(self.rpcs.ExportSnapshot, request, visible), deadline_of(context)
+                opening = asyncio.ensure_future(
+                    self.admission.run(
+                        functools.partial(self.rpcs.ExportSnapshot, request, visible), deadline_of(context)
+                    )
                 )
+                # Shielded too: opening may take long (a router downloads every shard first), and an
+                # archive opened after the client went away must still be closed (its scratch copy).
+                pieces = await asyncio.shield(opening)
+                opening = None
                 while True:
                     pending = asyncio.ensure_future(self.admission.run(functools.partial(next, pieces, None)))
                     # Shielded: a cancelled call leaves the read to finish, then the archive is closed.
@@ -363,6 +370,8 @@ class BraidHandlers:
         except BaseException as err:
             failure = err
         finally:
+            if opening is not None:
+                opening.add_done_callback(_close_opened)
             _close_when_done(pieces, pending)
         await self._abort(context, failure)
 
@@ -393,6 +402,12 @@ class BraidHandlers:
             if upload is not None:
                 upload.close()  # an unlink: waits at most for one piece's write
         await self._abort(context, failure)
+
+
+def _close_opened(opening: asyncio.Future) -> None:
+    """Close the archive an export opened after its call ended (cancelled, or refused meanwhile)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def _close_when_done(pieces: Any, pending: asyncio.Future | None) -> None:

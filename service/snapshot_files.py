@@ -34,21 +34,44 @@ from braid.index.manifest import fsync_dir
 CHUNK_BYTES = 1 << 20
 
 
-def rechunk(pieces: Iterator[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+def rechunk(pieces: Iterator[bytes], size: int = CHUNK_BYTES) -> Rechunked:
     """``pieces`` joined and cut again into ``size`` bytes each (the last one shorter): a tar
-    stream's headers and paddings are 512 bytes, too small to be messages of their own.
-    Closing this generator closes ``pieces`` (an export's open file)."""
-    buffer = bytearray()
-    try:
-        for piece in pieces:
-            buffer += piece
-            while len(buffer) >= size:
-                yield bytes(buffer[:size])
-                del buffer[:size]
-        if buffer:
-            yield bytes(buffer)
-    finally:
-        close = getattr(pieces, "close", None)
+    stream's headers and paddings are 512 bytes, too small to be messages of their own."""
+    return Rechunked(pieces, size)
+
+
+class Rechunked:
+    """The iterator ``rechunk`` returns. ``close`` closes ``pieces`` (an export's open file, a
+    router's scratch copy) even before the first piece was asked for, which a generator's close
+    would not (its ``finally`` never ran)."""
+
+    def __init__(self, pieces: Iterator[bytes], size: int) -> None:
+        self._pieces = iter(pieces)
+        self._source = pieces
+        self._size = size
+        self._buffer = bytearray()
+        self._done = False
+
+    def __iter__(self) -> Rechunked:
+        return self
+
+    def __next__(self) -> bytes:
+        size, buffer = self._size, self._buffer
+        while not self._done and len(buffer) < size:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._done = True
+                self.close()
+            else:
+                buffer += piece
+        if not buffer:
+            raise StopIteration
+        out = bytes(buffer[:size])
+        del buffer[:size]
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
         if close is not None:
             close()
 

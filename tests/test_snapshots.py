@@ -628,3 +628,31 @@ def test_snapshots_need_the_admin_role_and_stay_in_a_scoped_keys_collections(
         assert foreign.name not in {s.name for s in client.list_snapshots()}
         assert scoped.restore_snapshot(theirs.name, "tenant2").documents == 55
     assert not (tmp_path / "stolen.tar").exists()
+
+
+def test_an_export_closed_before_its_first_piece_closes_its_source() -> None:
+    """An export a client cancelled before reading anything still releases what it opened (a
+    router's scratch copy of every shard): the rechunking iterator closes its source even when
+    no piece was asked for, and once the source is exhausted."""
+    from braid.service.snapshot_files import rechunk
+
+    class Source:
+        def __init__(self) -> None:
+            self.closed = 0
+            self.pieces = iter([b"a" * 700, b"b" * 700, b"c" * 100])
+
+        def __iter__(self) -> Source:
+            return self
+
+        def __next__(self) -> bytes:
+            return next(self.pieces)
+
+        def close(self) -> None:
+            self.closed += 1
+
+    unread = Source()
+    rechunk(unread, 512).close()
+    assert unread.closed == 1
+    read = Source()
+    assert [len(piece) for piece in rechunk(read, 512)] == [512, 512, 476]
+    assert read.closed >= 1
