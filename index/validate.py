@@ -212,29 +212,6 @@ def check_spann_knobs(spec: DenseFieldSpec, max_lists: int, eps: float | None, w
         raise InvalidArgument.field(f"{where}.eps", f"must be in 0..{MAX_EPS:g}, got {eps}")
 
 
-def check_dense_query(
-    schema: Schema,
-    limits: Limits,
-    field: str,
-    vector: np.ndarray,
-    limit: int,
-    ef: int,
-    where: str = "",
-    max_lists: int = 0,
-    eps: float | None = None,
-) -> None:
-    """The checks check_plan makes, for one plain dense query (a collection's and a router's)."""
-    spec = schema.dense(field)
-    if spec is None:
-        raise unknown_field(f"{where}queries[0].dense.field", "dense", [f.name for f in schema.dense_fields], field)
-    check_dense(vector, spec.dim, f"{where}queries[0].dense.vector")
-    if not 1 <= limit <= limits.max_limit:
-        raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{limits.max_limit}")
-    if ef > MAX_EF:
-        raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
-    check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
-
-
 class ChecksDense:
     """``check_dense`` for what has a ``schema`` and ``limits``: a standalone collection and a
     router's (service/rpcs.py checks a plain dense query through it before the batched path)."""
@@ -253,7 +230,16 @@ class ChecksDense:
         eps: float | None = None,
     ) -> None:
         """The checks check_plan makes, for one plain dense query."""
-        check_dense_query(self.schema, self.limits, field, vector, limit, ef, where, max_lists, eps)
+        spec = self.schema.dense(field)
+        if spec is None:
+            declared = [f.name for f in self.schema.dense_fields]
+            raise unknown_field(f"{where}queries[0].dense.field", "dense", declared, field)
+        check_dense(vector, spec.dim, f"{where}queries[0].dense.vector")
+        if not 1 <= limit <= self.limits.max_limit:
+            raise ResourceExhausted(f"{where}limit: {limit} must be in 1..{self.limits.max_limit}")
+        if ef > MAX_EF:
+            raise ResourceExhausted(f"{where}queries[0].dense.ef: {ef} exceeds the maximum of {MAX_EF}")
+        check_spann_knobs(spec, max_lists, eps, f"{where}queries[0].dense")
 
 
 def unknown_field(where: str, kind: str, declared: list[str], name: str | None = None) -> InvalidArgument:
