@@ -406,6 +406,10 @@ class Replica:
             if shard is not None:
                 shard.close()
         log.warning("%s: %s", self.what, err)
+        self._drop_directory()
+
+    def _drop_directory(self) -> None:
+        """Remove the replica's directory (renamed aside first, so a crash never leaves half of it)."""
         if self.directory.exists():
             doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
             self.directory.rename(doomed)
@@ -459,16 +463,7 @@ class Replica:
             if manifest.get("uid") != self.meta.uid or [int(e.get("shard", -1)) for e in entries] != [self.number]:
                 log.warning("%s: snapshot %s holds another shard (%r); not restored", self.what, obj.name, entries)
                 return False
-            staged = scratch / "shard"
-            snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=True)
-            if self.directory.exists():  # no checkpoint in it: nothing the snapshot and the log do not hold
-                doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
-                self.directory.rename(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-            staged.rename(self.directory)
-            fsync_dir(self.directory.parent)
-            self.restored_from = obj.name
-            self.restores += 1
+            self._lay_in(top, scratch, obj.name, keep_seq=True)
             self._newest = (obj.seq, obj.mtime or time.time())
             self._own_snapshot = True
             log.info(
@@ -503,17 +498,7 @@ class Replica:
             entries = manifest["shards"]
             if [int(e.get("shard", -1)) for e in entries] != [self.number]:
                 raise RestoreFailed(DataLoss(f"snapshot object {name!r} holds shards {entries!r}, not {self.number}"))
-            staged = scratch / "shard"
-            snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=False)
-            if self.directory.exists():  # no checkpoint in it: nothing of this incarnation yet
-                doomed = self.directory.with_name(f".behind-{self.directory.name}-{uuid.uuid4().hex[:8]}")
-                self.directory.rename(doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            staged.rename(self.directory)
-            fsync_dir(self.directory.parent)
-            self.restored_from = name
-            self.restores += 1
+            self._lay_in(top, scratch, name, keep_seq=False)
             log.info(
                 "%s restored user snapshot %s (%d documents); following the new log from sequence 1",
                 self.what,
@@ -523,6 +508,19 @@ class Replica:
             return True
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _lay_in(self, top: Path, scratch: Path, name: str, keep_seq: bool) -> None:
+        """Lay the shard of the snapshot unpacked at ``top`` (object ``name``) into the replica's
+        directory: staged in ``scratch``, then renamed into place over a checkpoint-less directory
+        (it holds nothing the snapshot and the log do not: no checkpoint of this incarnation)."""
+        staged = scratch / "shard"
+        snapshot.restore_shard(top / snapshot.SHARD_DIR.format(self.number), staged, keep_seq=keep_seq)
+        self._drop_directory()
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(self.directory)
+        fsync_dir(self.directory.parent)
+        self.restored_from = name
+        self.restores += 1
 
     def newest_snapshot(self, refresh_s: float = 0.0) -> tuple[int, float]:
         """(log sequence, unix time) of the shard's newest snapshot; (0, the replica's start) when
