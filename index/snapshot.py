@@ -310,14 +310,12 @@ def extract_tar(archive: Path, into: Path) -> Path:
     return into / top
 
 
-def summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a listing shows of a snapshot manifest."""
-    return {
-        "name": manifest.get("name"),
-        "collection": manifest.get("collection"),
-        "created_at": manifest.get("created_at"),
-        "bytes": manifest.get("bytes"),
-        "documents": sum(int(s.get("documents", 0)) for s in manifest.get("shards", [])),
-        "shards": [{k: s.get(k) for k in ("shard", "wal_seq", "documents")} for s in manifest.get("shards", [])],
-        "format": manifest.get("format"),
-    }
+def unpack(archive: Path, into: Path) -> tuple[Path, dict[str, Any]]:
+    """Extract a snapshot tar into the new directory ``into`` and verify it: (its top directory, its
+    manifest). InvalidArgument for what is no snapshot archive, DataLoss for a bad file or a
+    manifest naming another snapshot than its directory."""
+    top = extract_tar(archive, into)
+    manifest = verify(top)
+    if manifest.get("name") != top.name:
+        raise DataLoss(f"{top.name}/{MANIFEST}: names snapshot {manifest.get('name')!r}")
+    return top, manifest

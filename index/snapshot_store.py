@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from . import snapshot
 from .diskspace import FreeSpace, is_disk_full
-from .errors import AlreadyExists, BraidError, DataLoss, DiskFull, NotFound
+from .errors import AlreadyExists, BraidError, DiskFull, NotFound
 from .manifest import fsync_dir
 
 log = logging.getLogger("braid.snapshots")
@@ -143,10 +143,7 @@ class SnapshotStore:
         staging = self.root / f".importing-{uuid.uuid4().hex[:8]}"
         try:
             self._space.check(archive.stat().st_size)  # unpacked, it takes about as much again
-            top = snapshot.extract_tar(archive, staging)
-            manifest = snapshot.verify(top)
-            if manifest.get("name") != top.name:
-                raise DataLoss(f"{top.name}/{snapshot.MANIFEST}: names snapshot {manifest.get('name')!r}")
+            top, manifest = snapshot.unpack(archive, staging)
             if admit is not None:
                 admit(manifest)
             with self._lock:

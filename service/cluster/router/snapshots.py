@@ -351,11 +351,8 @@ class RouterSnapshots:
         scratch = scratch_dir(self.scratch, ".import-")
         try:
             self._space.check(0)
-            top = snapshot.extract_tar(archive, scratch / "archive")
-            source = snapshot.verify(top)
+            top, source = snapshot.unpack(archive, scratch / "archive")
             name = top.name
-            if source.get("name") != name:
-                raise DataLoss(f"{name}/{snapshot.MANIFEST}: names snapshot {source.get('name')!r}")
             if admit is not None:
                 admit(source)
             entries = _check_shards(name, source)
