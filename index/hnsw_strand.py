@@ -27,13 +27,10 @@ Two background threads per strand, each alive only while it has work:
   before they log anything or take a lock, while more than MAX_PENDING_ROWS rows are
   frozen or more than MAX_GRAPHS graphs wait for the merger: ingest slows to what the
   threads build, and a search scans and walks a bounded number of parts.
-* the **merger** keeps the graph count small, as an LSM tree does: TIER_FANOUT adjacent
-  graphs of one size tier (tier t: live rows in [TIER_UNIT x 4^t, TIER_UNIT x 4^(t+1))) are
-  rebuilt into one; a graph whose deletes reach TOMBSTONE_RATIO is rebuilt alone; and
-  once neither a seal nor a write came for IDLE_MERGE_S, every graph is rebuilt into one
-  (when the graphs besides the largest hold IDLE_MERGE_SHARE of the live rows), so a strand
-  that was loaded and then queried is searched as one graph; a steady trickle of writes
-  (a seal a minute) keeps the tiers instead of rebuilding the whole field after each seal. It builds in chunks and stops
+* the **merger** keeps the graph count small, as an LSM tree does (its policy: index/hnsw_tiers.py):
+  adjacent graphs of one size tier are rebuilt into one, a graph with many deletes alone, and
+  once neither a seal nor a write came for IDLE_MERGE_S, every graph into one when that
+  pays, so a strand that was loaded and then queried is searched as one graph. It builds in chunks and stops
   between them when the strand closes. The merged graph replaces its inputs under the
   write lock.
 
@@ -75,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -85,7 +81,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from . import durable, hnsw_plan, hnswfile
+from . import durable, hnsw_plan, hnsw_tiers, hnswfile
 from .dense import hnsw_memory_bytes, score_rows
 from .errors import DataLoss
 from .hnsw_parts import EMPTY, PAD, SPACES, Block, Graph, Hit, Hits, best, best_exact, inside, mark, unpadded, walk
@@ -100,13 +96,8 @@ log = logging.getLogger("braid.hnsw")
 FORMAT_VERSION = 1
 SEAL_ROWS = 1024  # a growing block this full is frozen; every search scans it (384 dims: ~0.1 ms)
 MAX_PENDING_ROWS = 16 * SEAL_ROWS  # writers wait while more rows than this are frozen
-TIER_UNIT = 8 * SEAL_ROWS  # graphs below 4 x this many live rows are tier 0
-TIER_FACTOR = 4
-TIER_FANOUT = 4  # this many adjacent graphs of one tier are merged into one
 MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
-TOMBSTONE_RATIO = 0.25  # a graph with this share of its labels deleted is rebuilt from its live vectors
-IDLE_MERGE_S = 5.0  # after this long without a seal or a write, every graph is merged into one ...
-IDLE_MERGE_SHARE = 0.1  # ... when the graphs besides the largest hold this share of the live rows
+IDLE_MERGE_S = 5.0  # after this long without a seal or a write, every graph may be merged into one
 BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
 COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384 dims)
 # Background builds leave a core to searches: on every core they would slow searches by the
@@ -435,8 +426,8 @@ class HnswStrand(HoldsLabels):
                     self._merger = None
                     self._cond.notify_all()
                     return
-                plan = _plan(self._graphs)
-                if plan is None and _worth_one_graph(self._graphs):
+                plan = hnsw_tiers.next_merge(self._graphs)
+                if plan is None and hnsw_tiers.worth_one_graph(self._graphs):
                     idle = IDLE_MERGE_S - (time.monotonic() - max(self._last_seal, self._last_write))
                     if idle > 0 or self._sealer is not None:  # not yet quiet: look again then
                         self._cond.wait(max(idle, 0.05))
@@ -660,34 +651,6 @@ class HnswStrand(HoldsLabels):
         graph = Graph(index, labels, vectors)
         graph.dead = int(np.count_nonzero(~live))
         return graph
-
-
-def _plan(graphs: tuple[Graph, ...]) -> tuple[int, int] | None:
-    """The next merge (graphs[start:end]) the tier policy wants, or None."""
-    for i, graph in enumerate(graphs):
-        if graph.dead and graph.dead >= TOMBSTONE_RATIO * len(graph.labels):
-            return i, i + 1
-    tiers = [_tier(graph.live) for graph in graphs]
-    for tier in sorted(set(tiers)):
-        run = 0
-        for i, t in enumerate(tiers):
-            run = run + 1 if t == tier else 0
-            if run == TIER_FANOUT:
-                return i + 1 - TIER_FANOUT, i + 1
-    return None
-
-
-def _worth_one_graph(graphs: tuple[Graph, ...]) -> bool:
-    """Whether merging every graph into one pays: a trickle of writes must not rebuild a big graph
-    for every small one it seals (the tiers bound those)."""
-    if len(graphs) < 2:
-        return False
-    lives = [graph.live for graph in graphs]
-    return sum(lives) - max(lives) >= IDLE_MERGE_SHARE * sum(lives)
-
-
-def _tier(rows: int) -> int:
-    return max(0, int(math.log(max(rows, 1) / TIER_UNIT, TIER_FACTOR))) if rows >= TIER_UNIT else 0
 
 
 def _thread(target: Callable[[], None], name: str) -> threading.Thread:

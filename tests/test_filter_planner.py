@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from braid.index import hnsw_plan, hnsw_strand
+from braid.index import hnsw_plan, hnsw_strand, hnsw_tiers
 from braid.index.filters import Filter, Match, Range
 from braid.index.hnsw_views import Views
 from braid.index.records import DocumentWrite
@@ -40,7 +40,7 @@ N = 4000
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hnsw_strand, "SEAL_ROWS", 256)
     monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 1024)
-    monkeypatch.setattr(hnsw_strand, "TIER_UNIT", 512)
+    monkeypatch.setattr(hnsw_tiers, "TIER_UNIT", 512)
     monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 0.1)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from braid.index import hnsw_plan, hnsw_strand
+from braid.index import hnsw_plan, hnsw_strand, hnsw_tiers
 from braid.index.hnsw_strand import HnswStrand
 from braid.index.locks import ReadWriteLock
 from braid.index.schema import DenseFieldSpec, HnswParams, Metric
@@ -29,7 +29,7 @@ N = 2600
 def held_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hnsw_strand, "SEAL_ROWS", 128)
     monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 10**6)  # writers never wait for the sealer
-    monkeypatch.setattr(hnsw_strand, "TIER_FANOUT", 100)  # no tier merge ...
+    monkeypatch.setattr(hnsw_tiers, "TIER_FANOUT", 100)  # no tier merge ...
     monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 1e6)  # ... and no idle merge: several graphs stay
 
 

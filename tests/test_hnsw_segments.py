@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from braid.index import hnsw_strand
+from braid.index import hnsw_strand, hnsw_tiers
 from braid.index.hnsw_strand import HnswStrand
 from braid.index.locks import ReadWriteLock
 from braid.index.records import DocumentWrite
@@ -39,7 +39,7 @@ DIM = 16
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hnsw_strand, "SEAL_ROWS", 64)
     monkeypatch.setattr(hnsw_strand, "MAX_PENDING_ROWS", 256)
-    monkeypatch.setattr(hnsw_strand, "TIER_UNIT", 256)
+    monkeypatch.setattr(hnsw_tiers, "TIER_UNIT", 256)
     monkeypatch.setattr(hnsw_strand, "IDLE_MERGE_S", 0.2)
 
 
@@ -122,7 +122,7 @@ def test_every_state_answers_as_brute_force(small_blocks: None, metric: Metric) 
     check("after the merges")
     assert fill.strand.wait_merged(60, settled=True)
     graphs = fill.strand._graphs  # quiet: one graph, or a big one and small ones not worth a rebuild
-    assert len(graphs) == 1 or not hnsw_strand._worth_one_graph(graphs), [g.live for g in graphs]
+    assert len(graphs) == 1 or not hnsw_tiers.worth_one_graph(graphs), [g.live for g in graphs]
     check("after the idle merge")
     fill.remove(np.flatnonzero(fill.live)[::2].tolist())  # half of every graph: they are compacted
     fill.add(200)
@@ -211,7 +211,7 @@ def test_merges_keep_the_graph_count_small(small_blocks: None) -> None:
     assert fill.strand.wait_merged(60, settled=True)
     segments = fill.strand.segments()
     graphs = fill.strand._graphs
-    assert len(graphs) == 1 or not hnsw_strand._worth_one_graph(graphs), [g.live for g in graphs]
+    assert len(graphs) == 1 or not hnsw_tiers.worth_one_graph(graphs), [g.live for g in graphs]
     assert segments["sealed"] + segments["growing"] == 8000 and segments["dead"] == segments["frozen"] == 0
     assert most <= 3 * 4 + 2, f"{most} graphs at once"  # (fanout - 1) per tier, three tiers, a seal or two
     fill.strand.close()
@@ -229,7 +229,7 @@ def test_a_trickle_of_writes_keeps_the_tiers_and_a_pause_merges_them(
         fill.add(64)
         _wait_for(lambda: fill.strand.segments()["frozen"] == 0, 60)
         assert fill.strand.segments()["graphs"] == graphs
-    assert hnsw_strand._worth_one_graph(fill.strand._graphs)
+    assert hnsw_tiers.worth_one_graph(fill.strand._graphs)
     pace, began = threading.Event(), time.monotonic()
     while time.monotonic() - began < 6.0:  # 1 row every 0.1 s (the growing block never fills)
         fill.add(1)
