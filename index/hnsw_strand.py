@@ -88,6 +88,7 @@ from .hnsw_parts import EMPTY, PAD, SPACES, Block, Graph, Hit, Hits, best, best_
 from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
+from .pacing import background_priority
 from .schema import DenseFieldSpec, Metric
 from .stats import JobStats
 
@@ -654,7 +655,11 @@ class HnswStrand(HoldsLabels):
 
 
 def _thread(target: Callable[[], None], name: str) -> threading.Thread:
-    thread = threading.Thread(target=target, name=name, daemon=True)
+    def run() -> None:
+        background_priority()  # serving threads first (index/pacing.py)
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
 

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .locks import ReadWriteLock
+from .pacing import background_priority
 from .spann_strand import MergeJob, SpannStrand
 from .stats import JobStats
 
@@ -107,6 +108,7 @@ class Merger:
         return None
 
     def _run(self, first: tuple[str, SpannStrand, MergeJob]) -> None:
+        background_priority()  # serving threads first (index/pacing.py)
         try:
             job: tuple[str, SpannStrand, MergeJob] | None = first
             while job is not None:

@@ -49,7 +49,7 @@ SERVE_SETTINGS = (
     "max_query_bytes", "max_queue", "max_streams", "max_streams_per_peer", "stream_idle_timeout_s",
     "shutdown_grace_s", "tls_cert", "tls_key", "tls_client_ca", "api_keys", "reflection", "min_free_bytes",
     "checkpoint_log_bytes", "checkpoint_interval_s", "role", "nats", "node_id", "advertise", "nats_replicas",
-    "snapshot_interval_s", "snapshot_log_bytes",
+    "snapshot_interval_s", "snapshot_log_bytes", "write_share",
     "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_tls_server_name", "cluster_tls_cert",
     "cluster_tls_key", "cluster_tls_ca", "cluster_tls_server_name", "metrics_port", "health_port", "log_format",
     "slow_query_ms", "otlp_endpoint", "trace_sample_ratio",
@@ -61,12 +61,14 @@ def _serve(args: argparse.Namespace) -> int:
     # for the GIL gets it after the switch interval: 5 ms by default, which a search pays each time
     # it comes back from hnswlib or numpy while a bulk load runs Python; 0.5 ms bounds that.
     sys.setswitchinterval(0.0005)
-    from .memory import tune_malloc
+    from .memory import freeze_heap, tune_malloc
 
     tune_malloc()  # before the indexes load: service/memory.py
     from .config import load_config
     from .logs import configure_logging
     from .server import serve
+
+    freeze_heap()  # the imports' objects, out of the collector's full passes (service/memory.py)
 
     try:
         config = load_config(**{name: getattr(args, name) for name in SERVE_SETTINGS})
@@ -76,10 +78,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, logging.INFO)
 
     def ready(port: int) -> None:
+        freeze_heap()  # and what recovery built
         role = "" if config.role == "standalone" else f"{config.role}, nats {config.nats}, "
         print(f"braid: serving braid.v1.Braid on {config.host}:{port} ({role}data: {config.data_dir})", flush=True)
 
     def shard_ready(port: int) -> None:
+        freeze_heap()
         node = config.cluster_node_id
         print(
             f"braid: serving braid.cluster.v1.Shard on {config.host}:{port} (node {node}, nats {config.nats})",
@@ -420,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--min-free-bytes", type=int, help="refuse writes below this much free disk (256 MiB)")
     storage.add_argument("--checkpoint-log-bytes", type=int, help="checkpoint a shard after this much log (32 MiB)")
     storage.add_argument("--checkpoint-interval-s", type=float, help="or once its oldest write is this old (300)")
+    storage.add_argument(
+        "--write-share", type=float, help="while searches run, writes take at most this share of their time (0.5)"
+    )
     security = serve.add_argument_group("security (docs/security.md)")
     security.add_argument("--tls-cert", help="PEM server certificate chain (BRAID_TLS_CERT); TLS when given")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert (BRAID_TLS_KEY)")

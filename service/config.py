@@ -25,6 +25,7 @@ Precedence: command-line flag, then environment variable, then default.
 | min_free_bytes         | BRAID_MIN_FREE_BYTES         | 256 MiB           |
 | checkpoint_log_bytes   | BRAID_CHECKPOINT_LOG_BYTES   | 32 MiB            |
 | checkpoint_interval_s  | BRAID_CHECKPOINT_INTERVAL_S  | 300               |
+| write_share            | BRAID_WRITE_SHARE            | 0.5               |
 | models_dir             | BRAID_MODELS_DIR             | <data_dir>/models |
 | encoder_threads        | BRAID_ENCODER_THREADS        | 0 = one per CPU   |
 | encoder_max_batch      | BRAID_ENCODER_MAX_BATCH      | 32                |
@@ -125,7 +126,7 @@ _CLUSTER_ONLY = ("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "
 _CLUSTER_NAMES = ("cluster_tls_server_name", "nats_tls_server_name")  # strings: "" is unset
 _FLOATS = (
     "stream_idle_timeout_s", "shutdown_grace_s", "checkpoint_interval_s", "slow_query_ms", "trace_sample_ratio",
-    "snapshot_interval_s",
+    "snapshot_interval_s", "write_share",
 )  # fmt: skip
 LOG_FORMATS = ("text", "json")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -154,6 +155,7 @@ class ServerConfig:
     min_free_bytes: int = 256 * 1024 * 1024
     checkpoint_log_bytes: int = 32 * 1024 * 1024
     checkpoint_interval_s: float = 300.0
+    write_share: float = 0.5
     models_dir: Path | None = None
     encoder_threads: int = 0
     encoder_max_batch: int = 32
@@ -234,7 +236,11 @@ class ServerConfig:
             raise ValueError("need min_free_bytes >= 0, checkpoint_log_bytes >= 1 and checkpoint_interval_s > 0")
         if not self.snapshot_interval_s > 0 or self.snapshot_log_bytes < 1:
             raise ValueError("need snapshot_interval_s > 0 and snapshot_log_bytes >= 1")
-        storage = StoragePolicy(self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s)
+        if not 0 < self.write_share <= 1:
+            raise ValueError(f"write_share must be in (0, 1], got {self.write_share}")
+        storage = StoragePolicy(
+            self.min_free_bytes, self.checkpoint_log_bytes, self.checkpoint_interval_s, self.write_share
+        )
         object.__setattr__(self, "storage", storage)
 
     def _check_security_for_role(self) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import records
+from .. import pacing, records
 from ..diskspace import FreeSpace
 from ..errors import BraidError, FailedPrecondition, Unavailable
 from ..filters import Filter
@@ -314,11 +314,14 @@ class Shard(ReadsMixin, FollowerMixin, ReopenMixin, CheckpointMixin):
         """Log, then prepare, commit and apply in sequence order; see the package docstring."""
         if self._external:
             raise FailedPrecondition(f"shard {self.number} follows a replicated log; write through the router")
+        started = time.monotonic()
         with self._gate:  # a close waits for this write to finish, or refuses it before it starts
             if self._disk.failed_disk_full:
                 self._reopen_if_room()
             with self._write_path.read():
-                return self._write_admitted(kind, payload)
+                result = self._write_admitted(kind, payload)
+        pacing.rest_after(started, self.policy.write_share)  # durable and visible already; no lock held
+        return result
 
     def _write_admitted(self, kind: int, payload: bytes) -> int:
         if self._disk.failed:
@@ -418,6 +421,7 @@ class _ReadGuard:
 
     def __enter__(self) -> None:
         shard = self._shard
+        pacing.READS.stamp()
         shard._lock.acquire_read()
         if shard._closed:  # close sets it under the write lock: no reader sees a half-closed shard
             shard._lock.release_read()
