@@ -144,6 +144,7 @@ class Catalog:
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or Limits()
         self.policy = policy or StoragePolicy()
+        self.write_share = self.policy.write_share  # read by the server's upserts (index/pacing.py)
         self._executor = ThreadPoolExecutor(max_workers=search_threads, thread_name_prefix="braid-shard")
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}

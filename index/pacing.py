@@ -6,8 +6,9 @@ BulkUpsert and its builds take both cores of a small machine and every search wa
 (docs/benchmarks.md, "Real load"). Two rules here:
 
 - **Writes rest while searches run.** Every read a shard serves stamps ``READS`` (one float
-  store, no lock). A write that finds a read within ``RECENT_S`` of its end rests, holding no
-  lock, for ``elapsed * (1 / share - 1)``: while searches run, writers get at most ``share``
+  store, no lock). An upsert batch that finds a read within ``RECENT_S`` of its end rests,
+  holding no lock, for ``elapsed * (1 / share - 1)`` (service/rpcs.py: the batch's decoding,
+  encoders and shard writes all count): while searches run, writers get at most ``share``
   of the time they would take alone (``StoragePolicy.write_share``; 1 turns it off). A node
   that only ingests never rests, and a rest is bounded by ``MAX_REST_S``.
 - **Background builds run at a lower CPU priority** (``BUILD_NICE``): HNSW seals and merges
@@ -43,6 +44,7 @@ class _Reads:
 
 
 READS = _Reads()
+_sleep = time.sleep  # tests record the rests instead of taking them
 
 
 def rest_for(started: float, now: float, last_read: float, share: float) -> float:
@@ -57,7 +59,7 @@ def rest_after(started: float, share: float) -> None:
     """Rest after a write that began at ``started`` (time.monotonic()), if searches ran meanwhile."""
     rest = rest_for(started, time.monotonic(), READS.last, share)
     if rest > 0:
-        time.sleep(rest)
+        _sleep(rest)
 
 
 def background_priority() -> None:

@@ -20,7 +20,7 @@ class StoragePolicy:
     # checkpoint, or once its oldest unchecked-pointed write is this old: bounds replay on restart.
     checkpoint_log_bytes: int = 32 * 1024 * 1024
     checkpoint_interval_s: float = 300.0
-    # While searches run, writes take at most this share of the time they would take alone:
-    # each write rests for its own time x (1 / share - 1) when a read was served meanwhile
-    # (index/pacing.py). 1 turns it off.
+    # While searches run, upserts take at most this share of the time they would take alone:
+    # each batch rests for its own time x (1 / share - 1) when a read was served meanwhile
+    # (index/pacing.py; the server applies it). 1 turns it off.
     write_share: float = 0.5

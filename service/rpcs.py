@@ -9,11 +9,13 @@ worker), ImportSnapshot writes through ``import_upload``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from braid.index import pacing
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import (
@@ -176,10 +178,14 @@ class BraidRpcs:
     def upsert(self, request: pb.UpsertRequest, name: str | None = None) -> int:
         """One batch: validate, encode, apply; returns the documents upserted (into ``name``
         when given: a stream's alias resolved once)."""
+        started = time.monotonic()
         collection = self.catalog.get(name or request.collection)
         docs = convert.documents_from_proto(request.documents)
         self.encoding.fill_documents(collection.schema, docs)
-        return collection.upsert(docs, request.ack)
+        upserted = collection.upsert(docs, request.ack)
+        # Durable and visible already: the rest holds no lock, and paces this client's next batch.
+        pacing.rest_after(started, self.catalog.write_share)
+        return upserted
 
     def stream_writer(self) -> Any:
         """What a BulkUpsert stream writes through: ``upsert(batch)`` per message, ``finish()`` at its end.

@@ -110,3 +110,19 @@ def test_the_heap_is_frozen_once_frozen():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.strip()) > 10_000  # the imported modules' objects
+
+
+def test_an_upsert_rests_after_a_search_and_not_without_one(braid, monkeypatch):
+    """Through the server: an Upsert that follows a Search rests, one with no search lately does
+    not; the write is there either way. The rests are recorded, not taken."""
+    rests: list[float] = []
+    monkeypatch.setattr(pacing, "_sleep", rests.append)
+    client = braid.client
+    client.create_collection("w", schema(dim=2, sparse=False))
+    monkeypatch.setattr(pacing.READS, "last", -1e9)
+    client.upsert("w", [{"id": "a", "dense": {"emb": [1.0, 0.0]}}])
+    assert rests == []
+    client.search("w", dense=("emb", [1.0, 0.0]), limit=1)
+    client.upsert("w", [{"id": "b", "dense": {"emb": [0.0, 1.0]}}])
+    assert len(rests) == 1 and 0 < rests[0] <= pacing.MAX_REST_S
+    assert [d.id for d in client.get("w", ["b"])] == ["b"]

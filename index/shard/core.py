@@ -314,14 +314,11 @@ class Shard(ReadsMixin, FollowerMixin, ReopenMixin, CheckpointMixin):
         """Log, then prepare, commit and apply in sequence order; see the package docstring."""
         if self._external:
             raise FailedPrecondition(f"shard {self.number} follows a replicated log; write through the router")
-        started = time.monotonic()
         with self._gate:  # a close waits for this write to finish, or refuses it before it starts
             if self._disk.failed_disk_full:
                 self._reopen_if_room()
             with self._write_path.read():
-                result = self._write_admitted(kind, payload)
-        pacing.rest_after(started, self.policy.write_share)  # durable and visible already; no lock held
-        return result
+                return self._write_admitted(kind, payload)
 
     def _write_admitted(self, kind: int, payload: bytes) -> int:
         if self._disk.failed:

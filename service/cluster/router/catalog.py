@@ -59,6 +59,9 @@ class RemoteCatalog:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # A router serves no reads of its own, so its writes never rest (index/pacing.py); the
+        # shard servers' replicas apply the log as it comes.
+        self.write_share = 1.0
         self.limits: Limits = config.limits
         self.recovery = Recovery()
         # First: a bad internal TLS file stops the router before it connects to anything.
