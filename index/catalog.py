@@ -144,7 +144,6 @@ class Catalog:
         self.root.mkdir(parents=True, exist_ok=True)
         self.limits = limits or Limits()
         self.policy = policy or StoragePolicy()
-        self.write_share = self.policy.write_share  # read by the server's upserts (index/pacing.py)
         self._executor = ThreadPoolExecutor(max_workers=search_threads, thread_name_prefix="braid-shard")
         self._lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
@@ -252,6 +251,11 @@ class Catalog:
             with self._staged("creating", meta) as staging:
                 self._open(staging, meta).close()  # a collection that cannot open is never published
                 return self._publish(staging, meta)
+
+    @property
+    def write_share(self) -> float:
+        """The share of their time upserts may take while searches run (index/pacing.py)."""
+        return self.policy.write_share
 
     def get(self, name: str) -> Collection:
         """The collection called ``name``, or the one alias ``name`` points at (one lookup)."""

@@ -12,7 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from braid.index import pacing
+from braid.index import hnsw_strand, pacing
+from braid.index.catalog import Catalog
+from braid.index.records import DocumentWrite
+from braid.service import convert
 from braid.service.config import load_config
 
 from .conftest import schema
@@ -54,11 +57,8 @@ def test_build_threads_run_at_a_lower_priority():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
-def test_an_hnsw_seal_runs_at_the_build_priority(tmp_path):
-    """The sealer of a real strand runs niced: its thread's priority, read from inside hnswlib's
-    caller (the build), is BUILD_NICE."""
-    from braid.index import hnsw_strand
-
+def test_an_hnsw_seal_runs_at_the_build_priority(tmp_path, monkeypatch):
+    """The sealer of a real strand runs niced: its thread's priority, read as it starts the build, is BUILD_NICE."""
     seen: list[int] = []
     real_build = hnsw_strand.HnswStrand._build
 
@@ -66,29 +66,21 @@ def test_an_hnsw_seal_runs_at_the_build_priority(tmp_path):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return real_build(self, labels, vectors)
 
-    from braid.index.catalog import Catalog
-    from braid.service import convert
-
-    hnsw_strand.HnswStrand._build = build
+    monkeypatch.setattr(hnsw_strand.HnswStrand, "_build", build)
+    catalog = Catalog(tmp_path / "data")
     try:
-        catalog = Catalog(tmp_path / "data")
-        try:
-            collection = catalog.create("c", convert.schema_from_proto(schema(dim=2, sparse=False)))
-            from braid.index.records import DocumentWrite
-
-            rng = np.random.default_rng(1)
-            docs = [
-                DocumentWrite(id=f"d{i}", dense={"emb": rng.normal(size=2).astype(np.float32)})
-                for i in range(hnsw_strand.SEAL_ROWS + 1)
-            ]
-            collection.upsert(docs)  # a full growing block: frozen, and the sealer starts
-            deadline = time.monotonic() + 60
-            while not seen and time.monotonic() < deadline:
-                time.sleep(0.01)
-        finally:
-            catalog.close()
+        collection = catalog.create("c", convert.schema_from_proto(schema(dim=2, sparse=False)))
+        rng = np.random.default_rng(1)
+        docs = [
+            DocumentWrite(id=f"d{i}", dense={"emb": rng.normal(size=2).astype(np.float32)})
+            for i in range(hnsw_strand.SEAL_ROWS + 1)
+        ]
+        collection.upsert(docs)  # a full growing block: frozen, and the sealer starts
+        deadline = time.monotonic() + 60
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
-        hnsw_strand.HnswStrand._build = real_build
+        catalog.close()
     assert seen and set(seen) == {max(pacing.BUILD_NICE, os.getpriority(os.PRIO_PROCESS, 0))}
 
 
