@@ -57,8 +57,9 @@ from braid.index.policy import StoragePolicy
 from braid.index.records import DocumentWrite
 from braid.service.client import BraidClient
 from braid.service.cluster.local import LocalCluster
+from braid.service.cluster.log_reader import LogReader
 from braid.service.cluster.meta import CollectionMeta
-from braid.service.cluster.nats_link import LogReader, NatsLink
+from braid.service.cluster.nats_link import NatsLink
 from braid.service.cluster.natsproc import NatsNode
 from braid.service.cluster.replica import Replica
 from braid.service.convert import schema_from_proto

@@ -7,7 +7,7 @@ checkpoint, whose manifest's ``wal_seq`` is the last stream sequence applied, th
 the subject after it. A follower thread then pulls new records in batches and applies
 them in stream order (``Shard.apply_logged``); a failure (NATS away, a full disk) is retried
 with backoff from the sequence the shard has applied, so nothing is skipped or applied twice.
-The reader (nats_link.py ``LogReader``) vouches that no record of the subject is missing before
+The reader (log_reader.py ``LogReader``) vouches that no record of the subject is missing before
 any it returns, checking doubtful deliveries against the stream, and re-reads instead (a record
 lost in flight across a NATS node's death is read again, never skipped).
 
@@ -78,8 +78,9 @@ from braid.index.policy import StoragePolicy
 from braid.index.schema import Schema
 from braid.index.shard import Shard
 
+from .log_reader import LogGap, LogReader
 from .meta import CollectionMeta
-from .nats_link import LogGap, LogReader, NatsLink
+from .nats_link import NatsLink
 from .snapshot_objects import (
     SnapshotObjects,
     StoredObject,
