@@ -12,7 +12,8 @@ to make, or pass an async iterable), and ``upsert_stream`` is an async iterator.
 What an async caller needs on top:
 
 - Retries (``retry=Retry(...)``). A read (Get, Count, Search, BatchSearch, GetCollection,
-  ListCollections, ListAliases) refused with UNAVAILABLE is tried again after a jittered
+  ListCollections, ListAliases) refused with UNAVAILABLE (or dropped by a stopping server
+  before it ran: CANCELLED "CANCELLED", service/errors.py) is tried again after a jittered
   exponential backoff, and one refused with RESOURCE_EXHAUSTED carrying the server's
   ``grpc-retry-pushback-ms`` (an overloaded server turning the call away at admission) no
   sooner than the server asked. Writes are not retried unless ``Retry(writes=True)``, and
@@ -53,7 +54,7 @@ from braid.v1 import braid_pb2_grpc
 
 from . import messages
 from .client import StreamFailed
-from .errors import CLIENT_RETRY_CODES, overloaded, pushback_s
+from .errors import overloaded, pushback_s, server_away
 from .messages import STREAM_TIMEOUT_S, as_dict, metadata_of
 from .snapshot_files import ExportTarget, archive_chunks
 
@@ -248,7 +249,7 @@ class AsyncBraidClient:
             return None
         code = err.code()
         hint = pushback_s(err)
-        if code in CLIENT_RETRY_CODES:
+        if server_away(err):
             delay = self.retry.delay(retry)
         elif overloaded(err):
             delay = self.retry.delay(retry, hint or 0.0)  # an overload turned the call away before any work

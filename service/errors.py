@@ -54,10 +54,26 @@ RETRYABLE_CODES = frozenset(
 # tries share that deadline, so its time is spent (or a write's outcome is unknown).
 CLIENT_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
+# What grpc core answers a call that reached a stopping server before any handler took it
+# (grpc/grpc#41785): CANCELLED with this exact message, though the client cancelled nothing.
+# The call never ran, so it is as safe to send again as UNAVAILABLE; a client's own
+# cancellation reads "Locally cancelled by application!".
+DROPPED_AT_STOP_DETAILS = "CANCELLED"
+
 # Codes a bulk job resends its unacknowledged batches on over a new stream, after a backoff,
 # or exits retryable (service/jobs/sender.py): the server was away or the stream's time ran
 # out. Its writes are upserts: sending one again leaves the same document.
 RESEND_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+
+
+def dropped_at_stop(err: grpc.RpcError) -> bool:
+    """The server was stopping and dropped the call before running it (DROPPED_AT_STOP_DETAILS)."""
+    return err.code() == grpc.StatusCode.CANCELLED and err.details() == DROPPED_AT_STOP_DETAILS
+
+
+def server_away(err: grpc.RpcError) -> bool:
+    """The server did not take the call: CLIENT_RETRY_CODES, or dropped by a stopping server."""
+    return err.code() in CLIENT_RETRY_CODES or dropped_at_stop(err)
 
 
 def pushback_s(err: grpc.RpcError) -> float | None:

@@ -298,6 +298,57 @@ def test_a_restarted_server_is_retried_with_backoff(tmp_path: Path):
             again.stop(grace=0)
 
 
+def test_a_call_a_stopping_server_dropped_is_retried_and_a_cancelled_one_is_not():
+    """grpc answers a call that reached a stopping server before any handler took it with
+    CANCELLED "CANCELLED" (grpc/grpc#41785; seen in a rolling restart of routers). That call never
+    ran: the client and bulk jobs send it again. Any other CANCELLED is not retried. The answers
+    come from a real gRPC server on loopback that fails the first Counts the way grpc does."""
+    from braid.service.errors import server_away
+    from braid.service.jobs.sender import retryable
+
+    dropped_at_stop = (grpc.StatusCode.CANCELLED, "CANCELLED")
+    answers = [dropped_at_stop, dropped_at_stop]
+
+    async def count(request: pb.CountRequest, context: grpc.aio.ServicerContext) -> pb.CountResponse:
+        if answers:
+            code, details = answers.pop(0)
+            await context.abort(code, details)
+        return pb.CountResponse(count=7)
+
+    async def body() -> None:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            count,
+            request_deserializer=pb.CountRequest.FromString,
+            response_serializer=pb.CountResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("braid.v1.Braid", {"Count": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            address = f"127.0.0.1:{port}"
+            async with AsyncBraidClient(
+                address, retry=Retry(attempts=5, backoff_s=0.01, max_backoff_s=0.02)
+            ) as patient:
+                assert await patient.count("docs") == 7  # after the two dropped calls
+                assert [(r.method, r.code) for r in patient.recent_retries] == [
+                    ("Count", grpc.StatusCode.CANCELLED)
+                ] * 2
+                answers.extend([dropped_at_stop, (grpc.StatusCode.CANCELLED, "cancelled by its handler")])
+            async with AsyncBraidClient(address, retry=NO_RETRY) as plain:
+                with pytest.raises(grpc.aio.AioRpcError) as dropped:
+                    await plain.count("docs")
+                with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+                    await plain.count("docs")
+            assert server_away(dropped.value) and retryable(dropped.value)
+            assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+            assert not server_away(cancelled.value) and not retryable(cancelled.value)
+        finally:
+            await server.stop(0)
+
+    run(body())
+
+
 # -------------------------------------------------------------- TLS, keys
 
 READ_KEY, ADMIN_KEY = generate_key(), generate_key()

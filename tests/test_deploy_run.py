@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from braid.service.client import BraidClient
+from braid.service.errors import server_away
 from braid.v1 import braid_pb2 as pb
 
 from .k8s import make_secrets, render
@@ -85,8 +86,9 @@ def schema() -> pb.Schema:
 
 
 class Load:
-    """Steady searches and writes through the Service, each call retried on UNAVAILABLE with a fresh
-    connection (as a client behind a Service reconnects to another pod), up to RETRY_S."""
+    """Steady searches and writes through the Service, each call retried with a fresh connection
+    (as a client behind a Service reconnects to another pod), up to RETRY_S, when the server did
+    not take it: UNAVAILABLE, or dropped by a stopping router (service/errors.py server_away)."""
 
     def __init__(self, kube: LocalKube) -> None:
         self.kube = kube
@@ -102,7 +104,7 @@ class Load:
             try:
                 return call(state["client"])
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if not server_away(err) or time.monotonic() > deadline:
                     raise
                 self.retries += 1
                 state["client"].close()

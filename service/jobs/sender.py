@@ -4,8 +4,9 @@ Batches go out in order over one UpsertStream call with a small window in flight
 acknowledgement (the batch is durable) is handed to ``on_ack``, which checkpoints it.
 When the stream fails:
 
-- UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, and RESOURCE_EXHAUSTED that is an overload
-  (a retry pushback) or a full disk: a new stream after exponential backoff with full
+- UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, a stream a stopping server dropped before it ran
+  (CANCELLED "CANCELLED"), and RESOURCE_EXHAUSTED that is an overload (a retry pushback) or
+  a full disk: a new stream after exponential backoff with full
   jitter, resending the batches left without an ack first (an upsert sent twice is the
   same document). ``max_retries`` failures in a row without an ack end the job as
   retryable (exit 75).
@@ -29,7 +30,7 @@ import grpc
 from braid.v1 import braid_pb2 as pb
 
 from ..client import BraidClient, StreamFailed
-from ..errors import RESEND_CODES, overloaded
+from ..errors import RESEND_CODES, dropped_at_stop, overloaded
 from ..errors import pushback_s as hint_s
 from .encode import Encoded, Reject, document_index
 
@@ -69,9 +70,9 @@ def failure_of(err: grpc.RpcError, doing: str) -> JobFailed:
 
 
 def retryable(err: grpc.RpcError) -> bool:
-    """Worth a new stream later: service/errors.py's RESEND_CODES, an overload, or a full disk
-    (writes refused until space is freed)."""
-    if err.code() in RESEND_CODES or overloaded(err):
+    """Worth a new stream later: service/errors.py's RESEND_CODES, a stream a stopping server
+    dropped before running it, an overload, or a full disk (writes refused until space is freed)."""
+    if err.code() in RESEND_CODES or dropped_at_stop(err) or overloaded(err):
         return True
     return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk full" in (err.details() or "")
 
