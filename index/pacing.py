@@ -8,9 +8,10 @@ BulkUpsert and its builds take both cores of a small machine and every search wa
 - **Writes rest while searches run.** Every read a shard serves stamps ``READS`` (one float
   store, no lock). An upsert batch that finds a read within ``RECENT_S`` of its end rests,
   holding no lock, for ``elapsed * (1 / share - 1)`` (service/rpcs.py: the batch's decoding,
-  encoders and shard writes all count): while searches run, writers get at most ``share``
-  of the time they would take alone (``StoragePolicy.write_share``; 1 turns it off). A node
-  that only ingests never rests, and a rest is bounded by ``MAX_REST_S``.
+  encoders and shard writes all count): while searches run, writers get at most ``share`` of
+  the time they would take alone (``StoragePolicy.write_share``; 1 turns it off). A node that
+  only ingests never rests, and a rest is bounded by ``MAX_REST_S``. A stream rests on the
+  event loop (``rest_async``), a unary write on its worker (``rest``).
 - **Background builds run at a lower CPU priority** (``BUILD_NICE``): HNSW seals and merges
   and SPANN merges give way to serving threads when the cores are busy and use them fully
   when they are not. Their backlog is bounded elsewhere (writers wait for room), so a build
@@ -19,6 +20,7 @@ BulkUpsert and its builds take both cores of a small machine and every search wa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -44,7 +46,9 @@ class _Reads:
 
 
 READS = _Reads()
-_sleep = time.sleep  # tests record the rests instead of taking them
+# Tests record the rests instead of taking them.
+_sleep = time.sleep
+_sleep_async = asyncio.sleep
 
 
 def rest_for(started: float, now: float, last_read: float, share: float) -> float:
@@ -55,11 +59,21 @@ def rest_for(started: float, now: float, last_read: float, share: float) -> floa
     return min((now - started) * (1.0 / share - 1.0), MAX_REST_S)
 
 
-def rest_after(started: float, share: float) -> None:
-    """Rest after a write that began at ``started`` (time.monotonic()), if searches ran meanwhile."""
-    rest = rest_for(started, time.monotonic(), READS.last, share)
-    if rest > 0:
-        _sleep(rest)
+def rest_due(started: float, share: float) -> float:
+    """Seconds a write that began at ``started`` (time.monotonic()) and ends now rests (0: none)."""
+    return rest_for(started, time.monotonic(), READS.last, share)
+
+
+def rest(seconds: float) -> None:
+    """Take a rest on this thread (a unary write's worker)."""
+    if seconds > 0:
+        _sleep(seconds)
+
+
+async def rest_async(seconds: float) -> None:
+    """Take a rest on the event loop (a write stream's handler): no thread is held meanwhile."""
+    if seconds > 0:
+        await _sleep_async(seconds)
 
 
 def background_priority() -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from braid.index import pacing
 from braid.index.errors import InvalidArgument, Unavailable
 from braid.v1 import braid_pb2 as pb
 
@@ -306,6 +307,9 @@ class BraidHandlers:
                 applied.add(upserted)
                 if self._ending.is_set():
                     raise Unavailable("server shutting down")
+                # Searches first (index/pacing.py): rest here, on the loop, holding no worker, so
+                # searches keep the event loop's quick path meanwhile.
+                await pacing.rest_async(writer.rest_s)
             await self.admission.run(writer.finish, deadline_of(context))
 
     async def _next_message(self, messages: AsyncIterator[Any]) -> Any:

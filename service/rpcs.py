@@ -173,19 +173,20 @@ class BraidRpcs:
     # --------------------------------------------------------------- documents
 
     def Upsert(self, request: pb.UpsertRequest) -> Any:
-        return pb.UpsertResponse(upserted=self.upsert(request))
+        upserted, rest_s = self.apply_upsert(request)
+        pacing.rest(rest_s)  # on its worker: this client's next call waits for the answer anyway
+        return pb.UpsertResponse(upserted=upserted)
 
-    def upsert(self, request: pb.UpsertRequest, name: str | None = None) -> int:
-        """One batch: validate, encode, apply; returns the documents upserted (into ``name``
-        when given: a stream's alias resolved once)."""
+    def apply_upsert(self, request: pb.UpsertRequest, name: str | None = None) -> tuple[int, float]:
+        """One batch: validate, encode, apply (into ``name`` when given: a stream's alias resolved
+        once); (the documents upserted, the seconds the writer should rest before its next batch:
+        index/pacing.py). The batch is durable and visible already: a rest holds no lock."""
         started = time.monotonic()
         collection = self.catalog.get(name or request.collection)
         docs = convert.documents_from_proto(request.documents)
         self.encoding.fill_documents(collection.schema, docs)
         upserted = collection.upsert(docs, request.ack)
-        # Durable and visible already: the rest holds no lock, and paces this client's next batch.
-        pacing.rest_after(started, self.catalog.write_share)
-        return upserted
+        return upserted, pacing.rest_due(started, self.catalog.write_share)
 
     def stream_writer(self) -> Any:
         """What a BulkUpsert stream writes through: ``upsert(batch)`` per message, ``finish()`` at its end.
@@ -424,12 +425,14 @@ class _DirectWriter:
     def __init__(self, rpcs: BraidRpcs) -> None:
         self.rpcs = rpcs
         self.resolved: dict[str, str] = {}
+        self.rest_s = 0.0  # what the last batch owes (index/pacing.py): the stream handler rests it on the loop
 
     def upsert(self, request: pb.UpsertRequest) -> int:
         name = self.resolved.get(request.collection)
         if name is None:
             name = self.resolved[request.collection] = self.rpcs.catalog.resolve(request.collection)
-        return self.rpcs.upsert(request, name)
+        upserted, self.rest_s = self.rpcs.apply_upsert(request, name)
+        return upserted
 
     def finish(self) -> None:
         """Every batch is applied already."""

@@ -118,3 +118,26 @@ def test_an_upsert_rests_after_a_search_and_not_without_one(braid, monkeypatch):
     client.upsert("w", [{"id": "b", "dense": {"emb": [0.0, 1.0]}}])
     assert len(rests) == 1 and 0 < rests[0] <= pacing.MAX_REST_S
     assert [d.id for d in client.get("w", ["b"])] == ["b"]
+
+
+def test_a_stream_rests_on_the_event_loop_holding_no_worker(braid, monkeypatch):
+    """A BulkUpsert batch that follows a Search rests in the stream's handler, on the event loop
+    (the async hook), not on a worker thread: searches keep the loop's quick path meanwhile."""
+    on_threads: list[float] = []
+    on_loop: list[float] = []
+
+    async def record(seconds: float) -> None:
+        on_loop.append(seconds)
+
+    monkeypatch.setattr(pacing, "_sleep", on_threads.append)
+    monkeypatch.setattr(pacing, "_sleep_async", record)
+    client = braid.client
+    client.create_collection("s", schema(dim=2, sparse=False))
+    docs = [{"id": f"d{i}", "dense": {"emb": [1.0, float(i)]}} for i in range(6)]
+    monkeypatch.setattr(pacing.READS, "last", -1e9)
+    assert client.bulk_upsert("s", docs[:3], batch_size=1).upserted == 3
+    assert on_loop == [] and on_threads == []  # no search lately: no rest
+    client.search("s", dense=("emb", [1.0, 0.0]), limit=1)
+    assert client.bulk_upsert("s", docs[3:], batch_size=1).upserted == 3
+    assert on_threads == [] and len(on_loop) >= 1 and all(0 < r <= pacing.MAX_REST_S for r in on_loop)
+    assert client.count("s") == 6

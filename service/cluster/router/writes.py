@@ -293,6 +293,8 @@ class PipelinedWriter:
     A batch counted in a failed stream's ``braid-batches-applied`` is stored in the log: it
     applies, but a search may not see it until the replicas catch up."""
 
+    rest_s = 0.0  # a router never rests (index/pacing.py): the shard servers' searches are elsewhere
+
     def __init__(self, rpcs: RouterRpcs) -> None:
         self.rpcs = rpcs
         self.pending: dict[str, tuple[RemoteCollection, dict[int, list[int]]]] = {}
