@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import diskspace
+from . import child_save, diskspace
 from .durable import tmp_path
 
 _HEADER = struct.Struct("<QQQQQQiIQQQdQ")
@@ -118,7 +118,7 @@ def save(index: Any, path: Path, dim: int) -> None:
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        index.save_index(str(tmp))
+        child_save.save_index(index, tmp)  # a big graph in a forked child: searches keep the GIL
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         problem = check(tmp, dim, index.get_current_count())

@@ -1,0 +1,103 @@
+"""hnswlib's ``save_index`` run in a forked child, so that a big graph's save stalls no search.
+
+hnswlib's Python binding holds the GIL for the whole of ``save_index``: a checkpoint that
+saves a merged 100,000 x 384 graph stopped every other thread of the server for 125-545 ms
+(20,000 x 384: 55-84 ms; docs/benchmarks.md, "Searches first under a bulk load"). A forked
+child has the graph's memory as it was at the fork (copy-on-write) and a GIL of its own: it
+writes the file while the server's threads go on, and the parent waits for it in
+``os.waitpid``, which releases the GIL. The fork itself holds the GIL for a few milliseconds
+(5-18 ms at 630 MB resident), so graphs under ``CHILD_SAVE_BYTES`` are saved in process.
+
+The child does nothing but the save: it closes every inherited file descriptor (it holds
+none of the server's sockets, files or locks), ignores SIGTERM, SIGINT and SIGHUP (a
+signal to the process group stops the server, whose own handlers must not run in the
+child), dies with its parent (``PR_SET_PDEATHSIG``: a kill -9 of the server leaves no
+writer behind) and leaves with ``os._exit``, running no Python cleanup. The file is the
+same bytes either way. Where ``fork`` is missing or fails, the save runs in process.
+
+Callers check what was written (index/hnswfile.py ``save``): the child's exit status says
+only that ``save_index`` returned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("braid.index")
+
+CHILD_SAVE_BYTES = 16 << 20  # a graph at least this big (about 10,000 x 384) is saved by a child
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+_fork_lock = threading.Lock()  # one child at a time: two saves at once would double the copy-on-write
+
+
+def _prctl() -> Any:
+    """libc's prctl, found while this process starts (the child must not load anything)."""
+    if not hasattr(os, "fork"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def graph_bytes(index: Any) -> int:
+    """About what hnswlib's level-0 block of ``index`` takes: per element its vector, 2M links and its label."""
+    return int(index.get_current_count()) * (4 * int(index.dim) + 4 * (2 * int(index.M) + 1) + 8)
+
+
+def save_index(index: Any, path: Path) -> None:
+    """``index.save_index(path)``, in a forked child when the graph is big (module docstring).
+
+    OSError(EIO) naming ``path`` when the child did not finish (killed, or hnswlib raised).
+    """
+    if graph_bytes(index) < CHILD_SAVE_BYTES or _PRCTL is None:
+        index.save_index(str(path))
+        return
+    with _fork_lock:
+        parent = os.getpid()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # none arrives in the child before it ignores them
+        try:
+            pid = os.fork()
+        except OSError as err:  # no memory for the page tables, or no more processes
+            log.warning("hnswlib save of %s in process: fork failed (%s)", path, err)
+            pid = -1
+        if pid == 0:
+            _child(index, path, parent)  # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if pid < 0:
+            index.save_index(str(path))
+            return
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise OSError(errno.EIO, f"{path}: the child saving the graph did not finish ({how})")
+
+
+def _child(index: Any, path: Path, parent: int) -> None:
+    """The forked child: save, then leave without running anything else of the server."""
+    code = 1
+    try:
+        for number in _SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above: nobody waits for this save
+            os._exit(1)
+        os.closerange(3, 1 << 20)
+        index.save_index(str(path))
+        code = 0
+    finally:
+        os._exit(code)

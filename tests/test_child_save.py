@@ -1,0 +1,158 @@
+"""index/child_save.py: a big hnswlib graph is saved by a forked child, byte for byte what
+hnswlib writes in process; a child that fails is an error and nothing is published; the
+child ignores the signals that stop the server and dies with it.
+
+Real hnswlib graphs; ``SlowIndex`` stands in for a save that takes long (its ``save_index``
+sleeps in the child), so a test can signal or kill around it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import pytest
+
+from braid.index import child_save, hnswfile
+
+pytestmark = pytest.mark.skipif(child_save._PRCTL is None, reason="needs fork and prctl (Linux)")
+
+
+def graph(n: int = 3000, dim: int = 32) -> hnswlib.Index:
+    vectors = np.random.default_rng(5).normal(size=(n, dim)).astype(np.float32)
+    index = hnswlib.Index(space="l2", dim=dim)
+    index.init_index(max_elements=n, M=8, ef_construction=40)
+    index.add_items(vectors, np.arange(n))
+    index.mark_deleted(7)
+    return index
+
+
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the children os.fork makes from here on (the real fork, recorded)."""
+    pids: list[int] = []
+    real = os.fork
+
+    def fork() -> int:
+        pid = real()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    return pids
+
+
+def test_a_big_graph_is_saved_by_a_child_with_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    index = graph()
+    assert child_save.graph_bytes(index) > 100_000
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 100_000)
+    children = forks(monkeypatch)
+    hnswfile.save(index, tmp_path / "child.hnsw", 32)
+    assert len(children) == 1
+    index.save_index(str(tmp_path / "direct.hnsw"))
+    assert (tmp_path / "child.hnsw").read_bytes() == (tmp_path / "direct.hnsw").read_bytes()
+    loaded = hnswlib.Index(space="l2", dim=32)
+    loaded.load_index(str(tmp_path / "child.hnsw"))
+    assert loaded.get_current_count() == 3000
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_small_graph_is_saved_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    children = forks(monkeypatch)
+    hnswfile.save(graph(200), tmp_path / "small.hnsw", 32)
+    assert children == [] and hnswfile.check(tmp_path / "small.hnsw", 32, 200) is None
+
+
+class SlowIndex:
+    """A graph whose save takes ``seconds`` in the child (then writes the real graph), or raises."""
+
+    def __init__(self, real: hnswlib.Index, seconds: float = 0.0, fail: bool = False) -> None:
+        self.real, self.seconds, self.fail = real, seconds, fail
+        self.dim, self.M = real.dim, real.M
+
+    def get_current_count(self) -> int:
+        return self.real.get_current_count()
+
+    def save_index(self, path: str) -> None:
+        time.sleep(self.seconds)
+        if self.fail:
+            raise RuntimeError("Cannot open file")
+        self.real.save_index(path)
+
+
+def test_a_child_that_fails_is_an_error_and_nothing_is_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 1)
+    with pytest.raises(OSError, match="the child saving the graph did not finish"):
+        hnswfile.save(SlowIndex(graph(300), fail=True), tmp_path / "g.hnsw", 32)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_child_ignores_sigterm_and_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A SIGTERM to the process group (a pod's stop) must not end a save the server waits for."""
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 1)
+    children = forks(monkeypatch)
+    sent = []
+
+    def terminate_the_child() -> None:
+        deadline = time.monotonic() + 30
+        while not children and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(children[0], signal.SIGTERM)
+        sent.append(children[0])
+
+    signaller = threading.Thread(target=terminate_the_child)
+    signaller.start()
+    hnswfile.save(SlowIndex(graph(300), seconds=1.0), tmp_path / "g.hnsw", 32)
+    signaller.join()
+    assert sent and hnswfile.check(tmp_path / "g.hnsw", 32, 300) is None
+
+
+def test_the_child_dies_with_a_killed_parent(tmp_path: Path):
+    """kill -9 of the server mid-save leaves no child writing behind it."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from braid.index import child_save
+        from tests.test_child_save import SlowIndex, graph
+        real = os.fork
+        def fork():
+            pid = real()
+            if pid:
+                print(pid, flush=True)
+            return pid
+        os.fork = fork
+        child_save.CHILD_SAVE_BYTES = 1
+        child_save.save_index(SlowIndex(graph(300), seconds=120), {str(tmp_path / "g.hnsw")!r})
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the saving child outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait(30)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
