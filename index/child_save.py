@@ -1,12 +1,13 @@
 """hnswlib's ``save_index`` run in a forked child, so that a big graph's save stalls no search.
 
 hnswlib's Python binding holds the GIL for the whole of ``save_index``: a checkpoint that
-saves a merged 100,000 x 384 graph stopped every other thread of the server for 125-545 ms
-(20,000 x 384: 55-84 ms; docs/benchmarks.md, "Searches first under a bulk load"). A forked
-child has the graph's memory as it was at the fork (copy-on-write) and a GIL of its own: it
-writes the file while the server's threads go on, and the parent waits for it in
-``os.waitpid``, which releases the GIL. The fork itself holds the GIL for a few milliseconds
-(5-18 ms at 630 MB resident), so graphs under ``CHILD_SAVE_BYTES`` are saved in process.
+saves a 100,000 x 384 graph stops every other thread of the server for 46-545 ms (20,000 x
+384: 9-84 ms; docs/benchmarks.md, "Graph saves in a child, and the stall probe on the frozen
+heap"). A forked child has the graph's memory as it was at the fork (copy-on-write) and a GIL
+of its own: it writes the file while the server's threads go on, and the parent waits for it
+in ``os.waitpid``, which releases the GIL. The fork itself holds the GIL for a few
+milliseconds (5-18 ms at 630 MB resident), so graphs under ``CHILD_SAVE_BYTES`` are saved in
+process.
 
 The child does nothing but the save: it closes every inherited file descriptor (it holds
 none of the server's sockets, files or locks), ignores SIGTERM, SIGINT and SIGHUP (a
@@ -22,7 +23,6 @@ only that ``save_index`` returned.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -44,7 +44,7 @@ def _prctl() -> Any:
     if not hasattr(os, "fork"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl  # the process's own symbols: libc's among them
     except (OSError, AttributeError):
         return None
 
