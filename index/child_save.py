@@ -16,6 +16,10 @@ child), dies with its parent (``PR_SET_PDEATHSIG``: a kill -9 of the server leav
 writer behind) and leaves with ``os._exit``, running no Python cleanup. The file is the
 same bytes either way. Where ``fork`` is missing or fails, the save runs in process.
 
+Python 3.12 warns about ``fork`` in a threaded process because the child may find a lock held
+by a thread that no longer exists; this child takes none: it runs hnswlib's save (glibc keeps
+malloc usable across fork) and exits.
+
 Callers check what was written (index/hnswfile.py ``save``): the child's exit status says
 only that ``save_index`` returned.
 """
