@@ -6,10 +6,9 @@ When the stream fails:
 
 - UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, a stream a stopping server dropped before it ran
   (CANCELLED "CANCELLED"), and RESOURCE_EXHAUSTED that is an overload (a retry pushback) or
-  a full disk: a new stream after exponential backoff with full
-  jitter, resending the batches left without an ack first (an upsert sent twice is the
-  same document). ``max_retries`` failures in a row without an ack end the job as
-  retryable (exit 75).
+  a full disk: a new stream after exponential backoff with full jitter, resending the
+  batches left without an ack first (an upsert sent twice is the same document).
+  ``max_retries`` failures in a row without an ack end the job as retryable (exit 75).
 - INVALID_ARGUMENT naming ``documents[i]``: the failing batch is the first one without an
   ack; that document is rejected with its file, line and id (``skip_invalid``) and the
   batch is sent again without it, or the job stops as bad input (exit 2).
