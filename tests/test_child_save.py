@@ -1,12 +1,13 @@
 """index/child_save.py: a big hnswlib graph is saved by a forked child, byte for byte what
-hnswlib writes in process; a child that fails is an error and nothing is published; the
-child ignores the signals that stop the server and dies with it.
+hnswlib writes in process; a child that fails, or writes short on a full disk, is an error
+and nothing is published; the child ignores the signals that stop the server and dies with it.
 
 Real hnswlib graphs; ``SlowIndex`` stands in for a save that takes long (its ``save_index``
 sleeps in the child), so a test can signal or kill around it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from braid.index import child_save, hnswfile
+
+from .test_disk_full import fill, small_tmpfs
 
 pytestmark = pytest.mark.skipif(child_save._PRCTL is None, reason="needs fork and prctl (Linux)")
 
@@ -92,6 +95,25 @@ def test_a_child_that_fails_is_an_error_and_nothing_is_published(tmp_path: Path,
     with pytest.raises(OSError, match="the child saving the graph did not finish"):
         hnswfile.save(SlowIndex(graph(300), fail=True), tmp_path / "g.hnsw", 32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_child_save_on_a_full_disk_is_enospc_and_nothing_is_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """hnswlib reports success after a short write; the parent's check of the child's file still
+    says ENOSPC, and no graph file is left (a real, small tmpfs; skipped where none can be mounted)."""
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 1)
+    children = forks(monkeypatch)
+    index = graph()
+    with small_tmpfs(tmp_path / "mnt", size="4m") as mnt:
+        filler = mnt / "filler"
+        fill(filler)
+        os.truncate(filler, filler.stat().st_size - 200_000)  # room for a third of the graph
+        with pytest.raises(OSError) as info:
+            hnswfile.save(index, mnt / "g.hnsw", 32)
+        assert info.value.errno == errno.ENOSPC and "nothing was published" in str(info.value)
+        assert len(children) == 1
+        assert sorted(path.name for path in mnt.iterdir()) == ["filler"]
 
 
 def test_the_child_ignores_sigterm_and_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
