@@ -109,6 +109,7 @@ def test_an_upsert_rests_after_a_search_and_not_without_one(braid, monkeypatch):
     not; the write is there either way. The rests are recorded, not taken."""
     rests: list[float] = []
     monkeypatch.setattr(pacing, "_sleep", rests.append)
+    monkeypatch.setattr(pacing, "RECENT_S", 60.0)  # "lately" spans a loaded machine's pauses
     client = braid.client
     client.create_collection("w", schema(dim=2, sparse=False))
     monkeypatch.setattr(pacing.READS, "last", -1e9)
@@ -131,6 +132,7 @@ def test_a_stream_rests_on_the_event_loop_holding_no_worker(braid, monkeypatch):
 
     monkeypatch.setattr(pacing, "_sleep", on_threads.append)
     monkeypatch.setattr(pacing, "_sleep_async", record)
+    monkeypatch.setattr(pacing, "RECENT_S", 60.0)  # "lately" spans a loaded machine's pauses
     client = braid.client
     client.create_collection("s", schema(dim=2, sparse=False))
     docs = [{"id": f"d{i}", "dense": {"emb": [1.0, float(i)]}} for i in range(6)]
