@@ -67,6 +67,26 @@ def test_a_big_graph_is_saved_by_a_child_with_the_same_bytes(tmp_path: Path, mon
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_save_from_a_background_thread_goes_through_the_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Checkpoints save from their own thread, not the main one: the child (whose Python then
+    sets its signal handlers) must work from there too."""
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 1)
+    children = forks(monkeypatch)
+    failures: list[BaseException] = []
+
+    def save() -> None:
+        try:
+            hnswfile.save(graph(300), tmp_path / "g.hnsw", 32)
+        except BaseException as err:
+            failures.append(err)
+
+    saver = threading.Thread(target=save)
+    saver.start()
+    saver.join(120)
+    assert not saver.is_alive() and failures == [] and len(children) == 1
+    assert hnswfile.check(tmp_path / "g.hnsw", 32, 300) is None
+
+
 def test_a_small_graph_is_saved_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     children = forks(monkeypatch)
     hnswfile.save(graph(200), tmp_path / "small.hnsw", 32)
