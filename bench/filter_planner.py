@@ -7,9 +7,10 @@ One HnswStrand filled with the shared set (bench/dense.py's loader) as recovery 
 served (one graph after the idle merge, plus the growing block), one query a call on this thread,
 OPENBLAS_NUM_THREADS=1 as ``braid serve`` sets it. Per selectivity, a random mask keeping that
 share (as bench/realload.py's keyword fields): the unfiltered p50, the filtered p50 of a filter
-seen before ("repeated": its view, when the planner keeps one, is warm) and of a filter never
-seen before ("first": the strand's filter views dropped before each search, so every search
-pays the gather or the walk), both against unfiltered, recall@10 inside the filter, the numpy
+seen before ("repeated": planned BUILD_AFTER times first and its filter graph, when the planner
+asks for one, built: its view, when the planner keeps one, is warm) and of a filter never seen
+before ("first": the strand's filter views and graphs dropped before each search, so every
+search pays the gather or the walk), both against unfiltered, recall@10 inside the filter, the numpy
 floor (one query against a pre-gathered contiguous matrix of the matching rows) and the plan.
 No gRPC: bench/realload.py measures the same through the server.
 """
@@ -31,7 +32,9 @@ sys.path.insert(0, str(BENCH))
 
 from dense import shared_vectors  # noqa: E402
 
+from braid.index import hnsw_filter_graphs as filter_graphs  # noqa: E402
 from braid.index import hnsw_plan  # noqa: E402
+from braid.index.hnsw_filter_graphs import FilterGraphs  # noqa: E402
 from braid.index.hnsw_strand import HnswStrand  # noqa: E402
 from braid.index.hnsw_views import Views  # noqa: E402
 from braid.index.locks import ReadWriteLock  # noqa: E402
@@ -50,18 +53,31 @@ def p50_ms(call, count: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def plan_of(strand: HnswStrand, mask: np.ndarray, k: int, ef: int) -> str:
-    """The plan the planner picks for the largest graph (the one that costs)."""
+    """The plan the planner picks now for the largest graph (the one that costs)."""
     graph = max(strand._graphs, key=lambda g: g.live)
-    count = int(np.count_nonzero(mask[graph.first : graph.top + 1]))
-    want, walk_cost = hnsw_plan.walk_plan(count, graph.live, k, ef)
-    if graph.views.fits(count) and hnsw_plan.VIEW_COST * count <= walk_cost:
-        return "view" if count > walk_cost else "gather, kept as view"
-    return "gather" if count <= walk_cost else f"walk {want}"
+    plan = hnsw_plan.graph_plan(graph, mask[graph.first : graph.top + 1], k, ef, remember=False)
+    if plan is None:
+        return "none"
+    if plan.kind == "scan":
+        return "view" if plan.view_key is not None and graph.views.get(plan.view_key) is not None else "scan"
+    return f"{plan.kind} {plan.want}"
 
 
 def forget_views(strand: HnswStrand) -> None:
+    """Drop every filter view and filter graph (and what the strand counted of its filters)."""
     for graph in strand._graphs:
         graph.views = Views(graph.views.budget)
+        graph.fgraphs = FilterGraphs(graph.fgraphs.budget)
+
+
+def wait_built(strand: HnswStrand, deadline_s: float = 600.0) -> float:
+    """Until the strand's filter graph builds asked so far are done; the seconds waited."""
+    started = time.perf_counter()
+    while strand._filter_builder is not None or strand._filter_asks:
+        if time.perf_counter() - started > deadline_s:
+            raise TimeoutError("filter graph builds still running")
+        time.sleep(0.05)
+    return time.perf_counter() - started
 
 
 def measure(
@@ -79,11 +95,15 @@ def measure(
     unit = strand.stored_form(queries)
     match = np.flatnonzero(mask)
     gathered = np.ascontiguousarray(stored[match])
-    plan = plan_of(strand, mask, k, ef)
 
     def search(i: int, allowed: np.ndarray | None = None) -> np.ndarray:
         with lock.read():
             return strand.search(queries[i : i + 1], k, ef, allowed)[0][0]
+
+    for i in range(filter_graphs.BUILD_AFTER):  # as a repeated filter: its view made, its graph asked for
+        search(i, mask)
+    built_s = wait_built(strand)
+    plan = plan_of(strand, mask, k, ef)
 
     def first(i: int) -> None:
         forget_views(strand)
@@ -98,8 +118,12 @@ def measure(
     recall = float(
         np.mean([len(set(f.tolist()) & set(e.tolist())) / len(e) for f, e in zip(found, exact, strict=True)])
     )
-    print(f"  {sel:.1%}: repeated {repeated:.3f} ms, first {cold:.3f} ms, unfiltered {unf:.3f} ms", flush=True)
-    return sel, len(match), unf, repeated, cold, recall, floor, plan
+    print(
+        f"  {sel:.1%}: repeated {repeated:.3f} ms, first {cold:.3f} ms, unfiltered {unf:.3f} ms "
+        f"(plan {plan}; waited {built_s:.1f} s for filter graphs)",
+        flush=True,
+    )
+    return sel, len(match), unf, repeated, cold, recall, floor, plan, built_s
 
 
 def main() -> None:
@@ -132,13 +156,13 @@ def main() -> None:
     print()
     print(
         "| keeps | docs | unfiltered p50 ms | repeated filter p50 ms | ratio | first-seen filter p50 ms | ratio "
-        "| recall@10 | numpy floor p50 ms | plan (largest graph) |"
+        "| recall@10 | numpy floor p50 ms | plan (largest graph), repeated | filter graph build s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for sel, docs, unf, repeated, cold, recall, floor, plan in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for sel, docs, unf, repeated, cold, recall, floor, plan, built_s in rows:
         print(
             f"| {sel:.1%} | {docs:,} | {unf:.3f} | {repeated:.3f} | {repeated / unf:.2f}x | {cold:.3f} | "
-            f"{cold / unf:.2f}x | {recall:.3f} | {floor:.3f} | {plan} |"
+            f"{cold / unf:.2f}x | {recall:.3f} | {floor:.3f} | {plan} | {built_s:.1f} |"
         )
     strand.close()
 

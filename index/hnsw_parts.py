@@ -16,6 +16,7 @@ from __future__ import annotations
 import hnswlib
 import numpy as np
 
+from .hnsw_filter_graphs import BUDGET_SHARE, FilterGraphs
 from .hnsw_views import VIEW_SHARE, Views
 from .schema import Metric
 
@@ -64,9 +65,10 @@ class Block:
 
 class Graph:
     """A sealed segment: an hnswlib graph, every label it holds (ascending) and their vectors in that
-    order, and the filter views searches made of them (index/hnsw_views.py)."""
+    order, and the filter views and filter graphs searches made of them (index/hnsw_views.py,
+    index/hnsw_filter_graphs.py)."""
 
-    __slots__ = ("dead", "dense", "file", "graph", "labels", "mutable", "vectors", "views")
+    __slots__ = ("dead", "dense", "fgraphs", "file", "graph", "labels", "mutable", "vectors", "views")
 
     def __init__(self, graph: hnswlib.Index, labels: np.ndarray, vectors: np.ndarray) -> None:
         self.graph = graph
@@ -76,6 +78,7 @@ class Graph:
         self.dead = 0  # labels of the graph marked deleted
         self.mutable = False  # made by this recovery: frozen rows may still go into it in place
         self.views = Views(int(VIEW_SHARE * len(labels)))
+        self.fgraphs = FilterGraphs(int(BUDGET_SHARE * len(labels)))
         # Labels first..top without a gap: a label's row is label - first (no search needed).
         self.dense = bool(len(labels)) and int(labels[-1]) - int(labels[0]) + 1 == len(labels)
 
@@ -95,9 +98,14 @@ class Graph:
 def walk(graph: Graph, queries: np.ndarray, want: int) -> np.ndarray | None:
     """The graph's ``want`` nearest labels of each query (one row each, nearest first); None when it
     cannot find that many."""
+    return walk_index(graph.graph, queries, want)
+
+
+def walk_index(index: hnswlib.Index, queries: np.ndarray, want: int) -> np.ndarray | None:
+    """``walk`` of any hnswlib graph (a sealed graph's, or a filter graph's)."""
     try:
         # A batch spreads over every core (hnswlib releases the GIL); one query stays on this thread.
-        labels, _ = graph.graph.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
+        labels, _ = index.knn_query(queries, k=want, num_threads=-1 if len(queries) > 1 else 1)
     except RuntimeError:
         return None
     return labels.astype(np.int64)

@@ -17,9 +17,15 @@ gathered and scanned:
   share candidates (so that E[matches] >= ef), filtered afterwards; the queries left with
   fewer than k matches are scanned exactly, together.
 
+* a **filter graph walk**, WALK_COST a candidate: when the filter's own graph was built
+  (index/hnsw_filter_graphs.py), a walk of it asking for ``filter_graph_beam(share)`` x ef
+  candidates, every one a match.
+
 The cheapest wins; a filter seen before whose walk costs more than its view would gets the
-view made now (the gather once, then view scans). Both scans are exact; the walk keeps
-recall@10 inside the filter >= 0.95 (``oversample``).
+view made now (the gather once, then view scans). A filter of at least MIN_ROWS rows whose
+graph would cost at most FILTER_GRAPH_GAIN of the cheapest other plan is counted, and its
+graph built in the background once it has come BUILD_AFTER times. Both scans are exact; the
+walks keep recall@10 inside the filter >= 0.95 (``oversample``, ``filter_graph_beam``).
 
 Every name here is looked up at call time (the strand reads ``hnsw_plan.VIEW_COST``, not a
 copy), so tests and benchmarks set the costs on this module.
@@ -28,44 +34,93 @@ copy), so tests and benchmarks set the costs on this module.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from .hnsw_filter_graphs import FilterGraph
 from .hnsw_parts import Graph
 
 WALK_COST = (
     14.0  # a graph walk asking for n candidates costs about as much as gathering and scanning WALK_COST x n rows
 )
 VIEW_COST = 0.25  # scanning a contiguous filter view costs this much a row, against gathering the rows first
+# A filter graph is built only when walking it would cost at most this share of the plan it replaces
+# (a build takes a core for seconds: 20-25 s for 30,000 x 384 on the benchmark machine).
+FILTER_GRAPH_GAIN = 0.45
 
 
-def graph_plan(
-    graph: Graph, window: np.ndarray, k: int, ef: int, remember: bool = True
-) -> tuple[bool, int, int, float, bytes | None] | None:
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How one graph honours a filter: ``kind`` "scan" (the rows ``view_key`` names, from their view
+    or gathered into it; with no view key, every row in place), "walk" (``want`` candidates of
+    the whole graph, filtered afterwards) or "filter graph" (``want`` of ``filter_graph``); ``count``
+    rows match; ``cost`` in rows gathered and scanned; ``build``: the strand should build this
+    filter's graph (``key``) in the background."""
+
+    kind: str
+    count: int
+    want: int
+    cost: float
+    key: bytes | None
+    view_key: bytes | None
+    filter_graph: FilterGraph | None = None
+    build: bool = False
+
+
+def graph_plan(graph: Graph, window: np.ndarray, k: int, ef: int, remember: bool = True) -> Plan | None:
     """How a graph honours a filter (``window``: its rows' mask from its first label), or None
-    when no row matches: (scan?, the rows matching, the walk's candidates, the cost, the filter
-    view's key). A filter keeping more rows than a view may hold (a quarter of the graph's) is
-    scanned in place: reading every row in order costs less than gathering that many. Without
-    ``remember`` (an estimate) the filter is not counted as seen by the view table."""
+    when no row matches. A filter keeping more rows than a view may hold (a quarter of the
+    graph's) is scanned in place: reading every row in order costs less than gathering that many.
+    Without ``remember`` (an estimate) the filter is not counted as seen by the view table nor
+    towards its filter graph."""
     count = int(np.count_nonzero(window))
     if count == 0:
         return None
     want, walk_cost = walk_plan(count, graph.live, k, ef)
-    key = graph.views.key(window) if graph.views.fits(count) else None
-    view = graph.views.get(key) if key is not None else None
+    views, fgraphs = graph.views, graph.fgraphs
+    key = views.key(window) if views.fits(count) or fgraphs.fits(count) else None
+    view_key = key if views.fits(count) else None
+    view = views.get(view_key) if view_key is not None else None
     if view is not None:
         scan_cost = VIEW_COST * count
-    elif key is None:
+    elif view_key is None:
         scan_cost = VIEW_COST * len(graph.labels)
     else:
         scan_cost = count
+    best = min(scan_cost, walk_cost)
+    build = False
+    if key is not None and fgraphs.fits(count):
+        graph_want, graph_cost = filter_graph_plan(count, graph.live, k, ef)
+        built = fgraphs.get(key)
+        if built is not None and graph_cost < best:
+            return Plan("filter graph", count, graph_want, graph_cost, key, view_key, built)
+        # Worth a build only when it would cost at most FILTER_GRAPH_GAIN of the cheapest other plan
+        cheapest = min(best, VIEW_COST * count) if view_key is not None else best
+        build = built is None and remember and graph_cost <= FILTER_GRAPH_GAIN * cheapest and fgraphs.count(key, count)
     if scan_cost <= walk_cost:
-        return True, count, want, scan_cost, key
-    seen = graph.views.repeated if remember else graph.views.seen
-    if view is None and key is not None and VIEW_COST * count <= walk_cost and seen(key):
+        return Plan("scan", count, want, scan_cost, key, view_key, build=build)
+    seen = views.repeated if remember else views.seen
+    if view is None and view_key is not None and VIEW_COST * count <= walk_cost and seen(view_key):
         # the walk costs more than the view would: gather the rows now, scan the view from the next search on
-        return True, count, want, scan_cost, key
-    return False, count, want, walk_cost, key
+        return Plan("scan", count, want, scan_cost, key, view_key, build=build)
+    return Plan("walk", count, want, walk_cost, key, view_key, build=build)
+
+
+def filter_graph_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
+    """A walk of a filter graph of ``count`` rows (of a graph of ``live``): the candidates it asks
+    for, and what it costs (WALK_COST a candidate: a smaller graph walks no faster a candidate)."""
+    want = min(count, math.ceil(filter_graph_beam(count / live) * max(k, ef)))
+    return want, WALK_COST * want
+
+
+def filter_graph_beam(share: float) -> float:
+    """How many times ef a filter graph's walk asks for: the graph of a filter keeping ``share``
+    of the set is sparser in the set's noise, so its walk is rougher at the same beam. On the
+    shared 100,000 x 384 set (M 16, ef_construction 200), recall@10 inside the filter at ef 64 /
+    128: 30% 0.970 / 0.982, 20% 0.937 / 0.955, 10% 0.844 / 0.909 (docs/benchmarks.md, "Filter
+    graphs"): 1 from 30% up, 2.25 at 20%, 4 at most (10% then costs more than its view scan)."""
+    return min(4.0, max(1.0, (0.3 / share) ** 2))
 
 
 def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:

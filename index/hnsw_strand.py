@@ -20,7 +20,7 @@ into a graph nobody searches yet. The strand has three kinds of part:
 Labels only grow, so graph labels < frozen labels < growing labels. The parts and their exact
 scoring live in index/hnsw_parts.py.
 
-Two background threads per strand, each alive only while it has work:
+Three background threads per strand, each alive only while it has work:
 
 * the **sealer** builds every frozen block's live rows into a new graph (no lock held),
   then appends it under the write lock, marking the deletes made meanwhile. Writers wait,
@@ -33,8 +33,12 @@ Two background threads per strand, each alive only while it has work:
   pays, so a strand that was loaded and then queried is searched as one graph. It builds in chunks and stops
   between them when the strand closes. The merged graph replaces its inputs under the
   write lock.
+* the **filter graph builder** builds, for a filter that repeats and keeps 20-45% of a graph,
+  an hnswlib graph of just those rows (index/hnsw_filter_graphs.py), at most
+  FILTER_GRAPH_QUEUE waiting; it stops between chunks when the strand closes or the graph
+  was merged away (its filter graphs go with it).
 
-Both build on BUILD_THREADS threads (every core but one: searches keep a core) and copy
+All three build on BUILD_THREADS threads (every core but one: searches keep a core) and copy
 rows COPY_CHUNK at a time (numpy holds the GIL while it copies).
 
 During recovery (before ``start``) nothing searches, so frozen rows go straight into the
@@ -49,9 +53,9 @@ sort over the parts' padded rows): a query's hits are the same bits in any batch
 
 With a filter (a bool mask over labels, one for the whole batch; the service still sends a
 filtered BatchSearch one query at a time), each graph is planned on its own: a view scan, a
-gather scan or a walk, whichever costs least (index/hnsw_plan.py owns the cost model). Both
-scans are exact; the walk keeps recall@10 inside the filter >= 0.95. No Python callback runs
-per visited node.
+gather scan, a walk or a walk of the filter's own graph, whichever costs least
+(index/hnsw_plan.py owns the cost model). Both scans are exact; the walks keep recall@10
+inside the filter >= 0.95. No Python callback runs per visited node.
 
 In a checkpoint generation directory (``save`` / ``load``)::
 
@@ -71,10 +75,12 @@ that ``present`` (the checkpoint's live labels with a vector) leaves out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,7 +90,23 @@ import numpy as np
 from . import durable, hnsw_plan, hnsw_tiers, hnswfile
 from .dense import hnsw_memory_bytes, score_rows
 from .errors import DataLoss
-from .hnsw_parts import EMPTY, PAD, SPACES, Block, Graph, Hit, Hits, best, best_exact, inside, mark, unpadded, walk
+from .hnsw_filter_graphs import FilterGraph
+from .hnsw_parts import (
+    EMPTY,
+    PAD,
+    SPACES,
+    Block,
+    Graph,
+    Hit,
+    Hits,
+    best,
+    best_exact,
+    inside,
+    mark,
+    unpadded,
+    walk,
+    walk_index,
+)
 from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
@@ -106,6 +128,7 @@ COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384
 BUILD_THREADS = max(1, (os.cpu_count() or 2) - 1)
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
 ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
+FILTER_GRAPH_QUEUE = 4  # filter graph builds that may wait for the builder; more are asked again later
 
 
 class HnswStrand(HoldsLabels):
@@ -122,6 +145,8 @@ class HnswStrand(HoldsLabels):
         self._pending = 0  # rows frozen and not yet sealed
         self._sealer: threading.Thread | None = None
         self._merger: threading.Thread | None = None
+        self._filter_builder: threading.Thread | None = None
+        self._filter_asks: deque[tuple[Graph, bytes, int]] = deque()  # (graph, filter key, rows) to build
         self._closing = False
         self._failures = 0  # seals failed in a row (writers stop waiting for room meanwhile)
         self._last_seal = time.monotonic()
@@ -146,12 +171,13 @@ class HnswStrand(HoldsLabels):
                 self._start("merger")
 
     def close(self) -> None:
-        """Stop both threads (a running merge is abandoned at its next chunk) and wait for them.
+        """Stop the background threads (a running merge or filter graph build is abandoned at its next
+        chunk) and wait for them.
         Never call it holding the shard's lock: a thread may be waiting for it to swap."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            threads = [t for t in (self._sealer, self._merger) if t is not None]
+            threads = [t for t in (self._sealer, self._merger, self._filter_builder) if t is not None]
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join()
@@ -220,15 +246,15 @@ class HnswStrand(HoldsLabels):
     # ------------------------------------------------------------------- reads
 
     def memory_bytes(self) -> int:
-        """Estimated resident bytes: every graph (``hnsw_memory_bytes``), its vectors' copy and filter views, the
-        frozen and growing blocks and the live-label mask."""
+        """Estimated resident bytes: every graph (``hnsw_memory_bytes``), its vectors' copy, filter views
+        and filter graphs, the frozen and growing blocks and the live-label mask."""
         total = self._present.mask.nbytes + self._growing.vectors.nbytes + self._growing.labels.nbytes
         total += sum(block.vectors.nbytes + block.labels.nbytes for block in self._frozen)
         spec = self.spec
         for graph in self._graphs:
             index = graph.graph
             total += hnsw_memory_bytes(index.get_max_elements(), index.get_current_count(), spec.dim, spec.hnsw.m)
-            total += graph.vectors.nbytes + graph.labels.nbytes + graph.views.nbytes
+            total += graph.vectors.nbytes + graph.labels.nbytes + graph.views.nbytes + graph.fgraphs.nbytes
         return total
 
     def segments(self) -> dict[str, int]:
@@ -293,7 +319,7 @@ class HnswStrand(HoldsLabels):
         for graph in self._graphs:
             if graph.live > 0:
                 plan = hnsw_plan.graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
-                cost += plan[3] if plan is not None else 0.0
+                cost += plan.cost if plan is not None else 0.0
         return cost + sum(block.n for block in (*self._frozen, self._growing.view()))
 
     def _present_and(self, allowed: np.ndarray) -> np.ndarray:
@@ -317,8 +343,15 @@ class HnswStrand(HoldsLabels):
         plan = hnsw_plan.graph_plan(graph, window, k, ef)
         if plan is None:
             return None
-        scan, count, want, _, key = plan
-        if scan:
+        if plan.build:
+            self._ask_filter_graph(graph, plan)
+        count, want, key = plan.count, plan.want, plan.view_key
+        if plan.filter_graph is not None:  # every row of it matches: its best are the filter's
+            found = walk_index(plan.filter_graph.index, queries, want)
+            if found is not None:
+                return self._rescored(graph, queries, found[:, : k + _SLACK], k)
+            return self._scan_graph(graph, window, key, queries, k)
+        if plan.kind == "scan":
             return self._scan_graph(graph, window, key, queries, k)
         found = walk(graph, queries, want)
         if found is None:  # the exact scan is always right
@@ -400,6 +433,8 @@ class HnswStrand(HoldsLabels):
             self._sealer = _thread(self._seal_loop, f"braid-seal-{self.spec.name}")
         elif which == "merger" and self._merger is None:
             self._merger = _thread(self._merge_loop, f"braid-merge-{self.spec.name}")
+        elif which == "filter graphs" and self._filter_builder is None:
+            self._filter_builder = _thread(self._filter_graph_loop, f"braid-filter-graphs-{self.spec.name}")
         self._cond.notify_all()
 
     def _seal_loop(self) -> None:
@@ -556,6 +591,58 @@ class HnswStrand(HoldsLabels):
             chunk = slice(start, start + BUILD_CHUNK)
             index.add_items(vectors[chunk], labels[chunk], num_threads=BUILD_THREADS)
         return Graph(index, labels, vectors)
+
+    # ---------------------------------------------------------- filter graphs
+
+    def _ask_filter_graph(self, graph: Graph, plan: hnsw_plan.Plan) -> None:
+        """Queue the build of a filter's own graph (index/hnsw_filter_graphs.py); given up when the
+        strand is not serving (recovery) or FILTER_GRAPH_QUEUE builds wait already."""
+        assert plan.key is not None
+        with self._cond:
+            if self._lock is None or self._closing or len(self._filter_asks) >= FILTER_GRAPH_QUEUE:
+                graph.fgraphs.given_up(plan.key)
+                return
+            self._filter_asks.append((graph, plan.key, plan.count))
+            self._start("filter graphs")
+
+    def _filter_graph_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._closing or not self._filter_asks:
+                    for graph, key, _ in self._filter_asks:
+                        graph.fgraphs.given_up(key)
+                    self._filter_asks.clear()
+                    self._filter_builder = None
+                    self._cond.notify_all()
+                    return
+                graph, key, rows = self._filter_asks.popleft()
+            self._job("filter-graph", functools.partial(self._filter_graph, graph, key, rows))
+
+    def _filter_graph(self, graph: Graph, key: bytes, rows: int) -> bool:
+        """Build and keep the graph of exactly the rows of ``graph`` the filter ``key`` names (their
+        labels, their stored vectors), off every lock in chunks; False when the strand closed or the
+        graph was merged away first."""
+        kept = False
+        try:
+            window = np.unpackbits(np.frombuffer(key, np.uint8))[: graph.top - graph.first + 1].view(bool)
+            found = np.flatnonzero(window)
+            at = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
+            assert len(at) == rows, "a filter key names the rows it was counted with"
+            spec = self.spec
+            index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
+            index.init_index(max_elements=rows, M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
+            index.set_ef(1)  # a walk asks for its own beam (as a sealed graph's: _build)
+            for start in range(0, rows, COPY_CHUNK):  # each chunk's gather holds the GIL ~0.3 ms
+                if self._closing or graph not in self._graphs:
+                    return False
+                chunk = at[start : start + COPY_CHUNK]
+                index.add_items(graph.vectors[chunk], graph.labels[chunk], num_threads=BUILD_THREADS)
+            nbytes = hnsw_memory_bytes(rows, rows, spec.dim, spec.hnsw.m)
+            kept = graph.fgraphs.put(key, FilterGraph(index, rows, nbytes))
+            return True
+        finally:
+            if not kept:
+                graph.fgraphs.given_up(key)
 
     def _install(self, fresh: Graph, deleted: list[int]) -> None:
         """Mark in ``fresh`` the labels deleted while it was built (caller excludes searches) and count its dead."""
