@@ -409,6 +409,12 @@ def test_cluster_metrics(local_cluster: Callable[..., LocalCluster]) -> None:  #
         with pytest.raises(grpc.RpcError) as info:
             client.stub.Search(hybrid(), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # An aborted call's status reaches the client as the handler aborts, before the server's
+        # request counter records it (on a loaded machine the scrape can come first): wait for it.
+        wait_for(
+            lambda: value(scrape(router_port), "braid_rpc_requests_total", method="Search", code="UNAVAILABLE") == 1,
+            what="the failed Search counted as UNAVAILABLE",
+        )
         routed = scrape(router_port)
         assert value(routed, "braid_router_retries_total", code="UNAVAILABLE") >= 1
         assert value(routed, "braid_rpc_requests_total", method="Search", code="UNAVAILABLE") == 1
