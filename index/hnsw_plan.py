@@ -118,9 +118,10 @@ def filter_graph_beam(share: float) -> float:
     """How many times ef a filter graph's walk asks for: the graph of a filter keeping ``share``
     of the set is sparser in the set's noise, so its walk is rougher at the same beam. On the
     shared 100,000 x 384 set (M 16, ef_construction 200), recall@10 inside the filter at ef 64 /
-    128: 30% 0.970 / 0.982, 20% 0.937 / 0.955, 10% 0.844 / 0.909 (docs/benchmarks.md, "Filter
-    graphs"): 1 from 30% up, 2.25 at 20%, 4 at most (10% then costs more than its view scan)."""
-    return min(4.0, max(1.0, (0.3 / share) ** 2))
+    128: 30% 0.957-0.970 / 0.982, 20% 0.937 / 0.955, 10% 0.844 / 0.909 (docs/benchmarks.md,
+    "Filter graphs"): 1.25 at 30% (ef 80), 2.3 at 20%, 1 from 40% up, 4 at most (at 10% the
+    walk then costs more than the view scan, so no graph is built)."""
+    return min(4.0, max(1.0, 1.25 * (0.3 / share) ** 1.5))
 
 
 def walk_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
