@@ -23,13 +23,11 @@ from braid.index import hnsw_filter_graphs, hnsw_plan
 from braid.index.filters import Filter, Match, Range
 from braid.index.hnsw_filter_graphs import FilterGraph, FilterGraphs
 from braid.index.hnsw_strand import HnswStrand
-from braid.index.records import DocumentWrite
-from braid.index.schema import Metric, PayloadFieldSpec, PayloadType, Schema
-from braid.index.shard import Shard
+from braid.index.schema import Metric
 
 from .conftest import random_vectors
-from .test_filter_planner import N, _one_graph, small_blocks  # noqa: F401
-from .test_hnsw_segments import DIM, _Fill, _spec, _truth
+from .test_filter_planner import N, _one_graph, small_blocks, tagged_shard  # noqa: F401
+from .test_hnsw_segments import DIM, _Fill, _truth
 
 BUILT_S = 60.0  # deadline for a background build (under a second on an idle machine)
 
@@ -207,22 +205,7 @@ def test_a_shard_filter_is_answered_from_its_graph(
 ) -> None:
     """must / should / must_not over a keyword and an int field, through the shard's mask: once the
     filter's graph is built, its answers hold only matching documents and recall@10 >= 0.95."""
-    schema = Schema(
-        dense_fields=[_spec()],
-        payload_fields=[PayloadFieldSpec("tag", PayloadType.KEYWORD), PayloadFieldSpec("r", PayloadType.INT)],
-    )
-    rng = np.random.default_rng(38)
-    vectors = random_vectors(N, DIM, seed=39)
-    tags = rng.choice(["a", "b", "c"], N)
-    r = rng.integers(0, 1000, N)
-    shard = Shard.open(tmp_path / "s", schema, 0)
-    docs = [
-        DocumentWrite(id=str(i), dense={"emb": vectors[i]}, payload={"tag": str(tags[i]), "r": int(r[i])})
-        for i in range(N)
-    ]
-    for start in range(0, N, 1000):
-        shard.upsert(docs[start : start + 1000])
-    assert shard.wait_merged(120, settled=True)
+    shard, vectors, tags, r = tagged_shard(tmp_path, ["a", "b", "c"], seed=38)
     flt = Filter(
         must=(Range("r", lt=480),),
         should=(Match("tag", "a"), Match("tag", "b")),

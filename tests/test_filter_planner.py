@@ -170,18 +170,16 @@ def test_walks_keep_recall_inside_the_filter(small_blocks: None, monkeypatch: py
     fill.strand.close()
 
 
-def test_a_shard_filter_matches_brute_force_under_every_plan(
-    small_blocks: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """must / should / must_not over a keyword and an int field, through the shard's mask: each
-    plan returns only matching documents, and the exact plans exactly the best ones."""
+def tagged_shard(tmp_path: Path, values: list[str], seed: int) -> tuple[Shard, np.ndarray, np.ndarray, np.ndarray]:
+    """A real shard of N documents in one settled graph: vector, keyword "tag" (one of ``values``)
+    and int "r" in [0, 1000); returns it with the vectors, tags and r by document id."""
     schema = Schema(
         dense_fields=[_spec()],
         payload_fields=[PayloadFieldSpec("tag", PayloadType.KEYWORD), PayloadFieldSpec("r", PayloadType.INT)],
     )
-    rng = np.random.default_rng(16)
-    vectors = random_vectors(N, DIM, seed=17)
-    tags = rng.choice(["a", "b", "c", "d"], N)
+    rng = np.random.default_rng(seed)
+    vectors = random_vectors(N, DIM, seed=seed + 1)
+    tags = rng.choice(values, N)
     r = rng.integers(0, 1000, N)
     shard = Shard.open(tmp_path / "s", schema, 0)
     docs = [
@@ -191,6 +189,15 @@ def test_a_shard_filter_matches_brute_force_under_every_plan(
     for start in range(0, N, 1000):
         shard.upsert(docs[start : start + 1000])
     assert shard.wait_merged(120, settled=True)
+    return shard, vectors, tags, r
+
+
+def test_a_shard_filter_matches_brute_force_under_every_plan(
+    small_blocks: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """must / should / must_not over a keyword and an int field, through the shard's mask: each
+    plan returns only matching documents, and the exact plans exactly the best ones."""
+    shard, vectors, tags, r = tagged_shard(tmp_path, ["a", "b", "c", "d"], seed=16)
     flt = Filter(
         must=(Range("r", gte=100, lt=500),),
         should=(Match("tag", "a"), Match("tag", "b")),
