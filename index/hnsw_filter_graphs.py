@@ -95,6 +95,11 @@ class FilterGraphs:
         with self._lock:
             self._asked.discard(key)
 
+    def room(self, rows: int) -> bool:
+        """Whether a graph of ``rows`` rows would be kept now (a builder asks before it builds)."""
+        with self._lock:
+            return self._room(rows)
+
     def _room(self, rows: int) -> bool:
         """Whether ``rows`` more fit, once the filter graphs unused for IDLE_S are dropped (caller holds the lock)."""
         idle = time.monotonic() - IDLE_S

@@ -620,10 +620,12 @@ class HnswStrand(HoldsLabels):
 
     def _filter_graph(self, graph: Graph, key: bytes, rows: int) -> bool:
         """Build and keep the graph of exactly the rows of ``graph`` the filter ``key`` names (their
-        labels, their stored vectors), off every lock in chunks; False when the strand closed or the
-        graph was merged away first."""
+        labels, their stored vectors), off every lock in chunks; False when the strand closed, the
+        graph was merged away or the graphs in use took its room first."""
         kept = False
         try:
+            if not graph.fgraphs.room(rows):
+                return False
             window = np.unpackbits(np.frombuffer(key, np.uint8))[: graph.top - graph.first + 1].view(bool)
             found = np.flatnonzero(window)
             at = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)

@@ -19,7 +19,7 @@ import hnswlib
 import numpy as np
 import pytest
 
-from braid.index import hnsw_filter_graphs, hnsw_plan
+from braid.index import hnsw_filter_graphs, hnsw_plan, hnsw_strand
 from braid.index.filters import Filter, Match, Range
 from braid.index.hnsw_filter_graphs import FilterGraph, FilterGraphs
 from braid.index.hnsw_strand import HnswStrand
@@ -229,3 +229,44 @@ def test_a_shard_filter_is_answered_from_its_graph(
             found += len(set(ids) & set(_truth(vectors, live, query, 10, Metric.COSINE)))
     assert found / (10 * (len(queries) - 3)) >= 0.95
     shard.close()
+
+
+def test_many_filters_at_once_stay_within_the_queue_and_the_budget(
+    small_blocks: None,  # noqa: F811
+    eager: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Six filters of 30% come due while the builder is busy: at most FILTER_GRAPH_QUEUE wait, the
+    rest are given up (they may be asked again); once it runs, the graphs kept fit the budget (a
+    graph's rows), and the builds that find no room left are not made and are given up too."""
+    fill = _one_graph(gaps=False)
+    [graph] = fill.strand._graphs
+    started, release = threading.Event(), threading.Event()
+    build = HnswStrand._filter_graph
+
+    def held(self: HnswStrand, *args: object) -> bool:
+        started.set()
+        assert release.wait(BUILT_S)
+        return build(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HnswStrand, "_filter_graph", held)
+    rng = np.random.default_rng(41)
+    filters = [rng.random(N) < 0.3 for _ in range(6)]
+    queries = random_vectors(3, DIM, seed=42)
+    for allowed in filters:
+        for query in queries:
+            fill.search(query, 10, ef=64, allowed=allowed)
+    assert started.wait(BUILT_S)
+    assert len(fill.strand._filter_asks) == hnsw_strand.FILTER_GRAPH_QUEUE  # one building, four waiting
+    assert len(graph.fgraphs._asked) == 1 + hnsw_strand.FILTER_GRAPH_QUEUE  # the sixth was given up
+    release.set()
+    deadline = time.monotonic() + BUILT_S
+    while fill.strand._filter_builder is not None:
+        assert time.monotonic() < deadline, "the builder did not finish"
+        time.sleep(0.01)
+    # 1,170-1,230 rows each against a budget of 4,000: three fit, the last two found no room
+    assert len(graph.fgraphs) == 3 and graph.fgraphs.rows <= graph.fgraphs.budget
+    assert not graph.fgraphs._asked
+    outcomes = fill.strand.stats.outcomes
+    assert outcomes.get(("hnsw-filter-graph", "ok")) == 3 and outcomes.get(("hnsw-filter-graph", "cancelled")) == 2
+    fill.strand.close()
