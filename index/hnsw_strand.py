@@ -112,6 +112,7 @@ from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
 from .pacing import background_priority
 from .schema import DenseFieldSpec, Metric
+from .split_scan import dot_rows, top_columns
 from .stats import JobStats
 
 log = logging.getLogger("braid.hnsw")
@@ -413,12 +414,13 @@ class HnswStrand(HoldsLabels):
         if not len(labels):
             return None
         metric = Metric.DOT if self.spec.metric is Metric.COSINE else self.spec.metric  # queries are normalised
-        scores = score_rows(metric, queries, vectors)  # float32, one matrix product: a first ranking
+        # float32, one matrix product (a large one on two threads: index/split_scan.py): a first ranking
+        scores = dot_rows(queries, vectors) if metric is Metric.DOT else score_rows(metric, queries, vectors)
         if keep is not None:  # scored in place (reading rows in order costs less than copying them)
             scores[:, ~keep] = -np.inf
         want = min(k + _SLACK, allowed)  # every row with a finite score is allowed
         if want < len(labels):
-            top = np.argpartition(scores, len(labels) - want, axis=1)[:, len(labels) - want :]
+            top = top_columns(scores, want)
         else:
             top = np.broadcast_to(np.arange(len(labels)), (len(queries), len(labels)))
         return best_exact(self.spec.metric, queries, labels[top], vectors[top], k)

@@ -253,10 +253,11 @@ def test_many_filters_at_once_stay_within_the_queue_and_the_budget(
     rng = np.random.default_rng(41)
     filters = [rng.random(N) < 0.3 for _ in range(6)]
     queries = random_vectors(3, DIM, seed=42)
-    for allowed in filters:
+    for i, allowed in enumerate(filters):
         for query in queries:
             fill.search(query, 10, ef=64, allowed=allowed)
-    assert started.wait(BUILT_S)
+        if i == 0:  # the builder holds the first before the others come due
+            assert started.wait(BUILT_S)
     assert len(fill.strand._filter_asks) == hnsw_strand.FILTER_GRAPH_QUEUE  # one building, four waiting
     assert len(graph.fgraphs._asked) == 1 + hnsw_strand.FILTER_GRAPH_QUEUE  # the sixth was given up
     release.set()
