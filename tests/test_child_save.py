@@ -15,8 +15,10 @@ import sys
 import textwrap
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import hnswlib
 import numpy as np
 import pytest
@@ -199,3 +201,42 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_child_saves_beside_a_grpc_server_finish_and_hold_no_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """In a process serving gRPC (the server's case), grpc's fork handlers may restart its poller
+    threads in the child: closing their epoll set made the child abort (2 saves in 5). Four saves
+    of 1.5 s each finish, and each child holds none of the inherited sockets while it saves."""
+    monkeypatch.setattr(child_save, "CHILD_SAVE_BYTES", 1)
+    children = forks(monkeypatch)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for i in range(4):
+            sockets_seen: list[list[str]] = []
+
+            def watch(count: int = i, sockets_seen: list[list[str]] = sockets_seen) -> None:
+                deadline = time.monotonic() + 30
+                while len(children) <= count and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                pid = children[count]
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # the child closes them as it starts
+                    try:
+                        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+                    except OSError:
+                        continue  # a descriptor closed while listed
+                    sockets_seen.append([link for link in links if link.startswith("socket:")])
+                    if not sockets_seen[-1]:
+                        return
+                    time.sleep(0.02)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            hnswfile.save(SlowIndex(graph(300), seconds=1.5), tmp_path / f"g{i}.hnsw", 32)
+            watcher.join()
+            assert hnswfile.check(tmp_path / f"g{i}.hnsw", 32, 300) is None
+            assert sockets_seen and not sockets_seen[-1], f"save {i}: the child kept sockets {sockets_seen[-1:]}"
+    finally:
+        server.stop(None)
