@@ -163,15 +163,9 @@ def test_a_filter_graph_in_use_keeps_its_room(monkeypatch: pytest.MonkeyPatch) -
     assert graphs.get(b"a") is None and graphs.get(b"b") is not None and graphs.rows == 60
 
 
-def test_closing_mid_build_abandons_it(
-    small_blocks: None,  # noqa: F811
-    eager: None,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The strand closes while a build waits to start its first chunk: close returns, the build
-    stops with nothing kept, and the filter may be asked again."""
-    fill = _one_graph(gaps=False)
-    [graph] = fill.strand._graphs
+def _hold_builds(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Each filter graph build waits, once its builder took it, until ``release`` is set; ``started``
+    is set as the first one waits."""
     started, release = threading.Event(), threading.Event()
     build = HnswStrand._filter_graph
 
@@ -181,6 +175,19 @@ def test_closing_mid_build_abandons_it(
         return build(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(HnswStrand, "_filter_graph", held)
+    return started, release
+
+
+def test_closing_mid_build_abandons_it(
+    small_blocks: None,  # noqa: F811
+    eager: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The strand closes while a build waits to start its first chunk: close returns, the build
+    stops with nothing kept, and the filter may be asked again."""
+    fill = _one_graph(gaps=False)
+    [graph] = fill.strand._graphs
+    started, release = _hold_builds(monkeypatch)
     allowed = np.random.default_rng(36).random(N) < 0.3
     for query in random_vectors(3, DIM, seed=37):
         fill.search(query, 10, ef=64, allowed=allowed)
@@ -241,15 +248,7 @@ def test_many_filters_at_once_stay_within_the_queue_and_the_budget(
     graph's rows), and the builds that find no room left are not made and are given up too."""
     fill = _one_graph(gaps=False)
     [graph] = fill.strand._graphs
-    started, release = threading.Event(), threading.Event()
-    build = HnswStrand._filter_graph
-
-    def held(self: HnswStrand, *args: object) -> bool:
-        started.set()
-        assert release.wait(BUILT_S)
-        return build(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(HnswStrand, "_filter_graph", held)
+    started, release = _hold_builds(monkeypatch)
     rng = np.random.default_rng(41)
     filters = [rng.random(N) < 0.3 for _ in range(6)]
     queries = random_vectors(3, DIM, seed=42)
