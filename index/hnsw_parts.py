@@ -94,6 +94,11 @@ class Graph:
     def live(self) -> int:
         return len(self.labels) - self.dead
 
+    def rows(self, window: np.ndarray) -> np.ndarray:
+        """The rows (of ``labels`` and ``vectors``) of the labels a mask from the first label allows."""
+        found = np.flatnonzero(window)
+        return found if self.dense else np.searchsorted(self.labels, found + self.first)
+
 
 def walk(graph: Graph, queries: np.ndarray, want: int) -> np.ndarray | None:
     """The graph's ``want`` nearest labels of each query (one row each, nearest first); None when it

@@ -383,8 +383,7 @@ class HnswStrand(HoldsLabels):
             keep = window if dense else inside(window, graph.labels - graph.first)
             hits = self._scan(graph.labels, graph.vectors, queries, k, keep)
         else:
-            found = np.flatnonzero(window)
-            rows = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
+            rows = graph.rows(window)
             labels, vectors = graph.labels[rows], graph.vectors[rows]
             graph.views.put(key, labels, vectors)
             hits = self._scan(labels, vectors, queries, k, None)
@@ -578,15 +577,20 @@ class HnswStrand(HoldsLabels):
                 at += rows
         return labels, vectors
 
-    def _build(self, labels: np.ndarray, vectors: np.ndarray) -> Graph:
-        """A new graph of these rows, built off every lock in chunks (hnswlib releases the GIL while it
-        inserts); stops early, unfinished, when the strand closes (the caller then drops it)."""
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        """An empty hnswlib graph of this field's space and parameters for ``capacity`` rows."""
         spec = self.spec
         index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
-        index.init_index(max_elements=max(len(labels), 1), M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
+        index.init_index(max_elements=max(capacity, 1), M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
         # The index-wide ef stays tiny: a query raises its own beam by asking for more
         # neighbours (hnswlib searches with max(ef, k)); set_ef is state concurrent queries would race on.
         index.set_ef(1)
+        return index
+
+    def _build(self, labels: np.ndarray, vectors: np.ndarray) -> Graph:
+        """A new graph of these rows, built off every lock in chunks (hnswlib releases the GIL while it
+        inserts); stops early, unfinished, when the strand closes (the caller then drops it)."""
+        index = self._new_index(len(labels))
         for start in range(0, len(labels), BUILD_CHUNK):
             if self._closing:
                 break
@@ -629,19 +633,15 @@ class HnswStrand(HoldsLabels):
             if not graph.fgraphs.room(rows):
                 return False
             window = np.unpackbits(np.frombuffer(key, np.uint8))[: graph.top - graph.first + 1].view(bool)
-            found = np.flatnonzero(window)
-            at = found if graph.dense else np.searchsorted(graph.labels, found + graph.first)
+            at = graph.rows(window)
             assert len(at) == rows, "a filter key names the rows it was counted with"
-            spec = self.spec
-            index = hnswlib.Index(space=SPACES[spec.metric], dim=spec.dim)
-            index.init_index(max_elements=rows, M=spec.hnsw.m, ef_construction=spec.hnsw.ef_construction)
-            index.set_ef(1)  # a walk asks for its own beam (as a sealed graph's: _build)
+            index = self._new_index(rows)
             for start in range(0, rows, COPY_CHUNK):  # each chunk's gather holds the GIL ~0.3 ms
                 if self._closing or graph not in self._graphs:
                     return False
                 chunk = at[start : start + COPY_CHUNK]
                 index.add_items(graph.vectors[chunk], graph.labels[chunk], num_threads=BUILD_THREADS)
-            nbytes = hnsw_memory_bytes(rows, rows, spec.dim, spec.hnsw.m)
+            nbytes = hnsw_memory_bytes(rows, rows, self.spec.dim, self.spec.hnsw.m)
             kept = graph.fgraphs.put(key, FilterGraph(index, rows, nbytes))
             return True
         finally:
