@@ -73,7 +73,7 @@ def forget_views(strand: HnswStrand) -> None:
 def wait_built(strand: HnswStrand, deadline_s: float = 600.0) -> float:
     """Until the strand's filter graph builds asked so far are done; the seconds waited."""
     started = time.perf_counter()
-    while strand._filter_builder is not None or strand._filter_asks:
+    while strand._filter_graphs.busy():
         if time.perf_counter() - started > deadline_s:
             raise TimeoutError("filter graph builds still running")
         time.sleep(0.05)

@@ -34,8 +34,8 @@ Three background threads per strand, each alive only while it has work:
   between them when the strand closes. The merged graph replaces its inputs under the
   write lock.
 * the **filter graph builder** builds, for a filter that repeats and keeps 20-45% of a graph,
-  an hnswlib graph of just those rows (index/hnsw_filter_graphs.py), at most
-  FILTER_GRAPH_QUEUE waiting; it stops between chunks when the strand closes or the graph
+  an hnswlib graph of just those rows (index/hnsw_filter_graphs.py; its queue and thread:
+  index/hnsw_filter_builder.py); it stops between chunks when the strand closes or the graph
   was merged away (its filter graphs go with it).
 
 All three build on BUILD_THREADS threads (every core but one: searches keep a core) and copy
@@ -75,12 +75,10 @@ that ``present`` (the checkpoint's live labels with a vector) leaves out.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,8 +88,9 @@ import numpy as np
 from . import durable, hnsw_plan, hnsw_tiers, hnswfile
 from .dense import hnsw_memory_bytes, score_rows
 from .errors import DataLoss
-from .hnsw_filter_graphs import FilterGraph
+from .hnsw_filter_builder import FilterGraphBuilder
 from .hnsw_parts import (
+    COPY_CHUNK,
     EMPTY,
     PAD,
     SPACES,
@@ -102,6 +101,7 @@ from .hnsw_parts import (
     best,
     best_exact,
     inside,
+    live_rows,
     mark,
     unpadded,
     walk,
@@ -110,7 +110,7 @@ from .hnsw_parts import (
 from .labelmask import HoldsLabels, LabelMask
 from .locks import ReadWriteLock
 from .manifest import dumps_checked, read_json
-from .pacing import background_priority
+from .pacing import background_thread
 from .schema import DenseFieldSpec, Metric
 from .split_scan import dot_rows, top_columns
 from .stats import JobStats
@@ -123,13 +123,11 @@ MAX_PENDING_ROWS = 16 * SEAL_ROWS  # writers wait while more rows than this are 
 MAX_GRAPHS = 12  # writers also wait while more graphs than this wait for the merger
 IDLE_MERGE_S = 5.0  # after this long without a seal or a write, every graph may be merged into one
 BUILD_CHUNK = 4096  # rows a merge inserts between looks at whether the strand is closing
-COPY_CHUNK = 1024  # rows copied at a time while the GIL is held (~0.4 ms at 384 dims)
 # Background builds leave a core to searches: on every core they would slow searches by the
 # CPU they take (recovery, which nothing searches, builds on every core).
 BUILD_THREADS = max(1, (os.cpu_count() or 2) - 1)
 _SLACK = 4  # candidates past k that get exact scores: the first ranking may round differently
 ROOM_WAIT_S = 60.0  # a writer waits at most this long for the sealer before it goes on anyway
-FILTER_GRAPH_QUEUE = 4  # filter graph builds that may wait for the builder; more are asked again later
 
 
 class HnswStrand(HoldsLabels):
@@ -146,8 +144,9 @@ class HnswStrand(HoldsLabels):
         self._pending = 0  # rows frozen and not yet sealed
         self._sealer: threading.Thread | None = None
         self._merger: threading.Thread | None = None
-        self._filter_builder: threading.Thread | None = None
-        self._filter_asks: deque[tuple[Graph, bytes, int]] = deque()  # (graph, filter key, rows) to build
+        self._filter_graphs = FilterGraphBuilder(
+            spec, self._new_index, self._filter_graph_stopped, self._job, COPY_CHUNK, BUILD_THREADS
+        )
         self._closing = False
         self._failures = 0  # seals failed in a row (writers stop waiting for room meanwhile)
         self._last_seal = time.monotonic()
@@ -166,6 +165,7 @@ class HnswStrand(HoldsLabels):
             graph.mutable = False
         with self._cond:
             self._lock = lock
+            self._filter_graphs.serve()
             if self._frozen:
                 self._start("sealer")
             if len(self._graphs) > 1:
@@ -178,9 +178,9 @@ class HnswStrand(HoldsLabels):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            threads = [t for t in (self._sealer, self._merger, self._filter_builder) if t is not None]
+            threads = [self._sealer, self._merger, self._filter_graphs.close()]
         for thread in threads:
-            if thread is not threading.current_thread():
+            if thread is not None and thread is not threading.current_thread():
                 thread.join()
 
     # ------------------------------------------------------------------ writes
@@ -345,7 +345,8 @@ class HnswStrand(HoldsLabels):
         if plan is None:
             return None
         if plan.build:
-            self._ask_filter_graph(graph, plan)
+            assert plan.key is not None
+            self._filter_graphs.ask(graph, plan.key, plan.count)
         count, want, key = plan.count, plan.want, plan.view_key
         if plan.filter_graph is not None:  # every row of it matches: its best are the filter's
             found = walk_index(plan.filter_graph.index, queries, want)
@@ -431,11 +432,9 @@ class HnswStrand(HoldsLabels):
         if self._closing:
             return
         if which == "sealer" and self._sealer is None:
-            self._sealer = _thread(self._seal_loop, f"braid-seal-{self.spec.name}")
+            self._sealer = background_thread(self._seal_loop, f"braid-seal-{self.spec.name}")
         elif which == "merger" and self._merger is None:
-            self._merger = _thread(self._merge_loop, f"braid-merge-{self.spec.name}")
-        elif which == "filter graphs" and self._filter_builder is None:
-            self._filter_builder = _thread(self._filter_graph_loop, f"braid-filter-graphs-{self.spec.name}")
+            self._merger = background_thread(self._merge_loop, f"braid-merge-{self.spec.name}")
         self._cond.notify_all()
 
     def _seal_loop(self) -> None:
@@ -493,57 +492,58 @@ class HnswStrand(HoldsLabels):
 
     def _seal(self) -> bool:
         """Build every frozen block into one new graph and append it; False when closing stopped it."""
-        lock = self._lock
-        assert lock is not None
-        with lock.write():
-            blocks = self._frozen
-            deleted: list[int] = []
-            self._recording.append(deleted)
-        fresh = None
-        try:
-            labels, vectors = self._live_rows(blocks)
-            fresh = self._build(labels, vectors)
-        finally:
-            with lock.write():
-                self._recording = [r for r in self._recording if r is not deleted]  # by identity
-                done = fresh is not None and not self._closing
-                if done:
-                    assert fresh is not None
-                    self._install(fresh, deleted)
-                    self._graphs += (fresh,)
-                    self._frozen = self._frozen[len(blocks) :]
-        if done:
+
+        def place(blocks: tuple[Block, ...], fresh: Graph) -> bool:
+            self._graphs += (fresh,)
+            self._frozen = self._frozen[len(blocks) :]
+            return True
+
+        blocks = self._rebuild(lambda: self._frozen, place)
+        if blocks is not None:
             with self._cond:
                 self._pending -= sum(block.n for block in blocks)
-        return done
+        return blocks is not None
 
     def _merge(self, start: int, end: int) -> bool:
         """Rebuild graphs[start:end] (adjacent) from their live rows into one; False when closing stopped it."""
+
+        def place(inputs: tuple[Graph, ...], merged: Graph) -> bool:
+            if self._graphs[start:end] != inputs:
+                return False
+            self._graphs = (*self._graphs[:start], merged, *self._graphs[end:])
+            return True
+
+        swapped = self._rebuild(lambda: self._graphs[start:end], place)
+        with self._cond:
+            self._cond.notify_all()  # writers waiting for the graph count to fall
+        return swapped is not None
+
+    def _rebuild(self, take: Callable[[], tuple], place: Callable[[tuple, Graph], bool]) -> tuple | None:
+        """Build the live rows of the parts ``take`` picks (under the write lock) into one graph, off
+        every lock; then, under the write lock again, mark in it the deletes made meanwhile and let
+        ``place`` swap it in (False: its inputs changed). The parts it replaced; None when closing
+        stopped it or ``place`` refused."""
         lock = self._lock
         assert lock is not None
         with lock.write():
-            inputs = self._graphs[start:end]
+            parts = take()
             deleted: list[int] = []
             self._recording.append(deleted)
-        merged = None
+        built, placed = None, False
         try:
-            merged = self._build(*self._live_rows(inputs))
+            built = self._build(*live_rows(self._present.mask, parts))
         finally:
             with lock.write():
                 self._recording = [r for r in self._recording if r is not deleted]  # by identity
-                swap = merged is not None and not self._closing and self._graphs[start:end] == inputs
-                if swap:
-                    assert merged is not None
-                    self._install(merged, deleted)
-                    self._graphs = (*self._graphs[:start], merged, *self._graphs[end:])
-        with self._cond:
-            self._cond.notify_all()  # writers waiting for the graph count to fall
-        return swap
+                if built is not None and not self._closing:
+                    self._install(built, deleted)  # harmless when ``place`` then drops it
+                    placed = place(parts, built)
+        return parts if placed else None
 
     def _seal_in_place(self) -> None:
         """Recovery's seal (nothing searches yet): frozen rows go into the graph this recovery made,
         or a new one. Caller holds ``_cond``."""
-        labels, vectors = self._live_rows(self._frozen)
+        labels, vectors = live_rows(self._present.mask, self._frozen)
         newest = self._graphs[-1] if self._graphs else None
         if newest is not None and newest.mutable:
             index = newest.graph
@@ -558,24 +558,6 @@ class HnswStrand(HoldsLabels):
             fresh.mutable = True
             self._graphs += (fresh,)
         self._frozen, self._pending = (), 0
-
-    def _live_rows(self, parts: tuple[Block, ...] | tuple[Graph, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """The live rows of ``parts``, in order, copied COPY_CHUNK rows at a time: numpy holds the GIL
-        while it copies, and one copy of a merge's tens of MB would stall every search that long."""
-        present = self._present.mask
-        keeps = [inside(present, part.labels) for part in parts]
-        total = sum(int(np.count_nonzero(keep)) for keep in keeps)
-        labels = np.empty(total, np.int64)
-        vectors = np.empty((total, self.spec.dim), np.float32)
-        at = 0
-        for part, keep in zip(parts, keeps, strict=True):
-            for start in range(0, len(keep), COPY_CHUNK):
-                chunk = keep[start : start + COPY_CHUNK]
-                rows = int(np.count_nonzero(chunk))
-                labels[at : at + rows] = part.labels[start : start + COPY_CHUNK][chunk]
-                vectors[at : at + rows] = part.vectors[start : start + COPY_CHUNK][chunk]
-                at += rows
-        return labels, vectors
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         """An empty hnswlib graph of this field's space and parameters for ``capacity`` rows."""
@@ -598,55 +580,9 @@ class HnswStrand(HoldsLabels):
             index.add_items(vectors[chunk], labels[chunk], num_threads=BUILD_THREADS)
         return Graph(index, labels, vectors)
 
-    # ---------------------------------------------------------- filter graphs
-
-    def _ask_filter_graph(self, graph: Graph, plan: hnsw_plan.Plan) -> None:
-        """Queue the build of a filter's own graph (index/hnsw_filter_graphs.py); given up when the
-        strand is not serving (recovery) or FILTER_GRAPH_QUEUE builds wait already."""
-        assert plan.key is not None
-        with self._cond:
-            if self._lock is None or self._closing or len(self._filter_asks) >= FILTER_GRAPH_QUEUE:
-                graph.fgraphs.given_up(plan.key)
-                return
-            self._filter_asks.append((graph, plan.key, plan.count))
-            self._start("filter graphs")
-
-    def _filter_graph_loop(self) -> None:
-        while True:
-            with self._cond:
-                if self._closing or not self._filter_asks:
-                    for graph, key, _ in self._filter_asks:
-                        graph.fgraphs.given_up(key)
-                    self._filter_asks.clear()
-                    self._filter_builder = None
-                    self._cond.notify_all()
-                    return
-                graph, key, rows = self._filter_asks.popleft()
-            self._job("filter-graph", functools.partial(self._filter_graph, graph, key, rows))
-
-    def _filter_graph(self, graph: Graph, key: bytes, rows: int) -> bool:
-        """Build and keep the graph of exactly the rows of ``graph`` the filter ``key`` names (their
-        labels, their stored vectors), off every lock in chunks; False when the strand closed, the
-        graph was merged away or the graphs in use took its room first."""
-        kept = False
-        try:
-            if not graph.fgraphs.room(rows):
-                return False
-            window = np.unpackbits(np.frombuffer(key, np.uint8))[: graph.top - graph.first + 1].view(bool)
-            at = graph.rows(window)
-            assert len(at) == rows, "a filter key names the rows it was counted with"
-            index = self._new_index(rows)
-            for start in range(0, rows, COPY_CHUNK):  # each chunk's gather holds the GIL ~0.3 ms
-                if self._closing or graph not in self._graphs:
-                    return False
-                chunk = at[start : start + COPY_CHUNK]
-                index.add_items(graph.vectors[chunk], graph.labels[chunk], num_threads=BUILD_THREADS)
-            nbytes = hnsw_memory_bytes(rows, rows, self.spec.dim, self.spec.hnsw.m)
-            kept = graph.fgraphs.put(key, FilterGraph(index, rows, nbytes))
-            return True
-        finally:
-            if not kept:
-                graph.fgraphs.given_up(key)
+    def _filter_graph_stopped(self, graph: Graph) -> bool:
+        """A filter graph build of ``graph`` stops: the strand closes, or the graph was merged away."""
+        return self._closing or graph not in self._graphs
 
     def _install(self, fresh: Graph, deleted: list[int]) -> None:
         """Mark in ``fresh`` the labels deleted while it was built (caller excludes searches) and count its dead."""
@@ -687,7 +623,7 @@ class HnswStrand(HoldsLabels):
             if not graph.mutable:  # a graph recovery may still grow is saved again next time
                 graph.file = file
             files.append(file)
-        labels, vectors = self._live_rows(blocks)
+        labels, vectors = live_rows(self._present.mask, blocks)
         if len(labels):
             durable.write_npy(directory / f"{name}.rows.npy", vectors)
             durable.write_npy(directory / f"{name}.rows-labels.npy", labels)
@@ -743,16 +679,6 @@ class HnswStrand(HoldsLabels):
         graph = Graph(index, labels, vectors)
         graph.dead = int(np.count_nonzero(~live))
         return graph
-
-
-def _thread(target: Callable[[], None], name: str) -> threading.Thread:
-    def run() -> None:
-        background_priority()  # serving threads first (index/pacing.py)
-        target()
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 def _link(source: Path | None, target: Path) -> bool:

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("braid.pacing")
 
@@ -86,3 +87,15 @@ def background_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICE)
     except (AttributeError, OSError) as err:  # not Linux, or a sandbox that forbids it
         log.debug("build thread keeps its CPU priority: %s", err)
+
+
+def background_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a daemon thread that runs ``target`` at ``background_priority``."""
+
+    def run() -> None:
+        background_priority()
+        target()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread

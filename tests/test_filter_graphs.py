@@ -19,10 +19,10 @@ import hnswlib
 import numpy as np
 import pytest
 
-from braid.index import hnsw_filter_graphs, hnsw_plan, hnsw_strand
+from braid.index import hnsw_filter_builder, hnsw_filter_graphs, hnsw_plan
 from braid.index.filters import Filter, Match, Range
+from braid.index.hnsw_filter_builder import FilterGraphBuilder
 from braid.index.hnsw_filter_graphs import FilterGraph, FilterGraphs
-from braid.index.hnsw_strand import HnswStrand
 from braid.index.schema import Metric
 
 from .conftest import random_vectors
@@ -167,14 +167,14 @@ def _hold_builds(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thre
     """Each filter graph build waits, once its builder took it, until ``release`` is set; ``started``
     is set as the first one waits."""
     started, release = threading.Event(), threading.Event()
-    build = HnswStrand._filter_graph
+    build = FilterGraphBuilder.build
 
-    def held(self: HnswStrand, *args: object) -> bool:
+    def held(self: FilterGraphBuilder, *args: object) -> bool:
         started.set()
         assert release.wait(BUILT_S)
         return build(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(HnswStrand, "_filter_graph", held)
+    monkeypatch.setattr(FilterGraphBuilder, "build", held)
     return started, release
 
 
@@ -257,11 +257,11 @@ def test_many_filters_at_once_stay_within_the_queue_and_the_budget(
             fill.search(query, 10, ef=64, allowed=allowed)
         if i == 0:  # the builder holds the first before the others come due
             assert started.wait(BUILT_S)
-    assert len(fill.strand._filter_asks) == hnsw_strand.FILTER_GRAPH_QUEUE  # one building, four waiting
-    assert len(graph.fgraphs._asked) == 1 + hnsw_strand.FILTER_GRAPH_QUEUE  # the sixth was given up
+    assert fill.strand._filter_graphs.waiting() == hnsw_filter_builder.QUEUE  # one building, four waiting
+    assert len(graph.fgraphs._asked) == 1 + hnsw_filter_builder.QUEUE  # the sixth was given up
     release.set()
     deadline = time.monotonic() + BUILT_S
-    while fill.strand._filter_builder is not None:
+    while fill.strand._filter_graphs.busy():
         assert time.monotonic() < deadline, "the builder did not finish"
         time.sleep(0.01)
     # 1,170-1,230 rows each against a budget of 4,000: three fit, the last two found no room
