@@ -11,6 +11,9 @@ It takes no lock of its own.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 from .. import records
@@ -24,6 +27,8 @@ from ..sparse import SparseIndex
 from ..text import TextIndex
 from .labels import LabelTable
 from .ops import Op
+
+MASKS = 8  # filter masks kept until the next write (a byte per label each: 8 MB in all at 1M labels)
 
 
 class Indexes:
@@ -43,6 +48,7 @@ class Indexes:
         self.dense = dense
         self.sparse = sparse
         self.text: TextIndex | None = None  # opened by recovery, after the checkpoint is loaded
+        self.masks = FilterMasks()
 
     @classmethod
     def empty(cls, schema: Schema) -> Indexes:
@@ -95,20 +101,30 @@ class Indexes:
     def apply(self, op: Op) -> int:
         """Make a prepared write visible to every strand at once (caller holds the write lock).
         Returns what it did: documents upserted, or deleted."""
-        if op.kind == records.UPSERT:
-            return self._apply_upsert(op)
-        if op.kind == records.DELETE_IDS:
-            return self._remove_ids(op.ids)
-        mask = self.allowed(op.filter)
-        return self._remove_ids([self.labels.doc_id(int(label)) for label in np.flatnonzero(mask)])
+        try:
+            if op.kind == records.UPSERT:
+                return self._apply_upsert(op)
+            if op.kind == records.DELETE_IDS:
+                return self._remove_ids(op.ids)
+            mask = self.allowed(op.filter)
+            return self._remove_ids([self.labels.doc_id(int(label)) for label in np.flatnonzero(mask)])
+        finally:
+            self.masks.clear()  # every mask of the live labels may have changed
 
     def allowed(self, flt: Filter | None) -> np.ndarray:
-        """Mask of the live labels passing ``flt`` (call under the shard's read or write lock)."""
+        """Mask of the live labels passing ``flt`` (call under the shard's read or write lock):
+        read-only, and shared with every search of the same filter until the next write."""
         size = self.labels.size
         alive = self.labels.alive[:size]
         if flt is None or flt.is_empty():
             return alive
-        return self.payload.evaluate(flt, size, self.metadata) & alive
+        key = repr(flt)  # repr, not the Filter: Match(f, 1) == Match(f, True), yet they differ by type
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = self.payload.evaluate(flt, size, self.metadata) & alive
+            mask.flags.writeable = False
+            self.masks.put(key, mask)
+        return mask
 
     def _apply_upsert(self, op: Op) -> int:
         docs, first, table = op.docs, op.first_label, self.labels
@@ -152,6 +168,41 @@ class Indexes:
             index.remove(label)
         if self.text is not None:
             self.text.remove(label)
+
+
+class FilterMasks:
+    """The masks of the last MASKS filters searched, until the next write (``apply`` clears them).
+
+    A filtered search computes its filter's mask twice without it (the server's estimate of
+    whether the search may run on its event loop, service/rpcs.py, and the search), and a
+    filter that repeats (a tenant, a dashboard's range) once per search: 50-150 us at 100,000
+    documents. Reads hold the shard's read lock and ``clear`` runs under its write lock, so a
+    mask found here is the one computing it again would give. A small lock guards the table
+    (searches run on several threads at once).
+    """
+
+    __slots__ = ("_lock", "_table")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._table: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            found = self._table.get(key)
+            if found is not None:
+                self._table.move_to_end(key)
+            return found
+
+    def put(self, key: str, mask: np.ndarray) -> None:
+        with self._lock:
+            self._table[key] = mask
+            if len(self._table) > MASKS:
+                self._table.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._table.clear()
 
 
 def _new_dense(spec: DenseFieldSpec) -> HnswStrand | SpannStrand:
