@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from braid.index import pacing
+from braid.index import hnsw_plan, pacing
 from braid.index.catalog import Catalog, Quarantined
 from braid.index.collection import Collection
 from braid.index.errors import (
@@ -26,6 +26,7 @@ from braid.index.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from braid.index.hnsw_strand import SEAL_ROWS
 from braid.index.query import SearchPlan, SearchResult
 from braid.index.schema import DenseIndexType, Schema
 from braid.index.snapshot import TAR_BLOCK
@@ -318,8 +319,8 @@ class BraidRpcs:
     def _quick_filter(self, collection: Collection, request: pb.SearchRequest) -> bool:
         """A filtered dense search on declared payload fields that the planner prices at
         QUICK_MAX_FILTER_COST at most over every shard (it picks a scan of few or contiguous rows,
-        or a short walk): the estimate costs the filter's mask, which the search then computes
-        again (tens of microseconds at 100,000 documents), against a thread hop of several hundred."""
+        or a short walk): the estimate costs the filter's mask, which the shard keeps for the search
+        (index/shard/indexes.py ``FilterMasks``), against a thread hop of a few hundred microseconds."""
         dense = request.queries[0].dense
         try:
             flt = convert.filter_from_proto(request.filter)
@@ -442,9 +443,11 @@ _NO_TYPES: dict = {}
 # What a quick Search may ask for (see BraidRpcs.quick).
 QUICK_MAX_LIMIT = 100
 QUICK_MAX_EF = 256
-# A quick filtered dense search: its cost as its planner prices it (index/hnsw_strand.py), in rows
-# gathered and scored (~0.3 us each here): 3,000 rows, about a millisecond.
-QUICK_MAX_FILTER_COST = 3000.0
+# A quick filtered dense search: its cost as its planner prices it (index/hnsw_plan.py), in rows
+# gathered and scored (~0.3 us each here), at most the dearest unfiltered quick search's (a walk
+# for QUICK_MAX_EF candidates, and a full growing block scanned): 4,608, about 1.4 ms. A filter
+# keeping 10% of 100,000 documents (a view scan of 10,000 rows, 2,500) is one.
+QUICK_MAX_FILTER_COST = hnsw_plan.WALK_COST * QUICK_MAX_EF + SEAL_ROWS
 # A quick BM25 query: its text's length (each term costs tantivy a look-up in every segment:
 # some 40 words at most), and its terms' document frequencies summed (tantivy reads about
 # 10 ns per posting here: 100,000 postings take well under a millisecond).
