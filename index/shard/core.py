@@ -385,8 +385,7 @@ class Shard(ReadsMixin, FollowerMixin, ReopenMixin, CheckpointMixin):
 
     def allowed(self, flt: Filter | None) -> tuple[np.ndarray, int]:
         """Mask of live labels passing the filter, and how many there are (call under read())."""
-        mask = self.indexes.allowed(flt)
-        return mask, int(np.count_nonzero(mask)) if flt is not None and not flt.is_empty() else self.live_count
+        return self.indexes.allowed_count(flt)
 
     def ids_of(self, labels: np.ndarray) -> list[str]:
         return self.labels.ids_of(labels)

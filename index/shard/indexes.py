@@ -112,19 +112,24 @@ class Indexes:
             self.masks.clear()  # every mask of the live labels may have changed
 
     def allowed(self, flt: Filter | None) -> np.ndarray:
-        """Mask of the live labels passing ``flt`` (call under the shard's read or write lock):
-        read-only, and shared with every search of the same filter until the next write."""
+        """Mask of the live labels passing ``flt`` (call under the shard's read or write lock)."""
+        return self.allowed_count(flt)[0]
+
+    def allowed_count(self, flt: Filter | None) -> tuple[np.ndarray, int]:
+        """``allowed``, and how many labels it sets (a filter's: read-only, and shared with every
+        search of the same filter until the next write)."""
         size = self.labels.size
         alive = self.labels.alive[:size]
         if flt is None or flt.is_empty():
-            return alive
+            return alive, self.labels.live_count
         key = repr(flt)  # repr, not the Filter: Match(f, 1) == Match(f, True), yet they differ by type
-        mask = self.masks.get(key)
-        if mask is None:
+        found = self.masks.get(key)
+        if found is None:
             mask = self.payload.evaluate(flt, size, self.metadata) & alive
             mask.flags.writeable = False
-            self.masks.put(key, mask)
-        return mask
+            found = mask, int(np.count_nonzero(mask))
+            self.masks.put(key, found)
+        return found
 
     def _apply_upsert(self, op: Op) -> int:
         docs, first, table = op.docs, op.first_label, self.labels
@@ -171,7 +176,7 @@ class Indexes:
 
 
 class FilterMasks:
-    """The masks of the last MASKS filters searched, until the next write (``apply`` clears them).
+    """The masks (and their counts) of the last MASKS filters searched, until the next write (``apply`` clears them).
 
     A filtered search computes its filter's mask twice without it (the server's estimate of
     whether the search may run on its event loop, service/rpcs.py, and the search), and a
@@ -185,18 +190,18 @@ class FilterMasks:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._table: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._table: OrderedDict[str, tuple[np.ndarray, int]] = OrderedDict()  # (mask, labels it sets)
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> tuple[np.ndarray, int] | None:
         with self._lock:
             found = self._table.get(key)
             if found is not None:
                 self._table.move_to_end(key)
             return found
 
-    def put(self, key: str, mask: np.ndarray) -> None:
+    def put(self, key: str, found: tuple[np.ndarray, int]) -> None:
         with self._lock:
-            self._table[key] = mask
+            self._table[key] = found
             if len(self._table) > MASKS:
                 self._table.popitem(last=False)
 
