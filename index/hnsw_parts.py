@@ -95,6 +95,14 @@ class Graph:
     def live(self) -> int:
         return len(self.labels) - self.dead
 
+    def install(self, deleted: list[int], present: np.ndarray) -> None:
+        """Mark the labels deleted while this graph was built (the caller excludes searches) and
+        count its dead: its labels ``present`` (a mask over labels) no longer holds."""
+        for label in deleted:
+            if self.first <= label <= self.top:
+                mark(self.graph, label)
+        self.dead = len(self.labels) - int(np.count_nonzero(inside(present, self.labels)))
+
     def rows(self, window: np.ndarray) -> np.ndarray:
         """The rows (of ``labels`` and ``vectors``) of the labels a mask from the first label allows."""
         found = np.flatnonzero(window)

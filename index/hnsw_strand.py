@@ -153,6 +153,8 @@ class HnswStrand(HoldsLabels):
         self._last_write = 0.0  # monotonic time of the last add: a plain float, set under the write lock
         self._recording: list[list[int]] = []  # per build in flight: labels deleted since it started
         self._lock: ReadWriteLock | None = None  # the shard's, once started (None: recovering, build in place)
+        self._version = 0  # changes of the present labels or the graph set (``_changed``)
+        self._inputs: hnsw_plan.FilterInputs | None = None  # the last read-only filter's plan inputs
         self.stats = JobStats()
 
     # ------------------------------------------------------------- lifecycle
@@ -192,6 +194,7 @@ class HnswStrand(HoldsLabels):
             vectors = self.stored_form(np.asarray(vectors, np.float32))
         self._last_write = time.monotonic()
         self._present.add(labels)
+        self._changed()
         if len(labels) > self._growing.room():
             if self._growing.n:
                 self._freeze(self._growing.view())
@@ -205,6 +208,7 @@ class HnswStrand(HoldsLabels):
         """Delete the label's vector; False when it has none here."""
         if not self._present.discard(label):
             return False
+        self._changed()
         for graph in self._graphs:
             if graph.first <= label <= graph.top:
                 if mark(graph.graph, label):
@@ -295,16 +299,14 @@ class HnswStrand(HoldsLabels):
         queries = self.stored_form(np.asarray(queries, np.float32).reshape(-1, self.spec.dim))
         if self.live <= 0 or k <= 0:
             return [EMPTY for _ in range(len(queries))]
-        present = self._present.mask
-        if allowed is not None:
-            allowed = self._present_and(allowed)
+        inputs = self._filter_inputs(allowed) if allowed is not None else None
         parts: list[Hits | None] = []
         for graph in self._graphs:
             if graph.live > 0:
-                parts.append(self._search_graph(graph, queries, k, ef, allowed))
+                parts.append(self._search_graph(graph, queries, k, ef, inputs))
         for block in (*self._frozen, self._growing.view()):
             if block.n:
-                mask = allowed if allowed is not None else present
+                mask = inputs.anded if inputs is not None else self._present.mask
                 parts.append(self._scan(block.labels, block.vectors, queries, k, inside(mask, block.labels)))
         found = [part for part in parts if part is not None]
         if not found:
@@ -315,33 +317,42 @@ class HnswStrand(HoldsLabels):
         """What ``search`` of one query with the filter ``allowed`` would cost, in the planner's
         unit (a row gathered and scanned), by the plans it would pick: the server asks before
         it runs a filtered search on its event loop. A mask computation, no search."""
-        allowed = self._present_and(allowed)
+        inputs = self._filter_inputs(allowed)
         cost = 0.0
         for graph in self._graphs:
             if graph.live > 0:
-                plan = hnsw_plan.graph_plan(graph, allowed[graph.first : graph.top + 1], k, ef, remember=False)
+                window, known = inputs.window(graph)
+                plan = hnsw_plan.graph_plan(graph, window, k, ef, remember=False, inputs=known)
                 cost += plan.cost if plan is not None else 0.0
         return cost + sum(block.n for block in (*self._frozen, self._growing.view()))
 
-    def _present_and(self, allowed: np.ndarray) -> np.ndarray:
-        """The labels a filter allows that hold a live vector of this field (labels past either
-        mask's end are neither)."""
-        present = self._present.mask
-        size = min(len(allowed), len(present))
-        return allowed[:size] & present[:size]
+    def _filter_inputs(self, allowed: np.ndarray) -> hnsw_plan.FilterInputs:
+        """The plan inputs of the filter ``allowed``: kept for the last read-only mask while no
+        vector or graph changes (a writable one may change under the same array)."""
+        inputs = self._inputs
+        if inputs is None or not inputs.holds(allowed, self._version):
+            inputs = hnsw_plan.FilterInputs(allowed, self._present.mask, self._version)
+            if not allowed.flags.writeable:
+                self._inputs = inputs
+        return inputs
+
+    def _changed(self) -> None:
+        """The present labels or the graph set changed (the caller excludes searches)."""
+        self._version += 1
+        self._inputs = None  # it holds graphs: a merged-away one must not stay in memory for it
 
     def _search_graph(
-        self, graph: Graph, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None
+        self, graph: Graph, queries: np.ndarray, k: int, ef: int, inputs: hnsw_plan.FilterInputs | None
     ) -> Hits | None:
         """The graph's best k of each query (None: none allowed); one walk for the whole batch."""
-        if allowed is None:
+        if inputs is None:
             want = min(max(k, ef), graph.live)
             found = walk(graph, queries, want)
             if found is None:  # hnswlib found fewer than `want` live neighbours: scan instead
                 return self._scan(graph.labels, graph.vectors, queries, k, inside(self._present.mask, graph.labels))
             return self._rescored(graph, queries, found[:, : k + _SLACK], k)
-        window = allowed[graph.first : graph.top + 1]
-        plan = hnsw_plan.graph_plan(graph, window, k, ef)
+        window, known = inputs.window(graph)
+        plan = hnsw_plan.graph_plan(graph, window, k, ef, inputs=known)
         if plan is None:
             return None
         if plan.build:
@@ -536,8 +547,9 @@ class HnswStrand(HoldsLabels):
             with lock.write():
                 self._recording = [r for r in self._recording if r is not deleted]  # by identity
                 if built is not None and not self._closing:
-                    self._install(built, deleted)  # harmless when ``place`` then drops it
+                    built.install(deleted, self._present.mask)  # harmless when ``place`` then drops it
                     placed = place(parts, built)
+                    self._changed()
         return parts if placed else None
 
     def _seal_in_place(self) -> None:
@@ -558,6 +570,7 @@ class HnswStrand(HoldsLabels):
             fresh.mutable = True
             self._graphs += (fresh,)
         self._frozen, self._pending = (), 0
+        self._changed()
 
     def _new_index(self, capacity: int) -> hnswlib.Index:
         """An empty hnswlib graph of this field's space and parameters for ``capacity`` rows."""
@@ -583,14 +596,6 @@ class HnswStrand(HoldsLabels):
     def _filter_graph_stopped(self, graph: Graph) -> bool:
         """A filter graph build of ``graph`` stops: the strand closes, or the graph was merged away."""
         return self._closing or graph not in self._graphs
-
-    def _install(self, fresh: Graph, deleted: list[int]) -> None:
-        """Mark in ``fresh`` the labels deleted while it was built (caller excludes searches) and count its dead."""
-        first, top = fresh.first, fresh.top
-        for label in deleted:
-            if first <= label <= top:
-                mark(fresh.graph, label)
-        fresh.dead = len(fresh.labels) - int(np.count_nonzero(inside(self._present.mask, fresh.labels)))
 
     def wait_merged(self, timeout_s: float, settled: bool = False) -> bool:
         """Block until no rows are frozen (and, with ``settled``, no merge is due or running) or

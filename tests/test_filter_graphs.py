@@ -50,8 +50,8 @@ def _wait_built(graphs: FilterGraphs, count: int) -> None:
 
 def _kind(fill: _Fill, allowed: np.ndarray) -> str:
     [graph] = fill.strand._graphs
-    window = fill.strand._present_and(allowed)[graph.first : graph.top + 1]
-    plan = hnsw_plan.graph_plan(graph, window, 10, 64, remember=False)
+    window, known = fill.strand._filter_inputs(allowed).window(graph)
+    plan = hnsw_plan.graph_plan(graph, window, 10, 64, remember=False, inputs=known)
     assert plan is not None
     return plan.kind
 

@@ -22,6 +22,11 @@ from braid.index.schema import PayloadFieldSpec, PayloadType, Schema
 from braid.index.shard import Shard
 from braid.index.shard import indexes as indexes_module
 
+from .conftest import random_vectors
+from .test_filter_planner import N as STRAND_N
+from .test_filter_planner import _one_graph, small_blocks, tagged_shard  # noqa: F401
+from .test_hnsw_segments import DIM
+
 N = 400
 RACE_S = 3.0  # how long the race test's writer writes (bounded: it stops after this or 400 batches)
 
@@ -177,3 +182,66 @@ def test_readers_racing_writers_never_see_a_stale_mask(tmp_path: Path) -> None:
     assert not wrong, wrong[:3]
     assert min(reads) > 0
     shard.close()
+
+
+def _dense_ids(shard: Shard, flt: Filter, query: np.ndarray, copy: bool = False) -> list[str]:
+    """The shard's dense top 10 under ``flt``: through its kept mask, or a writable copy of it
+    (which the strand never keeps plan inputs for: the fresh path)."""
+    with shard.read():
+        mask, _ = shard.allowed(flt)
+        [(labels, _)] = shard.dense["emb"].search(query[None, :], 10, 16, mask.copy() if copy else mask)
+        return shard.ids_of(labels)
+
+
+def test_a_kept_mask_plans_once_until_vectors_or_graphs_change(
+    small_blocks: None,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The strand keeps a kept mask's plan inputs (index/hnsw_plan.py ``FilterInputs``) across
+    searches, drops them when a vector is added or removed or a graph sealed or merged, and
+    answers through them exactly as through a fresh copy of the mask, after every change."""
+    shard, vectors, _, _ = tagged_shard(tmp_path, ["a", "b", "c"], seed=51)
+    strand = shard.dense["emb"]
+    flt = Filter(must=(Match("tag", "a"),), must_not=(Range("r", gte=900),))
+    queries = random_vectors(4, DIM, seed=52)
+
+    def same_as_fresh() -> None:
+        for query in queries:
+            assert _dense_ids(shard, flt, query) == _dense_ids(shard, flt, query, copy=True)
+
+    same_as_fresh()
+    kept = strand._inputs
+    assert kept is not None and kept.anded.flags.writeable is False
+    same_as_fresh()
+    assert strand._inputs is kept  # planned once for the same kept mask
+    near = queries[0] / np.linalg.norm(queries[0])
+    shard.upsert([DocumentWrite(id="new", dense={"emb": near}, payload={"tag": "a", "r": 1})])
+    assert strand._inputs is None  # the write dropped them
+    assert _dense_ids(shard, flt, queries[0])[0] == "new"
+    same_as_fresh()
+    first = _dense_ids(shard, flt, queries[1])[0]
+    shard.delete_ids([first])
+    assert first not in _dense_ids(shard, flt, queries[1])
+    same_as_fresh()
+    more = [
+        DocumentWrite(id=f"x{i}", dense={"emb": v}, payload={"tag": "a", "r": 2}) for i, v in enumerate(vectors[:600])
+    ]
+    shard.upsert(more)
+    assert shard.wait_merged(120, settled=True)  # blocks sealed, graphs merged: the graph set changed
+    same_as_fresh()
+    shard.close()
+
+
+def test_a_writable_mask_is_never_kept(small_blocks: None) -> None:  # noqa: F811
+    """A caller's own array may change between searches: the strand plans it afresh every time."""
+    fill = _one_graph(gaps=False)
+    allowed = np.zeros(STRAND_N, bool)
+    allowed[:50] = True
+    query = random_vectors(1, DIM, seed=53)[0]
+    before = fill.search(query, 10, ef=16, allowed=allowed)
+    assert set(before) <= set(range(50)) and fill.strand._inputs is None
+    allowed[:] = False
+    allowed[3000:3050] = True  # the same array, another filter
+    after = fill.search(query, 10, ef=16, allowed=allowed)
+    assert set(after) <= set(range(3000, 3050))
+    fill.strand.close()
