@@ -138,7 +138,7 @@ class FilterInputs:
         size = min(len(allowed), len(present))  # labels past either mask's end are in neither
         self.anded = allowed[:size] & present[:size]
         self.anded.flags.writeable = False
-        self._windows: dict[int, tuple[Graph, np.ndarray, tuple[int, bytes | None]]] = {}
+        self._windows: dict[Graph, tuple[np.ndarray, tuple[int, bytes | None]]] = {}  # by identity
 
     def holds(self, allowed: np.ndarray, version: int) -> bool:
         """Whether these are the inputs of ``allowed`` (the same array) at ``version``."""
@@ -146,12 +146,11 @@ class FilterInputs:
 
     def window(self, graph: Graph) -> tuple[np.ndarray, tuple[int, bytes | None]]:
         """The window of ``graph`` (from its first label) and its ``window_inputs``."""
-        found = self._windows.get(id(graph))
-        if found is None or found[0] is not graph:  # held by the entry: an id is never another graph's
+        found = self._windows.get(graph)
+        if found is None:
             window = self.anded[graph.first : graph.top + 1]
-            found = (graph, window, window_inputs(graph, window))
-            self._windows[id(graph)] = found
-        return found[1], found[2]
+            found = self._windows[graph] = (window, window_inputs(graph, window))
+        return found
 
 
 def filter_graph_plan(count: int, live: int, k: int, ef: int) -> tuple[int, float]:
